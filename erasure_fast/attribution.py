@@ -1,0 +1,245 @@
+"""`attribute()`: capture -> contract -> DLA, erasure measures, residual PR, adjusted DLA."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Union
+
+import torch
+
+from .backends import get_backend
+from .capture import Capture, capture, validate_tokens
+from .contract import Measures, accumulation_dtype, derive_measures, validate
+from .models import ModelSpec, model_spec
+
+
+@dataclass
+class AttributionResult:
+    """Everything `attribute` computes for a batch. B = batch, P = positions, L = layers, H = heads,
+    n_nodes = L*H heads (layer-major) then the L MLPs (if included), W = writers,
+    R = residual points (resid_pre0, then resid_mid{l} and resid_post{l} for each layer).
+
+    dla           [B, P, L, H]        next-token / target DLA of every head (NaN where no target)
+    dots          [B, P, n_nodes, W]  node . r_writer
+    norms         [B, P, n_nodes]     |node|^2
+    pr, pv, cos   [B, P, n_nodes, W]  projection ratio / value / cosine onto each writer
+    resid_pr      [B, P, R, W]        PR of the residual stream points (by linearity), or None
+    writer_dla    [B, P, W]           each writer's own DLA
+    adjusted_dla  [B, P, W]           DLA_w * (1 + sum of downstream nodes' PR onto w)
+    downstream    [n_nodes, W] bool   nodes after the writer (later-layer heads, MLPs from its layer on)
+    """
+
+    dla: torch.Tensor
+    dots: torch.Tensor
+    norms: torch.Tensor
+    node_labels: List[str]
+    writers: torch.Tensor
+    writer_labels: List[str]
+    resid_dots: Optional[torch.Tensor]
+    resid_labels: List[str]
+    downstream: torch.Tensor
+    backend: str
+    _measures: Optional[Measures] = None
+
+    def _m(self) -> Measures:
+        if self._measures is None:
+            self._measures = derive_measures(self.dots, self.norms, self.writers)
+        return self._measures
+
+    @property
+    def pr(self) -> torch.Tensor:
+        return self._m().pr
+
+    @property
+    def pv(self) -> torch.Tensor:
+        return self._m().pv
+
+    @property
+    def cos(self) -> torch.Tensor:
+        return self._m().cos
+
+    @property
+    def writer_sq_norms(self) -> torch.Tensor:
+        """[B, P, W] |r_w|^2."""
+        return self.norms.index_select(-1, self.writers)
+
+    @property
+    def resid_pr(self) -> Optional[torch.Tensor]:
+        if self.resid_dots is None:
+            return None
+        ww = self.writer_sq_norms.unsqueeze(-2)
+        return torch.where(ww == 0, torch.full_like(self.resid_dots, float("nan")), self.resid_dots / ww)
+
+    @property
+    def writer_dla(self) -> torch.Tensor:
+        B, P = self.dla.shape[:2]
+        return self.dla.reshape(B, P, -1).index_select(-1, self.writers)
+
+    @property
+    def adjusted_dla(self) -> torch.Tensor:
+        erased = (self.pr * self.downstream.to(self.pr.dtype)).sum(dim=-2)  # NaN PRs propagate
+        return self.writer_dla * (1 + erased)
+
+
+def _resolve_writers(writers, spec: ModelSpec) -> torch.Tensor:
+    if isinstance(writers, str) and writers == "all":
+        return torch.arange(spec.n_heads_total)
+    if isinstance(writers, (str, int)) or (isinstance(writers, tuple) and len(writers) == 2 and all(isinstance(x, int) for x in writers)):
+        writers = [writers]
+    if isinstance(writers, torch.Tensor):
+        writers = writers.reshape(-1).tolist()
+    try:
+        items = list(writers)
+    except TypeError:
+        raise TypeError(f"writers must be 'all', a head or a list of heads (index, (layer, head) or 'L0H2'); got {writers!r}") from None
+    if not items:
+        raise ValueError("writers is empty; name at least one head or pass 'all'")
+    return torch.tensor([spec.parse_head(w) for w in items], dtype=torch.int64)
+
+
+def _target_ids(targets, tokens: torch.Tensor, spec: ModelSpec, name: str, allow_next: bool) -> torch.Tensor:
+    """[B, P] int64 ids (-1 = no target) from "next", an int, [B] or [B, P] tokens."""
+    B, P = tokens.shape
+    forms = ('"next", ' if allow_next else "") + "an int, [batch] or [batch, pos] token ids"
+    if isinstance(targets, str):
+        if targets != "next" or not allow_next:
+            raise ValueError(f"{name} must be {forms}; got {targets!r}")
+        ids = torch.full((B, P), -1, dtype=torch.int64, device=tokens.device)
+        ids[:, :-1] = tokens[:, 1:]
+        return ids
+    if isinstance(targets, int):
+        t = torch.tensor(targets)
+    elif isinstance(targets, torch.Tensor):
+        t = targets
+    else:
+        raise TypeError(f"{name} must be {forms}; got {type(targets).__name__}")
+    if t.dtype.is_floating_point or t.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integer token ids, got dtype {t.dtype}")
+    t = t.to(tokens.device, torch.int64)
+    if t.ndim == 0:
+        ids = t.expand(B, P)
+    elif t.ndim == 1 and t.shape[0] == B:
+        ids = t[:, None].expand(B, P)
+    elif t.ndim == 2 and tuple(t.shape) == (B, P):
+        ids = t
+    else:
+        raise ValueError(f"{name} must be an int, [batch]=[{B}] or [batch, pos]=[{B}, {P}] tokens; got shape {list(t.shape)}")
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= spec.d_vocab:
+        raise ValueError(f"{name} must lie in [0, d_vocab={spec.d_vocab}), got values in [{lo}, {hi}]")
+    return ids.contiguous()
+
+
+def _downstream(spec: ModelSpec, writers: torch.Tensor, n_nodes: int) -> torch.Tensor:
+    L, H = spec.n_layers, spec.n_heads
+    node_layer = torch.cat([torch.arange(L * H) // H, torch.arange(n_nodes - L * H)])
+    is_head = torch.arange(n_nodes) < L * H
+    wl = writers // H  # writer layers
+    later_head = is_head[:, None] & (node_layer[:, None] > wl[None, :])
+    mlp_from = ~is_head[:, None] & (node_layer[:, None] >= wl[None, :])
+    return later_head | mlp_from
+
+
+def _resid_dots(cap: Capture, spec: ModelSpec, node_dots: torch.Tensor, embed_dots: torch.Tensor,
+                writers: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """Dots of resid_pre0, resid_mid{l}, resid_post{l} with each writer, by linearity. [T, R, W]."""
+    L, H = spec.n_layers, spec.n_heads
+    T = node_dots.shape[0]
+    # b_O[l] . r_w = z_w . (W_O[w] b_O[l]): the bias enters through head space, never as a d_model vector.
+    W_Ow = spec.W_O.index_select(0, writers.to(spec.W_O.device)).to(acc)  # [W, dh, D]
+    u = torch.einsum("whd,ld->wlh", W_Ow, spec.b_O.to(acc))  # [W, L, dh]
+    zw = cap.z.reshape(T, L * H, -1).index_select(1, writers.to(cap.z.device)).to(acc)  # [T, W, dh]
+    bias_dots = torch.einsum("twh,wlh->tlw", zw, u)  # [T, L, W]
+    head_dots = node_dots[:, : L * H].reshape(T, L, H, -1).sum(dim=2)  # [T, L, W]
+    mlp_dots = node_dots[:, L * H:]
+    points = [embed_dots]
+    cur = embed_dots
+    for l in range(L):
+        cur = cur + head_dots[:, l] + bias_dots[:, l]
+        points.append(cur)
+        cur = cur + mlp_dots[:, l]
+        points.append(cur)
+    return torch.stack(points, dim=1)
+
+
+def attribute(
+    model,
+    tokens: torch.Tensor,
+    *,
+    writers="all",
+    targets: Union[str, int, torch.Tensor] = "next",
+    incorrect: Union[None, int, torch.Tensor] = None,
+    include_mlps: bool = True,
+    backend: str = "auto",
+) -> AttributionResult:
+    """DLA and erasure measures for a TransformerLens model on ``tokens``.
+
+    Args:
+        model: TransformerLens 4.x ``TransformerBridge`` or 3.x ``HookedTransformer``.
+        tokens: [batch, pos] (or [pos]) integer token ids in [0, d_vocab).
+        writers: "all", or heads as flat indices, (layer, head) pairs or labels like "L0H2".
+        targets: "next" (the following token; the last position gets NaN), an int (one token for
+            every position), [batch] (one per prompt) or [batch, pos] token ids.
+        incorrect: optional int / [batch] / [batch, pos] tokens; DLA becomes logit-difference DLA.
+        include_mlps: add the MLP outputs as nodes (needed for ``resid_pr``).
+        backend: "auto", "torch", "cpp" or "triton".
+
+    Returns:
+        `AttributionResult` (shapes in its docstring). Matches TransformerLens's ``logit_attrs`` on
+        ``stack_head_results(layer=-1, apply_ln=False)`` and the paper's projection ratio.
+    """
+    spec = model_spec(model)
+    tokens = validate_tokens(tokens, spec)
+    wr = _resolve_writers(writers, spec)
+    ids = _target_ids(targets, tokens, spec, "targets", allow_next=True)
+    inc = None
+    if incorrect is not None:
+        inc = _target_ids(incorrect, tokens, spec, "incorrect", allow_next=False)
+        inc = torch.where(ids < 0, ids, inc)
+    with_mlps = include_mlps and spec.has_mlps
+    cap = capture(model, tokens, spec, include_mlps=with_mlps, include_embed=with_mlps)
+    B, P = tokens.shape
+    T = B * P
+    L, H = spec.n_layers, spec.n_heads
+    extras = []
+    if with_mlps:
+        extras.append(cap.mlp_out.reshape(T, L, -1))
+        if cap.embed is not None:
+            extras.append(cap.embed.reshape(T, 1, -1))
+    dev = cap.z.device
+    dtype = cap.z.dtype
+    inputs = validate(
+        cap.z.reshape(T, L * H, -1),
+        spec.W_O.to(dev, dtype),
+        spec.directions.to(dev, dtype),
+        cap.scale.reshape(T),
+        wr,
+        torch.cat(extras, dim=1).to(dtype) if extras else None,
+        direction_ids=ids.reshape(T).to(dev),
+        incorrect_ids=None if inc is None else inc.reshape(T).to(dev),
+        center=spec.center,
+    )
+    impl = get_backend(backend, dev)
+    out = impl.run(inputs)
+    acc = accumulation_dtype(dtype)
+    n_nodes = L * H + (L if with_mlps else 0)
+    dots = out.dots[:, :n_nodes]
+    resid = None
+    labels_resid: List[str] = []
+    if with_mlps and cap.embed is not None:
+        resid = _resid_dots(cap, spec, dots, out.dots[:, n_nodes], wr.to(dev), acc)
+        resid = resid.reshape(B, P, 2 * L + 1, -1)
+        labels_resid = ["resid_pre0"] + [f"resid_{k}{l}" for l in range(L) for k in ("mid", "post")]
+    node_labels = spec.head_labels() + ([f"MLP{l}" for l in range(L)] if with_mlps else [])
+    return AttributionResult(
+        dla=out.dla.reshape(B, P, L, H),
+        dots=dots.reshape(B, P, n_nodes, -1),
+        norms=out.norms[:, :n_nodes].reshape(B, P, n_nodes),
+        node_labels=node_labels,
+        writers=wr.to(dev),
+        writer_labels=[spec.head_label(int(w)) for w in wr],
+        resid_dots=resid,
+        resid_labels=labels_resid,
+        downstream=_downstream(spec, wr, n_nodes).to(dev),
+        backend=impl.NAME,
+    )

@@ -1,0 +1,64 @@
+"""Backend registry: which implementations of the contract exist here, and the "auto" choice.
+
+Each backend module exposes ``NAME``, ``available() -> (bool, reason)`` and
+``run(FusedInputs) -> FusedOutputs``; it implements the contract and nothing more.
+"""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+from types import ModuleType
+from typing import Dict, NamedTuple
+
+import torch
+
+_MODULES = {"torch": "torch_ref", "cpp": "cpp", "triton": "triton"}
+_cache: Dict[str, ModuleType] = {}
+_warned_missing: set = set()
+
+
+class BackendInfo(NamedTuple):
+    available: bool
+    detail: str  # what it runs on when available, why not otherwise
+
+
+def _module(name: str) -> ModuleType:
+    if name not in _cache:
+        _cache[name] = importlib.import_module(f".{_MODULES[name]}", __name__)
+    return _cache[name]
+
+
+def backends() -> Dict[str, BackendInfo]:
+    """Every backend with whether it can run here and why (or why not)."""
+    out = {}
+    for name in _MODULES:
+        try:
+            ok, detail = _module(name).available()
+        except Exception as e:  # an import failure is a reason, not a crash
+            ok, detail = False, f"import failed: {e}"
+        out[name] = BackendInfo(ok, detail)
+    return out
+
+
+def get_backend(name: str, device: torch.device) -> ModuleType:
+    """Resolve ``name`` ("auto", "torch", "cpp", "triton") for tensors on ``device``."""
+    if name not in ("auto", *_MODULES):
+        raise ValueError(f"backend must be one of 'auto', {', '.join(map(repr, _MODULES))}; got {name!r}")
+    if name == "auto":
+        preferred = "triton" if device.type == "cuda" else "cpp" if device.type == "cpu" else "torch"
+        info = backends()[preferred] if preferred != "torch" else BackendInfo(True, "")
+        if info.available:
+            return _module(preferred)
+        if preferred not in _warned_missing:
+            _warned_missing.add(preferred)
+            warnings.warn(f"erasure_fast: {preferred} backend unavailable ({info.detail}); using the torch backend", stacklevel=3)
+        return _module("torch")
+    ok, detail = backends()[name]
+    if not ok:
+        raise ValueError(f"backend {name!r} is not available here: {detail}")
+    module = _module(name)
+    devices = getattr(module, "DEVICES", None)
+    if devices is not None and device.type not in devices:
+        raise ValueError(f"backend {name!r} runs on {'/'.join(devices)} tensors, but the inputs are on {device}")
+    return module

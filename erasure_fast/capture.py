@@ -1,0 +1,118 @@
+"""The lean forward pass: capture only what the attribution needs.
+
+Hooks: ``blocks.{l}.attn.hook_z`` (all layers), ``blocks.{l}.hook_mlp_out`` (when MLP nodes are
+wanted), the embedding hooks, and the final residual stream ``blocks.{L-1}.hook_resid_post`` -- at
+which point the forward pass is stopped: no final LayerNorm, no unembedding matmul, no full cache.
+The final-LN scale is recomputed from the final residual exactly as TransformerLens defines it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+import torch
+
+from .models import ModelSpec
+
+
+class _StopForward(Exception):
+    """Raised by the last hook to end the forward pass before the unembedding."""
+
+
+@dataclass
+class Capture:
+    """Activations of one batch. Shapes: z [B, P, L*H, d_head] (layer-major heads),
+    mlp_out [B, P, L, d_model] or None, embed [B, P, d_model] (sum of the embedding hooks) or None,
+    scale [B, P] (final-LN scale; ones for models without a final norm)."""
+
+    z: torch.Tensor
+    mlp_out: Optional[torch.Tensor]
+    embed: Optional[torch.Tensor]
+    scale: torch.Tensor
+
+
+def validate_tokens(tokens, spec: ModelSpec, name: str = "tokens") -> torch.Tensor:
+    """[batch, pos] integer token ids in [0, d_vocab) (a 1-D tensor is one prompt)."""
+    if not isinstance(tokens, torch.Tensor):
+        raise TypeError(f"{name} must be an integer torch.Tensor of shape [batch, pos], got {type(tokens).__name__}")
+    if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integer token ids, got dtype {tokens.dtype}")
+    if tokens.ndim == 1:
+        tokens = tokens[None]
+    if tokens.ndim != 2:
+        raise ValueError(f"{name} must have shape [batch, pos], got {list(tokens.shape)}")
+    if tokens.numel() == 0:
+        raise ValueError(f"{name} is empty (shape {list(tokens.shape)}); pass at least one token")
+    if spec.n_ctx is not None and tokens.shape[1] > spec.n_ctx:
+        raise ValueError(f"{name} has {tokens.shape[1]} positions but the model's n_ctx is {spec.n_ctx}")
+    lo, hi = int(tokens.min()), int(tokens.max())
+    if lo < 0 or hi >= spec.d_vocab:
+        raise ValueError(f"{name} must lie in [0, d_vocab={spec.d_vocab}), got values in [{lo}, {hi}]")
+    return tokens.long()
+
+
+def final_scale(resid: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
+    """Final-LN scale [..] from the final residual [.., d_model] (ln_final.hook_scale semantics)."""
+    if spec.normalization is None:
+        return torch.ones(resid.shape[:-1], dtype=resid.dtype, device=resid.device)
+    x = resid
+    if spec.center:
+        x = x - x.mean(dim=-1, keepdim=True)
+    return (x.pow(2).mean(dim=-1) + spec.final_eps).sqrt()
+
+
+def model_device(model) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def capture(model, tokens: torch.Tensor, spec: ModelSpec, *, include_mlps: bool = True, include_embed: bool = True) -> Capture:
+    """Run ``model`` on ``tokens`` [batch, pos] (validated) and return the `Capture`."""
+    L = spec.n_layers
+    store: Dict[str, torch.Tensor] = {}
+
+    def keep(key):
+        def hook(t, hook=None):
+            store[key] = t.detach()
+        return hook
+
+    def stop(t, hook=None):
+        store["resid_final"] = t.detach()
+        raise _StopForward
+
+    hooks = [(f"blocks.{l}.attn.hook_z", keep(f"z{l}")) for l in range(L)]
+    if include_mlps and spec.has_mlps:
+        hooks += [(f"blocks.{l}.hook_mlp_out", keep(f"mlp{l}")) for l in range(L)]
+    if include_embed:
+        hooks += [(h, keep(h)) for h in spec.embed_hooks]
+    hooks.append((f"blocks.{L - 1}.hook_resid_post", stop))
+
+    tokens = tokens.to(model_device(model))
+    with torch.inference_mode():
+        try:
+            if spec.kind == "hooked":
+                model.run_with_hooks(tokens, return_type=None, fwd_hooks=hooks)
+            else:
+                model.run_with_hooks(tokens, fwd_hooks=hooks)
+        except _StopForward:
+            pass
+        else:
+            raise RuntimeError(
+                f"hook blocks.{L - 1}.hook_resid_post never fired; the model's hook layout is not supported"
+            )
+        missing = [f"blocks.{l}.attn.hook_z" for l in range(L) if f"z{l}" not in store]
+        if missing:
+            raise RuntimeError(f"hooks did not fire: {missing}")
+        z = torch.stack([store[f"z{l}"] for l in range(L)], dim=2)  # [B, P, L, H, dh]
+        B, P = z.shape[:2]
+        z = z.reshape(B, P, L * spec.n_heads, spec.d_head)
+        mlp = None
+        if include_mlps and spec.has_mlps:
+            mlp = torch.stack([store[f"mlp{l}"] for l in range(L)], dim=2)
+        embed = None
+        if include_embed and spec.embed_hooks:
+            embed = sum(store[h] for h in spec.embed_hooks)
+        scale = final_scale(store["resid_final"], spec)
+    return Capture(z=z, mlp_out=mlp, embed=embed, scale=scale)

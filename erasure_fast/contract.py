@@ -1,0 +1,311 @@
+"""The one contract of the fused attribution operation, shared by every backend.
+
+This module is the single place where inputs are validated and a backend is chosen. Backends
+(`erasure_fast.backends.*`) receive tensors that already satisfy every rule below and implement the
+math, nothing more. See ``shared/erasure-math.md`` for the definitions.
+
+Shapes (T tokens, N heads layer-major, M extra nodes, W writers, K directions, H = d_head, D = d_model)::
+
+    z             [T, N, H]   per-head attention outputs (TransformerLens ``hook_z``), flattened over
+                              batch and position
+    W_O           [N, H, D]   output weights per head, same order as z
+    directions    [K, D]      direction table. Two modes:
+                              * fixed set (``direction_ids is None``): DLA against all K rows,
+                                ``dla`` is [T, N, K];
+                              * gathered (``direction_ids`` [T] given): token t uses row
+                                ``direction_ids[t]`` (minus row ``incorrect_ids[t]`` when given),
+                                ``dla`` is [T, N]. Id -1 means "no target here": that row of ``dla``
+                                is NaN. Per-token directions [T, D] are the gathered mode with
+                                ``direction_ids = arange(T)``; next-token DLA is ``directions = W_U.T``.
+    scale         [T]         final-LayerNorm scale s[t] (> 0, finite)
+    writers       [W]         indices into the N heads whose outputs are the erasure references
+    extra_nodes   [T, M, D]   optional further node vectors (MLP outputs, embeddings), or None
+
+Outputs (float64 when z is float64, else float32; fp32 accumulation for bf16/fp16 inputs)::
+
+    dla    [T, N] or [T, N, K]  ( r_n[t] . c(d[t]) ) / s[t],  r_n = z_n W_O[n], c = centring when
+                                ``center`` (LayerNorm models), identity otherwise (RMSNorm)
+    dots   [T, N + M, W]        node . r_w  for every node (heads, then extra nodes) and writer
+    norms  [T, N + M]           |node|^2
+
+Projection ratio, projection value and cosine follow (`derive_measures`). NaN policy: where a
+writer's squared norm is 0, its PR / PV / cosine are NaN in every backend; non-finite inputs are
+rejected here (``check_finite``) rather than propagated silently.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple, Optional, Sequence, Union
+
+import torch
+
+SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
+class FusedOutputs(NamedTuple):
+    """Result of `fused_attribution` (shapes in the module docstring)."""
+
+    dla: torch.Tensor
+    dots: torch.Tensor
+    norms: torch.Tensor
+
+
+@dataclass(frozen=True)
+class FusedInputs:
+    """Validated, contiguous inputs handed to a backend. Every field obeys the module contract."""
+
+    z: torch.Tensor  # [T, N, H], dtype in SUPPORTED_DTYPES
+    W_O: torch.Tensor  # [N, H, D], z.dtype
+    directions: torch.Tensor  # [K, D], z.dtype
+    scale: torch.Tensor  # [T], accumulation dtype
+    writers: torch.Tensor  # [W], int64, values in [0, N)
+    extra_nodes: torch.Tensor  # [T, M, D], z.dtype (M may be 0)
+    direction_ids: Optional[torch.Tensor]  # [T] int64 in [-1, K), or None (fixed-set mode)
+    incorrect_ids: Optional[torch.Tensor]  # [T] int64 in [-1, K), or None
+    center: bool
+
+    @property
+    def n_tokens(self) -> int:
+        return self.z.shape[0]
+
+    @property
+    def n_heads(self) -> int:
+        return self.z.shape[1]
+
+    @property
+    def out_dtype(self) -> torch.dtype:
+        return accumulation_dtype(self.z.dtype)
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 for float64 inputs, float32 for everything else."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _shape(t: torch.Tensor) -> str:
+    return "[" + ", ".join(str(s) for s in t.shape) + "]"
+
+
+def _require_tensor(name: str, value) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def _require_float(name: str, t: torch.Tensor) -> None:
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"{name} must have dtype float32, float64, bfloat16 or float16, got {t.dtype}"
+        )
+
+
+def _require_finite(name: str, t: torch.Tensor) -> None:
+    if t.numel() and not bool(torch.isfinite(t).all()):
+        bad = (~torch.isfinite(t)).nonzero()[0].tolist()
+        raise ValueError(f"{name} contains non-finite values (first at index {bad})")
+
+
+def _as_ids(name: str, value, n_tokens: int, n_rows: int, device: torch.device) -> torch.Tensor:
+    ids = torch.as_tensor(value, device=device) if not isinstance(value, torch.Tensor) else value
+    if ids.dtype not in _INT_DTYPES:
+        raise TypeError(f"{name} must be an integer tensor, got {ids.dtype}")
+    if ids.device != device:
+        raise ValueError(f"{name} is on {ids.device} but z is on {device}; put all inputs on one device")
+    if ids.shape != (n_tokens,):
+        raise ValueError(f"{name} must have shape [T]=[{n_tokens}], got {_shape(ids)}")
+    ids = ids.to(torch.int64).contiguous()
+    if ids.numel():
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < -1 or hi >= n_rows:
+            raise ValueError(
+                f"{name} must lie in [-1, {n_rows}) (-1 = no target; {n_rows} direction rows), "
+                f"got values in [{lo}, {hi}]"
+            )
+    return ids
+
+
+def validate(
+    z,
+    W_O,
+    directions,
+    scale,
+    writers,
+    extra_nodes=None,
+    *,
+    direction_ids=None,
+    incorrect_ids=None,
+    center: bool = True,
+    check_finite: bool = True,
+) -> FusedInputs:
+    """Check every argument of `fused_attribution` and return backend-ready `FusedInputs`.
+
+    Raises TypeError (wrong kind or dtype) or ValueError (shape, range, device, non-finite) naming
+    the argument, the expected value and what was received. Nothing reaches a backend before this.
+    """
+    z = _require_tensor("z", z)
+    W_O = _require_tensor("W_O", W_O)
+    directions = _require_tensor("directions", directions)
+    scale = _require_tensor("scale", scale)
+    _require_float("z", z)
+    if z.ndim != 3:
+        raise ValueError(f"z must have shape [T, N, d_head], got {_shape(z)}")
+    T, N, H = z.shape
+    if T == 0:
+        raise ValueError("z has no tokens (T = 0); pass at least one token")
+    if N == 0 or H == 0:
+        raise ValueError(f"z must have at least one head and d_head >= 1, got {_shape(z)}")
+    device = z.device
+    dtype = z.dtype
+
+    def same_kind(name: str, t: torch.Tensor) -> None:
+        _require_float(name, t)
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device} but z is on {device}; put all inputs on one device")
+        if t.dtype != dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but z has {dtype}; use one dtype for z, W_O, directions and extra_nodes")
+
+    same_kind("W_O", W_O)
+    if W_O.ndim != 3 or W_O.shape[0] != N or W_O.shape[1] != H:
+        raise ValueError(f"W_O must have shape [N, d_head, d_model]=[{N}, {H}, d_model], got {_shape(W_O)}")
+    D = W_O.shape[2]
+    if D == 0:
+        raise ValueError("W_O has d_model = 0")
+    same_kind("directions", directions)
+    if directions.ndim != 2 or directions.shape[1] != D:
+        raise ValueError(f"directions must have shape [K, d_model]=[K, {D}], got {_shape(directions)}")
+    K = directions.shape[0]
+    if K == 0:
+        raise ValueError("directions has no rows (K = 0)")
+
+    _require_float("scale", scale)
+    if scale.device != device:
+        raise ValueError(f"scale is on {scale.device} but z is on {device}; put all inputs on one device")
+    if scale.ndim == 2 and scale.shape[1] == 1:  # TransformerLens keeps a trailing singleton dim
+        scale = scale[:, 0]
+    if scale.shape != (T,):
+        raise ValueError(f"scale must have shape [T]=[{T}], got {_shape(scale)}")
+    acc = accumulation_dtype(dtype)
+    scale = scale.to(acc).contiguous()
+    if not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all()):
+        raise ValueError("scale must be finite and > 0 at every token (it divides the DLA)")
+
+    if isinstance(writers, torch.Tensor):
+        w = writers
+        if w.dtype not in _INT_DTYPES:
+            raise TypeError(f"writers must be integer head indices, got dtype {w.dtype}")
+        w = w.to(device="cpu", dtype=torch.int64).reshape(-1)
+    else:
+        try:
+            w = torch.as_tensor(list(writers), dtype=torch.int64)
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"writers must be a sequence of int head indices, got {writers!r}") from e
+        w = w.reshape(-1)
+    if w.numel() and (int(w.min()) < 0 or int(w.max()) >= N):
+        raise ValueError(f"writers must be head indices in [0, {N}), got {w.tolist()}")
+    w = w.to(device)
+
+    if extra_nodes is None:
+        extra = z.new_zeros((T, 0, D))
+    else:
+        extra = _require_tensor("extra_nodes", extra_nodes)
+        same_kind("extra_nodes", extra)
+        if extra.ndim != 3 or extra.shape[0] != T or extra.shape[2] != D:
+            raise ValueError(f"extra_nodes must have shape [T, M, d_model]=[{T}, M, {D}], got {_shape(extra)}")
+
+    ids = inc = None
+    if direction_ids is not None:
+        ids = _as_ids("direction_ids", direction_ids, T, K, device)
+    if incorrect_ids is not None:
+        if ids is None:
+            raise ValueError("incorrect_ids needs direction_ids (logit difference is a gathered-mode option)")
+        inc = _as_ids("incorrect_ids", incorrect_ids, T, K, device)
+
+    if check_finite:
+        for name, t in (("z", z), ("W_O", W_O), ("directions", directions), ("extra_nodes", extra)):
+            _require_finite(name, t)
+
+    return FusedInputs(
+        z=z.contiguous(),
+        W_O=W_O.contiguous(),
+        directions=directions.contiguous(),
+        scale=scale,
+        writers=w,
+        extra_nodes=extra.contiguous(),
+        direction_ids=ids,
+        incorrect_ids=inc,
+        center=bool(center),
+    )
+
+
+def fused_attribution(
+    z: torch.Tensor,
+    W_O: torch.Tensor,
+    directions: torch.Tensor,
+    scale: torch.Tensor,
+    writers: Union[Sequence[int], torch.Tensor],
+    extra_nodes: Optional[torch.Tensor] = None,
+    *,
+    direction_ids: Optional[torch.Tensor] = None,
+    incorrect_ids: Optional[torch.Tensor] = None,
+    center: bool = True,
+    backend: str = "auto",
+    check_finite: bool = True,
+) -> FusedOutputs:
+    """Fused DLA + erasure dot products for raw tensors (any model: nnsight, custom, ...).
+
+    Args:
+        z: [T, N, d_head] per-head attention outputs (layer-major heads, batch x pos flattened).
+        W_O: [N, d_head, d_model].
+        directions: [K, d_model] direction table (fixed set, or rows gathered by ``direction_ids``).
+        scale: [T] (or [T, 1]) final-LN scale, finite and > 0.
+        writers: [W] head indices in [0, N).
+        extra_nodes: [T, M, d_model] further nodes (MLP outputs, embeddings) or None.
+        direction_ids: [T] int, row of ``directions`` per token, -1 for none; None = fixed-set mode.
+        incorrect_ids: [T] int, subtracted row per token (logit difference); needs direction_ids.
+        center: centre the direction (LayerNorm models); False for RMSNorm.
+        backend: "auto", "torch", "cpp" or "triton" (see `erasure_fast.backends()`).
+        check_finite: reject non-finite z / W_O / directions / extra_nodes (one pass over each).
+
+    Returns:
+        FusedOutputs(dla [T, N] or [T, N, K], dots [T, N+M, W], norms [T, N+M]).
+    """
+    from .backends import get_backend
+
+    inputs = validate(
+        z, W_O, directions, scale, writers, extra_nodes,
+        direction_ids=direction_ids, incorrect_ids=incorrect_ids,
+        center=center, check_finite=check_finite,
+    )
+    return get_backend(backend, inputs.z.device).run(inputs)
+
+
+class Measures(NamedTuple):
+    """Erasure measures of every node onto every writer, [..., n_nodes, W] each."""
+
+    pr: torch.Tensor  # projection ratio (a.w)/(w.w)
+    pv: torch.Tensor  # projection value (a.w)/|w|
+    cos: torch.Tensor  # cosine (a.w)/(|a||w|)
+
+
+def derive_measures(dots: torch.Tensor, norms: torch.Tensor, writers: torch.Tensor) -> Measures:
+    """PR, PV and cosine from the contract's outputs.
+
+    Args:
+        dots: [..., n_nodes, W]; norms: [..., n_nodes] (squared); writers: [W] node indices of the
+        writers (heads come first, so a head index is its node index).
+    Returns NaN where a writer's squared norm is 0 (and cosine also where the node's norm is 0).
+    """
+    ww = norms.index_select(-1, writers.to(norms.device))  # [..., W]
+    ww = ww.unsqueeze(-2)  # [..., 1, W]
+    nan = torch.tensor(float("nan"), dtype=dots.dtype, device=dots.device)
+    zero_w = ww == 0
+    pr = torch.where(zero_w, nan, dots / torch.where(zero_w, torch.ones_like(ww), ww))
+    wn = ww.sqrt()
+    pv = torch.where(zero_w, nan, dots / torch.where(zero_w, torch.ones_like(wn), wn))
+    an = norms.unsqueeze(-1).sqrt()
+    denom = an * wn
+    zero_d = denom == 0
+    cos = torch.where(zero_d, nan, dots / torch.where(zero_d, torch.ones_like(denom), denom))
+    return Measures(pr=pr, pv=pv, cos=cos)

@@ -1,0 +1,174 @@
+"""Model adapters: what the attribution needs from a model, in one `ModelSpec`.
+
+Supported: TransformerLens 4.x `TransformerBridge` (native or HF-loaded, with or without
+compatibility mode), TransformerLens 3.x `HookedTransformer`, and raw weights (`ModelSpec.from_weights`).
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import torch
+
+_CENTERING_NORMS = ("LN", "LNPre")
+_SCALED_NORMS = ("LN", "LNPre", "RMS", "RMSPre")
+
+
+@dataclass
+class ModelSpec:
+    """Weights and layout of a model, as the attribution sees them.
+
+    Shapes: W_O [n_layers * n_heads, d_head, d_model] (layer-major heads), b_O [n_layers, d_model],
+    W_U [d_model, d_vocab]. ``normalization`` is the final norm's family ("LN", "LNPre", "RMS",
+    "RMSPre" or None); ``center`` says whether DLA centres (LayerNorm) and ``final_eps`` is its eps.
+    """
+
+    n_layers: int
+    n_heads: int
+    d_head: int
+    d_model: int
+    d_vocab: int
+    W_O: torch.Tensor
+    b_O: torch.Tensor
+    W_U: torch.Tensor
+    normalization: Optional[str]
+    final_eps: float
+    has_mlps: bool = True
+    n_ctx: Optional[int] = None
+    kind: str = "raw"  # "bridge", "hooked" or "raw"
+    embed_hooks: List[str] = field(default_factory=lambda: ["hook_embed", "hook_pos_embed"])
+    _directions: Optional[torch.Tensor] = field(default=None, repr=False)
+
+    @property
+    def center(self) -> bool:
+        return self.normalization in _CENTERING_NORMS
+
+    @property
+    def n_heads_total(self) -> int:
+        return self.n_layers * self.n_heads
+
+    @property
+    def directions(self) -> torch.Tensor:
+        """W_U.T as a contiguous [d_vocab, d_model] table (made once, kept with the spec)."""
+        if self._directions is None:
+            self._directions = self.W_U.detach().t().contiguous()
+        return self._directions
+
+    def head_label(self, index: int) -> str:
+        return f"L{index // self.n_heads}H{index % self.n_heads}"
+
+    def head_labels(self) -> List[str]:
+        return [self.head_label(i) for i in range(self.n_heads_total)]
+
+    def parse_head(self, spec) -> int:
+        """A head given as flat index, (layer, head) pair or label "L2H3" -> flat index."""
+        if isinstance(spec, str):
+            s = spec.strip().upper()
+            if s.startswith("L") and "H" in s:
+                try:
+                    layer, head = (int(p) for p in s[1:].split("H", 1))
+                except ValueError:
+                    raise ValueError(f"head label {spec!r} is not of the form 'L<layer>H<head>'") from None
+            else:
+                raise ValueError(f"head label {spec!r} is not of the form 'L<layer>H<head>'")
+        elif isinstance(spec, (tuple, list)) and len(spec) == 2:
+            layer, head = int(spec[0]), int(spec[1])
+        elif isinstance(spec, (int,)) or (isinstance(spec, torch.Tensor) and spec.ndim == 0):
+            index = int(spec)
+            if not 0 <= index < self.n_heads_total:
+                raise ValueError(f"head index {index} out of range [0, {self.n_heads_total})")
+            return index
+        else:
+            raise TypeError(f"a head must be an int, a (layer, head) pair or a label like 'L0H2'; got {spec!r}")
+        if not (0 <= layer < self.n_layers and 0 <= head < self.n_heads):
+            raise ValueError(
+                f"head {spec!r} does not exist: the model has {self.n_layers} layers x {self.n_heads} heads"
+            )
+        return layer * self.n_heads + head
+
+    @classmethod
+    def from_weights(
+        cls,
+        W_O: torch.Tensor,
+        b_O: torch.Tensor,
+        W_U: torch.Tensor,
+        *,
+        normalization: Optional[str] = "LN",
+        final_eps: float = 1e-5,
+        has_mlps: bool = True,
+    ) -> "ModelSpec":
+        """Raw weights: W_O [n_layers, n_heads, d_head, d_model], b_O [n_layers, d_model],
+        W_U [d_model, d_vocab]."""
+        if W_O.ndim != 4:
+            raise ValueError(f"W_O must have shape [n_layers, n_heads, d_head, d_model], got {list(W_O.shape)}")
+        L, H, dh, D = W_O.shape
+        if tuple(b_O.shape) != (L, D):
+            raise ValueError(f"b_O must have shape [n_layers, d_model]=[{L}, {D}], got {list(b_O.shape)}")
+        if W_U.ndim != 2 or W_U.shape[0] != D:
+            raise ValueError(f"W_U must have shape [d_model, d_vocab]=[{D}, d_vocab], got {list(W_U.shape)}")
+        if normalization not in (*_SCALED_NORMS, None):
+            raise ValueError(f"normalization must be one of {_SCALED_NORMS} or None, got {normalization!r}")
+        return cls(
+            n_layers=L, n_heads=H, d_head=dh, d_model=D, d_vocab=W_U.shape[1],
+            W_O=W_O.detach().reshape(L * H, dh, D).contiguous(), b_O=b_O.detach(), W_U=W_U.detach(),
+            normalization=normalization, final_eps=float(final_eps), has_mlps=has_mlps,
+        )
+
+
+def _kind(model) -> str:
+    try:
+        from transformer_lens.model_bridge import TransformerBridge
+
+        if isinstance(model, TransformerBridge):
+            return "bridge"
+    except ImportError:  # TransformerLens 3.x has no bridge
+        pass
+    try:
+        from transformer_lens import HookedTransformer
+
+        if isinstance(model, HookedTransformer):
+            return "hooked"
+    except ImportError:
+        pass
+    raise TypeError(
+        "model must be a TransformerLens TransformerBridge (4.x) or HookedTransformer (3.x); "
+        f"got {type(model).__name__}. For other models use erasure_fast.fused_attribution on raw tensors."
+    )
+
+
+def _fingerprint(model) -> tuple:
+    # Weight processing (fold_ln, compatibility mode, .to()) replaces or edits parameters in place.
+    return tuple((p.data_ptr(), p._version, p.dtype, str(p.device)) for p in model.parameters())
+
+
+_specs: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def model_spec(model) -> ModelSpec:
+    """The `ModelSpec` of a TransformerLens model, cached until its weights change."""
+    kind = _kind(model)
+    fp = _fingerprint(model)
+    hit = _specs.get(model)
+    if hit is not None and hit[0] == fp:
+        return hit[1]
+    cfg = model.cfg
+    with torch.no_grad():
+        W_O = model.W_O.detach()  # [L, H, dh, D]
+        b_O = model.b_O.detach()
+        W_U = model.W_U.detach()
+    L, H, dh, D = W_O.shape
+    final_rms = bool(getattr(cfg, "final_rms", False))
+    norm = cfg.normalization_type
+    if kind == "bridge" and final_rms and norm in _CENTERING_NORMS:
+        norm = "RMS"  # TL 4 treats a final RMSNorm as non-centring even in LN-family models
+    embed_hooks = [h for h in ("hook_embed", "hook_pos_embed") if h in model.hook_dict]
+    spec = ModelSpec(
+        n_layers=L, n_heads=H, d_head=dh, d_model=D, d_vocab=W_U.shape[1],
+        W_O=W_O.reshape(L * H, dh, D).contiguous(), b_O=b_O, W_U=W_U,
+        normalization=norm, final_eps=float(cfg.eps), has_mlps=not bool(getattr(cfg, "attn_only", False)),
+        n_ctx=getattr(cfg, "n_ctx", None), kind=kind, embed_hooks=embed_hooks,
+    )
+    _specs[model] = (fp, spec)
+    return spec
