@@ -1,0 +1,101 @@
+"""Shared fixtures: TransformerLens models of either major version, error bookkeeping."""
+
+from __future__ import annotations
+
+import json
+import os
+from importlib import metadata
+
+import pytest
+import torch
+
+TL_VERSION = metadata.version("transformer-lens")
+TL_MAJOR = int(TL_VERSION.split(".")[0])
+
+GELU_4L = dict(d_model=512, n_layers=4, n_heads=8, d_head=64, d_mlp=2048, d_vocab=48262, n_ctx=1024)
+
+# Largest observed error per (check, dtype, backend), printed at the end and written to a JSON file.
+_ERRORS: dict = {}
+
+
+def record_error(check: str, dtype, backend: str, err: float) -> None:
+    key = f"{check} | {str(dtype).replace('torch.', '')} | {backend}"
+    _ERRORS[key] = max(_ERRORS.get(key, 0.0), float(err))
+
+
+def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |ours - ref| / max |ref| over entries where ref is finite; NaN patterns must agree."""
+    ours = ours.detach().double().cpu()
+    ref = ref.detach().double().cpu()
+    assert ours.shape == ref.shape, (ours.shape, ref.shape)
+    assert torch.equal(torch.isnan(ours), torch.isnan(ref)), "NaN pattern differs"
+    fin = torch.isfinite(ref)
+    assert torch.isfinite(ours[fin]).all(), "non-finite value where the reference is finite"
+    if not fin.any():
+        return 0.0
+    denom = ref[fin].abs().max().clamp_min(1e-300)
+    return float((ours[fin] - ref[fin]).abs().max() / denom)
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _ERRORS:
+        return
+    terminalreporter.section(f"largest observed errors (relative to max |reference|), TransformerLens {TL_VERSION}")
+    for key in sorted(_ERRORS):
+        terminalreporter.write_line(f"{_ERRORS[key]:.3e}  {key}")
+    path = os.environ.get("EF_ERROR_REPORT")
+    if path:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path, "w") as f:
+            json.dump({"transformer_lens": TL_VERSION, "errors": _ERRORS}, f, indent=1, sort_keys=True)
+
+
+def _randomize_vectors(model, seed: int) -> None:
+    """Random LN weights/biases and biases, so unprocessed and processed models really differ."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                noise = torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype).to(p.device)
+                p.add_(0.2 * noise)
+
+
+def build_model(*, n_layers, n_heads, d_head, d_model, d_mlp, d_vocab, n_ctx=64, compat=False,
+                dtype=torch.float32, seed=0, normalization_type="LN"):
+    """A TransformerLens model of the installed major version: TL 4 `TransformerBridge.boot_native`,
+    TL 3 `HookedTransformer`; ``compat`` = processed weights (fold_ln, centring)."""
+    if TL_MAJOR >= 4:
+        import transformer_lens.model_bridge.sources.native  # noqa: F401 (registers boot_native)
+        from transformer_lens.config import TransformerBridgeConfig
+        from transformer_lens.model_bridge import TransformerBridge
+
+        cfg = TransformerBridgeConfig(
+            d_model=d_model, n_layers=n_layers, n_heads=n_heads, d_head=d_head, d_mlp=d_mlp,
+            d_vocab=d_vocab, n_ctx=n_ctx, act_fn="gelu", normalization_type=normalization_type,
+            positional_embedding_type="standard", seed=seed,
+        )
+        model = TransformerBridge.boot_native(cfg)
+        if dtype != torch.float32:
+            model = model.to(dtype)
+        _randomize_vectors(model, seed)
+        if compat:
+            model.enable_compatibility_mode(disable_warnings=True)
+    else:
+        from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+        cfg = HookedTransformerConfig(
+            d_model=d_model, n_layers=n_layers, n_heads=n_heads, d_head=d_head, d_mlp=d_mlp,
+            d_vocab=d_vocab, n_ctx=n_ctx, act_fn="gelu", normalization_type=normalization_type,
+            positional_embedding_type="standard", seed=seed, dtype=dtype,
+        )
+        model = HookedTransformer(cfg)
+        _randomize_vectors(model, seed)
+        if compat:
+            model.process_weights_(fold_ln=True, center_writing_weights=True, center_unembed=True)
+    model.eval()
+    return model
+
+
+@pytest.fixture(scope="session")
+def tl_major() -> int:
+    return TL_MAJOR
