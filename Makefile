@@ -1,0 +1,51 @@
+# Every target does its own set-up on a fresh machine (virtual environments, build, install).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+VENV_TL3 ?= .venv-tl3
+# The CPU build of torch lies on local disk here; override TORCH_SPEC elsewhere (e.g. "torch>=2.4").
+TORCH_SPEC ?= torch==2.13.0
+TL4_SPEC ?= transformer-lens>=4.0,<5
+TL3_SPEC ?= transformer-lens==3.9.0
+PIP ?= -q --disable-pip-version-check
+BUILD_DEPS := scikit-build-core>=0.10 pybind11>=2.12 cmake>=3.18 ninja
+TEST_DEPS := pytest>=8 hypothesis>=6.100
+RUN_DEPS := numpy safetensors tqdm
+
+.PHONY: demo test test-tl4 test-tl3 install install-tl3 bench clean
+
+$(VENV)/.deps: pyproject.toml Makefile
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install $(PIP) --upgrade pip
+	$(VENV)/bin/python -m pip install $(PIP) "$(TORCH_SPEC)"
+	$(VENV)/bin/python -m pip install $(PIP) "$(TL4_SPEC)" triton $(RUN_DEPS) $(BUILD_DEPS) $(TEST_DEPS)
+	touch $@
+
+$(VENV_TL3)/.deps: pyproject.toml Makefile
+	test -x $(VENV_TL3)/bin/python || $(PYTHON) -m venv $(VENV_TL3)
+	$(VENV_TL3)/bin/python -m pip install $(PIP) --upgrade pip
+	$(VENV_TL3)/bin/python -m pip install $(PIP) "$(TORCH_SPEC)"
+	$(VENV_TL3)/bin/python -m pip install $(PIP) "$(TL3_SPEC)" $(RUN_DEPS) $(BUILD_DEPS) $(TEST_DEPS)
+	touch $@
+
+# Build the C++ extension and install the package (incremental: build/ keeps CMake's cache).
+install: $(VENV)/.deps
+	$(VENV)/bin/python -m pip install $(PIP) --no-build-isolation --no-deps .
+
+install-tl3: $(VENV_TL3)/.deps
+	$(VENV_TL3)/bin/python -m pip install $(PIP) --no-build-isolation --no-deps --config-settings=build-dir=build/tl3-{wheel_tag} .
+
+demo: install
+	$(VENV)/bin/erasure-fast demo
+
+# pytest runs from tests/ so the installed package (with its compiled extension) is imported.
+test-tl4: install
+	cd tests && EF_REQUIRE_CPP=1 EF_ERROR_REPORT=../build/parity-errors-tl4.json ../$(VENV)/bin/python -m pytest -q -p no:cacheprovider .
+
+test-tl3: install-tl3
+	cd tests && EF_REQUIRE_CPP=1 EF_ERROR_REPORT=../build/parity-errors-tl3.json ../$(VENV_TL3)/bin/python -m pytest -q -p no:cacheprovider test_parity_tl.py
+
+test: test-tl4 test-tl3
+
+clean:
+	rm -rf build dist $(VENV) $(VENV_TL3)

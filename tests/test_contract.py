@@ -1,0 +1,158 @@
+"""Bad input gets a clear error naming the argument, before any backend runs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import erasure_fast as ef
+import importlib
+
+backend_registry = importlib.import_module("erasure_fast.backends")
+from conftest import build_model
+
+
+@pytest.fixture
+def no_backend_runs(monkeypatch):
+    """Make every backend's run() fail loudly: a validation error must come first."""
+    def boom(_inputs):
+        raise AssertionError("a backend ran on invalid input")
+    for name in ("torch", "cpp"):
+        try:
+            module = backend_registry._module(name)
+        except ImportError:
+            continue
+        monkeypatch.setattr(module, "run", boom)
+
+
+def good(T=5, N=4, H=3, D=7, K=6, M=2, dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(dtype)
+    return dict(
+        z=r(T, N, H), W_O=r(N, H, D), directions=r(K, D), scale=r(T).abs() + 0.5,
+        writers=[0, 2], extra_nodes=r(T, M, D), direction_ids=torch.randint(0, K, (T,), generator=g),
+    )
+
+
+def call(**kw):
+    args = good()
+    args.update(kw)
+    pos = [args.pop(k) for k in ("z", "W_O", "directions", "scale", "writers")]
+    return ef.fused_attribution(*pos, **args, backend="auto")
+
+
+BAD = [
+    ("z rank", dict(z=torch.randn(5, 4)), ValueError, "z must have shape"),
+    ("z dtype", dict(z=torch.randint(0, 3, (5, 4, 3))), TypeError, "z must have dtype"),
+    ("z not a tensor", dict(z=[[1.0]]), TypeError, "z must be a torch.Tensor"),
+    ("empty batch", dict(z=torch.randn(0, 4, 3), scale=torch.ones(0), extra_nodes=None, direction_ids=None), ValueError, "no tokens"),
+    ("W_O heads mismatch", dict(W_O=torch.randn(5, 3, 7)), ValueError, "W_O must have shape"),
+    ("W_O d_head mismatch", dict(W_O=torch.randn(4, 2, 7)), ValueError, "W_O must have shape"),
+    ("W_O dtype mismatch", dict(W_O=torch.randn(4, 3, 7, dtype=torch.float64)), TypeError, "W_O has dtype"),
+    ("directions d_model", dict(directions=torch.randn(6, 8)), ValueError, "directions must have shape"),
+    ("directions empty", dict(directions=torch.randn(0, 7), direction_ids=None), ValueError, "directions has no rows"),
+    ("scale shape", dict(scale=torch.ones(4)), ValueError, "scale must have shape"),
+    ("scale zero", dict(scale=torch.tensor([1.0, 0.0, 1.0, 1.0, 1.0])), ValueError, "scale must be finite and > 0"),
+    ("scale nan", dict(scale=torch.tensor([1.0, float("nan"), 1.0, 1.0, 1.0])), ValueError, "scale must be finite"),
+    ("scale inf", dict(scale=torch.tensor([1.0, float("inf"), 1.0, 1.0, 1.0])), ValueError, "scale must be finite"),
+    ("writer too large", dict(writers=[0, 4]), ValueError, "writers must be head indices in \\[0, 4\\)"),
+    ("writer negative", dict(writers=[-1]), ValueError, "writers must be head indices"),
+    ("writer float tensor", dict(writers=torch.tensor([0.5])), TypeError, "writers must be integer"),
+    ("writer junk", dict(writers=["a"]), TypeError, "writers must be a sequence of int"),
+    ("extra_nodes shape", dict(extra_nodes=torch.randn(5, 2, 8)), ValueError, "extra_nodes must have shape"),
+    ("extra_nodes tokens", dict(extra_nodes=torch.randn(4, 2, 7)), ValueError, "extra_nodes must have shape"),
+    ("ids too large", dict(direction_ids=torch.tensor([0, 1, 2, 3, 6])), ValueError, "direction_ids must lie in \\[-1, 6\\)"),
+    ("ids below -1", dict(direction_ids=torch.tensor([0, 1, -2, 3, 5])), ValueError, "direction_ids must lie in"),
+    ("ids shape", dict(direction_ids=torch.tensor([0, 1])), ValueError, "direction_ids must have shape"),
+    ("ids float", dict(direction_ids=torch.zeros(5)), TypeError, "direction_ids must be an integer tensor"),
+    ("incorrect without ids", dict(direction_ids=None, incorrect_ids=torch.zeros(5, dtype=torch.long)), ValueError, "incorrect_ids needs direction_ids"),
+    ("incorrect out of range", dict(incorrect_ids=torch.tensor([0, 1, 2, 3, 99])), ValueError, "incorrect_ids must lie in"),
+    ("z nan", dict(z=torch.full((5, 4, 3), float("nan"))), ValueError, "z contains non-finite"),
+    ("W_O inf", dict(W_O=torch.full((4, 3, 7), float("inf"))), ValueError, "W_O contains non-finite"),
+    ("extra nan", dict(extra_nodes=torch.full((5, 2, 7), float("nan"))), ValueError, "extra_nodes contains non-finite"),
+    ("unsupported dtype", dict(z=torch.randn(5, 4, 3).to(torch.complex64)), TypeError, "z must have dtype"),
+]
+
+
+@pytest.mark.parametrize("case,kw,exc,match", BAD, ids=[b[0] for b in BAD])
+def test_bad_fused_input(case, kw, exc, match, no_backend_runs):
+    with pytest.raises(exc, match=match):
+        call(**kw)
+
+
+def test_mixed_devices_are_rejected(no_backend_runs):
+    meta = torch.randn(4, 3, 7, device="meta")
+    with pytest.raises(ValueError, match="W_O is on meta but z is on cpu"):
+        call(W_O=meta)
+
+
+def test_unknown_backend(no_backend_runs):
+    with pytest.raises(ValueError, match="backend must be one of"):
+        ef.fused_attribution(**{k: v for k, v in good().items()}, backend="cuda-magic")
+
+
+def test_triton_backend_is_reported_unavailable():
+    info = ef.backends()["triton"]
+    assert not info.available and "not implemented" in info.detail
+    with pytest.raises(ValueError, match="backend 'triton' is not available"):
+        ef.fused_attribution(**good(), backend="triton")
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    return build_model(n_layers=2, n_heads=3, d_head=4, d_model=12, d_mlp=16, d_vocab=23)
+
+
+MODEL_BAD = [
+    ("token too large", dict(tokens=torch.tensor([[1, 23]])), ValueError, "tokens must lie in \\[0, d_vocab=23\\)"),
+    ("token negative", dict(tokens=torch.tensor([[-1, 2]])), ValueError, "tokens must lie in"),
+    ("token float", dict(tokens=torch.tensor([[1.0, 2.0]])), TypeError, "tokens must hold integer"),
+    ("token rank", dict(tokens=torch.zeros(1, 2, 3, dtype=torch.long)), ValueError, "tokens must have shape"),
+    ("token empty", dict(tokens=torch.zeros(2, 0, dtype=torch.long)), ValueError, "tokens is empty"),
+    ("token list", dict(tokens=[[1, 2]]), TypeError, "tokens must be an integer torch.Tensor"),
+    ("too long", dict(tokens=torch.zeros(1, 65, dtype=torch.long)), ValueError, "n_ctx is 64"),
+    ("writer missing head", dict(writers=["L0H3"]), ValueError, "does not exist: the model has 2 layers x 3 heads"),
+    ("writer missing layer", dict(writers=[(2, 0)]), ValueError, "does not exist"),
+    ("writer index", dict(writers=[6]), ValueError, "head index 6 out of range"),
+    ("writer label junk", dict(writers=["head2"]), ValueError, "not of the form"),
+    ("writers empty", dict(writers=[]), ValueError, "writers is empty"),
+    ("target out of range", dict(targets=23), ValueError, "targets must lie in"),
+    ("target shape", dict(targets=torch.zeros(3, dtype=torch.long)), ValueError, "targets must be an int, \\[batch\\]"),
+    ("target string", dict(targets="prev"), ValueError, "targets must be \"next\""),
+    ("incorrect next", dict(incorrect="next"), ValueError, "incorrect must be an int"),
+    ("incorrect out of range", dict(incorrect=torch.full((2, 4), 30)), ValueError, "incorrect must lie in"),
+    ("backend", dict(backend="gpu"), ValueError, "backend must be one of"),
+]
+
+
+@pytest.mark.parametrize("case,kw,exc,match", MODEL_BAD, ids=[b[0] for b in MODEL_BAD])
+def test_bad_attribute_input(case, kw, exc, match, small_model, no_backend_runs):
+    args = dict(tokens=torch.randint(0, 23, (2, 4)))
+    args.update(kw)
+    tokens = args.pop("tokens")
+    with pytest.raises(exc, match=match):
+        ef.attribute(small_model, tokens, **args)
+
+
+def test_not_a_model():
+    with pytest.raises(TypeError, match="model must be a TransformerLens"):
+        ef.attribute(torch.nn.Linear(2, 2), torch.zeros(1, 2, dtype=torch.long))
+
+
+def test_logit_attrs_heads_bad_tokens(small_model, no_backend_runs):
+    tokens = torch.randint(0, 23, (2, 4))
+    _, cache = small_model.run_with_cache(tokens)
+    with pytest.raises(ValueError, match="tokens must lie in"):
+        ef.logit_attrs_heads(cache, 99)
+    with pytest.raises(ValueError, match="does not broadcast"):
+        ef.logit_attrs_heads(cache, torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="same shape"):
+        ef.logit_attrs_heads(cache, torch.zeros(2, 4, dtype=torch.long), 3)
+
+
+def test_derive_measures_nan_policy():
+    dots = torch.tensor([[[2.0, 0.0]], [[1.0, 3.0]]])  # [T=2, nodes=1, W=2]
+    norms = torch.tensor([[4.0], [0.0]])  # node 0 is the writer; token 1 has a zero writer
+    m = ef.derive_measures(dots, norms, torch.tensor([0, 0]))
+    assert m.pr[0, 0, 0] == 0.5 and m.pv[0, 0, 0] == 1.0 and m.cos[0, 0, 0] == 0.5
+    assert torch.isnan(m.pr[1]).all() and torch.isnan(m.pv[1]).all() and torch.isnan(m.cos[1]).all()
