@@ -8,7 +8,7 @@ from typing import List, Optional, Sequence, Union
 import torch
 
 from .backends import get_backend
-from .capture import Capture, capture, validate_tokens
+from .capture import Capture, capture, model_device as _model_device, validate_tokens
 from .contract import Measures, accumulation_dtype, derive_measures, validate
 from .models import ModelSpec, model_spec
 
@@ -196,6 +196,14 @@ def attribute(
     if incorrect is not None:
         inc = _target_ids(incorrect, tokens, spec, "incorrect", allow_next=False)
         inc = torch.where(ids < 0, ids, inc)
+    impl = get_backend(backend, _model_device(model))
+    return run_attribution(model, spec, tokens, wr, ids, inc, include_mlps=include_mlps, impl=impl)
+
+
+def run_attribution(model, spec: ModelSpec, tokens: torch.Tensor, wr: torch.Tensor, ids: torch.Tensor,
+                    inc: Optional[torch.Tensor], *, include_mlps: bool, impl) -> AttributionResult:
+    """`attribute` after argument checking: tokens [B, P] valid ids, wr [W] head indices,
+    ids / inc [B, P] target ids (-1 = none), impl a backend module."""
     with_mlps = include_mlps and spec.has_mlps
     cap = capture(model, tokens, spec, include_mlps=with_mlps, include_embed=with_mlps)
     B, P = tokens.shape
@@ -219,7 +227,6 @@ def attribute(
         incorrect_ids=None if inc is None else inc.reshape(T).to(dev),
         center=spec.center,
     )
-    impl = get_backend(backend, dev)
     out = impl.run(inputs)
     acc = accumulation_dtype(dtype)
     n_nodes = L * H + (L if with_mlps else 0)
