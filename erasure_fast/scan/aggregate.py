@@ -1,0 +1,165 @@
+"""Constant-memory, mergeable, deterministic aggregation of per-token measures.
+
+`SeriesStats` keeps, for S series (e.g. every (node, writer) pair) and every position bucket:
+count, NaN count, fp64 sum and sum of squares, and a fixed-bin histogram with an underflow and an
+overflow bin. Quantiles come from the histogram by linear interpolation inside the bin that holds
+them, so their error is at most one bin width ((hi - lo) / n_bins) when the quantile lies inside
+[lo, hi]; a quantile that falls in an overflow bin is reported as -inf / +inf and counted.
+`TopK` keeps the k largest scores per series with their (row, position) and a payload, ties broken
+by (row, position) so the result does not depend on batch boundaries or merge order.
+States are dicts of numpy arrays (saved as npz, reduced with torch.distributed).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Sequence
+
+import numpy as np
+import torch
+
+
+class SeriesStats:
+    def __init__(self, n_series: int, n_buckets: int, lo: float, hi: float, n_bins: int):
+        if not hi > lo or n_bins < 1:
+            raise ValueError(f"histogram range must have hi > lo and n_bins >= 1, got [{lo}, {hi}] x {n_bins}")
+        self.S, self.B, self.lo, self.hi, self.nb = n_series, n_buckets, float(lo), float(hi), int(n_bins)
+        self.count = np.zeros((n_buckets, n_series), np.int64)
+        self.nan = np.zeros((n_buckets, n_series), np.int64)
+        self.sum = np.zeros((n_buckets, n_series), np.float64)
+        self.sumsq = np.zeros((n_buckets, n_series), np.float64)
+        self.hist = np.zeros((n_buckets, n_series, n_bins + 2), np.int64)
+
+    @property
+    def bin_width(self) -> float:
+        return (self.hi - self.lo) / self.nb
+
+    def update(self, values: torch.Tensor, bucket: torch.Tensor) -> None:
+        """values [T, S] (any float dtype, NaN = undefined), bucket [T] int in [0, n_buckets)."""
+        v = values.detach().to("cpu", torch.float64).reshape(-1, self.S)
+        bucket = bucket.detach().to("cpu", torch.int64).reshape(-1)
+        finite = torch.isfinite(v)
+        # bin 0 = underflow (< lo), 1..nb inside, nb + 1 = overflow (>= hi)
+        bins = torch.floor((v - self.lo) / self.bin_width).clamp_(-1, self.nb).to(torch.int64) + 1
+        series = torch.arange(self.S).expand_as(bins)
+        flat = (bucket[:, None] * self.S + series) * (self.nb + 2) + bins
+        hist = torch.bincount(flat[finite], minlength=self.B * self.S * (self.nb + 2))
+        self.hist += hist.reshape(self.B, self.S, self.nb + 2).numpy()
+        vz = torch.where(finite, v, torch.zeros((), dtype=v.dtype))
+        one_hot = torch.nn.functional.one_hot(bucket, self.B).to(torch.float64)  # [T, B]
+        self.count += (one_hot.T @ finite.to(torch.float64)).round().to(torch.int64).numpy()
+        self.nan += (one_hot.T @ (~finite).to(torch.float64)).round().to(torch.int64).numpy()
+        # Sums per bucket in a fixed order (plain sequential adds over tokens) for reproducibility.
+        for b in range(self.B):
+            rows = bucket == b
+            if bool(rows.any()):
+                sel = vz[rows]
+                self.sum[b] += sel.sum(dim=0).numpy()
+                self.sumsq[b] += (sel * sel).sum(dim=0).numpy()
+
+    # -- reading -----------------------------------------------------------------------------
+    def _pick(self, buckets) -> Dict[str, np.ndarray]:
+        idx = list(range(self.B)) if buckets is None else list(buckets)
+        return dict(count=self.count[idx].sum(0), nan=self.nan[idx].sum(0), sum=self.sum[idx].sum(0),
+                    sumsq=self.sumsq[idx].sum(0), hist=self.hist[idx].sum(0))
+
+    def summary(self, buckets: Sequence[int] = None, qs=(0.125, 0.25, 0.5, 0.75, 0.875)) -> Dict[str, np.ndarray]:
+        """count, nan, mean, std and the quantiles ``q{q}`` of every series over ``buckets`` (all by default)."""
+        p = self._pick(buckets)
+        n = p["count"].astype(np.float64)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = np.where(n > 0, p["sum"] / n, np.nan)
+            var = np.where(n > 1, (p["sumsq"] - n * mean**2) / np.maximum(n - 1, 1), np.nan)
+        out = dict(count=p["count"], nan=p["nan"], mean=mean, std=np.sqrt(np.maximum(var, 0)),
+                   underflow=p["hist"][:, 0], overflow=p["hist"][:, -1])
+        for q in qs:
+            out[f"q{q:g}"] = self._quantile(p["hist"], n, q)
+        return out
+
+    def _quantile(self, hist: np.ndarray, n: np.ndarray, q: float) -> np.ndarray:
+        cum = np.cumsum(hist, axis=1)
+        target = q * n
+        out = np.full(hist.shape[0], np.nan)
+        for s in range(hist.shape[0]):
+            if n[s] == 0:
+                continue
+            k = int(np.searchsorted(cum[s], target[s], side="left"))
+            k = min(max(k, 0), self.nb + 1)
+            if k == 0:
+                out[s] = -np.inf
+            elif k == self.nb + 1:
+                out[s] = np.inf
+            else:
+                before = cum[s, k - 1]
+                inside = hist[s, k]
+                frac = (target[s] - before) / inside if inside else 0.5
+                out[s] = self.lo + (k - 1 + frac) * self.bin_width
+        return out
+
+    # -- persistence and merging -------------------------------------------------------------
+    def state(self, prefix: str) -> Dict[str, np.ndarray]:
+        return {f"{prefix}.{k}": getattr(self, k) for k in ("count", "nan", "sum", "sumsq", "hist")}
+
+    def load(self, state: Dict[str, np.ndarray], prefix: str) -> None:
+        for k in ("count", "nan", "sum", "sumsq", "hist"):
+            arr = state[f"{prefix}.{k}"]
+            if arr.shape != getattr(self, k).shape:
+                raise ValueError(f"checkpoint field {prefix}.{k} has shape {arr.shape}, expected {getattr(self, k).shape}")
+            setattr(self, k, arr.copy())
+
+    def merge(self, other: "SeriesStats") -> None:
+        for k in ("count", "nan", "sum", "sumsq", "hist"):
+            setattr(self, k, getattr(self, k) + getattr(other, k))
+
+
+class TopK:
+    """The k largest scores per series, with row / position and a float payload [E] per entry."""
+
+    def __init__(self, n_series: int, k: int, payload: int = 0):
+        self.S, self.k, self.E = n_series, int(k), int(payload)
+        self.score = np.full((n_series, k), -np.inf)
+        self.row = np.full((n_series, k), -1, np.int64)
+        self.pos = np.full((n_series, k), -1, np.int64)
+        self.payload = np.full((n_series, k, max(payload, 0)), np.nan)
+
+    def update(self, score: torch.Tensor, row: torch.Tensor, pos: torch.Tensor, payload: torch.Tensor = None) -> None:
+        """score [T, S] (NaN ignored), row / pos [T], payload [T, S, E]."""
+        score = score.detach().to("cpu", torch.float64)
+        score = torch.where(torch.isnan(score), torch.full_like(score, -np.inf), score)
+        kk = min(self.k, score.shape[0])
+        top, idx = torch.topk(score, kk, dim=0)  # [kk, S]
+        row_np, pos_np = row.cpu().numpy(), pos.cpu().numpy()
+        pay = None if payload is None else payload.detach().to("cpu", torch.float64).numpy()
+        idx = idx.numpy()
+        for s in range(self.S):
+            cand_score = np.concatenate([self.score[s], top[:, s].numpy()])
+            cand_row = np.concatenate([self.row[s], row_np[idx[:, s]]])
+            cand_pos = np.concatenate([self.pos[s], pos_np[idx[:, s]]])
+            cand_pay = np.concatenate([self.payload[s], pay[idx[:, s], s] if pay is not None else np.full((kk, self.E), np.nan)])
+            self._keep(s, cand_score, cand_row, cand_pos, cand_pay)
+
+    def _keep(self, s, score, row, pos, pay):
+        valid = np.isfinite(score)
+        # Largest score first; ties by (row, pos); invalid entries (-inf) last.
+        order = np.lexsort((pos, row, -np.where(valid, score, -np.inf)))
+        order = order[: self.k]
+        self.score[s], self.row[s], self.pos[s], self.payload[s] = score[order], row[order], pos[order], pay[order]
+
+    def state(self, prefix: str) -> Dict[str, np.ndarray]:
+        return {f"{prefix}.score": self.score, f"{prefix}.row": self.row, f"{prefix}.pos": self.pos, f"{prefix}.payload": self.payload}
+
+    def load(self, state: Dict[str, np.ndarray], prefix: str) -> None:
+        for k in ("score", "row", "pos", "payload"):
+            arr = state[f"{prefix}.{k}"]
+            if arr.shape != getattr(self, k).shape:
+                raise ValueError(f"checkpoint field {prefix}.{k} has shape {arr.shape}, expected {getattr(self, k).shape}")
+            setattr(self, k, arr.copy())
+
+    def merge(self, other: "TopK") -> None:
+        for s in range(self.S):
+            self._keep(
+                s,
+                np.concatenate([self.score[s], other.score[s]]),
+                np.concatenate([self.row[s], other.row[s]]),
+                np.concatenate([self.pos[s], other.pos[s]]),
+                np.concatenate([self.payload[s], other.payload[s]]),
+            )

@@ -1,0 +1,100 @@
+"""Paper-style figures from a scan summary (matplotlib, Agg backend)."""
+
+from __future__ import annotations
+
+import os
+from typing import Dict
+
+import numpy as np
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def fig1_resid(summary, cfg, writers, path: str) -> str:
+    """Median residual-stream PR onto each writer across resid points, 25-75 % band (paper Fig. 1)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    x = np.arange(len(cfg.resid_labels))
+    for w in writers:
+        r = summary[(summary.kind == "resid") & (summary.writer == w)].set_index("node").loc[cfg.resid_labels]
+        ax.plot(x, r["median"], marker="o", label=w)
+        ax.fill_between(x, r["q0.25"], r["q0.75"], alpha=0.2)
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.axhline(1, color="grey", lw=0.8, ls=":")
+    ax.set_xticks(x, cfg.resid_labels, rotation=45, ha="right")
+    ax.set_ylabel("projection ratio onto writer")
+    ax.set_title("Residual stream PR onto writer (median, 25-75 %)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def fig2_nodes(summary, cfg, writer: str, path: str) -> str:
+    """Median PR of every downstream head and MLP onto one writer, layers separated (paper Fig. 2)."""
+    plt = _plt()
+    rows = summary[(summary.kind == "node") & (summary.writer == writer) & summary.downstream]
+    fig, ax = plt.subplots(figsize=(max(6, 0.28 * len(rows)), 3.8))
+    x = np.arange(len(rows))
+    med = rows["median"].to_numpy()
+    lo = med - rows["q0.25"].to_numpy()
+    hi = rows["q0.75"].to_numpy() - med
+    colors = ["tab:red" if m < 0 else "tab:blue" for m in med]
+    ax.bar(x, med, color=colors, alpha=0.8)
+    ax.errorbar(x, med, yerr=np.vstack([np.abs(lo), np.abs(hi)]), fmt="none", ecolor="black", lw=0.8, capsize=2)
+    labels = rows.node.tolist()
+    prev = None
+    for i, lab in enumerate(labels):
+        layer = lab[1:].split("H")[0] if lab.startswith("L") else lab[3:]
+        if prev is not None and layer != prev:
+            ax.axvline(i - 0.5, color="grey", lw=0.6, ls=":")
+        prev = layer
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set_xticks(x, labels, rotation=90, fontsize=7)
+    ax.set_ylabel(f"PR onto {writer}")
+    ax.set_title(f"Projection ratio of downstream heads and MLPs onto {writer} (median, 25-75 %)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def heatmap(summary, cfg, path: str) -> str:
+    """Median PR for every (node, writer) pair; pairs that are not downstream are masked."""
+    plt = _plt()
+    nodes = summary[summary.kind == "node"]
+    mat = nodes.pivot(index="node", columns="writer", values="median").loc[cfg.node_labels, cfg.writer_labels]
+    mask = nodes.pivot(index="node", columns="writer", values="downstream").loc[cfg.node_labels, cfg.writer_labels]
+    data = np.where(mask.to_numpy(dtype=bool), mat.to_numpy(dtype=float), np.nan)
+    vmax = np.nanmax(np.abs(data)) if np.isfinite(data).any() else 1.0
+    fig, ax = plt.subplots(figsize=(0.25 * len(cfg.writer_labels) + 3, 0.2 * len(cfg.node_labels) + 2))
+    im = ax.imshow(np.ma.masked_invalid(data), cmap="RdBu", vmin=-vmax, vmax=vmax, aspect="auto")
+    ax.set_xticks(range(len(cfg.writer_labels)), cfg.writer_labels, rotation=90, fontsize=6)
+    ax.set_yticks(range(len(cfg.node_labels)), cfg.node_labels, fontsize=6)
+    ax.set_xlabel("writer")
+    ax.set_ylabel("node")
+    ax.set_title("Median PR of node onto writer (downstream pairs)")
+    fig.colorbar(im, ax=ax, shrink=0.8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def all_plots(out_dir: str, summary, cfg, focus: str) -> Dict[str, str]:
+    from .report import top_pairs
+
+    writers = list(dict.fromkeys([focus] + top_pairs(summary, 40).writer.tolist()))[:4]
+    return {
+        "fig1_resid_pr.png": fig1_resid(summary, cfg, writers, os.path.join(out_dir, "fig1_resid_pr.png")),
+        "fig2_node_pr.png": fig2_nodes(summary, cfg, focus, os.path.join(out_dir, "fig2_node_pr.png")),
+        "heatmap_pr.png": heatmap(summary, cfg, os.path.join(out_dir, "heatmap_pr.png")),
+    }
