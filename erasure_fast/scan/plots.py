@@ -17,6 +17,14 @@ def _plt():
     return plt
 
 
+def _node_order(label: str):
+    """Sort key putting each layer's heads, then its MLP: (layer, 0, head) or (layer, 1, 0)."""
+    if label.startswith("MLP"):
+        return int(label[3:]), 1, 0
+    layer, head = label[1:].split("H")
+    return int(layer), 0, int(head)
+
+
 def fig1_resid(summary, cfg, writers, path: str) -> str:
     """Median residual-stream PR onto each writer across resid points, 25-75 % band (paper Fig. 1)."""
     plt = _plt()
@@ -42,6 +50,7 @@ def fig2_nodes(summary, cfg, writer: str, path: str) -> str:
     """Median PR of every downstream head and MLP onto one writer, layers separated (paper Fig. 2)."""
     plt = _plt()
     rows = summary[(summary.kind == "node") & (summary.writer == writer) & summary.downstream]
+    rows = rows.iloc[sorted(range(len(rows)), key=lambda i: _node_order(rows.node.iloc[i]))]
     fig, ax = plt.subplots(figsize=(max(6, 0.28 * len(rows)), 3.8))
     x = np.arange(len(rows))
     med = rows["median"].to_numpy()
@@ -53,14 +62,14 @@ def fig2_nodes(summary, cfg, writer: str, path: str) -> str:
     labels = rows.node.tolist()
     prev = None
     for i, lab in enumerate(labels):
-        layer = lab[1:].split("H")[0] if lab.startswith("L") else lab[3:]
+        layer = _node_order(lab)[0]
         if prev is not None and layer != prev:
             ax.axvline(i - 0.5, color="grey", lw=0.6, ls=":")
         prev = layer
     ax.axhline(0, color="grey", lw=0.8)
     ax.set_xticks(x, labels, rotation=90, fontsize=7)
     ax.set_ylabel(f"PR onto {writer}")
-    ax.set_title(f"Projection ratio of downstream heads and MLPs onto {writer} (median, 25-75 %)")
+    ax.set_title(f"PR of downstream heads and MLPs onto {writer} (median, 25-75 %)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
