@@ -1,0 +1,166 @@
+// pybind11 module erasure_fast._C: typed entry points of the fused attribution kernel.
+//
+// Every argument check of the C++ path lives here (defence in depth: contract.validate() checks the
+// same rules first). The kernel itself trusts its arguments.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cmath>
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "fused_attribution.h"
+
+namespace py = pybind11;
+
+namespace {
+
+template <typename T>
+using Arr = py::array_t<T, py::array::c_style>;
+using IdArr = py::array_t<int64_t, py::array::c_style>;
+
+std::string shape_of(const py::array& a) {
+  std::string s = "[";
+  for (py::ssize_t i = 0; i < a.ndim(); ++i) {
+    if (i) s += ", ";
+    s += std::to_string(a.shape(i));
+  }
+  return s + "]";
+}
+
+[[noreturn]] void fail(const std::string& msg) { throw py::value_error("erasure_fast._C: " + msg); }
+
+void check_ids(const char* name, const IdArr& ids, int64_t T, int64_t K) {
+  if (ids.ndim() != 1 || ids.shape(0) != T)
+    fail(std::string(name) + " must have shape [T]=[" + std::to_string(T) + "], got " + shape_of(ids));
+  const int64_t* p = ids.data();
+  for (int64_t t = 0; t < T; ++t)
+    if (p[t] < -1 || p[t] >= K)
+      fail(std::string(name) + " must lie in [-1, " + std::to_string(K) + ") (-1 = no target), got " +
+           std::to_string(p[t]) + " at token " + std::to_string(t));
+}
+
+template <typename T>
+py::tuple run(const Arr<T>& z, const Arr<T>& W_O, const Arr<T>& directions, const Arr<T>& scale,
+              const IdArr& writers, const std::optional<Arr<T>>& extra,
+              const std::optional<IdArr>& direction_ids, const std::optional<IdArr>& incorrect_ids,
+              bool center, int n_threads, int tile_tokens) {
+  // ---- every check, in one place ----
+  if (z.ndim() != 3) fail("z must have shape [T, N, d_head], got " + shape_of(z));
+  const int64_t T_ = z.shape(0), N = z.shape(1), H = z.shape(2);
+  if (N < 1 || H < 1) fail("z must have at least one head and d_head >= 1, got " + shape_of(z));
+  if (W_O.ndim() != 3 || W_O.shape(0) != N || W_O.shape(1) != H)
+    fail("W_O must have shape [N, d_head, d_model]=[" + std::to_string(N) + ", " + std::to_string(H) +
+         ", d_model], got " + shape_of(W_O));
+  const int64_t D = W_O.shape(2);
+  if (D < 1) fail("W_O has d_model = 0");
+  if (directions.ndim() != 2 || directions.shape(1) != D)
+    fail("directions must have shape [K, d_model]=[K, " + std::to_string(D) + "], got " +
+         shape_of(directions));
+  const int64_t K = directions.shape(0);
+  if (K < 1) fail("directions has no rows (K = 0)");
+  if (scale.ndim() != 1 || scale.shape(0) != T_)
+    fail("scale must have shape [T]=[" + std::to_string(T_) + "], got " + shape_of(scale));
+  {
+    const T* s = scale.data();
+    for (int64_t t = 0; t < T_; ++t)
+      if (!(s[t] > T(0)) || !std::isfinite(s[t]))
+        fail("scale must be finite and > 0 at every token, got " + std::to_string(s[t]) +
+             " at token " + std::to_string(t));
+  }
+  if (writers.ndim() != 1) fail("writers must have shape [W], got " + shape_of(writers));
+  const int64_t W = writers.shape(0);
+  {
+    const int64_t* w = writers.data();
+    for (int64_t i = 0; i < W; ++i)
+      if (w[i] < 0 || w[i] >= N)
+        fail("writers must be head indices in [0, " + std::to_string(N) + "), got " +
+             std::to_string(w[i]) + " at position " + std::to_string(i));
+  }
+  int64_t M = 0;
+  const T* extra_ptr = nullptr;
+  if (extra) {
+    if (extra->ndim() != 3 || extra->shape(0) != T_ || extra->shape(2) != D)
+      fail("extra_nodes must have shape [T, M, d_model]=[" + std::to_string(T_) + ", M, " +
+           std::to_string(D) + "], got " + shape_of(*extra));
+    M = extra->shape(1);
+    extra_ptr = extra->data();
+  }
+  const int64_t* ids_ptr = nullptr;
+  const int64_t* inc_ptr = nullptr;
+  if (direction_ids) {
+    check_ids("direction_ids", *direction_ids, T_, K);
+    ids_ptr = direction_ids->data();
+  }
+  if (incorrect_ids) {
+    if (!direction_ids)
+      fail("incorrect_ids needs direction_ids (logit difference is a gathered-mode option)");
+    check_ids("incorrect_ids", *incorrect_ids, T_, K);
+    inc_ptr = incorrect_ids->data();
+  }
+
+  // ---- outputs ----
+  std::vector<py::ssize_t> dla_shape = ids_ptr ? std::vector<py::ssize_t>{T_, N}
+                                               : std::vector<py::ssize_t>{T_, N, K};
+  py::array_t<T> dla(dla_shape);
+  py::array_t<T> dots(std::vector<py::ssize_t>{T_, N + M, W});
+  py::array_t<T> norms(std::vector<py::ssize_t>{T_, N + M});
+  T* dla_p = dla.mutable_data();
+  T* dots_p = dots.mutable_data();
+  T* norms_p = norms.mutable_data();
+  const T* z_p = z.data();
+  const T* wo_p = W_O.data();
+  const T* dir_p = directions.data();
+  const T* sc_p = scale.data();
+  const int64_t* wr_p = writers.data();
+  {
+    py::gil_scoped_release release;
+    ef::fused_attribution<T>(z_p, wo_p, dir_p, sc_p, wr_p, extra_ptr, ids_ptr, inc_ptr, T_, N, H, D,
+                             K, W, M, center, dla_p, dots_p, norms_p, n_threads, tile_tokens);
+  }
+  return py::make_tuple(dla, dots, norms);
+}
+
+template <typename T>
+void def_entry(py::module_& m, const char* name, const char* dtype) {
+  m.def(name, &run<T>, py::arg("z"), py::arg("W_O"), py::arg("directions"), py::arg("scale"),
+        py::arg("writers"), py::arg("extra_nodes") = py::none(), py::arg("direction_ids") = py::none(),
+        py::arg("incorrect_ids") = py::none(), py::arg("center") = true, py::arg("n_threads") = 0,
+        py::arg("tile_tokens") = 0,
+        (std::string("Fused DLA + erasure dots on ") + dtype +
+         " C-contiguous numpy arrays (accumulation in " + dtype +
+         ").\n\nz [T, N, H], W_O [N, H, D], directions [K, D], scale [T], writers [W] int64, "
+         "extra_nodes [T, M, D] or None, direction_ids / incorrect_ids [T] int64 in [-1, K) or None "
+         "(None = fixed-set mode). n_threads <= 0: OpenMP default; tile_tokens <= 0: default tile.\n"
+         "Returns (dla [T, N] or [T, N, K], dots [T, N + M, W], norms [T, N + M]).")
+            .c_str());
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "erasure_fast C++/OpenMP CPU kernel (see erasure_fast/contract.py for the contract)";
+  def_entry<float>(m, "fused_attribution_f32", "float32");
+  def_entry<double>(m, "fused_attribution_f64", "float64");
+  m.def("build_info", []() {
+    py::dict d;
+    d["openmp"] = ef::openmp_enabled();
+    d["max_threads"] = ef::max_threads();
+    d["cpu_arch"] = std::string(ef::cpu_arch());
+    d["simd"] = std::string(ef::simd_path());
+    d["tile_tokens"] = ef::default_tile_tokens();
+#if defined(__clang__)
+    d["compiler"] = std::string("clang ") + __clang_version__;
+#elif defined(__GNUC__)
+    d["compiler"] = std::string("gcc ") + __VERSION__;
+#elif defined(_MSC_VER)
+    d["compiler"] = std::string("msvc ") + std::to_string(_MSC_VER);
+#else
+    d["compiler"] = std::string("unknown");
+#endif
+    return d;
+  }, "Build facts: {openmp, max_threads, cpu_arch, simd, tile_tokens, compiler}.");
+}

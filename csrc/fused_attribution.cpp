@@ -1,0 +1,447 @@
+// CPU kernel of the fused attribution (see fused_attribution.h for the contract).
+//
+// Work item = a tile of kTile consecutive tokens (fixed tiling from token 0, OpenMP static schedule).
+// Per tile, in a per-thread buffer:
+//   1. pack z of the tile head-major, zero-padded to a multiple of MR tokens: Zp[N][H][TBP];
+//   2. project: R[tt][n][:] = z[t, n, :] @ W_O[n] with a register-blocked micro-kernel (MR tokens x
+//      NR SIMD vectors of d_model) on W_O packed once into contiguous column panels, so each panel
+//      is loaded once per MR tokens and reused from L1 across the tile; no [T, N, d_model] array is ever formed;
+//   3. per token: DLA against the (centred) direction(s), dots of every node with every writer and
+//      the squared norms, with a register-blocked dot micro-kernel (4 rows x 3 rows).
+// Every output element is reduced in an order fixed by the shapes alone, so the result does not
+// depend on the number of threads.
+#include "fused_attribution.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <new>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+#ifndef EF_CPU_ARCH_NAME
+#define EF_CPU_ARCH_NAME "unknown"
+#endif
+#ifndef EF_OPENMP_LINKED
+#define EF_OPENMP_LINKED 0
+#endif
+
+namespace ef {
+namespace {
+
+// ---------------------------------------------------------------------------------------------
+// SIMD abstraction: scalar fallback, AVX2(+FMA) specialisations.
+template <typename T>
+struct Simd {
+  using reg = T;
+  static constexpr int L = 1;
+  static inline reg zero() { return T(0); }
+  static inline reg load(const T* p) { return *p; }
+  static inline reg set1(T x) { return x; }
+  static inline void store(T* p, reg v) { *p = v; }
+  static inline reg fma(reg a, reg b, reg c) { return a * b + c; }
+  static inline reg add(reg a, reg b) { return a + b; }
+  static inline T hsum(reg v) { return v; }
+};
+
+#if defined(__AVX2__)
+template <>
+struct Simd<float> {
+  using reg = __m256;
+  static constexpr int L = 8;
+  static inline reg zero() { return _mm256_setzero_ps(); }
+  static inline reg load(const float* p) { return _mm256_loadu_ps(p); }
+  static inline reg set1(float x) { return _mm256_set1_ps(x); }
+  static inline void store(float* p, reg v) { _mm256_storeu_ps(p, v); }
+#if defined(__FMA__)
+  static inline reg fma(reg a, reg b, reg c) { return _mm256_fmadd_ps(a, b, c); }
+#else
+  static inline reg fma(reg a, reg b, reg c) { return _mm256_add_ps(_mm256_mul_ps(a, b), c); }
+#endif
+  static inline reg add(reg a, reg b) { return _mm256_add_ps(a, b); }
+  static inline float hsum(reg v) {
+    __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    __m128 sh = _mm_movehdup_ps(lo);
+    __m128 s = _mm_add_ps(lo, sh);
+    sh = _mm_movehl_ps(sh, s);
+    return _mm_cvtss_f32(_mm_add_ss(s, sh));
+  }
+};
+
+template <>
+struct Simd<double> {
+  using reg = __m256d;
+  static constexpr int L = 4;
+  static inline reg zero() { return _mm256_setzero_pd(); }
+  static inline reg load(const double* p) { return _mm256_loadu_pd(p); }
+  static inline reg set1(double x) { return _mm256_set1_pd(x); }
+  static inline void store(double* p, reg v) { _mm256_storeu_pd(p, v); }
+#if defined(__FMA__)
+  static inline reg fma(reg a, reg b, reg c) { return _mm256_fmadd_pd(a, b, c); }
+#else
+  static inline reg fma(reg a, reg b, reg c) { return _mm256_add_pd(_mm256_mul_pd(a, b), c); }
+#endif
+  static inline reg add(reg a, reg b) { return _mm256_add_pd(a, b); }
+  static inline double hsum(reg v) {
+    __m128d lo = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));
+    return _mm_cvtsd_f64(_mm_add_sd(lo, _mm_unpackhi_pd(lo, lo)));
+  }
+};
+#endif
+
+// Projection micro-kernel: MR tokens x NR vectors of d_model. 12 accumulators + 2 loads + 1 broadcast
+// = 15 of the 16 ymm registers.
+constexpr int MR = 6;
+constexpr int NR = 2;
+// Default tokens per work item (a multiple of MR). R of a tile: kTile * N * d_model * sizeof(T).
+constexpr int kDefaultTile = 12;
+
+// 64-byte aligned scratch buffer (allocated outside the parallel region).
+template <typename T>
+struct Buf {
+  struct Del {
+    void operator()(T* p) const { ::operator delete[](p, std::align_val_t(64)); }
+  };
+  std::unique_ptr<T[], Del> p;
+  size_t n = 0;
+  Buf() = default;
+  explicit Buf(size_t count) : n(count) {
+    if (count) p.reset(static_cast<T*>(::operator new[](count * sizeof(T), std::align_val_t(64))));
+  }
+  T* get() const { return p.get(); }
+};
+
+// R[i][n][jb .. jb + NR*L) for i in [0, MR), over a block of columns jb.
+template <typename T>
+inline void project_block(const T* __restrict zp, int64_t zstride, const T* __restrict wp,
+                          int64_t wstride, int64_t H, T* __restrict r, int64_t rstride) {
+  using S = Simd<T>;
+  constexpr int L = S::L;
+  typename S::reg acc[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) acc[i][j] = S::zero();
+  for (int64_t k = 0; k < H; ++k) {
+    typename S::reg w[NR];
+    for (int j = 0; j < NR; ++j) w[j] = S::load(wp + k * wstride + j * L);
+    const T* zk = zp + k * zstride;
+    for (int i = 0; i < MR; ++i) {
+      const typename S::reg zb = S::set1(zk[i]);
+      for (int j = 0; j < NR; ++j) acc[i][j] = S::fma(zb, w[j], acc[i][j]);
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) S::store(r + i * rstride + j * L, acc[i][j]);
+}
+
+// out[i*sa + j*sb] = A[i] . B[j] over len, for i < RA, j < RB. Fixed reduction order per pair:
+// lane-wise over full vectors, horizontal sum, then the scalar tail.
+template <typename T, int RA, int RB>
+void dot_tile(const T* const* A, const T* const* B, int64_t len, T* out, int64_t sa, int64_t sb) {
+  using S = Simd<T>;
+  constexpr int L = S::L;
+  const T* a[RA];
+  const T* b[RB];
+  for (int i = 0; i < RA; ++i) a[i] = A[i];
+  for (int j = 0; j < RB; ++j) b[j] = B[j];
+  typename S::reg acc[RA][RB];
+  for (int i = 0; i < RA; ++i)
+    for (int j = 0; j < RB; ++j) acc[i][j] = S::zero();
+  const int64_t lv = len - len % L;
+  for (int64_t d = 0; d < lv; d += L) {
+    typename S::reg bv[RB];
+    for (int j = 0; j < RB; ++j) bv[j] = S::load(b[j] + d);
+    for (int i = 0; i < RA; ++i) {
+      const typename S::reg av = S::load(a[i] + d);
+      for (int j = 0; j < RB; ++j) acc[i][j] = S::fma(av, bv[j], acc[i][j]);
+    }
+  }
+  for (int i = 0; i < RA; ++i)
+    for (int j = 0; j < RB; ++j) {
+      T s = S::hsum(acc[i][j]);
+      for (int64_t d = lv; d < len; ++d) s += a[i][d] * b[j][d];
+      out[i * sa + j * sb] = s;
+    }
+}
+
+constexpr int DA = 4;  // rows of A per dot tile
+constexpr int DB = 3;  // rows of B per dot tile
+
+template <typename T>
+using DotFn = void (*)(const T* const*, const T* const*, int64_t, T*, int64_t, int64_t);
+
+template <typename T>
+struct DotTable {
+  DotFn<T> f[DA][DB] = {
+      {dot_tile<T, 1, 1>, dot_tile<T, 1, 2>, dot_tile<T, 1, 3>},
+      {dot_tile<T, 2, 1>, dot_tile<T, 2, 2>, dot_tile<T, 2, 3>},
+      {dot_tile<T, 3, 1>, dot_tile<T, 3, 2>, dot_tile<T, 3, 3>},
+      {dot_tile<T, 4, 1>, dot_tile<T, 4, 2>, dot_tile<T, 4, 3>},
+  };
+};
+
+// out[a*sa + b*sb] = A[a] . B[b] for a < na, b < nb.
+template <typename T>
+void dot_block(const T* const* A, int64_t na, const T* const* B, int64_t nb, int64_t len, T* out,
+               int64_t sa, int64_t sb) {
+  static const DotTable<T> table;
+  for (int64_t a0 = 0; a0 < na; a0 += DA) {
+    const int ra = static_cast<int>(std::min<int64_t>(DA, na - a0));
+    for (int64_t b0 = 0; b0 < nb; b0 += DB) {
+      const int rb = static_cast<int>(std::min<int64_t>(DB, nb - b0));
+      table.f[ra - 1][rb - 1](A + a0, B + b0, len, out + a0 * sa + b0 * sb, sa, sb);
+    }
+  }
+}
+
+// |a|^2 with four independent accumulators (fixed order).
+template <typename T>
+T sumsq(const T* __restrict a, int64_t len) {
+  using S = Simd<T>;
+  constexpr int L = S::L;
+  typename S::reg s0 = S::zero(), s1 = S::zero(), s2 = S::zero(), s3 = S::zero();
+  const int64_t l4 = len - len % (4 * L);
+  int64_t d = 0;
+  for (; d < l4; d += 4 * L) {
+    const typename S::reg v0 = S::load(a + d), v1 = S::load(a + d + L);
+    const typename S::reg v2 = S::load(a + d + 2 * L), v3 = S::load(a + d + 3 * L);
+    s0 = S::fma(v0, v0, s0);
+    s1 = S::fma(v1, v1, s1);
+    s2 = S::fma(v2, v2, s2);
+    s3 = S::fma(v3, v3, s3);
+  }
+  const int64_t lv = len - len % L;
+  for (; d < lv; d += L) {
+    const typename S::reg v = S::load(a + d);
+    s0 = S::fma(v, v, s0);
+  }
+  T s = S::hsum(S::add(S::add(s0, s1), S::add(s2, s3)));
+  for (; d < len; ++d) s += a[d] * a[d];
+  return s;
+}
+
+// sum(v) with four independent accumulators (fixed order).
+template <typename T>
+T vsum(const T* __restrict a, int64_t len) {
+  using S = Simd<T>;
+  constexpr int L = S::L;
+  typename S::reg s0 = S::zero(), s1 = S::zero(), s2 = S::zero(), s3 = S::zero();
+  const int64_t l4 = len - len % (4 * L);
+  int64_t d = 0;
+  for (; d < l4; d += 4 * L) {
+    s0 = S::add(s0, S::load(a + d));
+    s1 = S::add(s1, S::load(a + d + L));
+    s2 = S::add(s2, S::load(a + d + 2 * L));
+    s3 = S::add(s3, S::load(a + d + 3 * L));
+  }
+  const int64_t lv = len - len % L;
+  for (; d < lv; d += L) s0 = S::add(s0, S::load(a + d));
+  T s = S::hsum(S::add(S::add(s0, s1), S::add(s2, s3)));
+  for (; d < len; ++d) s += a[d];
+  return s;
+}
+
+// v -= mean(v) (the contract's centring c).
+template <typename T>
+void center_inplace(T* __restrict v, int64_t len) {
+  const T mean = vsum(v, len) / static_cast<T>(len);
+  for (int64_t d = 0; d < len; ++d) v[d] -= mean;
+}
+
+template <typename T>
+struct Scratch {
+  Buf<T> zp, r, dvec;
+  std::vector<const T*> nodes, writer_rows, dir_row;
+};
+
+}  // namespace
+
+template <typename T>
+void fused_attribution(const T* z, const T* W_O, const T* directions, const T* scale,
+                       const int64_t* writers, const T* extra, const int64_t* direction_ids,
+                       const int64_t* incorrect_ids, int64_t n_tokens, int64_t n_heads,
+                       int64_t d_head, int64_t d_model, int64_t n_dirs, int64_t n_writers,
+                       int64_t n_extra, bool center, T* dla, T* dots, T* norms, int n_threads,
+                       int tile_tokens) {
+  const int64_t T_ = n_tokens, N = n_heads, H = d_head, D = d_model, K = n_dirs, W = n_writers,
+                M = n_extra, NM = N + M;
+  if (T_ <= 0 || N <= 0 || H <= 0 || D <= 0) return;
+  constexpr int L = Simd<T>::L;
+  constexpr int64_t BW = NR * L;  // columns per projection micro-kernel
+  const int64_t Dp = (D + BW - 1) / BW * BW;
+  int64_t tile = tile_tokens > 0 ? tile_tokens : kDefaultTile;
+  tile = (tile + MR - 1) / MR * MR;
+  const int64_t TBP = tile;  // padded tokens per tile (multiple of MR)
+  const int64_t n_tiles = (T_ + tile - 1) / tile;
+  const bool gathered = direction_ids != nullptr;
+
+  // W_O packed into column panels, zero-padded to Dp columns: Wpk[n][jb][k][0 .. BW). A panel
+  // (H x BW) is contiguous, so it stays in L1 while it is reused across the tile's token blocks (a
+  // row stride of d_model would map the panel's rows onto few cache sets). Packed once per call.
+  const int64_t n_jb = Dp / BW;
+  Buf<T> wpk(static_cast<size_t>(N * H * Dp));
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t jb = 0; jb < n_jb; ++jb)
+      for (int64_t k = 0; k < H; ++k) {
+        const T* src = W_O + (n * H + k) * D + jb * BW;
+        T* dst = wpk.get() + ((n * n_jb + jb) * H + k) * BW;
+        const int64_t nc = std::min<int64_t>(BW, D - jb * BW);
+        std::memcpy(dst, src, sizeof(T) * nc);
+        std::fill(dst + nc, dst + BW, T(0));
+      }
+  const T* Wp = wpk.get();
+  // Fixed mode: the K directions, centred once.
+  Buf<T> cdirs;
+  const T* C = directions;
+  if (!gathered && center) {
+    cdirs = Buf<T>(static_cast<size_t>(K * D));
+    std::memcpy(cdirs.get(), directions, sizeof(T) * K * D);
+    for (int64_t k = 0; k < K; ++k) center_inplace(cdirs.get() + k * D, D);
+    C = cdirs.get();
+  }
+
+  int nthr = 1;
+#ifdef _OPENMP
+  nthr = n_threads > 0 ? n_threads : omp_get_max_threads();
+#else
+  (void)n_threads;
+#endif
+  nthr = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nthr, n_tiles)));
+
+  // Per-thread scratch, allocated here so no allocation (or exception) happens in the parallel region.
+  std::vector<Scratch<T>> scratch(nthr);
+  for (auto& s : scratch) {
+    s.zp = Buf<T>(static_cast<size_t>(N * H * TBP));
+    s.r = Buf<T>(static_cast<size_t>(TBP * N * Dp));
+    s.dvec = Buf<T>(static_cast<size_t>(D));
+    s.nodes.resize(NM);
+    s.writer_rows.resize(std::max<int64_t>(W, 1));
+    s.dir_row.resize(K);
+    if (!gathered)
+      for (int64_t k = 0; k < K; ++k) s.dir_row[k] = C + k * D;
+  }
+  const T nan = std::numeric_limits<T>::quiet_NaN();
+
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nthr)
+#endif
+  {
+#ifdef _OPENMP
+    Scratch<T>& s = scratch[omp_get_thread_num()];
+#pragma omp for schedule(static)
+#else
+    Scratch<T>& s = scratch[0];
+#endif
+    for (int64_t ti = 0; ti < n_tiles; ++ti) {
+      const int64_t t0 = ti * tile;
+      const int64_t nt = std::min<int64_t>(tile, T_ - t0);
+      const int64_t ntp = (nt + MR - 1) / MR * MR;  // token rows actually projected
+      T* __restrict zp = s.zp.get();
+      T* __restrict R = s.r.get();
+
+      // 1. pack z: Zp[n][k][i] = z[t0 + i, n, k], zero for padded tokens.
+      for (int64_t n = 0; n < N; ++n)
+        for (int64_t k = 0; k < H; ++k) {
+          T* dst = zp + (n * H + k) * TBP;
+          for (int64_t i = 0; i < nt; ++i) dst[i] = z[((t0 + i) * N + n) * H + k];
+          for (int64_t i = nt; i < ntp; ++i) dst[i] = T(0);
+        }
+
+      // 2. project: R[i][n][:] = sum_k Zp[n][k][i] * W_O[n][k][:].
+      for (int64_t n = 0; n < N; ++n)
+        for (int64_t jb = 0; jb < Dp; jb += BW)
+          for (int64_t ib = 0; ib < ntp; ib += MR)
+            project_block<T>(zp + n * H * TBP + ib, TBP, Wp + (n * n_jb + jb / BW) * H * BW, BW,
+                             H, R + (ib * N + n) * Dp + jb, N * Dp);
+
+      // 3. per token: DLA, dots, norms.
+      for (int64_t i = 0; i < nt; ++i) {
+        const int64_t t = t0 + i;
+        const T* Rt = R + i * N * Dp;
+        for (int64_t n = 0; n < N; ++n) s.nodes[n] = Rt + n * Dp;
+        for (int64_t m = 0; m < M; ++m) s.nodes[N + m] = extra + (t * M + m) * D;
+        for (int64_t w = 0; w < W; ++w) s.writer_rows[w] = Rt + writers[w] * Dp;
+        const T st = scale[t];
+
+        if (gathered) {
+          T* out = dla + t * N;
+          const int64_t id = direction_ids[t];
+          const int64_t inc = incorrect_ids ? incorrect_ids[t] : 0;
+          if (id < 0 || inc < 0) {
+            for (int64_t n = 0; n < N; ++n) out[n] = nan;
+          } else {
+            T* dv = s.dvec.get();
+            const T* row = directions + id * D;
+            if (incorrect_ids) {
+              const T* row2 = directions + inc * D;
+              for (int64_t d = 0; d < D; ++d) dv[d] = row[d] - row2[d];
+            } else {
+              std::memcpy(dv, row, sizeof(T) * D);
+            }
+            if (center) center_inplace(dv, D);
+            const T* dptr = dv;
+            dot_block<T>(s.nodes.data(), N, &dptr, 1, D, out, 1, 1);
+            for (int64_t n = 0; n < N; ++n) out[n] = out[n] / st;
+          }
+        } else {
+          T* out = dla + t * N * K;
+          dot_block<T>(s.nodes.data(), N, s.dir_row.data(), K, D, out, K, 1);
+          for (int64_t e = 0; e < N * K; ++e) out[e] = out[e] / st;
+        }
+
+        if (W > 0) dot_block<T>(s.nodes.data(), NM, s.writer_rows.data(), W, D, dots + t * NM * W, W, 1);
+        T* nrm = norms + t * NM;
+        for (int64_t a = 0; a < NM; ++a) nrm[a] = sumsq<T>(s.nodes[a], D);
+      }
+    }
+  }
+}
+
+template void fused_attribution<float>(const float*, const float*, const float*, const float*,
+                                       const int64_t*, const float*, const int64_t*, const int64_t*,
+                                       int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
+                                       bool, float*, float*, float*, int, int);
+template void fused_attribution<double>(const double*, const double*, const double*, const double*,
+                                        const int64_t*, const double*, const int64_t*,
+                                        const int64_t*, int64_t, int64_t, int64_t, int64_t, int64_t,
+                                        int64_t, int64_t, bool, double*, double*, double*, int, int);
+
+bool openmp_enabled() {
+#if defined(_OPENMP) && EF_OPENMP_LINKED
+  return true;
+#else
+  return false;
+#endif
+}
+
+int max_threads() {
+#ifdef _OPENMP
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
+const char* cpu_arch() { return EF_CPU_ARCH_NAME; }
+
+const char* simd_path() {
+#if defined(__AVX2__) && defined(__FMA__)
+  return "avx2+fma";
+#elif defined(__AVX2__)
+  return "avx2";
+#else
+  return "scalar";
+#endif
+}
+
+int default_tile_tokens() { return kDefaultTile; }
+
+}  // namespace ef
