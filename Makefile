@@ -8,9 +8,9 @@ TORCH_SPEC ?= torch==2.13.0
 TL4_SPEC ?= transformer-lens>=4.0,<5
 TL3_SPEC ?= transformer-lens==3.9.0
 PIP ?= -q --disable-pip-version-check
-BUILD_DEPS := scikit-build-core>=0.10 pybind11>=2.12 cmake>=3.18 ninja
-TEST_DEPS := pytest>=8 hypothesis>=6.100
-RUN_DEPS := numpy safetensors tqdm
+BUILD_DEPS := "scikit-build-core>=0.10" "pybind11>=2.12" "cmake>=3.18" ninja
+TEST_DEPS := "pytest>=8" "hypothesis>=6.100"
+RUN_DEPS := numpy safetensors tqdm pandas pyarrow matplotlib
 
 .PHONY: demo test test-tl4 test-tl3 install install-tl3 bench clean
 

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Union
 
 import torch
 
 from .backends import get_backend
 from .capture import Capture, capture, model_device as _model_device, validate_tokens
-from .contract import Measures, accumulation_dtype, derive_measures, validate
+from .contract import _safe_div, accumulation_dtype, projection_ratio, validate, writer_sq_norms
 from .models import ModelSpec, model_spec
 
 
@@ -39,24 +39,25 @@ class AttributionResult:
     resid_labels: List[str]
     downstream: torch.Tensor
     backend: str
-    _measures: Optional[Measures] = None
+    _cache: dict = field(default_factory=dict, repr=False)
 
-    def _m(self) -> Measures:
-        if self._measures is None:
-            self._measures = derive_measures(self.dots, self.norms, self.writers)
-        return self._measures
+    def _memo(self, key, fn):
+        if key not in self._cache:
+            self._cache[key] = fn()
+        return self._cache[key]
 
     @property
     def pr(self) -> torch.Tensor:
-        return self._m().pr
+        return self._memo("pr", lambda: projection_ratio(self.dots, self.norms, self.writers))
 
     @property
     def pv(self) -> torch.Tensor:
-        return self._m().pv
+        return self._memo("pv", lambda: _safe_div(self.dots, writer_sq_norms(self.norms, self.writers).sqrt()))
 
     @property
     def cos(self) -> torch.Tensor:
-        return self._m().cos
+        return self._memo("cos", lambda: _safe_div(
+            self.dots, self.norms.unsqueeze(-1).sqrt() * writer_sq_norms(self.norms, self.writers).sqrt()))
 
     @property
     def writer_sq_norms(self) -> torch.Tensor:
@@ -67,8 +68,7 @@ class AttributionResult:
     def resid_pr(self) -> Optional[torch.Tensor]:
         if self.resid_dots is None:
             return None
-        ww = self.writer_sq_norms.unsqueeze(-2)
-        return torch.where(ww == 0, torch.full_like(self.resid_dots, float("nan")), self.resid_dots / ww)
+        return self._memo("resid_pr", lambda: projection_ratio(self.resid_dots, self.norms, self.writers))
 
     @property
     def writer_dla(self) -> torch.Tensor:
@@ -76,9 +76,13 @@ class AttributionResult:
         return self.dla.reshape(B, P, -1).index_select(-1, self.writers)
 
     @property
+    def downstream_pr_sum(self) -> torch.Tensor:
+        """[B, P, W] sum of the downstream nodes' PR onto each writer (NaN where |r_w| = 0)."""
+        return self._memo("down_sum", lambda: (self.pr * self.downstream.to(self.pr.dtype)).sum(dim=-2))
+
+    @property
     def adjusted_dla(self) -> torch.Tensor:
-        erased = (self.pr * self.downstream.to(self.pr.dtype)).sum(dim=-2)  # NaN PRs propagate
-        return self.writer_dla * (1 + erased)
+        return self.writer_dla * (1 + self.downstream_pr_sum)
 
 
 def _resolve_writers(writers, spec: ModelSpec) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Command line: ``erasure-fast demo | backends``."""
+"""Command line: ``erasure-fast scan | demo | backends``."""
 
 from __future__ import annotations
 
@@ -6,23 +6,103 @@ import argparse
 import sys
 
 
+def _writers(text: str):
+    if text == "all":
+        return "all"
+    return [w.strip() for w in text.split(",") if w.strip()]
+
+
+def _add_scan_args(p: argparse.ArgumentParser, demo: bool) -> None:
+    if not demo:
+        p.add_argument("--model", required=True, help="'demo', 'gelu-4l' (local HF cache), owner/name (cached) or a checkpoint dir")
+        p.add_argument("--corpus", required=True, help="'demo', .npy / .bin token file, .txt / .jsonl text, or a HF dataset (dir or name)")
+        p.add_argument("--out", required=True, help="output directory (report, checkpoints)")
+    else:
+        p.add_argument("--out", default="demo_out", help="output directory (default demo_out)")
+    p.add_argument("--writers", default="all" if not demo else "all", help="'all' or comma-separated heads, e.g. L0H2,L1H3")
+    p.add_argument("--max-tokens", type=int, default=None)
+    p.add_argument("--seq-len", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "cpp", "triton"])
+    p.add_argument("--device", default=None, help="e.g. cuda, cpu (default: where the model is)")
+    p.add_argument("--resume", dest="resume", action="store_true", default=True, help="continue from the checkpoint in --out (default)")
+    p.add_argument("--no-resume", dest="resume", action="store_false", help="start afresh")
+    p.add_argument("--checkpoint-every", type=int, default=20)
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=True)
+    if not demo:
+        p.add_argument("--prepend-bos", type=int, default=None, metavar="ID", help="put token ID at position 0 of every row")
+        p.add_argument("--bin-dtype", default="uint16", choices=["uint16", "uint32", "int32", "int64"])
+        p.add_argument("--column", default="tokens", help="token column of a HF dataset")
+
+
+def _open(args, demo: bool):
+    """(model, corpus, BOS id or None, report note or None) for the scan / demo arguments."""
+    notes = None
+    if demo or args.model == "demo":
+        from .demo import planted_model
+
+        model, info = planted_model()
+        notes = info["note"]
+        if args.device is not None:
+            model = model.to(args.device)
+    else:
+        from .loading import load_model
+
+        model = load_model(args.model, device=args.device)
+    if demo or args.corpus == "demo":
+        from .demo import demo_corpus
+
+        corpus = demo_corpus(64, args.seq_len or 1024)
+        bos = 0
+    else:
+        from .scan import open_corpus
+
+        corpus = open_corpus(args.corpus, seq_len=args.seq_len, tokenizer=getattr(model, "tokenizer", None),
+                             bin_dtype=args.bin_dtype, column=args.column)
+        bos = args.prepend_bos
+    return model, corpus, bos, notes
+
+
+def _print_summary(result) -> None:
+    from .scan.report import top_pairs
+
+    pairs = top_pairs(result.summary, 8)
+    meta = result.meta
+    print(f"\nscanned {meta['tokens']:,} tokens in {meta['elapsed_s']:.1f} s ({meta['tokens_per_s']:,.0f} tokens/s), backend {meta['backend']}")
+    print("strongest erasure (downstream node onto writer, median PR [25%, 75%]):")
+    for _, r in pairs.iterrows():
+        print(f"  {r.node:>6} onto {r.writer:<6} {r['median']:+.3f}  [{r['q0.25']:+.3f}, {r['q0.75']:+.3f}]")
+    print(f"report: {result.files.get('report.md')}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="erasure-fast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="DLA + erasure of a GELU-4L-shaped model on a deterministic batch")
-    demo.add_argument("--batch", type=int, default=4)
-    demo.add_argument("--pos", type=int, default=128)
-    demo.add_argument("--top", type=int, default=12)
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--backend", default="auto", choices=["auto", "torch", "cpp", "triton"])
+    p_scan = sub.add_parser("scan", help="erasure scan of a token corpus, with a report")
+    _add_scan_args(p_scan, demo=False)
+    p_demo = sub.add_parser("demo", help="scan the planted GELU-4L-shaped demo model over a synthetic 64K-token corpus")
+    _add_scan_args(p_demo, demo=True)
     sub.add_parser("backends", help="list the backends available here and why others are not")
     args = parser.parse_args(argv)
-    if args.command == "demo":
-        if args.batch < 1 or not 2 <= args.pos <= 1024:
-            parser.error("--batch must be >= 1 and --pos in [2, 1024] (GELU-4L's n_ctx)")
-        from .demo import run_demo
+    if args.command in ("scan", "demo"):
+        demo = args.command == "demo"
+        from .scan import scan
 
-        run_demo(batch=args.batch, pos=args.pos, backend=args.backend, top=args.top, seed=args.seed)
+        model, corpus, bos, notes = _open(args, demo)
+        result = scan(model, corpus, writers=_writers(args.writers), seq_len=args.seq_len, batch_size=args.batch_size,
+                      out_dir=args.out, resume=args.resume, backend=args.backend, max_tokens=args.max_tokens,
+                      prepend_bos=bos, checkpoint_every=args.checkpoint_every, progress=args.progress, notes=notes)
+        if result is not None:
+            _print_summary(result)
+            if demo:
+                from .demo import PLANTED
+                from .scan.report import top_pairs
+
+                top = top_pairs(result.summary, 1).iloc[0]
+                first = next(iter(PLANTED["erasers"]))
+                found = top.node == first and top.writer == PLANTED["writer"]
+                print(f"planted pair {first} onto {PLANTED['writer']} is the top pair: {'yes' if found else 'NO'}")
+                return 0 if found else 1
     elif args.command == "backends":
         from . import backends
 

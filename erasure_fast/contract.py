@@ -289,6 +289,23 @@ class Measures(NamedTuple):
     cos: torch.Tensor  # cosine (a.w)/(|a||w|)
 
 
+def _safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """num / den with NaN wherever den == 0 (the math page's NaN policy)."""
+    zero = den == 0
+    out = num / torch.where(zero, torch.ones_like(den), den)
+    return out.masked_fill(zero.expand_as(out), float("nan"))
+
+
+def writer_sq_norms(norms: torch.Tensor, writers: torch.Tensor) -> torch.Tensor:
+    """[..., 1, W] squared norms of the writers, broadcastable against dots [..., n_nodes, W]."""
+    return norms.index_select(-1, writers.to(norms.device)).unsqueeze(-2)
+
+
+def projection_ratio(dots: torch.Tensor, norms: torch.Tensor, writers: torch.Tensor) -> torch.Tensor:
+    """PR = (a.w)/(w.w): dots [..., n_nodes, W], norms [..., n_nodes], writers [W] node indices."""
+    return _safe_div(dots, writer_sq_norms(norms, writers))
+
+
 def derive_measures(dots: torch.Tensor, norms: torch.Tensor, writers: torch.Tensor) -> Measures:
     """PR, PV and cosine from the contract's outputs.
 
@@ -297,15 +314,10 @@ def derive_measures(dots: torch.Tensor, norms: torch.Tensor, writers: torch.Tens
         writers (heads come first, so a head index is its node index).
     Returns NaN where a writer's squared norm is 0 (and cosine also where the node's norm is 0).
     """
-    ww = norms.index_select(-1, writers.to(norms.device))  # [..., W]
-    ww = ww.unsqueeze(-2)  # [..., 1, W]
-    nan = torch.tensor(float("nan"), dtype=dots.dtype, device=dots.device)
-    zero_w = ww == 0
-    pr = torch.where(zero_w, nan, dots / torch.where(zero_w, torch.ones_like(ww), ww))
+    ww = writer_sq_norms(norms, writers)
     wn = ww.sqrt()
-    pv = torch.where(zero_w, nan, dots / torch.where(zero_w, torch.ones_like(wn), wn))
-    an = norms.unsqueeze(-1).sqrt()
-    denom = an * wn
-    zero_d = denom == 0
-    cos = torch.where(zero_d, nan, dots / torch.where(zero_d, torch.ones_like(denom), denom))
-    return Measures(pr=pr, pv=pv, cos=cos)
+    return Measures(
+        pr=_safe_div(dots, ww),
+        pv=_safe_div(dots, wn),
+        cos=_safe_div(dots, norms.unsqueeze(-1).sqrt() * wn),
+    )

@@ -1,4 +1,4 @@
-"""The embedded default job: DLA and erasure of a GELU-4L-shaped model on a deterministic batch."""
+"""The embedded default: a GELU-4L-shaped model with a planted erasure circuit, and a synthetic corpus."""
 
 from __future__ import annotations
 
@@ -65,7 +65,7 @@ def bridge_from_state_dict(dims: dict, sd: dict, name: str = "native"):
     return model
 
 
-PLANTED = {"writer": "L0H2", "erasers": {"L2H3": -0.8, "L2H6": -0.4}, "bos": 0}
+PLANTED = {"writer": "L0H2", "erasers": {"L2H3": -0.8, "L2H6": -0.4}, "bos": 0, "writer_norm": 4.0}
 
 
 def demo_corpus(n_rows: int = 64, seq_len: int = 1024, d_vocab: int = GELU_4L_SHAPE["d_vocab"], seed: int = 0):
@@ -81,100 +81,63 @@ def demo_corpus(n_rows: int = 64, seq_len: int = 1024, d_vocab: int = GELU_4L_SH
 def planted_model(seed: int = 0, dims: dict = None, planted: dict = None):
     """GELU-4L-shaped bridge with a planted erasure circuit; returns (model, description).
 
-    Writer L0H2 attends uniformly (zero QK) and its output is made 4x larger. Erasers L2H3 and L2H6
-    attend uniformly too, read the writer's output subspace (W_V = an orthonormal basis Q of the
-    row space of W_O[L0H2]) and write it back negated (W_O = -a Q^T); each a is calibrated on a
-    fixed batch so that the eraser's median projection ratio onto L0H2 is the planted target
-    (PR is linear in a). Everything else is random, so the scan should rank these pairs first.
+    On top of random weights (`random_tl_state_dict`, MLP output weights scaled by 0.1 so that MLPs
+    do not dwarf the heads as they do at random initialisation):
+    - writer L0H2 attends to the BOS position (query bias times a key that reads the BOS token's
+      normalised embedding) and writes along one unit direction u with norm ``writer_norm`` (rank-1
+      W_O) -- like the paper's L0H2, whose output comes mostly from BOS;
+    - erasers L2H3 and L2H6 attend uniformly (zero QK), read the residual stream along u and write
+      -a u (rank-1 OV). Each gain a is calibrated on a fixed 2x1024 batch so that the eraser's median
+      projection ratio onto L0H2 is the planted target (PR is linear in a).
+    Everything else stays random, so a scan should rank these pairs first.
     """
     dims = dict(dims or GELU_4L_SHAPE)
     planted = dict(planted or PLANTED)
     sd = random_tl_state_dict(dims, seed)
+    g = torch.Generator().manual_seed(seed + 12345)
+    D = dims["d_model"]
+    for l in range(dims["n_layers"]):
+        sd[f"blocks.{l}.mlp.W_out"] *= 0.1
+    bos = planted["bos"]
+    x0 = sd["embed.W_E"][bos] + sd["pos_embed.W_pos"][0]
+    c0 = x0 - x0.mean()
+    n0 = c0 / (c0.pow(2).mean() + 1e-5).sqrt()  # ln1 of the BOS position (LN weight 1, bias 0)
+    u = torch.randn(D, generator=g)
+    u /= u.norm()
     wl, wh = (int(x) for x in planted["writer"][1:].split("H"))
-    sd[f"blocks.{wl}.attn.W_Q"][wh] = 0
-    sd[f"blocks.{wl}.attn.W_K"][wh] = 0
-    sd[f"blocks.{wl}.attn.W_O"][wh] *= 4
-    basis, _ = torch.linalg.qr(sd[f"blocks.{wl}.attn.W_O"][wh].T)  # [d_model, d_head], orthonormal columns
+    p = f"blocks.{wl}.attn."
+    sd[p + "W_Q"][wh] = 0
+    sd[p + "b_Q"][wh] = 0
+    sd[p + "b_Q"][wh][0] = 12.0
+    sd[p + "W_K"][wh] = 0
+    sd[p + "W_K"][wh][:, 0] = n0 / n0.norm()
+    v = n0 @ sd[p + "W_V"][wh]  # the value the writer reads at BOS
+    sd[p + "W_O"][wh] = torch.outer(v / v.norm() ** 2, u) * planted["writer_norm"]
     erasers = []
     for label in planted["erasers"]:
         el, eh = (int(x) for x in label[1:].split("H"))
-        sd[f"blocks.{el}.attn.W_Q"][eh] = 0
-        sd[f"blocks.{el}.attn.W_K"][eh] = 0
-        sd[f"blocks.{el}.attn.W_V"][eh] = basis
-        sd[f"blocks.{el}.attn.W_O"][eh] = -basis.T
+        q = f"blocks.{el}.attn."
+        for k in ("W_Q", "W_K", "W_V", "W_O"):
+            sd[q + k][eh] = 0
+        sd[q + "b_V"][eh] = 0
+        sd[q + "W_V"][eh][:, 0] = u
+        sd[q + "W_O"][eh][0] = -u
         erasers.append((label, el, eh))
     model = bridge_from_state_dict(dims, sd, name="demo-planted-gelu4l")
-    # Calibrate each eraser's gain on a fixed batch (BOS prepended like the scan).
     from . import attribute
 
     calib = torch.from_numpy(demo_corpus(2, dims["n_ctx"], dims["d_vocab"], seed=seed + 1)).long()
-    calib[:, 0] = planted["bos"]
+    calib[:, 0] = bos
     res = attribute(model, calib, writers=[planted["writer"]], backend="torch")
     gains = {}
     for label, el, eh in erasers:
-        node = res.node_labels.index(label)
-        median = float(res.pr[..., node, 0].reshape(-1).median())
+        median = float(res.pr[..., res.node_labels.index(label), 0].reshape(-1).median())
         gains[label] = planted["erasers"][label] / median
         sd[f"blocks.{el}.attn.W_O"][eh] *= gains[label]
     model = bridge_from_state_dict(dims, sd, name="demo-planted-gelu4l")
     info = dict(planted, gains=gains, seed=seed, note=(
-        f"Synthetic model: GELU-4L shape with random weights (seed {seed}) and a planted erasure circuit: "
-        f"writer {planted['writer']}, erasers " + ", ".join(f"{k} (target median PR {v})" for k, v in planted["erasers"].items())
-        + ". Real GELU-4L weights were not available."))
+        f"Synthetic model: GELU-4L shape, random weights (seed {seed}), planted erasure circuit: writer "
+        f"{planted['writer']} (attends to BOS, token id {bos}), erasers "
+        + ", ".join(f"{k} (target median PR {v})" for k, v in planted["erasers"].items())
+        + ", gains calibrated on a fixed 2x1024 batch. Real GELU-4L weights were not available."))
     return model, info
-
-
-def pair_table(result, top: int = 10) -> List[dict]:
-    """Strongest writer -> downstream node pairs by |median PR| over all positions."""
-    pr = result.pr.reshape(-1, *result.pr.shape[-2:]).double()  # [T, n_nodes, W]
-    rows = []
-    down = result.downstream.cpu()
-    for wi, wlabel in enumerate(result.writer_labels):
-        for ni, nlabel in enumerate(result.node_labels):
-            if not down[ni, wi]:
-                continue
-            v = pr[:, ni, wi].cpu()
-            v = v[~torch.isnan(v)]
-            if v.numel() == 0:
-                continue
-            q = torch.quantile(v, torch.tensor([0.25, 0.5, 0.75], dtype=v.dtype))
-            rows.append(dict(writer=wlabel, node=nlabel, median=float(q[1]), q25=float(q[0]), q75=float(q[2]), n=int(v.numel())))
-    rows.sort(key=lambda r: -abs(r["median"]))
-    return rows[:top]
-
-
-def run_demo(batch: int = 4, pos: int = 128, backend: str = "auto", top: int = 12, seed: int = 0) -> dict:
-    from . import attribute, backends
-
-    print("erasure_fast demo: GELU-4L-shaped TransformerLens 4 bridge (random weights, seed "
-          f"{seed}; real GELU-4L weights cannot be downloaded here)")
-    for name, info in backends().items():
-        print(f"  backend {name:7s} {'yes' if info.available else 'no '}  {info.detail}")
-    t0 = time.perf_counter()
-    model = gelu4l_shaped_bridge(seed=seed)
-    t_load = time.perf_counter() - t0
-    g = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, model.cfg.d_vocab, (batch, pos), generator=g)
-    attribute(model, tokens[:, :8], backend=backend)  # warm-up (first-call set-up, W_U table)
-    t0 = time.perf_counter()
-    res = attribute(model, tokens, backend=backend)
-    t_attr = time.perf_counter() - t0
-    print(f"model built in {t_load:.1f} s; attribute() on {batch}x{pos} tokens, {len(res.writer_labels)} writers, "
-          f"backend {res.backend}: {t_attr * 1e3:.0f} ms")
-    rows = pair_table(res, top)
-    print(f"\nStrongest writer -> downstream node pairs (projection ratio, over {rows[0]['n'] if rows else 0} tokens)")
-    print(f"{'writer':>7} {'node':>6} {'median PR':>10} {'25%':>8} {'75%':>8}")
-    for r in rows:
-        print(f"{r['writer']:>7} {r['node']:>6} {r['median']:>10.4f} {r['q25']:>8.4f} {r['q75']:>8.4f}")
-    dla = res.dla[:, :-1].reshape(-1, len(res.writer_labels)).double()
-    adj = res.adjusted_dla[:, :-1].reshape(-1, len(res.writer_labels)).double()
-    order = dla.abs().mean(0).argsort(descending=True)[:5]
-    print("\nHeads with the largest mean |next-token DLA| and their erasure-adjusted DLA")
-    print(f"{'head':>6} {'mean|DLA|':>10} {'mean|adj DLA|':>14}")
-    for i in order.tolist():
-        print(f"{res.writer_labels[i]:>6} {float(dla[:, i].abs().mean()):>10.4f} {float(adj[:, i].abs().nanmean()):>14.4f}")
-    resid = res.resid_pr.reshape(-1, *res.resid_pr.shape[-2:]).double().nanmedian(dim=0).values  # [R, W]
-    print("\nMedian residual-stream PR onto L0H2 (cf. the paper's Fig. 1)")
-    w = res.writer_labels.index("L0H2")
-    print("  " + "  ".join(f"{lab}={float(resid[i, w]):.3f}" for i, lab in enumerate(res.resid_labels)))
-    return dict(rows=rows, seconds=t_attr, backend=res.backend)

@@ -91,11 +91,17 @@ def test_unknown_backend(no_backend_runs):
         ef.fused_attribution(**{k: v for k, v in good().items()}, backend="cuda-magic")
 
 
-def test_triton_backend_is_reported_unavailable():
-    info = ef.backends()["triton"]
-    assert not info.available and "not implemented" in info.detail
-    with pytest.raises(ValueError, match="backend 'triton' is not available"):
-        ef.fused_attribution(**good(), backend="triton")
+def test_unavailable_backend_is_refused_and_auto_falls_back(monkeypatch):
+    """A backend that reports itself unavailable is refused by name; "auto" falls back to torch."""
+    module = backend_registry._module("cpp")
+    monkeypatch.setattr(module, "available", lambda: (False, "pretend the extension is missing"))
+    monkeypatch.setattr(backend_registry, "_warned_missing", set())
+    assert ef.backends()["cpp"] == (False, "pretend the extension is missing")
+    with pytest.raises(ValueError, match="backend 'cpp' is not available here: pretend"):
+        ef.fused_attribution(**good(), backend="cpp")
+    with pytest.warns(UserWarning, match="cpp backend unavailable"):
+        out = ef.fused_attribution(**good(), backend="auto")
+    assert out.dla.shape == (5, 4)
 
 
 @pytest.fixture(scope="module")

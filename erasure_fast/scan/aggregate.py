@@ -35,26 +35,31 @@ class SeriesStats:
 
     def update(self, values: torch.Tensor, bucket: torch.Tensor) -> None:
         """values [T, S] (any float dtype, NaN = undefined), bucket [T] int in [0, n_buckets)."""
-        v = values.detach().to("cpu", torch.float64).reshape(-1, self.S)
+        v = values.detach().to("cpu").reshape(-1, self.S)
+        if v.dtype not in (torch.float32, torch.float64):
+            v = v.float()
         bucket = bucket.detach().to("cpu", torch.int64).reshape(-1)
         finite = torch.isfinite(v)
-        # bin 0 = underflow (< lo), 1..nb inside, nb + 1 = overflow (>= hi)
-        bins = torch.floor((v - self.lo) / self.bin_width).clamp_(-1, self.nb).to(torch.int64) + 1
-        series = torch.arange(self.S).expand_as(bins)
-        flat = (bucket[:, None] * self.S + series) * (self.nb + 2) + bins
-        hist = torch.bincount(flat[finite], minlength=self.B * self.S * (self.nb + 2))
-        self.hist += hist.reshape(self.B, self.S, self.nb + 2).numpy()
-        vz = torch.where(finite, v, torch.zeros((), dtype=v.dtype))
-        one_hot = torch.nn.functional.one_hot(bucket, self.B).to(torch.float64)  # [T, B]
-        self.count += (one_hot.T @ finite.to(torch.float64)).round().to(torch.int64).numpy()
-        self.nan += (one_hot.T @ (~finite).to(torch.float64)).round().to(torch.int64).numpy()
-        # Sums per bucket in a fixed order (plain sequential adds over tokens) for reproducibility.
-        for b in range(self.B):
-            rows = bucket == b
-            if bool(rows.any()):
-                sel = vz[rows]
-                self.sum[b] += sel.sum(dim=0).numpy()
-                self.sumsq[b] += (sel * sel).sum(dim=0).numpy()
+        nb2 = self.nb + 2
+        # bin 0 = underflow (< lo), 1..nb inside, nb + 1 = overflow (>= hi); non-finite -> a dump slot
+        bins = ((v - self.lo) * (1.0 / self.bin_width)).floor_().clamp_(-1, self.nb).add_(1)
+        flat = bins.to(torch.int64)
+        flat += (bucket * (self.S * nb2))[:, None]
+        flat += (torch.arange(self.S) * nb2)[None, :]
+        dump = self.B * self.S * nb2
+        flat = torch.where(finite, flat, torch.full((), dump, dtype=torch.int64))
+        hist = torch.bincount(flat.reshape(-1), minlength=dump + 1)[:dump]
+        hist = hist.reshape(self.B, self.S, nb2).numpy()
+        self.hist += hist
+        counted = hist.sum(axis=2)
+        self.count += counted
+        per_bucket = torch.bincount(bucket, minlength=self.B).numpy()
+        self.nan += per_bucket[:, None] - counted
+        # fp64 sums per bucket as one [B, T] x [T, S] product (fixed shapes -> fixed summation order)
+        vz = torch.where(finite, v, torch.zeros((), dtype=v.dtype)).to(torch.float64)
+        one_hot = torch.nn.functional.one_hot(bucket, self.B).to(torch.float64).T
+        self.sum += (one_hot @ vz).numpy()
+        self.sumsq += (one_hot @ (vz * vz)).numpy()
 
     # -- reading -----------------------------------------------------------------------------
     def _pick(self, buckets) -> Dict[str, np.ndarray]:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..attribution import _downstream, _resolve_writers, run_attribution
+from ..attribution import _resolve_writers, run_attribution
 from ..backends import get_backend
 from ..capture import model_device
 from ..models import model_spec
@@ -109,8 +109,7 @@ def _update(agg: Aggregates, res, rows: torch.Tensor, edges) -> None:
     w_dla = res.writer_dla.reshape(T, -1)
     adj = res.adjusted_dla.reshape(T, -1)
     agg.dla.update(torch.cat([head_dla, adj], dim=1), bucket)
-    down = res.downstream.to(res.pr.dtype)
-    erased = (res.pr * down).sum(dim=-2).reshape(T, -1)  # sum of downstream PR per writer
+    erased = res.downstream_pr_sum.reshape(T, -1)
     payload = torch.stack([erased, w_dla, adj], dim=-1)
     agg.top_erasure.update(-erased, row, pos, payload)
     agg.top_adversarial.update(w_dla.abs() - adj.abs(), row, pos, payload)
@@ -160,6 +159,7 @@ def scan(
     report: bool = True,
     tokenizer=None,
     stop_after_batches: Optional[int] = None,
+    notes: Optional[str] = None,
 ) -> Optional[ScanResult]:
     """Erasure scan of ``corpus`` through ``model`` (TransformerLens bridge or HookedTransformer).
 
@@ -174,6 +174,7 @@ def scan(
         prepend_bos: a token id to put at position 0 of every row (the row keeps seq_len tokens).
         checkpoint_every: batches between checkpoints.
         stop_after_batches: testing hook: stop (as if killed) after this many batches in this call.
+        notes: a line for the top of the report (e.g. that the model is synthetic).
 
     Returns:
         `ScanResult` on rank 0 (None on other ranks). Under torch.distributed (torchrun) every rank
@@ -303,7 +304,7 @@ def scan(
         writers=cfg.writer_labels, seq_len=cfg.seq_len, batch_size=batch_size, prepend_bos=cfg.prepend_bos,
         position_edges=list(edges), pr_hist=dict(lo=PR_RANGE[0], hi=PR_RANGE[1], bins=PR_BINS),
         dla_hist=dict(lo=DLA_RANGE[0], hi=DLA_RANGE[1], bins=DLA_BINS),
-        versions=_versions(), machine=platform.platform(), config_digest=digest,
+        versions=_versions(), machine=platform.platform(), config_digest=digest, notes=notes,
     )
     from .report import summarize, write_report
 
