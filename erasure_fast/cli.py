@@ -75,6 +75,19 @@ def _print_summary(result) -> None:
     print(f"report: {result.files.get('report.md')}")
 
 
+def _init_distributed_from_env() -> None:
+    """Under torchrun (WORLD_SIZE > 1) join the process group: NCCL on GPUs, gloo on CPUs."""
+    import os
+
+    import torch
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
+        use_nccl = torch.cuda.is_available()
+        if use_nccl:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.distributed.init_process_group("nccl" if use_nccl else "gloo")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="erasure-fast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -87,6 +100,8 @@ def main(argv=None) -> int:
     if args.command in ("scan", "demo"):
         demo = args.command == "demo"
         from .scan import scan
+
+        _init_distributed_from_env()
 
         model, corpus, bos, notes = _open(args, demo)
         result = scan(model, corpus, writers=_writers(args.writers), seq_len=args.seq_len, batch_size=args.batch_size,

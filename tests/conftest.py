@@ -99,3 +99,23 @@ def build_model(*, n_layers, n_heads, d_head, d_model, d_mlp, d_vocab, n_ctx=64,
 @pytest.fixture(scope="session")
 def tl_major() -> int:
     return TL_MAJOR
+
+
+def write_tl_checkpoint(path, dims: dict, seed: int = 0, fmt: str = "pth", name: str = "model_final.pth") -> dict:
+    """A small checkpoint in the layout of the NeelNanda/* repos: TL-style config.json and weights
+    in HookedTransformer naming (``*.pth`` state dict or ``model.safetensors``). Returns the weights."""
+    from erasure_fast.demo import random_tl_state_dict
+
+    os.makedirs(path, exist_ok=True)
+    sd = random_tl_state_dict(dims, seed)
+    cfg = dict(dims, act_fn="gelu", normalization="LN", attn_only=False, positional_embedding_type="standard",
+               tokenizer_name=None, model_name="fake-gelu")
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    if fmt == "pth":
+        torch.save(sd, os.path.join(path, name))
+    else:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in sd.items()}, os.path.join(path, "model.safetensors"))
+    return sd

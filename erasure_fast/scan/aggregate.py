@@ -1,7 +1,8 @@
 """Constant-memory, mergeable, deterministic aggregation of per-token measures.
 
 `SeriesStats` keeps, for S series (e.g. every (node, writer) pair) and every position bucket:
-count, NaN count, fp64 sum and sum of squares, and a fixed-bin histogram with an underflow and an
+count, NaN count, fp64 mean and sum of squared deviations (merged per batch with Chan et al.'s
+parallel update, which stays accurate where sum-of-squares formulas cancel), and a fixed-bin histogram with an underflow and an
 overflow bin. Quantiles come from the histogram by linear interpolation inside the bin that holds
 them, so their error is at most one bin width ((hi - lo) / n_bins) when the quantile lies inside
 [lo, hi]; a quantile that falls in an overflow bin is reported as -inf / +inf and counted.
@@ -25,8 +26,8 @@ class SeriesStats:
         self.S, self.B, self.lo, self.hi, self.nb = n_series, n_buckets, float(lo), float(hi), int(n_bins)
         self.count = np.zeros((n_buckets, n_series), np.int64)
         self.nan = np.zeros((n_buckets, n_series), np.int64)
-        self.sum = np.zeros((n_buckets, n_series), np.float64)
-        self.sumsq = np.zeros((n_buckets, n_series), np.float64)
+        self.mean = np.zeros((n_buckets, n_series), np.float64)
+        self.m2 = np.zeros((n_buckets, n_series), np.float64)
         self.hist = np.zeros((n_buckets, n_series, n_bins + 2), np.int64)
 
     @property
@@ -52,28 +53,47 @@ class SeriesStats:
         hist = hist.reshape(self.B, self.S, nb2).numpy()
         self.hist += hist
         counted = hist.sum(axis=2)
-        self.count += counted
         per_bucket = torch.bincount(bucket, minlength=self.B).numpy()
         self.nan += per_bucket[:, None] - counted
-        # fp64 sums per bucket as one [B, T] x [T, S] product (fixed shapes -> fixed summation order)
-        vz = torch.where(finite, v, torch.zeros((), dtype=v.dtype)).to(torch.float64)
-        one_hot = torch.nn.functional.one_hot(bucket, self.B).to(torch.float64).T
-        self.sum += (one_hot @ vz).numpy()
-        self.sumsq += (one_hot @ (vz * vz)).numpy()
+        # Batch mean and squared deviations per bucket as [B, T] x [T, S] products (fixed shapes ->
+        # fixed summation order), then merged into the running values.
+        zero = torch.zeros((), dtype=torch.float64)
+        vz = torch.where(finite, v.to(torch.float64), zero)
+        one_hot = torch.nn.functional.one_hot(bucket, self.B).to(torch.float64)  # [T, B]
+        n_b = torch.from_numpy(counted.astype(np.float64))
+        mean_b = (one_hot.T @ vz) / n_b.clamp(min=1)
+        dev = torch.where(finite, vz - mean_b[bucket], zero)
+        m2_b = (one_hot.T @ (dev * dev)).numpy()
+        self._merge_moments(counted, mean_b.numpy(), m2_b)
+        self.count += counted
+
+    def _merge_moments(self, n_b: np.ndarray, mean_b: np.ndarray, m2_b: np.ndarray) -> None:
+        """Chan et al.: combine (count, mean, M2) with a batch's; call before adding n_b to count."""
+        n_a = self.count.astype(np.float64)
+        n = n_a + n_b
+        with np.errstate(invalid="ignore", divide="ignore"):
+            delta = mean_b - self.mean
+            frac = np.where(n > 0, n_b / np.where(n > 0, n, 1), 0.0)
+            self.mean = np.where(n_b > 0, self.mean + delta * frac, self.mean)
+            self.m2 = np.where(n_b > 0, self.m2 + m2_b + delta * delta * n_a * frac, self.m2)
 
     # -- reading -----------------------------------------------------------------------------
     def _pick(self, buckets) -> Dict[str, np.ndarray]:
         idx = list(range(self.B)) if buckets is None else list(buckets)
-        return dict(count=self.count[idx].sum(0), nan=self.nan[idx].sum(0), sum=self.sum[idx].sum(0),
-                    sumsq=self.sumsq[idx].sum(0), hist=self.hist[idx].sum(0))
+        acc = SeriesStats(self.S, 1, self.lo, self.hi, self.nb)
+        for b in idx:  # merge the buckets' moments in a fixed order
+            acc._merge_moments(self.count[b][None], self.mean[b][None], self.m2[b][None])
+            acc.count += self.count[b][None]
+        return dict(count=self.count[idx].sum(0), nan=self.nan[idx].sum(0), mean=acc.mean[0], m2=acc.m2[0],
+                    hist=self.hist[idx].sum(0))
 
     def summary(self, buckets: Sequence[int] = None, qs=(0.125, 0.25, 0.5, 0.75, 0.875)) -> Dict[str, np.ndarray]:
         """count, nan, mean, std and the quantiles ``q{q}`` of every series over ``buckets`` (all by default)."""
         p = self._pick(buckets)
         n = p["count"].astype(np.float64)
         with np.errstate(invalid="ignore", divide="ignore"):
-            mean = np.where(n > 0, p["sum"] / n, np.nan)
-            var = np.where(n > 1, (p["sumsq"] - n * mean**2) / np.maximum(n - 1, 1), np.nan)
+            mean = np.where(n > 0, p["mean"], np.nan)
+            var = np.where(n > 1, p["m2"] / np.maximum(n - 1, 1), np.nan)
         out = dict(count=p["count"], nan=p["nan"], mean=mean, std=np.sqrt(np.maximum(var, 0)),
                    underflow=p["hist"][:, 0], overflow=p["hist"][:, -1])
         for q in qs:
@@ -102,17 +122,18 @@ class SeriesStats:
 
     # -- persistence and merging -------------------------------------------------------------
     def state(self, prefix: str) -> Dict[str, np.ndarray]:
-        return {f"{prefix}.{k}": getattr(self, k) for k in ("count", "nan", "sum", "sumsq", "hist")}
+        return {f"{prefix}.{k}": getattr(self, k) for k in ("count", "nan", "mean", "m2", "hist")}
 
     def load(self, state: Dict[str, np.ndarray], prefix: str) -> None:
-        for k in ("count", "nan", "sum", "sumsq", "hist"):
+        for k in ("count", "nan", "mean", "m2", "hist"):
             arr = state[f"{prefix}.{k}"]
             if arr.shape != getattr(self, k).shape:
                 raise ValueError(f"checkpoint field {prefix}.{k} has shape {arr.shape}, expected {getattr(self, k).shape}")
             setattr(self, k, arr.copy())
 
     def merge(self, other: "SeriesStats") -> None:
-        for k in ("count", "nan", "sum", "sumsq", "hist"):
+        self._merge_moments(other.count, other.mean, other.m2)
+        for k in ("count", "nan", "hist"):
             setattr(self, k, getattr(self, k) + getattr(other, k))
 
 

@@ -91,6 +91,11 @@ class Aggregates:
         for name, part in self.parts().items():
             part.load(arrays, name)
 
+    def merge(self, other: "Aggregates") -> None:
+        mine = self.parts()
+        for name, part in other.parts().items():
+            mine[name].merge(part)
+
 
 def _bucket_of(positions: torch.Tensor, edges: Sequence[int]) -> torch.Tensor:
     return torch.bucketize(positions, torch.tensor(list(edges)), right=True)
@@ -278,17 +283,13 @@ def scan(
         bar.close()
     totals = dict(tokens=agg.tokens, rows=agg.rows, elapsed=elapsed)
     if world > 1:
-        reduced = all_reduce_sum({k: v for k, v in agg.state().items() if not k.startswith("top_")})
-        for name in ("pr", "dla"):
-            agg.parts()[name].load(reduced, name)
-        gathered = all_gather({k: v for k, v in agg.state().items() if k.startswith("top_")})
-        for name in ("top_erasure", "top_adversarial"):
-            merged = TopK(len(cfg.writers), cfg.top_k, payload=3)
-            for part in gathered:
-                other = TopK(len(cfg.writers), cfg.top_k, payload=3)
-                other.load(part, name)
-                merged.merge(other)
-            setattr(agg, name, merged)
+        merged = Aggregates(cfg)
+        for part in all_gather(agg.state()):  # merged in rank order: deterministic
+            other = Aggregates(cfg)
+            other.load(part)
+            merged.merge(other)
+        merged.tokens, merged.rows, merged.batches = agg.tokens, agg.rows, agg.batches
+        agg = merged
         t = all_reduce_sum({"tokens": np.array([agg.tokens]), "rows": np.array([agg.rows])})
         totals.update(tokens=int(t["tokens"][0]), rows=int(t["rows"][0]))
         mx = torch.tensor([elapsed], dtype=torch.float64)

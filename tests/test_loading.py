@@ -1,0 +1,81 @@
+"""Loading GELU-4L from the local Hugging Face cache and TL-style checkpoint directories (offline)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import erasure_fast as ef
+from erasure_fast.loading import GELU_4L_REPO, ModelLoadError, load_model
+from conftest import TL_MAJOR, write_tl_checkpoint
+
+DIMS = dict(n_layers=2, n_heads=4, d_head=6, d_model=24, d_mlp=40, d_vocab=61, n_ctx=32)
+
+
+def fake_hf_cache(root, repo: str, dims: dict):
+    """The hub cache layout: models--owner--name/{refs/main, snapshots/<commit>/...}."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    base = root / ("models--" + repo.replace("/", "--"))
+    snap = base / "snapshots" / commit
+    sd = write_tl_checkpoint(snap, dims, seed=4)
+    (base / "refs").mkdir(parents=True)
+    (base / "refs" / "main").write_text(commit)
+    return sd
+
+
+def check_weights(model, sd):
+    L, H = DIMS["n_layers"], DIMS["n_heads"]
+    W_O = torch.stack([sd[f"blocks.{l}.attn.W_O"] for l in range(L)])
+    assert torch.equal(model.W_O.detach().cpu(), W_O)
+    assert torch.equal(model.W_U.detach().cpu(), sd["unembed.W_U"])
+    assert torch.equal(model.W_E.detach().cpu(), sd["embed.W_E"])
+
+
+def test_gelu4l_from_local_hf_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    sd = fake_hf_cache(tmp_path, GELU_4L_REPO, DIMS)
+    for name in ("gelu-4l", GELU_4L_REPO):
+        model = load_model(name, cache_dir=str(tmp_path))
+        check_weights(model, sd)
+    res = ef.attribute(model, torch.randint(0, 61, (2, 9)), writers=["L0H2"])
+    assert res.dla.shape == (2, 9, 2, 4) and torch.isfinite(res.dla[:, :-1]).all()
+
+
+def test_missing_cache_says_how_to_get_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError, match="not in the local Hugging Face cache.*huggingface-cli download NeelNanda/GELU_4L512W_C4_Code"):
+        load_model("gelu-4l", cache_dir=str(tmp_path))
+
+
+@pytest.mark.parametrize("fmt", ["pth", "safetensors"])
+def test_checkpoint_directory(tmp_path, fmt):
+    sd = write_tl_checkpoint(tmp_path, DIMS, seed=9, fmt=fmt)
+    model = load_model(str(tmp_path))
+    check_weights(model, sd)
+    if TL_MAJOR >= 4:
+        assert type(model).__name__ == "TransformerBridge"
+
+
+def test_bad_checkpoints(tmp_path):
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        load_model(str(tmp_path))
+    write_tl_checkpoint(tmp_path, DIMS, seed=1)
+    os.remove(tmp_path / "model_final.pth")
+    with pytest.raises(ModelLoadError, match="no model.safetensors and no \\*.pth"):
+        load_model(str(tmp_path))
+    sd = write_tl_checkpoint(tmp_path, dict(DIMS, d_head=5, n_heads=4), seed=1)  # config says d_head 5
+    import json
+
+    cfg = json.load(open(tmp_path / "config.json"))
+    cfg["d_head"] = 6
+    json.dump(cfg, open(tmp_path / "config.json", "w"))
+    with pytest.raises(ModelLoadError, match="weights do not match config.json"):
+        load_model(str(tmp_path))
+    torch.save({"x": torch.zeros(1)}, tmp_path / "model_final.pth")
+    (tmp_path / "model_final.pth").write_bytes(b"not a zip file")
+    with pytest.raises(ModelLoadError, match="cannot be read as a state dict with weights_only=True"):
+        load_model(str(tmp_path))
+    with pytest.raises(ModelLoadError, match="unknown model 'nonsense'"):
+        load_model("nonsense")

@@ -1,0 +1,216 @@
+"""Scans: aggregation against direct computation, exact resume, config checks, corpora, report."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import erasure_fast as ef
+from erasure_fast.scan import CorpusError, open_corpus, scan
+from erasure_fast.scan import checkpoint as ckpt
+from erasure_fast.scan.aggregate import SeriesStats, TopK
+from conftest import build_model
+
+SMALL = dict(n_layers=2, n_heads=3, d_head=8, d_model=24, d_mlp=32, d_vocab=50, n_ctx=64)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_model(**SMALL, seed=7)
+
+
+@pytest.fixture(scope="module")
+def stream(tmp_path_factory):
+    """A 1-D uint16 token stream of 23 rows x 16 tokens (+5 leftover tokens), saved as .npy."""
+    path = tmp_path_factory.mktemp("corpus") / "tokens.npy"
+    rng = np.random.default_rng(3)
+    np.save(path, rng.integers(0, SMALL["d_vocab"], size=23 * 16 + 5).astype(np.uint16))
+    return str(path)
+
+
+def run(model, corpus, out, **kw):
+    kw.setdefault("seq_len", 16)
+    kw.setdefault("batch_size", 4)
+    kw.setdefault("progress", False)
+    kw.setdefault("backend", "torch")
+    return scan(model, corpus, out_dir=str(out), **kw)
+
+
+def final_state(out):
+    arrays, meta = ckpt.load(os.path.join(str(out), "checkpoint", "rank0-of-1.npz"))
+    return arrays, meta
+
+
+def test_scan_aggregates_equal_direct_attribution(model, stream, tmp_path):
+    res = run(model, stream, tmp_path / "a", writers=["L0H1", "L1H2"], prepend_bos=0)
+    toks = torch.from_numpy(np.load(stream)[: 23 * 16].astype(np.int64).reshape(23, 16))
+    toks = torch.cat([torch.zeros(23, 1, dtype=torch.long), toks[:, :-1]], dim=1)
+    direct = ef.attribute(model, toks, writers=["L0H1", "L1H2"], backend="torch")
+    s = res.summary
+    assert res.meta["tokens"] == 23 * 16 and res.meta["rows"] == 23
+    pr = direct.pr.double().reshape(-1, *direct.pr.shape[2:]).numpy()
+    for i, node in enumerate(direct.node_labels):
+        for w, writer in enumerate(direct.writer_labels):
+            row = s[(s.kind == "node") & (s.node == node) & (s.writer == writer)].iloc[0]
+            v = pr[:, i, w]
+            assert row["count"] == np.isfinite(v).sum()
+            assert row["mean"] == pytest.approx(np.nanmean(v), rel=1e-9, abs=1e-12)
+            inside = v[(v > -3) & (v < 3)]
+            if len(inside) == len(v):  # quantile error is at most one bin (0.005)
+                assert abs(row["median"] - np.median(v)) <= 0.005 + 1e-9
+    rpr = direct.resid_pr.double().reshape(-1, *direct.resid_pr.shape[2:]).numpy()
+    r = s[(s.kind == "resid") & (s.node == "resid_post1") & (s.writer == "L0H1")].iloc[0]
+    assert r["mean"] == pytest.approx(np.nanmean(rpr[:, -1, 0]), rel=1e-9)
+    d = s[(s.kind == "dla") & (s.node == "L1H0")].iloc[0]
+    dla = direct.dla[:, :, 1, 0].double().numpy()
+    assert d["count"] == np.isfinite(dla).sum() == 23 * 15 and d["nan"] == 23
+    assert d["mean"] == pytest.approx(np.nanmean(dla), rel=1e-9)
+    # BOS split: position 0 alone
+    bos = s[(s.kind == "node") & (s.node == "L1H0") & (s.writer == "L0H1")].iloc[0]["median_bos"]
+    assert abs(bos - np.median(direct.pr[:, 0, 3, 0].double().numpy())) <= 0.005 + 1e-9
+
+
+@pytest.mark.parametrize("kill_after", [1, 2, 5])
+def test_resume_is_bit_identical(model, stream, tmp_path, kill_after):
+    full = run(model, stream, tmp_path / "full", checkpoint_every=2)
+    ref_arrays, ref_meta = final_state(tmp_path / "full")
+    out = tmp_path / "killed"
+    assert run(model, stream, out, checkpoint_every=2, stop_after_batches=kill_after) is None
+    _, meta = final_state(out)
+    assert meta["next_batch"] == kill_after
+    resumed = run(model, stream, out, checkpoint_every=2)
+    arrays, meta = final_state(out)
+    assert meta["tokens"] == ref_meta["tokens"]
+    assert arrays.keys() == ref_arrays.keys()
+    for k in ref_arrays:
+        np.testing.assert_array_equal(arrays[k], ref_arrays[k], err_msg=k)
+    cols = [c for c in full.summary.columns if c not in ("node", "writer", "kind", "downstream")]
+    np.testing.assert_array_equal(resumed.summary[cols].to_numpy(), full.summary[cols].to_numpy())
+
+
+def test_changed_config_refuses_to_resume(model, stream, tmp_path):
+    run(model, stream, tmp_path, stop_after_batches=1, writers=["L0H0"])
+    with pytest.raises(ValueError, match="different configuration.*writers"):
+        run(model, stream, tmp_path, writers=["L0H1"])
+    with pytest.raises(ValueError, match="different configuration.*batch_size"):
+        run(model, stream, tmp_path, writers=["L0H0"], batch_size=3)
+    other = build_model(**SMALL, seed=8)
+    with pytest.raises(ValueError, match="different configuration.*model_fingerprint"):
+        run(other, stream, tmp_path, writers=["L0H0"])
+    assert run(model, stream, tmp_path, writers=["L0H1"], resume=False) is not None
+
+
+def test_max_tokens_and_progress_free_rerun(model, stream, tmp_path):
+    res = run(model, stream, tmp_path, max_tokens=100)  # 6 whole rows of 16
+    assert res.meta["tokens"] == 96 and res.meta["rows"] == 6
+    res2 = run(model, stream, tmp_path, max_tokens=100)  # already complete: nothing recomputed
+    assert res2.meta["tokens"] == 96
+
+
+def test_report_files(model, stream, tmp_path):
+    res = run(model, stream, tmp_path, notes="synthetic test model")
+    for name in ("summary.parquet", "summary.csv", "summary.json", "report.md", "fig1_resid_pr.png", "fig2_node_pr.png", "heatmap_pr.png"):
+        assert os.path.getsize(tmp_path / name) > 0, name
+    import pandas as pd
+
+    back = pd.read_parquet(tmp_path / "summary.parquet")
+    assert len(back) == len(res.summary) == (8 + 5) * 6 + 6 + 6
+    meta = json.load(open(tmp_path / "summary.json"))["meta"]
+    assert meta["tokens"] == 23 * 16 and meta["tokens_per_s"] > 0 and meta["backend"] == "torch"
+    md = open(tmp_path / "report.md").read()
+    assert "synthetic test model" in md and "Strongest erasure" in md and "fig2_node_pr.png" in md
+
+
+def test_series_stats_quantiles_and_overflow():
+    rng = np.random.default_rng(0)
+    v = rng.normal(0, 0.7, size=(5000, 3))
+    v[:10, 0] = 5.0  # overflow
+    v[10:20, 1] = np.nan
+    st = SeriesStats(3, 2, -3.0, 3.0, 600)
+    bucket = torch.from_numpy((np.arange(5000) % 2).astype(np.int64))
+    for lo in range(0, 5000, 1234):  # several batches
+        st.update(torch.from_numpy(v[lo:lo + 1234]), bucket[lo:lo + 1234])
+    s = st.summary()
+    assert s["overflow"][0] == 10 and s["nan"][1] == 10 and s["count"][1] == 4990
+    for q in (0.125, 0.25, 0.5, 0.75, 0.875):
+        ref = np.nanquantile(v, q, axis=0)
+        assert np.all(np.abs(s[f"q{q:g}"] - ref) <= st.bin_width + 1e-12), q
+    assert np.allclose(s["mean"], np.nanmean(v, axis=0)) and np.allclose(s["std"], np.nanstd(v, axis=0, ddof=1))
+    odd = st.summary([1])
+    assert odd["count"][2] == 2500
+
+
+def test_topk_is_independent_of_batching():
+    rng = np.random.default_rng(1)
+    score = torch.from_numpy(rng.normal(size=(300, 2)))
+    score[5] = score[6]  # ties are broken by (row, pos)
+    rows = torch.arange(300) // 10
+    pos = torch.arange(300) % 10
+    pay = torch.from_numpy(rng.normal(size=(300, 2, 3)))
+    one = TopK(2, 7, payload=3)
+    one.update(score, rows, pos, pay)
+    parts = [TopK(2, 7, payload=3) for _ in range(3)]
+    for i, p in enumerate(parts):
+        sl = slice(i * 100, (i + 1) * 100)
+        p.update(score[sl], rows[sl], pos[sl], pay[sl])
+    merged = parts[2]
+    merged.merge(parts[0])
+    merged.merge(parts[1])
+    for k in ("score", "row", "pos", "payload"):
+        np.testing.assert_array_equal(getattr(one, k), getattr(merged, k))
+    ref = np.sort(score.numpy()[:, 0])[::-1][:7]
+    np.testing.assert_array_equal(one.score[0], ref)
+
+
+def test_corpus_errors(tmp_path, model):
+    bad = tmp_path / "odd.bin"
+    bad.write_bytes(b"\x01\x00\x02")
+    with pytest.raises(CorpusError, match="odd.bin: size 3 bytes is not a multiple of 2.*offset 2"):
+        open_corpus(str(bad), seq_len=4)
+    empty = tmp_path / "empty.bin"
+    empty.write_bytes(b"")
+    with pytest.raises(CorpusError, match="empty.bin: file is empty"):
+        open_corpus(str(empty), seq_len=4)
+    np.save(tmp_path / "f.npy", np.zeros(10, dtype=np.float32))
+    with pytest.raises(CorpusError, match="f.npy: token array dtype float32 not supported"):
+        open_corpus(str(tmp_path / "f.npy"), seq_len=4)
+    np.save(tmp_path / "s.npy", np.zeros(10, dtype=np.int32))
+    with pytest.raises(CorpusError, match="needs seq_len"):
+        open_corpus(str(tmp_path / "s.npy"))
+    (tmp_path / "trunc.npy").write_bytes(open(tmp_path / "s.npy", "rb").read()[:-8])
+    with pytest.raises(CorpusError, match="trunc.npy: not a readable .npy"):
+        open_corpus(str(tmp_path / "trunc.npy"), seq_len=4)
+    ids = np.arange(64, dtype=np.uint16) % 50
+    ids[37] = 60  # out of range for d_vocab=50, in row 37 // 8 = 4
+    ids.tofile(tmp_path / "ids.bin")
+    with pytest.raises(CorpusError, match=r"ids.bin: row 4 \(byte offset 64\) has token ids outside \[0, d_vocab=50\)"):
+        scan(model, str(tmp_path / "ids.bin"), seq_len=8, batch_size=2, out_dir=str(tmp_path / "o"), progress=False)
+    with pytest.raises(CorpusError, match="unknown corpus format"):
+        (tmp_path / "x.csv").write_text("1,2")
+        open_corpus(str(tmp_path / "x.csv"))
+
+
+def test_bin_corpus_and_2d_rows(tmp_path, model):
+    a = (np.arange(5 * 12) % 50).astype(np.uint32)
+    a.tofile(tmp_path / "t.bin")
+    c = open_corpus(str(tmp_path / "t.bin"), seq_len=12, bin_dtype="uint32")
+    rows = list(c.rows())
+    assert c.n_rows == 5 and len(rows) == 5 and np.array_equal(rows[2][1], a[24:36])
+    np.save(tmp_path / "r.npy", a.reshape(5, 12).astype(np.int64))
+    c2 = open_corpus(str(tmp_path / "r.npy"), seq_len=10)
+    assert c2.n_rows == 5 and np.array_equal(list(c2.rows(3))[0][1], a[36:46])
+
+
+def test_bad_scan_arguments(model, stream, tmp_path):
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        run(model, stream, tmp_path, batch_size=0)
+    with pytest.raises(ValueError, match="seq_len 100 exceeds the model's n_ctx 64"):
+        run(model, stream, tmp_path, seq_len=100)
+    with pytest.raises(ValueError, match="prepend_bos must be a token id"):
+        run(model, stream, tmp_path, prepend_bos=50)
+    with pytest.raises(ValueError, match="does not exist"):
+        run(model, stream, tmp_path, writers=["L5H0"])
