@@ -88,7 +88,8 @@ def planted_model(seed: int = 0, dims: dict = None, planted: dict = None):
       W_O) -- like the paper's L0H2, whose output comes mostly from BOS;
     - erasers L2H3 and L2H6 attend uniformly (zero QK), read the residual stream along u and write
       -a u (rank-1 OV). Each gain a is calibrated on a fixed 2x1024 batch so that the eraser's median
-      projection ratio onto L0H2 is the planted target (PR is linear in a).
+      projection ratio onto L0H2 is the planted target (PR is linear in a). u is orthogonal to what
+      the writer's layer-mates write, so the erasers' output does not masquerade as erasing them.
     Everything else stays random, so a scan should rank these pairs first.
     """
     dims = dict(dims or GELU_4L_SHAPE)
@@ -102,9 +103,14 @@ def planted_model(seed: int = 0, dims: dict = None, planted: dict = None):
     x0 = sd["embed.W_E"][bos] + sd["pos_embed.W_pos"][0]
     c0 = x0 - x0.mean()
     n0 = c0 / (c0.pow(2).mean() + 1e-5).sqrt()  # ln1 of the BOS position (LN weight 1, bias 0)
-    u = torch.randn(D, generator=g)
-    u /= u.norm()
     wl, wh = (int(x) for x in planted["writer"][1:].split("H"))
+    # u: a random direction that no other head of the writer's layer writes to (when d_model allows)
+    u = torch.randn(D, generator=g)
+    others = torch.cat([sd[f"blocks.{wl}.attn.W_O"][h] for h in range(dims["n_heads"]) if h != wh])  # [rows, D]
+    if others.shape[0] < D:
+        q, _ = torch.linalg.qr(others.T)
+        u -= q @ (q.T @ u)
+    u /= u.norm()
     p = f"blocks.{wl}.attn."
     sd[p + "W_Q"][wh] = 0
     sd[p + "b_Q"][wh] = 0

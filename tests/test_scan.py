@@ -214,3 +214,20 @@ def test_bad_scan_arguments(model, stream, tmp_path):
         run(model, stream, tmp_path, prepend_bos=50)
     with pytest.raises(ValueError, match="does not exist"):
         run(model, stream, tmp_path, writers=["L5H0"])
+
+
+def test_scan_finds_the_planted_circuit(tmp_path):
+    """Ground truth: a small model with the demo's planted writer/eraser pair; the scan ranks it first."""
+    from erasure_fast.demo import PLANTED, demo_corpus, planted_model
+    from erasure_fast.scan.report import top_pairs
+
+    dims = dict(n_layers=4, n_heads=8, d_head=32, d_model=256, d_mlp=256, d_vocab=300, n_ctx=128)
+    model, info = planted_model(seed=0, dims=dims)
+    assert set(info["gains"]) == set(PLANTED["erasers"])
+    corpus = demo_corpus(24, 128, dims["d_vocab"], seed=3)
+    res = scan(model, corpus, batch_size=8, out_dir=str(tmp_path), prepend_bos=0, progress=False, notes=info["note"])
+    top = top_pairs(res.summary, 3)
+    pairs = list(zip(top.node, top.writer))
+    assert pairs[0] == ("L2H3", "L0H2") and ("L2H6", "L0H2") in pairs, pairs
+    assert top["median"].iloc[0] == pytest.approx(PLANTED["erasers"]["L2H3"], abs=0.15)
+    assert "planted erasure circuit" in open(tmp_path / "report.md").read()
