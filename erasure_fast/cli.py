@@ -96,6 +96,15 @@ def main(argv=None) -> int:
     p_demo = sub.add_parser("demo", help="scan the planted GELU-4L-shaped demo model over a synthetic 64K-token corpus")
     _add_scan_args(p_demo, demo=True)
     sub.add_parser("backends", help="list the backends available here and why others are not")
+    p_bench = sub.add_parser("bench", help="benchmark every provider side by side (K1, K2, S1) and write a report")
+    p_bench.add_argument("--out", default="benchmarks/results")
+    p_bench.add_argument("--device", default=None)
+    p_bench.add_argument("--shapes", default="gelu-4l,gpt2-small")
+    p_bench.add_argument("--sizes", default=None, help="comma-separated token counts (default: CPU 1K-64K, GPU 1K-1M)")
+    p_bench.add_argument("--repeats", type=int, default=5)
+    p_bench.add_argument("--budget-s", type=float, default=60.0, help="per-call time budget; slower providers stop growing")
+    p_bench.add_argument("--s1-tokens", type=int, default=0, help="also run the scan workload S1 on this many tokens")
+    p_bench.add_argument("--providers", default=None, help="comma-separated substrings of provider names to keep")
     args = parser.parse_args(argv)
     if args.command in ("scan", "demo"):
         demo = args.command == "demo"
@@ -118,6 +127,16 @@ def main(argv=None) -> int:
                 found = top.node == first and top.writer == PLANTED["writer"]
                 print(f"planted pair {first} onto {PLANTED['writer']} is the top pair: {'yes' if found else 'NO'}")
                 return 0 if found else 1
+    elif args.command == "bench":
+        from . import bench
+
+        out = bench.run(args.out, device=args.device, shapes=args.shapes.split(","),
+                        sizes=[int(x) for x in args.sizes.split(",")] if args.sizes else None, repeats=args.repeats,
+                        budget_s=args.budget_s, s1_tokens=args.s1_tokens,
+                        providers=args.providers.split(",") if args.providers else None,
+                        command="erasure-fast " + " ".join(argv if argv is not None else sys.argv[1:]))
+        print(open(out["files"]["md"]).read())
+        print("files:", ", ".join(out["files"].values()))
     elif args.command == "backends":
         from . import backends
 

@@ -101,10 +101,24 @@ def _require_float(name: str, t: torch.Tensor) -> None:
         )
 
 
+# Large weight tables (W_U.T: 25M values for GELU-4L) are checked once per tensor version, not per call.
+_FINITE_CHECKED: "dict" = {}
+_FINITE_CACHE_MIN = 1 << 20
+
+
 def _require_finite(name: str, t: torch.Tensor) -> None:
+    key = None
+    if t.numel() >= _FINITE_CACHE_MIN and not t.is_inference():  # inference tensors have no version
+        key = (t.data_ptr(), t._version, tuple(t.shape), tuple(t.stride()), t.dtype, str(t.device))
+        if key in _FINITE_CHECKED:
+            return
     if t.numel() and not bool(torch.isfinite(t).all()):
         bad = (~torch.isfinite(t)).nonzero()[0].tolist()
         raise ValueError(f"{name} contains non-finite values (first at index {bad})")
+    if key is not None:
+        if len(_FINITE_CHECKED) > 64:
+            _FINITE_CHECKED.clear()
+        _FINITE_CHECKED[key] = True
 
 
 def _as_ids(name: str, value, n_tokens: int, n_rows: int, device: torch.device) -> torch.Tensor:

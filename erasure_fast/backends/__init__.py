@@ -29,16 +29,17 @@ def _module(name: str) -> ModuleType:
     return _cache[name]
 
 
+def _info(name: str) -> BackendInfo:
+    try:
+        ok, detail = _module(name).available()
+    except Exception as e:  # an import failure is a reason, not a crash
+        ok, detail = False, f"import failed: {e}"
+    return BackendInfo(ok, detail)
+
+
 def backends() -> Dict[str, BackendInfo]:
     """Every backend with whether it can run here and why (or why not)."""
-    out = {}
-    for name in _MODULES:
-        try:
-            ok, detail = _module(name).available()
-        except Exception as e:  # an import failure is a reason, not a crash
-            ok, detail = False, f"import failed: {e}"
-        out[name] = BackendInfo(ok, detail)
-    return out
+    return {name: _info(name) for name in _MODULES}
 
 
 def get_backend(name: str, device: torch.device) -> ModuleType:
@@ -47,14 +48,14 @@ def get_backend(name: str, device: torch.device) -> ModuleType:
         raise ValueError(f"backend must be one of 'auto', {', '.join(map(repr, _MODULES))}; got {name!r}")
     if name == "auto":
         preferred = "triton" if device.type == "cuda" else "cpp" if device.type == "cpu" else "torch"
-        info = backends()[preferred] if preferred != "torch" else BackendInfo(True, "")
+        info = _info(preferred) if preferred != "torch" else BackendInfo(True, "")
         if info.available:
             return _module(preferred)
         if preferred not in _warned_missing:
             _warned_missing.add(preferred)
             warnings.warn(f"erasure_fast: {preferred} backend unavailable ({info.detail}); using the torch backend", stacklevel=3)
         return _module("torch")
-    ok, detail = backends()[name]
+    ok, detail = _info(name)
     if not ok:
         raise ValueError(f"backend {name!r} is not available here: {detail}")
     module = _module(name)

@@ -1,0 +1,37 @@
+"""Benchmark harness (`erasure-fast bench`): workloads K1, K2, S1 for every provider, roofline, report."""
+
+from __future__ import annotations
+
+import datetime
+import sys
+
+import torch
+
+from . import harness, machine, report
+from .workloads import SHAPES
+
+CPU_SIZES = [1024, 4096, 8192, 16384, 65536]
+GPU_SIZES = [1024, 8192, 65536, 262144, 1048576]
+
+
+def run(out_dir: str = "benchmarks/results", *, device: str = None, shapes=("gelu-4l", "gpt2-small"), sizes=None,
+        repeats: int = 5, budget_s: float = 60.0, s1_tokens: int = 0, providers=None, command: str = "") -> dict:
+    """Run the benchmark and write the report; returns {"meta", "results", "files"}."""
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    sizes = list(sizes or (GPU_SIZES if dev.type == "cuda" else CPU_SIZES))
+    unknown = [s for s in shapes if s not in SHAPES]
+    if unknown:
+        raise ValueError(f"unknown shapes {unknown}; choose from {sorted(SHAPES)}")
+    info = machine.describe()
+    roof = machine.roofline(dev)
+    print(f"machine: {info.get('gpu') or info['cpu']}; roofline {roof}", flush=True)
+    points = harness.run_kernels(shapes, sizes, dev, repeats, budget_s, providers=providers,
+                                 progress=lambda s: print(s, flush=True))
+    if s1_tokens:
+        points += harness.run_s1(s1_tokens, dev, progress=lambda s: print(s, flush=True))
+    harness.finish(points, roof)
+    meta = dict(machine=info, label=machine.machine_label(info), date=datetime.date.today().isoformat(), roofline=roof,
+                repeats=repeats, sizes=sizes, shapes=list(shapes), command=command or " ".join(sys.argv))
+    records = harness.as_records(points)
+    files = report.write(out_dir, meta, records)
+    return dict(meta=meta, results=records, files=files)

@@ -1,0 +1,235 @@
+"""The benchmark harness: every workload x shape x size x provider, in one process and one run.
+
+Per point: median and spread of wall time over repeats after a warm-up (device-synchronised on GPU),
+tokens/s, peak extra memory (RSS above the pre-call baseline on CPU, sampled every 2 ms;
+``max_memory_allocated`` above the baseline on GPU), speedup over TransformerLens's method, and % of
+the roofline measured in the same run (matmul rate of the dtype). A provider that runs out of memory
+or past the time budget is recorded with its status, not dropped.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional
+
+import torch
+
+from . import machine as mach
+from . import providers as prov
+from .workloads import SHAPES, flops, make_inputs
+
+
+@dataclass
+class Point:
+    workload: str
+    shape: str
+    provider: str
+    n_tokens: int
+    status: str = "ok"  # ok | oom | timeout | error | skipped
+    times_s: List[float] = field(default_factory=list)
+    median_s: Optional[float] = None
+    tokens_per_s: Optional[float] = None
+    peak_extra_mib: Optional[float] = None
+    speedup_vs_tl: Optional[float] = None
+    roofline_pct: Optional[float] = None
+    note: str = ""
+
+
+class _PeakRSS:
+    """Peak resident memory above the baseline while the block runs (sampling thread)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.peak = 0
+
+    def __enter__(self):
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+            return self
+        import psutil
+
+        self.proc = psutil.Process()
+        self.base = self.proc.memory_info().rss
+        self.peak = self.base
+        self.stop = threading.Event()
+
+        def sample():
+            while not self.stop.is_set():
+                self.peak = max(self.peak, self.proc.memory_info().rss)
+                time.sleep(0.002)
+
+        self.thread = threading.Thread(target=sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.extra = torch.cuda.max_memory_allocated() - self.base
+        else:
+            self.stop.set()
+            self.thread.join()
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            self.extra = self.peak - self.base
+        return False
+
+
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, MemoryError) or "out of memory" in str(e).lower() or isinstance(e, getattr(torch.cuda, "OutOfMemoryError", ()))
+
+
+def _finite(result) -> bool:
+    items = result if isinstance(result, tuple) else (result,)
+    for t in items:
+        t = t.dla if hasattr(t, "dla") else t
+        if isinstance(t, torch.Tensor) and t.numel() and not bool(torch.isfinite(t[..., :1]).any()):
+            return False
+    return True
+
+
+def measure(fn, device, repeats: int, warmup: int = 1, budget_s: float = 120.0) -> Point:
+    p = Point("", "", "", 0)
+    try:
+        with _PeakRSS(device) as mem:
+            t0 = time.perf_counter()
+            for _ in range(warmup):
+                out = fn()
+            mach._sync(device)
+            first = time.perf_counter() - t0
+            if first * repeats > budget_s:
+                repeats = max(1, int(budget_s // max(first, 1e-9)))
+            p.times_s = mach.time_call(fn, device, repeats=repeats, warmup=0) if repeats else [first]
+        if not _finite(out):
+            p.status, p.note = "error", "non-finite result"
+        p.peak_extra_mib = mem.extra / 2**20
+        p.median_s = statistics.median(p.times_s)
+    except Exception as e:  # recorded, not dropped
+        p.status = "oom" if _is_oom(e) else "error"
+        p.note = f"{type(e).__name__}: {str(e)[:200]}"
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return p
+
+
+def _model(shape: str, device):
+    from ..demo import gelu4l_shaped_bridge
+
+    return gelu4l_shaped_bridge(seed=0, **SHAPES[shape]).to(device)
+
+
+def run_kernels(shapes, sizes, device, repeats: int, budget_s: float, providers=None, progress=print) -> List[Point]:
+    """K1, K2n (cold + warm), K2f for every provider."""
+    points: List[Point] = []
+    all_providers = prov.available_providers(device)
+    chosen = {k: v for k, v in all_providers.items() if providers is None or any(p in k for p in providers)}
+    for shape in shapes:
+        model = _model(shape, device)
+        dead: Dict[tuple, str] = {}
+        for n in sizes:
+            inp = make_inputs(shape, n, device)
+            for workload in ("K1", "K2n", "K2f"):
+                for name, make in chosen.items():
+                    key = (workload, name)
+                    if key in dead:
+                        points.append(Point(workload, shape, name, inp.n_tokens, status=dead[key], note="larger size skipped"))
+                        continue
+                    fn = make(model, inp, workload)
+                    if workload == "K2n":  # cold: the very first call on this input (tables, compilation)
+                        cold = measure(fn, device, repeats=0, warmup=1, budget_s=budget_s)
+                        cold.workload, cold.shape, cold.provider, cold.n_tokens = "K2n_cold", shape, name, inp.n_tokens
+                        points.append(cold)
+                    p = measure(fn, device, repeats=repeats, budget_s=budget_s)
+                    p.workload, p.shape, p.provider, p.n_tokens = workload, shape, name, inp.n_tokens
+                    points.append(p)
+                    if p.status in ("oom",) or (p.median_s or 0) > budget_s:
+                        dead[key] = "oom" if p.status == "oom" else "timeout"
+                    progress(f"{workload:8s} {shape:10s} T={inp.n_tokens:>8d} {name:32s} "
+                             f"{p.status:6s} {('%.4f s' % p.median_s) if p.median_s else '':>10s}")
+            del inp
+            gc.collect()
+        del model
+    return points
+
+
+def run_s1(n_tokens: int, device, batch_size: int = 8, progress=print) -> List[Point]:
+    """S1: scan n_tokens of a synthetic corpus through a GELU-4L-shaped model, three ways."""
+    import tempfile
+
+    import numpy as np
+
+    from ..capture import capture, validate_tokens
+    from ..demo import demo_corpus
+    from ..models import model_spec
+    from ..scan import scan
+
+    model = _model("gelu-4l", device)
+    seq = 1024
+    corpus = demo_corpus(max(1, n_tokens // seq), seq)
+    spec = model_spec(model)
+    L = spec.n_layers
+    keep = tuple([f"blocks.{l}.attn.hook_z" for l in range(L)] + [f"blocks.{l}.hook_mlp_out" for l in range(L)]
+                 + ["ln_final.hook_scale"])
+
+    def batches():
+        for lo in range(0, len(corpus), batch_size):
+            yield torch.from_numpy(corpus[lo:lo + batch_size]).long().to(device)
+
+    def tl_pipeline():
+        """run_with_cache (names filter) + stack_head_results + logit_attrs + paper PR + numpy quantiles."""
+        qs = []
+        for toks in batches():
+            with torch.no_grad():
+                _, cache = model.run_with_cache(toks, names_filter=lambda n: n in keep)
+                stack = cache.stack_head_results(layer=-1, apply_ln=False)
+                nxt = torch.cat([toks[:, 1:], toks[:, -1:]], dim=1)
+                dla = cache.logit_attrs(stack, nxt)[:, :, :-1]
+                mlps = torch.stack([cache[f"blocks.{l}.hook_mlp_out"] for l in range(L)])
+                pr = prov._paper_pr(torch.cat([stack, mlps]), stack)
+            qs.append(np.nanquantile(pr.reshape(-1, pr.shape[2] * pr.shape[3]).cpu().numpy(), [0.125, 0.25, 0.5, 0.75, 0.875], axis=0))
+            qs.append(np.quantile(dla.reshape(dla.shape[0], -1).cpu().numpy(), [0.25, 0.5, 0.75], axis=1))
+        return qs
+
+    def bare_forward():
+        """Forward pass without unembedding (hooks capture z / MLP outputs, nothing else)."""
+        for toks in batches():
+            capture(model, validate_tokens(toks, spec), spec)
+
+    def ours():
+        with tempfile.TemporaryDirectory() as tmp:
+            return scan(model, corpus, batch_size=batch_size, out_dir=tmp, resume=False, progress=False, report=False)
+
+    points = []
+    for name, fn in (("transformer_lens pipeline", tl_pipeline), ("bare forward (no unembed)", bare_forward),
+                     ("erasure_fast scan", ours)):
+        p = measure(fn, device, repeats=1, warmup=0, budget_s=3600)
+        p.workload, p.shape, p.provider, p.n_tokens = "S1", "gelu-4l", name, len(corpus) * seq
+        points.append(p)
+        progress(f"S1       gelu-4l    T={p.n_tokens:>8d} {name:32s} {p.status:6s} {('%.1f s' % p.median_s) if p.median_s else ''}")
+    return points
+
+
+def finish(points: List[Point], roof: dict) -> None:
+    """Fill tokens/s, speedup over TransformerLens and % of the fp32 matmul roofline."""
+    rate = roof["matmul_gflops"]["float32"] * 1e9
+    tl = {(p.workload, p.shape, p.n_tokens): p for p in points if p.provider.startswith("transformer_lens") and p.status == "ok"}
+    for p in points:
+        if p.status != "ok" or not p.median_s:
+            continue
+        p.tokens_per_s = p.n_tokens / p.median_s
+        ref = tl.get((p.workload, p.shape, p.n_tokens))
+        if ref is not None:
+            p.speedup_vs_tl = ref.median_s / p.median_s
+        if p.workload != "S1":
+            p.roofline_pct = 100 * flops(p.workload, p.shape, p.n_tokens) / p.median_s / rate
+
+
+def as_records(points: List[Point]) -> List[dict]:
+    return [asdict(p) for p in points]

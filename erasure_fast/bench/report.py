@@ -1,0 +1,113 @@
+"""Benchmark outputs: <machine>-<date>.json + .csv, a markdown report with tables, PNG plots."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from typing import Dict, List
+
+WORKLOAD_TITLES = {
+    "K1": "K1: next-token DLA + dots / norms of every head and MLP with every head as writer",
+    "K2n": "K2n: next-token DLA only (warm)",
+    "K2n_cold": "K2n cold: next-token DLA only, first call",
+    "K2f": "K2f: logit-difference DLA, one fixed (correct, incorrect) pair",
+    "S1": "S1: erasure scan of a synthetic corpus (forward + attribution + aggregation)",
+}
+
+
+def _fmt(x, spec="{:.3g}") -> str:
+    return "" if x is None else spec.format(x)
+
+
+def markdown(meta: dict, records: List[dict]) -> str:
+    m = meta["machine"]
+    roof = meta["roofline"]
+    lines = [
+        f"# Benchmark {meta['label']} ({meta['date']})", "",
+        f"- machine: {m.get('gpu') or m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), "
+        f"transformer_lens {m.get('transformer_lens', '-')}, triton {m.get('triton', '-')}",
+        "- measured roofline: matmul " + ", ".join(f"{k} {v:,.0f} GFLOP/s" for k, v in roof["matmul_gflops"].items())
+        + f"; copy {roof['copy_gbps']:.1f} GB/s",
+        f"- timing: median of {meta['repeats']} repeats after a warm-up call (S1: one run); memory = peak above the "
+        "pre-call baseline (RSS on CPU, allocated on GPU); speedup = TransformerLens time / provider time; roofline % = "
+        "nominal fused FLOPs / time / fp32 matmul rate",
+        f"- command: `{meta['command']}`", "",
+    ]
+    groups: Dict[tuple, List[dict]] = {}
+    for r in records:
+        groups.setdefault((r["workload"], r["shape"]), []).append(r)
+    for (workload, shape), rows in groups.items():
+        lines += [f"## {WORKLOAD_TITLES.get(workload, workload)} - {shape}", "",
+                  "| tokens | provider | status | median s | spread (min-max) s | tokens/s | speedup vs TL | roofline % | peak extra MiB |",
+                  "|---:|---|---|---:|---|---:|---:|---:|---:|"]
+        for r in sorted(rows, key=lambda r: (r["n_tokens"], r["provider"])):
+            spread = f"{min(r['times_s']):.4g}-{max(r['times_s']):.4g}" if r["times_s"] else ""
+            lines.append(f"| {r['n_tokens']:,} | {r['provider']} | {r['status']}{(' (' + r['note'] + ')') if r['status'] != 'ok' and r['note'] else ''} | "
+                         f"{_fmt(r['median_s'], '{:.4g}')} | {spread} | {_fmt(r['tokens_per_s'], '{:,.0f}')} | "
+                         f"{_fmt(r['speedup_vs_tl'], '{:.1f}x')} | {_fmt(r['roofline_pct'], '{:.1f}')} | {_fmt(r['peak_extra_mib'], '{:,.0f}')} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plots(records: List[dict], out_prefix: str) -> Dict[str, str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = {}
+    kernel = [r for r in records if r["workload"] != "S1" and r["status"] == "ok"]
+    shapes = sorted({r["shape"] for r in kernel})
+    workloads = [w for w in ("K1", "K2n", "K2f") if any(r["workload"] == w for r in kernel)]
+    for key, ylabel, log in (("tokens_per_s", "tokens / s", True), ("speedup_vs_tl", "speedup over TransformerLens", True),
+                             ("peak_extra_mib", "peak extra memory (MiB)", True)):
+        if not workloads or not shapes:
+            break
+        fig, axes = plt.subplots(len(shapes), len(workloads), figsize=(4.2 * len(workloads), 3.4 * len(shapes)), squeeze=False)
+        for i, shape in enumerate(shapes):
+            for j, w in enumerate(workloads):
+                ax = axes[i][j]
+                rows = [r for r in kernel if r["shape"] == shape and r["workload"] == w and r[key]]
+                for provider in sorted({r["provider"] for r in rows}):
+                    pts = sorted((r["n_tokens"], r[key]) for r in rows if r["provider"] == provider)
+                    if pts:
+                        ax.plot(*zip(*pts), marker="o", label=provider)
+                ax.set_xscale("log")
+                if log:
+                    ax.set_yscale("log")
+                ax.set_title(f"{w} - {shape}", fontsize=9)
+                ax.set_xlabel("tokens")
+                ax.set_ylabel(ylabel)
+                ax.grid(alpha=0.3)
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8)
+        fig.tight_layout(rect=(0, 0.08, 1, 1))
+        path = f"{out_prefix}-{key}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        files[os.path.basename(path)] = path
+    return files
+
+
+def write(out_dir: str, meta: dict, records: List[dict]) -> Dict[str, str]:
+    os.makedirs(out_dir, exist_ok=True)
+    prefix = os.path.join(out_dir, f"{meta['label']}-{meta['date']}")
+    files = {}
+    with open(prefix + ".json", "w") as f:
+        json.dump({"meta": meta, "results": records}, f, indent=1)
+    files["json"] = prefix + ".json"
+    with open(prefix + ".csv", "w", newline="") as f:
+        cols = [k for k in records[0] if k != "times_s"] + ["times_s"] if records else []
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        for r in records:
+            w.writerow({**r, "times_s": " ".join(f"{t:.6g}" for t in r["times_s"])})
+    files["csv"] = prefix + ".csv"
+    files.update(plots(records, prefix))
+    md = markdown(meta, records)
+    md += "\n" + "\n".join(f"![{k}]({os.path.basename(v)})" for k, v in files.items() if k.endswith(".png")) + "\n"
+    with open(prefix + ".md", "w") as f:
+        f.write(md)
+    files["md"] = prefix + ".md"
+    return files

@@ -1,0 +1,71 @@
+"""Benchmark workloads (one definition, used by the harness, the device script and the docs).
+
+K1  next-token DLA of every head + dots / squared norms of every head and MLP output with every head
+    as a writer (the fused operation at full width).
+K2n next-token DLA only (gathered directions: W_U rows of the next tokens); cold = first call.
+K2f logit-difference DLA with one fixed (correct, incorrect) pair.
+S1  erasure scan of a token corpus: forward pass + attribution + aggregation (see harness.run_s1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+SHAPES = {
+    "gelu-4l": dict(n_layers=4, n_heads=8, d_head=64, d_model=512, d_mlp=2048, d_vocab=48262, n_ctx=1024),
+    "gpt2-small": dict(n_layers=12, n_heads=12, d_head=64, d_model=768, d_mlp=3072, d_vocab=50257, n_ctx=1024),
+}
+
+
+@dataclass
+class KernelInputs:
+    """Random activations of a model shape for T = batch * pos tokens (values do not affect speed)."""
+
+    shape: str
+    z: torch.Tensor  # [B, P, L, H, dh]
+    mlp_out: torch.Tensor  # [B, P, L, D]
+    scale: torch.Tensor  # [B, P]
+    tokens: torch.Tensor  # [B, P]
+    next_ids: torch.Tensor  # [B, P] (-1 at the last position)
+    pair: tuple  # (correct, incorrect) token ids for K2f
+
+    @property
+    def n_tokens(self) -> int:
+        return self.tokens.numel()
+
+
+def make_inputs(shape: str, n_tokens: int, device, dtype=torch.float32, seed: int = 0) -> KernelInputs:
+    dims = SHAPES[shape]
+    P = min(n_tokens, dims["n_ctx"])
+    B = max(1, n_tokens // P)
+    g = torch.Generator().manual_seed(seed)
+    L, H, dh, D, V = (dims[k] for k in ("n_layers", "n_heads", "d_head", "d_model", "d_vocab"))
+    z = torch.randn(B, P, L, H, dh, generator=g).to(device, dtype)
+    mlp = torch.randn(B, P, L, D, generator=g).mul_(0.5).to(device, dtype)
+    scale = (torch.rand(B, P, generator=g) + 0.5).to(device, dtype)
+    # Zipf-like token ids, as in text (matters for unique-target DLA paths)
+    ranks = torch.distributions.Pareto(1.0, 0.3).sample((B, P)).long().clamp(max=V) - 1
+    perm = torch.randperm(V, generator=g)
+    tokens = perm[ranks.clamp(0, V - 1)].to(device)
+    nxt = torch.full_like(tokens, -1)
+    nxt[:, :-1] = tokens[:, 1:]
+    return KernelInputs(shape, z, mlp, scale, tokens, nxt, (int(perm[0]), int(perm[1])))
+
+
+def flops(workload: str, shape: str, n_tokens: int) -> float:
+    """Nominal FLOPs of the fused formulation (what the math page counts)."""
+    d = SHAPES[shape]
+    N = d["n_layers"] * d["n_heads"]
+    M = d["n_layers"]
+    dh, D = d["d_head"], d["d_model"]
+    T = n_tokens
+    proj = 2 * T * N * dh * D
+    if workload == "K1":
+        return proj + 2 * T * (N + M) * N * D + 2 * T * N * D + 2 * T * (N + M) * D
+    if workload in ("K2n", "K2n_cold"):
+        return proj + 2 * T * N * D
+    if workload == "K2f":
+        return 2 * T * N * dh + 2 * N * dh * D
+    raise ValueError(workload)
