@@ -231,3 +231,46 @@ def test_scan_finds_the_planted_circuit(tmp_path):
     assert pairs[0] == ("L2H3", "L0H2") and ("L2H6", "L0H2") in pairs, pairs
     assert top["median"].iloc[0] == pytest.approx(PLANTED["erasers"]["L2H3"], abs=0.15)
     assert "planted erasure circuit" in open(tmp_path / "report.md").read()
+
+
+def test_hf_dataset_directory_corpus(tmp_path, model):
+    datasets = pytest.importorskip("datasets", reason="the datasets package is not installed")
+    rows = [list(range(i, i + 40)) for i in range(0, 10)]  # 10 docs of 40 tokens -> 2 rows of 16 each
+    datasets.Dataset.from_dict({"tokens": rows}).save_to_disk(str(tmp_path / "ds"))
+    c = open_corpus(str(tmp_path / "ds"), seq_len=16)
+    got = list(c.rows())
+    assert len(got) == 20 and np.array_equal(got[3][1], np.arange(17, 33))
+    assert [i for i, _ in c.rows(18)] == [18, 19]
+    with pytest.raises(CorpusError, match="no column 'ids'"):
+        open_corpus(str(tmp_path / "ds"), seq_len=16, column="ids")
+    res = run(model, str(tmp_path / "ds"), tmp_path / "scan", batch_size=6)
+    assert res.meta["tokens"] == 20 * 16
+
+
+def _word_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["[UNK]", "[EOS]"] + [f"w{i}" for i in range(40)])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="[EOS]")
+
+
+def test_text_and_jsonl_corpora(tmp_path, model):
+    tok = _word_tokenizer()
+    docs = [" ".join(f"w{(i * 7 + j) % 40}" for j in range(30)) for i in range(6)]
+    (tmp_path / "c.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs) + "\n")
+    (tmp_path / "c.txt").write_text("\n\n".join(docs) + "\n")
+    a = [r for _, r in open_corpus(str(tmp_path / "c.jsonl"), tokenizer=tok, seq_len=16).rows()]
+    b = [r for _, r in open_corpus(str(tmp_path / "c.txt"), tokenizer=tok, seq_len=16).rows()]
+    assert len(a) == len(b) == (6 * 31) // 16  # 30 words + EOS per document, packed
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert a[0][0] == tok("w0")["input_ids"][0] and 1 in np.concatenate(a)  # EOS between documents
+    (tmp_path / "bad.jsonl").write_text('{"text": "w1"}\nnot json\n')
+    with pytest.raises(CorpusError, match="bad.jsonl: line 2 is not a JSON object"):
+        list(open_corpus(str(tmp_path / "bad.jsonl"), tokenizer=tok, seq_len=4).rows())
+    with pytest.raises(CorpusError, match="need the model's tokenizer"):
+        open_corpus(str(tmp_path / "c.txt"))
+    res = run(model, str(tmp_path / "c.jsonl"), tmp_path / "scan", tokenizer=tok)
+    assert res.meta["tokens"] == len(a) * 16

@@ -217,6 +217,8 @@ def open_corpus(spec, *, seq_len: Optional[int] = None, tokenizer=None, bin_dtyp
         fp = hashlib.sha256(np.ascontiguousarray(spec).tobytes()).hexdigest()[:16]
         return TokenCorpus(source="<array>", seq_len=sl, n_rows=n, fingerprint=fp, _array=spec)
     path = os.fspath(spec)
+    if seq_len is not None and seq_len < 2:
+        raise CorpusError(f"{path}: seq_len must be >= 2 (next-token targets), got {seq_len}")
     if path.endswith(".npy"):
         return open_npy(path, seq_len)
     if path.endswith(".bin"):

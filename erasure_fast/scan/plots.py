@@ -85,8 +85,7 @@ def heatmap(summary, cfg, path: str) -> str:
     data = np.where(mask.to_numpy(dtype=bool), mat.to_numpy(dtype=float), np.nan)
     vmax = np.nanmax(np.abs(data)) if np.isfinite(data).any() else 1.0
     fig, ax = plt.subplots(figsize=(0.25 * len(cfg.writer_labels) + 3, 0.2 * len(cfg.node_labels) + 2))
-    cmap = plt.get_cmap("RdBu").copy()
-    cmap.set_bad("#d9d9d9")  # pairs that are not downstream of the writer
+    cmap = plt.get_cmap("RdBu").with_extremes(bad="#d9d9d9")  # grey: pairs not downstream of the writer
     im = ax.imshow(np.ma.masked_invalid(data), cmap=cmap, vmin=-vmax, vmax=vmax, aspect="auto")
     ax.set_xticks(range(len(cfg.writer_labels)), cfg.writer_labels, rotation=90, fontsize=6)
     ax.set_yticks(range(len(cfg.node_labels)), cfg.node_labels, fontsize=6)
