@@ -12,7 +12,7 @@ BUILD_DEPS := "scikit-build-core>=0.10" "pybind11>=2.12" "cmake>=3.18" ninja
 TEST_DEPS := "pytest>=8" "hypothesis>=6.100"
 RUN_DEPS := numpy safetensors tqdm pandas pyarrow matplotlib
 
-.PHONY: demo test test-tl4 test-tl3 install install-tl3 bench clean
+.PHONY: demo test test-tl4 test-tl3 install install-tl3 bench clean asan
 
 $(VENV)/.deps: pyproject.toml Makefile
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -46,6 +46,18 @@ test-tl3: install-tl3
 	cd tests && EF_REQUIRE_CPP=1 EF_ERROR_REPORT=../build/parity-errors-tl3.json ../$(VENV_TL3)/bin/python -m pytest -q -p no:cacheprovider test_parity_tl.py
 
 test: test-tl4 test-tl3
+
+# The C++ kernel under AddressSanitizer + UndefinedBehaviorSanitizer (not part of `make test`): a
+# copy of the venv gets an EF_SANITIZE=ON build (own build dir), then the C++ tests run with the ASan
+# runtime preloaded into Python. Leak checks are off (CPython leaks by design); any ASan or UBSan
+# report aborts the run (UB is built without recovery), so success = no reports.
+ASAN_VENV ?= build/asan-venv
+asan: $(VENV)/.deps
+	rm -rf $(ASAN_VENV) && mkdir -p $(dir $(ASAN_VENV)) && cp -a $(VENV) $(ASAN_VENV)
+	$(ASAN_VENV)/bin/python -m pip install $(PIP) --no-build-isolation --no-deps --config-settings=build-dir=build/asan-{wheel_tag} --config-settings=cmake.define.EF_SANITIZE=ON .
+	cd tests && LD_PRELOAD="$$($${CXX:-c++} -print-file-name=libasan.so) $$($${CXX:-c++} -print-file-name=libubsan.so)" \
+	  ASAN_OPTIONS=detect_leaks=0:halt_on_error=1:abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
+	  $(abspath $(ASAN_VENV))/bin/python -m pytest -q -p no:cacheprovider test_backend_cpp.py
 
 clean:
 	rm -rf build dist $(VENV) $(VENV_TL3)

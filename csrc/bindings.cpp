@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "dla_only.h"
 #include "fused_attribution.h"
 
 namespace py = pybind11;
@@ -139,12 +140,185 @@ void def_entry(py::module_& m, const char* name, const char* dtype) {
             .c_str());
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// DLA-only entry points (dla_only.h). Same checks as `run` for the shared arguments.
+struct Dims {
+  int64_t T, N, H, D, K;
+};
+
+template <typename T>
+Dims check_dla_core(const Arr<T>& z, const Arr<T>& W_O, const Arr<T>& directions,
+                    const Arr<T>& scale) {
+  if (z.ndim() != 3) fail("z must have shape [T, N, d_head], got " + shape_of(z));
+  const int64_t T_ = z.shape(0), N = z.shape(1), H = z.shape(2);
+  if (N < 1 || H < 1) fail("z must have at least one head and d_head >= 1, got " + shape_of(z));
+  if (W_O.ndim() != 3 || W_O.shape(0) != N || W_O.shape(1) != H)
+    fail("W_O must have shape [N, d_head, d_model]=[" + std::to_string(N) + ", " + std::to_string(H) +
+         ", d_model], got " + shape_of(W_O));
+  const int64_t D = W_O.shape(2);
+  if (D < 1) fail("W_O has d_model = 0");
+  if (directions.ndim() != 2 || directions.shape(1) != D)
+    fail("directions must have shape [K, d_model]=[K, " + std::to_string(D) + "], got " +
+         shape_of(directions));
+  const int64_t K = directions.shape(0);
+  if (K < 1) fail("directions has no rows (K = 0)");
+  if (scale.ndim() != 1 || scale.shape(0) != T_)
+    fail("scale must have shape [T]=[" + std::to_string(T_) + "], got " + shape_of(scale));
+  const T* s = scale.data();
+  for (int64_t t = 0; t < T_; ++t)
+    if (!(s[t] > T(0)) || !std::isfinite(s[t]))
+      fail("scale must be finite and > 0 at every token, got " + std::to_string(s[t]) +
+           " at token " + std::to_string(t));
+  return Dims{T_, N, H, D, K};
+}
+
+ef::DlaMethod parse_method(const std::string& m) {
+  if (m == "auto") return ef::DlaMethod::kAuto;
+  if (m == "unique") return ef::DlaMethod::kUnique;
+  if (m == "table") return ef::DlaMethod::kTable;
+  fail("method must be 'auto', 'unique' or 'table', got '" + m + "'");
+}
+
+const char* method_name(int m) {
+  return m == static_cast<int>(ef::DlaMethod::kTable) ? "table" : "unique";
+}
+
+py::dict info_dict(const ef::DlaRunInfo& info) {
+  py::dict d;
+  d["method"] = std::string(method_name(info.method));
+  d["n_unique"] = info.n_unique;
+  return d;
+}
+
+template <typename T>
+py::tuple run_dla_fixed(const Arr<T>& z, const Arr<T>& W_O, const Arr<T>& directions,
+                        const Arr<T>& scale, bool center, bool want_norms, int n_threads) {
+  const Dims d = check_dla_core<T>(z, W_O, directions, scale);
+  py::array_t<T> dla(std::vector<py::ssize_t>{d.T, d.N, d.K});
+  py::object norms_obj = py::none();
+  T* norms_p = nullptr;
+  if (want_norms) {
+    py::array_t<T> norms(std::vector<py::ssize_t>{d.T, d.N});
+    norms_p = norms.mutable_data();
+    norms_obj = norms;
+  }
+  T* dla_p = dla.mutable_data();
+  const T *z_p = z.data(), *wo_p = W_O.data(), *dir_p = directions.data(), *sc_p = scale.data();
+  ef::DlaRunInfo info;
+  {
+    py::gil_scoped_release release;
+    info = ef::dla_fixed<T>(z_p, wo_p, dir_p, sc_p, d.T, d.N, d.H, d.D, d.K, center, dla_p, norms_p,
+                            n_threads);
+  }
+  return py::make_tuple(dla, norms_obj, info_dict(info));
+}
+
+template <typename T>
+py::tuple run_dla_gathered(const Arr<T>& z, const Arr<T>& W_O, const Arr<T>& directions,
+                           const Arr<T>& scale, const IdArr& direction_ids,
+                           const std::optional<IdArr>& incorrect_ids, bool center,
+                           const std::optional<Arr<T>>& table, const std::string& method,
+                           bool want_norms, int n_threads) {
+  const Dims d = check_dla_core<T>(z, W_O, directions, scale);
+  check_ids("direction_ids", direction_ids, d.T, d.K);
+  const int64_t* inc_p = nullptr;
+  if (incorrect_ids) {
+    check_ids("incorrect_ids", *incorrect_ids, d.T, d.K);
+    inc_p = incorrect_ids->data();
+  }
+  const ef::DlaMethod m = parse_method(method);
+  const T* table_p = nullptr;
+  if (table) {
+    if (table->ndim() != 3 || table->shape(0) != d.K || table->shape(1) != d.N ||
+        table->shape(2) != d.H)
+      fail("table must have shape [K, N, d_head]=[" + std::to_string(d.K) + ", " +
+           std::to_string(d.N) + ", " + std::to_string(d.H) + "], got " + shape_of(*table));
+    table_p = table->data();
+  } else if (m == ef::DlaMethod::kTable) {
+    fail("method 'table' needs a table (build one with build_dla_table)");
+  }
+  py::array_t<T> dla(std::vector<py::ssize_t>{d.T, d.N});
+  py::object norms_obj = py::none();
+  T* norms_p = nullptr;
+  if (want_norms) {
+    py::array_t<T> norms(std::vector<py::ssize_t>{d.T, d.N});
+    norms_p = norms.mutable_data();
+    norms_obj = norms;
+  }
+  T* dla_p = dla.mutable_data();
+  const T *z_p = z.data(), *wo_p = W_O.data(), *dir_p = directions.data(), *sc_p = scale.data();
+  const int64_t* ids_p = direction_ids.data();
+  ef::DlaRunInfo info;
+  {
+    py::gil_scoped_release release;
+    info = ef::dla_gathered<T>(z_p, wo_p, dir_p, sc_p, ids_p, inc_p, table_p, d.T, d.N, d.H, d.D,
+                               d.K, center, m, dla_p, norms_p, n_threads);
+  }
+  return py::make_tuple(dla, norms_obj, info_dict(info));
+}
+
+template <typename T>
+py::array_t<T> run_build_table(const Arr<T>& W_O, const Arr<T>& directions, bool center,
+                               int n_threads) {
+  if (W_O.ndim() != 3) fail("W_O must have shape [N, d_head, d_model], got " + shape_of(W_O));
+  const int64_t N = W_O.shape(0), H = W_O.shape(1), D = W_O.shape(2);
+  if (N < 1 || H < 1 || D < 1)
+    fail("W_O must have at least one head, d_head >= 1 and d_model >= 1, got " + shape_of(W_O));
+  if (directions.ndim() != 2 || directions.shape(1) != D)
+    fail("directions must have shape [K, d_model]=[K, " + std::to_string(D) + "], got " +
+         shape_of(directions));
+  const int64_t K = directions.shape(0);
+  if (K < 1) fail("directions has no rows (K = 0)");
+  py::array_t<T> table(std::vector<py::ssize_t>{K, N, H});
+  T* out = table.mutable_data();
+  const T *wo_p = W_O.data(), *dir_p = directions.data();
+  {
+    py::gil_scoped_release release;
+    ef::build_dla_table<T>(wo_p, dir_p, N, H, D, K, center, out, n_threads);
+  }
+  return table;
+}
+
+template <typename T>
+void def_dla(py::module_& m, const std::string& sfx, const char* dtype) {
+  const std::string dt(dtype);
+  m.def(("dla_fixed_" + sfx).c_str(), &run_dla_fixed<T>, py::arg("z"), py::arg("W_O"),
+        py::arg("directions"), py::arg("scale"), py::arg("center") = true,
+        py::arg("norms") = true, py::arg("n_threads") = 0,
+        ("DLA-only, fixed directions, on " + dt +
+         " arrays: dla [T, N, K] = z . (W_O c(d_k)) / s, never forming a head's d_model output.\n"
+         "norms=True also returns |r_n|^2 [T, N] (as z^T W_O W_O^T z). Returns (dla, norms or "
+         "None, {'method', 'n_unique'}).")
+            .c_str());
+  m.def(("dla_gathered_" + sfx).c_str(), &run_dla_gathered<T>, py::arg("z"), py::arg("W_O"),
+        py::arg("directions"), py::arg("scale"), py::arg("direction_ids"),
+        py::arg("incorrect_ids") = py::none(), py::arg("center") = true,
+        py::arg("table") = py::none(), py::arg("method") = "auto", py::arg("norms") = true,
+        py::arg("n_threads") = 0,
+        ("DLA-only, gathered directions, on " + dt +
+         " arrays: dla [T, N] (NaN where an id is -1) via the distinct (id, incorrect id) pairs "
+         "of the call ('unique') or a prebuilt table [K, N, d_head] from build_dla_table "
+         "('table'); 'auto' picks the table when one is given and the cost model prefers it.\n"
+         "Returns (dla, norms [T, N] or None, {'method', 'n_unique'}).")
+            .c_str());
+  m.def(("build_dla_table_" + sfx).c_str(), &run_build_table<T>, py::arg("W_O"),
+        py::arg("directions"), py::arg("center") = true, py::arg("n_threads") = 0,
+        ("table [K, N, d_head] (" + dt +
+         "): table[k, n] = W_O[n] @ c(directions[k]), for dla_gathered_*(table=...).")
+            .c_str());
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "erasure_fast C++/OpenMP CPU kernel (see erasure_fast/contract.py for the contract)";
   def_entry<float>(m, "fused_attribution_f32", "float32");
   def_entry<double>(m, "fused_attribution_f64", "float64");
+  def_dla<float>(m, "f32", "float32");
+  def_dla<double>(m, "f64", "float64");
+  m.def("dla_prefer_table", &ef::prefer_table, py::arg("n_unique"), py::arg("n_valid_tokens"),
+        py::arg("d_model"), "The auto rule of dla_gathered_*: True = gather from the table.");
   m.def("build_info", []() {
     py::dict d;
     d["openmp"] = ef::openmp_enabled();

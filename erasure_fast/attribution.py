@@ -39,6 +39,9 @@ class AttributionResult:
     resid_labels: List[str]
     downstream: torch.Tensor
     backend: str
+    z: Optional[torch.Tensor] = field(default=None, repr=False)  # [B, P, L*H, d_head] captured hook_z
+    final_scale: Optional[torch.Tensor] = field(default=None, repr=False)  # [B, P]
+    extra: dict = field(default_factory=dict, repr=False)  # activations kept on request
     _cache: dict = field(default_factory=dict, repr=False)
 
     def _memo(self, key, fn):
@@ -200,16 +203,22 @@ def attribute(
     if incorrect is not None:
         inc = _target_ids(incorrect, tokens, spec, "incorrect", allow_next=False)
         inc = torch.where(ids < 0, ids, inc)
-    impl = get_backend(backend, _model_device(model))
+    impl = get_backend(backend, _model_device(model), spec.W_O.dtype)
     return run_attribution(model, spec, tokens, wr, ids, inc, include_mlps=include_mlps, impl=impl)
 
 
 def run_attribution(model, spec: ModelSpec, tokens: torch.Tensor, wr: torch.Tensor, ids: torch.Tensor,
-                    inc: Optional[torch.Tensor], *, include_mlps: bool, impl) -> AttributionResult:
+                    inc: Optional[torch.Tensor], *, include_mlps: bool, impl, extra_hooks=(), keep_hooks=(),
+                    scale_override: Optional[torch.Tensor] = None) -> AttributionResult:
     """`attribute` after argument checking: tokens [B, P] valid ids, wr [W] head indices,
-    ids / inc [B, P] target ids (-1 = none), impl a backend module."""
+    ids / inc [B, P] target ids (-1 = none), impl a backend module. ``extra_hooks`` are interventions
+    run during the forward pass, ``keep_hooks`` activations to keep (``result.extra``) and
+    ``scale_override`` [B, P] a final-LN scale to use instead of the run's own (e.g. the clean one)."""
     with_mlps = include_mlps and spec.has_mlps
-    cap = capture(model, tokens, spec, include_mlps=with_mlps, include_embed=with_mlps)
+    cap = capture(model, tokens, spec, include_mlps=with_mlps, include_embed=with_mlps,
+                  extra_hooks=extra_hooks, keep_hooks=keep_hooks)
+    if scale_override is not None:
+        cap.scale = scale_override.to(cap.scale)
     B, P = tokens.shape
     T = B * P
     L, H = spec.n_layers, spec.n_heads
@@ -253,4 +262,7 @@ def run_attribution(model, spec: ModelSpec, tokens: torch.Tensor, wr: torch.Tens
         resid_labels=labels_resid,
         downstream=_downstream(spec, wr, n_nodes).to(dev),
         backend=impl.NAME,
+        z=cap.z,
+        final_scale=cap.scale,
+        extra=cap.extra or {},
     )

@@ -30,6 +30,7 @@ class Capture:
     mlp_out: Optional[torch.Tensor]
     embed: Optional[torch.Tensor]
     scale: torch.Tensor
+    extra: Dict[str, torch.Tensor] = None
 
 
 def validate_tokens(tokens, spec: ModelSpec, name: str = "tokens") -> torch.Tensor:
@@ -68,8 +69,12 @@ def model_device(model) -> torch.device:
     return torch.device("cpu")
 
 
-def capture(model, tokens: torch.Tensor, spec: ModelSpec, *, include_mlps: bool = True, include_embed: bool = True) -> Capture:
-    """Run ``model`` on ``tokens`` [batch, pos] (validated) and return the `Capture`."""
+def capture(model, tokens: torch.Tensor, spec: ModelSpec, *, include_mlps: bool = True, include_embed: bool = True,
+            extra_hooks=(), keep_hooks=()) -> Capture:
+    """Run ``model`` on ``tokens`` [batch, pos] (validated) and return the `Capture`.
+
+    ``extra_hooks``: (name, fn) forward hooks run before ours (interventions such as patches);
+    ``keep_hooks``: further hook names whose activations are kept in ``Capture.extra``."""
     L = spec.n_layers
     store: Dict[str, torch.Tensor] = {}
 
@@ -82,7 +87,8 @@ def capture(model, tokens: torch.Tensor, spec: ModelSpec, *, include_mlps: bool 
         store["resid_final"] = t.detach()
         raise _StopForward
 
-    hooks = [(f"blocks.{l}.attn.hook_z", keep(f"z{l}")) for l in range(L)]
+    hooks = list(extra_hooks) + [(f"blocks.{l}.attn.hook_z", keep(f"z{l}")) for l in range(L)]
+    hooks += [(name, keep(name)) for name in keep_hooks]
     if include_mlps and spec.has_mlps:
         hooks += [(f"blocks.{l}.hook_mlp_out", keep(f"mlp{l}")) for l in range(L)]
     if include_embed:
@@ -115,4 +121,4 @@ def capture(model, tokens: torch.Tensor, spec: ModelSpec, *, include_mlps: bool 
         if include_embed and spec.embed_hooks:
             embed = sum(store[h] for h in spec.embed_hooks)
         scale = final_scale(store["resid_final"], spec)
-    return Capture(z=z, mlp_out=mlp, embed=embed, scale=scale)
+    return Capture(z=z, mlp_out=mlp, embed=embed, scale=scale, extra={k: store[k] for k in keep_hooks if k in store})

@@ -26,7 +26,8 @@ Outputs (float64 when z is float64, else float32; fp32 accumulation for bf16/fp1
     dla    [T, N] or [T, N, K]  ( r_n[t] . c(d[t]) ) / s[t],  r_n = z_n W_O[n], c = centring when
                                 ``center`` (LayerNorm models), identity otherwise (RMSNorm)
     dots   [T, N + M, W]        node . r_w  for every node (heads, then extra nodes) and writer
-    norms  [T, N + M]           |node|^2
+    norms  [T, N + M]           |node|^2 (None when ``with_norms=False``: DLA-only callers skip the
+                                cost, which would otherwise dominate the head-space DLA paths)
 
 Projection ratio, projection value and cosine follow (`derive_measures`). NaN policy: where a
 writer's squared norm is 0, its PR / PV / cosine are NaN in every backend; non-finite inputs are
@@ -49,7 +50,7 @@ class FusedOutputs(NamedTuple):
 
     dla: torch.Tensor
     dots: torch.Tensor
-    norms: torch.Tensor
+    norms: Optional[torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,7 @@ class FusedInputs:
     direction_ids: Optional[torch.Tensor]  # [T] int64 in [-1, K), or None (fixed-set mode)
     incorrect_ids: Optional[torch.Tensor]  # [T] int64 in [-1, K), or None
     center: bool
+    with_norms: bool = True  # False: backends may return norms=None
 
     @property
     def n_tokens(self) -> int:
@@ -152,6 +154,7 @@ def validate(
     incorrect_ids=None,
     center: bool = True,
     check_finite: bool = True,
+    with_norms: bool = True,
 ) -> FusedInputs:
     """Check every argument of `fused_attribution` and return backend-ready `FusedInputs`.
 
@@ -250,6 +253,7 @@ def validate(
         direction_ids=ids,
         incorrect_ids=inc,
         center=bool(center),
+        with_norms=bool(with_norms),
     )
 
 
@@ -266,6 +270,7 @@ def fused_attribution(
     center: bool = True,
     backend: str = "auto",
     check_finite: bool = True,
+    with_norms: bool = True,
 ) -> FusedOutputs:
     """Fused DLA + erasure dot products for raw tensors (any model: nnsight, custom, ...).
 
@@ -280,19 +285,21 @@ def fused_attribution(
         incorrect_ids: [T] int, subtracted row per token (logit difference); needs direction_ids.
         center: centre the direction (LayerNorm models); False for RMSNorm.
         backend: "auto", "torch", "cpp" or "triton" (see `erasure_fast.backends()`).
-        check_finite: reject non-finite z / W_O / directions / extra_nodes (one pass over each).
+        check_finite: reject non-finite z / W_O / directions / extra_nodes (one pass over each;
+            large weight tables are checked once per tensor version).
+        with_norms: False skips the squared norms (``norms`` is then None) -- for DLA-only calls.
 
     Returns:
-        FusedOutputs(dla [T, N] or [T, N, K], dots [T, N+M, W], norms [T, N+M]).
+        FusedOutputs(dla [T, N] or [T, N, K], dots [T, N+M, W], norms [T, N+M] or None).
     """
     from .backends import get_backend
 
     inputs = validate(
         z, W_O, directions, scale, writers, extra_nodes,
         direction_ids=direction_ids, incorrect_ids=incorrect_ids,
-        center=center, check_finite=check_finite,
+        center=center, check_finite=check_finite, with_norms=with_norms,
     )
-    return get_backend(backend, inputs.z.device).run(inputs)
+    return get_backend(backend, inputs.z.device, inputs.z.dtype).run(inputs)
 
 
 class Measures(NamedTuple):

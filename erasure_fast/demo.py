@@ -51,18 +51,13 @@ def random_tl_state_dict(dims: dict, seed: int = 0) -> dict:
     return sd
 
 
-def bridge_from_state_dict(dims: dict, sd: dict, name: str = "native"):
-    """TL 4 bridge with GELU-style config ``dims`` and HookedTransformer-named weights ``sd``."""
-    import transformer_lens.model_bridge.sources.native  # noqa: F401
-    from transformer_lens.config import TransformerBridgeConfig
-    from transformer_lens.model_bridge import TransformerBridge
-    from transformer_lens.utilities.tl_checkpoint_conversion import convert_tl_checkpoint
+def model_from_state_dict(dims: dict, sd: dict, name: str = "native"):
+    """TL 4 bridge (TL 3: HookedTransformer) with GELU / LayerNorm config ``dims`` and
+    HookedTransformer-named weights ``sd``."""
+    from .loading import model_from_tl_state_dict
 
-    cfg = TransformerBridgeConfig(**dims, act_fn="gelu", normalization_type="LN", positional_embedding_type="standard")
-    model = TransformerBridge.boot_native(cfg, model_name=name)
-    model.load_state_dict(convert_tl_checkpoint(sd, cfg), strict=True)
-    model.eval()
-    return model
+    cfg = dict(dims, act_fn="gelu", normalization_type="LN", attn_only=False)
+    return model_from_tl_state_dict(cfg, sd, name=name)
 
 
 PLANTED = {"writer": "L0H2", "erasers": {"L2H3": -0.8, "L2H6": -0.4}, "bos": 0, "writer_norm": 4.0}
@@ -129,7 +124,7 @@ def planted_model(seed: int = 0, dims: dict = None, planted: dict = None):
         sd[q + "W_V"][eh][:, 0] = u
         sd[q + "W_O"][eh][0] = -u
         erasers.append((label, el, eh))
-    model = bridge_from_state_dict(dims, sd, name="demo-planted-gelu4l")
+    model = model_from_state_dict(dims, sd, name="demo-planted-gelu4l")
     from . import attribute
 
     calib = torch.from_numpy(demo_corpus(2, dims["n_ctx"], dims["d_vocab"], seed=seed + 1)).long()
@@ -140,7 +135,7 @@ def planted_model(seed: int = 0, dims: dict = None, planted: dict = None):
         median = float(res.pr[..., res.node_labels.index(label), 0].reshape(-1).median())
         gains[label] = planted["erasers"][label] / median
         sd[f"blocks.{el}.attn.W_O"][eh] *= gains[label]
-    model = bridge_from_state_dict(dims, sd, name="demo-planted-gelu4l")
+    model = model_from_state_dict(dims, sd, name="demo-planted-gelu4l")
     info = dict(planted, gains=gains, seed=seed, note=(
         f"Synthetic model: GELU-4L shape, random weights (seed {seed}), planted erasure circuit: writer "
         f"{planted['writer']} (attends to BOS, token id {bos}), erasers "

@@ -98,13 +98,14 @@ def _tokenizer(name: Optional[str]):
         return None  # tokenizer not cached: token-id corpora still work
 
 
-def load_tl_checkpoint(path: str, *, device=None, dtype: torch.dtype = torch.float32, name: Optional[str] = None):
-    """A TransformerLens-style checkpoint directory -> TL 4 ``TransformerBridge`` (TL 3:
-    ``HookedTransformer``), weights loaded strictly."""
-    cfg = read_tl_config(path)
-    sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in read_tl_weights(path).items()}
-    tok = _tokenizer(cfg.pop("tokenizer_name"))
-    final_rms = cfg.pop("final_rms")
+def model_from_tl_state_dict(cfg: dict, sd: dict, *, tokenizer=None, dtype: torch.dtype = torch.float32,
+                             name: str = "native", path: str = "<state dict>"):
+    """TL 4 ``TransformerBridge`` (TL 3: ``HookedTransformer``) from a TL-style config dict (keys of
+    `read_tl_config`) and weights in HookedTransformer naming, loaded strictly."""
+    cfg = dict(cfg)
+    cfg.pop("tokenizer_name", None)
+    final_rms = cfg.pop("final_rms", False)
+    sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
     if _tl_major() >= 4:
         import transformer_lens.model_bridge.sources.native  # noqa: F401
         from transformer_lens.config import TransformerBridgeConfig
@@ -112,7 +113,7 @@ def load_tl_checkpoint(path: str, *, device=None, dtype: torch.dtype = torch.flo
         from transformer_lens.utilities.tl_checkpoint_conversion import convert_tl_checkpoint
 
         bcfg = TransformerBridgeConfig(**cfg, final_rms=final_rms, positional_embedding_type="standard")
-        model = TransformerBridge.boot_native(bcfg, tokenizer=tok, dtype=dtype, model_name=name or os.path.basename(path.rstrip("/")))
+        model = TransformerBridge.boot_native(bcfg, tokenizer=tokenizer, dtype=dtype, model_name=name)
         try:
             converted = convert_tl_checkpoint(sd, bcfg)
         except ValueError as e:
@@ -127,16 +128,27 @@ def load_tl_checkpoint(path: str, *, device=None, dtype: torch.dtype = torch.flo
         from transformer_lens import HookedTransformer, HookedTransformerConfig
 
         hcfg = HookedTransformerConfig(**cfg, final_rms=final_rms, dtype=dtype, positional_embedding_type="standard")
-        model = HookedTransformer(hcfg, tokenizer=tok)
+        model = HookedTransformer(hcfg, tokenizer=tokenizer)
         sd.setdefault("unembed.b_U", torch.zeros(hcfg.d_vocab, dtype=dtype))
         try:
-            model.load_state_dict(sd, strict=False)
+            missing, unexpected = model.load_state_dict(sd, strict=False)
         except RuntimeError as e:
             raise ModelLoadError(f"{path}: weights do not match config.json ({str(e)[:500]})") from None
-    if device is not None:
-        model = model.to(device)
+        missing = [k for k in missing if not k.endswith(("IGNORE", "mask"))]  # buffers, not weights
+        if missing or unexpected:
+            raise ModelLoadError(f"{path}: weights do not match config.json (missing {missing[:5]}, unexpected {unexpected[:5]})")
     model.eval()
     return model
+
+
+def load_tl_checkpoint(path: str, *, device=None, dtype: torch.dtype = torch.float32, name: Optional[str] = None):
+    """A TransformerLens-style checkpoint directory -> TL 4 ``TransformerBridge`` (TL 3:
+    ``HookedTransformer``), weights loaded strictly."""
+    cfg = read_tl_config(path)
+    tok = _tokenizer(cfg.get("tokenizer_name"))
+    model = model_from_tl_state_dict(cfg, read_tl_weights(path), tokenizer=tok, dtype=dtype,
+                                     name=name or os.path.basename(path.rstrip("/")), path=path)
+    return model.to(device) if device is not None else model
 
 
 def load_model(name: str, *, device=None, dtype: torch.dtype = torch.float32, cache_dir: Optional[str] = None):

@@ -90,6 +90,7 @@ def logit_attrs_heads(cache, tokens, incorrect_tokens=None, *, backend: str = "a
         incorrect_ids=None if inc is None else inc.reshape(-1).to(z.device),
         center=spec.center,
         backend=backend,
+        with_norms=False,
     )
     dla = out.dla.to(z.dtype).reshape(B, P, L * H).permute(2, 0, 1)
     return dla if has_batch else dla[:, 0]

@@ -322,3 +322,260 @@ def test_binding_rejects_wrong_dtype():
     a["z"] = a["z"].astype(np.float64)  # float64 -> float32 is not a safe cast
     with pytest.raises(TypeError):
         _C.fused_attribution_f32(**a)
+
+
+# ---------------------------------------------------------------------------------------------
+# DLA-only fast paths (W = 0, M = 0): head-space directions A = W_O c(d), no d_model output formed
+DLA_SHAPES = [  # T, N, H, D, K   (D >= 2 H: the DLA-only path; K >= 8 exercises the GEMM builder)
+    (1, 1, 3, 13, 1),
+    (7, 5, 3, 120, 4),
+    (37, 5, 24, 120, 40),
+    (37, 1, 7, 16, 9),
+    (50, 3, 64, 130, 3),
+    (13, 5, 8, 16, 12),  # d_model and N * d_head multiples of the SIMD block
+    (101, 6, 24, 77, 200),
+]
+
+
+def _dla_case(shape, dtype, mode, incorrect, missing, center=True):
+    T, N, H, D, K = shape
+    seed = zlib.crc32(repr((shape, str(dtype), mode, incorrect, missing, center)).encode())
+    return make_case(T, N, H, D, 0, 0, K, dtype=dtype, mode=mode, incorrect=incorrect,
+                     missing=missing, center=center, seed=seed)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", DLA_SHAPES, ids=lambda s: "T{}N{}H{}D{}K{}".format(*s))
+@pytest.mark.parametrize(
+    "mode,incorrect,missing",
+    [("fixed", False, False), ("gathered", False, False), ("gathered", True, True),
+     ("gathered", False, True)],
+)
+@pytest.mark.parametrize("center", [True, False])
+def test_dla_only_path_matches_oracle(dtype, shape, mode, incorrect, missing, center):
+    args, kw = _dla_case(shape, dtype, mode, incorrect, missing, center)
+    got, _ = check_against_oracle(args, kw, dtype)
+    assert cpp.last_path().startswith("dla_fixed" if mode == "fixed" else "dla_unique")
+    assert got.dots.shape == (shape[0], shape[1], 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_dla_only_path_half_inputs(dtype):
+    args, kw = _dla_case((37, 5, 24, 120, 40), dtype, "gathered", True, True)
+    got, _ = check_against_oracle(args, kw, dtype)
+    assert got.dla.dtype == torch.float32 and cpp.last_path().startswith("dla_")
+
+
+def test_small_d_model_keeps_fused_kernel():
+    # d_model < 2 d_head: the Gram-matrix norms would lose accuracy, so the fused kernel runs
+    args, kw = make_case(9, 3, 40, 30, 0, 0, 4, dtype=torch.float32)
+    check_against_oracle(args, kw, torch.float32)
+    assert cpp.last_path() == "fused"
+    args, kw = make_case(9, 3, 8, 40, 0, 1, 4, dtype=torch.float32)  # a writer: fused
+    check_against_oracle(args, kw, torch.float32)
+    assert cpp.last_path() == "fused"
+
+
+def _fused_np(inp, fn):
+    return fn(inp.z.numpy(), inp.W_O.numpy(), inp.directions.numpy(), inp.scale.numpy(),
+              inp.writers.numpy(), None,
+              direction_ids=None if inp.direction_ids is None else inp.direction_ids.numpy(),
+              incorrect_ids=None if inp.incorrect_ids is None else inp.incorrect_ids.numpy(),
+              center=inp.center)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(60, 4, 16, 40, 5), (120, 5, 24, 120, 300), (33, 2, 3, 21, 9)],
+                         ids=lambda s: "T{}N{}H{}D{}K{}".format(*s))
+@pytest.mark.parametrize("incorrect,missing", [(False, False), (True, False), (False, True), (True, True)])
+def test_gathered_unique_table_fused_agree(dtype, shape, incorrect, missing):
+    args, kw = _dla_case(shape, dtype, "gathered", incorrect, missing)
+    inp = validate(*args, **kw)
+    want = torch_ref.run(as_f64(inp))
+    floor = magnitudes(inp, want)["dla"]
+    table = cpp.build_dla_table(inp.W_O, inp.directions, inp.center, register=False)
+    assert table.shape == (shape[4], shape[1], shape[2]) and table.table.dtype == dtype
+    assert table.nbytes == shape[4] * shape[1] * shape[2] * table.table.element_size()
+    res = {}
+    for method in ("unique", "table", "auto"):
+        dla, norms = cpp.dla_gathered(table, inp.z, inp.scale, inp.direction_ids, inp.incorrect_ids,
+                                      method=method, norms=True)
+        assert cpp.last_path().startswith("dla_table" if method == "table" else "dla_")
+        res[method] = dla
+        assert rel_err(norms, want.norms) <= TOL[dtype]
+    res["unique, no table"] = cpp.dla_gathered(None, inp.z, inp.scale, inp.direction_ids,
+                                               inp.incorrect_ids, W_O=inp.W_O,
+                                               directions=inp.directions)
+    fn = _C.fused_attribution_f64 if dtype == torch.float64 else _C.fused_attribution_f32
+    res["fused"] = torch.from_numpy(_fused_np(inp, fn)[0])
+    for name, dla in res.items():
+        e = rel_err(dla, want.dla, floor)
+        _worst[dtype] = max(_worst.get(dtype, 0.0), e)
+        assert e <= TOL[dtype], f"{name}: rel err {e:.3g}"
+    torch.testing.assert_close(res["unique"], res["unique, no table"], rtol=0, atol=0, equal_nan=True)
+    bad = inp.direction_ids < 0
+    if incorrect:
+        bad = bad | (inp.incorrect_ids < 0)
+    assert torch.equal(torch.isnan(res["table"]).all(1), bad)
+
+
+def test_registered_table_used_by_run_and_invalidated_in_place():
+    T, N, H, D, K = 400, 3, 8, 64, 300
+    args, kw = make_case(T, N, H, D, 0, 0, K, dtype=torch.float32, seed=5)
+    z, W_O, dirs, scale, writers, _ = args
+    cpp.clear_dla_tables()
+    try:
+        table = cpp.build_dla_table(W_O, dirs, center=True)
+        assert cpp.registered_dla_tables() == [table]
+        n_unique = int(torch.unique(kw["direction_ids"]).numel())
+        assert cpp.prefer_table(n_unique, T, D)  # many distinct ids per token: the table wins
+        got = fused_attribution(z, W_O, dirs, scale, [], backend="cpp", **kw)
+        assert cpp.last_path().startswith("dla_table")
+        want = fused_attribution(z, W_O, dirs, scale, [], backend="torch", **kw)
+        assert rel_err(got.dla, want.dla) < 1e-5 and rel_err(got.norms, want.norms) < 1e-5
+        # other centring, or few distinct ids: no table / unique reduction
+        fused_attribution(z, W_O, dirs, scale, [], backend="cpp", **dict(kw, center=False))
+        assert cpp.last_path().startswith("dla_unique")
+        few = torch.zeros(T, dtype=torch.int64)
+        fused_attribution(z, W_O, dirs, scale, [], backend="cpp", direction_ids=few)
+        assert cpp.last_path().startswith("dla_unique")
+        # an in-place change of W_O (version counter) retires the table
+        W_O.mul_(2.0)
+        assert not table.is_current()
+        got = fused_attribution(z, W_O, dirs, scale, [], backend="cpp", **kw)
+        assert cpp.last_path().startswith("dla_unique")
+        want = fused_attribution(z, W_O, dirs, scale, [], backend="torch", **kw)
+        assert rel_err(got.dla, want.dla) < 1e-5
+        assert cpp.registered_dla_tables() == []
+        with pytest.raises(ValueError, match="not built from these"):
+            cpp.dla_gathered(table, z, scale, kw["direction_ids"])
+    finally:
+        cpp.clear_dla_tables()
+
+
+def test_auto_rule_is_monotone():
+    assert not cpp.prefer_table(1, 8192, 512)
+    assert cpp.prefer_table(8192, 8192, 512)
+    assert not cpp.prefer_table(100, 8192, 512) and cpp.prefer_table(1000, 8192, 512)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("path", ["fixed", "unique_small", "unique", "table"])
+def test_dla_only_thread_count_independent_bitwise(dtype, path):
+    K = 3 if path == "unique_small" else 60
+    args, kw = make_case(101, 6, 24, 77, 0, 0, K, dtype=dtype,
+                         mode="fixed" if path == "fixed" else "gathered", incorrect=True, missing=True)
+    inp = validate(*args, **kw)
+    table = cpp.build_dla_table(inp.W_O, inp.directions, register=False) if path == "table" else None
+    outs = []
+    try:
+        for n in (1, 2, 3):
+            cpp.set_num_threads(n)
+            if path == "fixed":
+                outs.append(cpp.run(inp))
+            else:
+                outs.append(cpp.dla_gathered(table, inp.z, inp.scale, inp.direction_ids,
+                                             inp.incorrect_ids, W_O=inp.W_O,
+                                             directions=inp.directions,
+                                             method="table" if table else "unique", norms=True))
+            if path == "table":
+                outs[-1] += (cpp.build_dla_table(inp.W_O, inp.directions, register=False).table,)
+    finally:
+        cpp.set_num_threads(None)
+    for o in outs[1:]:
+        for x, y in zip(outs[0], o):
+            assert x.numpy().tobytes() == y.numpy().tobytes()
+
+
+def test_dla_fixed_helper_logit_difference():
+    args, kw = make_case(20, 4, 16, 64, 0, 0, 10, dtype=torch.float64, mode="fixed")
+    z, W_O, dirs, scale = args[:4]
+    d = (dirs[3] - dirs[7])[None]
+    dla = cpp.dla_fixed(z, W_O, d, scale)
+    want = torch_ref.run(validate(z, W_O, d, scale, []))
+    assert dla.shape == (20, 4, 1) and rel_err(dla, want.dla) < 1e-12
+
+
+# binding-level checks of the DLA-only entry points
+def _good_dla(T=4, N=3, H=5, D=11, K=4):
+    a = _good(T=T, N=N, H=H, D=D, K=K)
+    del a["writers"], a["extra_nodes"]
+    return a
+
+
+def test_dla_bindings_accept_good_arguments():
+    a = _good_dla()
+    tab = _C.build_dla_table_f32(a["W_O"], a["directions"])
+    assert tab.shape == (4, 3, 5)
+    dla, norms, info = _C.dla_gathered_f32(**a, table=tab, method="table")
+    assert dla.shape == (4, 3) and norms.shape == (4, 3) and info["method"] == "table"
+    assert info["n_unique"] == 1
+    del a["direction_ids"]
+    dla, norms, info = _C.dla_fixed_f32(**a, norms=False)
+    assert dla.shape == (4, 3, 4) and norms is None
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (dict(z=np.zeros((4, 3), np.float32)), "z must have shape"),
+        (dict(W_O=np.zeros((3, 6, 11), np.float32)), "W_O must have shape"),
+        (dict(directions=np.zeros((4, 8), np.float32)), "directions must have shape"),
+        (dict(directions=np.zeros((0, 11), np.float32)), "K = 0"),
+        (dict(scale=np.ones(5, np.float32)), "scale must have shape"),
+        (dict(scale=np.array([1, 1, np.nan, 1], np.float32)), "scale must be finite and > 0"),
+        (dict(direction_ids=np.zeros(3, np.int64)), "direction_ids must have shape"),
+        (dict(direction_ids=np.array([0, 1, 4, 0], np.int64)), r"direction_ids must lie in \[-1, 4\)"),
+        (dict(incorrect_ids=np.array([0, -2, 0, 0], np.int64)), "incorrect_ids must lie in"),
+        (dict(incorrect_ids=np.zeros(5, np.int64)), "incorrect_ids must have shape"),
+        (dict(method="table"), "needs a table"),
+        (dict(method="fast"), "method must be"),
+        (dict(table=np.zeros((4, 3, 6), np.float32)), "table must have shape"),
+        (dict(table=np.zeros((5, 3, 5), np.float32)), "table must have shape"),
+    ],
+)
+def test_dla_gathered_binding_rejects_bad_arguments(change, match):
+    a = _good_dla()
+    a.update(change)
+    with pytest.raises(ValueError, match=match):
+        _C.dla_gathered_f32(**a)
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (dict(z=np.zeros((4, 3, 5, 1), np.float32)), "z must have shape"),
+        (dict(W_O=np.zeros((2, 5, 11), np.float32)), "W_O must have shape"),
+        (dict(directions=np.zeros((4, 12), np.float32)), "directions must have shape"),
+        (dict(scale=np.zeros(4, np.float32)), "scale must be finite and > 0"),
+    ],
+)
+def test_dla_fixed_binding_rejects_bad_arguments(change, match):
+    a = _good_dla()
+    del a["direction_ids"]
+    a.update(change)
+    with pytest.raises(ValueError, match=match):
+        _C.dla_fixed_f32(**a)
+
+
+@pytest.mark.parametrize(
+    "W_O,directions,match",
+    [
+        (np.zeros((3, 5), np.float32), np.zeros((4, 11), np.float32), "W_O must have shape"),
+        (np.zeros((3, 5, 0), np.float32), np.zeros((4, 0), np.float32), "d_model >= 1"),
+        (np.zeros((3, 5, 11), np.float32), np.zeros((4, 10), np.float32), "directions must have shape"),
+        (np.zeros((3, 5, 11), np.float32), np.zeros((0, 11), np.float32), "K = 0"),
+    ],
+)
+def test_build_table_binding_rejects_bad_arguments(W_O, directions, match):
+    with pytest.raises(ValueError, match=match):
+        _C.build_dla_table_f32(W_O, directions)
+
+
+def test_dla_bindings_reject_wrong_dtype():
+    a = _good_dla()
+    a["z"] = a["z"].astype(np.float64)
+    with pytest.raises(TypeError):
+        _C.dla_gathered_f32(**a)
+    with pytest.raises(TypeError):
+        _C.build_dla_table_f32(a["W_O"].astype(np.float64), a["directions"])

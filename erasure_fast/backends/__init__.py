@@ -42,12 +42,15 @@ def backends() -> Dict[str, BackendInfo]:
     return {name: _info(name) for name in _MODULES}
 
 
-def get_backend(name: str, device: torch.device) -> ModuleType:
-    """Resolve ``name`` ("auto", "torch", "cpp", "triton") for tensors on ``device``."""
+def get_backend(name: str, device: torch.device, dtype: torch.dtype = None) -> ModuleType:
+    """Resolve ``name`` ("auto", "torch", "cpp", "triton") for tensors on ``device`` (of ``dtype``).
+    "auto": C++ on CPU, Triton on CUDA (float64 goes to the torch backend: Triton computes in fp32)."""
     if name not in ("auto", *_MODULES):
         raise ValueError(f"backend must be one of 'auto', {', '.join(map(repr, _MODULES))}; got {name!r}")
     if name == "auto":
         preferred = "triton" if device.type == "cuda" else "cpp" if device.type == "cpu" else "torch"
+        if preferred == "triton" and dtype == torch.float64:
+            return _module("torch")
         info = _info(preferred) if preferred != "torch" else BackendInfo(True, "")
         if info.available:
             return _module(preferred)

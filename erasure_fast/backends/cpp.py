@@ -7,12 +7,30 @@ Results do not depend on the number of threads.
 
 Threads: the OpenMP default unless set with `set_num_threads` or the environment variable
 ``ERASURE_FAST_NUM_THREADS`` (read when a call starts; `set_num_threads` wins).
+
+DLA-only fast paths: when a request has no writers (W = 0) and no extra nodes (M = 0), `run` never
+forms a head's d_model output. It projects each centred direction into head space once,
+A[n] = W_O[n] @ c(d) (shared/erasure-math.md), and takes d_head-long dots with z:
+
+* fixed directions [K, D]: A for the K rows, once per call;
+* gathered directions (``direction_ids``, e.g. next-token DLA with ``directions = W_U.T``): A only for
+  the distinct (id, incorrect id) pairs of the call ("unique"), or gathered from a prebuilt table
+  over all K rows (`build_dla_table`, "table"; [K, N, d_head] values, ~395 MB for GELU-4L fp32).
+  A table is used only where one was built for the same W_O and directions tensors (same storage,
+  shape, strides, dtype, and unchanged in-place version counter) and the same ``center``; then the
+  kernel picks the faster of the two from the number of distinct ids and of tokens (`prefer_table`).
+  The norms [T, N] = |r_n|^2 are taken as z^T (W_O W_O^T) z, so this path runs only where
+  d_model >= 2 d_head (see `_GRAM_MIN_RATIO`); otherwise the fused kernel does.
+
+The rounding differs from the fused kernel (same math, other order); both stay within the
+contract's tolerances of the float64 reference. `last_path()` says which path the last call took.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Optional
+import threading
+from typing import List, NamedTuple, Optional
 
 import torch
 
@@ -78,14 +96,233 @@ def _np(t: torch.Tensor, dtype: torch.dtype):
     return t.detach().to(dtype).contiguous().numpy()
 
 
-def run(inp: FusedInputs) -> FusedOutputs:
-    """Compute the contract's outputs with the C++ kernel (CPU tensors only)."""
+def _require_extension():
     _C, err = _extension()
     if _C is None:
         raise RuntimeError(f"the cpp backend is not available: extension erasure_fast._C not built: {err}")
+    return _C
+
+
+def _sfx(acc: torch.dtype) -> str:
+    return "f64" if acc == torch.float64 else "f32"
+
+
+# ---------------------------------------------------------------------------------------------
+# prebuilt DLA tables (gathered DLA-only path)
+class _TensorKey(NamedTuple):
+    ptr: int
+    shape: tuple
+    stride: tuple
+    dtype: torch.dtype
+    version: int
+
+    @staticmethod
+    def of(t: torch.Tensor) -> "_TensorKey":
+        return _TensorKey(t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype, t._version)
+
+
+class DlaTable:
+    """A[k, n, :] = W_O[n] @ c(directions[k]) for every row k, [K, N, d_head] in the accumulation dtype.
+
+    Built by `build_dla_table`; holds (strong) references to its W_O and directions tensors, so
+    their storage cannot be reused while the table lives, and remembers their in-place version:
+    a table whose W_O or directions were modified in place is never used.
+    """
+
+    def __init__(self, table: torch.Tensor, W_O: torch.Tensor, directions: torch.Tensor, center: bool):
+        self.table = table
+        self.center = bool(center)
+        self._W_O = W_O
+        self._directions = directions
+        self._keys = (_TensorKey.of(W_O), _TensorKey.of(directions))
+
+    @property
+    def nbytes(self) -> int:
+        """Memory of the table in bytes (K * N * d_head * itemsize)."""
+        return self.table.numel() * self.table.element_size()
+
+    @property
+    def shape(self) -> tuple:
+        return tuple(self.table.shape)
+
+    def is_current(self) -> bool:
+        """False once W_O or directions has been modified in place since the build."""
+        return self._keys == (_TensorKey.of(self._W_O), _TensorKey.of(self._directions))
+
+    def matches(self, W_O: torch.Tensor, directions: torch.Tensor, center: bool) -> bool:
+        """True when the table was built from these very tensors (same storage, layout, version)."""
+        return (
+            bool(center) == self.center
+            and (_TensorKey.of(W_O), _TensorKey.of(directions)) == self._keys
+            and self.is_current()
+        )
+
+    def __repr__(self) -> str:
+        K, N, H = self.shape
+        return (f"DlaTable(K={K}, N={N}, d_head={H}, dtype={self.table.dtype}, center={self.center}, "
+                f"{self.nbytes / 2**20:.1f} MiB)")
+
+
+# The DLA-only path takes the norms as z^T (W_O W_O^T) z. Its rounding error scales with
+# |z|^T |G| |z| / |r|^2, harmless when d_model >= 2 d_head (G well conditioned for any W_O of full
+# rank, e.g. GELU-4L: 512 vs 64) but large when d_model < d_head (G singular: r can cancel to ~0 while
+# z does not). There forming r costs at most 2 d_head^2 per head anyway, so the fused kernel runs.
+_GRAM_MIN_RATIO = 2
+
+_tables: List[DlaTable] = []
+_tables_lock = threading.Lock()
+_last_path = threading.local()
+
+
+def build_dla_table(W_O: torch.Tensor, directions: torch.Tensor, center: bool = True, *,
+                    register: bool = True) -> DlaTable:
+    """Build the full gathered-DLA table A[k] = W_O c(directions[k]) for every row k (CPU).
+
+    Args:
+        W_O: [N, d_head, d_model]; directions: [K, d_model] (e.g. next-token DLA: ``W_U.T``; pass the
+            same tensor object, or a view of the same storage with the same layout, to later calls).
+            Tip: ``W_U.T`` is not contiguous and the contract makes a fresh contiguous copy per call,
+            which never matches; keep ``dirs = W_U.T.contiguous()`` and use ``dirs`` everywhere.
+        center: centre each direction (LayerNorm models), as in the calls that should use the table.
+        register: remember the table so that `run` (and so ``fused_attribution(backend="cpp")``)
+            uses it automatically for gathered DLA-only requests on these tensors.
+    Cost: K * N * d_head * d_model FMAs once (GELU-4L, K = 48262: ~3.6 s on a busy 2-core machine); memory
+    K * N * d_head * 4 bytes in fp32 (395 MB = 377 MiB for GELU-4L), see `DlaTable.nbytes`.
+    """
+    _C = _require_extension()
+    for name, t in (("W_O", W_O), ("directions", directions)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.device.type != "cpu":
+            raise ValueError(f"build_dla_table runs on cpu tensors, but {name} is on {t.device}")
+        if t.dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+            raise TypeError(f"{name} must be a floating tensor, got {t.dtype}")
+    if W_O.dtype != directions.dtype:
+        raise TypeError(f"W_O has dtype {W_O.dtype} but directions has {directions.dtype}")
+    acc = torch.float64 if W_O.dtype == torch.float64 else torch.float32
+    fn = getattr(_C, f"build_dla_table_{_sfx(acc)}")
+    tab = fn(_np(W_O, acc), _np(directions, acc), center=bool(center), n_threads=get_num_threads())
+    out = DlaTable(torch.from_numpy(tab), W_O, directions, center)
+    if register:
+        with _tables_lock:
+            _tables[:] = [t for t in _tables if t.is_current() and not t.matches(W_O, directions, center)]
+            _tables.append(out)
+    return out
+
+
+def registered_dla_tables() -> List[DlaTable]:
+    """The tables `run` may use (stale ones are dropped)."""
+    with _tables_lock:
+        _tables[:] = [t for t in _tables if t.is_current()]
+        return list(_tables)
+
+
+def clear_dla_tables() -> None:
+    """Forget every registered table (frees their memory once no one else holds them)."""
+    with _tables_lock:
+        _tables.clear()
+
+
+def _find_table(W_O: torch.Tensor, directions: torch.Tensor, center: bool) -> Optional[DlaTable]:
+    with _tables_lock:
+        for t in _tables:
+            if t.matches(W_O, directions, center):
+                return t
+    return None
+
+
+def prefer_table(n_unique: int, n_tokens: int, d_model: int) -> bool:
+    """The kernel's auto rule: gather from the table when distinct ids x d_model > 8 x tokens
+    (with ids, tokens counting only tokens with a target; measurements in csrc/dla_only.cpp)."""
+    return bool(_require_extension().dla_prefer_table(int(n_unique), int(n_tokens), int(d_model)))
+
+
+def last_path() -> str:
+    """Which path the last `run` / `dla_gathered` of this thread took: 'fused', 'dla_fixed',
+    'dla_unique' or 'dla_table' (with the number of distinct ids where it applies)."""
+    return getattr(_last_path, "value", "")
+
+
+def dla_gathered(table: Optional[DlaTable], z: torch.Tensor, scale: torch.Tensor,
+                 direction_ids: torch.Tensor, incorrect_ids: Optional[torch.Tensor] = None, *,
+                 W_O: Optional[torch.Tensor] = None, directions: Optional[torch.Tensor] = None,
+                 center: Optional[bool] = None, method: str = "auto", norms: bool = False):
+    """Gathered DLA only: dla [T, N] (NaN where an id is -1), plus norms [T, N] when ``norms``.
+
+    With a table, W_O / directions / center default to the table's own (and must match it when
+    given); ``method`` is 'auto' (pick by cost), 'table' or 'unique'. Without a table, W_O and
+    directions are required and the unique reduction runs. Inputs are not checked beyond the
+    bindings' shape / range checks (no finiteness pass): use `fused_attribution` for the full contract.
+    """
+    _C = _require_extension()
+    if table is not None:
+        W_O = table._W_O if W_O is None else W_O
+        directions = table._directions if directions is None else directions
+        center = table.center if center is None else center
+        if not table.matches(W_O, directions, center):
+            raise ValueError("the table was not built from these W_O / directions / center, or they "
+                             "were modified in place since; rebuild it")
+    elif W_O is None or directions is None:
+        raise ValueError("dla_gathered needs W_O and directions when no table is given")
+    center = True if center is None else bool(center)
+    acc = torch.float64 if z.dtype == torch.float64 else torch.float32
+    fn = getattr(_C, f"dla_gathered_{_sfx(acc)}")
+    dla, nrm, info = fn(
+        _np(z, acc), _np(W_O, acc), _np(directions, acc), _np(scale.reshape(-1), acc),
+        _np(direction_ids, torch.int64),
+        None if incorrect_ids is None else _np(incorrect_ids, torch.int64),
+        center=center, table=None if table is None else table.table.numpy(), method=method,
+        norms=bool(norms), n_threads=get_num_threads(),
+    )
+    _last_path.value = f"dla_{info['method']} (unique={info['n_unique']})"
+    dla = torch.from_numpy(dla)
+    return (dla, torch.from_numpy(nrm)) if norms else dla
+
+
+def dla_fixed(z: torch.Tensor, W_O: torch.Tensor, directions: torch.Tensor, scale: torch.Tensor, *,
+              center: bool = True, norms: bool = False):
+    """Fixed-direction DLA only (e.g. a logit difference, K = 1): dla [T, N, K], plus norms [T, N]
+    when ``norms``. No finiteness pass: use `fused_attribution` for the full contract."""
+    _C = _require_extension()
+    acc = torch.float64 if z.dtype == torch.float64 else torch.float32
+    dla, nrm, _ = getattr(_C, f"dla_fixed_{_sfx(acc)}")(
+        _np(z, acc), _np(W_O, acc), _np(directions, acc), _np(scale.reshape(-1), acc),
+        center=bool(center), norms=bool(norms), n_threads=get_num_threads())
+    _last_path.value = "dla_fixed"
+    dla = torch.from_numpy(dla)
+    return (dla, torch.from_numpy(nrm)) if norms else dla
+
+
+def _run_dla_only(_C, inp: FusedInputs, acc: torch.dtype) -> FusedOutputs:
+    T, N = inp.z.shape[0], inp.z.shape[1]
+    args = (_np(inp.z, acc), _np(inp.W_O, acc), _np(inp.directions, acc), _np(inp.scale, acc))
+    if inp.direction_ids is None:
+        dla, norms, _ = getattr(_C, f"dla_fixed_{_sfx(acc)}")(
+            *args, center=bool(inp.center), norms=inp.with_norms, n_threads=get_num_threads())
+        _last_path.value = "dla_fixed"
+    else:
+        table = _find_table(inp.W_O, inp.directions, inp.center)
+        dla, norms, info = getattr(_C, f"dla_gathered_{_sfx(acc)}")(
+            *args, _np(inp.direction_ids, torch.int64),
+            None if inp.incorrect_ids is None else _np(inp.incorrect_ids, torch.int64),
+            center=bool(inp.center), table=None if table is None else table.table.numpy(),
+            method="auto", norms=inp.with_norms, n_threads=get_num_threads())
+        _last_path.value = f"dla_{info['method']} (unique={info['n_unique']})"
+    dots = torch.empty((T, N, 0), dtype=acc)
+    return FusedOutputs(dla=torch.from_numpy(dla), dots=dots, norms=torch.from_numpy(norms) if inp.with_norms else None)
+
+
+def run(inp: FusedInputs) -> FusedOutputs:
+    """Compute the contract's outputs with the C++ kernel (CPU tensors only)."""
+    _C = _require_extension()
     if inp.z.device.type != "cpu":
         raise ValueError(f"backend 'cpp' runs on cpu tensors, but the inputs are on {inp.z.device}")
     acc = inp.out_dtype  # float64 for float64 input, float32 otherwise
+    H, D = inp.W_O.shape[1], inp.W_O.shape[2]
+    # DLA-only requests go to head space; the norms' Gram shortcut loses accuracy when d_model < 2 d_head
+    if inp.writers.numel() == 0 and inp.extra_nodes.shape[1] == 0 and (not inp.with_norms or D >= _GRAM_MIN_RATIO * H):
+        return _run_dla_only(_C, inp, acc)
+    _last_path.value = "fused"
     fn = _C.fused_attribution_f64 if acc == torch.float64 else _C.fused_attribution_f32
     ids = inp.direction_ids
     inc = inp.incorrect_ids
@@ -101,4 +338,5 @@ def run(inp: FusedInputs) -> FusedOutputs:
         center=bool(inp.center),
         n_threads=get_num_threads(),
     )
-    return FusedOutputs(dla=torch.from_numpy(dla), dots=torch.from_numpy(dots), norms=torch.from_numpy(norms))
+    return FusedOutputs(dla=torch.from_numpy(dla), dots=torch.from_numpy(dots),
+                        norms=torch.from_numpy(norms) if inp.with_norms else None)

@@ -52,7 +52,7 @@ def run(inp: FusedInputs) -> FusedOutputs:
     K = inp.directions.shape[0]
     dla = torch.empty((T, N, K) if fixed else (T, N), dtype=acc, device=inp.z.device)
     dots = torch.empty((T, N + M, W), dtype=acc, device=inp.z.device)
-    norms = torch.empty((T, N + M), dtype=acc, device=inp.z.device)
+    norms = torch.empty((T, N + M), dtype=acc, device=inp.z.device) if inp.with_norms else None
     per_token = (N + M) * D * torch.finfo(acc).bits // 8
     chunk = max(1, _CHUNK_BYTES // max(per_token, 1))
     for lo in range(0, T, chunk):
@@ -68,5 +68,6 @@ def run(inp: FusedInputs) -> FusedOutputs:
         nodes = torch.cat([r, inp.extra_nodes[lo:hi].to(acc)], dim=1) if M else r
         rw = r.index_select(1, writers)  # [c, W, D]
         dots[lo:hi] = torch.einsum("tad,twd->taw", nodes, rw)
-        norms[lo:hi] = (nodes * nodes).sum(dim=-1)
+        if norms is not None:
+            norms[lo:hi] = (nodes * nodes).sum(dim=-1)
     return FusedOutputs(dla=dla, dots=dots, norms=norms)

@@ -65,13 +65,13 @@ def _contract_args(model, inp, workload: str):
     if workload == "K2f":
         c, i = inp.pair
         d = (spec.W_U[:, c] - spec.W_U[:, i]).to(z.device, z.dtype)[None]
-        return dict(z=z, W_O=W_O, directions=d, scale=scale, writers=[], center=spec.center)
+        return dict(z=z, W_O=W_O, directions=d, scale=scale, writers=[], center=spec.center, with_norms=False)
     args = dict(z=z, W_O=W_O, directions=spec.directions.to(z.device, z.dtype), scale=scale,
                 direction_ids=inp.next_ids.reshape(T), center=spec.center)
     if workload == "K1":
         args.update(writers=list(range(L * H)), extra_nodes=inp.mlp_out.reshape(T, L, -1))
     else:
-        args.update(writers=[])
+        args.update(writers=[], with_norms=False)
     return args
 
 

@@ -17,7 +17,7 @@ def save(path: str, arrays: Dict[str, np.ndarray], meta: dict) -> None:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     payload = dict(arrays)
     payload[_META] = np.frombuffer(json.dumps(meta, sort_keys=True).encode(), dtype=np.uint8)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-", suffix=".npz")
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=_tmp_prefix(path), suffix=".npz")
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **payload)
@@ -33,6 +33,21 @@ def save(path: str, arrays: Dict[str, np.ndarray], meta: dict) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _tmp_prefix(path: str) -> str:
+    return f".tmp-{os.path.basename(path)}-"
+
+
+def remove_stale_temporaries(path: str) -> int:
+    """Delete temp files a killed writer of ``path`` left behind (only this path's own); returns how many."""
+    folder = os.path.dirname(path) or "."
+    if not os.path.isdir(folder):
+        return 0
+    stale = [f for f in os.listdir(folder) if f.startswith(_tmp_prefix(path))]
+    for f in stale:
+        os.unlink(os.path.join(folder, f))
+    return len(stale)
 
 
 def load(path: str) -> Optional[Tuple[Dict[str, np.ndarray], dict]]:

@@ -202,7 +202,7 @@ def scan(
         raise ValueError(f"prepend_bos must be a token id in [0, {spec.d_vocab}), got {prepend_bos}")
     rank, world = rank_and_world()
     dev = model_device(model)
-    impl = get_backend(backend, dev)
+    impl = get_backend(backend, dev, spec.W_O.dtype)
     wr = _resolve_writers(writers, spec)
     L = spec.n_layers
     cfg = ScanConfig(
@@ -217,6 +217,7 @@ def scan(
     agg = Aggregates(cfg)
     ck_path = os.path.join(out_dir, "checkpoint", f"rank{rank}-of-{world}.npz")
     elapsed_before = 0.0
+    ckpt.remove_stale_temporaries(ck_path)  # a run killed mid-write leaves its temp file behind
     if resume:
         found = ckpt.load(ck_path)
         if found is not None:

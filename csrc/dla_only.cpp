@@ -1,0 +1,466 @@
+// DLA-only CPU kernels (see dla_only.h for the math and the contract).
+//
+// Stages:
+//   1. head-space directions A[u, n, :] = W_O[n] @ c(d_u) for the needed directions u:
+//      * fewer than kSmallU directions: a register-blocked dot kernel (4 rows of W_O x 3
+//        directions, reduction over d_model), reading W_O once per 3 directions, no packing;
+//      * otherwise a GEMM, [U, D] x [D, N*H], with the projection micro-kernel of the fused kernel
+//        (MR directions x NR vectors of N*H) on W_O packed once per call into column panels.
+//      Both paths reduce every output over d_model in one fixed order, so a row of A does not depend
+//      on which other rows are built with it, nor on the thread count.
+//   2. per token (OpenMP over fixed tiles of 12 tokens): dla[t, n] = z[t, n, :] . A[u(t), n, :]
+//      / s[t] (d_head FMAs per head), and on request norms[t, n] = z^T G_n z with the Gram matrix
+//      G_n = W_O[n] W_O[n]^T packed like W_O (projection micro-kernel, then a d_head dot).
+#include "dla_only.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "kernel_common.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace ef {
+namespace {
+
+using namespace detail;
+
+constexpr int64_t kSmallU = 8;       // fewer directions than this: dot path (no packing of W_O)
+constexpr int64_t kUT = 8 * MR;      // directions per GEMM work item (a multiple of MR)
+constexpr int64_t kRowsPerItem = 64; // rows of W_O per work item of the dot path
+constexpr int64_t kTokTile = 2 * MR; // tokens per work item of the per-token stage (multiple of MR)
+
+// Auto rule of dla_gathered, from measurements on the 2-core AVX2 machine (GELU-4L shape,
+// T = 8192 tokens, N = 32, d_head = 64, d_model = 512, V = 48262, fp32, 2 threads, DLA only; the
+// machine was shared with other jobs (load ~3.5), so times are +-2x and quantised to ~4 ms):
+//   table gather:     8-16 ms for any id mix (z plus one 8 KiB table row per token from DRAM);
+//   unique reduction: ~16 ms + U * ~35 us (U distinct ids: U * N*H*D FMAs on the GEMM builder):
+//     U = 1: 16 ms, 16: 24 ms, 64: 31 ms, 256: 44 ms, 1023: 59 ms, 3525: 139 ms,
+//     Zipf(1.3) ids (U = 1145): 71 ms vs table 8 ms; uniform ids (U = 7490): 295 ms vs table 16 ms.
+// The table costs one extra DRAM row per token (~ as much as reading z again); the unique build
+// costs N*H*D FMAs per distinct id. Break-even measured at U ~ 100-200 for T = 8192, i.e.
+// U * d_model ~ 8 * T: above it the table wins. Building the table itself: ~3.6 s, 377 MiB.
+constexpr int64_t kTableRatio = 8;
+
+int resolve_threads(int n_threads, int64_t work_items) {
+  int nthr = 1;
+#ifdef _OPENMP
+  nthr = n_threads > 0 ? n_threads : omp_get_max_threads();
+#else
+  (void)n_threads;
+#endif
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nthr, work_items)));
+}
+
+int thread_id() {
+#ifdef _OPENMP
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
+
+// out[n] = a[nH : (n+1)H] . (b[...] - c[...] when kDiff, else b[...]) for n < N. Per segment the
+// order is fixed: lane-wise over full vectors, horizontal sum, scalar tail (4 segments interleaved
+// only for instruction-level parallelism).
+template <typename T, bool kDiff>
+inline void seg_dots(const T* __restrict a, const T* __restrict b, const T* __restrict c, int64_t N,
+                     int64_t H, T* __restrict out) {
+  using S = Simd<T>;
+  using reg = typename S::reg;
+  constexpr int L = S::L;
+  const int64_t hv = H - H % L;
+  auto tail = [&](int64_t n, reg acc) {
+    T s = S::hsum(acc);
+    for (int64_t d = hv; d < H; ++d) {
+      const int64_t o = n * H + d;
+      const T bv = kDiff ? b[o] - c[o] : b[o];
+      s += a[o] * bv;
+    }
+    out[n] = s;
+  };
+  int64_t n = 0;
+  for (; n + 4 <= N; n += 4) {
+    reg acc[4] = {S::zero(), S::zero(), S::zero(), S::zero()};
+    for (int64_t d = 0; d < hv; d += L)
+      for (int j = 0; j < 4; ++j) {
+        const int64_t o = (n + j) * H + d;
+        reg bv = S::load(b + o);
+        if constexpr (kDiff) bv = S::sub(bv, S::load(c + o));
+        acc[j] = S::fma(S::load(a + o), bv, acc[j]);
+      }
+    for (int j = 0; j < 4; ++j) tail(n + j, acc[j]);
+  }
+  for (; n < N; ++n) {
+    reg acc = S::zero();
+    for (int64_t d = 0; d < hv; d += L) {
+      const int64_t o = n * H + d;
+      reg bv = S::load(b + o);
+      if constexpr (kDiff) bv = S::sub(bv, S::load(c + o));
+      acc = S::fma(S::load(a + o), bv, acc);
+    }
+    tail(n, acc);
+  }
+}
+
+// dst = c(dirs[id] - dirs[inc]) (inc < 0: no subtraction), exactly as the fused kernel forms it.
+template <typename T>
+inline void form_dir(const T* dirs, int64_t D, int64_t id, int64_t inc, bool center, T* dst) {
+  const T* row = dirs + id * D;
+  if (inc >= 0) {
+    const T* row2 = dirs + inc * D;
+    for (int64_t d = 0; d < D; ++d) dst[d] = row[d] - row2[d];
+  } else {
+    std::memcpy(dst, row, sizeof(T) * D);
+  }
+  if (center) center_inplace(dst, D);
+}
+
+// A[u, :] (row stride NH) = W_O[NH, D] @ c(dirs[pid[u]] - dirs[pinc[u]]) for u < U.
+template <typename T>
+void build_head_dirs(const T* W_O, int64_t NH, int64_t D, const T* dirs, const int64_t* pid,
+                     const int64_t* pinc, int64_t U, bool center, T* A, int n_threads) {
+  if (U <= 0) return;
+  if (U < kSmallU) {
+    Buf<T> cd(static_cast<size_t>(U * D));
+    std::vector<const T*> cptr(U), rptr(NH);
+    for (int64_t u = 0; u < U; ++u) {
+      form_dir(dirs, D, pid[u], pinc ? pinc[u] : -1, center, cd.get() + u * D);
+      cptr[u] = cd.get() + u * D;
+    }
+    for (int64_t r = 0; r < NH; ++r) rptr[r] = W_O + r * D;
+    const int64_t n_items = (NH + kRowsPerItem - 1) / kRowsPerItem;
+    const int nthr = resolve_threads(n_threads, n_items);
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(nthr) schedule(static)
+#endif
+    for (int64_t it = 0; it < n_items; ++it) {
+      const int64_t r0 = it * kRowsPerItem;
+      const int64_t nr = std::min<int64_t>(kRowsPerItem, NH - r0);
+      dot_block<T>(rptr.data() + r0, nr, cptr.data(), U, D, A + r0, 1, NH);
+    }
+    (void)nthr;
+    return;
+  }
+
+  constexpr int L = Simd<T>::L;
+  constexpr int64_t BW = NR * L;
+  const int64_t n_jb = (NH + BW - 1) / BW;
+  // W_O^T in column panels: wt[jb][d][c] = W_O[jb*BW + c][d] (0 past NH).
+  Buf<T> wt(static_cast<size_t>(n_jb * D * BW));
+  {
+    const int nthr = resolve_threads(n_threads, n_jb);
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(nthr) schedule(static)
+#endif
+    for (int64_t jb = 0; jb < n_jb; ++jb) {
+      T* panel = wt.get() + jb * D * BW;
+      for (int64_t c = 0; c < BW; ++c) {
+        const int64_t col = jb * BW + c;
+        if (col < NH) {
+          const T* src = W_O + col * D;
+          for (int64_t d = 0; d < D; ++d) panel[d * BW + c] = src[d];
+        } else {
+          for (int64_t d = 0; d < D; ++d) panel[d * BW + c] = T(0);
+        }
+      }
+    }
+    (void)nthr;
+  }
+  const int64_t n_ut = (U + kUT - 1) / kUT;
+  const int nthr = resolve_threads(n_threads, n_ut);
+  struct Scr {
+    Buf<T> cp, dvec, tmp;
+  };
+  std::vector<Scr> scr(nthr);
+  for (auto& s : scr) {
+    s.cp = Buf<T>(static_cast<size_t>(D * kUT));
+    s.dvec = Buf<T>(static_cast<size_t>(D));
+    s.tmp = Buf<T>(static_cast<size_t>(MR * BW));
+  }
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nthr)
+#endif
+  {
+    Scr& s = scr[thread_id()];
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+    for (int64_t ut = 0; ut < n_ut; ++ut) {
+      const int64_t u0 = ut * kUT;
+      const int64_t nu = std::min<int64_t>(kUT, U - u0);
+      const int64_t nup = (nu + MR - 1) / MR * MR;
+      T* cp = s.cp.get();
+      T* dv = s.dvec.get();
+      for (int64_t i = 0; i < nu; ++i) {
+        form_dir(dirs, D, pid[u0 + i], pinc ? pinc[u0 + i] : -1, center, dv);
+        for (int64_t d = 0; d < D; ++d) cp[d * kUT + i] = dv[d];
+      }
+      for (int64_t i = nu; i < nup; ++i)
+        for (int64_t d = 0; d < D; ++d) cp[d * kUT + i] = T(0);
+      for (int64_t jb = 0; jb < n_jb; ++jb) {
+        const T* wp = wt.get() + jb * D * BW;
+        const int64_t ncol = std::min<int64_t>(BW, NH - jb * BW);
+        for (int64_t ib = 0; ib < nup; ib += MR) {
+          T* dst = A + (u0 + ib) * NH + jb * BW;
+          if (ncol == BW && ib + MR <= nu) {
+            project_block<T>(cp + ib, kUT, wp, BW, D, dst, NH);
+          } else {
+            project_block<T>(cp + ib, kUT, wp, BW, D, s.tmp.get(), BW);
+            const int64_t nrow = std::min<int64_t>(MR, nu - ib);
+            for (int64_t i = 0; i < nrow; ++i)
+              std::memcpy(dst + i * NH, s.tmp.get() + i * BW, sizeof(T) * ncol);
+          }
+        }
+      }
+    }
+  }
+}
+
+// Gram matrices G_n = W_O[n] W_O[n]^T in column panels: gp[n][hb][k][c] = G_n[k][hb*BW + c].
+template <typename T>
+void build_gram_panels(const T* W_O, int64_t N, int64_t H, int64_t D, T* gp, int n_threads) {
+  constexpr int64_t BW = NR * Simd<T>::L;
+  const int64_t n_hb = (H + BW - 1) / BW;
+  const int nthr = resolve_threads(n_threads, N);
+  std::vector<Buf<T>> g(nthr);
+  for (auto& b : g) b = Buf<T>(static_cast<size_t>(H * H));
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nthr)
+#endif
+  {
+    T* gn = g[thread_id()].get();
+    std::vector<const T*> rows(H);
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+    for (int64_t n = 0; n < N; ++n) {
+      for (int64_t k = 0; k < H; ++k) rows[k] = W_O + (n * H + k) * D;
+      dot_block<T>(rows.data(), H, rows.data(), H, D, gn, H, 1);
+      for (int64_t hb = 0; hb < n_hb; ++hb)
+        for (int64_t k = 0; k < H; ++k) {
+          T* dst = gp + ((n * n_hb + hb) * H + k) * BW;
+          for (int64_t c = 0; c < BW; ++c) {
+            const int64_t col = hb * BW + c;
+            dst[c] = col < H ? gn[k * H + col] : T(0);
+          }
+        }
+    }
+  }
+}
+
+// Per-token stage. Fixed mode (row == nullptr): dla [T, N, K] against the K rows of A.
+// Gathered: dla [T, N] against A[row[t]] (minus A[row2[t]] when row2), NaN where either is < 0.
+// gp: Gram panels (nullptr: no norms).
+template <typename T>
+void dla_tokens(const T* z, const T* A, int64_t K, const int64_t* row, const int64_t* row2,
+                const T* gp, const T* scale, int64_t T_, int64_t N, int64_t H, T* dla, T* norms,
+                int n_threads) {
+  constexpr int64_t BW = NR * Simd<T>::L;
+  const int64_t n_hb = (H + BW - 1) / BW;
+  const int64_t Hp = n_hb * BW;
+  const int64_t NH = N * H;
+  const int64_t n_tiles = (T_ + kTokTile - 1) / kTokTile;
+  const int nthr = resolve_threads(n_threads, n_tiles);
+  struct Scr {
+    Buf<T> zp, y, tmp;
+  };
+  std::vector<Scr> scr(nthr);
+  for (auto& s : scr) {
+    if (gp) {
+      s.zp = Buf<T>(static_cast<size_t>(H * kTokTile));
+      s.y = Buf<T>(static_cast<size_t>(kTokTile * Hp));
+    }
+    s.tmp = Buf<T>(static_cast<size_t>(N));
+  }
+  const T nan = std::numeric_limits<T>::quiet_NaN();
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nthr)
+#endif
+  {
+    Scr& s = scr[thread_id()];
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+    for (int64_t ti = 0; ti < n_tiles; ++ti) {
+      const int64_t t0 = ti * kTokTile;
+      const int64_t nt = std::min<int64_t>(kTokTile, T_ - t0);
+      if (gp) {
+        const int64_t ntp = (nt + MR - 1) / MR * MR;
+        T* zp = s.zp.get();
+        T* y = s.y.get();
+        for (int64_t n = 0; n < N; ++n) {
+          for (int64_t k = 0; k < H; ++k) {
+            T* dst = zp + k * kTokTile;
+            for (int64_t i = 0; i < nt; ++i) dst[i] = z[((t0 + i) * N + n) * H + k];
+            for (int64_t i = nt; i < ntp; ++i) dst[i] = T(0);
+          }
+          for (int64_t hb = 0; hb < n_hb; ++hb)
+            for (int64_t ib = 0; ib < ntp; ib += MR)
+              project_block<T>(zp + ib, kTokTile, gp + (n * n_hb + hb) * H * BW, BW, H,
+                               y + ib * Hp + hb * BW, Hp);
+          for (int64_t i = 0; i < nt; ++i)
+            seg_dots<T, false>(z + ((t0 + i) * N + n) * H, y + i * Hp, nullptr, 1, H,
+                               norms + (t0 + i) * N + n);
+        }
+      }
+      T* tmp = s.tmp.get();
+      for (int64_t i = 0; i < nt; ++i) {
+        const int64_t t = t0 + i;
+        const T* zt = z + t * NH;
+        const T st = scale[t];
+        if (!row) {
+          T* out = dla + t * N * K;
+          for (int64_t k = 0; k < K; ++k) {
+            seg_dots<T, false>(zt, A + k * NH, nullptr, N, H, tmp);
+            for (int64_t n = 0; n < N; ++n) out[n * K + k] = tmp[n] / st;
+          }
+        } else {
+          T* out = dla + t * N;
+          const int64_t r = row[t];
+          const int64_t r2 = row2 ? row2[t] : 0;
+          if (r < 0 || r2 < 0) {
+            for (int64_t n = 0; n < N; ++n) out[n] = nan;
+            continue;
+          }
+          if (row2)
+            seg_dots<T, true>(zt, A + r * NH, A + r2 * NH, N, H, out);
+          else
+            seg_dots<T, false>(zt, A + r * NH, nullptr, N, H, out);
+          for (int64_t n = 0; n < N; ++n) out[n] = out[n] / st;
+        }
+      }
+    }
+  }
+}
+
+template <typename T>
+Buf<T> gram_if(bool want, const T* W_O, int64_t N, int64_t H, int64_t D, int n_threads) {
+  if (!want) return Buf<T>();
+  constexpr int64_t BW = NR * Simd<T>::L;
+  const int64_t n_hb = (H + BW - 1) / BW;
+  Buf<T> gp(static_cast<size_t>(N * n_hb * H * BW));
+  build_gram_panels<T>(W_O, N, H, D, gp.get(), n_threads);
+  return gp;
+}
+
+}  // namespace
+
+bool prefer_table(int64_t n_unique, int64_t n_valid_tokens, int64_t d_model) {
+  return n_unique * d_model > kTableRatio * n_valid_tokens;
+}
+
+template <typename T>
+DlaRunInfo dla_fixed(const T* z, const T* W_O, const T* directions, const T* scale, int64_t n_tokens,
+                     int64_t n_heads, int64_t d_head, int64_t d_model, int64_t n_dirs, bool center,
+                     T* dla, T* norms, int n_threads) {
+  DlaRunInfo info;
+  info.method = static_cast<int>(DlaMethod::kUnique);
+  info.n_unique = n_dirs;
+  const int64_t N = n_heads, H = d_head, D = d_model, K = n_dirs, NH = N * H;
+  if (n_tokens <= 0 || N <= 0 || H <= 0 || D <= 0 || K <= 0) return info;
+  std::vector<int64_t> pid(K);
+  for (int64_t k = 0; k < K; ++k) pid[k] = k;
+  Buf<T> A(static_cast<size_t>(K * NH));
+  build_head_dirs<T>(W_O, NH, D, directions, pid.data(), nullptr, K, center, A.get(), n_threads);
+  Buf<T> gp = gram_if<T>(norms != nullptr, W_O, N, H, D, n_threads);
+  dla_tokens<T>(z, A.get(), K, nullptr, nullptr, gp.get(), scale, n_tokens, N, H, dla, norms,
+                n_threads);
+  return info;
+}
+
+template <typename T>
+DlaRunInfo dla_gathered(const T* z, const T* W_O, const T* directions, const T* scale,
+                        const int64_t* direction_ids, const int64_t* incorrect_ids, const T* table,
+                        int64_t n_tokens, int64_t n_heads, int64_t d_head, int64_t d_model,
+                        int64_t n_dirs, bool center, DlaMethod method, T* dla, T* norms,
+                        int n_threads) {
+  DlaRunInfo info;
+  const int64_t T_ = n_tokens, N = n_heads, H = d_head, D = d_model, K = n_dirs, NH = N * H;
+  if (T_ <= 0 || N <= 0 || H <= 0 || D <= 0 || K <= 0) return info;
+  const int64_t* ids = direction_ids;
+  const int64_t* inc = incorrect_ids;
+
+  // distinct (id, incorrect id) pairs with a target, in increasing order; pair_of[t] (-1: none)
+  std::vector<int64_t> pair_of(T_, -1), pid, pinc;
+  int64_t n_valid = 0;
+  if (!inc && K <= 4 * T_ + 65536) {  // dense marks: O(T + K)
+    std::vector<int64_t> slot(K, -1);
+    for (int64_t t = 0; t < T_; ++t)
+      if (ids[t] >= 0) slot[ids[t]] = 0, ++n_valid;
+    for (int64_t k = 0; k < K; ++k)
+      if (slot[k] == 0) slot[k] = static_cast<int64_t>(pid.size()), pid.push_back(k);
+    for (int64_t t = 0; t < T_; ++t) pair_of[t] = ids[t] >= 0 ? slot[ids[t]] : -1;
+  } else {  // sort: O(T log T)
+    std::vector<std::pair<int64_t, int64_t>> keys;
+    keys.reserve(T_);
+    for (int64_t t = 0; t < T_; ++t)
+      if (ids[t] >= 0 && (!inc || inc[t] >= 0)) keys.emplace_back(ids[t], inc ? inc[t] : -1);
+    n_valid = static_cast<int64_t>(keys.size());
+    std::sort(keys.begin(), keys.end());
+    keys.erase(std::unique(keys.begin(), keys.end()), keys.end());
+    for (int64_t t = 0; t < T_; ++t)
+      if (ids[t] >= 0 && (!inc || inc[t] >= 0)) {
+        const std::pair<int64_t, int64_t> key(ids[t], inc ? inc[t] : -1);
+        pair_of[t] = std::lower_bound(keys.begin(), keys.end(), key) - keys.begin();
+      }
+    pid.reserve(keys.size());
+    for (const auto& k : keys) pid.push_back(k.first);
+    if (inc) {
+      pinc.reserve(keys.size());
+      for (const auto& k : keys) pinc.push_back(k.second);
+    }
+  }
+  const int64_t U = static_cast<int64_t>(pid.size());
+  info.n_unique = U;
+
+  bool use_table = false;
+  if (table) {
+    if (method == DlaMethod::kTable)
+      use_table = true;
+    else if (method == DlaMethod::kAuto)
+      use_table = prefer_table(U, n_valid, D);
+  }
+  info.method = static_cast<int>(use_table ? DlaMethod::kTable : DlaMethod::kUnique);
+  Buf<T> gp = gram_if<T>(norms != nullptr, W_O, N, H, D, n_threads);
+  if (use_table) {
+    dla_tokens<T>(z, table, 0, ids, inc, gp.get(), scale, T_, N, H, dla, norms, n_threads);
+  } else {
+    Buf<T> A(static_cast<size_t>(std::max<int64_t>(U, 1) * NH));
+    build_head_dirs<T>(W_O, NH, D, directions, pid.data(), inc ? pinc.data() : nullptr, U, center,
+                       A.get(), n_threads);
+    dla_tokens<T>(z, A.get(), 0, pair_of.data(), nullptr, gp.get(), scale, T_, N, H, dla, norms,
+                  n_threads);
+  }
+  return info;
+}
+
+template <typename T>
+void build_dla_table(const T* W_O, const T* directions, int64_t n_heads, int64_t d_head,
+                     int64_t d_model, int64_t n_dirs, bool center, T* table, int n_threads) {
+  const int64_t NH = n_heads * d_head;
+  if (NH <= 0 || d_model <= 0 || n_dirs <= 0) return;
+  std::vector<int64_t> pid(n_dirs);
+  for (int64_t k = 0; k < n_dirs; ++k) pid[k] = k;
+  build_head_dirs<T>(W_O, NH, d_model, directions, pid.data(), nullptr, n_dirs, center, table,
+                     n_threads);
+}
+
+#define EF_INSTANTIATE(T)                                                                        \
+  template DlaRunInfo dla_fixed<T>(const T*, const T*, const T*, const T*, int64_t, int64_t,     \
+                                   int64_t, int64_t, int64_t, bool, T*, T*, int);                \
+  template DlaRunInfo dla_gathered<T>(const T*, const T*, const T*, const T*, const int64_t*,    \
+                                      const int64_t*, const T*, int64_t, int64_t, int64_t,       \
+                                      int64_t, int64_t, bool, DlaMethod, T*, T*, int);           \
+  template void build_dla_table<T>(const T*, const T*, int64_t, int64_t, int64_t, int64_t, bool, \
+                                   T*, int);
+EF_INSTANTIATE(float)
+EF_INSTANTIATE(double)
+#undef EF_INSTANTIATE
+
+}  // namespace ef

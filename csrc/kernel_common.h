@@ -1,0 +1,239 @@
+// SIMD helpers shared by the CPU kernels (fused_attribution.cpp, dla_only.cpp).
+//
+// Everything here reduces in an order fixed by the shapes alone (never by the thread count).
+// Internal to the extension: included only by the kernel translation units.
+#pragma once
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <new>
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+namespace ef {
+namespace detail {
+// ---------------------------------------------------------------------------------------------
+// SIMD abstraction: scalar fallback, AVX2(+FMA) specialisations.
+template <typename T>
+struct Simd {
+  using reg = T;
+  static constexpr int L = 1;
+  static inline reg zero() { return T(0); }
+  static inline reg load(const T* p) { return *p; }
+  static inline reg set1(T x) { return x; }
+  static inline void store(T* p, reg v) { *p = v; }
+  static inline reg fma(reg a, reg b, reg c) { return a * b + c; }
+  static inline reg add(reg a, reg b) { return a + b; }
+  static inline reg sub(reg a, reg b) { return a - b; }
+  static inline T hsum(reg v) { return v; }
+};
+
+#if defined(__AVX2__)
+template <>
+struct Simd<float> {
+  using reg = __m256;
+  static constexpr int L = 8;
+  static inline reg zero() { return _mm256_setzero_ps(); }
+  static inline reg load(const float* p) { return _mm256_loadu_ps(p); }
+  static inline reg set1(float x) { return _mm256_set1_ps(x); }
+  static inline void store(float* p, reg v) { _mm256_storeu_ps(p, v); }
+#if defined(__FMA__)
+  static inline reg fma(reg a, reg b, reg c) { return _mm256_fmadd_ps(a, b, c); }
+#else
+  static inline reg fma(reg a, reg b, reg c) { return _mm256_add_ps(_mm256_mul_ps(a, b), c); }
+#endif
+  static inline reg add(reg a, reg b) { return _mm256_add_ps(a, b); }
+  static inline reg sub(reg a, reg b) { return _mm256_sub_ps(a, b); }
+  static inline float hsum(reg v) {
+    __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    __m128 sh = _mm_movehdup_ps(lo);
+    __m128 s = _mm_add_ps(lo, sh);
+    sh = _mm_movehl_ps(sh, s);
+    return _mm_cvtss_f32(_mm_add_ss(s, sh));
+  }
+};
+
+template <>
+struct Simd<double> {
+  using reg = __m256d;
+  static constexpr int L = 4;
+  static inline reg zero() { return _mm256_setzero_pd(); }
+  static inline reg load(const double* p) { return _mm256_loadu_pd(p); }
+  static inline reg set1(double x) { return _mm256_set1_pd(x); }
+  static inline void store(double* p, reg v) { _mm256_storeu_pd(p, v); }
+#if defined(__FMA__)
+  static inline reg fma(reg a, reg b, reg c) { return _mm256_fmadd_pd(a, b, c); }
+#else
+  static inline reg fma(reg a, reg b, reg c) { return _mm256_add_pd(_mm256_mul_pd(a, b), c); }
+#endif
+  static inline reg add(reg a, reg b) { return _mm256_add_pd(a, b); }
+  static inline reg sub(reg a, reg b) { return _mm256_sub_pd(a, b); }
+  static inline double hsum(reg v) {
+    __m128d lo = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));
+    return _mm_cvtsd_f64(_mm_add_sd(lo, _mm_unpackhi_pd(lo, lo)));
+  }
+};
+#endif
+
+// Projection micro-kernel: MR tokens x NR vectors of d_model. 12 accumulators + 2 loads + 1 broadcast
+// = 15 of the 16 ymm registers.
+constexpr int MR = 6;
+constexpr int NR = 2;
+
+// 64-byte aligned scratch buffer (allocated outside the parallel region).
+template <typename T>
+struct Buf {
+  struct Del {
+    void operator()(T* p) const { ::operator delete[](p, std::align_val_t(64)); }
+  };
+  std::unique_ptr<T[], Del> p;
+  size_t n = 0;
+  Buf() = default;
+  explicit Buf(size_t count) : n(count) {
+    if (count) p.reset(static_cast<T*>(::operator new[](count * sizeof(T), std::align_val_t(64))));
+  }
+  T* get() const { return p.get(); }
+};
+
+// R[i][n][jb .. jb + NR*L) for i in [0, MR), over a block of columns jb.
+template <typename T>
+inline void project_block(const T* __restrict zp, int64_t zstride, const T* __restrict wp,
+                          int64_t wstride, int64_t H, T* __restrict r, int64_t rstride) {
+  using S = Simd<T>;
+  constexpr int L = S::L;
+  typename S::reg acc[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) acc[i][j] = S::zero();
+  for (int64_t k = 0; k < H; ++k) {
+    typename S::reg w[NR];
+    for (int j = 0; j < NR; ++j) w[j] = S::load(wp + k * wstride + j * L);
+    const T* zk = zp + k * zstride;
+    for (int i = 0; i < MR; ++i) {
+      const typename S::reg zb = S::set1(zk[i]);
+      for (int j = 0; j < NR; ++j) acc[i][j] = S::fma(zb, w[j], acc[i][j]);
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) S::store(r + i * rstride + j * L, acc[i][j]);
+}
+
+// out[i*sa + j*sb] = A[i] . B[j] over len, for i < RA, j < RB. Fixed reduction order per pair:
+// lane-wise over full vectors, horizontal sum, then the scalar tail.
+template <typename T, int RA, int RB>
+void dot_tile(const T* const* A, const T* const* B, int64_t len, T* out, int64_t sa, int64_t sb) {
+  using S = Simd<T>;
+  constexpr int L = S::L;
+  const T* a[RA];
+  const T* b[RB];
+  for (int i = 0; i < RA; ++i) a[i] = A[i];
+  for (int j = 0; j < RB; ++j) b[j] = B[j];
+  typename S::reg acc[RA][RB];
+  for (int i = 0; i < RA; ++i)
+    for (int j = 0; j < RB; ++j) acc[i][j] = S::zero();
+  const int64_t lv = len - len % L;
+  for (int64_t d = 0; d < lv; d += L) {
+    typename S::reg bv[RB];
+    for (int j = 0; j < RB; ++j) bv[j] = S::load(b[j] + d);
+    for (int i = 0; i < RA; ++i) {
+      const typename S::reg av = S::load(a[i] + d);
+      for (int j = 0; j < RB; ++j) acc[i][j] = S::fma(av, bv[j], acc[i][j]);
+    }
+  }
+  for (int i = 0; i < RA; ++i)
+    for (int j = 0; j < RB; ++j) {
+      T s = S::hsum(acc[i][j]);
+      for (int64_t d = lv; d < len; ++d) s += a[i][d] * b[j][d];
+      out[i * sa + j * sb] = s;
+    }
+}
+
+constexpr int DA = 4;  // rows of A per dot tile
+constexpr int DB = 3;  // rows of B per dot tile
+
+template <typename T>
+using DotFn = void (*)(const T* const*, const T* const*, int64_t, T*, int64_t, int64_t);
+
+template <typename T>
+struct DotTable {
+  DotFn<T> f[DA][DB] = {
+      {dot_tile<T, 1, 1>, dot_tile<T, 1, 2>, dot_tile<T, 1, 3>},
+      {dot_tile<T, 2, 1>, dot_tile<T, 2, 2>, dot_tile<T, 2, 3>},
+      {dot_tile<T, 3, 1>, dot_tile<T, 3, 2>, dot_tile<T, 3, 3>},
+      {dot_tile<T, 4, 1>, dot_tile<T, 4, 2>, dot_tile<T, 4, 3>},
+  };
+};
+
+// out[a*sa + b*sb] = A[a] . B[b] for a < na, b < nb.
+template <typename T>
+void dot_block(const T* const* A, int64_t na, const T* const* B, int64_t nb, int64_t len, T* out,
+               int64_t sa, int64_t sb) {
+  static const DotTable<T> table;
+  for (int64_t a0 = 0; a0 < na; a0 += DA) {
+    const int ra = static_cast<int>(std::min<int64_t>(DA, na - a0));
+    for (int64_t b0 = 0; b0 < nb; b0 += DB) {
+      const int rb = static_cast<int>(std::min<int64_t>(DB, nb - b0));
+      table.f[ra - 1][rb - 1](A + a0, B + b0, len, out + a0 * sa + b0 * sb, sa, sb);
+    }
+  }
+}
+
+// |a|^2 with four independent accumulators (fixed order).
+template <typename T>
+T sumsq(const T* __restrict a, int64_t len) {
+  using S = Simd<T>;
+  constexpr int L = S::L;
+  typename S::reg s0 = S::zero(), s1 = S::zero(), s2 = S::zero(), s3 = S::zero();
+  const int64_t l4 = len - len % (4 * L);
+  int64_t d = 0;
+  for (; d < l4; d += 4 * L) {
+    const typename S::reg v0 = S::load(a + d), v1 = S::load(a + d + L);
+    const typename S::reg v2 = S::load(a + d + 2 * L), v3 = S::load(a + d + 3 * L);
+    s0 = S::fma(v0, v0, s0);
+    s1 = S::fma(v1, v1, s1);
+    s2 = S::fma(v2, v2, s2);
+    s3 = S::fma(v3, v3, s3);
+  }
+  const int64_t lv = len - len % L;
+  for (; d < lv; d += L) {
+    const typename S::reg v = S::load(a + d);
+    s0 = S::fma(v, v, s0);
+  }
+  T s = S::hsum(S::add(S::add(s0, s1), S::add(s2, s3)));
+  for (; d < len; ++d) s += a[d] * a[d];
+  return s;
+}
+
+// sum(v) with four independent accumulators (fixed order).
+template <typename T>
+T vsum(const T* __restrict a, int64_t len) {
+  using S = Simd<T>;
+  constexpr int L = S::L;
+  typename S::reg s0 = S::zero(), s1 = S::zero(), s2 = S::zero(), s3 = S::zero();
+  const int64_t l4 = len - len % (4 * L);
+  int64_t d = 0;
+  for (; d < l4; d += 4 * L) {
+    s0 = S::add(s0, S::load(a + d));
+    s1 = S::add(s1, S::load(a + d + L));
+    s2 = S::add(s2, S::load(a + d + 2 * L));
+    s3 = S::add(s3, S::load(a + d + 3 * L));
+  }
+  const int64_t lv = len - len % L;
+  for (; d < lv; d += L) s0 = S::add(s0, S::load(a + d));
+  T s = S::hsum(S::add(S::add(s0, s1), S::add(s2, s3)));
+  for (; d < len; ++d) s += a[d];
+  return s;
+}
+
+// v -= mean(v) (the contract's centring c).
+template <typename T>
+void center_inplace(T* __restrict v, int64_t len) {
+  const T mean = vsum(v, len) / static_cast<T>(len);
+  for (int64_t d = 0; d < len; ++d) v[d] -= mean;
+}
+}  // namespace detail
+}  // namespace ef
