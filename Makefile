@@ -12,7 +12,7 @@ BUILD_DEPS := "scikit-build-core>=0.10" "pybind11>=2.12" "cmake>=3.18" ninja
 TEST_DEPS := "pytest>=8" "hypothesis>=6.100"
 RUN_DEPS := numpy safetensors tqdm pandas pyarrow matplotlib
 
-.PHONY: demo test test-tl4 test-tl3 install install-tl3 bench clean asan
+.PHONY: demo paper test test-tl4 test-tl3 install install-tl3 bench bench-quick clean asan
 
 $(VENV)/.deps: pyproject.toml Makefile
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -38,12 +38,24 @@ install-tl3: $(VENV_TL3)/.deps
 demo: install
 	$(VENV)/bin/erasure-fast demo
 
+# The paper's analyses: real GELU-4L when it is in the local HF cache, otherwise the planted demo model.
+paper: install
+	$(VENV)/bin/erasure-fast paper --out paper_out
+
+# Full CPU benchmark (every provider, both shapes, 1K-64K tokens, plus the scan workload S1).
+bench: install
+	$(VENV)/bin/erasure-fast bench --shapes gelu-4l,gpt2-small --sizes 1024,8192,65536 --s1-tokens 65536 --budget-s 30
+
+# K1 / K2 at 8192 tokens on the GELU-4L shape only (the C++ kernel's targets).
+bench-quick: install
+	$(VENV)/bin/erasure-fast bench --shapes gelu-4l --sizes 8192
+
 # pytest runs from tests/ so the installed package (with its compiled extension) is imported.
 test-tl4: install
 	cd tests && EF_REQUIRE_CPP=1 EF_ERROR_REPORT=../build/parity-errors-tl4.json ../$(VENV)/bin/python -m pytest -q -p no:cacheprovider .
 
 test-tl3: install-tl3
-	cd tests && EF_REQUIRE_CPP=1 EF_ERROR_REPORT=../build/parity-errors-tl3.json ../$(VENV_TL3)/bin/python -m pytest -q -p no:cacheprovider test_parity_tl.py
+	cd tests && EF_REQUIRE_CPP=1 EF_ERROR_REPORT=../build/parity-errors-tl3.json ../$(VENV_TL3)/bin/python -m pytest -q -p no:cacheprovider test_parity_tl.py test_paper.py
 
 test: test-tl4 test-tl3
 

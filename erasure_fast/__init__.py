@@ -1,7 +1,8 @@
 """erasure_fast: fused kernels for direct logit attribution (DLA) and erasure analysis.
 
-Public names: `attribute`, `logit_attrs_heads`, `fused_attribution`, `backends`, `derive_measures`,
-`AttributionResult`, `ModelSpec`, `model_spec`. See README.md and shared/erasure-math.md.
+Public names: `attribute`, `logit_attrs_heads`, `fused_attribution`, `scan`, `backends`,
+`derive_measures`, `AttributionResult`, `ScanResult`, `ModelSpec`, `model_spec`; the paper's analyses
+in `erasure_fast.paper`, the benchmark harness in `erasure_fast.bench`. See README.md and shared/erasure-math.md.
 """
 
 from .backends import backends
@@ -19,6 +20,14 @@ def __getattr__(name):  # model-facing API imports TransformerLens lazily (slow 
         from .tl_compat import logit_attrs_heads
 
         return logit_attrs_heads
+    if name in ("scan", "ScanResult"):
+        from . import scan as scan_pkg
+
+        return getattr(scan_pkg, name)
+    if name == "paper":
+        import importlib
+
+        return importlib.import_module(".paper", __name__)
     if name in ("ModelSpec", "model_spec"):
         from . import models
 
@@ -36,4 +45,6 @@ __all__ = [
     "logit_attrs_heads",
     "ModelSpec",
     "model_spec",
+    "scan",
+    "ScanResult",
 ]

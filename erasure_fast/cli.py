@@ -105,6 +105,17 @@ def main(argv=None) -> int:
     p_bench.add_argument("--budget-s", type=float, default=60.0, help="per-call time budget; slower providers stop growing")
     p_bench.add_argument("--s1-tokens", type=int, default=0, help="also run the scan workload S1 on this many tokens")
     p_bench.add_argument("--providers", default=None, help="comma-separated substrings of provider names to keep")
+    p_paper = sub.add_parser("paper", help="the paper's analyses (figs 1-5, 8) on gelu-4l when cached, else the demo model")
+    p_paper.add_argument("--model", default="auto", help="auto (gelu-4l if cached, else demo), demo, gelu-4l or a checkpoint dir")
+    p_paper.add_argument("--corpus", default="demo", help="'demo' or a token corpus path")
+    p_paper.add_argument("--out", default="paper_out")
+    p_paper.add_argument("--writer", default="L0H2")
+    p_paper.add_argument("--erasers", default=None, help="comma-separated heads of one layer (default: the paper's L2H2-L2H7, or the demo's planted ones)")
+    p_paper.add_argument("--rows", type=int, default=4)
+    p_paper.add_argument("--seq-len", type=int, default=256)
+    p_paper.add_argument("--samples", type=int, default=10, help="resamples per prompt for fig 4")
+    p_paper.add_argument("--prepend-bos", type=int, default=None)
+    p_paper.add_argument("--device", default=None)
     args = parser.parse_args(argv)
     if args.command in ("scan", "demo"):
         demo = args.command == "demo"
@@ -127,6 +138,10 @@ def main(argv=None) -> int:
                 found = top.node == first and top.writer == PLANTED["writer"]
                 print(f"planted pair {first} onto {PLANTED['writer']} is the top pair: {'yes' if found else 'NO'}")
                 return 0 if found else 1
+    elif args.command == "paper":
+        from .paper_cli import run as run_paper
+
+        return run_paper(args)
     elif args.command == "bench":
         from . import bench
 

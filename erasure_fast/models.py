@@ -147,7 +147,10 @@ _specs: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def model_spec(model) -> ModelSpec:
-    """The `ModelSpec` of a TransformerLens model, cached until its weights change."""
+    """The `ModelSpec` of a TransformerLens model, cached until its weights change (a `ModelSpec`
+    passes through unchanged)."""
+    if isinstance(model, ModelSpec):
+        return model
     kind = _kind(model)
     fp = _fingerprint(model)
     hit = _specs.get(model)

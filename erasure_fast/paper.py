@@ -262,20 +262,26 @@ def resample_ablation(model, prompts: torch.Tensor, correct, incorrect, head: st
                               resampled_median=s.median(dim=1).values.numpy(), resampled_q25=s.quantile(0.25, dim=1).numpy(),
                               resampled_q75=s.quantile(0.75, dim=1).numpy()))
     if out_path:
-        plt = _plt()
-        fig, ax = plt.subplots(figsize=(max(5, 1.6 * B), 3.6))
-        x = np.arange(B)
-        ax.bar(x - 0.2, table.clean_dla, width=0.4, label="clean DLA", color="tab:blue")
-        ax.bar(x + 0.2, table.resampled_median, width=0.4, label="resample-ablated (median)", color="tab:orange")
-        ax.errorbar(x + 0.2, table.resampled_median, yerr=[table.resampled_median - table.resampled_q25,
-                    table.resampled_q75 - table.resampled_median], fmt="none", ecolor="black", lw=0.8, capsize=2)
-        ax.set_xticks(x, [str(l)[:28] for l in labels], rotation=20, ha="right", fontsize=7)
-        ax.axhline(0, color="grey", lw=0.8)
-        ax.set_ylabel(f"{head} logit-difference DLA")
-        ax.set_title(f"{head}: DLA vs resample ablation of its input (clean final scale)", fontsize=9)
-        ax.legend(fontsize=8)
-        _save(fig, out_path)
+        plot_resample_ablation(table, head, out_path)
     return table
+
+
+def plot_resample_ablation(table, head: str, path: str) -> str:
+    """Fig 4 bars: clean DLA and resample-ablated median (25-75 % whiskers) per prompt."""
+    plt = _plt()
+    n = len(table)
+    fig, ax = plt.subplots(figsize=(max(5, 1.6 * n), 3.6))
+    x = np.arange(n)
+    ax.bar(x - 0.2, table.clean_dla, width=0.4, label="clean DLA", color="tab:blue")
+    ax.bar(x + 0.2, table.resampled_median, width=0.4, label="resample-ablated (median)", color="tab:orange")
+    ax.errorbar(x + 0.2, table.resampled_median, yerr=[table.resampled_median - table.resampled_q25,
+                table.resampled_q75 - table.resampled_median], fmt="none", ecolor="black", lw=0.8, capsize=2)
+    ax.set_xticks(x, [str(p)[:28] for p in table.prompt], rotation=20, ha="right", fontsize=7)
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set_ylabel(f"{head} logit-difference DLA")
+    ax.set_title(f"{head}: DLA vs resample ablation of its input (clean final scale)", fontsize=9)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
 
 
 def paper_prompts(model):

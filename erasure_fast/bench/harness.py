@@ -81,8 +81,12 @@ class _PeakRSS:
         return False
 
 
+_OOM_MESSAGES = ("out of memory", "can't allocate memory", "cannot allocate memory", "bad_alloc")
+
+
 def _is_oom(e: BaseException) -> bool:
-    return isinstance(e, MemoryError) or "out of memory" in str(e).lower() or isinstance(e, getattr(torch.cuda, "OutOfMemoryError", ()))
+    msg = str(e).lower()
+    return isinstance(e, (MemoryError, torch.cuda.OutOfMemoryError)) or any(m in msg for m in _OOM_MESSAGES)
 
 
 def _finite(result) -> bool:
@@ -120,9 +124,22 @@ def measure(fn, device, repeats: int, warmup: int = 1, budget_s: float = 120.0) 
 
 
 def _model(shape: str, device):
-    from ..demo import gelu4l_shaped_bridge
+    """A TransformerLens bridge of the shape, or -- where TransformerLens is not installed (e.g. a GPU
+    machine without it) -- a `ModelSpec` of random weights, for the project's own providers."""
+    try:
+        from ..demo import gelu4l_shaped_bridge
 
-    return gelu4l_shaped_bridge(seed=0, **SHAPES[shape]).to(device)
+        return gelu4l_shaped_bridge(seed=0, **SHAPES[shape]).to(device)
+    except ImportError:
+        from ..models import ModelSpec
+
+        d = SHAPES[shape]
+        g = torch.Generator().manual_seed(0)
+        std = 0.8 / d["d_model"] ** 0.5
+        W_O = torch.randn(d["n_layers"], d["n_heads"], d["d_head"], d["d_model"], generator=g) * std
+        W_U = torch.randn(d["d_model"], d["d_vocab"], generator=g) * std
+        b_O = torch.zeros(d["n_layers"], d["d_model"])
+        return ModelSpec.from_weights(W_O.to(device), b_O.to(device), W_U.to(device))
 
 
 def run_kernels(shapes, sizes, device, repeats: int, budget_s: float, providers=None, progress=print) -> List[Point]:
@@ -138,6 +155,10 @@ def run_kernels(shapes, sizes, device, repeats: int, budget_s: float, providers=
             for workload in ("K1", "K2n", "K2f"):
                 for name, make in chosen.items():
                     key = (workload, name)
+                    if name.startswith("transformer_lens") and not hasattr(model, "cfg"):
+                        points.append(Point(workload, shape, name, inp.n_tokens, status="skipped",
+                                            note="transformer_lens not installed"))
+                        continue
                     if key in dead:
                         points.append(Point(workload, shape, name, inp.n_tokens, status=dead[key], note="larger size skipped"))
                         continue

@@ -89,6 +89,9 @@ def torch_compile(model, inp, workload: str) -> Callable:
 
     args = _contract_args(model, inp, workload)
     inputs = validate(**args)
+    # A fresh compilation per point: dynamo's recompile limit would otherwise silently fall back to
+    # eager after a few sizes. Compilation happens in the harness's warm-up call, not in the timing.
+    torch._dynamo.reset()
     compiled = torch.compile(torch_ref.run, dynamic=False)
     return lambda: compiled(inputs)
 
@@ -96,7 +99,10 @@ def torch_compile(model, inp, workload: str) -> Callable:
 def available_providers(device: torch.device) -> Dict[str, Callable]:
     from ..backends import backends
 
-    out = {f"transformer_lens {tl_version()}": transformer_lens}
+    try:
+        out = {f"transformer_lens {tl_version()}": transformer_lens}
+    except metadata.PackageNotFoundError:
+        out = {"transformer_lens (not installed)": transformer_lens}
     info = backends()
     out["erasure_fast torch"] = backend("torch")
     out["torch.compile(reference)"] = torch_compile

@@ -1,0 +1,92 @@
+"""The paper's analyses on ground truth: a small model with the demo's planted writer/eraser circuit
+(writer L0H2, erasers L2H3 and L2H6). Runs on TransformerLens 4.x bridges and 3.x HookedTransformers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from erasure_fast import paper
+from erasure_fast.demo import PLANTED, demo_corpus, planted_model
+
+DIMS = dict(n_layers=4, n_heads=8, d_head=32, d_model=256, d_mlp=256, d_vocab=300, n_ctx=128)
+ERASERS = list(PLANTED["erasers"])
+
+
+@pytest.fixture(scope="module")
+def planted():
+    model, info = planted_model(seed=0, dims=DIMS)
+    tokens = torch.from_numpy(demo_corpus(4, 96, DIMS["d_vocab"], seed=9)).long()
+    tokens[:, 0] = PLANTED["bos"]
+    return model, tokens
+
+
+def test_fig1_fig2_find_the_planted_eraser(planted, tmp_path):
+    model, tokens = planted
+    resid, nodes = paper.fig1_fig2(tokens, "L0H2", model=model, out_dir=str(tmp_path))
+    down = nodes[nodes.downstream].sort_values("median")
+    assert down.node.iloc[0] == "L2H3" and down.node.iloc[1] == "L2H6"
+    r = resid.set_index("node")["median"]
+    assert r["resid_mid0"] == pytest.approx(1.0, abs=0.05)  # the writer's own write
+    assert r["resid_mid2"] < 0.5 * r["resid_post1"]  # erased in layer 2
+    assert (tmp_path / "paper_fig1_resid_pr.png").stat().st_size > 0
+    assert (tmp_path / "paper_fig2_node_pr.png").stat().st_size > 0
+
+
+def test_fig3_patch_removes_erasure_and_writer_survives(planted, tmp_path):
+    model, tokens = planted
+    t = paper.causal_check(model, tokens, "L0H2", ERASERS, out_path=str(tmp_path / "fig3.png")).set_index("node")
+    for e in ERASERS:
+        assert t.loc[e, "clean_median"] < -0.3
+        assert abs(t.loc[e, "patched_median"]) < 0.25 * abs(t.loc[e, "clean_median"]), e
+    assert t.loc["resid_post3", "clean_median"] < 0.2
+    assert t.loc["resid_post3", "patched_median"] > 0.7  # the writer survives in the residual stream
+    assert t.loc["resid_post1", "patched_median"] == pytest.approx(t.loc["resid_post1", "clean_median"])
+    assert (tmp_path / "fig3.png").stat().st_size > 0
+
+
+def test_fig3_rejects_bad_erasers(planted):
+    model, tokens = planted
+    with pytest.raises(ValueError, match="share one layer"):
+        paper.causal_check(model, tokens, "L0H2", ["L2H3", "L3H1"])
+    with pytest.raises(ValueError, match="after the writer's layer"):
+        paper.causal_check(model, tokens, "L2H2", ["L1H3"])
+
+
+def test_fig5_slope_is_negative(planted, tmp_path):
+    model, tokens = planted
+    for aware in (False, True):
+        table, fit = paper.v_composition(model, tokens, "L0H2", ERASERS, attention_aware=aware,
+                                         out_path=str(tmp_path / f"fig5_{aware}.png"))
+        assert len(table) == tokens.shape[0] * (tokens.shape[1] - 1)
+        assert fit["slope"] < 0 and fit["slope"] + 5 * fit["slope_se"] < 0, fit
+
+
+def test_linear_fit_recovers_known_line():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=2000)
+    y = 0.3 - 0.723 * x + rng.normal(scale=0.05, size=2000)
+    fit = paper.linear_fit(x, y)
+    assert fit["slope"] == pytest.approx(-0.723, abs=5 * fit["slope_se"])
+    assert fit["intercept"] == pytest.approx(0.3, abs=5 * fit["intercept_se"])
+
+
+def test_fig4_resample_ablation(planted, tmp_path):
+    model, tokens = planted
+    corpus = demo_corpus(16, 96, DIMS["d_vocab"], seed=11)
+    table = paper.resample_ablation(model, tokens[:2, :24], [5, 6], [7, 8], "L0H2", corpus, n_samples=3,
+                                    out_path=str(tmp_path / "fig4.png"))
+    assert len(table) == 2 and np.isfinite(table[["clean_dla", "resampled_median"]].to_numpy()).all()
+    # The planted writer only reads BOS: with BOS kept in place its DLA does not depend on the rest, and
+    # resampling its whole input (BOS included) changes it.
+    assert not np.allclose(table.clean_dla, table.resampled_median)
+
+
+def test_fig8_bos_split(planted, tmp_path):
+    model, tokens = planted
+    table = paper.bos_split(model, tokens, "L0H2", ERASERS, out_path=str(tmp_path / "fig8.png"))
+    assert len(table) == tokens.shape[1]
+    # the planted writer reads BOS only: its output is (almost) all BOS part, and that part is erased
+    assert table.bos_share_median.iloc[5:].min() > 0.99
+    assert table.pr_bos_median.iloc[5:].max() < -0.5
