@@ -44,12 +44,13 @@ void check_ids(const char* name, const IdArr& ids, int64_t T, int64_t K) {
            std::to_string(p[t]) + " at token " + std::to_string(t));
 }
 
+struct Dims {
+  int64_t T, N, H, D, K;
+};
+
 template <typename T>
-py::tuple run(const Arr<T>& z, const Arr<T>& W_O, const Arr<T>& directions, const Arr<T>& scale,
-              const IdArr& writers, const std::optional<Arr<T>>& extra,
-              const std::optional<IdArr>& direction_ids, const std::optional<IdArr>& incorrect_ids,
-              bool center, int n_threads, int tile_tokens) {
-  // ---- every check, in one place ----
+Dims check_dla_core(const Arr<T>& z, const Arr<T>& W_O, const Arr<T>& directions,
+                    const Arr<T>& scale) {
   if (z.ndim() != 3) fail("z must have shape [T, N, d_head], got " + shape_of(z));
   const int64_t T_ = z.shape(0), N = z.shape(1), H = z.shape(2);
   if (N < 1 || H < 1) fail("z must have at least one head and d_head >= 1, got " + shape_of(z));
@@ -65,13 +66,22 @@ py::tuple run(const Arr<T>& z, const Arr<T>& W_O, const Arr<T>& directions, cons
   if (K < 1) fail("directions has no rows (K = 0)");
   if (scale.ndim() != 1 || scale.shape(0) != T_)
     fail("scale must have shape [T]=[" + std::to_string(T_) + "], got " + shape_of(scale));
-  {
-    const T* s = scale.data();
-    for (int64_t t = 0; t < T_; ++t)
-      if (!(s[t] > T(0)) || !std::isfinite(s[t]))
-        fail("scale must be finite and > 0 at every token, got " + std::to_string(s[t]) +
-             " at token " + std::to_string(t));
-  }
+  const T* s = scale.data();
+  for (int64_t t = 0; t < T_; ++t)
+    if (!(s[t] > T(0)) || !std::isfinite(s[t]))
+      fail("scale must be finite and > 0 at every token, got " + std::to_string(s[t]) +
+           " at token " + std::to_string(t));
+  return Dims{T_, N, H, D, K};
+}
+
+template <typename T>
+py::tuple run(const Arr<T>& z, const Arr<T>& W_O, const Arr<T>& directions, const Arr<T>& scale,
+              const IdArr& writers, const std::optional<Arr<T>>& extra,
+              const std::optional<IdArr>& direction_ids, const std::optional<IdArr>& incorrect_ids,
+              bool center, int n_threads, int tile_tokens) {
+  // ---- every check, in one place ----
+  const Dims dims = check_dla_core<T>(z, W_O, directions, scale);
+  const int64_t T_ = dims.T, N = dims.N, H = dims.H, D = dims.D, K = dims.K;
   if (writers.ndim() != 1) fail("writers must have shape [W], got " + shape_of(writers));
   const int64_t W = writers.shape(0);
   {
@@ -143,35 +153,6 @@ void def_entry(py::module_& m, const char* name, const char* dtype) {
 
 // ---------------------------------------------------------------------------------------------
 // DLA-only entry points (dla_only.h). Same checks as `run` for the shared arguments.
-struct Dims {
-  int64_t T, N, H, D, K;
-};
-
-template <typename T>
-Dims check_dla_core(const Arr<T>& z, const Arr<T>& W_O, const Arr<T>& directions,
-                    const Arr<T>& scale) {
-  if (z.ndim() != 3) fail("z must have shape [T, N, d_head], got " + shape_of(z));
-  const int64_t T_ = z.shape(0), N = z.shape(1), H = z.shape(2);
-  if (N < 1 || H < 1) fail("z must have at least one head and d_head >= 1, got " + shape_of(z));
-  if (W_O.ndim() != 3 || W_O.shape(0) != N || W_O.shape(1) != H)
-    fail("W_O must have shape [N, d_head, d_model]=[" + std::to_string(N) + ", " + std::to_string(H) +
-         ", d_model], got " + shape_of(W_O));
-  const int64_t D = W_O.shape(2);
-  if (D < 1) fail("W_O has d_model = 0");
-  if (directions.ndim() != 2 || directions.shape(1) != D)
-    fail("directions must have shape [K, d_model]=[K, " + std::to_string(D) + "], got " +
-         shape_of(directions));
-  const int64_t K = directions.shape(0);
-  if (K < 1) fail("directions has no rows (K = 0)");
-  if (scale.ndim() != 1 || scale.shape(0) != T_)
-    fail("scale must have shape [T]=[" + std::to_string(T_) + "], got " + shape_of(scale));
-  const T* s = scale.data();
-  for (int64_t t = 0; t < T_; ++t)
-    if (!(s[t] > T(0)) || !std::isfinite(s[t]))
-      fail("scale must be finite and > 0 at every token, got " + std::to_string(s[t]) +
-           " at token " + std::to_string(t));
-  return Dims{T_, N, H, D, K};
-}
 
 ef::DlaMethod parse_method(const std::string& m) {
   if (m == "auto") return ef::DlaMethod::kAuto;

@@ -105,7 +105,10 @@ def main(argv=None) -> int:
     p_bench.add_argument("--budget-s", type=float, default=60.0, help="per-call time budget; slower providers stop growing")
     p_bench.add_argument("--s1-tokens", type=int, default=0, help="also run the scan workload S1 on this many tokens")
     p_bench.add_argument("--providers", default=None, help="comma-separated substrings of provider names to keep")
-    p_paper = sub.add_parser("paper", help="the paper's analyses (figs 1-5, 8) on gelu-4l when cached, else the demo model")
+    p_paper = sub.add_parser("paper", help="the paper's analyses (figs 1-5, 8, miner) on gelu-4l when cached, else the demo model")
+    p_paper.add_argument("analysis", nargs="?", default="all", choices=["all", "fig1", "fig2", "fig3", "fig4", "fig5", "fig8", "mine"],
+                         help="one analysis, or all of them except the miner (default)")
+    p_paper.add_argument("--scan-dir", default=None, help="for 'mine': the output directory of an erasure-fast scan")
     p_paper.add_argument("--model", default="auto", help="auto (gelu-4l if cached, else demo), demo, gelu-4l or a checkpoint dir")
     p_paper.add_argument("--corpus", default="demo", help="'demo' or a token corpus path")
     p_paper.add_argument("--out", default="paper_out")

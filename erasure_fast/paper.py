@@ -426,26 +426,27 @@ def mine_adversarial(model, scan_result, corpus, *, writer: str = "L0H2", eraser
                      top: int = 10, context: int = 12, recheck: int = 3):
     """Rank the scan's candidate positions by |DLA_w| - |adjusted DLA_w| (from its top-k), show their
     context (decoded with the model's tokenizer when it has one), and re-check the best ``recheck``
-    with the causal patch (the erasers' PR onto the writer before / after). Returns a DataFrame."""
+    with the causal patch (the erasers' PR onto the writer before / after). ``scan_result``: a
+    ScanResult or scan output directory whose focus writer is ``writer``; ``corpus``: the scanned
+    corpus. Returns a DataFrame."""
     import pandas as pd
 
     from .scan import open_corpus
 
-    tops = scan_result if isinstance(scan_result, list) else None
-    if tops is None:
-        import json
+    import json
 
-        path = scan_result if isinstance(scan_result, (str, os.PathLike)) else scan_result.out_dir
-        data = json.load(open(os.path.join(path, "summary.json")))
-        if data["focus_writer"] != writer:
-            raise ValueError(f"the scan's top examples are for {data['focus_writer']}, not {writer}")
-        tops = data["top_examples"]["dla_minus_adjusted"]
-    c = open_corpus(corpus)
+    path = scan_result if isinstance(scan_result, (str, os.PathLike)) else scan_result.out_dir
+    data = json.load(open(os.path.join(path, "summary.json")))
+    if data["focus_writer"] != writer:
+        raise ValueError(f"the scan's top examples are for {data['focus_writer']}, not {writer}; scan with writers=[{writer!r}]")
+    tops = data["top_examples"]["dla_minus_adjusted"]
+    bos = data["meta"].get("prepend_bos")
+    c = open_corpus(corpus, seq_len=data["meta"]["seq_len"])
     rows_needed = sorted({e["row"] for e in tops[:top]})
     rows = {}
     for i, r in c.rows(min(rows_needed) if rows_needed else 0):
         if i in rows_needed:
-            rows[i] = r
+            rows[i] = r if bos is None else np.concatenate([[bos], r[:-1]])  # as the scan saw it
         if len(rows) == len(rows_needed):
             break
     tok = getattr(model, "tokenizer", None)

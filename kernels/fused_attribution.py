@@ -79,30 +79,13 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_common import MIN_DOT, p2 as _p2, sum_combine as _sum_combine
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 # Largest node / writer block kept on chip in one program (padded, powers of two).
 MAX_BLOCK = 64
 SPLIT_BLOCK = 32
-MIN_DOT = 16  # mma minimum for every dot dimension
-
-
-def _p2(x: int, lo: int = MIN_DOT) -> int:
-    return max(lo, triton.next_power_of_2(max(int(x), 1)))
-
-
-# Inside the kernels: tl.full instead of tl.zeros, tl.reduce(x, axis, _sum_combine) instead of tl.sum.
-# tl.zeros / tl.sum are @jit functions of triton.language.standard, decorated when triton is imported;
-# if TRITON_INTERPRET=1 was set only after `import triton`, the interpreter cannot call them. The
-# reduction passes triton's own sum combiner, which the interpreter recognises by identity (numpy
-# fast path, never called) and which compiles exactly like tl.sum on GPU; `_add` is the fallback
-# should a triton version not have it.
-@triton.jit
-def _add(a, b):
-    return a + b
-
-
-_sum_combine = getattr(tl.standard, "_sum_combine", _add)
 
 
 @triton.jit

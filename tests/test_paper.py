@@ -90,3 +90,25 @@ def test_fig8_bos_split(planted, tmp_path):
     # the planted writer reads BOS only: its output is (almost) all BOS part, and that part is erased
     assert table.bos_share_median.iloc[5:].min() > 0.99
     assert table.pr_bos_median.iloc[5:].max() < -0.5
+
+
+def test_miner_ranks_and_rechecks_scan_candidates(planted, tmp_path):
+    from erasure_fast.scan import scan
+
+    model, _ = planted
+    corpus = demo_corpus(8, 96, DIMS["d_vocab"], seed=2)
+    res = scan(model, corpus, writers=["L0H2"], batch_size=4, out_dir=str(tmp_path), prepend_bos=PLANTED["bos"],
+               progress=False, report=True)
+    table = paper.mine_adversarial(model, res, corpus, writer="L0H2", erasers=ERASERS, top=5, recheck=2)
+    assert len(table) == 5
+    gaps = table.gap.to_numpy()
+    assert np.all(np.diff(gaps) <= 1e-9) and gaps[0] > 0  # ranked by |DLA| - |adjusted DLA|
+    # the scan's numbers are those of a direct attribution at that position (BOS prepended as scanned)
+    best = table.iloc[0]
+    row = torch.from_numpy(np.concatenate([[PLANTED["bos"]], corpus[best.row][:-1]]).astype(np.int64))[None]
+    direct = paper._attr(model, row, ["L0H2"])
+    assert float(direct.writer_dla[0, best.pos, 0]) == pytest.approx(best.dla, rel=1e-4, abs=1e-6)
+    # the causal re-check removes the erasure
+    assert best.erasers_pr_clean < -0.5 and abs(best.erasers_pr_patched) < 0.25 * abs(best.erasers_pr_clean)
+    with pytest.raises(ValueError, match="not L1H0"):
+        paper.mine_adversarial(model, res, corpus, writer="L1H0", erasers=ERASERS)

@@ -73,11 +73,14 @@ def _kernels():
     """The kernel modules, decorated for the current TRITON_INTERPRET setting."""
     from ..kernels import dla_table as dt
     from ..kernels import fused_attribution as fa
+    from ..kernels import triton_common as common
 
     want = _interpret()
-    if fa.INTERPRET != want:
+    if common.INTERPRET != want:  # the shared @jit helpers first: the kernel modules import them
+        common = importlib.reload(common)
+    if fa.INTERPRET != want or fa._sum_combine is not common.sum_combine:
         fa = importlib.reload(fa)
-    if dt.INTERPRET != want:
+    if dt.INTERPRET != want or dt._sum_combine is not common.sum_combine:
         dt = importlib.reload(dt)
     return fa, dt
 

@@ -163,6 +163,8 @@ def run_kernels(shapes, sizes, device, repeats: int, budget_s: float, providers=
                         points.append(Point(workload, shape, name, inp.n_tokens, status=dead[key], note="larger size skipped"))
                         continue
                     fn = make(model, inp, workload)
+                    if fn is None:  # the provider does not do this workload
+                        continue
                     if workload == "K2n":  # cold: the very first call on this input (tables, compilation)
                         cold = measure(fn, device, repeats=0, warmup=1, budget_s=budget_s)
                         cold.workload, cold.shape, cold.provider, cold.n_tokens = "K2n_cold", shape, name, inp.n_tokens
