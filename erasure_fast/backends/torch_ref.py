@@ -7,6 +7,8 @@ Tests and benchmarks import this module; it is never copied.
 
 from __future__ import annotations
 
+from typing import Callable, Optional
+
 import torch
 
 from ..contract import FusedInputs, FusedOutputs
@@ -20,34 +22,44 @@ def available() -> tuple[bool, str]:
     return True, f"torch {torch.__version__} (any device, reference math)"
 
 
-def _directions_for_chunk(inp: FusedInputs, lo: int, hi: int, acc: torch.dtype):
-    """Centred directions: [chunk, D] (gathered) or [K, D] (fixed), plus a mask of missing targets."""
-    table = inp.directions
-    if inp.direction_ids is None:
+def chunk_outputs(z: torch.Tensor, extra: torch.Tensor, scale: torch.Tensor, ids: Optional[torch.Tensor],
+                  inc: Optional[torch.Tensor], W_O: torch.Tensor, table: torch.Tensor, writers: torch.Tensor,
+                  center: bool, with_norms: bool):
+    """The contract for one chunk of c tokens, in the accumulation dtype of ``W_O``.
+
+    z [c, N, H], extra [c, M, D], scale [c], ids / inc [c] or None (None ids = fixed-set mode),
+    W_O [N, H, D], table [K, D], writers [W]. Returns (dla [c, N] or [c, N, K], dots [c, N+M, W],
+    norms [c, N+M] or None)."""
+    acc = W_O.dtype
+    r = torch.einsum("tnh,nhd->tnd", z.to(acc), W_O)  # [c, N, D]
+    if ids is None:
         d = table.to(acc)
-        missing = None
     else:
-        ids = inp.direction_ids[lo:hi]
         missing = ids < 0
         d = table.index_select(0, ids.clamp(min=0)).to(acc)
-        if inp.incorrect_ids is not None:
-            inc = inp.incorrect_ids[lo:hi]
+        if inc is not None:
             missing = missing | (inc < 0)
             d = d - table.index_select(0, inc.clamp(min=0)).to(acc)
-    if inp.center:
+    if center:
         d = d - d.mean(dim=-1, keepdim=True)
-    return d, missing
+    if ids is None:
+        dla = torch.einsum("tnd,kd->tnk", r, d) / scale[:, None, None]
+    else:
+        dla = (torch.einsum("tnd,td->tn", r, d) / scale[:, None]).masked_fill(missing[:, None], float("nan"))
+    nodes = torch.cat([r, extra.to(acc)], dim=1) if extra.shape[1] else r
+    dots = torch.einsum("tad,twd->taw", nodes, r.index_select(1, writers))
+    norms = (nodes * nodes).sum(dim=-1) if with_norms else None
+    return dla, dots, norms
 
 
-def run(inp: FusedInputs) -> FusedOutputs:
-    """Compute the contract's outputs (see `erasure_fast.contract`)."""
+def run(inp: FusedInputs, chunk_fn: Callable = chunk_outputs) -> FusedOutputs:
+    """Compute the contract's outputs (see `erasure_fast.contract`), chunk by chunk with ``chunk_fn``."""
     acc = inp.out_dtype
     T, N, _ = inp.z.shape
     D = inp.W_O.shape[2]
     M = inp.extra_nodes.shape[1]
     W = inp.writers.numel()
     W_O = inp.W_O.to(acc)
-    writers = inp.writers
     fixed = inp.direction_ids is None
     K = inp.directions.shape[0]
     dla = torch.empty((T, N, K) if fixed else (T, N), dtype=acc, device=inp.z.device)
@@ -57,17 +69,14 @@ def run(inp: FusedInputs) -> FusedOutputs:
     chunk = max(1, _CHUNK_BYTES // max(per_token, 1))
     for lo in range(0, T, chunk):
         hi = min(T, lo + chunk)
-        r = torch.einsum("tnh,nhd->tnd", inp.z[lo:hi].to(acc), W_O)  # [c, N, D]
-        d, missing = _directions_for_chunk(inp, lo, hi, acc)
-        s = inp.scale[lo:hi]
-        if fixed:
-            dla[lo:hi] = torch.einsum("tnd,kd->tnk", r, d) / s[:, None, None]
-        else:
-            out = torch.einsum("tnd,td->tn", r, d) / s[:, None]
-            dla[lo:hi] = out.masked_fill(missing[:, None], float("nan"))
-        nodes = torch.cat([r, inp.extra_nodes[lo:hi].to(acc)], dim=1) if M else r
-        rw = r.index_select(1, writers)  # [c, W, D]
-        dots[lo:hi] = torch.einsum("tad,twd->taw", nodes, rw)
+        sl = slice(lo, hi)
+        c_dla, c_dots, c_norms = chunk_fn(
+            inp.z[sl], inp.extra_nodes[sl], inp.scale[sl],
+            None if fixed else inp.direction_ids[sl],
+            None if inp.incorrect_ids is None else inp.incorrect_ids[sl],
+            W_O, inp.directions, inp.writers, inp.center, inp.with_norms,
+        )
+        dla[sl], dots[sl] = c_dla, c_dots
         if norms is not None:
-            norms[lo:hi] = (nodes * nodes).sum(dim=-1)
+            norms[sl] = c_norms
     return FusedOutputs(dla=dla, dots=dots, norms=norms)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import sys
 
@@ -43,13 +44,23 @@ def run(out_dir: str = "benchmarks/results", *, device: str = None, shapes=("gel
     info = machine.describe()
     roof = machine.roofline(dev)
     print(f"machine: {info.get('gpu') or info['cpu']}; roofline {roof}", flush=True)
-    points = harness.run_kernels(shapes, sizes, dev, repeats, budget_s, providers=providers,
-                                 progress=lambda s: print(s, flush=True))
+    points: list = []
+    partial = os.path.join(out_dir, "partial-results.json")
+    os.makedirs(out_dir, exist_ok=True)
+
+    def progress(line: str) -> None:  # a crash or kill mid-run keeps what was measured so far
+        print(line, flush=True)
+        with open(partial, "w") as f:
+            json.dump(harness.as_records(points), f)
+
+    harness.run_kernels(shapes, sizes, dev, repeats, budget_s, providers=providers, progress=progress, points=points)
     if s1_tokens:
-        points += harness.run_s1(s1_tokens, dev, progress=lambda s: print(s, flush=True))
+        harness.run_s1(s1_tokens, dev, progress=progress, points=points)
     harness.finish(points, roof)
     meta = dict(machine=info, label=machine.machine_label(info), date=datetime.date.today().isoformat(), roofline=roof,
                 repeats=repeats, sizes=sizes, shapes=list(shapes), command=command or " ".join(sys.argv))
     records = harness.as_records(points)
     files = report.write(out_dir, meta, records)
+    if os.path.exists(partial):
+        os.remove(partial)
     return dict(meta=meta, results=records, files=files)

@@ -142,9 +142,10 @@ def _model(shape: str, device):
         return ModelSpec.from_weights(W_O.to(device), b_O.to(device), W_U.to(device))
 
 
-def run_kernels(shapes, sizes, device, repeats: int, budget_s: float, providers=None, progress=print) -> List[Point]:
-    """K1, K2n (cold + warm), K2f for every provider."""
-    points: List[Point] = []
+def run_kernels(shapes, sizes, device, repeats: int, budget_s: float, providers=None, progress=print,
+                points: Optional[List[Point]] = None) -> List[Point]:
+    """K1, K2n (cold + warm), K2f for every provider (appended to ``points`` as they finish)."""
+    points = [] if points is None else points
     all_providers = prov.available_providers(device)
     chosen = {k: v for k, v in all_providers.items() if providers is None or any(p in k for p in providers)}
     for shape in shapes:
@@ -182,7 +183,7 @@ def run_kernels(shapes, sizes, device, repeats: int, budget_s: float, providers=
     return points
 
 
-def run_s1(n_tokens: int, device, batch_size: int = 8, progress=print) -> List[Point]:
+def run_s1(n_tokens: int, device, batch_size: int = 8, progress=print, points: Optional[List[Point]] = None) -> List[Point]:
     """S1: scan n_tokens of a synthetic corpus through a GELU-4L-shaped model, three ways."""
     import tempfile
 
@@ -229,7 +230,7 @@ def run_s1(n_tokens: int, device, batch_size: int = 8, progress=print) -> List[P
         with tempfile.TemporaryDirectory() as tmp:
             return scan(model, corpus, batch_size=batch_size, out_dir=tmp, resume=False, progress=False, report=False)
 
-    points = []
+    points = [] if points is None else points
     for name, fn in (("transformer_lens pipeline", tl_pipeline), ("bare forward (no unembed)", bare_forward),
                      ("erasure_fast scan", ours)):
         p = measure(fn, device, repeats=1, warmup=0, budget_s=3600)
