@@ -100,6 +100,7 @@ def _finite(result) -> bool:
 
 def measure(fn, device, repeats: int, warmup: int = 1, budget_s: float = 120.0) -> Point:
     p = Point("", "", "", 0)
+    out = None
     try:
         with _PeakRSS(device) as mem:
             t0 = time.perf_counter()
@@ -107,10 +108,18 @@ def measure(fn, device, repeats: int, warmup: int = 1, budget_s: float = 120.0) 
                 out = fn()
             mach._sync(device)
             first = time.perf_counter() - t0
-            if first * repeats > budget_s:
+            if warmup and first * repeats > budget_s:
                 repeats = max(1, int(budget_s // max(first, 1e-9)))
-            p.times_s = mach.time_call(fn, device, repeats=repeats, warmup=0) if repeats else [first]
-        if not _finite(out):
+            if repeats:
+                p.times_s = []
+                for _ in range(repeats):
+                    t0 = time.perf_counter()
+                    out = fn()
+                    mach._sync(device)
+                    p.times_s.append(time.perf_counter() - t0)
+            else:
+                p.times_s = [first]
+        if out is not None and not _finite(out):
             p.status, p.note = "error", "non-finite result"
         p.peak_extra_mib = mem.extra / 2**20
         p.median_s = statistics.median(p.times_s)
@@ -241,7 +250,8 @@ def run_s1(n_tokens: int, device, batch_size: int = 8, progress=print, points: O
 
 
 def finish(points: List[Point], roof: dict) -> None:
-    """Fill tokens/s, speedup over TransformerLens and % of the fp32 matmul roofline."""
+    """Fill tokens/s, speedup over TransformerLens and % of the fp32 matmul roofline (where the
+    workload has a provider-independent FLOP count: K1, K2f)."""
     rate = roof["matmul_gflops"]["float32"] * 1e9
     tl = {(p.workload, p.shape, p.n_tokens): p for p in points if p.provider.startswith("transformer_lens") and p.status == "ok"}
     for p in points:
@@ -251,8 +261,9 @@ def finish(points: List[Point], roof: dict) -> None:
         ref = tl.get((p.workload, p.shape, p.n_tokens))
         if ref is not None:
             p.speedup_vs_tl = ref.median_s / p.median_s
-        if p.workload != "S1":
-            p.roofline_pct = 100 * flops(p.workload, p.shape, p.n_tokens) / p.median_s / rate
+        work = flops(p.workload, p.shape, p.n_tokens)
+        if work is not None:
+            p.roofline_pct = 100 * work / p.median_s / rate
 
 
 def as_records(points: List[Point]) -> List[dict]:

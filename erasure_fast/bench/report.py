@@ -31,9 +31,11 @@ def markdown(meta: dict, records: List[dict]) -> str:
         + f"; copy {roof['copy_gbps']:.1f} GB/s",
         f"- timing: median of {meta['repeats']} repeats after a warm-up call (S1: one run); memory = peak above the "
         "pre-call baseline (RSS on CPU, allocated on GPU); speedup = TransformerLens time / provider time; roofline % = "
-        "nominal fused FLOPs / time / fp32 matmul rate",
-        f"- command: `{meta['command']}`", "",
-    ]
+        "nominal FLOPs / time / fp32 matmul rate (K1: the fused count; K2f: the head-space count; none for K2n, whose "
+        "head-space cost depends on the number of distinct targets, or S1); oom = allocation failed under the "
+        "benchmark's address-space cap of 85 % of RAM",
+        f"- command: `{meta['command']}`",
+    ] + ([f"- note: {meta['note']}"] if meta.get("note") else []) + [""]
     groups: Dict[tuple, List[dict]] = {}
     for r in records:
         groups.setdefault((r["workload"], r["shape"]), []).append(r)
@@ -88,6 +90,25 @@ def plots(records: List[dict], out_prefix: str) -> Dict[str, str]:
         plt.close(fig)
         files[os.path.basename(path)] = path
     return files
+
+
+def rewrite(json_path: str, note: str = "") -> Dict[str, str]:
+    """Re-derive speedups / roofline and rewrite every output of a run from its JSON (same measurements)."""
+    from .harness import Point, as_records, finish
+
+    data = json.load(open(json_path))
+    points = [Point(**r) for r in data["results"]]
+    for p in points:  # recompute the derived columns from the raw timings
+        p.tokens_per_s = p.speedup_vs_tl = p.roofline_pct = None
+        if p.times_s and p.status == "ok":
+            import statistics
+
+            p.median_s = statistics.median(p.times_s)
+    finish(points, data["meta"]["roofline"])
+    meta = dict(data["meta"])
+    if note:
+        meta["note"] = note
+    return write(os.path.dirname(json_path), meta, as_records(points))
 
 
 def write(out_dir: str, meta: dict, records: List[dict]) -> Dict[str, str]:
