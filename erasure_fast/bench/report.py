@@ -62,6 +62,8 @@ def plots(records: List[dict], out_prefix: str) -> Dict[str, str]:
     kernel = [r for r in records if r["workload"] != "S1" and r["status"] == "ok"]
     shapes = sorted({r["shape"] for r in kernel})
     workloads = [w for w in ("K1", "K2n", "K2f") if any(r["workload"] == w for r in kernel)]
+    names = sorted({r["provider"] for r in kernel})
+    colors = {n: plt.get_cmap("tab10")(i % 10) for i, n in enumerate(names)}  # one colour per provider everywhere
     for key, ylabel, log in (("tokens_per_s", "tokens / s", True), ("speedup_vs_tl", "speedup over TransformerLens", True),
                              ("peak_extra_mib", "peak extra memory (MiB)", True)):
         if not workloads or not shapes:
@@ -74,7 +76,7 @@ def plots(records: List[dict], out_prefix: str) -> Dict[str, str]:
                 for provider in sorted({r["provider"] for r in rows}):
                     pts = sorted((r["n_tokens"], r[key]) for r in rows if r["provider"] == provider)
                     if pts:
-                        ax.plot(*zip(*pts), marker="o", label=provider)
+                        ax.plot(*zip(*pts), marker="o", label=provider, color=colors[provider])
                 ax.set_xscale("log")
                 if log:
                     ax.set_yscale("log")
@@ -82,8 +84,10 @@ def plots(records: List[dict], out_prefix: str) -> Dict[str, str]:
                 ax.set_xlabel("tokens")
                 ax.set_ylabel(ylabel)
                 ax.grid(alpha=0.3)
-        handles, labels = axes[0][0].get_legend_handles_labels()
-        fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8)
+        from matplotlib.lines import Line2D
+
+        handles = [Line2D([], [], color=colors[n], marker="o") for n in names]
+        fig.legend(handles, names, loc="lower center", ncol=min(3, len(names)), fontsize=8)
         fig.tight_layout(rect=(0, 0.08, 1, 1))
         path = f"{out_prefix}-{key}.png"
         fig.savefig(path, dpi=110)
