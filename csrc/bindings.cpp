@@ -172,18 +172,22 @@ py::dict info_dict(const ef::DlaRunInfo& info) {
   return d;
 }
 
+// The DLA-only entries' norms output [T, N]: a new array when wanted (pointer in *data), else None.
+template <typename T>
+py::object optional_norms(bool want, const Dims& d, T** data) {
+  if (!want) return py::none();
+  py::array_t<T> norms(std::vector<py::ssize_t>{d.T, d.N});
+  *data = norms.mutable_data();
+  return norms;
+}
+
 template <typename T>
 py::tuple run_dla_fixed(const Arr<T>& z, const Arr<T>& W_O, const Arr<T>& directions,
                         const Arr<T>& scale, bool center, bool want_norms, int n_threads) {
   const Dims d = check_dla_core<T>(z, W_O, directions, scale);
   py::array_t<T> dla(std::vector<py::ssize_t>{d.T, d.N, d.K});
-  py::object norms_obj = py::none();
   T* norms_p = nullptr;
-  if (want_norms) {
-    py::array_t<T> norms(std::vector<py::ssize_t>{d.T, d.N});
-    norms_p = norms.mutable_data();
-    norms_obj = norms;
-  }
+  py::object norms_obj = optional_norms<T>(want_norms, d, &norms_p);
   T* dla_p = dla.mutable_data();
   const T *z_p = z.data(), *wo_p = W_O.data(), *dir_p = directions.data(), *sc_p = scale.data();
   ef::DlaRunInfo info;
@@ -220,13 +224,8 @@ py::tuple run_dla_gathered(const Arr<T>& z, const Arr<T>& W_O, const Arr<T>& dir
     fail("method 'table' needs a table (build one with build_dla_table)");
   }
   py::array_t<T> dla(std::vector<py::ssize_t>{d.T, d.N});
-  py::object norms_obj = py::none();
   T* norms_p = nullptr;
-  if (want_norms) {
-    py::array_t<T> norms(std::vector<py::ssize_t>{d.T, d.N});
-    norms_p = norms.mutable_data();
-    norms_obj = norms;
-  }
+  py::object norms_obj = optional_norms<T>(want_norms, d, &norms_p);
   T* dla_p = dla.mutable_data();
   const T *z_p = z.data(), *wo_p = W_O.data(), *dir_p = directions.data(), *sc_p = scale.data();
   const int64_t* ids_p = direction_ids.data();

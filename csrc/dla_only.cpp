@@ -47,15 +47,6 @@ constexpr int64_t kTokTile = 2 * MR; // tokens per work item of the per-token st
 // U * d_model ~ 8 * T: above it the table wins. Building the table itself: ~3.6 s, 377 MiB.
 constexpr int64_t kTableRatio = 8;
 
-int resolve_threads(int n_threads, int64_t work_items) {
-  int nthr = 1;
-#ifdef _OPENMP
-  nthr = n_threads > 0 ? n_threads : omp_get_max_threads();
-#else
-  (void)n_threads;
-#endif
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nthr, work_items)));
-}
 
 int thread_id() {
 #ifdef _OPENMP

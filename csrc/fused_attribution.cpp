@@ -97,13 +97,7 @@ void fused_attribution(const T* z, const T* W_O, const T* directions, const T* s
     C = cdirs.get();
   }
 
-  int nthr = 1;
-#ifdef _OPENMP
-  nthr = n_threads > 0 ? n_threads : omp_get_max_threads();
-#else
-  (void)n_threads;
-#endif
-  nthr = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nthr, n_tiles)));
+  const int nthr = resolve_threads(n_threads, n_tiles);
 
   // Per-thread scratch, allocated here so no allocation (or exception) happens in the parallel region.
   std::vector<Scratch<T>> scratch(nthr);

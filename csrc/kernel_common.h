@@ -11,6 +11,10 @@
 #include <memory>
 #include <new>
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 #if defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -235,5 +239,17 @@ void center_inplace(T* __restrict v, int64_t len) {
   const T mean = vsum(v, len) / static_cast<T>(len);
   for (int64_t d = 0; d < len; ++d) v[d] -= mean;
 }
+// Threads for a parallel region over `work_items` items: the request (<= 0 = OpenMP's default),
+// never more than there are items, at least 1.
+inline int resolve_threads(int n_threads, int64_t work_items) {
+  int nthr = 1;
+#ifdef _OPENMP
+  nthr = n_threads > 0 ? n_threads : omp_get_max_threads();
+#else
+  (void)n_threads;
+#endif
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nthr, work_items)));
+}
+
 }  // namespace detail
 }  // namespace ef
