@@ -48,9 +48,13 @@ struct Dims {
   int64_t T, N, H, D, K;
 };
 
-template <typename T>
-Dims check_dla_core(const Arr<T>& z, const Arr<T>& W_O, const Arr<T>& directions,
-                    const Arr<T>& scale) {
+template <typename In>
+using InArr = Arr<typename In::storage>;
+
+template <typename In>
+Dims check_dla_core(const InArr<In>& z, const InArr<In>& W_O, const InArr<In>& directions,
+                    const Arr<typename In::acc>& scale) {
+  using T = typename In::acc;
   if (z.ndim() != 3) fail("z must have shape [T, N, d_head], got " + shape_of(z));
   const int64_t T_ = z.shape(0), N = z.shape(1), H = z.shape(2);
   if (N < 1 || H < 1) fail("z must have at least one head and d_head >= 1, got " + shape_of(z));
@@ -67,20 +71,25 @@ Dims check_dla_core(const Arr<T>& z, const Arr<T>& W_O, const Arr<T>& directions
   if (scale.ndim() != 1 || scale.shape(0) != T_)
     fail("scale must have shape [T]=[" + std::to_string(T_) + "], got " + shape_of(scale));
   const T* s = scale.data();
-  for (int64_t t = 0; t < T_; ++t)
-    if (!(s[t] > T(0)) || !std::isfinite(s[t]))
-      fail("scale must be finite and > 0 at every token, got " + std::to_string(s[t]) +
+  for (int64_t t = 0; t < T_; ++t) {
+    const T st = s[t];
+    if (!(st > T(0)) || !std::isfinite(st))
+      fail("scale must be finite and > 0 at every token, got " + std::to_string(st) +
            " at token " + std::to_string(t));
+  }
   return Dims{T_, N, H, D, K};
 }
 
-template <typename T>
-py::tuple run(const Arr<T>& z, const Arr<T>& W_O, const Arr<T>& directions, const Arr<T>& scale,
-              const IdArr& writers, const std::optional<Arr<T>>& extra,
+template <typename In>
+py::tuple run(const InArr<In>& z, const InArr<In>& W_O, const InArr<In>& directions,
+              const Arr<typename In::acc>& scale, const IdArr& writers,
+              const std::optional<InArr<In>>& extra,
               const std::optional<IdArr>& direction_ids, const std::optional<IdArr>& incorrect_ids,
-              bool center, int n_threads, int tile_tokens) {
+              bool center, int n_threads, int tile_tokens, int chunk_cols) {
+  using T = typename In::acc;
+  using S = typename In::storage;
   // ---- every check, in one place ----
-  const Dims dims = check_dla_core<T>(z, W_O, directions, scale);
+  const Dims dims = check_dla_core<In>(z, W_O, directions, scale);
   const int64_t T_ = dims.T, N = dims.N, H = dims.H, D = dims.D, K = dims.K;
   if (writers.ndim() != 1) fail("writers must have shape [W], got " + shape_of(writers));
   const int64_t W = writers.shape(0);
@@ -92,7 +101,7 @@ py::tuple run(const Arr<T>& z, const Arr<T>& W_O, const Arr<T>& directions, cons
              std::to_string(w[i]) + " at position " + std::to_string(i));
   }
   int64_t M = 0;
-  const T* extra_ptr = nullptr;
+  const S* extra_ptr = nullptr;
   if (extra) {
     if (extra->ndim() != 3 || extra->shape(0) != T_ || extra->shape(2) != D)
       fail("extra_nodes must have shape [T, M, d_model]=[" + std::to_string(T_) + ", M, " +
@@ -122,30 +131,32 @@ py::tuple run(const Arr<T>& z, const Arr<T>& W_O, const Arr<T>& directions, cons
   T* dla_p = dla.mutable_data();
   T* dots_p = dots.mutable_data();
   T* norms_p = norms.mutable_data();
-  const T* z_p = z.data();
-  const T* wo_p = W_O.data();
-  const T* dir_p = directions.data();
+  const S* z_p = z.data();
+  const S* wo_p = W_O.data();
+  const S* dir_p = directions.data();
   const T* sc_p = scale.data();
   const int64_t* wr_p = writers.data();
   {
     py::gil_scoped_release release;
-    ef::fused_attribution<T>(z_p, wo_p, dir_p, sc_p, wr_p, extra_ptr, ids_ptr, inc_ptr, T_, N, H, D,
-                             K, W, M, center, dla_p, dots_p, norms_p, n_threads, tile_tokens);
+    ef::fused_attribution<In>(z_p, wo_p, dir_p, sc_p, wr_p, extra_ptr, ids_ptr, inc_ptr, T_, N, H,
+                              D, K, W, M, center, dla_p, dots_p, norms_p, n_threads, tile_tokens,
+                              chunk_cols);
   }
   return py::make_tuple(dla, dots, norms);
 }
 
-template <typename T>
+template <typename In>
 void def_entry(py::module_& m, const char* name, const char* dtype) {
-  m.def(name, &run<T>, py::arg("z"), py::arg("W_O"), py::arg("directions"), py::arg("scale"),
+  m.def(name, &run<In>, py::arg("z"), py::arg("W_O"), py::arg("directions"), py::arg("scale"),
         py::arg("writers"), py::arg("extra_nodes") = py::none(), py::arg("direction_ids") = py::none(),
         py::arg("incorrect_ids") = py::none(), py::arg("center") = true, py::arg("n_threads") = 0,
-        py::arg("tile_tokens") = 0,
+        py::arg("tile_tokens") = 0, py::arg("chunk_cols") = 0,
         (std::string("Fused DLA + erasure dots on ") + dtype +
-         " C-contiguous numpy arrays (accumulation in " + dtype +
-         ").\n\nz [T, N, H], W_O [N, H, D], directions [K, D], scale [T], writers [W] int64, "
+         " C-contiguous numpy arrays (bfloat16 / float16 as their uint16 bits, converted on load; "
+         "accumulation and outputs in float64 for float64, else float32).\n\nz [T, N, H], W_O [N, H, D], directions [K, D], scale [T], writers [W] int64, "
          "extra_nodes [T, M, D] or None, direction_ids / incorrect_ids [T] int64 in [-1, K) or None "
-         "(None = fixed-set mode). n_threads <= 0: OpenMP default; tile_tokens <= 0: default tile.\n"
+         "(None = fixed-set mode). n_threads <= 0: OpenMP default; tile_tokens / chunk_cols <= 0: "
+         "default tile (tokens per work item) / d_model columns per pass.\n"
          "Returns (dla [T, N] or [T, N, K], dots [T, N + M, W], norms [T, N + M]).")
             .c_str());
 }
@@ -181,31 +192,36 @@ py::object optional_norms(bool want, const Dims& d, T** data) {
   return norms;
 }
 
-template <typename T>
-py::tuple run_dla_fixed(const Arr<T>& z, const Arr<T>& W_O, const Arr<T>& directions,
-                        const Arr<T>& scale, bool center, bool want_norms, int n_threads) {
-  const Dims d = check_dla_core<T>(z, W_O, directions, scale);
+template <typename In>
+py::tuple run_dla_fixed(const InArr<In>& z, const InArr<In>& W_O, const InArr<In>& directions,
+                        const Arr<typename In::acc>& scale, bool center, bool want_norms, int n_threads) {
+  using T = typename In::acc;
+  using S = typename In::storage;
+  const Dims d = check_dla_core<In>(z, W_O, directions, scale);
   py::array_t<T> dla(std::vector<py::ssize_t>{d.T, d.N, d.K});
   T* norms_p = nullptr;
   py::object norms_obj = optional_norms<T>(want_norms, d, &norms_p);
   T* dla_p = dla.mutable_data();
-  const T *z_p = z.data(), *wo_p = W_O.data(), *dir_p = directions.data(), *sc_p = scale.data();
+  const S *z_p = z.data(), *wo_p = W_O.data(), *dir_p = directions.data();
+  const T* sc_p = scale.data();
   ef::DlaRunInfo info;
   {
     py::gil_scoped_release release;
-    info = ef::dla_fixed<T>(z_p, wo_p, dir_p, sc_p, d.T, d.N, d.H, d.D, d.K, center, dla_p, norms_p,
+    info = ef::dla_fixed<In>(z_p, wo_p, dir_p, sc_p, d.T, d.N, d.H, d.D, d.K, center, dla_p, norms_p,
                             n_threads);
   }
   return py::make_tuple(dla, norms_obj, info_dict(info));
 }
 
-template <typename T>
-py::tuple run_dla_gathered(const Arr<T>& z, const Arr<T>& W_O, const Arr<T>& directions,
-                           const Arr<T>& scale, const IdArr& direction_ids,
+template <typename In>
+py::tuple run_dla_gathered(const InArr<In>& z, const InArr<In>& W_O, const InArr<In>& directions,
+                           const Arr<typename In::acc>& scale, const IdArr& direction_ids,
                            const std::optional<IdArr>& incorrect_ids, bool center,
-                           const std::optional<Arr<T>>& table, const std::string& method,
-                           bool want_norms, int n_threads) {
-  const Dims d = check_dla_core<T>(z, W_O, directions, scale);
+                           const std::optional<Arr<typename In::acc>>& table,
+                           const std::string& method, bool want_norms, int n_threads) {
+  using T = typename In::acc;
+  using S = typename In::storage;
+  const Dims d = check_dla_core<In>(z, W_O, directions, scale);
   check_ids("direction_ids", direction_ids, d.T, d.K);
   const int64_t* inc_p = nullptr;
   if (incorrect_ids) {
@@ -227,20 +243,23 @@ py::tuple run_dla_gathered(const Arr<T>& z, const Arr<T>& W_O, const Arr<T>& dir
   T* norms_p = nullptr;
   py::object norms_obj = optional_norms<T>(want_norms, d, &norms_p);
   T* dla_p = dla.mutable_data();
-  const T *z_p = z.data(), *wo_p = W_O.data(), *dir_p = directions.data(), *sc_p = scale.data();
+  const S *z_p = z.data(), *wo_p = W_O.data(), *dir_p = directions.data();
+  const T* sc_p = scale.data();
   const int64_t* ids_p = direction_ids.data();
   ef::DlaRunInfo info;
   {
     py::gil_scoped_release release;
-    info = ef::dla_gathered<T>(z_p, wo_p, dir_p, sc_p, ids_p, inc_p, table_p, d.T, d.N, d.H, d.D,
+    info = ef::dla_gathered<In>(z_p, wo_p, dir_p, sc_p, ids_p, inc_p, table_p, d.T, d.N, d.H, d.D,
                                d.K, center, m, dla_p, norms_p, n_threads);
   }
   return py::make_tuple(dla, norms_obj, info_dict(info));
 }
 
-template <typename T>
-py::array_t<T> run_build_table(const Arr<T>& W_O, const Arr<T>& directions, bool center,
-                               int n_threads) {
+template <typename In>
+py::array_t<typename In::acc> run_build_table(const InArr<In>& W_O, const InArr<In>& directions,
+                                              bool center, int n_threads) {
+  using T = typename In::acc;
+  using S = typename In::storage;
   if (W_O.ndim() != 3) fail("W_O must have shape [N, d_head, d_model], got " + shape_of(W_O));
   const int64_t N = W_O.shape(0), H = W_O.shape(1), D = W_O.shape(2);
   if (N < 1 || H < 1 || D < 1)
@@ -252,18 +271,18 @@ py::array_t<T> run_build_table(const Arr<T>& W_O, const Arr<T>& directions, bool
   if (K < 1) fail("directions has no rows (K = 0)");
   py::array_t<T> table(std::vector<py::ssize_t>{K, N, H});
   T* out = table.mutable_data();
-  const T *wo_p = W_O.data(), *dir_p = directions.data();
+  const S *wo_p = W_O.data(), *dir_p = directions.data();
   {
     py::gil_scoped_release release;
-    ef::build_dla_table<T>(wo_p, dir_p, N, H, D, K, center, out, n_threads);
+    ef::build_dla_table<In>(wo_p, dir_p, N, H, D, K, center, out, n_threads);
   }
   return table;
 }
 
-template <typename T>
+template <typename In>
 void def_dla(py::module_& m, const std::string& sfx, const char* dtype) {
   const std::string dt(dtype);
-  m.def(("dla_fixed_" + sfx).c_str(), &run_dla_fixed<T>, py::arg("z"), py::arg("W_O"),
+  m.def(("dla_fixed_" + sfx).c_str(), &run_dla_fixed<In>, py::arg("z"), py::arg("W_O"),
         py::arg("directions"), py::arg("scale"), py::arg("center") = true,
         py::arg("norms") = true, py::arg("n_threads") = 0,
         ("DLA-only, fixed directions, on " + dt +
@@ -271,7 +290,7 @@ void def_dla(py::module_& m, const std::string& sfx, const char* dtype) {
          "norms=True also returns |r_n|^2 [T, N] (as z^T W_O W_O^T z). Returns (dla, norms or "
          "None, {'method', 'n_unique'}).")
             .c_str());
-  m.def(("dla_gathered_" + sfx).c_str(), &run_dla_gathered<T>, py::arg("z"), py::arg("W_O"),
+  m.def(("dla_gathered_" + sfx).c_str(), &run_dla_gathered<In>, py::arg("z"), py::arg("W_O"),
         py::arg("directions"), py::arg("scale"), py::arg("direction_ids"),
         py::arg("incorrect_ids") = py::none(), py::arg("center") = true,
         py::arg("table") = py::none(), py::arg("method") = "auto", py::arg("norms") = true,
@@ -282,7 +301,7 @@ void def_dla(py::module_& m, const std::string& sfx, const char* dtype) {
          "('table'); 'auto' picks the table when one is given and the cost model prefers it.\n"
          "Returns (dla, norms [T, N] or None, {'method', 'n_unique'}).")
             .c_str());
-  m.def(("build_dla_table_" + sfx).c_str(), &run_build_table<T>, py::arg("W_O"),
+  m.def(("build_dla_table_" + sfx).c_str(), &run_build_table<In>, py::arg("W_O"),
         py::arg("directions"), py::arg("center") = true, py::arg("n_threads") = 0,
         ("table [K, N, d_head] (" + dt +
          "): table[k, n] = W_O[n] @ c(directions[k]), for dla_gathered_*(table=...).")
@@ -293,10 +312,14 @@ void def_dla(py::module_& m, const std::string& sfx, const char* dtype) {
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "erasure_fast C++/OpenMP CPU kernel (see erasure_fast/contract.py for the contract)";
-  def_entry<float>(m, "fused_attribution_f32", "float32");
-  def_entry<double>(m, "fused_attribution_f64", "float64");
-  def_dla<float>(m, "f32", "float32");
-  def_dla<double>(m, "f64", "float64");
+  def_entry<ef::Native<float>>(m, "fused_attribution_f32", "float32");
+  def_entry<ef::Native<double>>(m, "fused_attribution_f64", "float64");
+  def_entry<ef::Bf16>(m, "fused_attribution_bf16", "bfloat16");
+  def_entry<ef::F16>(m, "fused_attribution_f16", "float16");
+  def_dla<ef::Native<float>>(m, "f32", "float32");
+  def_dla<ef::Native<double>>(m, "f64", "float64");
+  def_dla<ef::Bf16>(m, "bf16", "bfloat16");
+  def_dla<ef::F16>(m, "f16", "float16");
   m.def("dla_prefer_table", &ef::prefer_table, py::arg("n_unique"), py::arg("n_valid_tokens"),
         py::arg("d_model"), "The auto rule of dla_gathered_*: True = gather from the table.");
   m.def("build_info", []() {
@@ -306,6 +329,7 @@ PYBIND11_MODULE(_C, m) {
     d["cpu_arch"] = std::string(ef::cpu_arch());
     d["simd"] = std::string(ef::simd_path());
     d["tile_tokens"] = ef::default_tile_tokens();
+    d["chunk_cols"] = ef::default_chunk_cols();
 #if defined(__clang__)
     d["compiler"] = std::string("clang ") + __clang_version__;
 #elif defined(__GNUC__)
@@ -316,5 +340,5 @@ PYBIND11_MODULE(_C, m) {
     d["compiler"] = std::string("unknown");
 #endif
     return d;
-  }, "Build facts: {openmp, max_threads, cpu_arch, simd, tile_tokens, compiler}.");
+  }, "Build facts: {openmp, max_threads, cpu_arch, simd, tile_tokens, chunk_cols, compiler}.");
 }

@@ -100,28 +100,28 @@ inline void seg_dots(const T* __restrict a, const T* __restrict b, const T* __re
 }
 
 // dst = c(dirs[id] - dirs[inc]) (inc < 0: no subtraction), exactly as the fused kernel forms it.
-template <typename T>
-inline void form_dir(const T* dirs, int64_t D, int64_t id, int64_t inc, bool center, T* dst) {
-  const T* row = dirs + id * D;
-  if (inc >= 0) {
-    const T* row2 = dirs + inc * D;
-    for (int64_t d = 0; d < D; ++d) dst[d] = row[d] - row2[d];
-  } else {
-    std::memcpy(dst, row, sizeof(T) * D);
-  }
+template <typename In>
+inline void form_dir(const typename In::storage* dirs, int64_t D, int64_t id, int64_t inc,
+                     bool center, typename In::acc* dst) {
+  load_row<In>(dirs + id * D, D, dst);
+  if (inc >= 0)
+    for (int64_t d = 0; d < D; ++d) dst[d] -= In::load(dirs[inc * D + d]);
   if (center) center_inplace(dst, D);
 }
 
-// A[u, :] (row stride NH) = W_O[NH, D] @ c(dirs[pid[u]] - dirs[pinc[u]]) for u < U.
-template <typename T>
-void build_head_dirs(const T* W_O, int64_t NH, int64_t D, const T* dirs, const int64_t* pid,
-                     const int64_t* pinc, int64_t U, bool center, T* A, int n_threads) {
+// A[u, :] (row stride NH) = W_O[NH, D] @ c(dirs[pid[u]] - dirs[pinc[u]]) for u < U (W_O already in
+// the accumulation type, the directions converted on load).
+template <typename In>
+void build_head_dirs(const typename In::acc* W_O, int64_t NH, int64_t D,
+                     const typename In::storage* dirs, const int64_t* pid, const int64_t* pinc,
+                     int64_t U, bool center, typename In::acc* A, int n_threads) {
+  using T = typename In::acc;
   if (U <= 0) return;
   if (U < kSmallU) {
     Buf<T> cd(static_cast<size_t>(U * D));
     std::vector<const T*> cptr(U), rptr(NH);
     for (int64_t u = 0; u < U; ++u) {
-      form_dir(dirs, D, pid[u], pinc ? pinc[u] : -1, center, cd.get() + u * D);
+      form_dir<In>(dirs, D, pid[u], pinc ? pinc[u] : -1, center, cd.get() + u * D);
       cptr[u] = cd.get() + u * D;
     }
     for (int64_t r = 0; r < NH; ++r) rptr[r] = W_O + r * D;
@@ -189,7 +189,7 @@ void build_head_dirs(const T* W_O, int64_t NH, int64_t D, const T* dirs, const i
       T* cp = s.cp.get();
       T* dv = s.dvec.get();
       for (int64_t i = 0; i < nu; ++i) {
-        form_dir(dirs, D, pid[u0 + i], pinc ? pinc[u0 + i] : -1, center, dv);
+        form_dir<In>(dirs, D, pid[u0 + i], pinc ? pinc[u0 + i] : -1, center, dv);
         for (int64_t d = 0; d < D; ++d) cp[d * kUT + i] = dv[d];
       }
       for (int64_t i = nu; i < nup; ++i)
@@ -247,11 +247,14 @@ void build_gram_panels(const T* W_O, int64_t N, int64_t H, int64_t D, T* gp, int
 
 // Per-token stage. Fixed mode (row == nullptr): dla [T, N, K] against the K rows of A.
 // Gathered: dla [T, N] against A[row[t]] (minus A[row2[t]] when row2), NaN where either is < 0.
-// gp: Gram panels (nullptr: no norms).
-template <typename T>
-void dla_tokens(const T* z, const T* A, int64_t K, const int64_t* row, const int64_t* row2,
-                const T* gp, const T* scale, int64_t T_, int64_t N, int64_t H, T* dla, T* norms,
-                int n_threads) {
+// gp: Gram panels (nullptr: no norms). z and scale are converted on load (a tile of z at a time).
+template <typename In>
+void dla_tokens(const typename In::storage* z_in, const typename In::acc* A, int64_t K,
+                const int64_t* row, const int64_t* row2, const typename In::acc* gp,
+                const typename In::acc* scale, int64_t T_, int64_t N, int64_t H,
+                typename In::acc* dla, typename In::acc* norms, int n_threads) {
+  using T = typename In::acc;
+  constexpr bool kNative = std::is_same<typename In::storage, T>::value;
   constexpr int64_t BW = NR * Simd<T>::L;
   const int64_t n_hb = (H + BW - 1) / BW;
   const int64_t Hp = n_hb * BW;
@@ -259,10 +262,11 @@ void dla_tokens(const T* z, const T* A, int64_t K, const int64_t* row, const int
   const int64_t n_tiles = (T_ + kTokTile - 1) / kTokTile;
   const int nthr = resolve_threads(n_threads, n_tiles);
   struct Scr {
-    Buf<T> zp, y, tmp;
+    Buf<T> zp, y, tmp, zc;
   };
   std::vector<Scr> scr(nthr);
   for (auto& s : scr) {
+    if (!kNative) s.zc = Buf<T>(static_cast<size_t>(kTokTile * NH));
     if (gp) {
       s.zp = Buf<T>(static_cast<size_t>(H * kTokTile));
       s.y = Buf<T>(static_cast<size_t>(kTokTile * Hp));
@@ -281,6 +285,14 @@ void dla_tokens(const T* z, const T* A, int64_t K, const int64_t* row, const int
     for (int64_t ti = 0; ti < n_tiles; ++ti) {
       const int64_t t0 = ti * kTokTile;
       const int64_t nt = std::min<int64_t>(kTokTile, T_ - t0);
+      // z of the tile in the accumulation type: zt0[(i * N + n) * H + k] = z[t0 + i, n, k]
+      const T* zt0;
+      if constexpr (kNative) {
+        zt0 = z_in + t0 * NH;
+      } else {
+        load_row<In>(z_in + t0 * NH, nt * NH, s.zc.get());
+        zt0 = s.zc.get();
+      }
       if (gp) {
         const int64_t ntp = (nt + MR - 1) / MR * MR;
         T* zp = s.zp.get();
@@ -288,7 +300,7 @@ void dla_tokens(const T* z, const T* A, int64_t K, const int64_t* row, const int
         for (int64_t n = 0; n < N; ++n) {
           for (int64_t k = 0; k < H; ++k) {
             T* dst = zp + k * kTokTile;
-            for (int64_t i = 0; i < nt; ++i) dst[i] = z[((t0 + i) * N + n) * H + k];
+            for (int64_t i = 0; i < nt; ++i) dst[i] = zt0[(i * N + n) * H + k];
             for (int64_t i = nt; i < ntp; ++i) dst[i] = T(0);
           }
           for (int64_t hb = 0; hb < n_hb; ++hb)
@@ -296,14 +308,14 @@ void dla_tokens(const T* z, const T* A, int64_t K, const int64_t* row, const int
               project_block<T>(zp + ib, kTokTile, gp + (n * n_hb + hb) * H * BW, BW, H,
                                y + ib * Hp + hb * BW, Hp);
           for (int64_t i = 0; i < nt; ++i)
-            seg_dots<T, false>(z + ((t0 + i) * N + n) * H, y + i * Hp, nullptr, 1, H,
+            seg_dots<T, false>(zt0 + (i * N + n) * H, y + i * Hp, nullptr, 1, H,
                                norms + (t0 + i) * N + n);
         }
       }
       T* tmp = s.tmp.get();
       for (int64_t i = 0; i < nt; ++i) {
         const int64_t t = t0 + i;
-        const T* zt = z + t * NH;
+        const T* zt = zt0 + i * NH;
         const T st = scale[t];
         if (!row) {
           T* out = dla + t * N * K;
@@ -346,31 +358,39 @@ bool prefer_table(int64_t n_unique, int64_t n_valid_tokens, int64_t d_model) {
   return n_unique * d_model > kTableRatio * n_valid_tokens;
 }
 
-template <typename T>
-DlaRunInfo dla_fixed(const T* z, const T* W_O, const T* directions, const T* scale, int64_t n_tokens,
-                     int64_t n_heads, int64_t d_head, int64_t d_model, int64_t n_dirs, bool center,
-                     T* dla, T* norms, int n_threads) {
+template <typename In>
+DlaRunInfo dla_fixed(const typename In::storage* z, const typename In::storage* W_O_in,
+                     const typename In::storage* directions, const typename In::acc* scale,
+                     int64_t n_tokens, int64_t n_heads, int64_t d_head, int64_t d_model,
+                     int64_t n_dirs, bool center, typename In::acc* dla, typename In::acc* norms,
+                     int n_threads) {
+  using T = typename In::acc;
   DlaRunInfo info;
   info.method = static_cast<int>(DlaMethod::kUnique);
   info.n_unique = n_dirs;
   const int64_t N = n_heads, H = d_head, D = d_model, K = n_dirs, NH = N * H;
   if (n_tokens <= 0 || N <= 0 || H <= 0 || D <= 0 || K <= 0) return info;
+  Buf<T> wo_keep;
+  const T* W_O = as_acc<In>(W_O_in, NH * D, wo_keep);
   std::vector<int64_t> pid(K);
   for (int64_t k = 0; k < K; ++k) pid[k] = k;
   Buf<T> A(static_cast<size_t>(K * NH));
-  build_head_dirs<T>(W_O, NH, D, directions, pid.data(), nullptr, K, center, A.get(), n_threads);
+  build_head_dirs<In>(W_O, NH, D, directions, pid.data(), nullptr, K, center, A.get(), n_threads);
   Buf<T> gp = gram_if<T>(norms != nullptr, W_O, N, H, D, n_threads);
-  dla_tokens<T>(z, A.get(), K, nullptr, nullptr, gp.get(), scale, n_tokens, N, H, dla, norms,
-                n_threads);
+  dla_tokens<In>(z, A.get(), K, nullptr, nullptr, gp.get(), scale, n_tokens, N, H, dla, norms,
+                 n_threads);
   return info;
 }
 
-template <typename T>
-DlaRunInfo dla_gathered(const T* z, const T* W_O, const T* directions, const T* scale,
-                        const int64_t* direction_ids, const int64_t* incorrect_ids, const T* table,
-                        int64_t n_tokens, int64_t n_heads, int64_t d_head, int64_t d_model,
-                        int64_t n_dirs, bool center, DlaMethod method, T* dla, T* norms,
+template <typename In>
+DlaRunInfo dla_gathered(const typename In::storage* z, const typename In::storage* W_O_in,
+                        const typename In::storage* directions, const typename In::acc* scale,
+                        const int64_t* direction_ids, const int64_t* incorrect_ids,
+                        const typename In::acc* table, int64_t n_tokens, int64_t n_heads,
+                        int64_t d_head, int64_t d_model, int64_t n_dirs, bool center,
+                        DlaMethod method, typename In::acc* dla, typename In::acc* norms,
                         int n_threads) {
+  using T = typename In::acc;
   DlaRunInfo info;
   const int64_t T_ = n_tokens, N = n_heads, H = d_head, D = d_model, K = n_dirs, NH = N * H;
   if (T_ <= 0 || N <= 0 || H <= 0 || D <= 0 || K <= 0) return info;
@@ -418,40 +438,52 @@ DlaRunInfo dla_gathered(const T* z, const T* W_O, const T* directions, const T* 
       use_table = prefer_table(U, n_valid, D);
   }
   info.method = static_cast<int>(use_table ? DlaMethod::kTable : DlaMethod::kUnique);
+  // W_O in the accumulation type only where it is read (Gram panels, head-space directions)
+  Buf<T> wo_keep;
+  const T* W_O = (norms != nullptr || !use_table) ? as_acc<In>(W_O_in, NH * D, wo_keep) : nullptr;
   Buf<T> gp = gram_if<T>(norms != nullptr, W_O, N, H, D, n_threads);
   if (use_table) {
-    dla_tokens<T>(z, table, 0, ids, inc, gp.get(), scale, T_, N, H, dla, norms, n_threads);
+    dla_tokens<In>(z, table, 0, ids, inc, gp.get(), scale, T_, N, H, dla, norms, n_threads);
   } else {
     Buf<T> A(static_cast<size_t>(std::max<int64_t>(U, 1) * NH));
-    build_head_dirs<T>(W_O, NH, D, directions, pid.data(), inc ? pinc.data() : nullptr, U, center,
+    build_head_dirs<In>(W_O, NH, D, directions, pid.data(), inc ? pinc.data() : nullptr, U, center,
                        A.get(), n_threads);
-    dla_tokens<T>(z, A.get(), 0, pair_of.data(), nullptr, gp.get(), scale, T_, N, H, dla, norms,
+    dla_tokens<In>(z, A.get(), 0, pair_of.data(), nullptr, gp.get(), scale, T_, N, H, dla, norms,
                   n_threads);
   }
   return info;
 }
 
-template <typename T>
-void build_dla_table(const T* W_O, const T* directions, int64_t n_heads, int64_t d_head,
-                     int64_t d_model, int64_t n_dirs, bool center, T* table, int n_threads) {
+template <typename In>
+void build_dla_table(const typename In::storage* W_O_in, const typename In::storage* directions,
+                     int64_t n_heads, int64_t d_head, int64_t d_model, int64_t n_dirs, bool center,
+                     typename In::acc* table, int n_threads) {
+  using T = typename In::acc;
   const int64_t NH = n_heads * d_head;
   if (NH <= 0 || d_model <= 0 || n_dirs <= 0) return;
+  Buf<T> wo_keep;
+  const T* W_O = as_acc<In>(W_O_in, NH * d_model, wo_keep);
   std::vector<int64_t> pid(n_dirs);
   for (int64_t k = 0; k < n_dirs; ++k) pid[k] = k;
-  build_head_dirs<T>(W_O, NH, d_model, directions, pid.data(), nullptr, n_dirs, center, table,
-                     n_threads);
+  build_head_dirs<In>(W_O, NH, d_model, directions, pid.data(), nullptr, n_dirs, center, table,
+                      n_threads);
 }
 
-#define EF_INSTANTIATE(T)                                                                        \
-  template DlaRunInfo dla_fixed<T>(const T*, const T*, const T*, const T*, int64_t, int64_t,     \
-                                   int64_t, int64_t, int64_t, bool, T*, T*, int);                \
-  template DlaRunInfo dla_gathered<T>(const T*, const T*, const T*, const T*, const int64_t*,    \
-                                      const int64_t*, const T*, int64_t, int64_t, int64_t,       \
-                                      int64_t, int64_t, bool, DlaMethod, T*, T*, int);           \
-  template void build_dla_table<T>(const T*, const T*, int64_t, int64_t, int64_t, int64_t, bool, \
-                                   T*, int);
-EF_INSTANTIATE(float)
-EF_INSTANTIATE(double)
-#undef EF_INSTANTIATE
+#define EF_INSTANTIATE_DLA(In)                                                                     \
+  template DlaRunInfo dla_fixed<In>(const In::storage*, const In::storage*, const In::storage*,    \
+                                    const In::acc*, int64_t, int64_t, int64_t, int64_t,        \
+                                    int64_t, bool, In::acc*, In::acc*, int);                       \
+  template DlaRunInfo dla_gathered<In>(const In::storage*, const In::storage*,                     \
+                                       const In::storage*, const In::acc*, const int64_t*,         \
+                                       const int64_t*, const In::acc*, int64_t, int64_t, int64_t,  \
+                                       int64_t, int64_t, bool, DlaMethod, In::acc*, In::acc*,      \
+                                       int);                                                       \
+  template void build_dla_table<In>(const In::storage*, const In::storage*, int64_t, int64_t,      \
+                                    int64_t, int64_t, bool, In::acc*, int);
+EF_INSTANTIATE_DLA(Native<float>)
+EF_INSTANTIATE_DLA(Native<double>)
+EF_INSTANTIATE_DLA(Bf16)
+EF_INSTANTIATE_DLA(F16)
+#undef EF_INSTANTIATE_DLA
 
 }  // namespace ef

@@ -10,13 +10,15 @@
 // z^T G_n z with the per-head Gram matrix G_n = W_O[n] W_O[n]^T (d_head^2 FMAs per head per token).
 //
 // Shapes as in fused_attribution.h: z [T, N, H], W_O [N, H, D], directions [K, D], scale [T].
-// Arguments are NOT checked here (bindings.cpp does it). Accumulation in T (float for fp32, double
-// for fp64). Results are deterministic and independent of the thread count: every output element
+// Arguments are NOT checked here (bindings.cpp does it). Accumulation in float for fp32 / bf16 /
+// fp16 inputs, double for fp64. Results are deterministic and independent of the thread count: every output element
 // is reduced in an order fixed by the shapes (and, for gathered DLA, by the set of distinct ids),
 // never by which thread computes it.
 #pragma once
 
 #include <cstdint>
+
+#include "input_formats.h"
 
 namespace ef {
 
@@ -32,25 +34,33 @@ struct DlaRunInfo {
   int64_t n_unique = 0;  // distinct (id, incorrect id) pairs with a target (fixed mode: K)
 };
 
+// Input formats (`In`: Native<float>, Native<double>, Bf16, F16; see input_formats.h): floating
+// inputs are converted on load; a table and every output are in In::acc.
+
 // Fixed set: dla [T, N, K] = z . (W_O c(d_k)) / s. norms [T, N] (nullable: skipped).
-template <typename T>
-DlaRunInfo dla_fixed(const T* z, const T* W_O, const T* directions, const T* scale, int64_t n_tokens,
-                     int64_t n_heads, int64_t d_head, int64_t d_model, int64_t n_dirs, bool center,
-                     T* dla, T* norms, int n_threads);
+template <typename In>
+DlaRunInfo dla_fixed(const typename In::storage* z, const typename In::storage* W_O,
+                     const typename In::storage* directions, const typename In::acc* scale,
+                     int64_t n_tokens, int64_t n_heads, int64_t d_head, int64_t d_model,
+                     int64_t n_dirs, bool center, typename In::acc* dla, typename In::acc* norms,
+                     int n_threads);
 
 // Gathered: dla [T, N], NaN where direction_ids[t] < 0 or incorrect_ids[t] < 0.
 // table: nullable [K, N, H] built by build_dla_table from the same W_O / directions / center.
-template <typename T>
-DlaRunInfo dla_gathered(const T* z, const T* W_O, const T* directions, const T* scale,
+template <typename In>
+DlaRunInfo dla_gathered(const typename In::storage* z, const typename In::storage* W_O,
+                        const typename In::storage* directions, const typename In::acc* scale,
                         const int64_t* direction_ids, const int64_t* incorrect_ids /* nullable */,
-                        const T* table /* nullable */, int64_t n_tokens, int64_t n_heads,
-                        int64_t d_head, int64_t d_model, int64_t n_dirs, bool center,
-                        DlaMethod method, T* dla, T* norms, int n_threads);
+                        const typename In::acc* table /* nullable */, int64_t n_tokens,
+                        int64_t n_heads, int64_t d_head, int64_t d_model, int64_t n_dirs,
+                        bool center, DlaMethod method, typename In::acc* dla,
+                        typename In::acc* norms, int n_threads);
 
 // table [K, N, H]: table[k, n, :] = W_O[n] @ c(directions[k]) (K * N * H * D FMAs, OpenMP over k).
-template <typename T>
-void build_dla_table(const T* W_O, const T* directions, int64_t n_heads, int64_t d_head,
-                     int64_t d_model, int64_t n_dirs, bool center, T* table, int n_threads);
+template <typename In>
+void build_dla_table(const typename In::storage* W_O, const typename In::storage* directions,
+                     int64_t n_heads, int64_t d_head, int64_t d_model, int64_t n_dirs, bool center,
+                     typename In::acc* table, int n_threads);
 
 // The auto rule of dla_gathered (exposed for tests / docs): true = use the table.
 bool prefer_table(int64_t n_unique, int64_t n_valid_tokens, int64_t d_model);

@@ -1,15 +1,19 @@
 // CPU kernel of the fused attribution (see fused_attribution.h for the contract).
 //
-// Work item = a tile of kTile consecutive tokens (fixed tiling from token 0, OpenMP static schedule).
-// Per tile, in a per-thread buffer:
-//   1. pack z of the tile head-major, zero-padded to a multiple of MR tokens: Zp[N][H][TBP];
-//   2. project: R[tt][n][:] = z[t, n, :] @ W_O[n] with a register-blocked micro-kernel (MR tokens x
-//      NR SIMD vectors of d_model) on W_O packed once into contiguous column panels, so each panel
-//      is loaded once per MR tokens and reused from L1 across the tile; no [T, N, d_model] array is ever formed;
-//   3. per token: DLA against the (centred) direction(s), dots of every node with every writer and
-//      the squared norms, with a register-blocked dot micro-kernel (4 rows x 3 rows).
-// Every output element is reduced in an order fixed by the shapes alone, so the result does not
-// depend on the number of threads.
+// Work item = a tile of kDefaultTile consecutive tokens (fixed tiling from token 0, OpenMP static
+// schedule). Per tile, in per-thread buffers:
+//   1. pack z of the tile head-major (converted to the accumulation type), zero-padded to a multiple
+//      of MR tokens: Zp[N][H][TBP]; gathered mode: form the tile's (centred) target directions;
+//   2. for each pass over CW d_model columns (one pass for d_model <= 1024):
+//      a. project: Rc[i][n][:] = z[t0 + i, n, :] @ W_O[n][:, pass] with a register-blocked
+//         micro-kernel (MR tokens x NR SIMD vectors) on W_O packed once per call into contiguous
+//         column panels; Rc holds the tile's tokens only (tile x N x CW, in L2/L3);
+//      b. per token: add the pass's share of every DLA, dot and squared norm to the outputs.
+//   Only the tile's head outputs exist at any time, never a [T, N, d_model] array.
+// The dots of writer heads with each other form a symmetric Gram block: only its upper triangle
+// (by writer position) is computed, the rest is copied, and a writer's squared norm is its diagonal.
+// Every output element is reduced in an order fixed by the shapes alone (chunk by chunk, within a
+// chunk lane-wise, horizontal sum, tail), so the result does not depend on the number of threads.
 #include "fused_attribution.h"
 #include "kernel_common.h"
 
@@ -20,13 +24,11 @@
 #include <limits>
 #include <memory>
 #include <new>
+#include <type_traits>
 #include <vector>
 
 #ifdef _OPENMP
 #include <omp.h>
-#endif
-#if defined(__AVX2__)
-#include <immintrin.h>
 #endif
 
 #ifndef EF_CPU_ARCH_NAME
@@ -41,36 +43,47 @@ namespace {
 
 using namespace detail;
 
-// Default tokens per work item (a multiple of MR). R of a tile: kTile * N * d_model * sizeof(T).
+// Tokens per work item (rounded up to a multiple of MR) and d_model columns per pass (rounded up to
+// a multiple of NR * SIMD width). Measured on the 2-core AVX2 machine (GELU-4L, 8192 tokens): tiles
+// of 6-12 tokens beat 18-24 (W_O panels are re-read per tile, but the tile's outputs stay in cache);
+// passes narrower than d_model lost at d_model 512 and 768 (each pass adds a horizontal sum per
+// dot), so a pass covers d_model up to 1024 columns and only wider models are cut.
 constexpr int kDefaultTile = 12;
-
+constexpr int kDefaultChunk = 1024;
 
 template <typename T>
 struct Scratch {
-  Buf<T> zp, r, dvec;
-  std::vector<const T*> nodes, writer_rows, dir_row;
+  Buf<T> zp, rc, dv, ex;
+  std::vector<const T*> rows, cols, dir_rows;
+  std::vector<T*> out_rows;
 };
+
+int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 }  // namespace
 
-template <typename T>
-void fused_attribution(const T* z, const T* W_O, const T* directions, const T* scale,
-                       const int64_t* writers, const T* extra, const int64_t* direction_ids,
-                       const int64_t* incorrect_ids, int64_t n_tokens, int64_t n_heads,
-                       int64_t d_head, int64_t d_model, int64_t n_dirs, int64_t n_writers,
-                       int64_t n_extra, bool center, T* dla, T* dots, T* norms, int n_threads,
-                       int tile_tokens) {
+template <typename In>
+void fused_attribution(const typename In::storage* z, const typename In::storage* W_O,
+                       const typename In::storage* directions, const typename In::acc* scale,
+                       const int64_t* writers, const typename In::storage* extra,
+                       const int64_t* direction_ids, const int64_t* incorrect_ids, int64_t n_tokens,
+                       int64_t n_heads, int64_t d_head, int64_t d_model, int64_t n_dirs,
+                       int64_t n_writers, int64_t n_extra, bool center, typename In::acc* dla,
+                       typename In::acc* dots, typename In::acc* norms, int n_threads,
+                       int tile_tokens, int chunk_cols) {
+  using T = typename In::acc;
   const int64_t T_ = n_tokens, N = n_heads, H = d_head, D = d_model, K = n_dirs, W = n_writers,
                 M = n_extra, NM = N + M;
   if (T_ <= 0 || N <= 0 || H <= 0 || D <= 0) return;
   constexpr int L = Simd<T>::L;
   constexpr int64_t BW = NR * L;  // columns per projection micro-kernel
-  const int64_t Dp = (D + BW - 1) / BW * BW;
-  int64_t tile = tile_tokens > 0 ? tile_tokens : kDefaultTile;
-  tile = (tile + MR - 1) / MR * MR;
-  const int64_t TBP = tile;  // padded tokens per tile (multiple of MR)
+  const int64_t Dp = round_up(D, BW);
+  const int64_t CW = std::min(Dp, round_up(chunk_cols > 0 ? chunk_cols : kDefaultChunk, BW));
+  const int64_t TBP = round_up(tile_tokens > 0 ? tile_tokens : kDefaultTile, MR);  // tile, padded
+  const int64_t tile = TBP;
   const int64_t n_tiles = (T_ + tile - 1) / tile;
   const bool gathered = direction_ids != nullptr;
+  constexpr bool kNative = std::is_same<typename In::storage, T>::value;
 
   // W_O packed into column panels, zero-padded to Dp columns: Wpk[n][jb][k][0 .. BW). A panel
   // (H x BW) is contiguous, so it stays in L1 while it is reused across the tile's token blocks (a
@@ -80,22 +93,33 @@ void fused_attribution(const T* z, const T* W_O, const T* directions, const T* s
   for (int64_t n = 0; n < N; ++n)
     for (int64_t jb = 0; jb < n_jb; ++jb)
       for (int64_t k = 0; k < H; ++k) {
-        const T* src = W_O + (n * H + k) * D + jb * BW;
-        T* dst = wpk.get() + ((n * n_jb + jb) * H + k) * BW;
         const int64_t nc = std::min<int64_t>(BW, D - jb * BW);
-        std::memcpy(dst, src, sizeof(T) * nc);
+        T* dst = wpk.get() + ((n * n_jb + jb) * H + k) * BW;
+        load_row<In>(W_O + (n * H + k) * D + jb * BW, nc, dst);
         std::fill(dst + nc, dst + BW, T(0));
       }
   const T* Wp = wpk.get();
-  // Fixed mode: the K directions, centred once.
-  Buf<T> cdirs;
-  const T* C = directions;
-  if (!gathered && center) {
-    cdirs = Buf<T>(static_cast<size_t>(K * D));
-    std::memcpy(cdirs.get(), directions, sizeof(T) * K * D);
-    for (int64_t k = 0; k < K; ++k) center_inplace(cdirs.get() + k * D, D);
-    C = cdirs.get();
+  // Fixed mode: the K directions, converted and centred once.
+  Buf<T> fixed_dirs;
+  if (!gathered) {
+    fixed_dirs = Buf<T>(static_cast<size_t>(K * D));
+    load_row<In>(directions, K * D, fixed_dirs.get());
+    if (center)
+      for (int64_t k = 0; k < K; ++k) center_inplace(fixed_dirs.get() + k * D, D);
   }
+
+  // Writer structure. first_pos[a]: first position of head a in `writers` (-1: not a writer).
+  // Gram rows: the positions p whose head is seen there first; row p is computed for the columns
+  // >= p only. Plain rows: every other node (non-writer heads, extra nodes), against all W columns.
+  std::vector<int64_t> first_pos(N, -1), gram_pos, plain_nodes;
+  for (int64_t p = 0; p < W; ++p)
+    if (first_pos[writers[p]] < 0) {
+      first_pos[writers[p]] = p;
+      gram_pos.push_back(p);
+    }
+  for (int64_t a = 0; a < NM; ++a)
+    if (a >= N || first_pos[a] < 0) plain_nodes.push_back(a);
+  const int64_t G = static_cast<int64_t>(gram_pos.size()), P = static_cast<int64_t>(plain_nodes.size());
 
   const int nthr = resolve_threads(n_threads, n_tiles);
 
@@ -103,13 +127,13 @@ void fused_attribution(const T* z, const T* W_O, const T* directions, const T* s
   std::vector<Scratch<T>> scratch(nthr);
   for (auto& s : scratch) {
     s.zp = Buf<T>(static_cast<size_t>(N * H * TBP));
-    s.r = Buf<T>(static_cast<size_t>(TBP * N * Dp));
-    s.dvec = Buf<T>(static_cast<size_t>(D));
-    s.nodes.resize(NM);
-    s.writer_rows.resize(std::max<int64_t>(W, 1));
-    s.dir_row.resize(K);
-    if (!gathered)
-      for (int64_t k = 0; k < K; ++k) s.dir_row[k] = C + k * D;
+    s.rc = Buf<T>(static_cast<size_t>(TBP * N * CW));
+    if (gathered) s.dv = Buf<T>(static_cast<size_t>(TBP * D));
+    if (!kNative && M > 0) s.ex = Buf<T>(static_cast<size_t>(TBP * M * D));
+    s.rows.resize(std::max<int64_t>(NM, 1));
+    s.cols.resize(std::max<int64_t>(std::max(W, K), 1));
+    s.dir_rows.resize(std::max<int64_t>(K, 1));
+    s.out_rows.resize(std::max<int64_t>(NM, 1));
   }
   const T nan = std::numeric_limits<T>::quiet_NaN();
 
@@ -126,76 +150,130 @@ void fused_attribution(const T* z, const T* W_O, const T* directions, const T* s
     for (int64_t ti = 0; ti < n_tiles; ++ti) {
       const int64_t t0 = ti * tile;
       const int64_t nt = std::min<int64_t>(tile, T_ - t0);
-      const int64_t ntp = (nt + MR - 1) / MR * MR;  // token rows actually projected
+      const int64_t ntp = round_up(nt, MR);  // token rows actually projected
       T* __restrict zp = s.zp.get();
-      T* __restrict R = s.r.get();
+      T* __restrict rc = s.rc.get();
 
       // 1. pack z: Zp[n][k][i] = z[t0 + i, n, k], zero for padded tokens.
       for (int64_t n = 0; n < N; ++n)
         for (int64_t k = 0; k < H; ++k) {
           T* dst = zp + (n * H + k) * TBP;
-          for (int64_t i = 0; i < nt; ++i) dst[i] = z[((t0 + i) * N + n) * H + k];
+          for (int64_t i = 0; i < nt; ++i) dst[i] = In::load(z[((t0 + i) * N + n) * H + k]);
           for (int64_t i = nt; i < ntp; ++i) dst[i] = T(0);
         }
+      // the tile's target directions (gathered), extra nodes (converted unless native), zeroed outputs
+      if (gathered)
+        for (int64_t i = 0; i < nt; ++i) {
+          const int64_t id = direction_ids[t0 + i], inc = incorrect_ids ? incorrect_ids[t0 + i] : 0;
+          T* dv = s.dv.get() + i * D;
+          if (id < 0 || inc < 0) {  // no target: output NaN below; any finite row keeps the sums quiet
+            std::fill(dv, dv + D, T(0));
+            continue;
+          }
+          load_row<In>(directions + id * D, D, dv);
+          if (incorrect_ids)
+            for (int64_t d = 0; d < D; ++d) dv[d] -= In::load(directions[inc * D + d]);
+          if (center) center_inplace(dv, D);
+        }
+      if (!kNative && M > 0) load_row<In>(extra + t0 * M * D, nt * M * D, s.ex.get());
+      const int64_t dla_width = gathered ? N : N * K;
+      std::fill(dla + t0 * dla_width, dla + (t0 + nt) * dla_width, T(0));
+      std::fill(dots + t0 * NM * W, dots + (t0 + nt) * NM * W, T(0));
+      std::fill(norms + t0 * NM, norms + (t0 + nt) * NM, T(0));
 
-      // 2. project: R[i][n][:] = sum_k Zp[n][k][i] * W_O[n][k][:].
-      for (int64_t n = 0; n < N; ++n)
-        for (int64_t jb = 0; jb < Dp; jb += BW)
-          for (int64_t ib = 0; ib < ntp; ib += MR)
-            project_block<T>(zp + n * H * TBP + ib, TBP, Wp + (n * n_jb + jb / BW) * H * BW, BW,
-                             H, R + (ib * N + n) * Dp + jb, N * Dp);
+      for (int64_t c0 = 0; c0 < Dp; c0 += CW) {
+        const int64_t cw = std::min(CW, Dp - c0);  // projected columns (multiple of BW)
+        const int64_t len = std::min(cw, D - c0);  // real columns (>= 1: c0 < Dp - BW + 1 <= D)
 
-      // 3. per token: DLA, dots, norms.
+        // 2a. project: Rc[i][n][:] = sum_k Zp[n][k][i] * W_O[n][k][c0 : c0 + cw].
+        for (int64_t n = 0; n < N; ++n)
+          for (int64_t jb = c0; jb < c0 + cw; jb += BW)
+            for (int64_t ib = 0; ib < ntp; ib += MR)
+              project_block<T>(zp + n * H * TBP + ib, TBP, Wp + (n * n_jb + jb / BW) * H * BW, BW,
+                               H, rc + (ib * N + n) * CW + (jb - c0), N * CW);
+
+        // 2b. per token: this chunk's share of the DLA, the dots and the norms.
+        for (int64_t i = 0; i < nt; ++i) {
+          const int64_t t = t0 + i;
+          const T* Rt = rc + i * N * CW;
+          T* dots_t = dots + t * NM * W;
+          auto node_row = [&](int64_t a) -> const T* {
+            if (a < N) return Rt + a * CW;
+            if constexpr (kNative) return extra + (t * M + (a - N)) * D + c0;
+            return s.ex.get() + (i * M + (a - N)) * D + c0;
+          };
+          for (int64_t a = 0; a < N; ++a) s.rows[a] = Rt + a * CW;
+
+          // DLA: heads against the token's direction (gathered) or the K fixed directions.
+          if (gathered) {
+            const T* dir = s.dv.get() + i * D + c0;
+            T* out = dla + t * N;
+            dot_tiles<T, true>(s.rows.data(), N, &dir, 1, len, [=](int64_t a) { return out + a; }, 1);
+          } else {
+            for (int64_t k = 0; k < K; ++k) s.dir_rows[k] = fixed_dirs.get() + k * D + c0;
+            T* out = dla + t * N * K;
+            dot_tiles<T, true>(s.rows.data(), N, s.dir_rows.data(), K, len,
+                               [=](int64_t a) { return out + a * K; }, 1);
+          }
+
+          if (W > 0) {
+            for (int64_t p = 0; p < W; ++p) s.cols[p] = Rt + writers[p] * CW;
+            // Gram rows in blocks of DA: the block's columns start at its first row's position
+            // (entries left of a row's own position are recomputed but overwritten below).
+            for (int64_t g0 = 0; g0 < G; g0 += DA) {
+              const int64_t ng = std::min<int64_t>(DA, G - g0), p0 = gram_pos[g0];
+              for (int64_t g = 0; g < ng; ++g) {
+                s.rows[g] = s.cols[gram_pos[g0 + g]];
+                s.out_rows[g] = dots_t + writers[gram_pos[g0 + g]] * W + p0;
+              }
+              dot_tiles<T, true>(s.rows.data(), ng, s.cols.data() + p0, W - p0, len,
+                                 [&](int64_t g) { return s.out_rows[g]; }, 1);
+            }
+            for (int64_t q = 0; q < P; ++q) s.rows[q] = node_row(plain_nodes[q]);
+            dot_tiles<T, true>(s.rows.data(), P, s.cols.data(), W, len,
+                               [&](int64_t q) { return dots_t + plain_nodes[q] * W; }, 1);
+          }
+          T* nrm = norms + t * NM;
+          for (int64_t q = 0; q < P; ++q) nrm[plain_nodes[q]] += sumsq<T>(node_row(plain_nodes[q]), len);
+        }
+      }
+
+      // 3. per token: the Gram block's lower part and diagonal, the scale, the missing targets.
       for (int64_t i = 0; i < nt; ++i) {
         const int64_t t = t0 + i;
-        const T* Rt = R + i * N * Dp;
-        for (int64_t n = 0; n < N; ++n) s.nodes[n] = Rt + n * Dp;
-        for (int64_t m = 0; m < M; ++m) s.nodes[N + m] = extra + (t * M + m) * D;
-        for (int64_t w = 0; w < W; ++w) s.writer_rows[w] = Rt + writers[w] * Dp;
+        T* dots_t = dots + t * NM * W;
+        T* nrm = norms + t * NM;
+        for (int64_t g = 0; g < G; ++g) {
+          const int64_t p = gram_pos[g], a = writers[p];
+          // dot(a, writers[q]) for q < p lives in writers[q]'s row at column p (p >= its first position)
+          for (int64_t q = 0; q < p; ++q) dots_t[a * W + q] = dots_t[writers[q] * W + p];
+          nrm[a] = dots_t[a * W + p];
+        }
         const T st = scale[t];
-
         if (gathered) {
           T* out = dla + t * N;
-          const int64_t id = direction_ids[t];
-          const int64_t inc = incorrect_ids ? incorrect_ids[t] : 0;
-          if (id < 0 || inc < 0) {
-            for (int64_t n = 0; n < N; ++n) out[n] = nan;
-          } else {
-            T* dv = s.dvec.get();
-            const T* row = directions + id * D;
-            if (incorrect_ids) {
-              const T* row2 = directions + inc * D;
-              for (int64_t d = 0; d < D; ++d) dv[d] = row[d] - row2[d];
-            } else {
-              std::memcpy(dv, row, sizeof(T) * D);
-            }
-            if (center) center_inplace(dv, D);
-            const T* dptr = dv;
-            dot_block<T>(s.nodes.data(), N, &dptr, 1, D, out, 1, 1);
-            for (int64_t n = 0; n < N; ++n) out[n] = out[n] / st;
-          }
+          const bool missing = direction_ids[t] < 0 || (incorrect_ids && incorrect_ids[t] < 0);
+          for (int64_t n = 0; n < N; ++n) out[n] = missing ? nan : out[n] / st;
         } else {
           T* out = dla + t * N * K;
-          dot_block<T>(s.nodes.data(), N, s.dir_row.data(), K, D, out, K, 1);
           for (int64_t e = 0; e < N * K; ++e) out[e] = out[e] / st;
         }
-
-        if (W > 0) dot_block<T>(s.nodes.data(), NM, s.writer_rows.data(), W, D, dots + t * NM * W, W, 1);
-        T* nrm = norms + t * NM;
-        for (int64_t a = 0; a < NM; ++a) nrm[a] = sumsq<T>(s.nodes[a], D);
       }
     }
   }
 }
 
-template void fused_attribution<float>(const float*, const float*, const float*, const float*,
-                                       const int64_t*, const float*, const int64_t*, const int64_t*,
-                                       int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
-                                       bool, float*, float*, float*, int, int);
-template void fused_attribution<double>(const double*, const double*, const double*, const double*,
-                                        const int64_t*, const double*, const int64_t*,
-                                        const int64_t*, int64_t, int64_t, int64_t, int64_t, int64_t,
-                                        int64_t, int64_t, bool, double*, double*, double*, int, int);
+#define EF_INSTANTIATE_FUSED(In)                                                                   \
+  template void fused_attribution<In>(                                                             \
+      const In::storage*, const In::storage*, const In::storage*, const In::acc*,                  \
+      const int64_t*, const In::storage*, const int64_t*, const int64_t*, int64_t, int64_t,        \
+      int64_t, int64_t, int64_t, int64_t, int64_t, bool, In::acc*, In::acc*, In::acc*, int, int,   \
+      int);
+EF_INSTANTIATE_FUSED(Native<float>)
+EF_INSTANTIATE_FUSED(Native<double>)
+EF_INSTANTIATE_FUSED(Bf16)
+EF_INSTANTIATE_FUSED(F16)
+#undef EF_INSTANTIATE_FUSED
 
 bool openmp_enabled() {
 #if defined(_OPENMP) && EF_OPENMP_LINKED
@@ -226,5 +304,6 @@ const char* simd_path() {
 }
 
 int default_tile_tokens() { return kDefaultTile; }
+int default_chunk_cols() { return kDefaultChunk; }
 
 }  // namespace ef

@@ -6,37 +6,32 @@
 // Outputs (caller-allocated, C-contiguous): dla [T, N] (gathered mode, direction_ids != null) or
 // [T, N, K] (fixed mode), dots [T, N + M, W], norms [T, N + M].
 //
-// Arguments are NOT checked here: every check lives in bindings.cpp. Accumulation is in T (float for
-// fp32 input, double for fp64). Results are deterministic and independent of the thread count:
+// Arguments are NOT checked here: every check lives in bindings.cpp. Input formats (`In`, see
+// kernel_common.h): float32, float64, bfloat16 and float16 (the last two as raw uint16 bits); every
+// floating input is converted on load. Accumulation and outputs are in `In::acc` (float for fp32 /
+// bf16 / fp16, double for fp64). Results are deterministic and independent of the thread count:
 // tokens are cut into fixed tiles starting at token 0 and every output element is reduced in a fixed
 // order that does not depend on which thread computes it.
 #pragma once
 
 #include <cstdint>
 
+#include "input_formats.h"
+
 namespace ef {
 
-template <typename T>
-void fused_attribution(const T* z, const T* W_O, const T* directions, const T* scale,
-                       const int64_t* writers, const T* extra,
+template <typename In>
+void fused_attribution(const typename In::storage* z, const typename In::storage* W_O,
+                       const typename In::storage* directions, const typename In::acc* scale,
+                       const int64_t* writers, const typename In::storage* extra,
                        const int64_t* direction_ids,  // nullable: fixed-set mode
                        const int64_t* incorrect_ids,  // nullable
                        int64_t n_tokens, int64_t n_heads, int64_t d_head, int64_t d_model,
                        int64_t n_dirs, int64_t n_writers, int64_t n_extra, bool center,
-                       T* dla, T* dots, T* norms,
-                       int n_threads = 0,     // <= 0: OpenMP default
-                       int tile_tokens = 0);  // <= 0: default tile (tokens per work item)
-
-extern template void fused_attribution<float>(const float*, const float*, const float*, const float*,
-                                              const int64_t*, const float*, const int64_t*,
-                                              const int64_t*, int64_t, int64_t, int64_t, int64_t,
-                                              int64_t, int64_t, int64_t, bool, float*, float*,
-                                              float*, int, int);
-extern template void fused_attribution<double>(const double*, const double*, const double*,
-                                               const double*, const int64_t*, const double*,
-                                               const int64_t*, const int64_t*, int64_t, int64_t,
-                                               int64_t, int64_t, int64_t, int64_t, int64_t, bool,
-                                               double*, double*, double*, int, int);
+                       typename In::acc* dla, typename In::acc* dots, typename In::acc* norms,
+                       int n_threads = 0,      // <= 0: OpenMP default
+                       int tile_tokens = 0,    // <= 0: default tile (tokens per work item)
+                       int chunk_cols = 0);    // <= 0: default d_model columns per pass
 
 // Build facts reported by _C.build_info().
 bool openmp_enabled();
@@ -44,5 +39,6 @@ int max_threads();
 const char* cpu_arch();   // EF_CPU_ARCH the module was built with: native / avx2 / portable
 const char* simd_path();  // what the kernel actually uses: "avx2+fma", "avx2" or "scalar"
 int default_tile_tokens();
+int default_chunk_cols();
 
 }  // namespace ef

@@ -10,6 +10,9 @@
 #include <cstring>
 #include <memory>
 #include <new>
+#include <type_traits>
+
+#include "input_formats.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -84,10 +87,12 @@ struct Simd<double> {
 };
 #endif
 
-// Projection micro-kernel: MR tokens x NR vectors of d_model. 12 accumulators + 2 loads + 1 broadcast
-// = 15 of the 16 ymm registers.
-constexpr int MR = 6;
-constexpr int NR = 2;
+// dst[i] = In::load(src[i]) (a plain copy for native inputs).
+template <typename In>
+inline void load_row(const typename In::storage* __restrict src, int64_t n,
+                     typename In::acc* __restrict dst) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = In::load(src[i]);
+}
 
 // 64-byte aligned scratch buffer (allocated outside the parallel region).
 template <typename T>
@@ -103,6 +108,27 @@ struct Buf {
   }
   T* get() const { return p.get(); }
 };
+
+// p[0 .. n) in the accumulation type: p itself for native inputs, else a converted copy in `keep`
+// (for the small inputs read many times, e.g. W_O).
+template <typename In>
+const typename In::acc* as_acc(const typename In::storage* p, int64_t n, Buf<typename In::acc>& keep) {
+  if constexpr (std::is_same<typename In::storage, typename In::acc>::value) {
+    (void)n;
+    (void)keep;
+    return p;
+  } else {
+    keep = Buf<typename In::acc>(static_cast<size_t>(n));
+    load_row<In>(p, n, keep.get());
+    return keep.get();
+  }
+}
+
+// Projection micro-kernel: MR tokens x NR vectors of d_model. 12 accumulators + 2 loads + 1 broadcast
+// = 15 of the 16 ymm registers.
+constexpr int MR = 6;
+constexpr int NR = 2;
+
 
 // R[i][n][jb .. jb + NR*L) for i in [0, MR), over a block of columns jb.
 template <typename T>
@@ -126,10 +152,10 @@ inline void project_block(const T* __restrict zp, int64_t zstride, const T* __re
     for (int j = 0; j < NR; ++j) S::store(r + i * rstride + j * L, acc[i][j]);
 }
 
-// out[i*sa + j*sb] = A[i] . B[j] over len, for i < RA, j < RB. Fixed reduction order per pair:
-// lane-wise over full vectors, horizontal sum, then the scalar tail.
-template <typename T, int RA, int RB>
-void dot_tile(const T* const* A, const T* const* B, int64_t len, T* out, int64_t sa, int64_t sb) {
+// out_rows[i][j * sb] = A[i] . B[j] over len (kAcc: +=), for i < RA, j < RB. Fixed reduction order
+// per pair: lane-wise over full vectors, horizontal sum, then the scalar tail (then the += when kAcc).
+template <typename T, int RA, int RB, bool kAcc>
+void dot_tile(const T* const* A, const T* const* B, int64_t len, T* const* out_rows, int64_t sb) {
   using S = Simd<T>;
   constexpr int L = S::L;
   const T* a[RA];
@@ -152,7 +178,10 @@ void dot_tile(const T* const* A, const T* const* B, int64_t len, T* out, int64_t
     for (int j = 0; j < RB; ++j) {
       T s = S::hsum(acc[i][j]);
       for (int64_t d = lv; d < len; ++d) s += a[i][d] * b[j][d];
-      out[i * sa + j * sb] = s;
+      if (kAcc)
+        out_rows[i][j * sb] += s;
+      else
+        out_rows[i][j * sb] = s;
     }
 }
 
@@ -160,30 +189,39 @@ constexpr int DA = 4;  // rows of A per dot tile
 constexpr int DB = 3;  // rows of B per dot tile
 
 template <typename T>
-using DotFn = void (*)(const T* const*, const T* const*, int64_t, T*, int64_t, int64_t);
+using DotFn = void (*)(const T* const*, const T* const*, int64_t, T* const*, int64_t);
 
-template <typename T>
+template <typename T, bool kAcc>
 struct DotTable {
   DotFn<T> f[DA][DB] = {
-      {dot_tile<T, 1, 1>, dot_tile<T, 1, 2>, dot_tile<T, 1, 3>},
-      {dot_tile<T, 2, 1>, dot_tile<T, 2, 2>, dot_tile<T, 2, 3>},
-      {dot_tile<T, 3, 1>, dot_tile<T, 3, 2>, dot_tile<T, 3, 3>},
-      {dot_tile<T, 4, 1>, dot_tile<T, 4, 2>, dot_tile<T, 4, 3>},
+      {dot_tile<T, 1, 1, kAcc>, dot_tile<T, 1, 2, kAcc>, dot_tile<T, 1, 3, kAcc>},
+      {dot_tile<T, 2, 1, kAcc>, dot_tile<T, 2, 2, kAcc>, dot_tile<T, 2, 3, kAcc>},
+      {dot_tile<T, 3, 1, kAcc>, dot_tile<T, 3, 2, kAcc>, dot_tile<T, 3, 3, kAcc>},
+      {dot_tile<T, 4, 1, kAcc>, dot_tile<T, 4, 2, kAcc>, dot_tile<T, 4, 3, kAcc>},
   };
 };
 
-// out[a*sa + b*sb] = A[a] . B[b] for a < na, b < nb.
-template <typename T>
-void dot_block(const T* const* A, int64_t na, const T* const* B, int64_t nb, int64_t len, T* out,
-               int64_t sa, int64_t sb) {
-  static const DotTable<T> table;
+// out_row(a)[b * sb] (=, or += when kAcc) A[a] . B[b] for a < na, b < nb, in DA x DB tiles.
+template <typename T, bool kAcc, typename RowOf>
+void dot_tiles(const T* const* A, int64_t na, const T* const* B, int64_t nb, int64_t len,
+               RowOf out_row, int64_t sb) {
+  static const DotTable<T, kAcc> table;
+  T* rows[DA];
   for (int64_t a0 = 0; a0 < na; a0 += DA) {
     const int ra = static_cast<int>(std::min<int64_t>(DA, na - a0));
     for (int64_t b0 = 0; b0 < nb; b0 += DB) {
       const int rb = static_cast<int>(std::min<int64_t>(DB, nb - b0));
-      table.f[ra - 1][rb - 1](A + a0, B + b0, len, out + a0 * sa + b0 * sb, sa, sb);
+      for (int i = 0; i < ra; ++i) rows[i] = out_row(a0 + i) + b0 * sb;
+      table.f[ra - 1][rb - 1](A + a0, B + b0, len, rows, sb);
     }
   }
+}
+
+// out[a*sa + b*sb] = A[a] . B[b] for a < na, b < nb (a strided output).
+template <typename T>
+void dot_block(const T* const* A, int64_t na, const T* const* B, int64_t nb, int64_t len, T* out,
+               int64_t sa, int64_t sb) {
+  dot_tiles<T, false>(A, na, B, nb, len, [=](int64_t a) { return out + a * sa; }, sb);
 }
 
 // |a|^2 with four independent accumulators (fixed order).

@@ -245,6 +245,47 @@ def test_tile_size_does_not_change_results():
             assert x.tobytes() == y.tobytes()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("D,chunk", [(40, 16), (70, 24), (1100, 0), (1100, 512), (33, 1)],
+                         ids=lambda v: str(v))
+def test_d_model_passes_match_oracle(dtype, D, chunk):
+    # the kernel projects d_model in passes of chunk_cols columns (default: one pass up to 1024)
+    args, kw = make_case(29, 5, 12, D, 2, 6, 3, dtype=dtype, incorrect=True, missing=True)
+    inp = validate(*args, **kw)
+    out = getattr(_C, f"fused_attribution_{'f64' if dtype == torch.float64 else 'f32'}")(
+        inp.z.numpy(), inp.W_O.numpy(), inp.directions.numpy(), inp.scale.numpy(),
+        inp.writers.numpy(), inp.extra_nodes.numpy(), direction_ids=inp.direction_ids.numpy(),
+        incorrect_ids=inp.incorrect_ids.numpy(), chunk_cols=chunk)
+    want = torch_ref.run(as_f64(inp))
+    floor = magnitudes(inp, want)
+    for name, x in zip(("dla", "dots", "norms"), out):
+        assert rel_err(torch.from_numpy(x), getattr(want, name), floor[name]) < TOL[dtype], name
+
+
+def test_writer_gram_block_is_symmetric_and_complete():
+    # writers in scrambled order with repeats: the kernel computes the writer-writer dots once
+    # (upper triangle by first position) and copies the rest; every entry must still be right
+    args, kw = make_case(31, 7, 16, 50, 2, 0, 3, dtype=torch.float64, incorrect=True)
+    writers = torch.tensor([5, 2, 5, 0, 6, 2, 3, 1, 4, 0])
+    args = args[:4] + (writers,) + args[5:]
+    got, want = check_against_oracle(args, kw, torch.float64)
+    pos = {int(h): i for i, h in reversed(list(enumerate(writers)))}  # first position of each head
+    for i, a in enumerate(writers.tolist()):
+        for j, b in enumerate(writers.tolist()):
+            assert torch.equal(got.dots[:, a, j], got.dots[:, b, pos[a]]) or i == j
+    assert torch.equal(got.norms[:, :7], torch.stack([got.dots[:, h, pos[h]] for h in range(7)], 1))
+
+
+@pytest.mark.parametrize("suffix", ["bf16", "f16"])
+def test_half_entry_points_take_bits_only(suffix):
+    # bf16 / fp16 arrive as uint16 bits; a float array must not be cast to uint16 silently
+    fn = getattr(_C, f"fused_attribution_{suffix}")
+    z = np.zeros((2, 1, 3), np.float32)
+    with pytest.raises(TypeError):
+        fn(z, np.zeros((1, 3, 4), np.uint16), np.zeros((2, 4), np.uint16),
+           np.ones(2, np.float32), np.zeros(0, np.int64))
+
+
 def test_env_var_threads(monkeypatch):
     monkeypatch.setenv(cpp.ENV_THREADS, "1")
     assert cpp.get_num_threads() == 1

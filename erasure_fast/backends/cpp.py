@@ -1,9 +1,10 @@
 """The C++ backend: the OpenMP CPU kernel in ``erasure_fast._C`` (sources in ``csrc/``).
 
 Implements the contract (`erasure_fast.contract`) on CPU tensors. Accumulation is in float64 for
-float64 inputs and in float32 otherwise: bfloat16 / float16 inputs are converted to float32 first
-(exactly, every bf16/fp16 value is a float32 value) and the outputs are float32 (``inp.out_dtype``).
-Results do not depend on the number of threads.
+float64 inputs and in float32 otherwise: bfloat16 / float16 inputs are handed to the kernel as they
+are (their uint16 bits, no float32 copy) and converted on load, exactly (every bf16/fp16 value is a
+float32 value); the outputs are float32 (``inp.out_dtype``). Results do not depend on the number of
+threads.
 
 Threads: the OpenMP default unless set with `set_num_threads` or the environment variable
 ``ERASURE_FAST_NUM_THREADS`` (read when a call starts; `set_num_threads` wins).
@@ -32,9 +33,10 @@ import os
 import threading
 from typing import List, NamedTuple, Optional
 
+import numpy as np
 import torch
 
-from ..contract import FusedInputs, FusedOutputs
+from ..contract import FusedInputs, FusedOutputs, accumulation_dtype
 
 NAME = "cpp"
 DEVICES = ("cpu",)
@@ -92,8 +94,13 @@ def available() -> tuple[bool, str]:
 
 
 def _np(t: torch.Tensor, dtype: torch.dtype):
-    # zero copy for contiguous CPU tensors already in `dtype`
-    return t.detach().to(dtype).contiguous().numpy()
+    """t as the kernel reads it: a numpy array of `dtype`, or for bfloat16 / float16 (which numpy
+    lacks) the uint16 bits, converted to float32 on load inside the kernel. Zero copy for contiguous
+    CPU tensors already in `dtype`."""
+    t = t.detach().to(dtype).contiguous()
+    if dtype in (torch.bfloat16, torch.float16):
+        return t.view(torch.int16).numpy().view(np.uint16)
+    return t.numpy()
 
 
 def _require_extension():
@@ -103,8 +110,12 @@ def _require_extension():
     return _C
 
 
-def _sfx(acc: torch.dtype) -> str:
-    return "f64" if acc == torch.float64 else "f32"
+_SFX = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16", torch.float16: "f16"}
+
+
+def _sfx(dtype: torch.dtype) -> str:
+    """Suffix of the _C entry point for inputs of `dtype` (accumulation: float64 for f64, else float32)."""
+    return _SFX[dtype]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,9 +210,9 @@ def build_dla_table(W_O: torch.Tensor, directions: torch.Tensor, center: bool = 
             raise TypeError(f"{name} must be a floating tensor, got {t.dtype}")
     if W_O.dtype != directions.dtype:
         raise TypeError(f"W_O has dtype {W_O.dtype} but directions has {directions.dtype}")
-    acc = torch.float64 if W_O.dtype == torch.float64 else torch.float32
-    fn = getattr(_C, f"build_dla_table_{_sfx(acc)}")
-    tab = fn(_np(W_O, acc), _np(directions, acc), center=bool(center), n_threads=get_num_threads())
+    dt = W_O.dtype
+    fn = getattr(_C, f"build_dla_table_{_sfx(dt)}")
+    tab = fn(_np(W_O, dt), _np(directions, dt), center=bool(center), n_threads=get_num_threads())
     out = DlaTable(torch.from_numpy(tab), W_O, directions, center)
     if register:
         with _tables_lock:
@@ -265,10 +276,10 @@ def dla_gathered(table: Optional[DlaTable], z: torch.Tensor, scale: torch.Tensor
     elif W_O is None or directions is None:
         raise ValueError("dla_gathered needs W_O and directions when no table is given")
     center = True if center is None else bool(center)
-    acc = torch.float64 if z.dtype == torch.float64 else torch.float32
-    fn = getattr(_C, f"dla_gathered_{_sfx(acc)}")
+    dt, acc = z.dtype, accumulation_dtype(z.dtype)
+    fn = getattr(_C, f"dla_gathered_{_sfx(dt)}")
     dla, nrm, info = fn(
-        _np(z, acc), _np(W_O, acc), _np(directions, acc), _np(scale.reshape(-1), acc),
+        _np(z, dt), _np(W_O, dt), _np(directions, dt), _np(scale.reshape(-1), acc),
         _np(direction_ids, torch.int64),
         None if incorrect_ids is None else _np(incorrect_ids, torch.int64),
         center=center, table=None if table is None else table.table.numpy(), method=method,
@@ -284,9 +295,9 @@ def dla_fixed(z: torch.Tensor, W_O: torch.Tensor, directions: torch.Tensor, scal
     """Fixed-direction DLA only (e.g. a logit difference, K = 1): dla [T, N, K], plus norms [T, N]
     when ``norms``. No finiteness pass: use `fused_attribution` for the full contract."""
     _C = _require_extension()
-    acc = torch.float64 if z.dtype == torch.float64 else torch.float32
-    dla, nrm, _ = getattr(_C, f"dla_fixed_{_sfx(acc)}")(
-        _np(z, acc), _np(W_O, acc), _np(directions, acc), _np(scale.reshape(-1), acc),
+    dt, acc = z.dtype, accumulation_dtype(z.dtype)
+    dla, nrm, _ = getattr(_C, f"dla_fixed_{_sfx(dt)}")(
+        _np(z, dt), _np(W_O, dt), _np(directions, dt), _np(scale.reshape(-1), acc),
         center=bool(center), norms=bool(norms), n_threads=get_num_threads())
     _last_path.value = "dla_fixed"
     dla = torch.from_numpy(dla)
@@ -295,14 +306,15 @@ def dla_fixed(z: torch.Tensor, W_O: torch.Tensor, directions: torch.Tensor, scal
 
 def _run_dla_only(_C, inp: FusedInputs, acc: torch.dtype) -> FusedOutputs:
     T, N = inp.z.shape[0], inp.z.shape[1]
-    args = (_np(inp.z, acc), _np(inp.W_O, acc), _np(inp.directions, acc), _np(inp.scale, acc))
+    dt = inp.z.dtype
+    args = (_np(inp.z, dt), _np(inp.W_O, dt), _np(inp.directions, dt), _np(inp.scale, acc))
     if inp.direction_ids is None:
-        dla, norms, _ = getattr(_C, f"dla_fixed_{_sfx(acc)}")(
+        dla, norms, _ = getattr(_C, f"dla_fixed_{_sfx(dt)}")(
             *args, center=bool(inp.center), norms=inp.with_norms, n_threads=get_num_threads())
         _last_path.value = "dla_fixed"
     else:
         table = _find_table(inp.W_O, inp.directions, inp.center)
-        dla, norms, info = getattr(_C, f"dla_gathered_{_sfx(acc)}")(
+        dla, norms, info = getattr(_C, f"dla_gathered_{_sfx(dt)}")(
             *args, _np(inp.direction_ids, torch.int64),
             None if inp.incorrect_ids is None else _np(inp.incorrect_ids, torch.int64),
             center=bool(inp.center), table=None if table is None else table.table.numpy(),
@@ -323,16 +335,17 @@ def run(inp: FusedInputs) -> FusedOutputs:
     if inp.writers.numel() == 0 and inp.extra_nodes.shape[1] == 0 and (not inp.with_norms or D >= _GRAM_MIN_RATIO * H):
         return _run_dla_only(_C, inp, acc)
     _last_path.value = "fused"
-    fn = _C.fused_attribution_f64 if acc == torch.float64 else _C.fused_attribution_f32
+    dt = inp.z.dtype
+    fn = getattr(_C, f"fused_attribution_{_sfx(dt)}")
     ids = inp.direction_ids
     inc = inp.incorrect_ids
     dla, dots, norms = fn(
-        _np(inp.z, acc),
-        _np(inp.W_O, acc),
-        _np(inp.directions, acc),
+        _np(inp.z, dt),
+        _np(inp.W_O, dt),
+        _np(inp.directions, dt),
         _np(inp.scale, acc),
         _np(inp.writers, torch.int64),
-        _np(inp.extra_nodes, acc) if inp.extra_nodes.shape[1] else None,
+        _np(inp.extra_nodes, dt) if inp.extra_nodes.shape[1] else None,
         direction_ids=None if ids is None else _np(ids, torch.int64),
         incorrect_ids=None if inc is None else _np(inc, torch.int64),
         center=bool(inp.center),

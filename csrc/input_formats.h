@@ -1,0 +1,55 @@
+// Input formats of the CPU kernels: how a kernel reads its floating inputs.
+//
+// A kernel reads every floating input through `In::load`, converting on load to the accumulation
+// type `In::acc` (float for fp32 / bf16 / fp16 inputs, double for fp64), so half-precision inputs are
+// never copied to a float array first. Every bf16 / fp16 value is exactly a float value. bf16 and
+// fp16 arrays arrive as their raw uint16 bits (numpy has no bfloat16).
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+namespace ef {
+
+template <typename T>
+struct Native {
+  using storage = T;
+  using acc = T;
+  static inline T load(T x) { return x; }
+};
+
+struct Bf16 {
+  using storage = uint16_t;
+  using acc = float;
+  static inline float load(uint16_t h) {
+    const uint32_t bits = static_cast<uint32_t>(h) << 16;
+    float f;
+    std::memcpy(&f, &bits, sizeof f);
+    return f;
+  }
+};
+
+struct F16 {
+  using storage = uint16_t;
+  using acc = float;
+  static inline float load(uint16_t h) {
+    const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+    const uint32_t exp = (h >> 10) & 0x1fu, mant = h & 0x3ffu;
+    uint32_t bits;
+    if (exp == 0x1fu) {
+      bits = sign | 0x7f800000u | (mant << 13);  // inf / NaN (payload kept)
+    } else if (exp != 0) {
+      bits = sign | ((exp + 112u) << 23) | (mant << 13);  // normal: rebias 15 -> 127
+    } else if (mant == 0) {
+      bits = sign;  // +-0
+    } else {  // subnormal: mant * 2^-24, exact in float
+      const float f = static_cast<float>(mant) * 5.9604644775390625e-8f;
+      return sign ? -f : f;
+    }
+    float f;
+    std::memcpy(&f, &bits, sizeof f);
+    return f;
+  }
+};
+
+}  // namespace ef
