@@ -108,13 +108,28 @@ _FINITE_CHECKED: "dict" = {}
 _FINITE_CACHE_MIN = 1 << 20
 
 
+_FINITE_BLOCK = 1 << 20  # elements per block of the finiteness check
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """torch.isfinite(t).all() in blocks along dim 0: isfinite makes temporaries as large as its
+    input (|t| and a mask), which for z alone would add its own size to the call's peak memory."""
+    if t.numel() <= _FINITE_BLOCK or t.dim() == 0:
+        return bool(torch.isfinite(t).all())
+    if t.is_contiguous():
+        blocks = t.view(-1).split(_FINITE_BLOCK)
+    else:
+        blocks = t.split(max(1, _FINITE_BLOCK // max(1, t[0].numel())), dim=0)
+    return all(bool(torch.isfinite(b).all()) for b in blocks)
+
+
 def _require_finite(name: str, t: torch.Tensor) -> None:
     key = None
     if t.numel() >= _FINITE_CACHE_MIN and not t.is_inference():  # inference tensors have no version
         key = (t.data_ptr(), t._version, tuple(t.shape), tuple(t.stride()), t.dtype, str(t.device))
         if key in _FINITE_CHECKED:
             return
-    if t.numel() and not bool(torch.isfinite(t).all()):
+    if t.numel() and not _all_finite(t):
         bad = (~torch.isfinite(t)).nonzero()[0].tolist()
         raise ValueError(f"{name} contains non-finite values (first at index {bad})")
     if key is not None:

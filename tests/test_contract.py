@@ -80,6 +80,20 @@ def test_bad_fused_input(case, kw, exc, match, no_backend_runs):
         call(**kw)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+@pytest.mark.parametrize("where", [0, -1])
+def test_large_input_nonfinite_found_in_any_block(layout, where, no_backend_runs):
+    # inputs above the block size are checked block by block (bounded temporaries): a NaN in the
+    # first or the last block must still be found, for contiguous and strided tensors
+    T, N, H = 2100, 4, 128  # 1.07M values > one block
+    z = torch.randn(T, N, H) if layout == "contiguous" else torch.randn(H, N, T).permute(2, 1, 0)
+    z[where, -1, -1] = float("nan")
+    kw = dict(z=z, scale=torch.ones(T), W_O=torch.randn(N, H, 7), extra_nodes=None,
+              direction_ids=torch.zeros(T, dtype=torch.int64))
+    with pytest.raises(ValueError, match="z contains non-finite"):
+        call(**kw)
+
+
 def test_mixed_devices_are_rejected(no_backend_runs):
     meta = torch.randn(4, 3, 7, device="meta")
     with pytest.raises(ValueError, match="W_O is on meta but z is on cpu"):
