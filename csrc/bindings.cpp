@@ -280,6 +280,42 @@ py::array_t<typename In::acc> run_build_table(const InArr<In>& W_O, const InArr<
 }
 
 template <typename In>
+void run_fill_table_rows(const InArr<In>& W_O, const InArr<In>& directions, const IdArr& rows,
+                         py::array table, bool center, int n_threads) {
+  using T = typename In::acc;
+  using S = typename In::storage;
+  if (W_O.ndim() != 3) fail("W_O must have shape [N, d_head, d_model], got " + shape_of(W_O));
+  const int64_t N = W_O.shape(0), H = W_O.shape(1), D = W_O.shape(2);
+  if (N < 1 || H < 1 || D < 1)
+    fail("W_O must have at least one head, d_head >= 1 and d_model >= 1, got " + shape_of(W_O));
+  if (directions.ndim() != 2 || directions.shape(1) != D)
+    fail("directions must have shape [K, d_model]=[K, " + std::to_string(D) + "], got " +
+         shape_of(directions));
+  const int64_t K = directions.shape(0);
+  // written in place: the exact dtype and layout, never a converted copy
+  if (!table.dtype().is(py::dtype::of<T>()))
+    fail(std::string("table must have dtype ") + (sizeof(T) == 8 ? "float64" : "float32"));
+  if (!(table.flags() & py::array::c_style) || !table.writeable())
+    fail("table must be a writable C-contiguous array");
+  if (table.ndim() != 3 || table.shape(0) != K || table.shape(1) != N || table.shape(2) != H)
+    fail("table must have shape [K, N, d_head]=[" + std::to_string(K) + ", " + std::to_string(N) +
+         ", " + std::to_string(H) + "], got " + shape_of(table));
+  if (rows.ndim() != 1) fail("rows must have shape [R], got " + shape_of(rows));
+  const int64_t R = rows.shape(0);
+  const int64_t* r = rows.data();
+  for (int64_t i = 0; i < R; ++i)
+    if (r[i] < 0 || r[i] >= K)
+      fail("rows must lie in [0, " + std::to_string(K) + "), got " + std::to_string(r[i]) +
+           " at position " + std::to_string(i));
+  T* out = static_cast<T*>(table.mutable_data());
+  const S *wo_p = W_O.data(), *dir_p = directions.data();
+  {
+    py::gil_scoped_release release;
+    ef::fill_dla_table_rows<In>(wo_p, dir_p, r, R, N, H, D, center, out, n_threads);
+  }
+}
+
+template <typename In>
 void def_dla(py::module_& m, const std::string& sfx, const char* dtype) {
   const std::string dt(dtype);
   m.def(("dla_fixed_" + sfx).c_str(), &run_dla_fixed<In>, py::arg("z"), py::arg("W_O"),
@@ -300,6 +336,12 @@ void def_dla(py::module_& m, const std::string& sfx, const char* dtype) {
          "of the call ('unique') or a prebuilt table [K, N, d_head] from build_dla_table "
          "('table'); 'auto' picks the table when one is given and the cost model prefers it.\n"
          "Returns (dla, norms [T, N] or None, {'method', 'n_unique'}).")
+            .c_str());
+  m.def(("fill_dla_table_rows_" + sfx).c_str(), &run_fill_table_rows<In>, py::arg("W_O"),
+        py::arg("directions"), py::arg("rows"), py::arg("table"), py::arg("center") = true,
+        py::arg("n_threads") = 0,
+        ("fills table[rows] in place (table [K, N, d_head] of the accumulation dtype, as "
+         "build_dla_table_" + sfx + " would; other rows untouched): a lazily built table.")
             .c_str());
   m.def(("build_dla_table_" + sfx).c_str(), &run_build_table<In>, py::arg("W_O"),
         py::arg("directions"), py::arg("center") = true, py::arg("n_threads") = 0,

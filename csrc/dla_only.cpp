@@ -34,6 +34,7 @@ constexpr int64_t kSmallU = 8;       // fewer directions than this: dot path (no
 constexpr int64_t kUT = 8 * MR;      // directions per GEMM work item (a multiple of MR)
 constexpr int64_t kRowsPerItem = 64; // rows of W_O per work item of the dot path
 constexpr int64_t kTokTile = 2 * MR; // tokens per work item of the per-token stage (multiple of MR)
+constexpr int64_t kFillBlock = 1024; // table rows built per block by fill_dla_table_rows
 
 // Auto rule of dla_gathered, from measurements on the 2-core AVX2 machine (GELU-4L shape,
 // T = 8192 tokens, N = 32, d_head = 64, d_model = 512, V = 48262, fp32, 2 threads, DLA only; the
@@ -114,10 +115,11 @@ inline void form_dir(const typename In::storage* dirs, int64_t D, int64_t id, in
 template <typename In>
 void build_head_dirs(const typename In::acc* W_O, int64_t NH, int64_t D,
                      const typename In::storage* dirs, const int64_t* pid, const int64_t* pinc,
-                     int64_t U, bool center, typename In::acc* A, int n_threads) {
+                     int64_t U, bool center, typename In::acc* A, int n_threads,
+                     bool gemm_only = false) {
   using T = typename In::acc;
   if (U <= 0) return;
-  if (U < kSmallU) {
+  if (U < kSmallU && !gemm_only) {
     Buf<T> cd(static_cast<size_t>(U * D));
     std::vector<const T*> cptr(U), rptr(NH);
     for (int64_t u = 0; u < U; ++u) {
@@ -466,7 +468,30 @@ void build_dla_table(const typename In::storage* W_O_in, const typename In::stor
   std::vector<int64_t> pid(n_dirs);
   for (int64_t k = 0; k < n_dirs; ++k) pid[k] = k;
   build_head_dirs<In>(W_O, NH, d_model, directions, pid.data(), nullptr, n_dirs, center, table,
-                      n_threads);
+                      n_threads, /*gemm_only=*/true);
+}
+
+template <typename In>
+void fill_dla_table_rows(const typename In::storage* W_O_in, const typename In::storage* directions,
+                         const int64_t* rows, int64_t n_rows, int64_t n_heads, int64_t d_head,
+                         int64_t d_model, bool center, typename In::acc* table, int n_threads) {
+  using T = typename In::acc;
+  const int64_t NH = n_heads * d_head;
+  if (NH <= 0 || d_model <= 0 || n_rows <= 0) return;
+  Buf<T> wo_keep;
+  const T* W_O = as_acc<In>(W_O_in, NH * d_model, wo_keep);
+  // in blocks, so the scratch stays small however many rows are asked for
+  const int64_t block = std::min<int64_t>(n_rows, kFillBlock);
+  Buf<T> A(static_cast<size_t>(block * NH));
+  for (int64_t r0 = 0; r0 < n_rows; r0 += block) {
+    const int64_t nr = std::min(block, n_rows - r0);
+    // GEMM path for any count (as build_dla_table): a row's bits match the prebuilt table's and
+    // do not depend on which rows were filled together
+    build_head_dirs<In>(W_O, NH, d_model, directions, rows + r0, nullptr, nr, center, A.get(),
+                        n_threads, /*gemm_only=*/true);
+    for (int64_t r = 0; r < nr; ++r)
+      std::memcpy(table + rows[r0 + r] * NH, A.get() + r * NH, sizeof(T) * NH);
+  }
 }
 
 #define EF_INSTANTIATE_DLA(In)                                                                     \
@@ -479,7 +504,9 @@ void build_dla_table(const typename In::storage* W_O_in, const typename In::stor
                                        int64_t, int64_t, bool, DlaMethod, In::acc*, In::acc*,      \
                                        int);                                                       \
   template void build_dla_table<In>(const In::storage*, const In::storage*, int64_t, int64_t,      \
-                                    int64_t, int64_t, bool, In::acc*, int);
+                                    int64_t, int64_t, bool, In::acc*, int);                        \
+  template void fill_dla_table_rows<In>(const In::storage*, const In::storage*, const int64_t*,    \
+                                        int64_t, int64_t, int64_t, int64_t, bool, In::acc*, int);
 EF_INSTANTIATE_DLA(Native<float>)
 EF_INSTANTIATE_DLA(Native<double>)
 EF_INSTANTIATE_DLA(Bf16)

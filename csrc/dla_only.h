@@ -62,6 +62,13 @@ void build_dla_table(const typename In::storage* W_O, const typename In::storage
                      int64_t n_heads, int64_t d_head, int64_t d_model, int64_t n_dirs, bool center,
                      typename In::acc* table, int n_threads);
 
+// table[rows[r], n, :] = W_O[n] @ c(directions[rows[r]]) for r < n_rows (rows in [0, K); the other
+// rows of table [K, N, H] are left as they are): fills a lazily built table on demand.
+template <typename In>
+void fill_dla_table_rows(const typename In::storage* W_O, const typename In::storage* directions,
+                         const int64_t* rows, int64_t n_rows, int64_t n_heads, int64_t d_head,
+                         int64_t d_model, bool center, typename In::acc* table, int n_threads);
+
 // The auto rule of dla_gathered (exposed for tests / docs): true = use the table.
 bool prefer_table(int64_t n_unique, int64_t n_valid_tokens, int64_t d_model);
 

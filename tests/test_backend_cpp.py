@@ -494,6 +494,67 @@ def test_registered_table_used_by_run_and_invalidated_in_place():
         cpp.clear_dla_tables()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("incorrect", [False, True])
+def test_lazy_table_builds_rows_on_demand(dtype, incorrect):
+    T, N, H, D, K = 90, 3, 8, 40, 500
+    args, kw = make_case(T, N, H, D, 0, 0, K, dtype=dtype, incorrect=incorrect, missing=True, seed=11)
+    z, W_O, dirs, scale, _, _ = args
+    cpp.clear_dla_tables()
+    try:
+        full = cpp.build_dla_table(W_O, dirs, center=True, register=False)
+        lazy = cpp.build_dla_table(W_O, dirs, center=True, lazy=True)
+        assert lazy.lazy and lazy.n_filled == 0 and lazy.filled_nbytes == 0
+        assert lazy.nbytes == full.nbytes and lazy.table.dtype == full.table.dtype
+        got = fused_attribution(z, W_O, dirs, scale, [], backend="cpp", **kw)
+        assert cpp.last_path().startswith("dla_table")
+        ids = [kw["direction_ids"]] + ([kw["incorrect_ids"]] if incorrect else [])
+        need = torch.unique(torch.cat(ids))
+        need = need[need >= 0]
+        assert lazy.n_filled == need.numel() < K  # exactly the rows this call needed
+        filled = torch.from_numpy(lazy._filled)
+        assert torch.equal(filled.nonzero().flatten(), need)
+        # a lazy row has the complete table's bits, whatever it was built with
+        assert torch.equal(lazy.table[filled], full.table[filled])
+        assert lazy.ensure_rows(*ids) == 0  # nothing left to build for the same ids
+        again = fused_attribution(z, W_O, dirs, scale, [], backend="cpp", **kw)
+        assert torch.equal(got.dla.nan_to_num(7.0), again.dla.nan_to_num(7.0))
+        want = torch_ref.run(as_f64(validate(z, W_O, dirs, scale, [], **kw)))
+        floor = magnitudes(validate(z, W_O, dirs, scale, [], **kw), want)["dla"]
+        assert rel_err(got.dla, want.dla, floor) < TOL[dtype]
+        # new ids build only their own rows; -1 builds nothing
+        more = torch.full((T,), -1, dtype=torch.int64)
+        more[:3] = torch.tensor([K - 1, K - 2, int(need[0])])
+        fresh = {K - 1, K - 2} - set(need.tolist())
+        assert lazy.ensure_rows(more) == len(fresh)
+        with pytest.raises(ValueError, match="ids must lie in"):
+            lazy.ensure_rows(torch.tensor([K]))
+    finally:
+        cpp.clear_dla_tables()
+
+
+def test_fill_rows_binding_writes_in_place_or_refuses():
+    W_O = np.random.default_rng(0).standard_normal((2, 3, 10)).astype(np.float32)
+    dirs = np.random.default_rng(1).standard_normal((6, 10)).astype(np.float32)
+    full = _C.build_dla_table_f32(W_O, dirs)
+    table = np.full((6, 2, 3), np.nan, np.float32)
+    _C.fill_dla_table_rows_f32(W_O, dirs, np.array([4, 1, 4], np.int64), table)
+    assert np.array_equal(table[[1, 4]], full[[1, 4]]) and np.isnan(table[[0, 2, 3, 5]]).all()
+    for bad, match in [
+        (np.zeros((6, 2, 3), np.float64), "table must have dtype float32"),
+        (np.zeros((6, 3, 2), np.float32).transpose(0, 2, 1), "C-contiguous"),
+        (np.zeros((5, 2, 3), np.float32), "table must have shape"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            _C.fill_dla_table_rows_f32(W_O, dirs, np.array([0], np.int64), bad)
+    with pytest.raises(ValueError, match=r"rows must lie in \[0, 6\)"):
+        _C.fill_dla_table_rows_f32(W_O, dirs, np.array([6], np.int64), table)
+    ro = np.zeros((6, 2, 3), np.float32)
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="writable"):
+        _C.fill_dla_table_rows_f32(W_O, dirs, np.array([0], np.int64), ro)
+
+
 def test_auto_rule_is_monotone():
     assert not cpp.prefer_table(1, 8192, 512)
     assert cpp.prefer_table(8192, 8192, 512)

@@ -20,6 +20,9 @@ A[n] = W_O[n] @ c(d) (shared/erasure-math.md), and takes d_head-long dots with z
   A table is used only where one was built for the same W_O and directions tensors (same storage,
   shape, strides, dtype, and unchanged in-place version counter) and the same ``center``; then the
   kernel picks the faster of the two from the number of distinct ids and of tokens (`prefer_table`).
+  A lazy table (``build_dla_table(..., lazy=True)``) builds each row the first time a call needs it
+  and is then always gathered from: no up-front build, the first call costs about what "unique"
+  costs, later calls only what "table" costs.
   The norms [T, N] = |r_n|^2 are taken as z^T (W_O W_O^T) z, so this path runs only where
   d_model >= 2 d_head (see `_GRAM_MIN_RATIO`); otherwise the fused kernel does.
 
@@ -133,28 +136,75 @@ class _TensorKey(NamedTuple):
 
 
 class DlaTable:
-    """A[k, n, :] = W_O[n] @ c(directions[k]) for every row k, [K, N, d_head] in the accumulation dtype.
+    """A[k, n, :] = W_O[n] @ c(directions[k]) for the rows k of directions, [K, N, d_head] in the
+    accumulation dtype.
 
-    Built by `build_dla_table`; holds (strong) references to its W_O and directions tensors, so
-    their storage cannot be reused while the table lives, and remembers their in-place version:
-    a table whose W_O or directions were modified in place is never used.
+    Built by `build_dla_table`, complete (every row at once) or lazy (a row when a call first
+    needs it: the first call costs what the per-call unique reduction costs, later calls only
+    gather, and memory grows with the distinct targets seen). A lazy row has the same bits as the
+    complete table's. Holds (strong) references to its W_O and directions tensors, so their
+    storage cannot be reused while the table lives, and remembers their in-place version: a table
+    whose W_O or directions were modified in place is never used.
     """
 
-    def __init__(self, table: torch.Tensor, W_O: torch.Tensor, directions: torch.Tensor, center: bool):
+    def __init__(self, table: torch.Tensor, W_O: torch.Tensor, directions: torch.Tensor, center: bool,
+                 filled: Optional[np.ndarray] = None):
         self.table = table
         self.center = bool(center)
         self._W_O = W_O
         self._directions = directions
         self._keys = (_TensorKey.of(W_O), _TensorKey.of(directions))
+        self._filled = filled  # lazy: bool [K], rows built so far; None: complete
+        self._fill_lock = threading.Lock()
+
+    @property
+    def lazy(self) -> bool:
+        return self._filled is not None
+
+    @property
+    def n_filled(self) -> int:
+        """Rows built so far (K for a complete table)."""
+        return self.shape[0] if self._filled is None else int(self._filled.sum())
 
     @property
     def nbytes(self) -> int:
-        """Memory of the table in bytes (K * N * d_head * itemsize)."""
+        """Size of the table in bytes (K * N * d_head * itemsize); a lazy table reserves it but
+        touches only its built rows (`filled_nbytes`)."""
         return self.table.numel() * self.table.element_size()
+
+    @property
+    def filled_nbytes(self) -> int:
+        """Bytes of the rows built so far."""
+        K = self.shape[0]
+        return self.nbytes // max(K, 1) * self.n_filled
 
     @property
     def shape(self) -> tuple:
         return tuple(self.table.shape)
+
+    def ensure_rows(self, *ids: Optional[torch.Tensor]) -> int:
+        """Build the rows of a lazy table that `ids` (int tensors, -1 = none) need and it lacks;
+        returns how many were built (0 for a complete table)."""
+        if self._filled is None:
+            return 0
+        parts = [t.reshape(-1).to(torch.int64) for t in ids if t is not None]
+        if not parts:
+            return 0
+        want = torch.cat(parts)
+        want = torch.unique(want[want >= 0]).numpy()
+        K = self.shape[0]
+        if want.size and (want[-1] >= K):
+            raise ValueError(f"ids must lie in [-1, {K}), got {int(want[-1])}")
+        with self._fill_lock:
+            missing = want[~self._filled[want]]
+            if missing.size:
+                _C = _require_extension()
+                dt = self._W_O.dtype
+                getattr(_C, f"fill_dla_table_rows_{_sfx(dt)}")(
+                    _np(self._W_O, dt), _np(self._directions, dt), np.ascontiguousarray(missing),
+                    self.table.numpy(), center=self.center, n_threads=get_num_threads())
+                self._filled[missing] = True
+        return int(missing.size)
 
     def is_current(self) -> bool:
         """False once W_O or directions has been modified in place since the build."""
@@ -170,8 +220,9 @@ class DlaTable:
 
     def __repr__(self) -> str:
         K, N, H = self.shape
+        kind = f"lazy, {self.n_filled} of {K} rows built" if self.lazy else "complete"
         return (f"DlaTable(K={K}, N={N}, d_head={H}, dtype={self.table.dtype}, center={self.center}, "
-                f"{self.nbytes / 2**20:.1f} MiB)")
+                f"{kind}, {self.filled_nbytes / 2**20:.1f} of {self.nbytes / 2**20:.1f} MiB)")
 
 
 # The DLA-only path takes the norms as z^T (W_O W_O^T) z. Its rounding error scales with
@@ -186,8 +237,9 @@ _last_path = threading.local()
 
 
 def build_dla_table(W_O: torch.Tensor, directions: torch.Tensor, center: bool = True, *,
-                    register: bool = True) -> DlaTable:
-    """Build the full gathered-DLA table A[k] = W_O c(directions[k]) for every row k (CPU).
+                    register: bool = True, lazy: bool = False) -> DlaTable:
+    """Build the gathered-DLA table A[k] = W_O c(directions[k]) for every row k (CPU), now or
+    (``lazy=True``) row by row as calls need them.
 
     Args:
         W_O: [N, d_head, d_model]; directions: [K, d_model] (e.g. next-token DLA: ``W_U.T``; pass the
@@ -197,8 +249,12 @@ def build_dla_table(W_O: torch.Tensor, directions: torch.Tensor, center: bool = 
         center: centre each direction (LayerNorm models), as in the calls that should use the table.
         register: remember the table so that `run` (and so ``fused_attribution(backend="cpp")``)
             uses it automatically for gathered DLA-only requests on these tensors.
-    Cost: K * N * d_head * d_model FMAs once (GELU-4L, K = 48262: ~3.6 s on a busy 2-core machine); memory
-    K * N * d_head * 4 bytes in fp32 (395 MB = 377 MiB for GELU-4L), see `DlaTable.nbytes`.
+        lazy: build no row now; each call builds the rows of its new targets (at the cost of the
+            per-call unique reduction) and gathers the rest. Best for long runs: no up-front
+            build, and memory grows only with the distinct targets seen (`DlaTable.filled_nbytes`).
+    Cost (complete): K * N * d_head * d_model FMAs once (GELU-4L, K = 48262: 0.7-1.1 s on the
+    2-core machine); memory K * N * d_head * 4 bytes in fp32 (395 MB = 377 MiB for GELU-4L), see
+    `DlaTable.nbytes`.
     """
     _C = _require_extension()
     for name, t in (("W_O", W_O), ("directions", directions)):
@@ -210,10 +266,19 @@ def build_dla_table(W_O: torch.Tensor, directions: torch.Tensor, center: bool = 
             raise TypeError(f"{name} must be a floating tensor, got {t.dtype}")
     if W_O.dtype != directions.dtype:
         raise TypeError(f"W_O has dtype {W_O.dtype} but directions has {directions.dtype}")
+    if W_O.dim() != 3 or directions.dim() != 2 or directions.shape[1] != W_O.shape[2]:
+        raise ValueError(f"W_O must have shape [N, d_head, d_model] and directions [K, d_model], got "
+                         f"{list(W_O.shape)} and {list(directions.shape)}")
     dt = W_O.dtype
-    fn = getattr(_C, f"build_dla_table_{_sfx(dt)}")
-    tab = fn(_np(W_O, dt), _np(directions, dt), center=bool(center), n_threads=get_num_threads())
-    out = DlaTable(torch.from_numpy(tab), W_O, directions, center)
+    if lazy:
+        K, (N, H) = directions.shape[0], W_O.shape[:2]
+        # untouched pages of the empty table are never resident: memory follows the rows built
+        out = DlaTable(torch.empty((K, N, H), dtype=accumulation_dtype(dt)), W_O, directions, center,
+                       filled=np.zeros(K, dtype=bool))
+    else:
+        fn = getattr(_C, f"build_dla_table_{_sfx(dt)}")
+        tab = fn(_np(W_O, dt), _np(directions, dt), center=bool(center), n_threads=get_num_threads())
+        out = DlaTable(torch.from_numpy(tab), W_O, directions, center)
     if register:
         with _tables_lock:
             _tables[:] = [t for t in _tables if t.is_current() and not t.matches(W_O, directions, center)]
@@ -273,6 +338,9 @@ def dla_gathered(table: Optional[DlaTable], z: torch.Tensor, scale: torch.Tensor
         if not table.matches(W_O, directions, center):
             raise ValueError("the table was not built from these W_O / directions / center, or they "
                              "were modified in place since; rebuild it")
+        if table.lazy and method in ("auto", "table"):
+            table.ensure_rows(direction_ids, incorrect_ids)  # then gathering beats rebuilding
+            method = "table"
     elif W_O is None or directions is None:
         raise ValueError("dla_gathered needs W_O and directions when no table is given")
     center = True if center is None else bool(center)
@@ -314,11 +382,15 @@ def _run_dla_only(_C, inp: FusedInputs, acc: torch.dtype) -> FusedOutputs:
         _last_path.value = "dla_fixed"
     else:
         table = _find_table(inp.W_O, inp.directions, inp.center)
+        method = "auto"
+        if table is not None and table.lazy:
+            table.ensure_rows(inp.direction_ids, inp.incorrect_ids)  # then gathering beats rebuilding
+            method = "table"
         dla, norms, info = getattr(_C, f"dla_gathered_{_sfx(dt)}")(
             *args, _np(inp.direction_ids, torch.int64),
             None if inp.incorrect_ids is None else _np(inp.incorrect_ids, torch.int64),
             center=bool(inp.center), table=None if table is None else table.table.numpy(),
-            method="auto", norms=inp.with_norms, n_threads=get_num_threads())
+            method=method, norms=inp.with_norms, n_threads=get_num_threads())
         _last_path.value = f"dla_{info['method']} (unique={info['n_unique']})"
     dots = torch.empty((T, N, 0), dtype=acc)
     return FusedOutputs(dla=torch.from_numpy(dla), dots=dots, norms=torch.from_numpy(norms) if inp.with_norms else None)

@@ -31,7 +31,7 @@ def markdown(meta: dict, records: List[dict]) -> str:
         + f"; copy {roof['copy_gbps']:.1f} GB/s",
         f"- timing: median of {meta['repeats']} repeats after a warm-up call (S1: one run); memory = peak above the "
         "pre-call baseline (RSS on CPU, allocated on GPU); speedup = TransformerLens time / provider time; roofline % = "
-        "nominal FLOPs / time / fp32 matmul rate (K1: the fused count; K2f: the head-space count; none for K2n, whose "
+        "nominal FLOPs / time / fp32 matmul rate (K1: projections + each distinct dot once, see workloads.flops; K2f: the head-space count; none for K2n, whose "
         "head-space cost depends on the number of distinct targets, or S1); oom = allocation failed under the "
         "benchmark's address-space cap of 85 % of RAM",
         f"- command: `{meta['command']}`",

@@ -57,7 +57,12 @@ def make_inputs(shape: str, n_tokens: int, device, dtype=torch.float32, seed: in
 def flops(workload: str, shape: str, n_tokens: int):
     """Nominal FLOPs of the fused formulation (what the math page counts), or None where the work
     depends on the method: next-token DLA in head space costs per distinct target, not per token
-    (K2n), and S1 is dominated by the model's forward pass."""
+    (K2n), and S1 is dominated by the model's forward pass.
+
+    K1 counts the work that must be done: the projections, then every distinct dot product once.
+    The head-head block of the dots is symmetric (every head is a writer), so it holds N(N+1)/2
+    distinct values, its diagonal being the heads' squared norms; then M*N MLP-head dots, the M MLP
+    norms and the N DLA dots, each 2*d_model FLOPs per token."""
     d = SHAPES[shape]
     N = d["n_layers"] * d["n_heads"]
     M = d["n_layers"]
@@ -65,7 +70,7 @@ def flops(workload: str, shape: str, n_tokens: int):
     T = n_tokens
     proj = 2 * T * N * dh * D
     if workload == "K1":
-        return proj + 2 * T * (N + M) * N * D + 2 * T * N * D + 2 * T * (N + M) * D
+        return proj + 2 * T * D * (N * (N + 1) // 2 + M * N + M + N)
     if workload == "K2f":
         return 2 * T * N * dh + 2 * N * dh * D
     return None
