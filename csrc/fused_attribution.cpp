@@ -1,9 +1,11 @@
 // CPU kernel of the fused attribution (see fused_attribution.h for the contract).
 //
-// Work item = a tile of kDefaultTile consecutive tokens (fixed tiling from token 0, OpenMP static
-// schedule). Per tile, in per-thread buffers:
-//   1. pack z of the tile head-major (converted to the accumulation type), zero-padded to a multiple
-//      of MR tokens: Zp[N][H][TBP]; gathered mode: form the tile's (centred) target directions;
+// Work item = a tile of kDefaultTile consecutive tokens (fixed tiling from token 0; OpenMP dynamic
+// schedule, so a thread that loses its core for a while, common on shared VMs, does not hold the
+// call up; which thread takes a tile never changes its results). Per tile, in per-thread buffers:
+//   1. z of the tile: read in place (native dtype, full tile), else packed head-major (converted to
+//      the accumulation type), zero-padded to a multiple of MR tokens: Zp[N][H][TBP]; gathered
+//      mode: form the tile's (centred) target directions;
 //   2. for each pass over CW d_model columns (one pass for d_model <= 1024):
 //      a. project: Rc[i][n][:] = z[t0 + i, n, :] @ W_O[n][:, pass] with a register-blocked
 //         micro-kernel (MR tokens x NR SIMD vectors) on W_O packed once per call into contiguous
@@ -12,8 +14,8 @@
 //   Only the tile's head outputs exist at any time, never a [T, N, d_model] array.
 // The dots of writer heads with each other form a symmetric Gram block: only its upper triangle
 // (by writer position) is computed, the rest is copied, and a writer's squared norm is its diagonal.
-// Every output element is reduced in an order fixed by the shapes alone (chunk by chunk, within a
-// chunk lane-wise, horizontal sum, tail), so the result does not depend on the number of threads.
+// Every output element is reduced in an order fixed by the shapes alone (pass by pass; within a
+// pass lane-wise, horizontal sum, tail), so the result does not depend on the number of threads.
 #include "fused_attribution.h"
 #include "kernel_common.h"
 
@@ -79,8 +81,8 @@ void fused_attribution(const typename In::storage* z, const typename In::storage
   constexpr int64_t BW = NR * L;  // columns per projection micro-kernel
   const int64_t Dp = round_up(D, BW);
   const int64_t CW = std::min(Dp, round_up(chunk_cols > 0 ? chunk_cols : kDefaultChunk, BW));
-  const int64_t TBP = round_up(tile_tokens > 0 ? tile_tokens : kDefaultTile, MR);  // tile, padded
-  const int64_t tile = TBP;
+  const int64_t tile = round_up(tile_tokens > 0 ? tile_tokens : kDefaultTile, MR);
+  const int64_t TBP = tile;  // rows of the packed z per tile (a multiple of MR)
   const int64_t n_tiles = (T_ + tile - 1) / tile;
   const bool gathered = direction_ids != nullptr;
   constexpr bool kNative = std::is_same<typename In::storage, T>::value;
@@ -143,7 +145,7 @@ void fused_attribution(const typename In::storage* z, const typename In::storage
   {
 #ifdef _OPENMP
     Scratch<T>& s = scratch[omp_get_thread_num()];
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 2)
 #else
     Scratch<T>& s = scratch[0];
 #endif
@@ -151,17 +153,26 @@ void fused_attribution(const typename In::storage* z, const typename In::storage
       const int64_t t0 = ti * tile;
       const int64_t nt = std::min<int64_t>(tile, T_ - t0);
       const int64_t ntp = round_up(nt, MR);  // token rows actually projected
-      T* __restrict zp = s.zp.get();
       T* __restrict rc = s.rc.get();
 
-      // 1. pack z: Zp[n][k][i] = z[t0 + i, n, k], zero for padded tokens.
-      for (int64_t n = 0; n < N; ++n)
-        for (int64_t k = 0; k < H; ++k) {
-          T* dst = zp + (n * H + k) * TBP;
-          for (int64_t i = 0; i < nt; ++i) dst[i] = In::load(z[((t0 + i) * N + n) * H + k]);
-          for (int64_t i = nt; i < ntp; ++i) dst[i] = T(0);
-        }
-      // the tile's target directions (gathered), extra nodes (converted unless native), zeroed outputs
+      // 1. z of the tile as the projection reads it: in place (native dtype, full tile: no copy),
+      //    else packed Zp[n][k][i] = z[t0 + i, n, k] (converted), zero for the padded tokens.
+      const T* zsrc = nullptr;  // token i's value k of head n: zsrc[n * zn + k * zk + i * zi]
+      int64_t zn = 0, zk = 0, zi = 0;
+      if constexpr (kNative) {
+        if (nt == tile) zsrc = z + t0 * N * H, zn = H, zk = 1, zi = N * H;
+      }
+      if (!zsrc) {
+        T* zp = s.zp.get();
+        for (int64_t n = 0; n < N; ++n)
+          for (int64_t k = 0; k < H; ++k) {
+            T* dst = zp + (n * H + k) * TBP;
+            for (int64_t i = 0; i < nt; ++i) dst[i] = In::load(z[((t0 + i) * N + n) * H + k]);
+            for (int64_t i = nt; i < ntp; ++i) dst[i] = T(0);
+          }
+        zsrc = zp, zn = H * TBP, zk = TBP, zi = 1;
+      }
+      // the tile's target directions (gathered), extra nodes (converted unless native)
       if (gathered)
         for (int64_t i = 0; i < nt; ++i) {
           const int64_t id = direction_ids[t0 + i], inc = incorrect_ids ? incorrect_ids[t0 + i] : 0;
@@ -176,23 +187,23 @@ void fused_attribution(const typename In::storage* z, const typename In::storage
           if (center) center_inplace(dv, D);
         }
       if (!kNative && M > 0) load_row<In>(extra + t0 * M * D, nt * M * D, s.ex.get());
-      const int64_t dla_width = gathered ? N : N * K;
-      std::fill(dla + t0 * dla_width, dla + (t0 + nt) * dla_width, T(0));
-      std::fill(dots + t0 * NM * W, dots + (t0 + nt) * NM * W, T(0));
-      std::fill(norms + t0 * NM, norms + (t0 + nt) * NM, T(0));
 
-      for (int64_t c0 = 0; c0 < Dp; c0 += CW) {
+      // One pass over columns [c0, c0 + cw); the first pass writes the outputs (kAcc false: no
+      // zero-fill beforehand), later passes add to them. Every output element gets written in
+      // the first pass (the Gram block's lower part and the writers' norms in step 3).
+      auto pass = [&](int64_t c0, auto acc_tag) {
+        constexpr bool kAcc = decltype(acc_tag)::value;
         const int64_t cw = std::min(CW, Dp - c0);  // projected columns (multiple of BW)
         const int64_t len = std::min(cw, D - c0);  // real columns (>= 1: c0 < Dp - BW + 1 <= D)
 
-        // 2a. project: Rc[i][n][:] = sum_k Zp[n][k][i] * W_O[n][k][c0 : c0 + cw].
+        // 2a. project: Rc[i][n][:] = sum_k z[t0 + i, n, k] * W_O[n][k][c0 : c0 + cw].
         for (int64_t n = 0; n < N; ++n)
           for (int64_t jb = c0; jb < c0 + cw; jb += BW)
             for (int64_t ib = 0; ib < ntp; ib += MR)
-              project_block<T>(zp + n * H * TBP + ib, TBP, Wp + (n * n_jb + jb / BW) * H * BW, BW,
-                               H, rc + (ib * N + n) * CW + (jb - c0), N * CW);
+              project_block<T>(zsrc + n * zn + ib * zi, zk, Wp + (n * n_jb + jb / BW) * H * BW, BW,
+                               H, rc + (ib * N + n) * CW + (jb - c0), N * CW, zi);
 
-        // 2b. per token: this chunk's share of the DLA, the dots and the norms.
+        // 2b. per token: this pass's share of the DLA, the dots and the norms.
         for (int64_t i = 0; i < nt; ++i) {
           const int64_t t = t0 + i;
           const T* Rt = rc + i * N * CW;
@@ -208,11 +219,11 @@ void fused_attribution(const typename In::storage* z, const typename In::storage
           if (gathered) {
             const T* dir = s.dv.get() + i * D + c0;
             T* out = dla + t * N;
-            dot_tiles<T, true>(s.rows.data(), N, &dir, 1, len, [=](int64_t a) { return out + a; }, 1);
+            dot_tiles<T, kAcc>(s.rows.data(), N, &dir, 1, len, [=](int64_t a) { return out + a; }, 1);
           } else {
             for (int64_t k = 0; k < K; ++k) s.dir_rows[k] = fixed_dirs.get() + k * D + c0;
             T* out = dla + t * N * K;
-            dot_tiles<T, true>(s.rows.data(), N, s.dir_rows.data(), K, len,
+            dot_tiles<T, kAcc>(s.rows.data(), N, s.dir_rows.data(), K, len,
                                [=](int64_t a) { return out + a * K; }, 1);
           }
 
@@ -226,17 +237,22 @@ void fused_attribution(const typename In::storage* z, const typename In::storage
                 s.rows[g] = s.cols[gram_pos[g0 + g]];
                 s.out_rows[g] = dots_t + writers[gram_pos[g0 + g]] * W + p0;
               }
-              dot_tiles<T, true>(s.rows.data(), ng, s.cols.data() + p0, W - p0, len,
+              dot_tiles<T, kAcc>(s.rows.data(), ng, s.cols.data() + p0, W - p0, len,
                                  [&](int64_t g) { return s.out_rows[g]; }, 1);
             }
             for (int64_t q = 0; q < P; ++q) s.rows[q] = node_row(plain_nodes[q]);
-            dot_tiles<T, true>(s.rows.data(), P, s.cols.data(), W, len,
+            dot_tiles<T, kAcc>(s.rows.data(), P, s.cols.data(), W, len,
                                [&](int64_t q) { return dots_t + plain_nodes[q] * W; }, 1);
           }
           T* nrm = norms + t * NM;
-          for (int64_t q = 0; q < P; ++q) nrm[plain_nodes[q]] += sumsq<T>(node_row(plain_nodes[q]), len);
+          for (int64_t q = 0; q < P; ++q) {
+            const T sq = sumsq<T>(node_row(plain_nodes[q]), len);
+            nrm[plain_nodes[q]] = kAcc ? nrm[plain_nodes[q]] + sq : sq;
+          }
         }
-      }
+      };
+      pass(0, std::false_type{});
+      for (int64_t c0 = CW; c0 < Dp; c0 += CW) pass(c0, std::true_type{});
 
       // 3. per token: the Gram block's lower part and diagonal, the scale, the missing targets.
       for (int64_t i = 0; i < nt; ++i) {

@@ -130,10 +130,12 @@ constexpr int MR = 6;
 constexpr int NR = 2;
 
 
-// R[i][n][jb .. jb + NR*L) for i in [0, MR), over a block of columns jb.
+// R[i][n][jb .. jb + NR*L) for i in [0, MR), over a block of columns jb; token i's value k is
+// zp[k * zstride + i * tstride] (packed: tstride 1; read in place: the row stride of z).
 template <typename T>
 inline void project_block(const T* __restrict zp, int64_t zstride, const T* __restrict wp,
-                          int64_t wstride, int64_t H, T* __restrict r, int64_t rstride) {
+                          int64_t wstride, int64_t H, T* __restrict r, int64_t rstride,
+                          int64_t tstride = 1) {
   using S = Simd<T>;
   constexpr int L = S::L;
   typename S::reg acc[MR][NR];
@@ -144,7 +146,7 @@ inline void project_block(const T* __restrict zp, int64_t zstride, const T* __re
     for (int j = 0; j < NR; ++j) w[j] = S::load(wp + k * wstride + j * L);
     const T* zk = zp + k * zstride;
     for (int i = 0; i < MR; ++i) {
-      const typename S::reg zb = S::set1(zk[i]);
+      const typename S::reg zb = S::set1(zk[i * tstride]);
       for (int j = 0; j < NR; ++j) acc[i][j] = S::fma(zb, w[j], acc[i][j]);
     }
   }
