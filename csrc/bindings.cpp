@@ -255,11 +255,9 @@ py::tuple run_dla_gathered(const InArr<In>& z, const InArr<In>& W_O, const InArr
   return py::make_tuple(dla, norms_obj, info_dict(info));
 }
 
+// The weights of a DLA table: W_O [N, d_head, d_model], directions [K >= 1, d_model].
 template <typename In>
-py::array_t<typename In::acc> run_build_table(const InArr<In>& W_O, const InArr<In>& directions,
-                                              bool center, int n_threads) {
-  using T = typename In::acc;
-  using S = typename In::storage;
+Dims check_table_weights(const InArr<In>& W_O, const InArr<In>& directions) {
   if (W_O.ndim() != 3) fail("W_O must have shape [N, d_head, d_model], got " + shape_of(W_O));
   const int64_t N = W_O.shape(0), H = W_O.shape(1), D = W_O.shape(2);
   if (N < 1 || H < 1 || D < 1)
@@ -269,6 +267,16 @@ py::array_t<typename In::acc> run_build_table(const InArr<In>& W_O, const InArr<
          shape_of(directions));
   const int64_t K = directions.shape(0);
   if (K < 1) fail("directions has no rows (K = 0)");
+  return Dims{0, N, H, D, K};
+}
+
+template <typename In>
+py::array_t<typename In::acc> run_build_table(const InArr<In>& W_O, const InArr<In>& directions,
+                                              bool center, int n_threads) {
+  using T = typename In::acc;
+  using S = typename In::storage;
+  const Dims d = check_table_weights<In>(W_O, directions);
+  const int64_t N = d.N, H = d.H, D = d.D, K = d.K;
   py::array_t<T> table(std::vector<py::ssize_t>{K, N, H});
   T* out = table.mutable_data();
   const S *wo_p = W_O.data(), *dir_p = directions.data();
@@ -284,14 +292,8 @@ void run_fill_table_rows(const InArr<In>& W_O, const InArr<In>& directions, cons
                          py::array table, bool center, int n_threads) {
   using T = typename In::acc;
   using S = typename In::storage;
-  if (W_O.ndim() != 3) fail("W_O must have shape [N, d_head, d_model], got " + shape_of(W_O));
-  const int64_t N = W_O.shape(0), H = W_O.shape(1), D = W_O.shape(2);
-  if (N < 1 || H < 1 || D < 1)
-    fail("W_O must have at least one head, d_head >= 1 and d_model >= 1, got " + shape_of(W_O));
-  if (directions.ndim() != 2 || directions.shape(1) != D)
-    fail("directions must have shape [K, d_model]=[K, " + std::to_string(D) + "], got " +
-         shape_of(directions));
-  const int64_t K = directions.shape(0);
+  const Dims d = check_table_weights<In>(W_O, directions);
+  const int64_t N = d.N, H = d.H, D = d.D, K = d.K;
   // written in place: the exact dtype and layout, never a converted copy
   if (!table.dtype().is(py::dtype::of<T>()))
     fail(std::string("table must have dtype ") + (sizeof(T) == 8 ? "float64" : "float32"));
