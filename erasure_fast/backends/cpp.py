@@ -313,6 +313,16 @@ def prefer_table(n_unique: int, n_tokens: int, d_model: int) -> bool:
     return bool(_require_extension().dla_prefer_table(int(n_unique), int(n_tokens), int(d_model)))
 
 
+def _table_method(table: Optional[DlaTable], method: str, ids: torch.Tensor,
+                  incorrect_ids: Optional[torch.Tensor]) -> str:
+    """The kernel's method for a gathered call: a lazy table first builds the rows the call lacks,
+    and is then always gathered from (cheaper than building those rows again)."""
+    if table is not None and table.lazy and method in ("auto", "table"):
+        table.ensure_rows(ids, incorrect_ids)
+        return "table"
+    return method
+
+
 def last_path() -> str:
     """Which path the last `run` / `dla_gathered` of this thread took: 'fused', 'dla_fixed',
     'dla_unique' or 'dla_table' (with the number of distinct ids where it applies)."""
@@ -338,9 +348,7 @@ def dla_gathered(table: Optional[DlaTable], z: torch.Tensor, scale: torch.Tensor
         if not table.matches(W_O, directions, center):
             raise ValueError("the table was not built from these W_O / directions / center, or they "
                              "were modified in place since; rebuild it")
-        if table.lazy and method in ("auto", "table"):
-            table.ensure_rows(direction_ids, incorrect_ids)  # then gathering beats rebuilding
-            method = "table"
+        method = _table_method(table, method, direction_ids, incorrect_ids)
     elif W_O is None or directions is None:
         raise ValueError("dla_gathered needs W_O and directions when no table is given")
     center = True if center is None else bool(center)
@@ -382,10 +390,7 @@ def _run_dla_only(_C, inp: FusedInputs, acc: torch.dtype) -> FusedOutputs:
         _last_path.value = "dla_fixed"
     else:
         table = _find_table(inp.W_O, inp.directions, inp.center)
-        method = "auto"
-        if table is not None and table.lazy:
-            table.ensure_rows(inp.direction_ids, inp.incorrect_ids)  # then gathering beats rebuilding
-            method = "table"
+        method = _table_method(table, "auto", inp.direction_ids, inp.incorrect_ids)
         dla, norms, info = getattr(_C, f"dla_gathered_{_sfx(dt)}")(
             *args, _np(inp.direction_ids, torch.int64),
             None if inp.incorrect_ids is None else _np(inp.incorrect_ids, torch.int64),
