@@ -129,7 +129,6 @@ const typename In::acc* as_acc(const typename In::storage* p, int64_t n, Buf<typ
 constexpr int MR = 6;
 constexpr int NR = 2;
 
-
 // R[i][n][jb .. jb + NR*L) for i in [0, MR), over a block of columns jb; token i's value k is
 // zp[k * zstride + i * tstride] (packed: tstride 1; read in place: the row stride of z).
 template <typename T>
