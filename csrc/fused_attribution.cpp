@@ -4,7 +4,7 @@
 // schedule, so a thread that loses its core for a while, common on shared VMs, does not hold the
 // call up; which thread takes a tile never changes its results). Per tile, in per-thread buffers:
 //   1. z of the tile: read in place (native dtype, full tile), else packed head-major (converted to
-//      the accumulation type), zero-padded to a multiple of MR tokens: Zp[N][H][TBP]; gathered
+//      the accumulation type), zero-padded to a multiple of MR tokens: Zp[N][H][tile]; gathered
 //      mode: form the tile's (centred) target directions;
 //   2. for each pass over CW d_model columns (one pass for d_model <= 1024):
 //      a. project: Rc[i][n][:] = z[t0 + i, n, :] @ W_O[n][:, pass] with a register-blocked
@@ -81,8 +81,7 @@ void fused_attribution(const typename In::storage* z, const typename In::storage
   constexpr int64_t BW = NR * L;  // columns per projection micro-kernel
   const int64_t Dp = round_up(D, BW);
   const int64_t CW = std::min(Dp, round_up(chunk_cols > 0 ? chunk_cols : kDefaultChunk, BW));
-  const int64_t tile = round_up(tile_tokens > 0 ? tile_tokens : kDefaultTile, MR);
-  const int64_t TBP = tile;  // rows of the packed z per tile (a multiple of MR)
+  const int64_t tile = round_up(tile_tokens > 0 ? tile_tokens : kDefaultTile, MR);  // tokens per work item
   const int64_t n_tiles = (T_ + tile - 1) / tile;
   const bool gathered = direction_ids != nullptr;
   constexpr bool kNative = std::is_same<typename In::storage, T>::value;
@@ -128,10 +127,10 @@ void fused_attribution(const typename In::storage* z, const typename In::storage
   // Per-thread scratch, allocated here so no allocation (or exception) happens in the parallel region.
   std::vector<Scratch<T>> scratch(nthr);
   for (auto& s : scratch) {
-    s.zp = Buf<T>(static_cast<size_t>(N * H * TBP));
-    s.rc = Buf<T>(static_cast<size_t>(TBP * N * CW));
-    if (gathered) s.dv = Buf<T>(static_cast<size_t>(TBP * D));
-    if (!kNative && M > 0) s.ex = Buf<T>(static_cast<size_t>(TBP * M * D));
+    s.zp = Buf<T>(static_cast<size_t>(N * H * tile));
+    s.rc = Buf<T>(static_cast<size_t>(tile * N * CW));
+    if (gathered) s.dv = Buf<T>(static_cast<size_t>(tile * D));
+    if (!kNative && M > 0) s.ex = Buf<T>(static_cast<size_t>(tile * M * D));
     s.rows.resize(std::max<int64_t>(NM, 1));
     s.cols.resize(std::max<int64_t>(std::max(W, K), 1));
     s.dir_rows.resize(std::max<int64_t>(K, 1));
@@ -166,11 +165,11 @@ void fused_attribution(const typename In::storage* z, const typename In::storage
         T* zp = s.zp.get();
         for (int64_t n = 0; n < N; ++n)
           for (int64_t k = 0; k < H; ++k) {
-            T* dst = zp + (n * H + k) * TBP;
+            T* dst = zp + (n * H + k) * tile;
             for (int64_t i = 0; i < nt; ++i) dst[i] = In::load(z[((t0 + i) * N + n) * H + k]);
             for (int64_t i = nt; i < ntp; ++i) dst[i] = T(0);
           }
-        zsrc = zp, zn = H * TBP, zk = TBP, zi = 1;
+        zsrc = zp, zn = H * tile, zk = tile, zi = 1;
       }
       // the tile's target directions (gathered), extra nodes (converted unless native)
       if (gathered)
