@@ -1,47 +1,34 @@
 """erasure_fast: fused kernels for direct logit attribution (DLA) and erasure analysis.
 
-Public names: `attribute`, `logit_attrs_heads`, `fused_attribution`, `scan`, `backends`,
-`derive_measures`, `AttributionResult`, `ScanResult`, `ModelSpec`, `model_spec`; the paper's analyses
-in `erasure_fast.paper`, the benchmark harness in `erasure_fast.bench`. See README.md and shared/erasure-math.md.
+Public names (all importable from a fresh interpreter, none shadowing a subpackage):
+`attribute`, `AttributionResult`, `logit_attrs_heads`, `fused_attribution`, `FusedOutputs`,
+`derive_measures`, `available_backends`, `build_dla_table`, `DlaTable`, `scan`, `ScanResult`,
+`ModelSpec`, `model_spec`, `load_model`. Subpackages: `erasure_fast.paper` (the paper's analyses),
+`erasure_fast.scanning` (corpus scans), `erasure_fast.backends`, `erasure_fast.bench`.
+The contract and the math: docs/math.md in the repository, and `erasure_fast.contract`.
 """
 
-from .backends import backends
+from .version import __version__  # noqa: F401 (erasure_fast.__version__)
+
+from .attribution import AttributionResult, attribute
+from .backends import available_backends
+from .backends.dla_table import DlaTable, build_dla_table
 from .contract import FusedOutputs, derive_measures, fused_attribution
-
-__version__ = "0.1.0"
-
-
-def __getattr__(name):  # model-facing API imports TransformerLens lazily (slow import)
-    if name in ("attribute", "AttributionResult"):
-        from . import attribution
-
-        return getattr(attribution, name)
-    if name == "logit_attrs_heads":
-        from .tl_compat import logit_attrs_heads
-
-        return logit_attrs_heads
-    if name in ("scan", "ScanResult"):
-        from . import scan as scan_pkg
-
-        return getattr(scan_pkg, name)
-    if name == "paper":
-        import importlib
-
-        return importlib.import_module(".paper", __name__)
-    if name in ("ModelSpec", "model_spec"):
-        from . import models
-
-        return getattr(models, name)
-    raise AttributeError(f"module 'erasure_fast' has no attribute {name!r}")
-
+from .loading import load_model
+from .models import ModelSpec, model_spec
+from .scanning import ScanResult, scan
+from .tl_compat import logit_attrs_heads
 
 __all__ = [
     "attribute",
     "AttributionResult",
-    "backends",
+    "available_backends",
+    "build_dla_table",
     "derive_measures",
+    "DlaTable",
     "fused_attribution",
     "FusedOutputs",
+    "load_model",
     "logit_attrs_heads",
     "ModelSpec",
     "model_spec",

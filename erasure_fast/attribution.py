@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Union
+from typing import List, Optional, Union
 
 import torch
 
 from .backends import get_backend
-from .capture import Capture, capture, model_device as _model_device, validate_tokens
-from .contract import _safe_div, accumulation_dtype, projection_ratio, validate, writer_sq_norms
+from .capture import Capture, capture, model_device, validate_tokens
+from .contract import accumulation_dtype, cosine, projection_ratio, projection_value, validate
 from .models import ModelSpec, model_spec
 
 
@@ -55,12 +55,11 @@ class AttributionResult:
 
     @property
     def pv(self) -> torch.Tensor:
-        return self._memo("pv", lambda: _safe_div(self.dots, writer_sq_norms(self.norms, self.writers).sqrt()))
+        return self._memo("pv", lambda: projection_value(self.dots, self.norms, self.writers))
 
     @property
     def cos(self) -> torch.Tensor:
-        return self._memo("cos", lambda: _safe_div(
-            self.dots, self.norms.unsqueeze(-1).sqrt() * writer_sq_norms(self.norms, self.writers).sqrt()))
+        return self._memo("cos", lambda: cosine(self.dots, self.norms, self.writers))
 
     @property
     def writer_sq_norms(self) -> torch.Tensor:
@@ -88,7 +87,10 @@ class AttributionResult:
         return self.writer_dla * (1 + self.downstream_pr_sum)
 
 
-def _resolve_writers(writers, spec: ModelSpec) -> torch.Tensor:
+def resolve_writers(writers, spec: ModelSpec, name: str = "writers") -> torch.Tensor:
+    """[W] int64 flat head indices from "all", one head or a list of heads (flat index, (layer, head)
+    pair or label "L0H2"). Raises ValueError for an empty list, a head that does not exist or a head
+    named twice (its rows would be duplicates, and labels would no longer identify them)."""
     if isinstance(writers, str) and writers == "all":
         return torch.arange(spec.n_heads_total)
     if isinstance(writers, (str, int)) or (isinstance(writers, tuple) and len(writers) == 2 and all(isinstance(x, int) for x in writers)):
@@ -98,13 +100,19 @@ def _resolve_writers(writers, spec: ModelSpec) -> torch.Tensor:
     try:
         items = list(writers)
     except TypeError:
-        raise TypeError(f"writers must be 'all', a head or a list of heads (index, (layer, head) or 'L0H2'); got {writers!r}") from None
+        raise TypeError(f"{name} must be 'all', a head or a list of heads (index, (layer, head) or 'L0H2'); got {writers!r}") from None
     if not items:
-        raise ValueError("writers is empty; name at least one head or pass 'all'")
-    return torch.tensor([spec.parse_head(w) for w in items], dtype=torch.int64)
+        raise ValueError(f"{name} is empty; name at least one head or pass 'all'")
+    idx = [spec.parse_head(w) for w in items]
+    seen = {}
+    for item, i in zip(items, idx):
+        if i in seen:
+            raise ValueError(f"{name} names head {spec.head_label(i)} twice ({seen[i]!r} and {item!r}); list each head once")
+        seen[i] = item
+    return torch.tensor(idx, dtype=torch.int64)
 
 
-def _target_ids(targets, tokens: torch.Tensor, spec: ModelSpec, name: str, allow_next: bool) -> torch.Tensor:
+def target_ids(targets, tokens: torch.Tensor, spec: ModelSpec, name: str = "targets", allow_next: bool = True) -> torch.Tensor:
     """[B, P] int64 ids (-1 = no target) from "next", an int, [B] or [B, P] tokens."""
     B, P = tokens.shape
     forms = ('"next", ' if allow_next else "") + "an int, [batch] or [batch, pos] token ids"
@@ -197,13 +205,13 @@ def attribute(
     """
     spec = model_spec(model)
     tokens = validate_tokens(tokens, spec)
-    wr = _resolve_writers(writers, spec)
-    ids = _target_ids(targets, tokens, spec, "targets", allow_next=True)
+    wr = resolve_writers(writers, spec)
+    ids = target_ids(targets, tokens, spec, "targets", allow_next=True)
     inc = None
     if incorrect is not None:
-        inc = _target_ids(incorrect, tokens, spec, "incorrect", allow_next=False)
+        inc = target_ids(incorrect, tokens, spec, "incorrect", allow_next=False)
         inc = torch.where(ids < 0, ids, inc)
-    impl = get_backend(backend, _model_device(model), spec.W_O.dtype)
+    impl = get_backend(backend, model_device(model), spec.W_O.dtype)
     return run_attribution(model, spec, tokens, wr, ids, inc, include_mlps=include_mlps, impl=impl)
 
 

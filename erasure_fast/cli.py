@@ -55,7 +55,7 @@ def _open(args, demo: bool):
         corpus = demo_corpus(64, args.seq_len or 1024)
         bos = 0
     else:
-        from .scan import open_corpus
+        from .scanning import open_corpus
 
         corpus = open_corpus(args.corpus, seq_len=args.seq_len, tokenizer=getattr(model, "tokenizer", None),
                              bin_dtype=args.bin_dtype, column=args.column)
@@ -64,7 +64,7 @@ def _open(args, demo: bool):
 
 
 def _print_summary(result) -> None:
-    from .scan.report import top_pairs
+    from .scanning.ranking import top_pairs
 
     pairs = top_pairs(result.summary, 8)
     meta = result.meta
@@ -122,7 +122,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.command in ("scan", "demo"):
         demo = args.command == "demo"
-        from .scan import scan
+        from .scanning import scan
 
         _init_distributed_from_env()
 
@@ -134,7 +134,7 @@ def main(argv=None) -> int:
             _print_summary(result)
             if demo:
                 from .demo import PLANTED
-                from .scan.report import top_pairs
+                from .scanning.ranking import top_pairs
 
                 top = top_pairs(result.summary, 1).iloc[0]
                 first = next(iter(PLANTED["erasers"]))
@@ -142,7 +142,7 @@ def main(argv=None) -> int:
                 print(f"planted pair {first} onto {PLANTED['writer']} is the top pair: {'yes' if found else 'NO'}")
                 return 0 if found else 1
     elif args.command == "paper":
-        from .paper_cli import run as run_paper
+        from .paper.cli import run as run_paper
 
         return run_paper(args)
     elif args.command == "bench":
@@ -156,9 +156,9 @@ def main(argv=None) -> int:
         print(open(out["files"]["md"]).read())
         print("files:", ", ".join(out["files"].values()))
     elif args.command == "backends":
-        from . import backends
+        from .backends import available_backends
 
-        for name, info in backends().items():
+        for name, info in available_backends().items():
             print(f"{name:7s} {'available' if info.available else 'unavailable'}: {info.detail}")
     return 0
 

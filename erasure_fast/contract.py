@@ -2,7 +2,7 @@
 
 This module is the single place where inputs are validated and a backend is chosen. Backends
 (`erasure_fast.backends.*`) receive tensors that already satisfy every rule below and implement the
-math, nothing more. See ``shared/erasure-math.md`` for the definitions.
+math, nothing more. The definitions: docs/math.md (in the repository).
 
 Shapes (T tokens, N heads layer-major, M extra nodes, W writers, K directions, H = d_head, D = d_model)::
 
@@ -31,7 +31,8 @@ Outputs (float64 when z is float64, else float32; fp32 accumulation for bf16/fp1
 
 Projection ratio, projection value and cosine follow (`derive_measures`). NaN policy: where a
 writer's squared norm is 0, its PR / PV / cosine are NaN in every backend; non-finite inputs are
-rejected here (``check_finite``) rather than propagated silently.
+rejected here (``check_finite``) rather than propagated silently: z, W_O and extra_nodes entirely,
+directions in the rows the call reads.
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ class FusedInputs:
     incorrect_ids: Optional[torch.Tensor]  # [T] int64 in [-1, K), or None
     center: bool
     with_norms: bool = True  # False: backends may return norms=None
+    dla_table: Optional[object] = None  # a matching DlaTable (cpp backend; other backends ignore it)
 
     @property
     def n_tokens(self) -> int:
@@ -103,11 +105,6 @@ def _require_float(name: str, t: torch.Tensor) -> None:
         )
 
 
-# Large weight tables (W_U.T: 25M values for GELU-4L) are checked once per tensor version, not per call.
-_FINITE_CHECKED: "dict" = {}
-_FINITE_CACHE_MIN = 1 << 20
-
-
 _FINITE_BLOCK = 1 << 20  # elements per block of the finiteness check
 
 
@@ -123,19 +120,23 @@ def _all_finite(t: torch.Tensor) -> bool:
     return all(bool(torch.isfinite(b).all()) for b in blocks)
 
 
-def _require_finite(name: str, t: torch.Tensor) -> None:
-    key = None
-    if t.numel() >= _FINITE_CACHE_MIN and not t.is_inference():  # inference tensors have no version
-        key = (t.data_ptr(), t._version, tuple(t.shape), tuple(t.stride()), t.dtype, str(t.device))
-        if key in _FINITE_CHECKED:
-            return
-    if t.numel() and not _all_finite(t):
-        bad = (~torch.isfinite(t)).nonzero()[0].tolist()
+def require_finite(name: str, t: torch.Tensor, rows: Optional[torch.Tensor] = None) -> None:
+    """ValueError naming ``name`` and the first bad index unless every value of ``t`` is finite;
+    with ``rows`` (int64 indices into dim 0), only those rows are checked. Nothing is cached: every
+    call reads the values it checks."""
+    part = t if rows is None else t.index_select(0, rows)
+    if part.numel() and not _all_finite(part):
+        bad = (~torch.isfinite(part)).nonzero()[0].tolist()
+        if rows is not None:
+            bad[0] = int(rows[bad[0]])
         raise ValueError(f"{name} contains non-finite values (first at index {bad})")
-    if key is not None:
-        if len(_FINITE_CHECKED) > 64:
-            _FINITE_CHECKED.clear()
-        _FINITE_CHECKED[key] = True
+
+
+def _used_rows(*ids: Optional[torch.Tensor]) -> torch.Tensor:
+    """The distinct rows >= 0 that gathered ids read (-1 = no target reads nothing)."""
+    parts = [i for i in ids if i is not None]
+    used = torch.unique(torch.cat(parts)) if parts else torch.empty(0, dtype=torch.int64)
+    return used[used >= 0]
 
 
 def _as_ids(name: str, value, n_tokens: int, n_rows: int, device: torch.device) -> torch.Tensor:
@@ -170,6 +171,7 @@ def validate(
     center: bool = True,
     check_finite: bool = True,
     with_norms: bool = True,
+    dla_table=None,
 ) -> FusedInputs:
     """Check every argument of `fused_attribution` and return backend-ready `FusedInputs`.
 
@@ -254,9 +256,14 @@ def validate(
             raise ValueError("incorrect_ids needs direction_ids (logit difference is a gathered-mode option)")
         inc = _as_ids("incorrect_ids", incorrect_ids, T, K, device)
 
+    if dla_table is not None:
+        _check_dla_table(dla_table, W_O, directions, center, ids, w, extra)
+
     if check_finite:
-        for name, t in (("z", z), ("W_O", W_O), ("directions", directions), ("extra_nodes", extra)):
-            _require_finite(name, t)
+        for name, t in (("z", z), ("W_O", W_O), ("extra_nodes", extra)):
+            require_finite(name, t)
+        # gathered mode reads only the rows its ids name: those must be finite (W_U.T has 25M values)
+        require_finite("directions", directions, None if ids is None else _used_rows(ids, inc))
 
     return FusedInputs(
         z=z.contiguous(),
@@ -269,7 +276,23 @@ def validate(
         incorrect_ids=inc,
         center=bool(center),
         with_norms=bool(with_norms),
+        dla_table=dla_table,
     )
+
+
+def _check_dla_table(table, W_O, directions, center, ids, writers, extra) -> None:
+    """A DLA table serves gathered DLA-only requests on the very tensors it was built from."""
+    if not callable(getattr(table, "matches", None)) or not hasattr(table, "table"):
+        raise TypeError(f"dla_table must be an erasure_fast.DlaTable (from build_dla_table), got {type(table).__name__}")
+    if ids is None or writers.numel() or extra.shape[1]:
+        raise ValueError("dla_table serves gathered DLA-only calls: pass direction_ids, no writers and no extra_nodes")
+    if W_O.device.type != "cpu":
+        raise ValueError(f"dla_table is a CPU table (cpp backend), but the inputs are on {W_O.device}")
+    if not table.matches(W_O, directions, center):
+        raise ValueError(
+            "dla_table was not built from these W_O / directions tensors with this center (or they were "
+            "modified in place since); pass the same tensor objects, or build a new table"
+        )
 
 
 def fused_attribution(
@@ -286,6 +309,7 @@ def fused_attribution(
     backend: str = "auto",
     check_finite: bool = True,
     with_norms: bool = True,
+    dla_table=None,
 ) -> FusedOutputs:
     """Fused DLA + erasure dot products for raw tensors (any model: nnsight, custom, ...).
 
@@ -299,10 +323,13 @@ def fused_attribution(
         direction_ids: [T] int, row of ``directions`` per token, -1 for none; None = fixed-set mode.
         incorrect_ids: [T] int, subtracted row per token (logit difference); needs direction_ids.
         center: centre the direction (LayerNorm models); False for RMSNorm.
-        backend: "auto", "torch", "cpp" or "triton" (see `erasure_fast.backends()`).
-        check_finite: reject non-finite z / W_O / directions / extra_nodes (one pass over each;
-            large weight tables are checked once per tensor version).
+        backend: "auto", "torch", "cpp" or "triton" (see `erasure_fast.available_backends()`).
+        check_finite: reject non-finite z / W_O / extra_nodes and non-finite rows of directions that
+            the call reads (every row in fixed-set mode, the rows named by the ids when gathered).
         with_norms: False skips the squared norms (``norms`` is then None) -- for DLA-only calls.
+        dla_table: a `DlaTable` built from these very W_O / directions tensors with this ``center``
+            (`erasure_fast.build_dla_table`): gathered DLA-only calls on the cpp backend gather from
+            it instead of reducing their targets each call. Other backends ignore it (same results).
 
     Returns:
         FusedOutputs(dla [T, N] or [T, N, K], dots [T, N+M, W], norms [T, N+M] or None).
@@ -312,7 +339,7 @@ def fused_attribution(
     inputs = validate(
         z, W_O, directions, scale, writers, extra_nodes,
         direction_ids=direction_ids, incorrect_ids=incorrect_ids,
-        center=center, check_finite=check_finite, with_norms=with_norms,
+        center=center, check_finite=check_finite, with_norms=with_norms, dla_table=dla_table,
     )
     return get_backend(backend, inputs.z.device, inputs.z.dtype).run(inputs)
 
@@ -342,6 +369,16 @@ def projection_ratio(dots: torch.Tensor, norms: torch.Tensor, writers: torch.Ten
     return _safe_div(dots, writer_sq_norms(norms, writers))
 
 
+def projection_value(dots: torch.Tensor, norms: torch.Tensor, writers: torch.Tensor) -> torch.Tensor:
+    """PV = (a.w)/|w| (shapes as `projection_ratio`; NaN where |w| = 0)."""
+    return _safe_div(dots, writer_sq_norms(norms, writers).sqrt())
+
+
+def cosine(dots: torch.Tensor, norms: torch.Tensor, writers: torch.Tensor) -> torch.Tensor:
+    """cos = (a.w)/(|a||w|) (shapes as `projection_ratio`; NaN where |a| or |w| = 0)."""
+    return _safe_div(dots, norms.unsqueeze(-1).sqrt() * writer_sq_norms(norms, writers).sqrt())
+
+
 def derive_measures(dots: torch.Tensor, norms: torch.Tensor, writers: torch.Tensor) -> Measures:
     """PR, PV and cosine from the contract's outputs.
 
@@ -350,10 +387,8 @@ def derive_measures(dots: torch.Tensor, norms: torch.Tensor, writers: torch.Tens
         writers (heads come first, so a head index is its node index).
     Returns NaN where a writer's squared norm is 0 (and cosine also where the node's norm is 0).
     """
-    ww = writer_sq_norms(norms, writers)
-    wn = ww.sqrt()
     return Measures(
-        pr=_safe_div(dots, ww),
-        pv=_safe_div(dots, wn),
-        cos=_safe_div(dots, norms.unsqueeze(-1).sqrt() * wn),
+        pr=projection_ratio(dots, norms, writers),
+        pv=projection_value(dots, norms, writers),
+        cos=cosine(dots, norms, writers),
     )

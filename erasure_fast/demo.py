@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-from typing import List
 
 import torch
 
@@ -54,7 +52,7 @@ def random_tl_state_dict(dims: dict, seed: int = 0) -> dict:
 def model_from_state_dict(dims: dict, sd: dict, name: str = "native"):
     """TL 4 bridge (TL 3: HookedTransformer) with GELU / LayerNorm config ``dims`` and
     HookedTransformer-named weights ``sd``."""
-    from .loading import model_from_tl_state_dict
+    from .tl_models import model_from_tl_state_dict
 
     cfg = dict(dims, act_fn="gelu", normalization_type="LN", attn_only=False)
     return model_from_tl_state_dict(cfg, sd, name=name)

@@ -2,19 +2,11 @@
 
 from __future__ import annotations
 
-from importlib import metadata
-
 import torch
 
 from .contract import fused_attribution
 from .models import model_spec
-
-
-def _tl_major() -> int:
-    try:
-        return int(metadata.version("transformer-lens").split(".")[0])
-    except Exception:  # pragma: no cover - TL always installed with this package
-        return 4
+from .tl_models import tl_major
 
 
 def _token_ids(tokens, model, B: int, P: int, has_batch: bool, name: str) -> torch.Tensor:
@@ -27,7 +19,7 @@ def _token_ids(tokens, model, B: int, P: int, has_batch: bool, name: str) -> tor
     t = t.long()
     if t.numel() == 1:  # TL reads any single-element tensor as one token
         return t.reshape(()).expand(B, P)
-    if has_batch and t.ndim == 1 and t.shape[0] == B and _tl_major() >= 4:
+    if has_batch and t.ndim == 1 and t.shape[0] == B and tl_major() >= 4:
         return t[:, None].expand(B, P)  # TL 4: a [batch] tensor is one token per example
     try:
         return torch.broadcast_to(t, (B, P))  # TL 3 (and TL 4 otherwise): plain broadcasting
@@ -37,7 +29,7 @@ def _token_ids(tokens, model, B: int, P: int, has_batch: bool, name: str) -> tor
         ) from None
 
 
-def logit_attrs_heads(cache, tokens, incorrect_tokens=None, *, backend: str = "auto") -> torch.Tensor:
+def logit_attrs_heads(cache, tokens, incorrect_tokens=None, *, backend: str = "auto", dla_table=None) -> torch.Tensor:
     """Same as ``cache.logit_attrs(cache.stack_head_results(layer=-1, apply_ln=False), tokens,
     incorrect_tokens)`` on a TransformerLens ActivationCache, without forming the stack.
 
@@ -45,6 +37,9 @@ def logit_attrs_heads(cache, tokens, incorrect_tokens=None, *, backend: str = "a
         cache: ActivationCache from ``run_with_cache`` holding every ``blocks.{l}.attn.hook_z`` and
             ``ln_final.hook_scale`` (batch dim kept or removed).
         tokens / incorrect_tokens: str, int, [batch], [pos] or [batch, pos] ids, as TransformerLens takes.
+        backend: "auto", "torch", "cpp" or "triton".
+        dla_table: optional `erasure_fast.DlaTable` built from ``model_spec(cache.model).W_O`` and
+            ``.directions`` (cpp backend: next-token DLA gathered from it).
     Returns:
         [n_layers * n_heads, batch, pos] (or [n_heads_total, pos] without batch dim), in z's dtype.
     """
@@ -91,6 +86,7 @@ def logit_attrs_heads(cache, tokens, incorrect_tokens=None, *, backend: str = "a
         center=spec.center,
         backend=backend,
         with_norms=False,
+        dla_table=dla_table,
     )
     dla = out.dla.to(z.dtype).reshape(B, P, L * H).permute(2, 0, 1)
     return dla if has_batch else dla[:, 0]

@@ -38,7 +38,6 @@ float64 is rejected (use backend="torch" or "cpp").
 
 from __future__ import annotations
 
-import contextlib
 import os
 from typing import Optional, Tuple
 
@@ -126,44 +125,38 @@ def _dla_fixed_kernel(
 
 # ---------------------------------------------------------------- launchers
 
-@contextlib.contextmanager
-def _exact_fp32_matmul(device: torch.device, allow_tf32: bool):
-    """cuBLAS fp32 matmuls without TF32 unless allowed (restores the global flag)."""
-    flip = device.type == "cuda" and not allow_tf32 and torch.backends.cuda.matmul.allow_tf32
-    if flip:
-        torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        if flip:
-            torch.backends.cuda.matmul.allow_tf32 = True
+def _matmul_dtype(allow_tf32: bool) -> torch.dtype:
+    """The dtype of the small cuBLAS/CPU matmuls that prepare head-space tables. Without TF32 they run
+    in float64 and are rounded to float32 once: exact fp32 results whatever the process-wide
+    ``torch.backends.cuda.matmul.allow_tf32`` flag says, which is never read or changed here. With
+    TF32 allowed they run in float32 (TF32 where the global flag permits it, within the same 1e-3)."""
+    return torch.float32 if allow_tf32 else torch.float64
 
 
-def _centred(rows: torch.Tensor, center: bool) -> torch.Tensor:
-    rows = rows.to(torch.float32)
+def _centred(rows: torch.Tensor, center: bool, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    rows = rows.to(dtype)
     return rows - rows.mean(dim=-1, keepdim=True) if center else rows
 
 
 def head_gram(W_O: torch.Tensor, allow_tf32: bool = False) -> torch.Tensor:
     """G[n] = W_O[n] W_O[n]^T, [N, H, H] float32."""
-    w = W_O.to(torch.float32)
-    with _exact_fp32_matmul(w.device, allow_tf32):
-        return torch.bmm(w, w.transpose(1, 2)).contiguous()
+    w = W_O.to(_matmul_dtype(allow_tf32))
+    return torch.bmm(w, w.transpose(1, 2)).to(torch.float32).contiguous()
 
 
 def head_space_fixed(W_O: torch.Tensor, directions: torch.Tensor, center: bool, allow_tf32: bool = False) -> torch.Tensor:
     """U[n, :, k] = W_O[n] c(directions[k]), [N, H, K] float32."""
-    d = _centred(directions, center)  # [K, D]
-    with _exact_fp32_matmul(d.device, allow_tf32):
-        return torch.matmul(W_O.to(torch.float32), d.t()).contiguous()
+    mm = _matmul_dtype(allow_tf32)
+    d = _centred(directions, center, mm)  # [K, D]
+    return torch.matmul(W_O.to(mm), d.t()).to(torch.float32).contiguous()
 
 
 def head_space_rows(W_O: torch.Tensor, rows: torch.Tensor, center: bool, allow_tf32: bool = False) -> torch.Tensor:
     """A[r, n, :] = W_O[n] c(rows[r]), [R, N, H] float32."""
     N, H, D = W_O.shape
-    d = _centred(rows, center)  # [R, D]
-    with _exact_fp32_matmul(d.device, allow_tf32):
-        return torch.matmul(d, W_O.to(torch.float32).reshape(N * H, D).t()).reshape(-1, N, H).contiguous()
+    mm = _matmul_dtype(allow_tf32)
+    d = _centred(rows, center, mm)  # [R, D]
+    return torch.matmul(d, W_O.to(mm).reshape(N * H, D).t()).to(torch.float32).reshape(-1, N, H).contiguous()
 
 
 def _check(z: torch.Tensor) -> None:

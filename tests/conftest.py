@@ -9,6 +9,12 @@ from importlib import metadata
 import pytest
 import torch
 
+# Without a GPU the Triton kernels run under the interpreter. Triton reads TRITON_INTERPRET when a
+# kernel is decorated (the first import of erasure_fast.kernels), so it is set here, before any test
+# module is imported; on a GPU machine the kernels stay compiled.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 TL_VERSION = metadata.version("transformer-lens")
 TL_MAJOR = int(TL_VERSION.split(".")[0])
 

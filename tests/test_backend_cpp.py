@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from erasure_fast.backends import cpp, torch_ref
+from erasure_fast.backends.dla_table import build_dla_table
 from erasure_fast.contract import FusedInputs, fused_attribution, validate
 
 _ok, _why = cpp.available()
@@ -434,7 +435,7 @@ def test_gathered_unique_table_fused_agree(dtype, shape, incorrect, missing):
     inp = validate(*args, **kw)
     want = torch_ref.run(as_f64(inp))
     floor = magnitudes(inp, want)["dla"]
-    table = cpp.build_dla_table(inp.W_O, inp.directions, inp.center, register=False)
+    table = build_dla_table(inp.W_O, inp.directions, inp.center)
     assert table.shape == (shape[4], shape[1], shape[2]) and table.table.dtype == dtype
     assert table.nbytes == shape[4] * shape[1] * shape[2] * table.table.element_size()
     res = {}
@@ -460,38 +461,59 @@ def test_gathered_unique_table_fused_agree(dtype, shape, incorrect, missing):
     assert torch.equal(torch.isnan(res["table"]).all(1), bad)
 
 
-def test_registered_table_used_by_run_and_invalidated_in_place():
+def test_table_is_used_only_when_passed_and_invalidated_in_place():
     T, N, H, D, K = 400, 3, 8, 64, 300
     args, kw = make_case(T, N, H, D, 0, 0, K, dtype=torch.float32, seed=5)
     z, W_O, dirs, scale, writers, _ = args
-    cpp.clear_dla_tables()
-    try:
-        table = cpp.build_dla_table(W_O, dirs, center=True)
-        assert cpp.registered_dla_tables() == [table]
-        n_unique = int(torch.unique(kw["direction_ids"]).numel())
-        assert cpp.prefer_table(n_unique, T, D)  # many distinct ids per token: the table wins
-        got = fused_attribution(z, W_O, dirs, scale, [], backend="cpp", **kw)
-        assert cpp.last_path().startswith("dla_table")
-        want = fused_attribution(z, W_O, dirs, scale, [], backend="torch", **kw)
-        assert rel_err(got.dla, want.dla) < 1e-5 and rel_err(got.norms, want.norms) < 1e-5
-        # other centring, or few distinct ids: no table / unique reduction
-        fused_attribution(z, W_O, dirs, scale, [], backend="cpp", **dict(kw, center=False))
-        assert cpp.last_path().startswith("dla_unique")
-        few = torch.zeros(T, dtype=torch.int64)
-        fused_attribution(z, W_O, dirs, scale, [], backend="cpp", direction_ids=few)
-        assert cpp.last_path().startswith("dla_unique")
-        # an in-place change of W_O (version counter) retires the table
-        W_O.mul_(2.0)
-        assert not table.is_current()
-        got = fused_attribution(z, W_O, dirs, scale, [], backend="cpp", **kw)
-        assert cpp.last_path().startswith("dla_unique")
-        want = fused_attribution(z, W_O, dirs, scale, [], backend="torch", **kw)
-        assert rel_err(got.dla, want.dla) < 1e-5
-        assert cpp.registered_dla_tables() == []
-        with pytest.raises(ValueError, match="not built from these"):
-            cpp.dla_gathered(table, z, scale, kw["direction_ids"])
-    finally:
-        cpp.clear_dla_tables()
+    table = build_dla_table(W_O, dirs, center=True)
+    n_unique = int(torch.unique(kw["direction_ids"]).numel())
+    assert cpp.prefer_table(n_unique, T, D)  # many distinct ids per token: the table wins
+    # a table that was built but not passed is never consulted: no hidden state between calls
+    fused_attribution(z, W_O, dirs, scale, [], backend="cpp", **kw)
+    assert cpp.last_path().startswith("dla_unique")
+    got = fused_attribution(z, W_O, dirs, scale, [], backend="cpp", dla_table=table, **kw)
+    assert cpp.last_path().startswith("dla_table")
+    want = fused_attribution(z, W_O, dirs, scale, [], backend="torch", **kw)
+    assert rel_err(got.dla, want.dla) < 1e-5 and rel_err(got.norms, want.norms) < 1e-5
+    # other centring, other tensors, a writer, fixed mode: refused before any work
+    with pytest.raises(ValueError, match="not built from these W_O / directions"):
+        fused_attribution(z, W_O, dirs, scale, [], backend="cpp", dla_table=table, **dict(kw, center=False))
+    with pytest.raises(ValueError, match="not built from these W_O / directions"):
+        fused_attribution(z, W_O, dirs.clone(), scale, [], backend="cpp", dla_table=table, **kw)
+    with pytest.raises(ValueError, match="gathered DLA-only"):
+        fused_attribution(z, W_O, dirs, scale, [0], backend="cpp", dla_table=table, **kw)
+    with pytest.raises(ValueError, match="gathered DLA-only"):
+        fused_attribution(z, W_O, dirs, scale, [], backend="cpp", dla_table=table)
+    with pytest.raises(TypeError, match="dla_table must be an erasure_fast.DlaTable"):
+        fused_attribution(z, W_O, dirs, scale, [], backend="cpp", dla_table=table.table, **kw)
+    # few distinct ids: the auto rule takes the unique reduction even with a complete table
+    few = torch.zeros(T, dtype=torch.int64)
+    fused_attribution(z, W_O, dirs, scale, [], backend="cpp", direction_ids=few, dla_table=table)
+    assert cpp.last_path().startswith("dla_unique")
+    # an in-place change of W_O (version counter) retires the table
+    W_O.mul_(2.0)
+    assert not table.is_current()
+    with pytest.raises(ValueError, match="modified in place"):
+        fused_attribution(z, W_O, dirs, scale, [], backend="cpp", dla_table=table, **kw)
+    with pytest.raises(ValueError, match="not built from these"):
+        cpp.dla_gathered(table, z, scale, kw["direction_ids"])
+
+
+def test_nan_in_a_gathered_row_is_caught_and_unused_rows_are_not_read():
+    """Finiteness is checked on the rows a gathered call reads, every call (no cache): a NaN written
+    into a row after an earlier clean call is still caught, a NaN in a row nobody reads is harmless."""
+    T, N, H, D, K = 50, 2, 8, 32, 40
+    args, kw = make_case(T, N, H, D, 0, 0, K, dtype=torch.float32, seed=9)
+    z, W_O, dirs, scale, _, _ = args
+    ids = kw["direction_ids"].clone()
+    ids[ids == 7] = 8
+    fused_attribution(z, W_O, dirs, scale, [], backend="cpp", direction_ids=ids)
+    dirs.numpy()[7, 3] = float("nan")  # not read by any token: fine, and no version bump needed
+    fused_attribution(z, W_O, dirs, scale, [], backend="cpp", direction_ids=ids)
+    row = int(ids[ids >= 0][0])
+    dirs.numpy()[row, 0] = float("nan")  # a numpy write bumps no version counter
+    with pytest.raises(ValueError, match=rf"directions contains non-finite values \(first at index \[{row}, 0\]\)"):
+        fused_attribution(z, W_O, dirs, scale, [], backend="cpp", direction_ids=ids)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
@@ -500,37 +522,33 @@ def test_lazy_table_builds_rows_on_demand(dtype, incorrect):
     T, N, H, D, K = 90, 3, 8, 40, 500
     args, kw = make_case(T, N, H, D, 0, 0, K, dtype=dtype, incorrect=incorrect, missing=True, seed=11)
     z, W_O, dirs, scale, _, _ = args
-    cpp.clear_dla_tables()
-    try:
-        full = cpp.build_dla_table(W_O, dirs, center=True, register=False)
-        lazy = cpp.build_dla_table(W_O, dirs, center=True, lazy=True)
-        assert lazy.lazy and lazy.n_filled == 0 and lazy.filled_nbytes == 0
-        assert lazy.nbytes == full.nbytes and lazy.table.dtype == full.table.dtype
-        got = fused_attribution(z, W_O, dirs, scale, [], backend="cpp", **kw)
-        assert cpp.last_path().startswith("dla_table")
-        ids = [kw["direction_ids"]] + ([kw["incorrect_ids"]] if incorrect else [])
-        need = torch.unique(torch.cat(ids))
-        need = need[need >= 0]
-        assert lazy.n_filled == need.numel() < K  # exactly the rows this call needed
-        filled = torch.from_numpy(lazy._filled)
-        assert torch.equal(filled.nonzero().flatten(), need)
-        # a lazy row has the complete table's bits, whatever it was built with
-        assert torch.equal(lazy.table[filled], full.table[filled])
-        assert lazy.ensure_rows(*ids) == 0  # nothing left to build for the same ids
-        again = fused_attribution(z, W_O, dirs, scale, [], backend="cpp", **kw)
-        assert torch.equal(got.dla.nan_to_num(7.0), again.dla.nan_to_num(7.0))
-        want = torch_ref.run(as_f64(validate(z, W_O, dirs, scale, [], **kw)))
-        floor = magnitudes(validate(z, W_O, dirs, scale, [], **kw), want)["dla"]
-        assert rel_err(got.dla, want.dla, floor) < TOL[dtype]
-        # new ids build only their own rows; -1 builds nothing
-        more = torch.full((T,), -1, dtype=torch.int64)
-        more[:3] = torch.tensor([K - 1, K - 2, int(need[0])])
-        fresh = {K - 1, K - 2} - set(need.tolist())
-        assert lazy.ensure_rows(more) == len(fresh)
-        with pytest.raises(ValueError, match="ids must lie in"):
-            lazy.ensure_rows(torch.tensor([K]))
-    finally:
-        cpp.clear_dla_tables()
+    full = build_dla_table(W_O, dirs, center=True)
+    lazy = build_dla_table(W_O, dirs, center=True, lazy=True)
+    assert lazy.lazy and lazy.n_filled == 0 and lazy.filled_nbytes == 0
+    assert lazy.nbytes == full.nbytes and lazy.table.dtype == full.table.dtype
+    got = fused_attribution(z, W_O, dirs, scale, [], backend="cpp", dla_table=lazy, **kw)
+    assert cpp.last_path().startswith("dla_table")
+    ids = [kw["direction_ids"]] + ([kw["incorrect_ids"]] if incorrect else [])
+    need = torch.unique(torch.cat(ids))
+    need = need[need >= 0]
+    assert lazy.n_filled == need.numel() < K  # exactly the rows this call needed
+    filled = lazy.filled_rows
+    assert torch.equal(filled.nonzero().flatten(), need)
+    # a lazy row has the complete table's bits, whatever it was built with
+    assert torch.equal(lazy.table[filled], full.table[filled])
+    assert lazy.ensure_rows(*ids) == 0  # nothing left to build for the same ids
+    again = fused_attribution(z, W_O, dirs, scale, [], backend="cpp", dla_table=lazy, **kw)
+    assert torch.equal(got.dla.nan_to_num(7.0), again.dla.nan_to_num(7.0))
+    want = torch_ref.run(as_f64(validate(z, W_O, dirs, scale, [], **kw)))
+    floor = magnitudes(validate(z, W_O, dirs, scale, [], **kw), want)["dla"]
+    assert rel_err(got.dla, want.dla, floor) < TOL[dtype]
+    # new ids build only their own rows; -1 builds nothing
+    more = torch.full((T,), -1, dtype=torch.int64)
+    more[:3] = torch.tensor([K - 1, K - 2, int(need[0])])
+    fresh = {K - 1, K - 2} - set(need.tolist())
+    assert lazy.ensure_rows(more) == len(fresh)
+    with pytest.raises(ValueError, match="ids must lie in"):
+        lazy.ensure_rows(torch.tensor([K]))
 
 
 def test_fill_rows_binding_writes_in_place_or_refuses():
@@ -568,7 +586,7 @@ def test_dla_only_thread_count_independent_bitwise(dtype, path):
     args, kw = make_case(101, 6, 24, 77, 0, 0, K, dtype=dtype,
                          mode="fixed" if path == "fixed" else "gathered", incorrect=True, missing=True)
     inp = validate(*args, **kw)
-    table = cpp.build_dla_table(inp.W_O, inp.directions, register=False) if path == "table" else None
+    table = build_dla_table(inp.W_O, inp.directions) if path == "table" else None
     outs = []
     try:
         for n in (1, 2, 3):
@@ -581,7 +599,7 @@ def test_dla_only_thread_count_independent_bitwise(dtype, path):
                                              directions=inp.directions,
                                              method="table" if table else "unique", norms=True))
             if path == "table":
-                outs[-1] += (cpp.build_dla_table(inp.W_O, inp.directions, register=False).table,)
+                outs[-1] += (build_dla_table(inp.W_O, inp.directions).table,)
     finally:
         cpp.set_num_threads(None)
     for o in outs[1:]:

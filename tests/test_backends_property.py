@@ -14,9 +14,9 @@ from erasure_fast.backends import torch_ref
 from erasure_fast.contract import validate
 from conftest import rel_err
 
-BACKENDS = [b for b in ("torch", "cpp", "triton") if ef.backends()[b].available]
+BACKENDS = [b for b in ("torch", "cpp", "triton") if ef.available_backends()[b].available]
 if os.environ.get("EF_REQUIRE_CPP") and "cpp" not in BACKENDS:
-    raise RuntimeError(f"EF_REQUIRE_CPP is set but the C++ backend is unavailable: {ef.backends()['cpp'].detail}")
+    raise RuntimeError(f"EF_REQUIRE_CPP is set but the C++ backend is unavailable: {ef.available_backends()['cpp'].detail}")
 
 # fp32 accumulation everywhere except fp64; errors are relative to max |reference|.
 TOL = {torch.float64: 1e-12, torch.float32: 2e-5, torch.bfloat16: 2e-5, torch.float16: 2e-5}

@@ -110,7 +110,7 @@ def test_unavailable_backend_is_refused_and_auto_falls_back(monkeypatch):
     module = backend_registry._module("cpp")
     monkeypatch.setattr(module, "available", lambda: (False, "pretend the extension is missing"))
     monkeypatch.setattr(backend_registry, "_warned_missing", set())
-    assert ef.backends()["cpp"] == (False, "pretend the extension is missing")
+    assert ef.available_backends()["cpp"] == (False, "pretend the extension is missing")
     with pytest.raises(ValueError, match="backend 'cpp' is not available here: pretend"):
         ef.fused_attribution(**good(), backend="cpp")
     with pytest.warns(UserWarning, match="cpp backend unavailable"):

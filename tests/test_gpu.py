@@ -37,8 +37,8 @@ def case():
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_k1_on_gpu_matches_float64(case, backend, dtype):
-    if backend == "triton" and not ef.backends()["triton"].available:
-        pytest.skip(ef.backends()["triton"].detail)
+    if backend == "triton" and not ef.available_backends()["triton"].available:
+        pytest.skip(ef.available_backends()["triton"].detail)
     dev = torch.device("cuda")
     args = {k: (v.to(dtype) if v.is_floating_point() and k != "scale" else v).to(dev) for k, v in case.items()}
     out = ef.fused_attribution(**args, writers=list(range(N)), backend=backend)
@@ -50,8 +50,8 @@ def test_k1_on_gpu_matches_float64(case, backend, dtype):
 
 
 def test_dla_only_paths_on_gpu(case):
-    if not ef.backends()["triton"].available:
-        pytest.skip(ef.backends()["triton"].detail)
+    if not ef.available_backends()["triton"].available:
+        pytest.skip(ef.available_backends()["triton"].detail)
     dev = torch.device("cuda")
     a = {k: v.to(dev) for k, v in case.items() if k != "extra_nodes"}
     out = ef.fused_attribution(**a, writers=[], backend="triton", with_norms=False)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+import erasure_fast as ef
 from erasure_fast import paper
 from erasure_fast.demo import PLANTED, demo_corpus, planted_model
 
@@ -93,7 +94,7 @@ def test_fig8_bos_split(planted, tmp_path):
 
 
 def test_miner_ranks_and_rechecks_scan_candidates(planted, tmp_path):
-    from erasure_fast.scan import scan
+    from erasure_fast.scanning import scan
 
     model, _ = planted
     corpus = demo_corpus(8, 96, DIMS["d_vocab"], seed=2)
@@ -106,7 +107,7 @@ def test_miner_ranks_and_rechecks_scan_candidates(planted, tmp_path):
     # the scan's numbers are those of a direct attribution at that position (BOS prepended as scanned)
     best = table.iloc[0]
     row = torch.from_numpy(np.concatenate([[PLANTED["bos"]], corpus[best.row][:-1]]).astype(np.int64))[None]
-    direct = paper._attr(model, row, ["L0H2"])
+    direct = ef.attribute(model, row, writers=["L0H2"])
     assert float(direct.writer_dla[0, best.pos, 0]) == pytest.approx(best.dla, rel=1e-4, abs=1e-6)
     # the causal re-check removes the erasure
     assert best.erasers_pr_clean < -0.5 and abs(best.erasers_pr_patched) < 0.25 * abs(best.erasers_pr_clean)

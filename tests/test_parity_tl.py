@@ -27,7 +27,7 @@ SHAPES = {
 
 
 def need_backend(name: str) -> None:
-    info = ef.backends()[name]
+    info = ef.available_backends()[name]
     if not info.available:
         if os.environ.get("EF_REQUIRE_CPP") and name == "cpp":
             pytest.fail(f"C++ backend required (EF_REQUIRE_CPP set) but unavailable: {info.detail}")

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import erasure_fast as ef
-from erasure_fast.scan import CorpusError, open_corpus, scan
-from erasure_fast.scan import checkpoint as ckpt
-from erasure_fast.scan.aggregate import SeriesStats, TopK
+from erasure_fast.scanning import CorpusError, open_corpus, scan
+from erasure_fast.scanning import checkpoint as ckpt
+from erasure_fast.scanning.aggregate import SeriesStats, TopK
 from conftest import build_model
 
 SMALL = dict(n_layers=2, n_heads=3, d_head=8, d_model=24, d_mlp=32, d_vocab=50, n_ctx=64)
@@ -219,7 +219,7 @@ def test_bad_scan_arguments(model, stream, tmp_path):
 def test_scan_finds_the_planted_circuit(tmp_path):
     """Ground truth: a small model with the demo's planted writer/eraser pair; the scan ranks it first."""
     from erasure_fast.demo import PLANTED, demo_corpus, planted_model
-    from erasure_fast.scan.report import top_pairs
+    from erasure_fast.scanning.ranking import top_pairs
 
     dims = dict(n_layers=4, n_heads=8, d_head=32, d_model=256, d_mlp=256, d_vocab=300, n_ctx=128)
     model, info = planted_model(seed=0, dims=dims)

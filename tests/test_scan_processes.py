@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from erasure_fast.scan import checkpoint as ckpt
+from erasure_fast.scanning import checkpoint as ckpt
 from conftest import write_tl_checkpoint
 
 DIMS = dict(n_layers=2, n_heads=3, d_head=8, d_model=24, d_mlp=32, d_vocab=50, n_ctx=64)

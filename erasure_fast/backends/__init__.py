@@ -37,7 +37,7 @@ def _info(name: str) -> BackendInfo:
     return BackendInfo(ok, detail)
 
 
-def backends() -> Dict[str, BackendInfo]:
+def available_backends() -> Dict[str, BackendInfo]:
     """Every backend with whether it can run here and why (or why not)."""
     return {name: _info(name) for name in _MODULES}
 

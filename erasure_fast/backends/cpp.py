@@ -11,18 +11,16 @@ Threads: the OpenMP default unless set with `set_num_threads` or the environment
 
 DLA-only fast paths: when a request has no writers (W = 0) and no extra nodes (M = 0), `run` never
 forms a head's d_model output. It projects each centred direction into head space once,
-A[n] = W_O[n] @ c(d) (shared/erasure-math.md), and takes d_head-long dots with z:
+A[n] = W_O[n] @ c(d) (docs/math.md), and takes d_head-long dots with z:
 
 * fixed directions [K, D]: A for the K rows, once per call;
 * gathered directions (``direction_ids``, e.g. next-token DLA with ``directions = W_U.T``): A only for
-  the distinct (id, incorrect id) pairs of the call ("unique"), or gathered from a prebuilt table
-  over all K rows (`build_dla_table`, "table"; [K, N, d_head] values, ~395 MB for GELU-4L fp32).
-  A table is used only where one was built for the same W_O and directions tensors (same storage,
-  shape, strides, dtype, and unchanged in-place version counter) and the same ``center``; then the
-  kernel picks the faster of the two from the number of distinct ids and of tokens (`prefer_table`).
-  A lazy table (``build_dla_table(..., lazy=True)``) builds each row the first time a call needs it
-  and is then always gathered from: no up-front build, the first call costs about what "unique"
-  costs, later calls only what "table" costs.
+  the distinct (id, incorrect id) pairs of the call ("unique"), or gathered from a table over all K
+  rows that the caller built and passes explicitly (``fused_attribution(..., dla_table=t)``, see
+  `erasure_fast.backends.dla_table`; [K, N, d_head] values, ~395 MB for GELU-4L fp32). With a
+  complete table the kernel picks the faster of the two from the number of distinct ids and of
+  tokens (`prefer_table`); a lazy table builds the rows a call lacks and is then gathered from.
+  No table is ever used that the call was not given.
   The norms [T, N] = |r_n|^2 are taken as z^T (W_O W_O^T) z, so this path runs only where
   d_model >= 2 d_head (see `_GRAM_MIN_RATIO`); otherwise the fused kernel does.
 
@@ -34,12 +32,15 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import List, NamedTuple, Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 import torch
 
 from ..contract import FusedInputs, FusedOutputs, accumulation_dtype
+
+if TYPE_CHECKING:  # annotations only
+    from .dla_table import DlaTable
 
 NAME = "cpp"
 DEVICES = ("cpu",)
@@ -96,7 +97,7 @@ def available() -> tuple[bool, str]:
     return True, f"C++ extension, {omp}, arch {info['cpu_arch']} ({info['simd']}), {info['compiler']}"
 
 
-def _np(t: torch.Tensor, dtype: torch.dtype):
+def kernel_array(t: torch.Tensor, dtype: torch.dtype):
     """t as the kernel reads it: a numpy array of `dtype`, or for bfloat16 / float16 (which numpy
     lacks) the uint16 bits, converted to float32 on load inside the kernel. Zero copy for contiguous
     CPU tensors already in `dtype`."""
@@ -106,7 +107,7 @@ def _np(t: torch.Tensor, dtype: torch.dtype):
     return t.numpy()
 
 
-def _require_extension():
+def require_extension():
     _C, err = _extension()
     if _C is None:
         raise RuntimeError(f"the cpp backend is not available: extension erasure_fast._C not built: {err}")
@@ -116,113 +117,9 @@ def _require_extension():
 _SFX = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16", torch.float16: "f16"}
 
 
-def _sfx(dtype: torch.dtype) -> str:
+def dtype_suffix(dtype: torch.dtype) -> str:
     """Suffix of the _C entry point for inputs of `dtype` (accumulation: float64 for f64, else float32)."""
     return _SFX[dtype]
-
-
-# ---------------------------------------------------------------------------------------------
-# prebuilt DLA tables (gathered DLA-only path)
-class _TensorKey(NamedTuple):
-    ptr: int
-    shape: tuple
-    stride: tuple
-    dtype: torch.dtype
-    version: int
-
-    @staticmethod
-    def of(t: torch.Tensor) -> "_TensorKey":
-        return _TensorKey(t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype, t._version)
-
-
-class DlaTable:
-    """A[k, n, :] = W_O[n] @ c(directions[k]) for the rows k of directions, [K, N, d_head] in the
-    accumulation dtype.
-
-    Built by `build_dla_table`, complete (every row at once) or lazy (a row when a call first
-    needs it: the first call costs what the per-call unique reduction costs, later calls only
-    gather, and memory grows with the distinct targets seen). A lazy row has the same bits as the
-    complete table's. Holds (strong) references to its W_O and directions tensors, so their
-    storage cannot be reused while the table lives, and remembers their in-place version: a table
-    whose W_O or directions were modified in place is never used.
-    """
-
-    def __init__(self, table: torch.Tensor, W_O: torch.Tensor, directions: torch.Tensor, center: bool,
-                 filled: Optional[np.ndarray] = None):
-        self.table = table
-        self.center = bool(center)
-        self._W_O = W_O
-        self._directions = directions
-        self._keys = (_TensorKey.of(W_O), _TensorKey.of(directions))
-        self._filled = filled  # lazy: bool [K], rows built so far; None: complete
-        self._fill_lock = threading.Lock()
-
-    @property
-    def lazy(self) -> bool:
-        return self._filled is not None
-
-    @property
-    def n_filled(self) -> int:
-        """Rows built so far (K for a complete table)."""
-        return self.shape[0] if self._filled is None else int(self._filled.sum())
-
-    @property
-    def nbytes(self) -> int:
-        """Size of the table in bytes (K * N * d_head * itemsize); a lazy table reserves it but
-        touches only its built rows (`filled_nbytes`)."""
-        return self.table.numel() * self.table.element_size()
-
-    @property
-    def filled_nbytes(self) -> int:
-        """Bytes of the rows built so far."""
-        K = self.shape[0]
-        return self.nbytes // max(K, 1) * self.n_filled
-
-    @property
-    def shape(self) -> tuple:
-        return tuple(self.table.shape)
-
-    def ensure_rows(self, *ids: Optional[torch.Tensor]) -> int:
-        """Build the rows of a lazy table that `ids` (int tensors, -1 = none) need and it lacks;
-        returns how many were built (0 for a complete table)."""
-        if self._filled is None:
-            return 0
-        parts = [t.reshape(-1).to(torch.int64) for t in ids if t is not None]
-        if not parts:
-            return 0
-        want = torch.cat(parts)
-        want = torch.unique(want[want >= 0]).numpy()
-        K = self.shape[0]
-        if want.size and (want[-1] >= K):
-            raise ValueError(f"ids must lie in [-1, {K}), got {int(want[-1])}")
-        with self._fill_lock:
-            missing = want[~self._filled[want]]
-            if missing.size:
-                _C = _require_extension()
-                dt = self._W_O.dtype
-                getattr(_C, f"fill_dla_table_rows_{_sfx(dt)}")(
-                    _np(self._W_O, dt), _np(self._directions, dt), np.ascontiguousarray(missing),
-                    self.table.numpy(), center=self.center, n_threads=get_num_threads())
-                self._filled[missing] = True
-        return int(missing.size)
-
-    def is_current(self) -> bool:
-        """False once W_O or directions has been modified in place since the build."""
-        return self._keys == (_TensorKey.of(self._W_O), _TensorKey.of(self._directions))
-
-    def matches(self, W_O: torch.Tensor, directions: torch.Tensor, center: bool) -> bool:
-        """True when the table was built from these very tensors (same storage, layout, version)."""
-        return (
-            bool(center) == self.center
-            and (_TensorKey.of(W_O), _TensorKey.of(directions)) == self._keys
-            and self.is_current()
-        )
-
-    def __repr__(self) -> str:
-        K, N, H = self.shape
-        kind = f"lazy, {self.n_filled} of {K} rows built" if self.lazy else "complete"
-        return (f"DlaTable(K={K}, N={N}, d_head={H}, dtype={self.table.dtype}, center={self.center}, "
-                f"{kind}, {self.filled_nbytes / 2**20:.1f} of {self.nbytes / 2**20:.1f} MiB)")
 
 
 # The DLA-only path takes the norms as z^T (W_O W_O^T) z. Its rounding error scales with
@@ -231,89 +128,16 @@ class DlaTable:
 # z does not). There forming r costs at most 2 d_head^2 per head anyway, so the fused kernel runs.
 _GRAM_MIN_RATIO = 2
 
-_tables: List[DlaTable] = []
-_tables_lock = threading.Lock()
 _last_path = threading.local()
-
-
-def build_dla_table(W_O: torch.Tensor, directions: torch.Tensor, center: bool = True, *,
-                    register: bool = True, lazy: bool = False) -> DlaTable:
-    """Build the gathered-DLA table A[k] = W_O c(directions[k]) for every row k (CPU), now or
-    (``lazy=True``) row by row as calls need them.
-
-    Args:
-        W_O: [N, d_head, d_model]; directions: [K, d_model] (e.g. next-token DLA: ``W_U.T``; pass the
-            same tensor object, or a view of the same storage with the same layout, to later calls).
-            Tip: ``W_U.T`` is not contiguous and the contract makes a fresh contiguous copy per call,
-            which never matches; keep ``dirs = W_U.T.contiguous()`` and use ``dirs`` everywhere.
-        center: centre each direction (LayerNorm models), as in the calls that should use the table.
-        register: remember the table so that `run` (and so ``fused_attribution(backend="cpp")``)
-            uses it automatically for gathered DLA-only requests on these tensors.
-        lazy: build no row now; each call builds the rows of its new targets (at the cost of the
-            per-call unique reduction) and gathers the rest. Best for long runs: no up-front
-            build, and memory grows only with the distinct targets seen (`DlaTable.filled_nbytes`).
-    Cost (complete): K * N * d_head * d_model FMAs once (GELU-4L, K = 48262: 0.7-1.1 s on the
-    2-core machine); memory K * N * d_head * 4 bytes in fp32 (395 MB = 377 MiB for GELU-4L), see
-    `DlaTable.nbytes`.
-    """
-    _C = _require_extension()
-    for name, t in (("W_O", W_O), ("directions", directions)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.device.type != "cpu":
-            raise ValueError(f"build_dla_table runs on cpu tensors, but {name} is on {t.device}")
-        if t.dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
-            raise TypeError(f"{name} must be a floating tensor, got {t.dtype}")
-    if W_O.dtype != directions.dtype:
-        raise TypeError(f"W_O has dtype {W_O.dtype} but directions has {directions.dtype}")
-    if W_O.dim() != 3 or directions.dim() != 2 or directions.shape[1] != W_O.shape[2]:
-        raise ValueError(f"W_O must have shape [N, d_head, d_model] and directions [K, d_model], got "
-                         f"{list(W_O.shape)} and {list(directions.shape)}")
-    dt = W_O.dtype
-    if lazy:
-        K, (N, H) = directions.shape[0], W_O.shape[:2]
-        # untouched pages of the empty table are never resident: memory follows the rows built
-        out = DlaTable(torch.empty((K, N, H), dtype=accumulation_dtype(dt)), W_O, directions, center,
-                       filled=np.zeros(K, dtype=bool))
-    else:
-        fn = getattr(_C, f"build_dla_table_{_sfx(dt)}")
-        tab = fn(_np(W_O, dt), _np(directions, dt), center=bool(center), n_threads=get_num_threads())
-        out = DlaTable(torch.from_numpy(tab), W_O, directions, center)
-    if register:
-        with _tables_lock:
-            _tables[:] = [t for t in _tables if t.is_current() and not t.matches(W_O, directions, center)]
-            _tables.append(out)
-    return out
-
-
-def registered_dla_tables() -> List[DlaTable]:
-    """The tables `run` may use (stale ones are dropped)."""
-    with _tables_lock:
-        _tables[:] = [t for t in _tables if t.is_current()]
-        return list(_tables)
-
-
-def clear_dla_tables() -> None:
-    """Forget every registered table (frees their memory once no one else holds them)."""
-    with _tables_lock:
-        _tables.clear()
-
-
-def _find_table(W_O: torch.Tensor, directions: torch.Tensor, center: bool) -> Optional[DlaTable]:
-    with _tables_lock:
-        for t in _tables:
-            if t.matches(W_O, directions, center):
-                return t
-    return None
 
 
 def prefer_table(n_unique: int, n_tokens: int, d_model: int) -> bool:
     """The kernel's auto rule: gather from the table when distinct ids x d_model > 8 x tokens
     (with ids, tokens counting only tokens with a target; measurements in csrc/dla_only.cpp)."""
-    return bool(_require_extension().dla_prefer_table(int(n_unique), int(n_tokens), int(d_model)))
+    return bool(require_extension().dla_prefer_table(int(n_unique), int(n_tokens), int(d_model)))
 
 
-def _table_method(table: Optional[DlaTable], method: str, ids: torch.Tensor,
+def _table_method(table: Optional["DlaTable"], method: str, ids: torch.Tensor,
                   incorrect_ids: Optional[torch.Tensor]) -> str:
     """The kernel's method for a gathered call: a lazy table first builds the rows the call lacks,
     and is then always gathered from (cheaper than building those rows again)."""
@@ -329,7 +153,7 @@ def last_path() -> str:
     return getattr(_last_path, "value", "")
 
 
-def dla_gathered(table: Optional[DlaTable], z: torch.Tensor, scale: torch.Tensor,
+def dla_gathered(table: Optional["DlaTable"], z: torch.Tensor, scale: torch.Tensor,
                  direction_ids: torch.Tensor, incorrect_ids: Optional[torch.Tensor] = None, *,
                  W_O: Optional[torch.Tensor] = None, directions: Optional[torch.Tensor] = None,
                  center: Optional[bool] = None, method: str = "auto", norms: bool = False):
@@ -340,10 +164,10 @@ def dla_gathered(table: Optional[DlaTable], z: torch.Tensor, scale: torch.Tensor
     directions are required and the unique reduction runs. Inputs are not checked beyond the
     bindings' shape / range checks (no finiteness pass): use `fused_attribution` for the full contract.
     """
-    _C = _require_extension()
+    _C = require_extension()
     if table is not None:
-        W_O = table._W_O if W_O is None else W_O
-        directions = table._directions if directions is None else directions
+        W_O = table.W_O if W_O is None else W_O
+        directions = table.directions if directions is None else directions
         center = table.center if center is None else center
         if not table.matches(W_O, directions, center):
             raise ValueError("the table was not built from these W_O / directions / center, or they "
@@ -353,11 +177,11 @@ def dla_gathered(table: Optional[DlaTable], z: torch.Tensor, scale: torch.Tensor
         raise ValueError("dla_gathered needs W_O and directions when no table is given")
     center = True if center is None else bool(center)
     dt, acc = z.dtype, accumulation_dtype(z.dtype)
-    fn = getattr(_C, f"dla_gathered_{_sfx(dt)}")
+    fn = getattr(_C, f"dla_gathered_{dtype_suffix(dt)}")
     dla, nrm, info = fn(
-        _np(z, dt), _np(W_O, dt), _np(directions, dt), _np(scale.reshape(-1), acc),
-        _np(direction_ids, torch.int64),
-        None if incorrect_ids is None else _np(incorrect_ids, torch.int64),
+        kernel_array(z, dt), kernel_array(W_O, dt), kernel_array(directions, dt), kernel_array(scale.reshape(-1), acc),
+        kernel_array(direction_ids, torch.int64),
+        None if incorrect_ids is None else kernel_array(incorrect_ids, torch.int64),
         center=center, table=None if table is None else table.table.numpy(), method=method,
         norms=bool(norms), n_threads=get_num_threads(),
     )
@@ -370,10 +194,10 @@ def dla_fixed(z: torch.Tensor, W_O: torch.Tensor, directions: torch.Tensor, scal
               center: bool = True, norms: bool = False):
     """Fixed-direction DLA only (e.g. a logit difference, K = 1): dla [T, N, K], plus norms [T, N]
     when ``norms``. No finiteness pass: use `fused_attribution` for the full contract."""
-    _C = _require_extension()
+    _C = require_extension()
     dt, acc = z.dtype, accumulation_dtype(z.dtype)
-    dla, nrm, _ = getattr(_C, f"dla_fixed_{_sfx(dt)}")(
-        _np(z, dt), _np(W_O, dt), _np(directions, dt), _np(scale.reshape(-1), acc),
+    dla, nrm, _ = getattr(_C, f"dla_fixed_{dtype_suffix(dt)}")(
+        kernel_array(z, dt), kernel_array(W_O, dt), kernel_array(directions, dt), kernel_array(scale.reshape(-1), acc),
         center=bool(center), norms=bool(norms), n_threads=get_num_threads())
     _last_path.value = "dla_fixed"
     dla = torch.from_numpy(dla)
@@ -383,17 +207,17 @@ def dla_fixed(z: torch.Tensor, W_O: torch.Tensor, directions: torch.Tensor, scal
 def _run_dla_only(_C, inp: FusedInputs, acc: torch.dtype) -> FusedOutputs:
     T, N = inp.z.shape[0], inp.z.shape[1]
     dt = inp.z.dtype
-    args = (_np(inp.z, dt), _np(inp.W_O, dt), _np(inp.directions, dt), _np(inp.scale, acc))
+    args = (kernel_array(inp.z, dt), kernel_array(inp.W_O, dt), kernel_array(inp.directions, dt), kernel_array(inp.scale, acc))
     if inp.direction_ids is None:
-        dla, norms, _ = getattr(_C, f"dla_fixed_{_sfx(dt)}")(
+        dla, norms, _ = getattr(_C, f"dla_fixed_{dtype_suffix(dt)}")(
             *args, center=bool(inp.center), norms=inp.with_norms, n_threads=get_num_threads())
         _last_path.value = "dla_fixed"
     else:
-        table = _find_table(inp.W_O, inp.directions, inp.center)
+        table = inp.dla_table
         method = _table_method(table, "auto", inp.direction_ids, inp.incorrect_ids)
-        dla, norms, info = getattr(_C, f"dla_gathered_{_sfx(dt)}")(
-            *args, _np(inp.direction_ids, torch.int64),
-            None if inp.incorrect_ids is None else _np(inp.incorrect_ids, torch.int64),
+        dla, norms, info = getattr(_C, f"dla_gathered_{dtype_suffix(dt)}")(
+            *args, kernel_array(inp.direction_ids, torch.int64),
+            None if inp.incorrect_ids is None else kernel_array(inp.incorrect_ids, torch.int64),
             center=bool(inp.center), table=None if table is None else table.table.numpy(),
             method=method, norms=inp.with_norms, n_threads=get_num_threads())
         _last_path.value = f"dla_{info['method']} (unique={info['n_unique']})"
@@ -403,7 +227,7 @@ def _run_dla_only(_C, inp: FusedInputs, acc: torch.dtype) -> FusedOutputs:
 
 def run(inp: FusedInputs) -> FusedOutputs:
     """Compute the contract's outputs with the C++ kernel (CPU tensors only)."""
-    _C = _require_extension()
+    _C = require_extension()
     if inp.z.device.type != "cpu":
         raise ValueError(f"backend 'cpp' runs on cpu tensors, but the inputs are on {inp.z.device}")
     acc = inp.out_dtype  # float64 for float64 input, float32 otherwise
@@ -413,18 +237,18 @@ def run(inp: FusedInputs) -> FusedOutputs:
         return _run_dla_only(_C, inp, acc)
     _last_path.value = "fused"
     dt = inp.z.dtype
-    fn = getattr(_C, f"fused_attribution_{_sfx(dt)}")
+    fn = getattr(_C, f"fused_attribution_{dtype_suffix(dt)}")
     ids = inp.direction_ids
     inc = inp.incorrect_ids
     dla, dots, norms = fn(
-        _np(inp.z, dt),
-        _np(inp.W_O, dt),
-        _np(inp.directions, dt),
-        _np(inp.scale, acc),
-        _np(inp.writers, torch.int64),
-        _np(inp.extra_nodes, dt) if inp.extra_nodes.shape[1] else None,
-        direction_ids=None if ids is None else _np(ids, torch.int64),
-        incorrect_ids=None if inc is None else _np(inc, torch.int64),
+        kernel_array(inp.z, dt),
+        kernel_array(inp.W_O, dt),
+        kernel_array(inp.directions, dt),
+        kernel_array(inp.scale, acc),
+        kernel_array(inp.writers, torch.int64),
+        kernel_array(inp.extra_nodes, dt) if inp.extra_nodes.shape[1] else None,
+        direction_ids=None if ids is None else kernel_array(ids, torch.int64),
+        incorrect_ids=None if inc is None else kernel_array(inc, torch.int64),
         center=bool(inp.center),
         n_threads=get_num_threads(),
     )

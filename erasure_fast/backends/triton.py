@@ -13,14 +13,17 @@ Accumulation is float32 (outputs float32); bf16 / fp16 inputs feed the projectio
 float64 inputs are rejected with a ValueError (use backend="torch" or "cpp"). fp32 dots are exact
 IEEE fp32 unless `set_allow_tf32(True)` (or ``ERASURE_FAST_TRITON_TF32=1``) allows TF32 tensor cores.
 
-``DEVICES`` is ("cuda",), or ("cuda", "cpu") while ``TRITON_INTERPRET=1``; it is read when asked, so
-the environment variable may be set after this module (or triton) was imported. Kernel modules
-decorated under the other setting are reloaded.
+Triton decides between compiling and interpreting a kernel when its ``@triton.jit`` decorator runs,
+which here is the first import of ``erasure_fast.kernels`` (the first `available()` or call). So
+``TRITON_INTERPRET=1`` must be set before that; ``DEVICES`` -- ("cuda",), or ("cuda", "cpu") for
+interpreted kernels -- follows how the kernels were actually decorated, and nothing is ever reloaded.
+
+The kernels live in ``kernels/`` and are installed as ``erasure_fast.kernels`` by ``pip install .``;
+in a source checkout without that install the backend reports itself unavailable and says why.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 from typing import Optional
 
@@ -34,8 +37,20 @@ ENV_TF32 = "ERASURE_FAST_TRITON_TF32"
 _allow_tf32: Optional[bool] = None  # set_allow_tf32(); None = environment variable, default False
 
 
+def _kernels():
+    """The kernel modules (fused_attribution, dla_table), imported once."""
+    from ..kernels import dla_table, fused_attribution
+
+    return fused_attribution, dla_table
+
+
 def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    """True when the kernels were decorated for the interpreter (TRITON_INTERPRET=1 at import)."""
+    try:
+        from ..kernels import triton_common
+    except Exception:
+        return os.environ.get("TRITON_INTERPRET") == "1"
+    return bool(triton_common.INTERPRET)
 
 
 def __getattr__(name: str):
@@ -62,27 +77,16 @@ def available() -> tuple[bool, str]:
     except Exception as e:  # ImportError or a broken install
         return False, f"triton not importable: {e}"
     ver = ".".join(triton.__version__.split(".")[:2])
+    try:
+        _kernels()
+    except ImportError as e:
+        return False, (f"triton {ver} installed but the kernels are not ({e}); they are installed as "
+                       "erasure_fast.kernels by `pip install .` (a source checkout alone lacks them)")
     if _interpret():
         return True, f"triton {ver} interpreter (TRITON_INTERPRET=1, CPU, correctness only)"
     if not torch.cuda.is_available():
         return False, f"triton {ver} installed but no CUDA device (TRITON_INTERPRET=1 runs the kernels on CPU for testing)"
     return True, f"triton {ver} on {torch.cuda.get_device_name()}"
-
-
-def _kernels():
-    """The kernel modules, decorated for the current TRITON_INTERPRET setting."""
-    from ..kernels import dla_table as dt
-    from ..kernels import fused_attribution as fa
-    from ..kernels import triton_common as common
-
-    want = _interpret()
-    if common.INTERPRET != want:  # the shared @jit helpers first: the kernel modules import them
-        common = importlib.reload(common)
-    if fa.INTERPRET != want or fa._sum_combine is not common.sum_combine:
-        fa = importlib.reload(fa)
-    if dt.INTERPRET != want or dt._sum_combine is not common.sum_combine:
-        dt = importlib.reload(dt)
-    return fa, dt
 
 
 def run(inp: FusedInputs) -> FusedOutputs:

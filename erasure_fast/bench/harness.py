@@ -201,7 +201,7 @@ def run_s1(n_tokens: int, device, batch_size: int = 8, progress=print, points: O
     from ..capture import capture, validate_tokens
     from ..demo import demo_corpus
     from ..models import model_spec
-    from ..scan import scan
+    from ..scanning import scan
 
     model = _model("gelu-4l", device)
     seq = 1024

@@ -78,10 +78,6 @@ def _contract_args(model, inp, workload: str):
 def backend(name: str):
     def make(model, inp, workload: str) -> Callable:
         args = _contract_args(model, inp, workload)
-        if name == "cpp":  # the plain backend: no DLA table left registered by a table provider
-            from ..backends import cpp
-
-            cpp.clear_dla_tables()
         return lambda: fused_attribution(**args, backend=name)
 
     return make
@@ -96,17 +92,15 @@ def cpp_with_table(lazy: bool):
     def make(model, inp, workload: str) -> Optional[Callable]:
         if workload != "K2n":
             return None
-        from ..backends import cpp
+        from ..backends.dla_table import build_dla_table
 
         args = _contract_args(model, inp, workload)
-        cpp.clear_dla_tables()
         state = {}
 
         def run():
             if "table" not in state:
-                state["table"] = cpp.build_dla_table(args["W_O"], args["directions"], args["center"],
-                                                     lazy=lazy)
-            return fused_attribution(**args, backend="cpp")
+                state["table"] = build_dla_table(args["W_O"], args["directions"], args["center"], lazy=lazy)
+            return fused_attribution(**args, backend="cpp", dla_table=state["table"])
 
         return run
 
@@ -128,13 +122,13 @@ def torch_compile(model, inp, workload: str) -> Callable:
 
 
 def available_providers(device: torch.device) -> Dict[str, Callable]:
-    from ..backends import backends
+    from ..backends import available_backends
 
     try:
         out = {f"transformer_lens {tl_version()}": transformer_lens}
     except metadata.PackageNotFoundError:
         out = {"transformer_lens (not installed)": transformer_lens}
-    info = backends()
+    info = available_backends()
     out["erasure_fast torch"] = backend("torch")
     out["torch.compile(reference)"] = torch_compile
     if device.type == "cpu" and info["cpp"].available:

@@ -53,22 +53,19 @@ def markdown(meta: dict, records: List[dict]) -> str:
 
 
 def plots(records: List[dict], out_prefix: str) -> Dict[str, str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from ..plotting import colormap, new_figure
 
     files = {}
     kernel = [r for r in records if r["workload"] != "S1" and r["status"] == "ok"]
     shapes = sorted({r["shape"] for r in kernel})
     workloads = [w for w in ("K1", "K2n", "K2f") if any(r["workload"] == w for r in kernel)]
     names = sorted({r["provider"] for r in kernel})
-    colors = {n: plt.get_cmap("tab10")(i % 10) for i, n in enumerate(names)}  # one colour per provider everywhere
+    colors = {n: colormap("tab10")(i % 10) for i, n in enumerate(names)}  # one colour per provider everywhere
     for key, ylabel, log in (("tokens_per_s", "tokens / s", True), ("speedup_vs_tl", "speedup over TransformerLens", True),
                              ("peak_extra_mib", "peak extra memory (MiB)", True)):
         if not workloads or not shapes:
             break
-        fig, axes = plt.subplots(len(shapes), len(workloads), figsize=(4.2 * len(workloads), 3.4 * len(shapes)), squeeze=False)
+        fig, axes = new_figure((4.2 * len(workloads), 3.4 * len(shapes)), len(shapes), len(workloads), squeeze=False)
         for i, shape in enumerate(shapes):
             for j, w in enumerate(workloads):
                 ax = axes[i][j]
@@ -91,7 +88,6 @@ def plots(records: List[dict], out_prefix: str) -> Dict[str, str]:
         fig.tight_layout(rect=(0, 0.08, 1, 1))
         path = f"{out_prefix}-{key}.png"
         fig.savefig(path, dpi=110)
-        plt.close(fig)
         files[os.path.basename(path)] = path
     return files
 

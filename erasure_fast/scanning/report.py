@@ -8,6 +8,8 @@ from typing import Dict
 
 import numpy as np
 
+from .ranking import top_pairs
+
 QS = (0.125, 0.25, 0.5, 0.75, 0.875)
 
 
@@ -67,12 +69,6 @@ def _stats(summary: Dict[str, np.ndarray], s: int) -> dict:
     out = {k: (int(v[s]) if k in ("count", "nan", "underflow", "overflow") else float(v[s])) for k, v in summary.items()}
     out["median"] = out.pop("q0.5")
     return out
-
-
-def top_pairs(summary, n: int = 10):
-    """Downstream (node, writer) pairs with the most negative median PR (strongest erasure)."""
-    pairs = summary[(summary.kind == "node") & summary.downstream & (summary["count"] > 0)]
-    return pairs.sort_values(["median", "node", "writer"]).head(n)
 
 
 def _top_table(top, cfg, writer_index: int, corpus_rows=None) -> list:

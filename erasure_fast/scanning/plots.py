@@ -1,4 +1,4 @@
-"""Paper-style figures from a scan summary (matplotlib, Agg backend)."""
+"""Paper-style figures from a scan summary (matplotlib figures, no pyplot: see erasure_fast.plotting)."""
 
 from __future__ import annotations
 
@@ -7,14 +7,8 @@ from typing import Dict
 
 import numpy as np
 
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+from ..plotting import colormap, new_figure, save
+from .ranking import top_pairs
 
 
 def _node_order(label: str):
@@ -27,8 +21,7 @@ def _node_order(label: str):
 
 def fig1_resid(summary, cfg, writers, path: str) -> str:
     """Median residual-stream PR onto each writer across resid points, 25-75 % band (paper Fig. 1)."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 3.6))
+    fig, ax = new_figure((7, 3.6))
     x = np.arange(len(cfg.resid_labels))
     for w in writers:
         r = summary[(summary.kind == "resid") & (summary.writer == w)].set_index("node").loc[cfg.resid_labels]
@@ -40,18 +33,14 @@ def fig1_resid(summary, cfg, writers, path: str) -> str:
     ax.set_ylabel("projection ratio onto writer")
     ax.set_title("Residual stream PR onto writer (median, 25-75 %)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def fig2_nodes(summary, cfg, writer: str, path: str) -> str:
     """Median PR of every downstream head and MLP onto one writer, layers separated (paper Fig. 2)."""
-    plt = _plt()
     rows = summary[(summary.kind == "node") & (summary.writer == writer) & summary.downstream]
     rows = rows.iloc[sorted(range(len(rows)), key=lambda i: _node_order(rows.node.iloc[i]))]
-    fig, ax = plt.subplots(figsize=(max(6, 0.28 * len(rows)), 3.8))
+    fig, ax = new_figure((max(6, 0.28 * len(rows)), 3.8))
     x = np.arange(len(rows))
     med = rows["median"].to_numpy()
     lo = med - rows["q0.25"].to_numpy()
@@ -70,22 +59,18 @@ def fig2_nodes(summary, cfg, writer: str, path: str) -> str:
     ax.set_xticks(x, labels, rotation=90, fontsize=7)
     ax.set_ylabel(f"PR onto {writer}")
     ax.set_title(f"PR of downstream heads and MLPs onto {writer} (median, 25-75 %)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def heatmap(summary, cfg, path: str) -> str:
     """Median PR for every (node, writer) pair; pairs that are not downstream are masked."""
-    plt = _plt()
     nodes = summary[summary.kind == "node"]
     mat = nodes.pivot(index="node", columns="writer", values="median").loc[cfg.node_labels, cfg.writer_labels]
     mask = nodes.pivot(index="node", columns="writer", values="downstream").loc[cfg.node_labels, cfg.writer_labels]
     data = np.where(mask.to_numpy(dtype=bool), mat.to_numpy(dtype=float), np.nan)
     vmax = np.nanmax(np.abs(data)) if np.isfinite(data).any() else 1.0
-    fig, ax = plt.subplots(figsize=(0.25 * len(cfg.writer_labels) + 3, 0.2 * len(cfg.node_labels) + 2))
-    cmap = plt.get_cmap("RdBu").with_extremes(bad="#d9d9d9")  # grey: pairs not downstream of the writer
+    fig, ax = new_figure((0.25 * len(cfg.writer_labels) + 3, 0.2 * len(cfg.node_labels) + 2))
+    cmap = colormap("RdBu").with_extremes(bad="#d9d9d9")  # grey: pairs not downstream of the writer
     im = ax.imshow(np.ma.masked_invalid(data), cmap=cmap, vmin=-vmax, vmax=vmax, aspect="auto")
     ax.set_xticks(range(len(cfg.writer_labels)), cfg.writer_labels, rotation=90, fontsize=6)
     ax.set_yticks(range(len(cfg.node_labels)), cfg.node_labels, fontsize=6)
@@ -93,15 +78,10 @@ def heatmap(summary, cfg, path: str) -> str:
     ax.set_ylabel("node")
     ax.set_title("Median PR of node onto writer (grey: not downstream)")
     fig.colorbar(im, ax=ax, shrink=0.8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def all_plots(out_dir: str, summary, cfg, focus: str) -> Dict[str, str]:
-    from .report import top_pairs
-
     writers = list(dict.fromkeys([focus] + top_pairs(summary, 40).writer.tolist()))[:4]
     return {
         "fig1_resid_pr.png": fig1_resid(summary, cfg, writers, os.path.join(out_dir, "fig1_resid_pr.png")),

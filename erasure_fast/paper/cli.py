@@ -9,9 +9,9 @@ import torch
 
 def _model(name: str, device=None):
     """(model, label, erasers, note): 'auto' = real GELU-4L when cached, else the planted demo."""
-    from . import paper
-    from .demo import PLANTED, planted_model
-    from .loading import ModelLoadError, load_model
+    from .. import paper
+    from ..demo import PLANTED, planted_model
+    from ..loading import ModelLoadError, load_model
 
     if name in ("auto", "gelu-4l"):
         try:
@@ -33,9 +33,9 @@ ANALYSES = ("all", "fig1", "fig2", "fig3", "fig4", "fig5", "fig8", "mine")
 
 
 def run(args) -> int:
-    from . import paper
-    from .capture import model_device
-    from .demo import PLANTED, demo_corpus
+    from .. import paper
+    from ..capture import model_device
+    from ..demo import PLANTED, demo_corpus
 
     model, label, erasers, note = _model(args.model, args.device)
     if args.erasers:
@@ -49,7 +49,7 @@ def run(args) -> int:
         corpus = demo_corpus(max(args.rows, 16), args.seq_len, d_vocab, seed=5)
         bos = PLANTED["bos"]
     else:
-        from .scan import open_corpus
+        from ..scanning import open_corpus
 
         c = open_corpus(args.corpus, seq_len=args.seq_len, tokenizer=getattr(model, "tokenizer", None))
         corpus = np.stack([r for _, r in zip(range(max(args.rows, 16)), (row for _, row in c.rows()))])
@@ -104,7 +104,7 @@ def _fig3(paper, model, batch, writer, erasers, out, md):
 def _fig4(paper, model, batch, writer, corpus, args, out, md):
     import pandas as pd
 
-    from .capture import model_device
+    from ..capture import model_device
 
     dev = model_device(model)
     d_vocab = model.cfg.d_vocab
@@ -167,6 +167,6 @@ def _mine(paper, model, writer, erasers, args, out, md):
 
 
 def _demo_rows(model):
-    from .demo import demo_corpus
+    from ..demo import demo_corpus
 
     return demo_corpus(64, 1024, model.cfg.d_vocab)

@@ -13,8 +13,8 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from .. import __version__
-from ..attribution import _resolve_writers, run_attribution
+from ..version import __version__
+from ..attribution import resolve_writers, run_attribution
 from ..backends import get_backend
 from ..capture import model_device
 from ..models import model_spec
@@ -203,7 +203,7 @@ def scan(
     rank, world = rank_and_world()
     dev = model_device(model)
     impl = get_backend(backend, dev, spec.W_O.dtype)
-    wr = _resolve_writers(writers, spec)
+    wr = resolve_writers(writers, spec)
     L = spec.n_layers
     cfg = ScanConfig(
         writers=wr.tolist(), writer_labels=[spec.head_label(int(w)) for w in wr],

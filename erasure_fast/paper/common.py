@@ -1,0 +1,54 @@
+"""What the paper's analyses share: defaults, head parsing, attribution with hooks, LN weights."""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+
+from ..attribution import resolve_writers, run_attribution, target_ids
+from ..backends import get_backend
+from ..capture import model_device, validate_tokens
+from ..models import model_spec
+
+ADVERSARIAL_PROMPTS = [
+    ("It's in the cupboard, either on the top or on the", " bottom", " top"),
+    ("I went to university at Michigan", " State", " University"),
+    ("class MyClass:\n\tdef", " __", " get"),
+    ("The church I go to is the Seventh-day Adventist", " Church", " church"),
+]
+DEFAULT_ERASERS = ("L2H2", "L2H3", "L2H4", "L2H5", "L2H6", "L2H7")
+
+
+def head_indices(model, heads, name: str = "heads") -> List[int]:
+    """Flat indices of ``heads`` (a label, or a list of labels / indices / (layer, head) pairs)."""
+    return resolve_writers(list(heads) if not isinstance(heads, str) else [heads], model_spec(model), name).tolist()
+
+
+def attribute_with_hooks(model, tokens, writers, *, targets="next", incorrect=None, backend="auto", **hooks):
+    """`erasure_fast.attribute` with MLP nodes plus the intervention arguments of `run_attribution`
+    (``extra_hooks``, ``keep_hooks``, ``scale_override``)."""
+    spec = model_spec(model)
+    tokens = validate_tokens(tokens, spec)
+    wr = resolve_writers(writers, spec)
+    ids = target_ids(targets, tokens, spec, "targets", allow_next=True)
+    inc = None if incorrect is None else torch.where(ids < 0, ids, target_ids(incorrect, tokens, spec, "incorrect", False))
+    return run_attribution(model, spec, tokens.to(model_device(model)), wr, ids, inc, include_mlps=True,
+                           impl=get_backend(backend, model_device(model), spec.W_O.dtype), **hooks)
+
+
+def ln_weight(model, layer: int, which: str = "ln1") -> Optional[torch.Tensor]:
+    """The LayerNorm weight gamma of blocks[layer].<which>, or None (folded / LNPre / absent)."""
+    ln = getattr(model.blocks[layer], which)
+    for attr in ("w", "weight"):
+        if hasattr(ln, attr) and isinstance(getattr(ln, attr), torch.Tensor):
+            return getattr(ln, attr).detach()
+    inner = getattr(ln, "_original_component", None)
+    if inner is not None and getattr(inner, "weight", None) is not None:
+        return inner.weight.detach()
+    return None
+
+
+def center(x: torch.Tensor) -> torch.Tensor:
+    """x minus its mean over the last dimension (LayerNorm's centring)."""
+    return x - x.mean(dim=-1, keepdim=True)

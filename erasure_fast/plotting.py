@@ -1,0 +1,43 @@
+"""Figures without pyplot: every plot is a `matplotlib.figure.Figure` rendered by its own Agg canvas,
+so no call here selects a matplotlib backend or touches pyplot's global figure list (a notebook keeps
+its interactive backend)."""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+
+def new_figure(figsize, nrows: int = 1, ncols: int = 1, **subplot_kw):
+    """(figure, axes) like ``plt.subplots``, but owned by the caller (nothing registered globally)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize)
+    axes = fig.subplots(nrows, ncols, **subplot_kw)
+    return fig, axes
+
+
+def colormap(name: str):
+    """A registered colormap by name (``matplotlib.colormaps``, no pyplot)."""
+    import matplotlib
+
+    return matplotlib.colormaps[name]
+
+
+def save(fig, path: Optional[str], dpi: int = 120) -> Optional[str]:
+    """Lay out and write ``fig`` to ``path`` (PNG by extension); None writes nothing. The file
+    appears complete or not at all (temp file + rename)."""
+    if not path:
+        return None
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    fig.tight_layout()
+    root, ext = os.path.splitext(path)
+    tmp = os.path.join(folder, f".tmp-{os.path.basename(root)}-{os.getpid()}{ext}")
+    try:
+        fig.savefig(tmp, dpi=dpi)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
