@@ -10,7 +10,7 @@ TL3_SPEC ?= transformer-lens==3.9.0
 PIP ?= -q --disable-pip-version-check
 BUILD_DEPS := "scikit-build-core>=0.10" "pybind11>=2.12" "cmake>=3.18" ninja
 TEST_DEPS := "pytest>=8" "hypothesis>=6.100"
-RUN_DEPS := numpy safetensors tqdm pandas pyarrow matplotlib
+RUN_DEPS := numpy safetensors tqdm pandas pyarrow matplotlib psutil
 
 .PHONY: demo paper test test-tl4 test-tl3 install install-tl3 bench bench-quick clean asan
 

@@ -42,11 +42,12 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         corpus = os.path.join(tmp, "tokens.bin")
         rng = np.random.default_rng(0)
-        rng.integers(0, args.d_vocab, size=max(sizes), dtype=np.uint32).astype(np.uint16 if args.d_vocab < 65536 else np.uint32).tofile(corpus)
+        dtype = "uint16" if args.d_vocab < 65536 else "uint32"
+        rng.integers(0, args.d_vocab, size=max(sizes), dtype=np.uint32).astype(dtype).tofile(corpus)
         for n in sizes:
             out = os.path.join(tmp, f"scan{n}")
             cmd = [sys.executable, "-c", _CHILD, "scan", "--model", args.model, "--corpus", corpus,
-                   "--out", out, "--seq-len", "1024", "--max-tokens", str(n), "--batch-size", str(args.batch_size),
+                   "--out", out, "--bin-dtype", dtype, "--seq-len", "1024", "--max-tokens", str(n), "--batch-size", str(args.batch_size),
                    "--no-progress", "--no-resume"]
             t0 = time.perf_counter()
             proc = subprocess.run(cmd, capture_output=True, text=True)

@@ -1,9 +1,29 @@
-"""Command line: ``erasure-fast scan | demo | backends``."""
+"""Command line: ``erasure-fast scan | demo | paper | bench | backends``.
+
+User errors (a missing corpus, a bad flag value, a locked output folder, ...) print one line,
+``erasure-fast: error: ...``, and exit with status 2; ``--debug`` shows the traceback instead. An
+interrupted scan (Ctrl-C, SIGTERM) saves its checkpoint, says how to resume and exits with 130.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+DESCRIPTION = """\
+Fused DLA and erasure analysis of transformer language models.
+
+commands:
+  scan      erasure scan of a token corpus through a model, with a report (resumable)
+  demo      scan the planted GELU-4L-shaped demo model over a synthetic 64K-token corpus
+  paper     the paper's analyses (figs 1-5, 8, adversarial-example miner)
+  bench     benchmark every provider side by side against TransformerLens (K1, K2, S1)
+  backends  list the compute backends available here, and why others are not
+
+Run `erasure-fast COMMAND --help` for a command's options."""
+
+_HELP = argparse.ArgumentDefaultsHelpFormatter
 
 
 def _writers(text: str):
@@ -14,25 +34,37 @@ def _writers(text: str):
 
 def _add_scan_args(p: argparse.ArgumentParser, demo: bool) -> None:
     if not demo:
-        p.add_argument("--model", required=True, help="'demo', 'gelu-4l' (local HF cache), owner/name (cached) or a checkpoint dir")
-        p.add_argument("--corpus", required=True, help="'demo', .npy / .bin token file, .txt / .jsonl text, or a HF dataset (dir or name)")
-        p.add_argument("--out", required=True, help="output directory (report, checkpoints)")
+        p.add_argument("--model", required=True,
+                       help="'demo' (planted GELU-4L-shaped model), 'gelu-4l' (local Hugging Face cache), a cached "
+                            "owner/name repo, or a TransformerLens-style checkpoint directory")
+        p.add_argument("--corpus", required=True,
+                       help="'demo' (synthetic), a .npy / .bin token file, .txt / .jsonl text, a Hugging Face "
+                            "save_to_disk directory, or hf:owner/name (hub, streamed)")
+        p.add_argument("--out", required=True, help="output folder (report and checkpoints; locked while the scan runs)")
     else:
-        p.add_argument("--out", default="demo_out", help="output directory (default demo_out)")
-    p.add_argument("--writers", default="all" if not demo else "all", help="'all' or comma-separated heads, e.g. L0H2,L1H3")
-    p.add_argument("--max-tokens", type=int, default=None)
-    p.add_argument("--seq-len", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--backend", default="auto", choices=["auto", "torch", "cpp", "triton"])
-    p.add_argument("--device", default=None, help="e.g. cuda, cpu (default: where the model is)")
-    p.add_argument("--resume", dest="resume", action="store_true", default=True, help="continue from the checkpoint in --out (default)")
-    p.add_argument("--no-resume", dest="resume", action="store_false", help="start afresh")
-    p.add_argument("--checkpoint-every", type=int, default=20)
-    p.add_argument("--no-progress", dest="progress", action="store_false", default=True)
+        p.add_argument("--out", default="demo_out", help="output folder (report and checkpoints)")
+    p.add_argument("--writers", default="all", help="'all' or comma-separated heads, e.g. L0H2,L1H3 (each once)")
+    p.add_argument("--max-tokens", type=int, default=None, help="stop after this many tokens (whole rows); default: all")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="tokens per row; default: a 2-D array's row length, else 1024 (1-D .npy/.bin need it); "
+                        "longer stored rows are cut into several windows")
+    p.add_argument("--batch-size", type=int, default=8, help="rows per forward pass")
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "cpp", "triton"],
+                   help="attribution backend (auto: cpp on CPU, triton on CUDA)")
+    p.add_argument("--device", default=None, help="e.g. cuda or cpu; default: where the model is")
+    p.add_argument("--resume", dest="resume", action="store_true", default=True,
+                   help="continue from the checkpoint in --out when the configuration and corpus match")
+    p.add_argument("--no-resume", dest="resume", action="store_false",
+                   help="start afresh, replacing a previous scan's outputs in --out")
+    p.add_argument("--checkpoint-every", type=int, default=20, help="batches between checkpoints")
+    p.add_argument("--top-k", type=int, default=20, help="example positions kept per writer for the report")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=True, help="no progress bar")
     if not demo:
-        p.add_argument("--prepend-bos", type=int, default=None, metavar="ID", help="put token ID at position 0 of every row")
-        p.add_argument("--bin-dtype", default="uint16", choices=["uint16", "uint32", "int32", "int64"])
-        p.add_argument("--column", default="tokens", help="token column of a HF dataset")
+        p.add_argument("--prepend-bos", type=int, default=None, metavar="ID",
+                       help="put token ID at position 0 of every row (the row keeps seq-len tokens)")
+        p.add_argument("--bin-dtype", default=None, choices=["uint16", "uint32", "int32", "int64"],
+                       help="dtype of a raw .bin corpus (required for .bin: the file has no header)")
+        p.add_argument("--column", default="tokens", help="token column of a Hugging Face dataset")
 
 
 def _open(args, demo: bool):
@@ -49,17 +81,14 @@ def _open(args, demo: bool):
         from .loading import load_model
 
         model = load_model(args.model, device=args.device)
+    bos = None if demo else args.prepend_bos
     if demo or args.corpus == "demo":
-        from .demo import demo_corpus
+        from .demo import PLANTED, demo_corpus
 
         corpus = demo_corpus(64, args.seq_len or 1024)
-        bos = 0
+        bos = PLANTED["bos"] if bos is None else bos
     else:
-        from .scanning import open_corpus
-
-        corpus = open_corpus(args.corpus, seq_len=args.seq_len, tokenizer=getattr(model, "tokenizer", None),
-                             bin_dtype=args.bin_dtype, column=args.column)
-        bos = args.prepend_bos
+        corpus = args.corpus
     return model, corpus, bos, notes
 
 
@@ -68,7 +97,11 @@ def _print_summary(result) -> None:
 
     pairs = top_pairs(result.summary, 8)
     meta = result.meta
-    print(f"\nscanned {meta['tokens']:,} tokens in {meta['elapsed_s']:.1f} s ({meta['tokens_per_s']:,.0f} tokens/s), backend {meta['backend']}")
+    print(f"\nscanned {meta['tokens']:,} tokens in {meta['elapsed_s']:.1f} s ({meta['tokens_per_s'] or 0:,.0f} tokens/s), "
+          f"backend {meta['backend']}")
+    dropped = meta["corpus"].get("dropped_tokens")
+    if dropped:
+        print(f"note: {dropped:,} corpus tokens lie in no row of {meta['seq_len']} (remainders after the last whole row)")
     print("strongest erasure (downstream node onto writer, median PR [25%, 75%]):")
     for _, r in pairs.iterrows():
         print(f"  {r.node:>6} onto {r.writer:<6} {r['median']:+.3f}  [{r['q0.25']:+.3f}, {r['q0.75']:+.3f}]")
@@ -77,8 +110,6 @@ def _print_summary(result) -> None:
 
 def _init_distributed_from_env() -> None:
     """Under torchrun (WORLD_SIZE > 1) join the process group: NCCL on GPUs, gloo on CPUs."""
-    import os
-
     import torch
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
@@ -88,79 +119,126 @@ def _init_distributed_from_env() -> None:
         torch.distributed.init_process_group("nccl" if use_nccl else "gloo")
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="erasure-fast", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    p_scan = sub.add_parser("scan", help="erasure scan of a token corpus, with a report")
+def _run_scan(args, demo: bool) -> int:
+    from .scanning import plan_scan
+    from .scanning.job import ScanJob
+
+    _init_distributed_from_env()
+    model, corpus, bos, notes = _open(args, demo)
+    plan = plan_scan(model, corpus, writers=_writers(args.writers), seq_len=args.seq_len, batch_size=args.batch_size,
+                     out_dir=args.out, resume=args.resume, backend=args.backend, max_tokens=args.max_tokens,
+                     prepend_bos=bos, checkpoint_every=args.checkpoint_every, top_k=args.top_k,
+                     progress=args.progress, notes=notes, bin_dtype=None if demo else args.bin_dtype,
+                     column="tokens" if demo else args.column)
+    with ScanJob(plan) as job:
+        if job.resumed_from:
+            print(f"resuming {args.out} after {job.agg.tokens:,} tokens", file=sys.stderr)
+        job.run()
+        result = job.finish()
+    if result is None:  # not rank 0
+        return 0
+    _print_summary(result)
+    if demo:
+        from .demo import PLANTED
+        from .scanning.ranking import top_pairs
+
+        top = top_pairs(result.summary, 1).iloc[0]
+        first = next(iter(PLANTED["erasers"]))
+        found = top.node == first and top.writer == PLANTED["writer"]
+        print(f"planted pair {first} onto {PLANTED['writer']} is the top pair: {'yes' if found else 'NO'}")
+        return 0 if found else 1
+    return 0
+
+
+def _run_bench(args, argv) -> int:
+    from . import bench
+
+    def ints(flag, text):
+        try:
+            return [int(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise ValueError(f"{flag} must be comma-separated integers, got {text!r}") from None
+
+    try:
+        out = bench.run(args.out, device=args.device, shapes=[s.strip() for s in args.shapes.split(",") if s.strip()],
+                        sizes=ints("--sizes", args.sizes) if args.sizes else None, repeats=args.repeats,
+                        budget_s=args.budget_s, s1_tokens=args.s1_tokens,
+                        providers=[p.strip() for p in args.providers.split(",") if p.strip()] if args.providers else None,
+                        command="erasure-fast " + " ".join(argv if argv is not None else sys.argv[1:]))
+    except RuntimeError as e:  # the measuring child failed; its stderr has been shown as it ran
+        if args.debug:
+            raise
+        print(f"erasure-fast: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 1
+    with open(out["files"]["md"]) as f:
+        print(f.read())
+    print("files:", ", ".join(out["files"].values()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="erasure-fast", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p_scan = sub.add_parser("scan", help="erasure scan of a token corpus, with a report", formatter_class=_HELP,
+                            description="Erasure scan of a token corpus, with a report; resumable, one scan per --out.")
     _add_scan_args(p_scan, demo=False)
-    p_demo = sub.add_parser("demo", help="scan the planted GELU-4L-shaped demo model over a synthetic 64K-token corpus")
+    p_demo = sub.add_parser("demo", help="scan the planted demo model over a synthetic 64K-token corpus", formatter_class=_HELP,
+                            description="Scan the planted GELU-4L-shaped demo model over 64 x 1024 synthetic tokens; "
+                                        "exits 1 unless the planted pair ranks first.")
     _add_scan_args(p_demo, demo=True)
-    sub.add_parser("backends", help="list the backends available here and why others are not")
-    p_bench = sub.add_parser("bench", help="benchmark every provider side by side (K1, K2, S1) and write a report")
-    p_bench.add_argument("--out", default="benchmarks/results")
-    p_bench.add_argument("--device", default=None)
-    p_bench.add_argument("--shapes", default="gelu-4l,gpt2-small")
-    p_bench.add_argument("--sizes", default=None, help="comma-separated token counts (default: CPU 1K-64K, GPU 1K-1M)")
-    p_bench.add_argument("--repeats", type=int, default=5)
+    sub.add_parser("backends", help="list the backends available here and why others are not", formatter_class=_HELP)
+    p_bench = sub.add_parser("bench", help="benchmark every provider side by side (K1, K2, S1) and write a report",
+                             formatter_class=_HELP)
+    p_bench.add_argument("--out", default="benchmarks/results", help="folder for the JSON / CSV / markdown / PNG report")
+    p_bench.add_argument("--device", default=None, help="cpu or cuda; default: cuda when available")
+    p_bench.add_argument("--shapes", default="gelu-4l,gpt2-small", help="comma-separated model shapes (gelu-4l, gpt2-small)")
+    p_bench.add_argument("--sizes", default=None, help="comma-separated token counts; default: CPU 1K-64K, GPU 1K-1M")
+    p_bench.add_argument("--repeats", type=int, default=5, help="timed calls per point after the warm-up")
     p_bench.add_argument("--budget-s", type=float, default=60.0, help="per-call time budget; slower providers stop growing")
-    p_bench.add_argument("--s1-tokens", type=int, default=0, help="also run the scan workload S1 on this many tokens")
-    p_bench.add_argument("--providers", default=None, help="comma-separated substrings of provider names to keep")
-    p_paper = sub.add_parser("paper", help="the paper's analyses (figs 1-5, 8, miner) on gelu-4l when cached, else the demo model")
-    p_paper.add_argument("analysis", nargs="?", default="all", choices=["all", "fig1", "fig2", "fig3", "fig4", "fig5", "fig8", "mine"],
-                         help="one analysis, or all of them except the miner (default)")
-    p_paper.add_argument("--scan-dir", default=None, help="for 'mine': the output directory of an erasure-fast scan")
-    p_paper.add_argument("--model", default="auto", help="auto (gelu-4l if cached, else demo), demo, gelu-4l or a checkpoint dir")
-    p_paper.add_argument("--corpus", default="demo", help="'demo' or a token corpus path")
-    p_paper.add_argument("--out", default="paper_out")
-    p_paper.add_argument("--writer", default="L0H2")
-    p_paper.add_argument("--erasers", default=None, help="comma-separated heads of one layer (default: the paper's L2H2-L2H7, or the demo's planted ones)")
-    p_paper.add_argument("--rows", type=int, default=4)
-    p_paper.add_argument("--seq-len", type=int, default=256)
-    p_paper.add_argument("--samples", type=int, default=10, help="resamples per prompt for fig 4")
-    p_paper.add_argument("--prepend-bos", type=int, default=None)
-    p_paper.add_argument("--device", default=None)
-    args = parser.parse_args(argv)
+    p_bench.add_argument("--s1-tokens", type=int, default=0, help="also run the scan workload S1 on this many tokens (0: no)")
+    p_bench.add_argument("--providers", default=None, help="comma-separated substrings of provider names to keep; default: all")
+    p_paper = sub.add_parser("paper", help="the paper's analyses (figs 1-5, 8, miner) on gelu-4l when cached, else the demo model",
+                             formatter_class=_HELP)
+    from .paper.cli import add_arguments as add_paper_arguments
+
+    add_paper_arguments(p_paper)
+    return parser
+
+
+def _dispatch(args, argv) -> int:
     if args.command in ("scan", "demo"):
-        demo = args.command == "demo"
-        from .scanning import scan
-
-        _init_distributed_from_env()
-
-        model, corpus, bos, notes = _open(args, demo)
-        result = scan(model, corpus, writers=_writers(args.writers), seq_len=args.seq_len, batch_size=args.batch_size,
-                      out_dir=args.out, resume=args.resume, backend=args.backend, max_tokens=args.max_tokens,
-                      prepend_bos=bos, checkpoint_every=args.checkpoint_every, progress=args.progress, notes=notes)
-        if result is not None:
-            _print_summary(result)
-            if demo:
-                from .demo import PLANTED
-                from .scanning.ranking import top_pairs
-
-                top = top_pairs(result.summary, 1).iloc[0]
-                first = next(iter(PLANTED["erasers"]))
-                found = top.node == first and top.writer == PLANTED["writer"]
-                print(f"planted pair {first} onto {PLANTED['writer']} is the top pair: {'yes' if found else 'NO'}")
-                return 0 if found else 1
-    elif args.command == "paper":
+        return _run_scan(args, demo=args.command == "demo")
+    if args.command == "paper":
         from .paper.cli import run as run_paper
 
         return run_paper(args)
-    elif args.command == "bench":
-        from . import bench
+    if args.command == "bench":
+        return _run_bench(args, argv)
+    from .backends import available_backends
 
-        out = bench.run(args.out, device=args.device, shapes=args.shapes.split(","),
-                        sizes=[int(x) for x in args.sizes.split(",")] if args.sizes else None, repeats=args.repeats,
-                        budget_s=args.budget_s, s1_tokens=args.s1_tokens,
-                        providers=args.providers.split(",") if args.providers else None,
-                        command="erasure-fast " + " ".join(argv if argv is not None else sys.argv[1:]))
-        print(open(out["files"]["md"]).read())
-        print("files:", ", ".join(out["files"].values()))
-    elif args.command == "backends":
-        from .backends import available_backends
-
-        for name, info in available_backends().items():
-            print(f"{name:7s} {'available' if info.available else 'unavailable'}: {info.detail}")
+    for name, info in available_backends().items():
+        print(f"{name:7s} {'available' if info.available else 'unavailable'}: {info.detail}")
     return 0
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from .scanning import ScanInterrupted
+
+    try:
+        return _dispatch(args, argv)
+    except ScanInterrupted as e:
+        print(f"erasure-fast: {e}", file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, OSError) as e:  # user errors: one line, exit 2 (--debug: traceback)
+        if args.debug:
+            raise
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"erasure-fast: error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

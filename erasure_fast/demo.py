@@ -71,6 +71,30 @@ def demo_corpus(n_rows: int = 64, seq_len: int = 1024, d_vocab: int = GELU_4L_SH
     return perm[np.minimum(ranks, d_vocab - 1)].astype(np.int32)
 
 
+def calibrate_eraser_gains(model, tokens: torch.Tensor, writer: tuple, erasers: list, u: torch.Tensor,
+                           writer_W_O: torch.Tensor, targets: dict) -> dict:
+    """Gain per eraser that puts its median projection ratio onto the writer at its target, in
+    closed form from TransformerLens's own activations (not from this package's attribution code).
+
+    An eraser (zero QK, W_V reading u into its first value coordinate, W_O = -u in that row) outputs
+    r_e(t) = -g z_e(t)[0] u, where z_e is its hook_z; the writer outputs r_w(t) = z_w(t) W_O[w]. So
+    PR_e(t) = r_e.r_w / |r_w|^2 = -g z_e(t)[0] (u . r_w(t)) / |r_w(t)|^2, linear in g; with the erasers
+    at g = 1 (they only write after the writer's layer, so r_w does not depend on g) the median of
+    PR at g = 1 over ``tokens`` [batch, pos] fixes g = target / median."""
+    wl, wh = writer
+    names = {f"blocks.{wl}.attn.hook_z"} | {f"blocks.{el}.attn.hook_z" for _, el, _ in erasers}
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, names_filter=lambda name: name in names)
+        r_w = cache[f"blocks.{wl}.attn.hook_z"][:, :, wh].double() @ writer_W_O.double()  # [B, P, D]
+        along_u = r_w @ u.double()
+        sq_norm = (r_w * r_w).sum(-1)
+        gains = {}
+        for label, el, eh in erasers:
+            pr_at_one = -cache[f"blocks.{el}.attn.hook_z"][:, :, eh, 0].double() * along_u / sq_norm
+            gains[label] = targets[label] / float(pr_at_one.reshape(-1).median())
+    return gains
+
+
 def planted_model(seed: int = 0, dims: dict = None, planted: dict = None):
     """GELU-4L-shaped bridge with a planted erasure circuit; returns (model, description).
 
@@ -80,8 +104,9 @@ def planted_model(seed: int = 0, dims: dict = None, planted: dict = None):
       normalised embedding) and writes along one unit direction u with norm ``writer_norm`` (rank-1
       W_O) -- like the paper's L0H2, whose output comes mostly from BOS;
     - erasers L2H3 and L2H6 attend uniformly (zero QK), read the residual stream along u and write
-      -a u (rank-1 OV). Each gain a is calibrated on a fixed 2x1024 batch so that the eraser's median
-      projection ratio onto L0H2 is the planted target (PR is linear in a). u is orthogonal to what
+      -a u (rank-1 OV). Each gain a is calibrated on a fixed 2 x n_ctx batch so that the eraser's median
+      projection ratio onto L0H2 is the planted target (`calibrate_eraser_gains`: closed form from
+      TransformerLens's activations, independent of the attribution code). u is orthogonal to what
       the writer's layer-mates write, so the erasers' output does not masquerade as erasing them.
     Everything else stays random, so a scan should rank these pairs first.
     """
@@ -123,20 +148,15 @@ def planted_model(seed: int = 0, dims: dict = None, planted: dict = None):
         sd[q + "W_O"][eh][0] = -u
         erasers.append((label, el, eh))
     model = model_from_state_dict(dims, sd, name="demo-planted-gelu4l")
-    from . import attribute
-
     calib = torch.from_numpy(demo_corpus(2, dims["n_ctx"], dims["d_vocab"], seed=seed + 1)).long()
     calib[:, 0] = bos
-    res = attribute(model, calib, writers=[planted["writer"]], backend="torch")
-    gains = {}
+    gains = calibrate_eraser_gains(model, calib, (wl, wh), erasers, u, sd[p + "W_O"][wh], planted["erasers"])
     for label, el, eh in erasers:
-        median = float(res.pr[..., res.node_labels.index(label), 0].reshape(-1).median())
-        gains[label] = planted["erasers"][label] / median
         sd[f"blocks.{el}.attn.W_O"][eh] *= gains[label]
     model = model_from_state_dict(dims, sd, name="demo-planted-gelu4l")
     info = dict(planted, gains=gains, seed=seed, note=(
         f"Synthetic model: GELU-4L shape, random weights (seed {seed}), planted erasure circuit: writer "
         f"{planted['writer']} (attends to BOS, token id {bos}), erasers "
         + ", ".join(f"{k} (target median PR {v})" for k, v in planted["erasers"].items())
-        + ", gains calibrated on a fixed 2x1024 batch. Real GELU-4L weights were not available."))
+        + f", gains calibrated on a fixed 2x{dims['n_ctx']} batch. Real GELU-4L weights were not available."))
     return model, info

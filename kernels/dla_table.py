@@ -1,6 +1,6 @@
 r"""DLA-only kernels in head space (Triton): no d_model vector per head is ever formed.
 
-Math (``shared/erasure-math.md``: c(r).d = r.c(d) and r.v = z.(W_O v))
+Math (``docs/math.md``: c(r).d = r.c(d) and r.v = z.(W_O v))
 =======================================================================
     dla[t, n]    = z[t, n, :] . A[n, :]  / s[t],  A = W_O[n] c(d_t)        (gathered / next-token)
     dla[t, n, k] = z[t, n, :] . U[n, :, k] / s[t], U = W_O[n] c(d_k)       (fixed direction set)

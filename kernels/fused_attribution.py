@@ -1,6 +1,6 @@
 r"""Fused DLA + erasure dot products in one pass over z (Triton).
 
-Math (see ``shared/erasure-math.md`` and ``erasure_fast/contract.py``)
+Math (see ``docs/math.md`` and ``erasure_fast/contract.py``)
 =====================================================================
 Per token t, head n, writer w, extra node m (T tokens, N heads, H = d_head, D = d_model)::
 

@@ -1,31 +1,43 @@
-"""The benchmark harness runs end to end on tiny sizes and writes a complete, finite report.
-(No speed is asserted: performance lives in benchmarks/results, not in tests.)"""
+"""The benchmark harness: end to end on tiny sizes in its own process (complete, finite report; the
+caller's rlimits untouched), correctness before speed (a wrong provider is reported "wrong" and not
+timed), and bad arguments refused before any work. (No speed is asserted: performance lives in
+benchmarks/results, not in tests.)"""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import resource
+import subprocess
+
+import pytest
+import torch
 
 import erasure_fast.bench as bench
-from erasure_fast.bench import workloads
+from erasure_fast.backends import available_backends
+from erasure_fast.bench import harness, providers, workloads
+
+# A small model shape keeps the runs short; the harness code path is the real one.
+TINY = dict(n_layers=2, n_heads=3, d_head=8, d_model=24, d_mlp=32, d_vocab=97, n_ctx=64)
+needs_cpp = pytest.mark.skipif(not available_backends()["cpp"].available, reason="C++ extension not built")
 
 
-def test_harness_end_to_end(tmp_path, monkeypatch):
-    # a small model shape keeps the run short; the harness code path is the real one
-    monkeypatch.setitem(workloads.SHAPES, "tiny", dict(n_layers=2, n_heads=3, d_head=8, d_model=24, d_mlp=32, d_vocab=97, n_ctx=64))
+def test_harness_end_to_end(tmp_path):
     out = bench.run(str(tmp_path), device="cpu", shapes=("tiny",), sizes=[24], repeats=2, budget_s=30,
-                    providers=["transformer_lens", "erasure_fast", "torch.compile"], command="test")
+                    providers=["transformer_lens", "erasure_fast", "torch.compile"], command="test",
+                    extra_shapes={"tiny": TINY})
     files = out["files"]
     for key in ("json", "csv", "md"):
         assert os.path.getsize(files[key]) > 0
     assert any(k.endswith(".png") for k in files)
     data = json.load(open(files["json"]))
+    assert data["results"] == out["results"] and data["meta"] == out["meta"]
     records = data["results"]
-    providers = {r["provider"] for r in records}
-    assert any(p.startswith("transformer_lens") for p in providers) and "erasure_fast torch" in providers
+    names = {r["provider"] for r in records}
+    assert any(p.startswith("transformer_lens") for p in names) and "erasure_fast torch" in names
     assert {r["workload"] for r in records} == {"K1", "K2n", "K2n_cold", "K2f"}
-    for r in records:
+    for r in records:  # every honest provider passed the reference check, then was timed
         assert r["status"] == "ok", r
         keys = ("median_s", "tokens_per_s") + (("roofline_pct",) if r["workload"] in ("K1", "K2f") else ())
         for key in keys:
@@ -35,4 +47,150 @@ def test_harness_end_to_end(tmp_path, monkeypatch):
     roof = data["meta"]["roofline"]
     assert roof["matmul_gflops"]["float32"] > 0 and roof["copy_gbps"] > 0
     md = open(files["md"]).read()
-    assert "K1" in md and "speedup vs TL" in md
+    assert "K1" in md and "speedup vs TL" in md and "float64 reference" in md
+    assert "tiny" not in workloads.SHAPES  # the extra shape lived in the child only
+    assert not os.path.exists(tmp_path / "partial-results.json")
+
+
+@needs_cpp
+def test_run_leaves_the_callers_rlimits_alone(tmp_path, capfd):
+    before = resource.getrlimit(resource.RLIMIT_AS)
+    out = bench.run(str(tmp_path), device="cpu", shapes=["tiny"], sizes=[8], repeats=1, budget_s=30,
+                    providers=["erasure_fast cpp"], extra_shapes={"tiny": TINY})
+    assert resource.getrlimit(resource.RLIMIT_AS) == before
+    # the child did cap its own address space (so a provider exhausting RAM is an "oom" record) ...
+    cap = out["meta"]["address_space_cap_bytes"]
+    assert cap is not None and cap < os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    # ... and its progress lines reached our stdout
+    assert "K1       tiny" in capfd.readouterr().out
+    assert all(r["status"] == "ok" for r in out["results"])
+
+
+def test_child_failure_is_a_runtime_error_with_its_stderr(tmp_path):
+    # passes validation, but the child cannot allocate the inputs of 2**40 tokens and dies
+    with pytest.raises(RuntimeError, match=r"exit code 1(.|\n)*can't allocate memory|exit code 1(.|\n)*MemoryError"):
+        bench.run(str(tmp_path / "out"), device="cpu", shapes=["tiny"], sizes=[2**40], repeats=1,
+                  providers=["erasure_fast torch"], extra_shapes={"tiny": TINY})
+
+
+def _scaled(make, field: str):
+    """A deliberately wrong provider: ``make``'s result with one output multiplied by 1.01."""
+
+    def make_wrong(model, inp, workload):
+        honest = make(model, inp, workload)
+        if honest is None:
+            return None
+
+        def call():
+            out = honest.call()
+            return out._replace(**{field: getattr(out, field) * 1.01})
+
+        return providers.PreparedWorkload(call, honest.canonical)
+
+    return make_wrong
+
+
+@needs_cpp
+def test_wrong_provider_is_reported_and_not_timed(monkeypatch):
+    monkeypatch.setitem(workloads.SHAPES, "tiny", TINY)  # in-process: run_kernels sees the monkeypatch
+    monkeypatch.setattr(harness, "CHECK_TOKENS", 100)  # 2 rows of 64 tokens: the check cuts mid-row
+    lines: list = []
+    wrong = {"cpp, dla x 1.01 (test)": _scaled(providers.backend("cpp"), "dla"),
+             "cpp, dots x 1.01 (test)": _scaled(providers.backend("cpp"), "dots")}
+    points = harness.run_kernels(["tiny"], [128], torch.device("cpu"), repeats=2, budget_s=30,
+                                 providers=["transformer_lens", "erasure_fast"], progress=lines.append,
+                                 extra_providers=wrong)
+    harness.finish(points, {"matmul_gflops": {"float32": 1.0}})
+    by = {(p.workload, p.provider): p for p in points}
+    workloads_run = ("K1", "K2n", "K2n_cold", "K2f")
+    for w in workloads_run:
+        p = by[(w, "cpp, dla x 1.01 (test)")]
+        assert p.status == "wrong" and "dla rel err 1.0e-02 > 1e-04" in p.note, p
+        assert p.times_s == [] and p.median_s is None and p.speedup_vs_tl is None and p.tokens_per_s is None
+    # PR is checked on K1 (the only workload with dots); DLA-only workloads of that provider are right
+    p = by[("K1", "cpp, dots x 1.01 (test)")]
+    assert p.status == "wrong" and p.note.startswith("pr rel err") and p.median_s is None, p
+    for w in ("K2n", "K2f"):
+        assert by[(w, "cpp, dots x 1.01 (test)")].status == "ok"
+    honest = [p for p in points if "(test)" not in p.provider]
+    assert {p.provider for p in honest} >= {"erasure_fast torch", "erasure_fast cpp", "erasure_fast cpp + lazy W_U table"}
+    assert any(p.provider.startswith("transformer_lens") for p in honest)
+    for p in honest:  # the same run, the same inputs: the honest providers pass and are timed
+        assert p.status == "ok" and p.median_s > 0 and len(p.times_s) == (1 if p.workload == "K2n_cold" else 2), p
+        assert p.speedup_vs_tl > 0
+    assert any("cpp, dla x 1.01 (test)" in line and "wrong" in line and "rel err" in line for line in lines)
+
+
+def test_compare_with_reference_policy():
+    nan = float("nan")
+    ref = {"dla": torch.tensor([[1.0, nan], [2.0, -4.0]], dtype=torch.float64)}
+    compare = harness.compare_with_reference
+    assert compare({"dla": ref["dla"].float()}, ref, 1e-4) == ""
+    # a value where the reference has no target (TransformerLens's last position) is not compared
+    assert compare({"dla": torch.tensor([[1.0, 7.0], [2.0, -4.0]])}, ref, 1e-4) == ""
+    assert "non-finite" in compare({"dla": torch.tensor([[nan, nan], [2.0, -4.0]])}, ref, 1e-4)
+    assert "non-finite" in compare({"dla": torch.tensor([[1.0, nan], [float("inf"), -4.0]])}, ref, 1e-4)
+    assert compare({"dla": ref["dla"] * 1.001}, ref, 1e-4) == "dla rel err 1.0e-03 > 1e-04"
+    assert compare({"dla": ref["dla"] * 1.001}, ref, harness.TOLERANCE[torch.bfloat16]) == ""
+    assert "shape" in compare({"dla": ref["dla"].T.reshape(1, 4)}, ref, 1e-4)
+    assert "pr missing" in compare({"dla": ref["dla"]}, {**ref, "pr": ref["dla"]}, 1e-4)
+
+
+BAD_ARGUMENTS = [
+    ("providers", dict(providers=["nonexistent"]), r"providers \['nonexistent'\] match no provider.*erasure_fast torch"),
+    ("providers", dict(providers=["erasure_fast", "nonexistent"]), r"providers \['nonexistent'\]"),
+    ("providers", dict(providers=[]), "providers"),
+    ("shapes", dict(shapes=("gelu-4l", "nope")), r"unknown shapes \['nope'\].*gelu-4l"),
+    ("shapes", dict(shapes=()), "shapes"),
+    ("sizes", dict(sizes=[1024, 0]), "sizes"),
+    ("sizes", dict(sizes=[-8]), "sizes"),
+    ("sizes", dict(sizes=[8.5]), "sizes"),
+    ("sizes", dict(sizes=["8"]), "sizes"),
+    ("sizes", dict(sizes=[]), "sizes"),
+    ("repeats", dict(repeats=0), "repeats"),
+    ("repeats", dict(repeats=2.5), "repeats"),
+    ("budget_s", dict(budget_s=0), "budget_s"),
+    ("budget_s", dict(budget_s=-1.0), "budget_s"),
+    ("budget_s", dict(budget_s=float("nan")), "budget_s"),
+    ("s1_tokens", dict(s1_tokens=-1), "s1_tokens"),
+    ("device", dict(device="no-such-device"), r"device .*choose from \['cpu'"),
+    ("device", dict(device="mps"), r"device 'mps' does not exist here"),
+    ("extra_shapes", dict(extra_shapes={"x": dict(n_layers=1)}), "extra_shapes"),
+] + ([] if torch.cuda.is_available() else
+      [("device", dict(device="cuda"), r"device 'cuda' does not exist here; choose from \['cpu'\]")])
+
+
+@pytest.fixture
+def no_child(monkeypatch):
+    """Fails the test if anything tries to start a process."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"a process was started: {args}")
+
+    monkeypatch.setattr(subprocess, "Popen", refuse)
+
+
+@pytest.mark.parametrize("name, kwargs, message", BAD_ARGUMENTS, ids=[f"{b[0]}-{i}" for i, b in enumerate(BAD_ARGUMENTS)])
+def test_bad_arguments_are_refused_before_any_work(tmp_path, no_child, name, kwargs, message):
+    out_dir = tmp_path / "out"
+    args = dict(device="cpu", shapes=["gelu-4l"], sizes=[8], repeats=1)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=message) as info:
+        bench.run(str(out_dir), **args)
+    assert name in str(info.value)
+    with pytest.raises(ValueError, match=message):  # the same check, on its own (what a CLI calls)
+        bench.validate_arguments(str(out_dir), **args)
+    assert list(tmp_path.iterdir()) == []  # nothing written, not even the output directory
+
+
+def test_bad_out_dir_is_refused_before_any_work(tmp_path, no_child):
+    a_file = tmp_path / "results.txt"
+    a_file.write_text("not a directory")
+    with pytest.raises(ValueError, match="out_dir .* exists and is not a directory"):
+        bench.run(str(a_file), device="cpu", shapes=["gelu-4l"], sizes=[8])
+    with pytest.raises(ValueError, match="out_dir .* cannot be created: .* is not a directory"):
+        bench.run(str(a_file / "sub"), device="cpu", shapes=["gelu-4l"], sizes=[8])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.txt"]
+    settings = bench.validate_arguments(str(tmp_path / "new" / "dir"), device="cpu", shapes=["gelu-4l"])
+    assert settings["out_dir"] == str(tmp_path / "new" / "dir") and settings["sizes"] == bench.CPU_SIZES
+    assert not (tmp_path / "new").exists()  # validation creates nothing

@@ -93,13 +93,21 @@ def test_fig8_bos_split(planted, tmp_path):
     assert table.pr_bos_median.iloc[5:].max() < -0.5
 
 
-def test_miner_ranks_and_rechecks_scan_candidates(planted, tmp_path):
+@pytest.fixture(scope="module")
+def planted_scan(planted, tmp_path_factory):
+    """(scanned corpus, ScanResult) of the planted model over 8 synthetic rows, BOS prepended."""
     from erasure_fast.scanning import scan
 
     model, _ = planted
     corpus = demo_corpus(8, 96, DIMS["d_vocab"], seed=2)
-    res = scan(model, corpus, writers=["L0H2"], batch_size=4, out_dir=str(tmp_path), prepend_bos=PLANTED["bos"],
-               progress=False, report=True)
+    res = scan(model, corpus, writers=["L0H2"], batch_size=4, out_dir=str(tmp_path_factory.mktemp("scan")),
+               prepend_bos=PLANTED["bos"], progress=False, report=True)
+    return corpus, res
+
+
+def test_miner_ranks_and_rechecks_scan_candidates(planted, planted_scan):
+    model, _ = planted
+    corpus, res = planted_scan
     table = paper.mine_adversarial(model, res, corpus, writer="L0H2", erasers=ERASERS, top=5, recheck=2)
     assert len(table) == 5
     gaps = table.gap.to_numpy()
@@ -113,3 +121,49 @@ def test_miner_ranks_and_rechecks_scan_candidates(planted, tmp_path):
     assert best.erasers_pr_clean < -0.5 and abs(best.erasers_pr_patched) < 0.25 * abs(best.erasers_pr_clean)
     with pytest.raises(ValueError, match="not L1H0"):
         paper.mine_adversarial(model, res, corpus, writer="L1H0", erasers=ERASERS)
+
+
+def test_miner_refuses_inputs_that_do_not_match_the_scan(planted, planted_scan, tmp_path):
+    import copy
+
+    model, _ = planted
+    corpus, res = planted_scan
+    with pytest.raises(ValueError, match="not the corpus the scan read.*n_rows 6 here vs 8"):
+        paper.mine_adversarial(model, res, corpus[:6], writer="L0H2", erasers=ERASERS)
+    with pytest.raises(ValueError, match="not the corpus the scan read"):  # same shape, other tokens
+        paper.mine_adversarial(model, res, demo_corpus(8, 96, DIMS["d_vocab"], seed=3), writer="L0H2", erasers=ERASERS)
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        next(other.parameters()).add_(1.0)
+    with pytest.raises(ValueError, match="another model"):
+        paper.mine_adversarial(other, res, corpus, writer="L0H2", erasers=ERASERS)
+    with pytest.raises(ValueError, match="share one layer"):
+        paper.mine_adversarial(model, res, corpus, writer="L0H2", erasers=["L2H3", "L3H1"])
+    with pytest.raises(ValueError, match="no summary.json"):
+        paper.mine_adversarial(model, str(tmp_path), corpus, writer="L0H2", erasers=ERASERS)
+
+
+def test_fig5_rejects_erasers_not_after_the_writer(planted):
+    model, tokens = planted
+    with pytest.raises(ValueError, match="after the writer's layer"):
+        paper.v_composition(model, tokens, "L2H2", ["L1H3"])
+    with pytest.raises(ValueError, match="fewer than 3"):
+        paper.v_composition(model, tokens[:1, :3], "L0H2", ERASERS)
+
+
+def test_fig4_checks_its_arguments_and_its_median_lies_between_the_quartiles(planted):
+    model, tokens = planted
+    corpus = demo_corpus(16, 96, DIMS["d_vocab"], seed=11)
+    with pytest.raises(ValueError, match="n_samples"):
+        paper.resample_ablation(model, tokens[:2, :24], [5, 6], [7, 8], "L0H2", corpus, n_samples=0)
+    with pytest.raises(ValueError, match="corpus must be"):
+        paper.resample_ablation(model, tokens[:2, :24], [5, 6], [7, 8], "L0H2", corpus[:, :10])
+    # an even number of samples: the median is the midpoint, not torch's lower middle value
+    table = paper.resample_ablation(model, tokens[:2, :24], [5, 6], [7, 8], "L0H2", corpus, n_samples=2)
+    assert (table.resampled_q25 <= table.resampled_median).all() and (table.resampled_median <= table.resampled_q75).all()
+
+
+def test_paper_prompts_need_a_tokenizer(planted):
+    model, _ = planted
+    assert paper.paper_prompts(model) is None
+    assert paper.paper_prompts_unavailable(model) == "the model has no tokenizer"

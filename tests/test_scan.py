@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import erasure_fast as ef
-from erasure_fast.scanning import CorpusError, open_corpus, scan
+from erasure_fast.scanning import CorpusError, ScanJob, open_corpus, plan_scan, scan
 from erasure_fast.scanning import checkpoint as ckpt
 from erasure_fast.scanning.aggregate import SeriesStats, TopK
 from conftest import build_model
@@ -33,11 +33,20 @@ def stream(tmp_path_factory):
 
 
 def run(model, corpus, out, **kw):
+    """A scan on the default backend (cpp on this CPU), as a user would run it."""
     kw.setdefault("seq_len", 16)
     kw.setdefault("batch_size", 4)
     kw.setdefault("progress", False)
-    kw.setdefault("backend", "torch")
     return scan(model, corpus, out_dir=str(out), **kw)
+
+
+def run_stopped(model, corpus, out, batches: int, **kw):
+    """A scan that stops (checkpoint saved) after ``batches`` batches, as a killed or interrupted one."""
+    kw.setdefault("seq_len", 16)
+    kw.setdefault("batch_size", 4)
+    kw.setdefault("progress", False)
+    with ScanJob(plan_scan(model, corpus, out_dir=str(out), **kw)) as job:
+        assert job.run(max_batches=batches) is False
 
 
 def final_state(out):
@@ -47,8 +56,10 @@ def final_state(out):
 
 def test_scan_aggregates_equal_direct_attribution(model, stream, tmp_path):
     res = run(model, stream, tmp_path / "a", writers=["L0H1", "L1H2"], prepend_bos=0)
+    assert res.meta["backend"] == "cpp"  # the default backend on a CPU
     toks = torch.from_numpy(np.load(stream)[: 23 * 16].astype(np.int64).reshape(23, 16))
     toks = torch.cat([torch.zeros(23, 1, dtype=torch.long), toks[:, :-1]], dim=1)
+    # the reference: the torch backend's direct attribution of the same rows (fp32: cpp agrees to ~1e-6)
     direct = ef.attribute(model, toks, writers=["L0H1", "L1H2"], backend="torch")
     s = res.summary
     assert res.meta["tokens"] == 23 * 16 and res.meta["rows"] == 23
@@ -58,20 +69,20 @@ def test_scan_aggregates_equal_direct_attribution(model, stream, tmp_path):
             row = s[(s.kind == "node") & (s.node == node) & (s.writer == writer)].iloc[0]
             v = pr[:, i, w]
             assert row["count"] == np.isfinite(v).sum()
-            assert row["mean"] == pytest.approx(np.nanmean(v), rel=1e-9, abs=1e-12)
+            assert row["mean"] == pytest.approx(np.nanmean(v), rel=1e-5, abs=1e-6)
             inside = v[(v > -3) & (v < 3)]
             if len(inside) == len(v):  # quantile error is at most one bin (0.005)
-                assert abs(row["median"] - np.median(v)) <= 0.005 + 1e-9
+                assert abs(row["median"] - np.median(v)) <= 0.005 + 1e-5
     rpr = direct.resid_pr.double().reshape(-1, *direct.resid_pr.shape[2:]).numpy()
     r = s[(s.kind == "resid") & (s.node == "resid_post1") & (s.writer == "L0H1")].iloc[0]
-    assert r["mean"] == pytest.approx(np.nanmean(rpr[:, -1, 0]), rel=1e-9)
+    assert r["mean"] == pytest.approx(np.nanmean(rpr[:, -1, 0]), rel=1e-5, abs=1e-6)
     d = s[(s.kind == "dla") & (s.node == "L1H0")].iloc[0]
     dla = direct.dla[:, :, 1, 0].double().numpy()
     assert d["count"] == np.isfinite(dla).sum() == 23 * 15 and d["nan"] == 23
-    assert d["mean"] == pytest.approx(np.nanmean(dla), rel=1e-9)
+    assert d["mean"] == pytest.approx(np.nanmean(dla), rel=1e-5, abs=1e-6)
     # BOS split: position 0 alone
     bos = s[(s.kind == "node") & (s.node == "L1H0") & (s.writer == "L0H1")].iloc[0]["median_bos"]
-    assert abs(bos - np.median(direct.pr[:, 0, 3, 0].double().numpy())) <= 0.005 + 1e-9
+    assert abs(bos - np.median(direct.pr[:, 0, 3, 0].double().numpy())) <= 0.005 + 1e-5
 
 
 @pytest.mark.parametrize("kill_after", [1, 2, 5])
@@ -79,7 +90,7 @@ def test_resume_is_bit_identical(model, stream, tmp_path, kill_after):
     full = run(model, stream, tmp_path / "full", checkpoint_every=2)
     ref_arrays, ref_meta = final_state(tmp_path / "full")
     out = tmp_path / "killed"
-    assert run(model, stream, out, checkpoint_every=2, stop_after_batches=kill_after) is None
+    run_stopped(model, stream, out, kill_after, checkpoint_every=2)
     _, meta = final_state(out)
     assert meta["next_batch"] == kill_after
     resumed = run(model, stream, out, checkpoint_every=2)
@@ -93,7 +104,7 @@ def test_resume_is_bit_identical(model, stream, tmp_path, kill_after):
 
 
 def test_changed_config_refuses_to_resume(model, stream, tmp_path):
-    run(model, stream, tmp_path, stop_after_batches=1, writers=["L0H0"])
+    run_stopped(model, stream, tmp_path, 1, writers=["L0H0"])
     with pytest.raises(ValueError, match="different configuration.*writers"):
         run(model, stream, tmp_path, writers=["L0H1"])
     with pytest.raises(ValueError, match="different configuration.*batch_size"):
@@ -120,7 +131,7 @@ def test_report_files(model, stream, tmp_path):
     back = pd.read_parquet(tmp_path / "summary.parquet")
     assert len(back) == len(res.summary) == (8 + 5) * 6 + 6 + 6
     meta = json.load(open(tmp_path / "summary.json"))["meta"]
-    assert meta["tokens"] == 23 * 16 and meta["tokens_per_s"] > 0 and meta["backend"] == "torch"
+    assert meta["tokens"] == 23 * 16 and meta["tokens_per_s"] > 0 and meta["backend"] == "cpp"
     md = open(tmp_path / "report.md").read()
     assert "synthetic test model" in md and "Strongest erasure" in md and "fig2_node_pr.png" in md
 
@@ -170,11 +181,11 @@ def test_corpus_errors(tmp_path, model):
     bad = tmp_path / "odd.bin"
     bad.write_bytes(b"\x01\x00\x02")
     with pytest.raises(CorpusError, match="odd.bin: size 3 bytes is not a multiple of 2.*offset 2"):
-        open_corpus(str(bad), seq_len=4)
+        open_corpus(str(bad), seq_len=4, bin_dtype="uint16")
     empty = tmp_path / "empty.bin"
     empty.write_bytes(b"")
     with pytest.raises(CorpusError, match="empty.bin: file is empty"):
-        open_corpus(str(empty), seq_len=4)
+        open_corpus(str(empty), seq_len=4, bin_dtype="uint16")
     np.save(tmp_path / "f.npy", np.zeros(10, dtype=np.float32))
     with pytest.raises(CorpusError, match="f.npy: token array dtype float32 not supported"):
         open_corpus(str(tmp_path / "f.npy"), seq_len=4)
@@ -184,14 +195,63 @@ def test_corpus_errors(tmp_path, model):
     (tmp_path / "trunc.npy").write_bytes(open(tmp_path / "s.npy", "rb").read()[:-8])
     with pytest.raises(CorpusError, match="trunc.npy: not a readable .npy"):
         open_corpus(str(tmp_path / "trunc.npy"), seq_len=4)
-    ids = np.arange(64, dtype=np.uint16) % 50
-    ids[37] = 60  # out of range for d_vocab=50, in row 37 // 8 = 4
-    ids.tofile(tmp_path / "ids.bin")
-    with pytest.raises(CorpusError, match=r"ids.bin: row 4 \(byte offset 64\) has token ids outside \[0, d_vocab=50\)"):
-        scan(model, str(tmp_path / "ids.bin"), seq_len=8, batch_size=2, out_dir=str(tmp_path / "o"), progress=False)
     with pytest.raises(CorpusError, match="unknown corpus format"):
         (tmp_path / "x.csv").write_text("1,2")
         open_corpus(str(tmp_path / "x.csv"))
+
+
+def test_bin_corpus_needs_its_dtype(tmp_path, model):
+    """A raw .bin has no header: read with a guessed uint16, int32 ids would scan as garbage (twice
+    the tokens, every second id 0). The dtype must be named."""
+    (np.arange(64, dtype=np.int32) % 50).tofile(tmp_path / "ids32.bin")
+    with pytest.raises(CorpusError, match=r"ids32.bin: a raw .bin token file has no header; pass its dtype"):
+        open_corpus(str(tmp_path / "ids32.bin"), seq_len=8)
+    with pytest.raises(CorpusError, match="no header"):
+        run(model, str(tmp_path / "ids32.bin"), tmp_path / "o", seq_len=8)
+    assert not os.path.exists(tmp_path / "o" / "checkpoint")
+    with pytest.raises(CorpusError, match="bin_dtype must be one of"):
+        open_corpus(str(tmp_path / "ids32.bin"), seq_len=8, bin_dtype="float32")
+    c = open_corpus(str(tmp_path / "ids32.bin"), seq_len=8, bin_dtype="int32")
+    assert c.n_rows == 8 and c.describe()["dtype"] == "int32"
+
+
+@pytest.mark.parametrize("name, match", [
+    ("missing.npy", "missing.npy: no such file"),
+    ("missing.bin", "missing.bin: no such file"),
+    ("missing.txt", "missing.txt: no such file"),
+    ("missing.jsonl", "missing.jsonl: no such file"),
+    ("missing_dataset", r"missing_dataset: no such file or directory \(a dataset on the Hugging Face hub is named hf:owner/name\)"),
+])
+def test_missing_corpus_is_not_found_at_once(tmp_path, model, name, match):
+    """Each kind says "no such file" at once: no 30-second hub lookup for a typo, no tokenizer error."""
+    import time
+
+    t0 = time.perf_counter()
+    with pytest.raises(CorpusError, match=match):
+        open_corpus(str(tmp_path / name), seq_len=8, bin_dtype="uint16", tokenizer=object())
+    assert time.perf_counter() - t0 < 2
+    (tmp_path / "plain_dir").mkdir()
+    with pytest.raises(CorpusError, match="not a Hugging Face dataset directory"):
+        open_corpus(str(tmp_path / "plain_dir"), seq_len=8)
+
+
+def test_out_of_range_id_in_the_last_row_is_refused_before_any_work(tmp_path, model, monkeypatch):
+    ids = (np.arange(16 * 8) % 50).astype(np.uint16)
+    ids[-3] = 60  # out of range for d_vocab=50, in the last row (15) of 8 tokens
+    ids.tofile(tmp_path / "ids.bin")
+    import erasure_fast.scanning.job as job
+
+    def no_forward(*a, **k):
+        raise AssertionError("the model ran before the corpus was checked")
+
+    monkeypatch.setattr(job, "run_attribution", no_forward)
+    with pytest.raises(CorpusError, match=r"ids.bin: row 15 \(byte offset 240\) has token ids outside \[0, d_vocab=50\) \(e.g. 60\)"):
+        run(model, str(tmp_path / "ids.bin"), tmp_path / "o", seq_len=8, batch_size=2, bin_dtype="uint16")
+    assert not os.path.exists(tmp_path / "o" / "checkpoint")
+    # max_tokens that stops before the bad row scans fine
+    monkeypatch.undo()
+    res = run(model, str(tmp_path / "ids.bin"), tmp_path / "o", seq_len=8, batch_size=2, bin_dtype="uint16", max_tokens=8 * 15)
+    assert res.meta["rows"] == 15
 
 
 def test_bin_corpus_and_2d_rows(tmp_path, model):
@@ -200,9 +260,25 @@ def test_bin_corpus_and_2d_rows(tmp_path, model):
     c = open_corpus(str(tmp_path / "t.bin"), seq_len=12, bin_dtype="uint32")
     rows = list(c.rows())
     assert c.n_rows == 5 and len(rows) == 5 and np.array_equal(rows[2][1], a[24:36])
-    np.save(tmp_path / "r.npy", a.reshape(5, 12).astype(np.int64))
-    c2 = open_corpus(str(tmp_path / "r.npy"), seq_len=10)
-    assert c2.n_rows == 5 and np.array_equal(list(c2.rows(3))[0][1], a[36:46])
+    assert c.dropped_tokens == 0
+
+
+def test_2d_rows_longer_than_seq_len_are_cut_into_windows(tmp_path, model):
+    """Stored rows of 26 tokens with seq_len 8: three windows each (not only the first 8 tokens),
+    the last 2 tokens of every stored row in no window -- counted, reported."""
+    a = np.arange(5 * 26).reshape(5, 26).astype(np.int64) % 50
+    np.save(tmp_path / "r.npy", a)
+    c = open_corpus(str(tmp_path / "r.npy"), seq_len=8)
+    assert c.n_rows == 15 and c.dropped_tokens == 10
+    got = dict(c.rows())
+    assert np.array_equal(got[4], a[1, 8:16]) and np.array_equal(got[14], a[4, 16:24])
+    assert c.byte_offset(4) == 128 + (26 + 8) * 8  # .npy header of 128 bytes
+    blocks = list(c.batches(4))
+    assert [len(ids) for _, ids, _ in blocks] == [4, 4, 4, 3]
+    assert np.array_equal(np.concatenate([t for _, _, t in blocks]), np.stack([got[i] for i in range(15)]))
+    res = run(model, str(tmp_path / "r.npy"), tmp_path / "o", seq_len=8)
+    assert res.meta["rows"] == 15 and res.meta["corpus"]["dropped_tokens"] == 10
+    assert open_corpus(str(tmp_path / "r.npy")).n_rows == 5  # default seq_len: the stored rows
 
 
 def test_bad_scan_arguments(model, stream, tmp_path):
@@ -214,6 +290,15 @@ def test_bad_scan_arguments(model, stream, tmp_path):
         run(model, stream, tmp_path, prepend_bos=50)
     with pytest.raises(ValueError, match="does not exist"):
         run(model, stream, tmp_path, writers=["L5H0"])
+    with pytest.raises(ValueError, match=r"names head L0H2 twice \('L0H2' and 'L0H2'\)"):
+        run(model, stream, tmp_path, writers=["L0H2", "L0H2"])
+    with pytest.raises(ValueError, match="names head L0H2 twice"):
+        run(model, stream, tmp_path, writers=["L0H2", (0, 2)])
+    with pytest.raises(TypeError, match="checkpoint_every must be an int"):
+        run(model, stream, tmp_path, checkpoint_every=1.5)
+    with pytest.raises(ValueError, match="position_edges must be increasing"):
+        run(model, stream, tmp_path, position_edges=(16, 1))
+    assert not os.listdir(tmp_path)  # nothing written: every check ran before any work
 
 
 def test_scan_finds_the_planted_circuit(tmp_path):

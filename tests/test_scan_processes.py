@@ -35,7 +35,7 @@ def cli(*args, env=None, **kw):
 
 def scan_args(root, out, *extra):
     return ["scan", "--model", root / "model", "--corpus", root / "tokens.npy", "--out", out,
-            "--batch-size", "3", "--backend", "torch", "--no-progress", *extra]
+            "--batch-size", "3", "--no-progress", *extra]
 
 
 def free_port() -> int:

@@ -32,15 +32,12 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 
 from ..contract import FusedInputs, FusedOutputs, accumulation_dtype
-
-if TYPE_CHECKING:  # annotations only
-    from .dla_table import DlaTable
 
 NAME = "cpp"
 DEVICES = ("cpu",)
@@ -137,7 +134,7 @@ def prefer_table(n_unique: int, n_tokens: int, d_model: int) -> bool:
     return bool(require_extension().dla_prefer_table(int(n_unique), int(n_tokens), int(d_model)))
 
 
-def _table_method(table: Optional["DlaTable"], method: str, ids: torch.Tensor,
+def _table_method(table, method: str, ids: torch.Tensor,
                   incorrect_ids: Optional[torch.Tensor]) -> str:
     """The kernel's method for a gathered call: a lazy table first builds the rows the call lacks,
     and is then always gathered from (cheaper than building those rows again)."""
@@ -153,11 +150,12 @@ def last_path() -> str:
     return getattr(_last_path, "value", "")
 
 
-def dla_gathered(table: Optional["DlaTable"], z: torch.Tensor, scale: torch.Tensor,
+def dla_gathered(table, z: torch.Tensor, scale: torch.Tensor,
                  direction_ids: torch.Tensor, incorrect_ids: Optional[torch.Tensor] = None, *,
                  W_O: Optional[torch.Tensor] = None, directions: Optional[torch.Tensor] = None,
                  center: Optional[bool] = None, method: str = "auto", norms: bool = False):
     """Gathered DLA only: dla [T, N] (NaN where an id is -1), plus norms [T, N] when ``norms``.
+    ``table``: a `erasure_fast.backends.dla_table.DlaTable`, or None.
 
     With a table, W_O / directions / center default to the table's own (and must match it when
     given); ``method`` is 'auto' (pick by cost), 'table' or 'unique'. Without a table, W_O and

@@ -1,5 +1,13 @@
 """The benchmark harness: every workload x shape x size x provider, in one process and one run.
 
+Correct before fast: before a provider is timed on a (workload, shape, size) point, the result of
+its warm-up call is compared with the float64 reference (`erasure_fast.backends.torch_ref` on float64
+copies of the same inputs, first ``CHECK_TOKENS`` tokens) in the canonical form of
+`providers.PreparedWorkload`; a provider off by more than the dtype's tolerance is recorded as
+"wrong" with its error and is not timed there (no median, no speedup). The check is outside the
+timed calls and outside the memory measurement. S1 (the scan) is not checked this way: its outputs
+are aggregates (quantiles, moments), which tests/test_scan*.py check against direct computation.
+
 Per point: median and spread of wall time over repeats after a warm-up (device-synchronised on GPU),
 tokens/s, peak extra memory (RSS above the pre-call baseline on CPU, sampled every 2 ms;
 ``max_memory_allocated`` above the baseline on GPU), speedup over TransformerLens's method, and % of
@@ -13,14 +21,22 @@ import gc
 import statistics
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 
+from ..backends import torch_ref
+from ..contract import validate
 from . import machine as mach
 from . import providers as prov
 from .workloads import SHAPES, flops, make_inputs
+
+# Tokens of each point compared with the reference: enough to catch a wrong kernel, cheap at 1M tokens.
+CHECK_TOKENS = 2048
+# Largest accepted max|ours - ref| / max|ref| by input dtype (accumulation is fp32 for bf16 / fp16).
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 
 
 @dataclass
@@ -29,7 +45,7 @@ class Point:
     shape: str
     provider: str
     n_tokens: int
-    status: str = "ok"  # ok | oom | timeout | error | skipped
+    status: str = "ok"  # ok | wrong | oom | timeout | error | skipped
     times_s: List[float] = field(default_factory=list)
     median_s: Optional[float] = None
     tokens_per_s: Optional[float] = None
@@ -40,11 +56,14 @@ class Point:
 
 
 class _PeakRSS:
-    """Peak resident memory above the baseline while the block runs (sampling thread)."""
+    """Peak resident memory above the baseline while the block runs (sampling thread), except while
+    `paused` (the correctness check's own allocations are not the provider's)."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.peak = 0
+        self.lock = threading.Lock()
+        self.sampling = True
 
     def __enter__(self):
         gc.collect()
@@ -52,6 +71,7 @@ class _PeakRSS:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             self.base = torch.cuda.memory_allocated()
+            self.peak = self.base
             return self
         import psutil
 
@@ -62,17 +82,39 @@ class _PeakRSS:
 
         def sample():
             while not self.stop.is_set():
-                self.peak = max(self.peak, self.proc.memory_info().rss)
+                with self.lock:
+                    if self.sampling:
+                        self.peak = max(self.peak, self.proc.memory_info().rss)
                 time.sleep(0.002)
 
         self.thread = threading.Thread(target=sample, daemon=True)
         self.thread.start()
         return self
 
+    @contextmanager
+    def paused(self):
+        if self.device.type == "cuda":  # keep the peak so far, then count from a fresh peak
+            torch.cuda.synchronize()
+            self.peak = max(self.peak, torch.cuda.max_memory_allocated())
+            try:
+                yield
+            finally:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            return
+        with self.lock:
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            self.sampling = False
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.sampling = True
+
     def __exit__(self, *exc):
         if self.device.type == "cuda":
             torch.cuda.synchronize()
-            self.extra = torch.cuda.max_memory_allocated() - self.base
+            self.extra = max(self.peak, torch.cuda.max_memory_allocated()) - self.base
         else:
             self.stop.set()
             self.thread.join()
@@ -89,16 +131,46 @@ def _is_oom(e: BaseException) -> bool:
     return isinstance(e, (MemoryError, torch.cuda.OutOfMemoryError)) or any(m in msg for m in _OOM_MESSAGES)
 
 
-def _finite(result) -> bool:
-    items = result if isinstance(result, tuple) else (result,)
-    for t in items:
-        t = t.dla if hasattr(t, "dla") else t
-        if isinstance(t, torch.Tensor) and t.numel() and not bool(torch.isfinite(t[..., :1]).any()):
-            return False
-    return True
+@torch.no_grad()
+def reference_outputs(model, inp, workload: str, n_tokens: int) -> Dict[str, torch.Tensor]:
+    """The float64 reference of a workload on the first ``n_tokens`` tokens of ``inp``, in canonical
+    form: the reference backend on float64 copies of the very arguments the providers get."""
+    args = prov.contract_args(model, inp, workload)
+    per_token = ("z", "scale", "direction_ids", "extra_nodes")
+    args = {k: v[:n_tokens] if k in per_token else v for k, v in args.items()}
+    args = {k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in args.items()}
+    return prov.contract_canonical(workload)(torch_ref.run(validate(**args)), n_tokens)
 
 
-def measure(fn, device, repeats: int, warmup: int = 1, budget_s: float = 120.0) -> Point:
+def compare_with_reference(ours: Dict[str, torch.Tensor], ref: Dict[str, torch.Tensor], tol: float) -> str:
+    """Why ``ours`` is wrong ("" when it is not): per output, max|ours - ref| / max|ref| over the
+    entries where the reference is finite must be <= ``tol``; a NaN / inf of ours there is wrong.
+    Where the reference is NaN (no next token at a row's last position) anything goes: TransformerLens
+    computes a DLA there with the token itself as target."""
+    for key, r in ref.items():
+        if key not in ours:
+            return f"{key} missing from the output"
+        o = ours[key].detach().to(r.device, torch.float64)
+        if o.shape != r.shape:
+            return f"{key} shape {list(o.shape)} != reference {list(r.shape)}"
+        fin = torch.isfinite(r)
+        if not bool(torch.isfinite(o[fin]).all()):
+            return f"{key} non-finite where the reference is finite"
+        if not bool(fin.any()):
+            continue
+        err = float((o[fin] - r[fin]).abs().max() / r[fin].abs().max().clamp_min(1e-300))
+        if not err <= tol:
+            return f"{key} rel err {err:.1e} > {tol:.0e}"
+    return ""
+
+
+def measure(fn, device, repeats: int, warmup: int = 1, budget_s: float = 120.0,
+            check: Optional[Callable[[object], str]] = None) -> Point:
+    """Time ``fn``: ``warmup`` calls, then ``repeats`` timed calls (0: the warm-up call is the time).
+
+    ``check(result)`` -> why the result is wrong, or "": called on the last warm-up call's result,
+    outside the timing and the memory measurement. A wrong result makes the point "wrong" with no
+    time (its timed repeats are not run)."""
     p = Point("", "", "", 0)
     out = None
     try:
@@ -106,8 +178,14 @@ def measure(fn, device, repeats: int, warmup: int = 1, budget_s: float = 120.0) 
             t0 = time.perf_counter()
             for _ in range(warmup):
                 out = fn()
-            mach._sync(device)
+            mach.sync(device)
             first = time.perf_counter() - t0
+            if check is not None and warmup:
+                with mem.paused():
+                    why = check(out)
+                if why:
+                    p.status, p.note = "wrong", why
+                    return p
             if warmup and first * repeats > budget_s:
                 repeats = max(1, int(budget_s // max(first, 1e-9)))
             if repeats:
@@ -115,12 +193,10 @@ def measure(fn, device, repeats: int, warmup: int = 1, budget_s: float = 120.0) 
                 for _ in range(repeats):
                     t0 = time.perf_counter()
                     out = fn()
-                    mach._sync(device)
+                    mach.sync(device)
                     p.times_s.append(time.perf_counter() - t0)
             else:
                 p.times_s = [first]
-        if out is not None and not _finite(out):
-            p.status, p.note = "error", "non-finite result"
         p.peak_extra_mib = mem.extra / 2**20
         p.median_s = statistics.median(p.times_s)
     except Exception as e:  # recorded, not dropped
@@ -130,6 +206,19 @@ def measure(fn, device, repeats: int, warmup: int = 1, budget_s: float = 120.0) 
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return p
+
+
+def _checker(prepared: prov.PreparedWorkload, ref: Dict[str, torch.Tensor], n_tokens: int, tol: float):
+    """check(result) for `measure`: the provider's canonical form of the first n tokens vs the reference."""
+
+    def check(result) -> str:
+        try:
+            ours = prepared.canonical(result, n_tokens)
+        except Exception as e:  # an output that cannot be put in canonical form is a wrong output
+            return f"output not in canonical form ({type(e).__name__}: {str(e)[:120]})"
+        return compare_with_reference(ours, ref, tol)
+
+    return check
 
 
 def _model(shape: str, device):
@@ -152,17 +241,29 @@ def _model(shape: str, device):
 
 
 def run_kernels(shapes, sizes, device, repeats: int, budget_s: float, providers=None, progress=print,
-                points: Optional[List[Point]] = None) -> List[Point]:
-    """K1, K2n (cold + warm), K2f for every provider (appended to ``points`` as they finish)."""
+                points: Optional[List[Point]] = None,
+                extra_providers: Optional[Dict[str, Callable]] = None) -> List[Point]:
+    """K1, K2n (cold + warm), K2f for every provider (appended to ``points`` as they finish).
+
+    ``providers``: substrings of provider names to keep (None: all; ValueError when one matches
+    nothing). ``extra_providers``: {name: make} run in addition, never filtered by ``providers`` --
+    a hook for tests and experiments (``make(model, inputs, workload) -> providers.PreparedWorkload``
+    or None), checked against the reference and timed like the built-in ones."""
     points = [] if points is None else points
-    all_providers = prov.available_providers(device)
-    chosen = {k: v for k, v in all_providers.items() if providers is None or any(p in k for p in providers)}
+    chosen = prov.select_providers(device, providers)
+    clash = sorted(set(chosen) & set(extra_providers or {}))
+    if clash:
+        raise ValueError(f"extra_providers {clash} clash with built-in provider names")
+    chosen.update(extra_providers or {})
     for shape in shapes:
         model = _model(shape, device)
         dead: Dict[tuple, str] = {}
         for n in sizes:
             inp = make_inputs(shape, n, device)
+            n_check = min(inp.n_tokens, CHECK_TOKENS)
+            tol = TOLERANCE[inp.z.dtype]
             for workload in ("K1", "K2n", "K2f"):
+                ref = None  # computed when the first provider of this point needs it
                 for name, make in chosen.items():
                     key = (workload, name)
                     if name.startswith("transformer_lens") and not hasattr(model, "cfg"):
@@ -172,20 +273,30 @@ def run_kernels(shapes, sizes, device, repeats: int, budget_s: float, providers=
                     if key in dead:
                         points.append(Point(workload, shape, name, inp.n_tokens, status=dead[key], note="larger size skipped"))
                         continue
-                    fn = make(model, inp, workload)
-                    if fn is None:  # the provider does not do this workload
+                    prepared = make(model, inp, workload)
+                    if prepared is None:  # the provider does not do this workload
                         continue
+                    if ref is None:
+                        ref = reference_outputs(model, inp, workload, n_check)
+                    check = _checker(prepared, ref, n_check, tol)
+                    p = None
                     if workload == "K2n":  # cold: the very first call on this input (tables, compilation)
-                        cold = measure(fn, device, repeats=0, warmup=1, budget_s=budget_s)
+                        cold = measure(prepared.call, device, repeats=0, warmup=1, budget_s=budget_s, check=check)
                         cold.workload, cold.shape, cold.provider, cold.n_tokens = "K2n_cold", shape, name, inp.n_tokens
                         points.append(cold)
-                    p = measure(fn, device, repeats=repeats, budget_s=budget_s)
-                    p.workload, p.shape, p.provider, p.n_tokens = workload, shape, name, inp.n_tokens
+                        if cold.status == "wrong":  # not timed warm either
+                            p = Point(workload, shape, name, inp.n_tokens, status="wrong", note=cold.note)
+                    if p is None:
+                        p = measure(prepared.call, device, repeats=repeats, budget_s=budget_s, check=check)
+                        p.workload, p.shape, p.provider, p.n_tokens = workload, shape, name, inp.n_tokens
                     points.append(p)
+                    del prepared, check
                     if p.status in ("oom",) or (p.median_s or 0) > budget_s:
                         dead[key] = "oom" if p.status == "oom" else "timeout"
                     progress(f"{workload:8s} {shape:10s} T={inp.n_tokens:>8d} {name:32s} "
-                             f"{p.status:6s} {('%.4f s' % p.median_s) if p.median_s else '':>10s}")
+                             f"{p.status:6s} {('%.4f s' % p.median_s) if p.median_s else '':>10s}"
+                             + (f"  ({p.note})" if p.status != "ok" and p.note else ""))
+                del ref
             del inp
             gc.collect()
         del model
@@ -225,7 +336,7 @@ def run_s1(n_tokens: int, device, batch_size: int = 8, progress=print, points: O
                 nxt = torch.cat([toks[:, 1:], toks[:, -1:]], dim=1)
                 dla = cache.logit_attrs(stack, nxt)[:, :, :-1]
                 mlps = torch.stack([cache[f"blocks.{l}.hook_mlp_out"] for l in range(L)])
-                pr = prov._paper_pr(torch.cat([stack, mlps]), stack)
+                pr = prov.paper_pr(torch.cat([stack, mlps]), stack)
             qs.append(np.nanquantile(pr.reshape(-1, pr.shape[2] * pr.shape[3]).cpu().numpy(), [0.125, 0.25, 0.5, 0.75, 0.875], axis=0))
             qs.append(np.quantile(dla.reshape(dla.shape[0], -1).cpu().numpy(), [0.25, 0.5, 0.75], axis=1))
         return qs
@@ -239,6 +350,8 @@ def run_s1(n_tokens: int, device, batch_size: int = 8, progress=print, points: O
         with tempfile.TemporaryDirectory() as tmp:
             return scan(model, corpus, batch_size=batch_size, out_dir=tmp, resume=False, progress=False, report=False)
 
+    # Not checked against the reference like the kernels: the scan's outputs are aggregates
+    # (histogram quantiles, moments), which tests/test_scan*.py check against direct computation.
     points = [] if points is None else points
     for name, fn in (("transformer_lens pipeline", tl_pipeline), ("bare forward (no unembed)", bare_forward),
                      ("erasure_fast scan", ours)):

@@ -53,7 +53,8 @@ def machine_label(info: dict) -> str:
     return f"cpu{info['cores']}-" + "".join(c for c in info["cpu"].split("@")[0] if c.isalnum())[:24]
 
 
-def _sync(device):
+def sync(device):
+    """Wait for the device's queued work (no-op on CPU), so wall time covers the work."""
     if device.type == "cuda":
         torch.cuda.synchronize()
 
@@ -62,12 +63,12 @@ def time_call(fn, device, repeats: int = 5, warmup: int = 1) -> list:
     """Wall-clock seconds of ``repeats`` calls after ``warmup`` calls (device-synchronised)."""
     for _ in range(warmup):
         fn()
-    _sync(device)
+    sync(device)
     out = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
-        _sync(device)
+        sync(device)
         out.append(time.perf_counter() - t0)
     return out
 
@@ -89,13 +90,21 @@ def copy_bandwidth(device: torch.device, mib: int = 256, repeats: int = 5) -> fl
 
 
 def roofline(device: torch.device) -> dict:
+    """Measured matmul rate per dtype (GFLOP/s) and copy bandwidth (GB/s) of ``device``.
+
+    On CUDA the fp32 rate is measured with TF32 off and the TF32 rate with it on; the process's
+    ``allow_tf32`` setting is restored afterwards (the benchmark runs this in its own process, but
+    the function must not leave a changed global behind wherever it is called)."""
     rates = {"float32": matmul_rate(device, torch.float32)}
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = False
-        rates["float32"] = matmul_rate(device, torch.float32, n=8192)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        rates["tf32"] = matmul_rate(device, torch.float32, n=8192)
-        torch.backends.cuda.matmul.allow_tf32 = False
+        before = torch.backends.cuda.matmul.allow_tf32
+        try:
+            torch.backends.cuda.matmul.allow_tf32 = False
+            rates["float32"] = matmul_rate(device, torch.float32, n=8192)
+            torch.backends.cuda.matmul.allow_tf32 = True
+            rates["tf32"] = matmul_rate(device, torch.float32, n=8192)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = before
         rates["bfloat16"] = matmul_rate(device, torch.bfloat16, n=8192)
         rates["float16"] = matmul_rate(device, torch.float16, n=8192)
     return {"matmul_gflops": rates, "copy_gbps": copy_bandwidth(device, 1024 if device.type == "cuda" else 256)}

@@ -1,17 +1,34 @@
 """Providers of the kernel workloads: TransformerLens's method, the project's backends, torch.compile.
 
-Each provider is ``make(model, inputs, workload) -> callable``; the callable does the whole workload
-once (its result is returned so the harness can check it is finite)."""
+Each provider is ``make(model, inputs, workload) -> PreparedWorkload | None`` (None: the provider does
+not do that workload). ``PreparedWorkload.call`` does the whole workload once and is what the harness
+times; ``PreparedWorkload.canonical`` turns a call's result into the one form every provider is
+checked in against the float64 reference (untimed):
+
+    dla  [T, N]         N = n_layers * n_heads heads, T = batch * pos tokens flattened batch-major
+    pr   [T, N + M, W]  K1 only: projection ratio of every head, then every MLP, onto every head
+                        (W = N writers)
+
+restricted to the first ``n`` tokens (the harness checks a prefix to keep the check cheap)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from importlib import metadata
-from typing import Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import torch
 
-from ..contract import fused_attribution, validate
+from ..contract import FusedOutputs, fused_attribution, projection_ratio, validate
 from ..models import model_spec
+
+
+@dataclass(frozen=True)
+class PreparedWorkload:
+    """One provider's workload on one input: ``call()`` (timed) and ``canonical(result, n)`` (untimed)."""
+
+    call: Callable[[], Any]
+    canonical: Callable[[Any, int], Dict[str, torch.Tensor]]
 
 
 def tl_version() -> str:
@@ -29,15 +46,32 @@ def _tl_cache(model, inp, with_mlps: bool):
     return ActivationCache(d, model)
 
 
-def _paper_pr(nodes: torch.Tensor, writers: torch.Tensor) -> torch.Tensor:
+def paper_pr(nodes: torch.Tensor, writers: torch.Tensor) -> torch.Tensor:
     """(a.w)/(w.w) on materialised stacks: nodes [A, B, P, D], writers [W, B, P, D] -> [B, P, A, W]."""
     dots = torch.einsum("abpd,wbpd->bpaw", nodes, writers)
     ww = (writers * writers).sum(-1).permute(1, 2, 0)[:, :, None, :]
     return dots / ww
 
 
-def transformer_lens(model, inp, workload: str) -> Callable:
-    """What a researcher writes today: stack_head_results(apply_ln=False) + logit_attrs (+ paper PR)."""
+def _tl_canonical(workload: str):
+    """TransformerLens's logit_attrs gives [N, B, P]; its K1 PR is [B, P, N + M, W]."""
+
+    def token_major(dla: torch.Tensor, n: int) -> torch.Tensor:
+        return dla.reshape(dla.shape[0], -1)[:, :n].T
+
+    def canonical(result, n: int) -> Dict[str, torch.Tensor]:
+        if workload != "K1":
+            return {"dla": token_major(result, n)}
+        dla, pr = result
+        return {"dla": token_major(dla, n), "pr": pr.reshape(-1, *pr.shape[2:])[:n]}
+
+    return canonical
+
+
+def transformer_lens(model, inp, workload: str) -> PreparedWorkload:
+    """What a researcher writes today: stack_head_results(apply_ln=False) + logit_attrs (+ paper PR).
+    At the last position the next token is replaced by the token itself (TransformerLens needs a
+    target everywhere); the reference has no target there (NaN), so that DLA is not compared."""
     next_tok = torch.where(inp.next_ids < 0, inp.tokens, inp.next_ids)
 
     def run():
@@ -50,12 +84,13 @@ def transformer_lens(model, inp, workload: str) -> Callable:
             return dla
         L = inp.z.shape[2]
         mlps = torch.stack([cache[f"blocks.{l}.hook_mlp_out"] for l in range(L)])
-        return dla, _paper_pr(torch.cat([stack, mlps]), stack)
+        return dla, paper_pr(torch.cat([stack, mlps]), stack)
 
-    return run
+    return PreparedWorkload(run, _tl_canonical(workload))
 
 
-def _contract_args(model, inp, workload: str):
+def contract_args(model, inp, workload: str) -> dict:
+    """The `fused_attribution` keyword arguments of a workload (also what the reference is run on)."""
     spec = model_spec(model)
     B, P, L, H, dh = inp.z.shape
     T = B * P
@@ -75,10 +110,25 @@ def _contract_args(model, inp, workload: str):
     return args
 
 
+def contract_canonical(workload: str):
+    """Canonical form of a `FusedOutputs` (every project provider, and the reference itself): K2f's
+    fixed-set DLA [T, N, 1] becomes [T, N]; K1's PR follows from dots and norms (every head a writer)."""
+
+    def canonical(result: FusedOutputs, n: int) -> Dict[str, torch.Tensor]:
+        dla = result.dla[:n]
+        out = {"dla": dla.reshape(dla.shape[0], dla.shape[1])}
+        if workload == "K1":
+            writers = torch.arange(result.dots.shape[2], device=result.dots.device)
+            out["pr"] = projection_ratio(result.dots[:n], result.norms[:n], writers)
+        return out
+
+    return canonical
+
+
 def backend(name: str):
-    def make(model, inp, workload: str) -> Callable:
-        args = _contract_args(model, inp, workload)
-        return lambda: fused_attribution(**args, backend=name)
+    def make(model, inp, workload: str) -> PreparedWorkload:
+        args = contract_args(model, inp, workload)
+        return PreparedWorkload(lambda: fused_attribution(**args, backend=name), contract_canonical(workload))
 
     return make
 
@@ -89,12 +139,12 @@ def cpp_with_table(lazy: bool):
     Lazy: the first call builds the rows of its own targets, later calls gather (and build the
     rows of targets they see first)."""
 
-    def make(model, inp, workload: str) -> Optional[Callable]:
+    def make(model, inp, workload: str) -> Optional[PreparedWorkload]:
         if workload != "K2n":
             return None
         from ..backends.dla_table import build_dla_table
 
-        args = _contract_args(model, inp, workload)
+        args = contract_args(model, inp, workload)
         state = {}
 
         def run():
@@ -102,26 +152,27 @@ def cpp_with_table(lazy: bool):
                 state["table"] = build_dla_table(args["W_O"], args["directions"], args["center"], lazy=lazy)
             return fused_attribution(**args, backend="cpp", dla_table=state["table"])
 
-        return run
+        return PreparedWorkload(run, contract_canonical(workload))
 
     return make
 
 
-def torch_compile(model, inp, workload: str) -> Callable:
+def torch_compile(model, inp, workload: str) -> PreparedWorkload:
     """torch.compile of the reference math (the first thing a user would try): the per-chunk function
     is compiled (the token loop stays in Python, so the graph is not unrolled over chunks)."""
     from ..backends import torch_ref
 
-    args = _contract_args(model, inp, workload)
+    args = contract_args(model, inp, workload)
     inputs = validate(**args)
     # A fresh compilation per point: dynamo's recompile limit would otherwise silently fall back to
     # eager after a few sizes. Compilation happens in the harness's warm-up call, not in the timing.
     torch._dynamo.reset()
     compiled = torch.compile(torch_ref.chunk_outputs, dynamic=False)
-    return lambda: torch_ref.run(inputs, chunk_fn=compiled)
+    return PreparedWorkload(lambda: torch_ref.run(inputs, chunk_fn=compiled), contract_canonical(workload))
 
 
 def available_providers(device: torch.device) -> Dict[str, Callable]:
+    """Every provider that can run on ``device`` here, by display name."""
     from ..backends import available_backends
 
     try:
@@ -138,3 +189,23 @@ def available_providers(device: torch.device) -> Dict[str, Callable]:
     if device.type == "cuda" and info["triton"].available:
         out["erasure_fast triton"] = backend("triton")
     return out
+
+
+def select_providers(device: torch.device, wanted=None) -> Dict[str, Callable]:
+    """The available providers whose names contain one of the substrings in ``wanted`` (all when
+    None). Raises ValueError naming ``providers`` and the available names when ``wanted`` is empty
+    or one of its entries matches no provider (a typo would otherwise run nothing)."""
+    available = available_providers(device)
+    if wanted is None:
+        return available
+    if isinstance(wanted, str):
+        wanted = [wanted]
+    wanted = list(wanted)
+    names = ", ".join(repr(n) for n in available)
+    bad = [w for w in wanted if not isinstance(w, str) or not w]
+    if not wanted or bad:
+        raise ValueError(f"providers must be non-empty name substrings, got {wanted!r}; available on {device}: {names}")
+    unmatched = [w for w in wanted if not any(w in name for name in available)]
+    if unmatched:
+        raise ValueError(f"providers {unmatched} match no provider on {device}; available: {names}")
+    return {k: v for k, v in available.items() if any(w in k for w in wanted)}

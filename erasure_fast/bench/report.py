@@ -20,6 +20,17 @@ def _fmt(x, spec="{:.3g}") -> str:
     return "" if x is None else spec.format(x)
 
 
+def _cap(meta: dict) -> str:
+    if "address_space_cap_bytes" not in meta:  # results written before the cap was recorded
+        return " of 85 % of RAM"
+    cap = meta["address_space_cap_bytes"]
+    return f" of {cap / 2**30:.1f} GiB" if cap else " (none in this run: GPU, or no limit known)"
+
+
+def _tolerances(meta: dict) -> str:
+    return ", ".join(f"{dtype} {tol:.0e}" for dtype, tol in meta.get("check_tolerance", {}).items())
+
+
 def markdown(meta: dict, records: List[dict]) -> str:
     m = meta["machine"]
     roof = meta["roofline"]
@@ -33,7 +44,12 @@ def markdown(meta: dict, records: List[dict]) -> str:
         "pre-call baseline (RSS on CPU, allocated on GPU); speedup = TransformerLens time / provider time; roofline % = "
         "nominal FLOPs / time / fp32 matmul rate (K1: projections + each distinct dot once, see workloads.flops; K2f: the head-space count; none for K2n, whose "
         "head-space cost depends on the number of distinct targets, or S1); oom = allocation failed under the "
-        "benchmark's address-space cap of 85 % of RAM",
+        f"benchmark process's address-space cap{_cap(meta)}",
+    ] + ([
+        f"- correctness: before timing, every provider's output on each point is compared with the float64 reference "
+        f"(torch backend) on the first {meta['check_tokens']:,} tokens; wrong = max |error| / max |reference| above "
+        f"the tolerance ({_tolerances(meta)}): not timed; S1 (aggregates) is not checked this way"
+    ] if "check_tokens" in meta else []) + [  # results written before the check existed have none
         f"- command: `{meta['command']}`",
     ] + ([f"- note: {meta['note']}"] if meta.get("note") else []) + [""]
     groups: Dict[tuple, List[dict]] = {}

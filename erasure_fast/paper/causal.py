@@ -10,7 +10,7 @@ import torch
 
 from ..models import model_spec
 from ..plotting import new_figure, save
-from .common import DEFAULT_ERASERS, attribute_with_hooks, center, head_indices, ln_weight
+from .common import DEFAULT_ERASERS, attribute_with_hooks, center, eraser_layer, head_indices, ln_weight
 
 
 def _value_patch(model, spec, clean, writer: int, erasers: Sequence[int], layer: int, clean_ln1_scale: torch.Tensor):
@@ -45,12 +45,7 @@ def causal_check(model, tokens: torch.Tensor, writer: str = "L0H2", erasers: Seq
     spec = model_spec(model)
     w = head_indices(model, [writer])[0]
     es = head_indices(model, erasers)
-    layers = {e // spec.n_heads for e in es}
-    if len(layers) != 1:
-        raise ValueError(f"erasers must share one layer (the patched value input), got {list(erasers)}")
-    layer = layers.pop()
-    if layer <= w // spec.n_heads:
-        raise ValueError(f"erasers must come after the writer's layer {w // spec.n_heads}, got layer {layer}")
+    layer = eraser_layer(model, writer, erasers)
     scale_hook = f"blocks.{layer}.ln1.hook_scale"
     clean = attribute_with_hooks(model, tokens, [writer], backend=backend, keep_hooks=(scale_hook,))
     ln1_scale = clean.extra[scale_hook].reshape(clean.z.shape[:2])

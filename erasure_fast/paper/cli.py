@@ -1,172 +1,461 @@
-"""`erasure-fast paper`: every analysis of the paper on one model, tables + PNGs + paper_report.md."""
+"""`erasure-fast paper`: every analysis of the paper on one model -> tables, PNGs and a markdown report.
+
+`add_arguments` defines the command's options; `run` executes them in two steps. `plan_job` turns the
+arguments into a `PaperJob` and checks everything the requested analyses need -- the heads, the
+lengths, the output folder, the device, the corpus and, for the miner, the scan -- before the first
+forward pass or file write, so a user error never costs finished work. Each user error is a
+ValueError or TypeError (ModelLoadError and CorpusError are ValueErrors) with a one-line message that
+starts with the flag at fault ("--corpus: ..."); the main CLI prints that line and exits 2.
+`run_job` then runs the analyses and writes the report; a failure there is a bug and is raised as is.
+"""
 
 from __future__ import annotations
 
+import itertools
 import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import List, Optional
+
 import numpy as np
 import torch
 
-
-def _model(name: str, device=None):
-    """(model, label, erasers, note): 'auto' = real GELU-4L when cached, else the planted demo."""
-    from .. import paper
-    from ..demo import PLANTED, planted_model
-    from ..loading import ModelLoadError, load_model
-
-    if name in ("auto", "gelu-4l"):
-        try:
-            model = load_model("gelu-4l", device=device)
-            return model, "gelu-4l (NeelNanda/GELU_4L512W_C4_Code, local cache)", list(paper.DEFAULT_ERASERS), None
-        except ModelLoadError as e:
-            if name == "gelu-4l":
-                raise
-            print(f"GELU-4L is not cached here ({str(e).splitlines()[0][:80]}...); running on the planted demo model")
-    if name in ("auto", "demo"):
-        model, info = planted_model()
-        model = model.to(device) if device else model
-        return model, "demo (planted GELU-4L-shaped model)", list(PLANTED["erasers"]), info["note"]
-    model = load_model(name, device=device)
-    return model, name, list(paper.DEFAULT_ERASERS), None
-
+from ..capture import model_device
+from ..demo import PLANTED, demo_corpus, planted_model
+from ..loading import ModelLoadError, load_model
+from ..models import model_spec
+from ..scanning import CorpusError, open_corpus
+from ..scanning.corpus import HUB_PREFIX
+from .bos_split import bos_split
+from .causal import causal_check
+from .common import DEFAULT_ERASERS, eraser_layer, head_indices
+from .miner import check_scan_model, mine_adversarial, open_scanned_corpus, read_scan_summary, scan_candidate_rows
+from .resample import paper_prompts, paper_prompts_unavailable, plot_resample_ablation, resample_ablation
+from .residual import fig1_fig2
+from .v_composition import v_composition
 
 ANALYSES = ("all", "fig1", "fig2", "fig3", "fig4", "fig5", "fig8", "mine")
+FIGURES = ("fig1", "fig2", "fig3", "fig4", "fig5", "fig8")  # what "all" runs: the miner needs a scan
+USES_ERASERS = {"fig3", "fig5", "fig8", "mine"}
+NEEDS_ERASER_LAYER = {"fig3", "fig5", "mine"}  # they patch or read the erasers' (single) layer's value input
+DEMO_CORPUS = "demo"
+DEMO_SCAN_ROWS = 64  # `erasure-fast demo` scans demo_corpus(64, seq_len)
+DONOR_ROWS = 16  # corpus rows fig 4 draws its resampled inputs from (at least --rows)
+MINE_TOP = 10  # candidates the miner shows (mine_adversarial's default)
+
+
+def add_arguments(parser):
+    """Define the options of `erasure-fast paper` on ``parser`` (its help is meant for
+    argparse.ArgumentDefaultsHelpFormatter, which shows each default). Returns ``parser``."""
+    parser.add_argument("analysis", nargs="?", default="all", choices=ANALYSES,
+                        help="one analysis, or 'all': every figure (fig1-fig5, fig8) but not the miner, which needs a scan")
+    parser.add_argument("--scan-dir", default=None,
+                        help="for 'mine' (required there): the output directory of an `erasure-fast scan` or "
+                             "`erasure-fast demo` run (it holds summary.json)")
+    parser.add_argument("--model", default="auto",
+                        help="auto (gelu-4l when cached, else demo), demo (planted GELU-4L-shaped model), gelu-4l "
+                             "(local Hugging Face cache), a cached owner/name repo or a TransformerLens-style checkpoint directory")
+    parser.add_argument("--corpus", default=None,
+                        help="token corpus: a .npy / .bin token file, .txt / .jsonl text (needs the model's tokenizer), "
+                             "a Hugging Face save_to_disk directory or hf:owner/name; 'demo' = the synthetic demo corpus "
+                             "(for 'mine': the one `erasure-fast demo` scans). Not given: the figures use the synthetic demo corpus, and "
+                             "'mine' the corpus its scan read")
+    parser.add_argument("--bin-dtype", default=None, choices=["uint16", "uint32", "int32", "int64"],
+                        help="dtype of a raw .bin --corpus (it has no header); 'mine' defaults to the dtype its scan recorded")
+    parser.add_argument("--out", default="paper_out",
+                        help="output directory for the tables, figures and report (created if needed; not a file)")
+    parser.add_argument("--writer", default="L0H2",
+                        help="the writer head, e.g. L0H2; for 'mine' it must be the scan's focus writer")
+    parser.add_argument("--erasers", default=None,
+                        help="comma-separated eraser heads, all in one layer after the writer's, e.g. L2H3,L2H6. "
+                             "Not given: the planted erasers on the demo model, else the paper's L2H2-L2H7")
+    parser.add_argument("--rows", type=int, default=4, help="corpus rows in the figures' batch (>= 1)")
+    parser.add_argument("--seq-len", type=int, default=256,
+                        help="tokens per row for the figures (from 2 to the model's n_ctx); 'mine' uses the scan's rows")
+    parser.add_argument("--samples", type=int, default=10, help="resampled inputs per prompt for fig 4 (>= 1)")
+    parser.add_argument("--prepend-bos", type=int, default=None, metavar="ID",
+                        help="token ID put at position 0 of every row, the row shifted right as the scan does. Not "
+                             "given: the planted BOS (0) on the synthetic demo corpus, nothing on other corpora; "
+                             "'mine' always uses the scan's")
+    parser.add_argument("--device", default=None, help="torch device for the model, e.g. cuda or cpu; not given: cpu")
+    return parser
+
+
+@dataclass
+class PaperJob:
+    """A checked `erasure-fast paper` run: the loaded model and everything each analysis reads."""
+
+    analyses: List[str]
+    report_name: str
+    out: str
+    model: object
+    model_label: str
+    model_note: Optional[str]
+    writer: str
+    erasers: List[str]
+    samples: int
+    corpus_label: Optional[str] = None  # the figures' corpus, in words
+    batch: Optional[torch.Tensor] = None  # the figures' token batch [rows, seq_len]
+    donor_rows: Optional[np.ndarray] = None  # fig 4: rows its resampled inputs come from
+    prompts: Optional[list] = None  # fig 4: the paper's prompts, when the model can run them
+    prompts_unavailable: Optional[str] = None  # ... and why not, when it cannot
+    scan_dir: Optional[str] = None  # mine
+    scan_corpus: object = None  # mine: the opened corpus the scan read
+    scan_corpus_label: Optional[str] = None
 
 
 def run(args) -> int:
-    from .. import paper
-    from ..capture import model_device
-    from ..demo import PLANTED, demo_corpus
+    """`erasure-fast paper` with parsed ``args`` (see `add_arguments`): check the whole job, then run it."""
+    return run_job(plan_job(args))
 
-    model, label, erasers, note = _model(args.model, args.device)
-    if args.erasers:
-        erasers = [e.strip() for e in args.erasers.split(",")]
-    writer = args.writer
-    out = args.out
-    os.makedirs(out, exist_ok=True)
-    dev = model_device(model)
-    d_vocab = model.cfg.d_vocab
-    if args.corpus == "demo":
-        corpus = demo_corpus(max(args.rows, 16), args.seq_len, d_vocab, seed=5)
-        bos = PLANTED["bos"]
+
+# ---------------------------------------------------------------------------------------------------
+# Checking the job (no forward pass, no file written)
+
+
+@contextmanager
+def blame(flag: str):
+    """Re-raise a ValueError / TypeError from the block as one line that starts with ``flag``."""
+    try:
+        yield
+    except (ValueError, TypeError) as e:
+        message = " ".join(str(e).split())
+        if message.startswith("--"):
+            raise
+        try:
+            flagged = type(e)(f"{flag}: {message}")
+        except Exception:  # an exception type that takes other arguments (e.g. JSONDecodeError)
+            flagged = ValueError(f"{flag}: {message}")
+        raise flagged from None
+
+
+def _int_option(value, flag: str, least: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{flag}: expected an integer, got {value!r}")
+    if value < least:
+        raise ValueError(f"{flag}: must be >= {least}, got {value}")
+    return int(value)
+
+
+def _check_out(out) -> str:
+    """``out`` as a directory that exists or can be created (nothing is created yet)."""
+    if not isinstance(out, (str, os.PathLike)) or not os.fspath(out):
+        raise TypeError(f"--out: expected a directory path, got {out!r}")
+    out = os.fspath(out)
+    if os.path.exists(out):
+        if not os.path.isdir(out):
+            raise ValueError(f"--out: {out} exists and is not a directory")
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise ValueError(f"--out: {out} is not writable")
+        return out
+    parent = os.path.dirname(os.path.abspath(out))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"--out: {out} cannot be created, {parent} is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--out: {out} cannot be created, {parent} is not writable")
+    return out
+
+
+def _check_device(device) -> None:
+    if device is None:
+        return
+    try:
+        torch.empty(0, device=torch.device(device))  # parses the name and reaches the device
+    except (RuntimeError, AssertionError, TypeError, ValueError) as e:
+        raise ValueError(f"--device: cannot use {device!r} here ({' '.join(str(e).split())[:200]})") from None
+
+
+def _head_label(text, flag: str) -> str:
+    if not isinstance(text, str) or not text.strip():
+        raise TypeError(f"{flag}: expected a head label like L0H2, got {text!r}")
+    return text.strip().upper()
+
+
+def open_paper_model(name: str, device=None):
+    """(model, label, default erasers, note) for --model: 'auto' = the real GELU-4L when cached, else
+    the planted demo model; 'demo'; 'gelu-4l'; or anything `erasure_fast.load_model` takes."""
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"--model: expected a model name or directory, got {name!r}")
+    with blame("--model"):
+        if name in ("auto", "gelu-4l"):
+            try:
+                model = load_model("gelu-4l", device=device)
+                return model, "gelu-4l (NeelNanda/GELU_4L512W_C4_Code, local cache)", list(DEFAULT_ERASERS), None
+            except ModelLoadError as e:
+                if name == "gelu-4l":
+                    raise
+                print(f"GELU-4L is not cached here ({str(e).splitlines()[0][:80]}...); running on the planted demo model")
+        if name in ("auto", "demo"):
+            model, info = planted_model()
+            model = model.to(device) if device else model
+            return model, "demo (planted GELU-4L-shaped model)", list(PLANTED["erasers"]), info["note"]
+        return load_model(name, device=device), name, list(DEFAULT_ERASERS), None
+
+
+def _check_ids(rows: np.ndarray, d_vocab: int, source: str) -> None:
+    bad = np.nonzero(((rows < 0) | (rows >= d_vocab)).any(axis=1))[0]
+    if len(bad):
+        raise CorpusError(f"{source}: row {int(bad[0])} has token ids outside the model's vocabulary [0, {d_vocab})")
+
+
+def _figure_rows(corpus, model, rows: int, seq_len: int, bin_dtype: Optional[str]):
+    """(token rows [>= rows, seq_len], words for the report): the synthetic demo corpus when ``corpus`` is
+    None or 'demo', else the first rows of the corpus file or dataset."""
+    spec = model_spec(model)
+    if corpus is None or corpus == DEMO_CORPUS:
+        label = "the synthetic demo corpus (Zipf-distributed token ids" + (", --corpus not given)" if corpus is None else ")")
+        return demo_corpus(max(rows, DONOR_ROWS), seq_len, spec.d_vocab, seed=5), label
+    with blame("--corpus"):
+        try:
+            opened = open_corpus(corpus, seq_len=seq_len, tokenizer=getattr(model, "tokenizer", None), bin_dtype=bin_dtype)
+            read = [r for _, r in itertools.islice(opened.rows(), max(rows, DONOR_ROWS))]
+        except OSError as e:  # a missing or unreadable file (or an unreachable dataset)
+            raise CorpusError(f"{corpus}: cannot be read ({e.strerror or e})") from None
+        if len(read) < rows:
+            raise CorpusError(f"{opened.source} has {len(read)} rows of {seq_len} tokens; --rows asks for {rows}")
+        table = np.stack(read)
+        _check_ids(table, spec.d_vocab, opened.source)
+    return table, f"{opened.source} (rows of {seq_len} tokens)"
+
+
+def _plan_figures(job: PaperJob, args, figures, rows: int, seq_len: int, bos: Optional[int]) -> None:
+    model = job.model
+    spec = model_spec(model)
+    if spec.n_ctx is not None and seq_len > spec.n_ctx:
+        raise ValueError(f"--seq-len: {seq_len} exceeds the model's n_ctx {spec.n_ctx}")
+    if "fig5" in figures and rows * (seq_len - 1) < 3:
+        raise ValueError(f"--rows / --seq-len: fig 5's fit needs >= 3 next-token points, {rows} rows of {seq_len} "
+                         f"tokens give {rows * (seq_len - 1)}")
+    donors, job.corpus_label = _figure_rows(args.corpus, model, rows, seq_len, getattr(args, "bin_dtype", None))
+    if bos is None and args.corpus in (None, DEMO_CORPUS):
+        bos = PLANTED["bos"]  # the demo model's writer reads BOS
+    batch = torch.from_numpy(donors[:rows].astype(np.int64))
+    if bos is not None:  # prepended as the scan does: the row keeps seq_len tokens
+        batch = torch.cat([torch.full((rows, 1), bos, dtype=torch.int64), batch[:, :-1]], dim=1)
+        job.corpus_label += f", BOS {bos} prepended"
+    job.batch, job.donor_rows = batch.to(model_device(model)), donors
+    if "fig4" in figures:
+        job.prompts_unavailable = paper_prompts_unavailable(model)
+        if job.prompts_unavailable is None:
+            job.prompts = paper_prompts(model)
+            longest = max(len(ids) for _, ids, _, _ in job.prompts)
+            if longest > seq_len:  # the resampled inputs are corpus windows as long as the prompt
+                raise ValueError(f"--seq-len: fig 4 resamples corpus windows as long as the paper's prompts "
+                                 f"({longest} tokens); use --seq-len >= {longest}")
+
+
+def _scan_corpus_choice(args, summary: dict):
+    """The corpus the miner reopens: --corpus when given, else the file the scan read (an in-memory
+    corpus cannot be reopened: the user has to say which corpus it was)."""
+    if args.corpus is not None:
+        return args.corpus
+    source = summary["meta"]["corpus"]["source"]
+    if source.startswith(HUB_PREFIX):  # a hub dataset: reopened by name
+        return source
+    if source == "<array>":
+        raise ValueError(f"--corpus: the scan in {args.scan_dir} read an in-memory corpus, which cannot be reopened; "
+                         f"pass --corpus demo for the synthetic corpus `erasure-fast demo` scans, or the token file it came from")
+    if not os.path.exists(source):
+        raise ValueError(f"--corpus: the scan read {source}, which is not there any more; pass --corpus with its location")
+    return source
+
+
+def _plan_mine(job: PaperJob, summary: dict, corpus_choice, bin_dtype: Optional[str]) -> None:
+    model = job.model
+    spec = model_spec(model)
+    with blame("--model"):
+        check_scan_model(summary, model)
+    if corpus_choice == DEMO_CORPUS:
+        corpus = demo_corpus(DEMO_SCAN_ROWS, summary["meta"]["seq_len"], spec.d_vocab)
+        job.scan_corpus_label = "the synthetic demo corpus (`erasure-fast demo`'s)"
     else:
-        from ..scanning import open_corpus
+        corpus = corpus_choice
+        job.scan_corpus_label = str(corpus)
+    with blame("--corpus"):
+        job.scan_corpus = open_scanned_corpus(corpus, summary, tokenizer=getattr(model, "tokenizer", None), bin_dtype=bin_dtype,
+                                              name=job.scan_corpus_label)
+        scan_candidate_rows(summary, job.scan_corpus, top=MINE_TOP, d_vocab=spec.d_vocab)
 
-        c = open_corpus(args.corpus, seq_len=args.seq_len, tokenizer=getattr(model, "tokenizer", None))
-        corpus = np.stack([r for _, r in zip(range(max(args.rows, 16)), (row for _, row in c.rows()))])
-        bos = args.prepend_bos
-    batch = torch.from_numpy(corpus[: args.rows].astype(np.int64)).to(dev)
-    if bos is not None:
-        batch[:, 0] = bos
-    print(f"model: {label}; writer {writer}; erasers {', '.join(erasers)}; batch {tuple(batch.shape)}")
-    want = set(ANALYSES[1:-1]) if args.analysis == "all" else {args.analysis}  # "all" = figures, not the miner
-    md = [f"# The paper's analyses on {label}", ""]
-    if note:
-        md += [f"> {note}", ""]
 
-    if want & {"fig1", "fig2"}:
-        _figs12(paper, batch, writer, model, out, md)
-    if "fig3" in want:
-        _fig3(paper, model, batch, writer, erasers, out, md)
-    if "fig4" in want:
-        _fig4(paper, model, batch, writer, corpus, args, out, md)
-    if "fig5" in want:
-        _fig5(paper, model, batch, writer, erasers, out, md)
-    if "fig8" in want:
-        _fig8(paper, model, batch, writer, erasers, out, md)
-    if "mine" in want:
-        _mine(paper, model, writer, erasers, args, out, md)
-    name = "paper_report.md" if args.analysis == "all" else f"paper_{args.analysis}.md"
-    with open(os.path.join(out, name), "w") as f:
+def plan_job(args) -> PaperJob:
+    """Check every prerequisite of the requested analyses and load what they read, in the order of
+    cost: the options alone, then the scan (for 'mine'), then the model, then the corpus."""
+    if args.analysis not in ANALYSES:
+        raise ValueError(f"analysis: must be one of {', '.join(ANALYSES)}, got {args.analysis!r}")
+    wanted = list(FIGURES) if args.analysis == "all" else [args.analysis]
+    figures = [a for a in wanted if a in FIGURES]
+    rows = _int_option(args.rows, "--rows", 1)
+    seq_len = _int_option(args.seq_len, "--seq-len", 2)
+    samples = _int_option(args.samples, "--samples", 1)
+    bos = None if args.prepend_bos is None else _int_option(args.prepend_bos, "--prepend-bos", 0)
+    out = _check_out(args.out)
+    _check_device(args.device)
+    writer = _head_label(args.writer, "--writer")
+    erasers = None
+    if args.erasers is not None:
+        if not isinstance(args.erasers, str):
+            raise TypeError(f"--erasers: expected comma-separated head labels, got {args.erasers!r}")
+        erasers = [e.strip().upper() for e in args.erasers.split(",") if e.strip()]
+        if not erasers:
+            raise ValueError("--erasers: no heads given (e.g. --erasers L2H3,L2H6)")
+    summary = corpus_choice = None
+    if "mine" in wanted:
+        if not args.scan_dir:
+            raise ValueError("--scan-dir: 'mine' needs the output directory of an erasure-fast scan (`erasure-fast scan --out DIR`)")
+        with blame("--scan-dir"):
+            summary = read_scan_summary(args.scan_dir)
+        if summary["focus_writer"] != writer:
+            raise ValueError(f"--writer: the scan in {args.scan_dir} ranks examples for {summary['focus_writer']}, not "
+                             f"{writer}; use --writer {summary['focus_writer']} or scan with --writers {writer}")
+        scan_bos = summary["meta"].get("prepend_bos")
+        if bos is not None and bos != scan_bos:
+            raise ValueError(f"--prepend-bos: the miner uses the scan's rows as scanned (BOS {scan_bos}); drop --prepend-bos")
+        corpus_choice = _scan_corpus_choice(args, summary)
+
+    model, label, default_erasers, note = open_paper_model(args.model, args.device)
+    spec = model_spec(model)
+    with blame("--writer"):
+        writer = spec.head_label(head_indices(model, [writer], "writer")[0])
+    erasers = erasers or default_erasers
+    if USES_ERASERS.intersection(wanted):
+        with blame("--erasers"):
+            erasers = [spec.head_label(e) for e in head_indices(model, erasers, "erasers")]
+            if NEEDS_ERASER_LAYER.intersection(wanted):
+                eraser_layer(model, writer, erasers)
+    if bos is not None and bos >= spec.d_vocab:
+        raise ValueError(f"--prepend-bos: {bos} is not a token id of the model (d_vocab {spec.d_vocab})")
+    job = PaperJob(analyses=wanted, report_name="paper_report.md" if args.analysis == "all" else f"paper_{args.analysis}.md",
+                   out=out, model=model, model_label=label, model_note=note, writer=writer, erasers=list(erasers),
+                   samples=samples, scan_dir=args.scan_dir if summary is not None else None)
+    if figures:
+        _plan_figures(job, args, figures, rows, seq_len, bos)
+    if summary is not None:
+        _plan_mine(job, summary, corpus_choice, getattr(args, "bin_dtype", None))
+    return job
+
+
+# ---------------------------------------------------------------------------------------------------
+# Running it
+
+
+def run_job(job: PaperJob) -> int:
+    """Run the checked ``job``: each analysis writes its tables and figures into ``job.out``, then the
+    report is written and printed. Returns 0."""
+    setup = [f"model: {job.model_label}", f"writer {job.writer}; erasers {', '.join(job.erasers)}"]
+    if job.batch is not None:
+        setup.append(f"figures: batch {tuple(job.batch.shape)} from {job.corpus_label}")
+    if job.scan_dir is not None:
+        setup.append(f"miner: scan {job.scan_dir}, corpus {job.scan_corpus_label}")
+    print("\n".join(setup))
+    os.makedirs(job.out, exist_ok=True)
+    md = [f"# The paper's analyses on {job.model_label}", ""]
+    if job.model_note:
+        md += [f"> {job.model_note}", ""]
+    md += [f"- {line}" for line in setup[1:]] + [""]
+    wanted = set(job.analyses)
+    if wanted & {"fig1", "fig2"}:
+        _report_fig1_fig2(job, md)
+    if "fig3" in wanted:
+        _report_fig3(job, md)
+    if "fig4" in wanted:
+        _report_fig4(job, md)
+    if "fig5" in wanted:
+        _report_fig5(job, md)
+    if "fig8" in wanted:
+        _report_fig8(job, md)
+    if "mine" in wanted:
+        _report_mine(job, md)
+    with open(os.path.join(job.out, job.report_name), "w") as f:
         f.write("\n".join(md))
     print("\n".join(md))
-    print(f"\nwrote {out}/{name} and its figures")
+    print(f"\nwrote {job.out}/{job.report_name} and its figures")
     return 0
 
 
-def _figs12(paper, batch, writer, model, out, md):
-    resid, nodes = paper.fig1_fig2(batch, writer, model=model, out_dir=out)
-    resid.to_csv(os.path.join(out, "fig1_resid_pr.csv"), index=False)
-    nodes.to_csv(os.path.join(out, "fig2_node_pr.csv"), index=False)
+def _out(job: PaperJob, name: str) -> str:
+    return os.path.join(job.out, name)
+
+
+def _cell(text, width: int = 60) -> str:
+    """``text`` as one markdown table cell: newlines and tabs shown escaped, pipes escaped, cut to ``width``."""
+    return str(text).replace("\n", "\\n").replace("\t", "\\t")[:width].replace("|", "\\|")
+
+
+def _report_fig1_fig2(job: PaperJob, md: list) -> None:
+    resid, nodes = fig1_fig2(job.batch, job.writer, model=job.model, out_dir=job.out)
+    resid.to_csv(_out(job, "fig1_resid_pr.csv"), index=False)
+    nodes.to_csv(_out(job, "fig2_node_pr.csv"), index=False)
     down = nodes[nodes.downstream].sort_values("median").head(6)
-    md += ["## Fig. 1 / 2: residual stream and node PR onto " + writer, "",
+    md += ["## Fig. 1 / 2: residual stream and node PR onto " + job.writer, "",
            "![fig1](paper_fig1_resid_pr.png)", "![fig2](paper_fig2_node_pr.png)", "",
            "Strongest erasers: " + ", ".join(f"{r.node} ({r.median:+.3f})" for r in down.itertuples()), ""]
 
 
-def _fig3(paper, model, batch, writer, erasers, out, md):
-    t3 = paper.causal_check(model, batch, writer, erasers, out_path=os.path.join(out, "fig3_causal_check.png"))
-    t3.to_csv(os.path.join(out, "fig3_causal_check.csv"), index=False)
+def _report_fig3(job: PaperJob, md: list) -> None:
+    t3 = causal_check(job.model, job.batch, job.writer, job.erasers, out_path=_out(job, "fig3_causal_check.png"))
+    t3.to_csv(_out(job, "fig3_causal_check.csv"), index=False)
     md += ["## Fig. 3: causal check (writer's clean output removed from the erasers' value input)", "",
            "![fig3](fig3_causal_check.png)", "", "| node | PR clean | PR patched |", "|---|---|---|"]
     md += [f"| {r.node} | {r.clean_median:+.3f} | {r.patched_median:+.3f} |" for r in t3.itertuples()] + [""]
 
 
-def _fig4(paper, model, batch, writer, corpus, args, out, md):
+def _report_fig4(job: PaperJob, md: list) -> None:
     import pandas as pd
 
-    from ..capture import model_device
-
-    dev = model_device(model)
-    d_vocab = model.cfg.d_vocab
-    prompts = paper.paper_prompts(model)
-    tables = []
-    if prompts:
-        for text, ids, good, bad in prompts:
-            t = paper.resample_ablation(model, ids[None].to(dev), [good], [bad], writer, corpus, n_samples=args.samples,
-                                        labels=[text])
-            tables.append(t)
+    dev = model_device(job.model)
+    if job.prompts:
+        tables = [resample_ablation(job.model, ids[None].to(dev), [good], [bad], job.writer, job.donor_rows,
+                                    n_samples=job.samples, labels=[text])
+                  for text, ids, good, bad in job.prompts]
         t4 = pd.concat(tables, ignore_index=True)
-        src = "the paper's four adversarial prompts"
+        source = "the paper's four adversarial prompts"
     else:
-        rng = np.random.default_rng(0)
-        P = min(32, args.seq_len - 1)
-        prm = batch[:4, :P]
-        good = batch[:4, P].tolist()
-        bad = rng.integers(0, d_vocab, size=4).tolist()
-        t4 = paper.resample_ablation(model, prm, good, bad, writer, corpus, n_samples=args.samples)
-        src = "corpus windows (no tokenizer for the paper's prompts), true next token vs a random token"
-    t4.to_csv(os.path.join(out, "fig4_resample_ablation.csv"), index=False)
-    paper.plot_resample_ablation(t4, writer, os.path.join(out, "fig4_resample_ablation.png"))
-    md += [f"## Fig. 4: {writer}'s DLA vs resample ablation of its input ({src})", "", "![fig4](fig4_resample_ablation.png)", "",
+        prompt_len = min(32, job.batch.shape[1] - 1)
+        prompts = job.batch[:4, :prompt_len]
+        good = job.batch[:4, prompt_len].tolist()
+        bad = np.random.default_rng(0).integers(0, model_spec(job.model).d_vocab, size=len(prompts)).tolist()
+        t4 = resample_ablation(job.model, prompts, good, bad, job.writer, job.donor_rows, n_samples=job.samples)
+        source = (f"corpus windows, true next token vs a random token; not the paper's prompts because "
+                  f"{job.prompts_unavailable}")
+    t4.to_csv(_out(job, "fig4_resample_ablation.csv"), index=False)
+    plot_resample_ablation(t4, job.writer, _out(job, "fig4_resample_ablation.png"))
+    md += [f"## Fig. 4: {job.writer}'s DLA vs resample ablation of its input", "", f"Prompts: {source}.", "",
+           "![fig4](fig4_resample_ablation.png)", "",
            "| prompt | clean DLA | resampled median [25 %, 75 %] |", "|---|---|---|"]
-    md += [f"| {str(r.prompt)[:60]!s} | {r.clean_dla:+.3f} | {r.resampled_median:+.3f} [{r.resampled_q25:+.3f}, {r.resampled_q75:+.3f}] |"
+    md += [f"| {_cell(r.prompt)} | {r.clean_dla:+.3f} | {r.resampled_median:+.3f} [{r.resampled_q25:+.3f}, {r.resampled_q75:+.3f}] |"
            for r in t4.itertuples()] + [""]
 
 
-def _fig5(paper, model, batch, writer, erasers, out, md):
-    t5, fit = paper.v_composition(model, batch, writer, erasers, out_path=os.path.join(out, "fig5_v_composition.png"))
-    _, fit_att = paper.v_composition(model, batch, writer, erasers, attention_aware=True,
-                                     out_path=os.path.join(out, "fig5_v_composition_attention.png"))
-    t5.to_csv(os.path.join(out, "fig5_v_composition.csv"), index=False)
+def _report_fig5(job: PaperJob, md: list) -> None:
+    t5, fit = v_composition(job.model, job.batch, job.writer, job.erasers, out_path=_out(job, "fig5_v_composition.png"))
+    _, fit_att = v_composition(job.model, job.batch, job.writer, job.erasers, attention_aware=True,
+                               out_path=_out(job, "fig5_v_composition_attention.png"))
+    t5.to_csv(_out(job, "fig5_v_composition.csv"), index=False)
     md += ["## Fig. 5: writer DLA vs V-composition DLA", "", "![fig5](fig5_v_composition.png) ![fig5a](fig5_v_composition_attention.png)", "",
            f"- same position (paper): slope {fit['slope']:.3f} ± {fit['slope_se']:.3f}, intercept {fit['intercept']:.4f} ± {fit['intercept_se']:.4f} (n={fit['n']})",
            f"- attention-aware: slope {fit_att['slope']:.3f} ± {fit_att['slope_se']:.3f}", "- published (GELU-4L, L0H2 vs L2H2-L2H7): slope -0.723 ± 0.013", ""]
 
 
-def _fig8(paper, model, batch, writer, erasers, out, md):
-    t8 = paper.bos_split(model, batch, writer, erasers, out_path=os.path.join(out, "fig8_bos_split.png"))
-    t8.to_csv(os.path.join(out, "fig8_bos_split.csv"), index=False)
+def _report_fig8(job: PaperJob, md: list) -> None:
+    t8 = bos_split(job.model, job.batch, job.writer, job.erasers, out_path=_out(job, "fig8_bos_split.png"))
+    t8.to_csv(_out(job, "fig8_bos_split.csv"), index=False)
+    rest = t8.pr_rest_median[1:]
     md += ["## Fig. 8: erasure of the writer's BOS and non-BOS parts", "", "![fig8](fig8_bos_split.png)", "",
            f"Median over positions >= 1: PR onto BOS part {np.nanmedian(t8.pr_bos_median[1:]):+.3f}, onto the rest "
-           f"{np.nanmedian(t8.pr_rest_median[1:]) if np.isfinite(t8.pr_rest_median[1:]).any() else float('nan'):+.3f}; "
+           f"{np.nanmedian(rest) if np.isfinite(rest).any() else float('nan'):+.3f}; "
            f"BOS share of |r_w|^2 {np.nanmedian(t8.bos_share_median[1:]):.3f}", ""]
 
 
-def _mine(paper, model, writer, erasers, args, out, md):
-    if not args.scan_dir:
-        raise SystemExit("the miner needs --scan-dir (an erasure-fast scan output) and --corpus (the scanned corpus)")
-    corpus = args.corpus if args.corpus != "demo" else _demo_rows(model)
-    t = paper.mine_adversarial(model, args.scan_dir, corpus, writer=writer, erasers=erasers)
-    t.to_csv(os.path.join(out, "adversarial_candidates.csv"), index=False)
-    md += [f"## Candidate adversarial examples for DLA ({writer}): largest |DLA| - |adjusted DLA|", "",
+def _report_mine(job: PaperJob, md: list) -> None:
+    t = mine_adversarial(job.model, job.scan_dir, job.scan_corpus, writer=job.writer, erasers=job.erasers, top=MINE_TOP)
+    t.to_csv(_out(job, "adversarial_candidates.csv"), index=False)
+    md += [f"## Candidate adversarial examples for DLA ({job.writer}): largest |DLA| - |adjusted DLA|", "",
+           f"Scan: {job.scan_dir}; corpus: {job.scan_corpus_label}.", "",
            "| rank | row | pos | DLA | adjusted DLA | erasers' PR clean -> patched | context |", "|---|---|---|---|---|---|---|"]
     for r in t.itertuples():
-        patch = f"{r.erasers_pr_clean:+.2f} -> {r.erasers_pr_patched:+.2f}" if "erasers_pr_clean" in t and np.isfinite(r.erasers_pr_clean) else ""
-        md.append(f"| {r.rank} | {r.row} | {r.pos} | {r.dla:+.3f} | {r.adjusted_dla:+.3f} | {patch} | {str(r.context)[:60]} |")
+        rechecked = "erasers_pr_clean" in t and np.isfinite(r.erasers_pr_clean)
+        patch = f"{r.erasers_pr_clean:+.2f} -> {r.erasers_pr_patched:+.2f}" if rechecked else ""
+        md.append(f"| {r.rank} | {r.row} | {r.pos} | {r.dla:+.3f} | {r.adjusted_dla:+.3f} | {patch} | {_cell(r.context)} |")
     md.append("")
-
-
-def _demo_rows(model):
-    from ..demo import demo_corpus
-
-    return demo_corpus(64, 1024, model.cfg.d_vocab)

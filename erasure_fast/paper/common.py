@@ -1,4 +1,4 @@
-"""What the paper's analyses share: defaults, head parsing, attribution with hooks, LN weights."""
+"""What the paper's analyses share: defaults, head parsing and checks, attribution with hooks, LN weights."""
 
 from __future__ import annotations
 
@@ -23,6 +23,22 @@ DEFAULT_ERASERS = ("L2H2", "L2H3", "L2H4", "L2H5", "L2H6", "L2H7")
 def head_indices(model, heads, name: str = "heads") -> List[int]:
     """Flat indices of ``heads`` (a label, or a list of labels / indices / (layer, head) pairs)."""
     return resolve_writers(list(heads) if not isinstance(heads, str) else [heads], model_spec(model), name).tolist()
+
+
+def eraser_layer(model, writer, erasers) -> int:
+    """The one layer of ``erasers``, checked to come after ``writer``'s layer: the causal check (fig 3)
+    and V-composition (fig 5) patch or read that layer's value input. Raises ValueError otherwise."""
+    spec = model_spec(model)
+    w = head_indices(model, [writer], "writer")
+    if len(w) != 1:
+        raise ValueError(f"writer must be one head, got {writer!r}")
+    layers = sorted({e // spec.n_heads for e in head_indices(model, erasers, "erasers")})
+    if len(layers) != 1:
+        raise ValueError(f"erasers must share one layer (the patched value input), got {list(erasers)} in layers {layers}")
+    writer_layer = w[0] // spec.n_heads
+    if layers[0] <= writer_layer:
+        raise ValueError(f"erasers must come after the writer's layer {writer_layer}, got layer {layers[0]}")
+    return layers[0]
 
 
 def attribute_with_hooks(model, tokens, writers, *, targets="next", incorrect=None, backend="auto", **hooks):

@@ -28,6 +28,11 @@ def resample_ablation(model, prompts: torch.Tensor, correct, incorrect, head: st
     dev = model_device(model)
     prompts = validate_tokens(prompts, spec).to(dev)
     B, P = prompts.shape
+    corpus = np.asarray(corpus)
+    if corpus.ndim != 2 or corpus.shape[0] < 1 or corpus.shape[1] < P:
+        raise ValueError(f"corpus must be [rows >= 1, >= {P}] token ids, got shape {corpus.shape}")
+    if n_samples < 1:
+        raise ValueError(f"n_samples must be >= 1, got {n_samples}")
     correct = torch.as_tensor(correct, device=dev).reshape(B)
     incorrect = torch.as_tensor(incorrect, device=dev).reshape(B)
     tgt = torch.full((B, P), -1, dtype=torch.long, device=dev)
@@ -36,9 +41,6 @@ def resample_ablation(model, prompts: torch.Tensor, correct, incorrect, head: st
     clean = attribute_with_hooks(model, prompts, [head], targets=tgt.clamp(min=0), incorrect=bad.clamp(min=0))
     clean_dla = clean.dla[:, -1].reshape(B, -1)[:, h]
     rng = np.random.default_rng(seed)
-    corpus = np.asarray(corpus)
-    if corpus.ndim != 2 or corpus.shape[1] < P:
-        raise ValueError(f"corpus must be [rows, >= {P}] token ids, got shape {corpus.shape}")
     # The head's q, k, v are functions of its input alone, so swapping in the donor's q, k, v at this
     # head is exactly resampling the head's (normalised) input; no split-QKV mode needed.
     qkv = [f"blocks.{layer}.attn.hook_{kind}" for kind in ("q", "k", "v")]
@@ -49,7 +51,7 @@ def resample_ablation(model, prompts: torch.Tensor, correct, incorrect, head: st
         donor = torch.from_numpy(np.stack([corpus[r, s:s + P] for r, s in zip(rows, starts)])).long().to(dev)
         kept = attribute_with_hooks(model, donor, [head], keep_hooks=qkv).extra
 
-        def replacer(name):
+        def replacer(name, kept=kept):  # bound now: the hooks must read this sample's donor run
             def replace(x, hook=None):
                 x = x.clone()
                 x[:, :, hh] = kept[name][:, :, hh].to(x)
@@ -62,7 +64,9 @@ def resample_ablation(model, prompts: torch.Tensor, correct, incorrect, head: st
     s = torch.stack(samples, dim=1).double().cpu()  # [B, n_samples]
     labels = labels or [f"prompt {i}" for i in range(B)]
     table = pd.DataFrame(dict(prompt=labels, clean_dla=clean_dla.double().cpu().numpy(),
-                              resampled_median=s.median(dim=1).values.numpy(), resampled_q25=s.quantile(0.25, dim=1).numpy(),
+                              # quantile(0.5), not median(): torch's median of an even count is the lower
+                              # middle value, which can fall below the interpolated 25 % quantile
+                              resampled_median=s.quantile(0.5, dim=1).numpy(), resampled_q25=s.quantile(0.25, dim=1).numpy(),
                               resampled_q75=s.quantile(0.75, dim=1).numpy()))
     if out_path:
         plot_resample_ablation(table, head, out_path)
@@ -76,9 +80,11 @@ def plot_resample_ablation(table, head: str, path: str) -> str:
     x = np.arange(n)
     ax.bar(x - 0.2, table.clean_dla, width=0.4, label="clean DLA", color="tab:blue")
     ax.bar(x + 0.2, table.resampled_median, width=0.4, label="resample-ablated (median)", color="tab:orange")
-    ax.errorbar(x + 0.2, table.resampled_median, yerr=[table.resampled_median - table.resampled_q25,
-                table.resampled_q75 - table.resampled_median], fmt="none", ecolor="black", lw=0.8, capsize=2)
-    ax.set_xticks(x, [str(p)[:28] for p in table.prompt], rotation=20, ha="right", fontsize=7)
+    below = np.clip(table.resampled_median - table.resampled_q25, 0, None)  # >= 0 even for a table made elsewhere
+    above = np.clip(table.resampled_q75 - table.resampled_median, 0, None)
+    ax.errorbar(x + 0.2, table.resampled_median, yerr=[below, above], fmt="none", ecolor="black", lw=0.8, capsize=2)
+    labels = [str(p).replace("\n", "\\n").replace("\t", "\\t")[:28] for p in table.prompt]  # one line each, no glyph-less tabs
+    ax.set_xticks(x, labels, rotation=20, ha="right", fontsize=7)
     ax.axhline(0, color="grey", lw=0.8)
     ax.set_ylabel(f"{head} logit-difference DLA")
     ax.set_title(f"{head}: DLA vs resample ablation of its input (clean final scale)", fontsize=9)
@@ -86,14 +92,35 @@ def plot_resample_ablation(table, head: str, path: str) -> str:
     return save(fig, path)
 
 
+def paper_prompts_unavailable(model) -> Optional[str]:
+    """Why the paper's four prompts cannot run on ``model``, or None when they can. They need a
+    tokenizer in which every answer (" bottom", " State", ...) is one token -- GELU-4L's; any other
+    tokenizer splits some of them, and token ids must fit the model's vocabulary and context."""
+    if getattr(model, "tokenizer", None) is None:
+        return "the model has no tokenizer"
+    spec = model_spec(model)
+    for text, *answers in ADVERSARIAL_PROMPTS:
+        for answer in answers:
+            n = model.to_tokens(answer, prepend_bos=False).shape[-1]
+            if n != 1:
+                return f"the answer {answer!r} is {n} tokens in this model's tokenizer, not one (the prompts are GELU-4L's)"
+        ids = model.to_tokens(text)[0]
+        if spec.n_ctx is not None and len(ids) > spec.n_ctx:
+            return f"the prompt {text!r} is longer than the model's n_ctx {spec.n_ctx}"
+        top = max(int(ids.max()), *(int(model.to_tokens(a, prepend_bos=False).max()) for a in answers))
+        if top >= spec.d_vocab:
+            return f"the tokenizer gives ids up to {top}, beyond the model's d_vocab {spec.d_vocab}"
+    return None
+
+
 def paper_prompts(model):
     """The paper's four adversarial prompts as (text, token ids [P], correct id, incorrect id), or None
-    when the model has no tokenizer."""
-    tok = getattr(model, "tokenizer", None)
-    if tok is None:
+    when the model cannot run them (no tokenizer, or not GELU-4L's; `paper_prompts_unavailable` says why)."""
+    if paper_prompts_unavailable(model) is not None:
         return None
     out = []
     for text, good, bad in ADVERSARIAL_PROMPTS:
         ids = model.to_tokens(text)[0]
-        out.append((text, ids, model.to_single_token(good), model.to_single_token(bad)))
+        good_id, bad_id = (int(model.to_tokens(a, prepend_bos=False)[0, 0]) for a in (good, bad))
+        out.append((text, ids, good_id, bad_id))
     return out

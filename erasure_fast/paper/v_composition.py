@@ -10,7 +10,7 @@ import torch
 from ..capture import validate_tokens
 from ..models import model_spec
 from ..plotting import new_figure, save
-from .common import DEFAULT_ERASERS, attribute_with_hooks, center, head_indices, ln_weight
+from .common import DEFAULT_ERASERS, attribute_with_hooks, center, eraser_layer, head_indices, ln_weight
 
 
 def v_composition(model, tokens: torch.Tensor, writer: str = "L0H2", erasers: Sequence[str] = DEFAULT_ERASERS, *,
@@ -24,9 +24,10 @@ def v_composition(model, tokens: torch.Tensor, writer: str = "L0H2", erasers: Se
     spec = model_spec(model)
     w = head_indices(model, [writer])[0]
     es = head_indices(model, erasers)
-    layer = es[0] // spec.n_heads
-    if any(e // spec.n_heads != layer for e in es):
-        raise ValueError("erasers must share one layer")
+    layer = eraser_layer(model, writer, erasers)
+    tokens = validate_tokens(tokens, spec)
+    if tokens.shape[0] * (tokens.shape[1] - 1) < 3:  # the fit needs 3 (writer DLA, composition DLA) points
+        raise ValueError(f"tokens {tuple(tokens.shape)} give fewer than 3 next-token points for the fit")
     keep = (f"blocks.{layer}.ln1.hook_scale", f"blocks.{layer}.attn.hook_pattern")
     res = attribute_with_hooks(model, tokens, [writer], keep_hooks=keep)
     B, P = res.z.shape[:2]
@@ -45,7 +46,7 @@ def v_composition(model, tokens: torch.Tensor, writer: str = "L0H2", erasers: Se
     else:
         img = torch.einsum("bpd,edk,ekm->bpm", x, W_V[heads], W_O[heads])
     ids = torch.full((B, P), -1, dtype=torch.long, device=r_w.device)
-    tokens = validate_tokens(tokens, spec).to(r_w.device)
+    tokens = tokens.to(r_w.device)
     ids[:, :-1] = tokens[:, 1:]
     d = spec.directions.to(r_w)[ids[:, :-1].clamp(min=0)]  # [B, P-1, D]
     if spec.center:

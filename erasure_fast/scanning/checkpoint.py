@@ -54,7 +54,11 @@ def load(path: str) -> Optional[Tuple[Dict[str, np.ndarray], dict]]:
     """(arrays, meta) from ``path``, or None when there is no checkpoint."""
     if not os.path.exists(path):
         return None
-    with np.load(path, allow_pickle=False) as z:
-        arrays = {k: z[k] for k in z.files if k != _META}
-        meta = json.loads(bytes(z[_META]).decode())
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files if k != _META}
+            meta = json.loads(bytes(z[_META]).decode())
+    except Exception as e:  # a file we did not write (saves are atomic): refuse, do not guess
+        raise ValueError(f"{path} is not a readable scan checkpoint ({type(e).__name__}: {e}); remove it or "
+                         "start afresh with resume=False (--no-resume)") from None
     return arrays, meta

@@ -22,6 +22,16 @@ def _device() -> torch.device:
     return torch.device("cpu")
 
 
+def all_true(flag: bool) -> bool:
+    """True when ``flag`` is True on every rank (a collective: every rank must call it); the flag
+    itself without a process group."""
+    if rank_and_world()[1] == 1:
+        return bool(flag)
+    t = torch.tensor([1 if flag else 0], dtype=torch.int64, device=_device())
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+    return bool(t.item())
+
+
 def all_reduce_sum(arrays: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
     """Element-wise sum of same-shaped numpy arrays over all ranks (exact for integers)."""
     dev = _device()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Dict
+from typing import Dict, Tuple
 
 import numpy as np
 
@@ -81,10 +81,19 @@ def heatmap(summary, cfg, path: str) -> str:
     return save(fig, path)
 
 
-def all_plots(out_dir: str, summary, cfg, focus: str) -> Dict[str, str]:
+def all_plots(out_dir: str, summary, cfg, focus: str) -> Tuple[Dict[str, str], Dict[str, str]]:
+    """Every plot of the report: ({file name: path} of those drawn, {file name: error} of those that
+    failed). One plot failing does not stop the others."""
     writers = list(dict.fromkeys([focus] + top_pairs(summary, 40).writer.tolist()))[:4]
-    return {
-        "fig1_resid_pr.png": fig1_resid(summary, cfg, writers, os.path.join(out_dir, "fig1_resid_pr.png")),
-        "fig2_node_pr.png": fig2_nodes(summary, cfg, focus, os.path.join(out_dir, "fig2_node_pr.png")),
-        "heatmap_pr.png": heatmap(summary, cfg, os.path.join(out_dir, "heatmap_pr.png")),
+    jobs = {
+        "fig1_resid_pr.png": lambda path: fig1_resid(summary, cfg, writers, path),
+        "fig2_node_pr.png": lambda path: fig2_nodes(summary, cfg, focus, path),
+        "heatmap_pr.png": lambda path: heatmap(summary, cfg, path),
     }
+    made, errors = {}, {}
+    for name, draw in jobs.items():
+        try:
+            made[name] = draw(os.path.join(out_dir, name))
+        except Exception as e:  # a plot is an extra: report it, keep the rest of the report
+            errors[name] = f"{type(e).__name__}: {e}"
+    return made, errors

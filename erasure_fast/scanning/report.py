@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from typing import Dict
 
 import numpy as np
 
+from .plots import all_plots
 from .ranking import top_pairs
 
 QS = (0.125, 0.25, 0.5, 0.75, 0.875)
@@ -83,13 +85,27 @@ def _top_table(top, cfg, writer_index: int, corpus_rows=None) -> list:
     return out
 
 
+def _atomic(path: str, write) -> str:
+    """Call ``write(tmp_path)`` and rename the result to ``path``: readers see the old file or the new
+    one, never half of one."""
+    folder, name = os.path.split(path)
+    tmp = os.path.join(folder, f".tmp-{os.getpid()}-{name}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
 def write_report(out_dir: str, summary, agg, cfg, meta: dict, make_plots: bool = True) -> Dict[str, str]:
+    """summary.parquet / .csv / .json, the plots and report.md in ``out_dir``. A plot that fails is
+    reported (warning, ``meta["plot_errors"]``, a line in report.md) and the rest is still written."""
     os.makedirs(out_dir, exist_ok=True)
     files = {}
-    files["summary.parquet"] = os.path.join(out_dir, "summary.parquet")
-    summary.to_parquet(files["summary.parquet"], index=False)
-    files["summary.csv"] = os.path.join(out_dir, "summary.csv")
-    summary.to_csv(files["summary.csv"], index=False)
+    files["summary.parquet"] = _atomic(os.path.join(out_dir, "summary.parquet"), lambda p: summary.to_parquet(p, index=False))
+    files["summary.csv"] = _atomic(os.path.join(out_dir, "summary.csv"), lambda p: summary.to_csv(p, index=False))
     pairs = top_pairs(summary, 15)
     focus = pairs.writer.iloc[0] if len(pairs) else cfg.writer_labels[0]
     wi = cfg.writer_labels.index(focus)
@@ -97,18 +113,29 @@ def write_report(out_dir: str, summary, agg, cfg, meta: dict, make_plots: bool =
         "strongest_erasure": _top_table(agg.top_erasure, cfg, wi),
         "dla_minus_adjusted": _top_table(agg.top_adversarial, cfg, wi),
     }
+    plot_errors: Dict[str, str] = {}
+    if make_plots:
+        made, plot_errors = all_plots(out_dir, summary, cfg, focus)
+        files.update(made)
+        for name, err in plot_errors.items():
+            warnings.warn(f"erasure_fast scan report: plot {name} failed ({err}); the rest of the report is written",
+                          stacklevel=2)
+    meta = dict(meta, plot_errors=plot_errors)
     payload = dict(meta=meta, focus_writer=focus, top_examples=tops,
                    rows=json.loads(summary.to_json(orient="records")))
-    files["summary.json"] = os.path.join(out_dir, "summary.json")
-    with open(files["summary.json"], "w") as f:
-        json.dump(payload, f, indent=1)
-    if make_plots:
-        from . import plots
 
-        files.update(plots.all_plots(out_dir, summary, cfg, focus))
-    files["report.md"] = os.path.join(out_dir, "report.md")
-    with open(files["report.md"], "w") as f:
-        f.write(_markdown(summary, pairs, tops, cfg, meta, focus, files))
+    def dump_json(path):
+        with open(path, "w") as f:
+            json.dump(payload, f, indent=1)
+
+    files["summary.json"] = _atomic(os.path.join(out_dir, "summary.json"), dump_json)
+    md = _markdown(summary, pairs, tops, cfg, meta, focus, files)
+
+    def dump_md(path):
+        with open(path, "w") as f:
+            f.write(md)
+
+    files["report.md"] = _atomic(os.path.join(out_dir, "report.md"), dump_md)
     return files
 
 
@@ -147,9 +174,11 @@ def _markdown(summary, pairs, tops, cfg, meta, focus, files) -> str:
         for e in tops[key][:10]:
             lines.append(f"| {e['row']} | {e['pos']} | {_fmt(e['sum_downstream_pr'])} | {_fmt(e['dla'])} | {_fmt(e['adjusted_dla'])} |")
     pngs = [k for k in files if k.endswith(".png")]
-    if pngs:
+    if pngs or meta.get("plot_errors"):
         lines += ["", "## Plots", ""]
         for k in sorted(pngs):
             lines.append(f"![{k}]({k})")
+        for k, err in sorted(meta.get("plot_errors", {}).items()):
+            lines.append(f"- {k}: not drawn ({err})")
     lines += ["", "Files: " + ", ".join(sorted(k for k in files)) + ", report.md", ""]
     return "\n".join(lines)

@@ -1,0 +1,146 @@
+"""Stage 1 of a scan: check the whole job before any work and fix its configuration.
+
+`plan_scan` validates every argument -- numbers, the output folder, the model, the corpus (it exists,
+is readable, has at least one row, every id of an array corpus lies in the vocabulary), seq_len
+against the model's context, the BOS id, the writers (each head once), the backend -- and returns a
+`ScanPlan`. Nothing is run and nothing but the (empty) output folder is created before that.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from typing import List, Optional, Sequence
+
+import torch
+
+from ..attribution import resolve_writers
+from ..backends import get_backend
+from ..capture import model_device
+from ..models import ModelSpec, model_spec
+from .corpus import TokenCorpus, open_corpus
+from .outdir import check_output_dir
+
+PR_RANGE = (-3.0, 3.0)  # projection ratios: 0.005-wide bins
+PR_BINS = 1200
+DLA_RANGE = (-10.0, 10.0)  # logits: 0.01-wide bins
+DLA_BINS = 2000
+POSITION_EDGES = (1, 16, 128)  # buckets [0] (BOS), [1, 16), [16, 128), [128, n_ctx)
+
+
+@dataclass
+class ScanConfig:
+    """What determines a scan's aggregates; a checkpoint resumes only under the same config."""
+
+    writers: List[int]
+    writer_labels: List[str]
+    node_labels: List[str]
+    resid_labels: List[str]
+    head_labels: List[str]
+    seq_len: int
+    batch_size: int
+    prepend_bos: Optional[int]
+    position_edges: List[int]
+    top_k: int
+    backend: str
+    model_fingerprint: str
+    corpus: dict
+
+    def as_json(self) -> dict:
+        return json.loads(json.dumps(asdict(self), default=list))
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.as_json(), sort_keys=True).encode()).hexdigest()[:20]
+
+    def differences(self, other: dict) -> List[str]:
+        """Fields whose value differs from ``other`` (a checkpoint's saved config)."""
+        mine = self.as_json()
+        return [k for k in mine if other.get(k) != mine[k]]
+
+
+@dataclass
+class ScanPlan:
+    """A validated scan: everything `ScanJob` needs, nothing run yet."""
+
+    model: object
+    spec: ModelSpec
+    corpus: TokenCorpus
+    cfg: ScanConfig
+    impl: object  # backend module
+    device: torch.device
+    wr: torch.Tensor  # [W] writer head indices
+    out_dir: str
+    resume: bool
+    max_rows: Optional[int]
+    checkpoint_every: int
+    progress: bool
+    report: bool
+    notes: Optional[str]
+
+
+def model_fingerprint(model) -> str:
+    """Hash of every parameter's bytes (and names), so a changed model refuses to resume."""
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+            h.update(name.encode())
+            h.update(str(p.dtype).encode())
+            t = p.detach().cpu().contiguous()
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:20]
+
+
+def _positive_int(name: str, value, allow_none: bool = False) -> Optional[int]:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int >= 1{' or None' if allow_none else ''}, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return value
+
+
+def plan_scan(model, corpus, *, writers="all", seq_len: Optional[int] = None, batch_size: int = 8,
+              out_dir="scan_out", resume: bool = True, backend: str = "auto", max_tokens: Optional[int] = None,
+              prepend_bos: Optional[int] = None, checkpoint_every: int = 20, top_k: int = 20,
+              position_edges: Sequence[int] = POSITION_EDGES, progress: bool = True, report: bool = True,
+              tokenizer=None, notes: Optional[str] = None, bin_dtype: Optional[str] = None,
+              column: str = "tokens") -> ScanPlan:
+    """Validate a scan (arguments as `erasure_fast.scan`) and return its `ScanPlan`. Raises
+    ValueError / TypeError (CorpusError and OutputDirError are ValueErrors) naming the argument."""
+    batch_size = _positive_int("batch_size", batch_size)
+    checkpoint_every = _positive_int("checkpoint_every", checkpoint_every)
+    top_k = _positive_int("top_k", top_k)
+    max_tokens = _positive_int("max_tokens", max_tokens, allow_none=True)
+    edges = list(position_edges)
+    if not edges or any(isinstance(e, bool) or not isinstance(e, int) or e < 1 for e in edges) or edges != sorted(set(edges)):
+        raise ValueError(f"position_edges must be increasing ints >= 1, got {list(position_edges)}")
+    out_dir = check_output_dir(out_dir)
+    spec = model_spec(model)
+    if not spec.has_mlps:
+        raise ValueError("scan needs MLP outputs for residual PR; attention-only models are not supported yet")
+    tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+    corpus = open_corpus(corpus, seq_len=seq_len, tokenizer=tokenizer, bin_dtype=bin_dtype, column=column)
+    if spec.n_ctx is not None and corpus.seq_len > spec.n_ctx:
+        raise ValueError(f"seq_len {corpus.seq_len} exceeds the model's n_ctx {spec.n_ctx}")
+    if prepend_bos is not None:
+        if isinstance(prepend_bos, bool) or not isinstance(prepend_bos, int) or not 0 <= prepend_bos < spec.d_vocab:
+            raise ValueError(f"prepend_bos must be a token id in [0, {spec.d_vocab}), got {prepend_bos!r}")
+    wr = resolve_writers(writers, spec)
+    dev = model_device(model)
+    impl = get_backend(backend, dev, spec.W_O.dtype)
+    max_rows = None if max_tokens is None else max(1, max_tokens // corpus.seq_len)
+    corpus.check_ids(spec.d_vocab, max_rows)  # array corpora: every id, before the first batch
+    L = spec.n_layers
+    cfg = ScanConfig(
+        writers=wr.tolist(), writer_labels=[spec.head_label(int(w)) for w in wr],
+        node_labels=spec.head_labels() + [f"MLP{l}" for l in range(L)],
+        resid_labels=["resid_pre0"] + [f"resid_{k}{l}" for l in range(L) for k in ("mid", "post")],
+        head_labels=spec.head_labels(), seq_len=corpus.seq_len, batch_size=batch_size, prepend_bos=prepend_bos,
+        position_edges=edges, top_k=top_k, backend=impl.NAME, model_fingerprint=model_fingerprint(model),
+        corpus=corpus.describe(),
+    )
+    return ScanPlan(model=model, spec=spec, corpus=corpus, cfg=cfg, impl=impl, device=dev, wr=wr, out_dir=out_dir,
+                    resume=bool(resume), max_rows=max_rows, checkpoint_every=checkpoint_every,
+                    progress=bool(progress), report=bool(report), notes=notes)

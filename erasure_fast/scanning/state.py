@@ -1,0 +1,91 @@
+"""A scan's running state: every aggregate (see aggregate.py), the token counters, and the hash of
+the tokens read so far, with their update from one batch's attribution."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Dict, Sequence
+
+import numpy as np
+import torch
+
+from .aggregate import SeriesStats, TopK
+from .plan import DLA_BINS, DLA_RANGE, PR_BINS, PR_RANGE, ScanConfig
+
+EMPTY_HASH = "0" * 32
+
+
+def chain_hash(previous: str, tokens: np.ndarray) -> str:
+    """Hash of the tokens read so far: blake2b(previous hash, this batch's int64 ids). A checkpoint
+    stores it; a resumed scan re-reads the batches before its checkpoint and must arrive at the same
+    value, so a corpus changed anywhere in the part already aggregated refuses to resume."""
+    h = hashlib.blake2b(bytes.fromhex(previous), digest_size=16)
+    h.update(np.ascontiguousarray(tokens, dtype="<i8").tobytes())
+    return h.hexdigest()
+
+
+class Aggregates:
+    """All running aggregates of a scan, plus tokens / rows / next batch / content hash."""
+
+    def __init__(self, cfg: ScanConfig):
+        W = len(cfg.writers)
+        self.n_pr_series = (len(cfg.node_labels) + len(cfg.resid_labels)) * W
+        self.n_buckets = len(cfg.position_edges) + 1
+        self.pr = SeriesStats(self.n_pr_series, self.n_buckets, *PR_RANGE, PR_BINS)
+        self.dla = SeriesStats(len(cfg.head_labels) + W, self.n_buckets, *DLA_RANGE, DLA_BINS)
+        # payload: [sum of downstream PR, DLA_w, adjusted DLA_w]
+        self.top_erasure = TopK(W, cfg.top_k, payload=3)
+        self.top_adversarial = TopK(W, cfg.top_k, payload=3)
+        self.tokens = 0
+        self.rows = 0
+        self.batches = 0  # next batch index for this rank
+        self.content_hash = EMPTY_HASH
+
+    def parts(self):
+        return {"pr": self.pr, "dla": self.dla, "top_erasure": self.top_erasure, "top_adversarial": self.top_adversarial}
+
+    def state(self) -> Dict[str, np.ndarray]:
+        out = {}
+        for name, part in self.parts().items():
+            out.update(part.state(name))
+        return out
+
+    def load(self, arrays: Dict[str, np.ndarray]) -> None:
+        for name, part in self.parts().items():
+            part.load(arrays, name)
+
+    def merge(self, other: "Aggregates") -> None:
+        mine = self.parts()
+        for name, part in other.parts().items():
+            mine[name].merge(part)
+
+    def counters(self) -> dict:
+        return dict(tokens=self.tokens, rows=self.rows, next_batch=self.batches, content_hash=self.content_hash)
+
+    def load_counters(self, meta: dict) -> None:
+        self.tokens, self.rows, self.batches = meta["tokens"], meta["rows"], meta["next_batch"]
+        self.content_hash = meta.get("content_hash", EMPTY_HASH)
+
+
+def _bucket_of(positions: torch.Tensor, edges: Sequence[int]) -> torch.Tensor:
+    return torch.bucketize(positions, torch.tensor(list(edges)), right=True)
+
+
+def update(agg: Aggregates, res, rows: torch.Tensor, edges: Sequence[int]) -> None:
+    """Fold one batch's `AttributionResult` (rows: [B] corpus row ids) into the aggregates."""
+    B, P = res.dla.shape[:2]
+    T = B * P
+    pos = torch.arange(P).repeat(B)
+    row = rows.repeat_interleave(P)
+    bucket = _bucket_of(pos, edges)
+    pr = res.pr.reshape(T, -1)
+    resid = res.resid_pr.reshape(T, -1)
+    agg.pr.update(torch.cat([pr, resid], dim=1), bucket)
+    head_dla = res.dla.reshape(T, -1)
+    w_dla = res.writer_dla.reshape(T, -1)
+    adj = res.adjusted_dla.reshape(T, -1)
+    agg.dla.update(torch.cat([head_dla, adj], dim=1), bucket)
+    erased = res.downstream_pr_sum.reshape(T, -1)
+    payload = torch.stack([erased, w_dla, adj], dim=-1)
+    agg.top_erasure.update(-erased, row, pos, payload)
+    agg.top_adversarial.update(w_dla.abs() - adj.abs(), row, pos, payload)
