@@ -108,8 +108,9 @@ def _print_summary(result) -> None:
     print(f"report: {result.files.get('report.md')}")
 
 
-def _init_distributed_from_env() -> None:
-    """Under torchrun (WORLD_SIZE > 1) join the process group: NCCL on GPUs, gloo on CPUs."""
+def _init_distributed_from_env() -> bool:
+    """Under torchrun (WORLD_SIZE > 1) join the process group: NCCL on GPUs, gloo on CPUs. Returns
+    whether this call created it (and so must destroy it)."""
     import torch
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
@@ -117,13 +118,39 @@ def _init_distributed_from_env() -> None:
         if use_nccl:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         torch.distributed.init_process_group("nccl" if use_nccl else "gloo")
+        return True
+    return False
+
+
+def _leave_distributed(wait: bool) -> None:
+    """Wait for every rank (``wait``), then tear the process group down: a rank that exits with the
+    group alive can abort in the communication library's threads ("terminate called ...")."""
+    import torch
+
+    if torch.distributed.is_initialized():
+        try:
+            if wait:
+                torch.distributed.barrier()
+        finally:
+            torch.distributed.destroy_process_group()
 
 
 def _run_scan(args, demo: bool) -> int:
+    joined = _init_distributed_from_env()
+    ok = False
+    try:
+        rc = _scan(args, demo)
+        ok = True
+        return rc
+    finally:
+        if joined:
+            _leave_distributed(wait=ok)  # after an error the other ranks may be gone: do not wait for them
+
+
+def _scan(args, demo: bool) -> int:
     from .scanning import plan_scan
     from .scanning.job import ScanJob
 
-    _init_distributed_from_env()
     model, corpus, bos, notes = _open(args, demo)
     plan = plan_scan(model, corpus, writers=_writers(args.writers), seq_len=args.seq_len, batch_size=args.batch_size,
                      out_dir=args.out, resume=args.resume, backend=args.backend, max_tokens=args.max_tokens,

@@ -138,23 +138,43 @@ def _kind(model) -> str:
     )
 
 
-def _fingerprint(model) -> tuple:
-    # Weight processing (fold_ln, compatibility mode, .to()) replaces or edits parameters in place.
-    return tuple((p.data_ptr(), p._version, p.dtype, str(p.device)) for p in model.parameters())
+class _WeightsState:
+    """What a model's weights are now: each parameter object (held weakly, compared by identity, so a
+    parameter replaced by a new one -- even at the same address -- is a change) with its in-place
+    version counter, storage address, dtype and device."""
+
+    def __init__(self, model):
+        self.items = [(weakref.ref(p), p._version, p.data_ptr(), p.dtype, p.device) for p in model.parameters()]
+
+    def same_as(self, other: "_WeightsState") -> bool:
+        if len(self.items) != len(other.items):
+            return False
+        for (ra, *a), (rb, *b) in zip(self.items, other.items):
+            pa = ra()
+            if pa is None or pa is not rb() or a != b:
+                return False
+        return True
 
 
+# Per-model cache of ModelSpec (documented in `model_spec`): keyed weakly by the model, valid while
+# its weights are unchanged, so repeated calls reuse the same W_O / directions tensors (which is what
+# lets a DlaTable built from them match later calls).
 _specs: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def model_spec(model) -> ModelSpec:
-    """The `ModelSpec` of a TransformerLens model, cached until its weights change (a `ModelSpec`
-    passes through unchanged)."""
+    """The `ModelSpec` of a TransformerLens model (a `ModelSpec` passes through unchanged).
+
+    Cached per model while its weights are unchanged: the same parameter objects, none modified in
+    place (their version counters), so later calls get the very same W_O / directions tensors (a
+    `DlaTable` built from them keeps matching). Weights written behind autograd's back (through
+    ``.data`` or a numpy view) are not seen; rebuild the model or pass a fresh `ModelSpec` then."""
     if isinstance(model, ModelSpec):
         return model
     kind = _kind(model)
-    fp = _fingerprint(model)
+    fp = _WeightsState(model)
     hit = _specs.get(model)
-    if hit is not None and hit[0] == fp:
+    if hit is not None and hit[0].same_as(fp):
         return hit[1]
     cfg = model.cfg
     with torch.no_grad():

@@ -186,9 +186,9 @@ def test_bad_arguments_are_refused_before_any_work(tmp_path, no_child, name, kwa
 def test_bad_out_dir_is_refused_before_any_work(tmp_path, no_child):
     a_file = tmp_path / "results.txt"
     a_file.write_text("not a directory")
-    with pytest.raises(ValueError, match="out_dir .* exists and is not a directory"):
+    with pytest.raises(ValueError, match="out_dir: .* exists and is not a directory"):
         bench.run(str(a_file), device="cpu", shapes=["gelu-4l"], sizes=[8])
-    with pytest.raises(ValueError, match="out_dir .* cannot be created: .* is not a directory"):
+    with pytest.raises(ValueError, match="out_dir: .* cannot be created, .* is a file"):
         bench.run(str(a_file / "sub"), device="cpu", shapes=["gelu-4l"], sizes=[8])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.txt"]
     settings = bench.validate_arguments(str(tmp_path / "new" / "dir"), device="cpu", shapes=["gelu-4l"])

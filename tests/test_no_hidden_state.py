@@ -117,3 +117,35 @@ def test_a_nan_tensor_at_a_reused_address_is_still_caught():
         with pytest.raises(ValueError, match=r"z contains non-finite values \(first at index \[4095, 3, 63\]\)"):
             ef.fused_attribution(z, W_O, dirs, scale, [], direction_ids=ids, backend="torch")
         del z, bad
+
+
+def test_model_spec_follows_replaced_and_edited_weights():
+    """The per-model spec cache is keyed by the parameter objects themselves (held weakly) and their
+    versions, not by addresses: a parameter replaced by a new one allocated where the old one was
+    (same address, version 0 -- which an address-keyed cache took for "unchanged") or an in-place
+    edit gives a fresh spec; unchanged weights give the very same tensors back."""
+    from conftest import build_model
+
+    model = build_model(n_layers=2, n_heads=3, d_head=4, d_model=12, d_mlp=16, d_vocab=23)
+    first = ef.model_spec(model)
+    assert ef.model_spec(model) is first and ef.model_spec(model).directions is first.directions
+    old_dirs, old_W_O = first.directions.clone(), first.W_O.clone()
+    # the parameter that holds layer 0's W_O (named per TransformerLens version)
+    name = next(n for n, p in model.named_parameters()
+                if (n.endswith("blocks.0.attn.W_O")) or ("layers.0." in n and ".attn." in n and ".o." in n and n.endswith("weight")))
+    owner_name, attr = name.rsplit(".", 1)
+    owner = model.get_submodule(owner_name)
+    values, address = getattr(owner, attr).detach().clone(), getattr(owner, attr).data_ptr()
+    setattr(owner, attr, torch.nn.Parameter(torch.zeros(1)))  # the old parameter is freed here
+    replacement = torch.nn.Parameter(values * 3.0)  # allocated now: typically at the freed address
+    setattr(owner, attr, replacement)
+    second = ef.model_spec(model)
+    assert torch.allclose(second.W_O[:3], old_W_O[:3] * 3.0) and torch.equal(second.W_O[3:], old_W_O[3:]), \
+        f"stale spec (replacement at the old address: {replacement.data_ptr() == address})"
+    W_U_param = next(p for p in model.parameters()
+                     if p.shape in (first.W_U.shape, first.W_U.T.shape) and torch.equal(
+                         p.detach().reshape(-1).sort().values, first.W_U.reshape(-1).sort().values))
+    with torch.no_grad():
+        W_U_param.mul_(2.0)  # in place: the version counter moves
+    third = ef.model_spec(model)
+    assert third is not second and torch.allclose(third.directions, old_dirs * 2.0)

@@ -278,6 +278,7 @@ def test_2d_rows_longer_than_seq_len_are_cut_into_windows(tmp_path, model):
     assert np.array_equal(np.concatenate([t for _, _, t in blocks]), np.stack([got[i] for i in range(15)]))
     res = run(model, str(tmp_path / "r.npy"), tmp_path / "o", seq_len=8)
     assert res.meta["rows"] == 15 and res.meta["corpus"]["dropped_tokens"] == 10
+    assert "10 tokens in no whole row, not scanned" in open(tmp_path / "o" / "report.md").read()
     assert open_corpus(str(tmp_path / "r.npy")).n_rows == 5  # default seq_len: the stored rows
 
 

@@ -56,7 +56,7 @@ def test_a_locked_output_folder_refuses_a_second_scan(model, stream, tmp_path):
 
 def test_an_output_path_that_is_a_file_is_refused_before_any_work(model, stream, tmp_path):
     (tmp_path / "report.txt").write_text("mine")
-    with pytest.raises(OutputDirError, match="out_dir .*report.txt' exists and is not a directory"):
+    with pytest.raises(OutputDirError, match="out_dir: .*report.txt' exists and is not a directory"):
         scan(model, stream, out_dir=tmp_path / "report.txt", **kw())
     (tmp_path / "o").mkdir()
     (tmp_path / "o" / "checkpoint").write_text("not a folder")

@@ -20,6 +20,7 @@ import threading
 
 import torch
 
+from ..paths import check_output_dir
 from .providers import select_providers
 from .workloads import SHAPES
 
@@ -74,26 +75,11 @@ def _check_device(device) -> torch.device:
 
 
 def _check_out_dir(out_dir) -> str:
-    """An existing writable directory, or a path whose nearest existing ancestor is a writable
-    directory (nothing is created here: a refused run leaves no trace)."""
-    if not isinstance(out_dir, (str, os.PathLike)) or not os.fspath(out_dir):
-        raise ValueError(f"out_dir must be a directory path, got {out_dir!r}")
-    path = os.path.abspath(os.fspath(out_dir))
-    if os.path.exists(path):
-        if not os.path.isdir(path):
-            raise ValueError(f"out_dir {os.fspath(out_dir)!r} exists and is not a directory")
-        if not os.access(path, os.W_OK | os.X_OK):
-            raise ValueError(f"out_dir {os.fspath(out_dir)!r} is not writable")
-        return path
-    if os.path.lexists(path):
-        raise ValueError(f"out_dir {os.fspath(out_dir)!r} is a dangling symbolic link")
-    ancestor = os.path.dirname(path)
-    while not os.path.exists(ancestor):
-        ancestor = os.path.dirname(ancestor)
-    if not os.path.isdir(ancestor) or not os.access(ancestor, os.W_OK | os.X_OK):
-        why = "is not a directory" if not os.path.isdir(ancestor) else "is not writable"
-        raise ValueError(f"out_dir {os.fspath(out_dir)!r} cannot be created: {ancestor!r} {why}")
-    return path
+    """A folder the child can write its report to; nothing is created here (a refused run leaves no trace)."""
+    try:
+        return os.path.abspath(check_output_dir(out_dir, "out_dir", create=False))
+    except TypeError as e:
+        raise ValueError(str(e)) from None
 
 
 def validate_arguments(out_dir: str = "benchmarks/results", *, device: str = None, shapes=("gelu-4l", "gpt2-small"),

@@ -24,6 +24,7 @@ from ..capture import model_device
 from ..demo import PLANTED, demo_corpus, planted_model
 from ..loading import ModelLoadError, load_model
 from ..models import model_spec
+from ..paths import check_output_dir
 from ..scanning import CorpusError, open_corpus
 from ..scanning.corpus import HUB_PREFIX
 from .bos_split import bos_split
@@ -139,23 +140,7 @@ def _int_option(value, flag: str, least: int) -> int:
 
 def _check_out(out) -> str:
     """``out`` as a directory that exists or can be created (nothing is created yet)."""
-    if not isinstance(out, (str, os.PathLike)) or not os.fspath(out):
-        raise TypeError(f"--out: expected a directory path, got {out!r}")
-    out = os.fspath(out)
-    if os.path.exists(out):
-        if not os.path.isdir(out):
-            raise ValueError(f"--out: {out} exists and is not a directory")
-        if not os.access(out, os.W_OK | os.X_OK):
-            raise ValueError(f"--out: {out} is not writable")
-        return out
-    parent = os.path.dirname(os.path.abspath(out))
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise ValueError(f"--out: {out} cannot be created, {parent} is a file")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"--out: {out} cannot be created, {parent} is not writable")
-    return out
+    return check_output_dir(out, "--out", create=False)
 
 
 def _check_device(device) -> None:

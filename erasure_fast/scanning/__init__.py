@@ -3,7 +3,7 @@ aggregates -> report. `scan` runs the whole job; `plan_scan` / `ScanJob` are its
 
 from .corpus import CorpusError, TokenCorpus, open_corpus
 from .job import CorpusChanged, ScanInterrupted, ScanJob, ScanResult
-from .outdir import OutputDirError
+from ..paths import OutputDirError
 from .plan import ScanPlan, plan_scan
 from .run import scan
 

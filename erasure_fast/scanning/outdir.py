@@ -17,6 +17,8 @@ import socket
 import sys
 from typing import Optional
 
+from ..paths import OutputDirError, check_output_dir as check_writable_dir
+
 LOCK_NAME = ".erasure-fast.lock"
 CHECKPOINT_DIR = "checkpoint"
 # Every file a scan's report may write (plots included), removed when a fresh scan starts in the folder.
@@ -24,27 +26,13 @@ REPORT_FILES = ("summary.parquet", "summary.csv", "summary.json", "report.md",
                 "fig1_resid_pr.png", "fig2_node_pr.png", "heatmap_pr.png")
 
 
-class OutputDirError(ValueError):
-    """An output folder that cannot be used (a file, not writable, or locked by another scan)."""
-
-
 def check_output_dir(path, name: str = "out_dir") -> str:
-    """Create ``path`` if needed and make sure a scan can write there; returns it as a str.
-    Raises OutputDirError naming ``name`` otherwise."""
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"{name} must be a path, got {type(path).__name__}")
-    path = os.fspath(path)
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise OutputDirError(f"{name} {path!r} exists and is not a directory")
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as e:
-        raise OutputDirError(f"{name} {path!r} cannot be created ({e.strerror or e})") from None
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise OutputDirError(f"{name} {path!r} is not writable")
+    """Create ``path`` if needed and make sure a scan can write there (`erasure_fast.paths`), with
+    no file where the checkpoints go; returns it as a str."""
+    path = check_writable_dir(path, name, create=True)
     ck = os.path.join(path, CHECKPOINT_DIR)
     if os.path.exists(ck) and not os.path.isdir(ck):
-        raise OutputDirError(f"{name} {path!r} holds a file named {CHECKPOINT_DIR!r} where the checkpoints go")
+        raise OutputDirError(f"{name}: {path!r} holds a file named {CHECKPOINT_DIR!r} where the checkpoints go")
     return path
 
 

@@ -150,7 +150,9 @@ def _markdown(summary, pairs, tops, cfg, meta, focus, files) -> str:
     tps = meta.get("tokens_per_s")
     lines += [
         f"- model: {meta['model']} (fingerprint {meta['model_fingerprint']})",
-        f"- corpus: {meta['corpus']['source']} (rows of {meta['seq_len']} tokens, BOS prepended: {meta['prepend_bos'] is not None})",
+        f"- corpus: {meta['corpus']['source']} (rows of {meta['seq_len']} tokens, BOS prepended: {meta['prepend_bos'] is not None}"
+        + (f"; {meta['corpus']['dropped_tokens']:,} tokens in no whole row, not scanned" if meta['corpus'].get('dropped_tokens') else "")
+        + f"; token hash {meta['corpus'].get('content_hash', 'n/a')})",
         f"- tokens: {meta['tokens']:,} in {meta['rows']:,} rows; backend {meta['backend']}; {meta['world_size']} process(es)",
         f"- time: {meta['elapsed_s']:.1f} s ({tps:,.0f} tokens/s)" if tps else "- time: n/a",
         f"- quantiles from fixed-bin histograms: PR bins of {(meta['pr_hist']['hi'] - meta['pr_hist']['lo']) / meta['pr_hist']['bins']:g} "
