@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 
 DESCRIPTION = """\
@@ -203,6 +204,21 @@ def _run_bench(args, argv) -> int:
     return 0
 
 
+# Library argument names -> the scan / demo flags that set them: an error from `scan` that starts with
+# the argument's name is shown with the flag the user typed.
+_SCAN_FLAGS = {"max_tokens": "--max-tokens", "batch_size": "--batch-size", "checkpoint_every": "--checkpoint-every",
+               "seq_len": "--seq-len", "writers": "--writers", "prepend_bos": "--prepend-bos", "out_dir": "--out",
+               "top_k": "--top-k", "bin_dtype": "--bin-dtype", "backend": "--backend"}
+
+
+def _as_flag(command: str, message: str) -> str:
+    if command in ("scan", "demo"):
+        first = re.match(r"\w+", message)
+        if first and first.group(0) in _SCAN_FLAGS:
+            return _SCAN_FLAGS[first.group(0)] + message[first.end():]
+    return message
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="erasure-fast", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -263,7 +279,7 @@ def main(argv=None) -> int:
     except (ValueError, TypeError, OSError) as e:  # user errors: one line, exit 2 (--debug: traceback)
         if args.debug:
             raise
-        message = " ".join(str(e).split()) or type(e).__name__
+        message = _as_flag(args.command, " ".join(str(e).split()) or type(e).__name__)
         print(f"erasure-fast: error: {message}", file=sys.stderr)
         return 2
 

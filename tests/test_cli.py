@@ -62,7 +62,8 @@ def test_help_lists_every_command_and_shows_defaults():
 
 
 @pytest.mark.parametrize("case", ["missing npy", "missing bin", "missing txt", "no extension", "bin without dtype",
-                                  "duplicate writers", "out is a file", "bad writer", "seq-len too long"])
+                                  "duplicate writers", "out is a file", "bad writer", "seq-len too long",
+                                  "zero max-tokens", "bad checkpoint-every"])
 def test_user_errors_are_one_line_and_exit_2(root, tmp_path, case):
     (tmp_path / "file").write_text("x")
     np.arange(32, dtype=np.int32).tofile(tmp_path / "ids.bin")
@@ -72,10 +73,12 @@ def test_user_errors_are_one_line_and_exit_2(root, tmp_path, case):
         "missing txt": (["--corpus", tmp_path / "nope.txt"], r"nope.txt: no such file"),
         "no extension": (["--corpus", tmp_path / "nope"], r"nope: no such file or directory \(a dataset on the Hugging Face hub is named hf:"),
         "bin without dtype": (["--corpus", tmp_path / "ids.bin", "--seq-len", "8"], r"no header; pass its dtype \(bin_dtype / --bin-dtype"),
-        "duplicate writers": (["--writers", "L0H2,L0H2"], r"writers names head L0H2 twice"),
-        "out is a file": (["--out", tmp_path / "file"], r"exists and is not a directory"),
+        "duplicate writers": (["--writers", "L0H2,L0H2"], r"error: --writers names head L0H2 twice"),
+        "out is a file": (["--out", tmp_path / "file"], r"error: --out: .* exists and is not a directory"),
         "bad writer": (["--writers", "L7H0"], r"head 'L7H0' does not exist"),
         "seq-len too long": (["--seq-len", "100"], r"seq_len 100 is longer than the stored rows \(16 tokens\)"),
+        "zero max-tokens": (["--max-tokens", "0"], r"error: --max-tokens must be >= 1, got 0"),
+        "bad checkpoint-every": (["--checkpoint-every", "0"], r"error: --checkpoint-every must be >= 1, got 0"),
     }[case]
     extra, pattern = args
     base = scan_args(root, tmp_path / "out")
