@@ -217,10 +217,11 @@ def attribute(
 
 def run_attribution(model, spec: ModelSpec, tokens: torch.Tensor, wr: torch.Tensor, ids: torch.Tensor,
                     inc: Optional[torch.Tensor], *, include_mlps: bool, impl, extra_hooks=(), keep_hooks=(),
-                    scale_override: Optional[torch.Tensor] = None) -> AttributionResult:
+                    scale_override: Optional[torch.Tensor] = None, keep_mlp_out: bool = False) -> AttributionResult:
     """`attribute` after argument checking: tokens [B, P] valid ids, wr [W] head indices,
     ids / inc [B, P] target ids (-1 = none), impl a backend module. ``extra_hooks`` are interventions
-    run during the forward pass, ``keep_hooks`` activations to keep (``result.extra``) and
+    run during the forward pass, ``keep_hooks`` activations to keep (``result.extra``; with
+    ``keep_mlp_out`` also ``extra["mlp_out"]`` [B, P, L, d_model], the MLP nodes' vectors) and
     ``scale_override`` [B, P] a final-LN scale to use instead of the run's own (e.g. the clean one)."""
     with_mlps = include_mlps and spec.has_mlps
     cap = capture(model, tokens, spec, include_mlps=with_mlps, include_embed=with_mlps,
@@ -272,5 +273,5 @@ def run_attribution(model, spec: ModelSpec, tokens: torch.Tensor, wr: torch.Tens
         backend=impl.NAME,
         z=cap.z,
         final_scale=cap.scale,
-        extra=cap.extra or {},
+        extra=dict(cap.extra or {}, **({"mlp_out": cap.mlp_out} if keep_mlp_out and cap.mlp_out is not None else {})),
     )

@@ -59,6 +59,10 @@ def _add_scan_args(p: argparse.ArgumentParser, demo: bool) -> None:
                    help="start afresh, replacing a previous scan's outputs in --out")
     p.add_argument("--checkpoint-every", type=int, default=20, help="batches between checkpoints")
     p.add_argument("--top-k", type=int, default=20, help="example positions kept per writer for the report")
+    p.add_argument("--rank-by", default="es", choices=["es", "apr", "pr", "pv", "cos"],
+                   help="statistic that ranks the (node, writer) pairs: es = erasure score PR * |cos| * |w| / |x|, "
+                        "apr = PR * |cos|, pr = the paper's projection ratio, pv = projection value, cos; rerunning "
+                        "a finished scan with another value re-ranks it without recomputing")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=True, help="no progress bar")
     if not demo:
         p.add_argument("--prepend-bos", type=int, default=None, metavar="ID",
@@ -94,18 +98,27 @@ def _open(args, demo: bool):
 
 
 def _print_summary(result) -> None:
-    from .scanning.ranking import top_pairs
+    from .scanning.ranking import STATISTIC_NAMES, top_pairs
 
-    pairs = top_pairs(result.summary, 8)
     meta = result.meta
+    by = meta["rank_by"]
+    pairs = top_pairs(result.summary, 8, by)
     print(f"\nscanned {meta['tokens']:,} tokens in {meta['elapsed_s']:.1f} s ({meta['tokens_per_s'] or 0:,.0f} tokens/s), "
           f"backend {meta['backend']}")
     dropped = meta["corpus"].get("dropped_tokens")
     if dropped:
         print(f"note: {dropped:,} corpus tokens lie in no row of {meta['seq_len']} (remainders after the last whole row)")
-    print("strongest erasure (downstream node onto writer, median PR [25%, 75%]):")
+    name = STATISTIC_NAMES[by]
+    q1, q3 = ("q0.25", "q0.75") if by == "pr" else (f"{by}_q0.25", f"{by}_q0.75")
+    print(f"strongest erasure by median {name} ({meta['rank_formula']}); null threshold {meta['null_threshold']:+.3f}:")
+    print(f"  {'node':>6}      {'writer':<6} {name:>7}  [25%, 75%]           PR      cos   above null")
     for _, r in pairs.iterrows():
-        print(f"  {r.node:>6} onto {r.writer:<6} {r['median']:+.3f}  [{r['q0.25']:+.3f}, {r['q0.75']:+.3f}]")
+        print(f"  {r.node:>6} onto {r.writer:<6} {r['rank_statistic']:+.3f}  [{r[q1]:+.3f}, {r[q3]:+.3f}]  "
+              f"{r['median']:+.3f}  {r['cos_median']:+.3f}  {'yes' if r['above_null'] else 'no'}")
+    if meta["pairs_above_null"] == 0:
+        print("no erasure above the null")
+    else:
+        print(f"{meta['pairs_above_null']} of {meta['downstream_pairs']} downstream pairs above the null")
     print(f"report: {result.files.get('report.md')}")
 
 
@@ -157,7 +170,7 @@ def _scan(args, demo: bool) -> int:
                      out_dir=args.out, resume=args.resume, backend=args.backend, max_tokens=args.max_tokens,
                      prepend_bos=bos, checkpoint_every=args.checkpoint_every, top_k=args.top_k,
                      progress=args.progress, notes=notes, bin_dtype=None if demo else args.bin_dtype,
-                     column="tokens" if demo else args.column)
+                     column="tokens" if demo else args.column, rank_by=args.rank_by)
     with ScanJob(plan) as job:
         if job.resumed_from:
             print(f"resuming {args.out} after {job.agg.tokens:,} tokens", file=sys.stderr)
@@ -170,10 +183,11 @@ def _scan(args, demo: bool) -> int:
         from .demo import PLANTED
         from .scanning.ranking import top_pairs
 
-        top = top_pairs(result.summary, 1).iloc[0]
-        first = next(iter(PLANTED["erasers"]))
-        found = top.node == first and top.writer == PLANTED["writer"]
-        print(f"planted pair {first} onto {PLANTED['writer']} is the top pair: {'yes' if found else 'NO'}")
+        planted = [(eraser, PLANTED["writer"]) for eraser in PLANTED["erasers"]]
+        top = list(zip(*(top_pairs(result.summary, len(planted), args.rank_by)[c] for c in ("node", "writer"))))
+        found = sorted(top) == sorted(planted)
+        print(f"planted pairs {', '.join(f'{e} onto {w}' for e, w in planted)} are the top {len(planted)}: "
+              f"{'yes' if found else 'NO'}")
         return 0 if found else 1
     return 0
 
@@ -208,7 +222,7 @@ def _run_bench(args, argv) -> int:
 # the argument's name is shown with the flag the user typed.
 _SCAN_FLAGS = {"max_tokens": "--max-tokens", "batch_size": "--batch-size", "checkpoint_every": "--checkpoint-every",
                "seq_len": "--seq-len", "writers": "--writers", "prepend_bos": "--prepend-bos", "out_dir": "--out",
-               "top_k": "--top-k", "bin_dtype": "--bin-dtype", "backend": "--backend"}
+               "top_k": "--top-k", "bin_dtype": "--bin-dtype", "backend": "--backend", "rank_by": "--rank-by"}
 
 
 def _as_flag(command: str, message: str) -> str:
@@ -229,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_scan_args(p_scan, demo=False)
     p_demo = sub.add_parser("demo", help="scan the planted demo model over a synthetic 64K-token corpus", formatter_class=_HELP,
                             description="Scan the planted GELU-4L-shaped demo model over 64 x 1024 synthetic tokens; "
-                                        "exits 1 unless the planted pair ranks first.")
+                                        "exits 1 unless the planted pairs are the top pairs.")
     _add_scan_args(p_demo, demo=True)
     sub.add_parser("backends", help="list the backends available here and why others are not", formatter_class=_HELP)
     p_bench = sub.add_parser("bench", help="benchmark every provider side by side (K1, K2, S1) and write a report",

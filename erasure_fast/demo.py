@@ -60,6 +60,20 @@ def model_from_state_dict(dims: dict, sd: dict, name: str = "native"):
 
 PLANTED = {"writer": "L0H2", "erasers": {"L2H3": -0.8, "L2H6": -0.4}, "bos": 0, "writer_norm": 4.0}
 
+# Ground truth for the scan's ranking (tests/test_ranking.py, benchmarks/ranking_ground_truth.py):
+# the planted (eraser, writer) pairs must rank first, in the order of their targets; "null" plants
+# nothing. "decoys": a strongly erased large writer among small-norm writers (a big eraser has a
+# large PR onto them by accident) and a large noisy node with a small constant component along the
+# writer (median PR -1.3, beyond the true eraser's -1.0).
+PLANTED_VARIANTS = {
+    "demo": PLANTED,
+    "decoys": dict(PLANTED, writer_norm=8.0, erasers={"L2H3": -1.0},
+                   quiet_heads={f"L0H{h}": 0.02 for h in (0, 1, 3, 4, 5, 6, 7)},
+                   noisy_nodes={"L3H5": {"pr": -1.3, "noise": 6.0}}),
+    "graded": dict(PLANTED, erasers={"L2H6": -0.9, "L2H1": -0.5, "L2H4": -0.2}),  # not in label order: ties cannot pass
+    "null": None,
+}
+
 
 def demo_corpus(n_rows: int = 64, seq_len: int = 1024, d_vocab: int = GELU_4L_SHAPE["d_vocab"], seed: int = 0):
     """Deterministic synthetic token rows [n_rows, seq_len] (Zipf-distributed ids, like text)."""
@@ -69,6 +83,22 @@ def demo_corpus(n_rows: int = 64, seq_len: int = 1024, d_vocab: int = GELU_4L_SH
     ranks = rng.zipf(1.3, size=(n_rows, seq_len)) - 1
     perm = rng.permutation(d_vocab)  # frequent ids spread over the vocabulary
     return perm[np.minimum(ranks, d_vocab - 1)].astype(np.int32)
+
+
+def _label(label: str) -> tuple:
+    layer, head = (int(x) for x in label[1:].split("H"))
+    return layer, head
+
+
+def _writer_outputs(model, tokens, writer: tuple, writer_W_O: torch.Tensor, nodes: list):
+    """From TransformerLens's own cache (not this package's attribution code): the writer's output
+    r_w [B, P, D] and the hook_z [B, P, d_head] of each (layer, head) in ``nodes``, in float64."""
+    wl, wh = writer
+    names = {f"blocks.{wl}.attn.hook_z"} | {f"blocks.{l}.attn.hook_z" for l, _ in nodes}
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, names_filter=lambda name: name in names)
+    r_w = cache[f"blocks.{wl}.attn.hook_z"][:, :, wh].double() @ writer_W_O.double()
+    return r_w, {(l, h): cache[f"blocks.{l}.attn.hook_z"][:, :, h].double() for l, h in nodes}
 
 
 def calibrate_eraser_gains(model, tokens: torch.Tensor, writer: tuple, erasers: list, u: torch.Tensor,
@@ -81,18 +111,51 @@ def calibrate_eraser_gains(model, tokens: torch.Tensor, writer: tuple, erasers: 
     PR_e(t) = r_e.r_w / |r_w|^2 = -g z_e(t)[0] (u . r_w(t)) / |r_w(t)|^2, linear in g; with the erasers
     at g = 1 (they only write after the writer's layer, so r_w does not depend on g) the median of
     PR at g = 1 over ``tokens`` [batch, pos] fixes g = target / median."""
-    wl, wh = writer
-    names = {f"blocks.{wl}.attn.hook_z"} | {f"blocks.{el}.attn.hook_z" for _, el, _ in erasers}
-    with torch.no_grad():
-        _, cache = model.run_with_cache(tokens, names_filter=lambda name: name in names)
-        r_w = cache[f"blocks.{wl}.attn.hook_z"][:, :, wh].double() @ writer_W_O.double()  # [B, P, D]
-        along_u = r_w @ u.double()
-        sq_norm = (r_w * r_w).sum(-1)
-        gains = {}
-        for label, el, eh in erasers:
-            pr_at_one = -cache[f"blocks.{el}.attn.hook_z"][:, :, eh, 0].double() * along_u / sq_norm
-            gains[label] = targets[label] / float(pr_at_one.reshape(-1).median())
+    r_w, z = _writer_outputs(model, tokens, writer, writer_W_O, [(el, eh) for _, el, eh in erasers])
+    along_u = r_w @ u.double()
+    sq_norm = (r_w * r_w).sum(-1)
+    gains = {}
+    for label, el, eh in erasers:
+        pr_at_one = -z[(el, eh)][..., 0] * along_u / sq_norm
+        gains[label] = targets[label] / float(pr_at_one.reshape(-1).median())
     return gains
+
+
+def calibrate_noisy_gains(model, tokens: torch.Tensor, writer: tuple, noisy: list, u: torch.Tensor,
+                          writer_W_O: torch.Tensor, node_W_O: dict, targets: dict) -> dict:
+    """Gain k per noisy node whose median PR onto the writer is its target. The node's first value
+    coordinate is the constant 1 (value bias 1, nothing read), so its output is -k u + n(t) with n(t)
+    its large random part: PR(t) = A(t) - k B(t), A = n.r_w / |r_w|^2, B = u.r_w / |r_w|^2 > 0. The
+    median is monotone in k, so bisection on TransformerLens's activations finds it."""
+    r_w, z = _writer_outputs(model, tokens, writer, writer_W_O, [(l, h) for _, l, h in noisy])
+    sq_norm = (r_w * r_w).sum(-1)
+    B = (r_w @ u.double()) / sq_norm
+    gains = {}
+    for label, l, h in noisy:
+        noise = z[(l, h)] @ node_W_O[label].double()  # the node's output with k = 0
+        A = (noise * r_w).sum(-1) / sq_norm
+
+        def median_pr(k):
+            return float((A - k * B).reshape(-1).median())
+
+        lo, hi = 0.0, 1.0
+        while median_pr(hi) > targets[label]:
+            hi *= 2
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if median_pr(mid) > targets[label] else (lo, mid)
+        gains[label] = hi
+    return gains
+
+
+def random_model(seed: int = 0, dims: dict = None):
+    """A GELU-4L-shaped model (or ``dims``) with random weights and nothing planted: the null model
+    of the ranking tests. Same initialisation as `planted_model` (MLP outputs scaled by 0.1)."""
+    dims = dict(dims or GELU_4L_SHAPE)
+    sd = random_tl_state_dict(dims, seed)
+    for l in range(dims["n_layers"]):
+        sd[f"blocks.{l}.mlp.W_out"] *= 0.1
+    return model_from_state_dict(dims, sd, name="random-gelu4l")
 
 
 def planted_model(seed: int = 0, dims: dict = None, planted: dict = None):
@@ -109,6 +172,13 @@ def planted_model(seed: int = 0, dims: dict = None, planted: dict = None):
       TransformerLens's activations, independent of the attribution code). u is orthogonal to what
       the writer's layer-mates write, so the erasers' output does not masquerade as erasing them.
     Everything else stays random, so a scan should rank these pairs first.
+
+    Optional keys of ``planted`` build the ranking tests' decoys:
+    - ``quiet_heads`` {label: scale}: those heads' W_O scaled down -- small-norm writers, along which
+      a big eraser of another writer has a large projection ratio by accident;
+    - ``noisy_nodes`` {label: {"pr": target, "noise": gain}}: a later head whose output is a large
+      random part (W_O scaled by ``noise``) plus a constant component -k u along the writer's
+      direction, k calibrated so that its median PR onto the writer is ``pr`` (`calibrate_noisy_gains`).
     """
     dims = dict(dims or GELU_4L_SHAPE)
     planted = dict(planted or PLANTED)
@@ -137,6 +207,20 @@ def planted_model(seed: int = 0, dims: dict = None, planted: dict = None):
     sd[p + "W_K"][wh][:, 0] = n0 / n0.norm()
     v = n0 @ sd[p + "W_V"][wh]  # the value the writer reads at BOS
     sd[p + "W_O"][wh] = torch.outer(v / v.norm() ** 2, u) * planted["writer_norm"]
+    for label, scale in planted.get("quiet_heads", {}).items():
+        ql, qh = _label(label)
+        sd[f"blocks.{ql}.attn.W_O"][qh] *= scale
+    noisy, noisy_W_O = [], {}
+    for label, spec in planted.get("noisy_nodes", {}).items():
+        nl, nh = _label(label)
+        q = f"blocks.{nl}.attn."
+        sd[q + "W_V"][nh][:, 0] = 0
+        sd[q + "b_V"][nh] = 0
+        sd[q + "b_V"][nh][0] = 1.0  # first value coordinate: the constant 1
+        sd[q + "W_O"][nh] *= spec["noise"]
+        sd[q + "W_O"][nh][0] = 0
+        noisy_W_O[label] = sd[q + "W_O"][nh].clone()
+        noisy.append((label, nl, nh))
     erasers = []
     for label in planted["erasers"]:
         el, eh = (int(x) for x in label[1:].split("H"))
@@ -153,6 +237,12 @@ def planted_model(seed: int = 0, dims: dict = None, planted: dict = None):
     gains = calibrate_eraser_gains(model, calib, (wl, wh), erasers, u, sd[p + "W_O"][wh], planted["erasers"])
     for label, el, eh in erasers:
         sd[f"blocks.{el}.attn.W_O"][eh] *= gains[label]
+    if noisy:
+        targets = {label: spec["pr"] for label, spec in planted["noisy_nodes"].items()}
+        noisy_gains = calibrate_noisy_gains(model, calib, (wl, wh), noisy, u, sd[p + "W_O"][wh], noisy_W_O, targets)
+        for label, nl, nh in noisy:
+            sd[f"blocks.{nl}.attn.W_O"][nh][0] = -noisy_gains[label] * u
+        gains.update(noisy_gains)
     model = model_from_state_dict(dims, sd, name="demo-planted-gelu4l")
     info = dict(planted, gains=gains, seed=seed, note=(
         f"Synthetic model: GELU-4L shape, random weights (seed {seed}), planted erasure circuit: writer "

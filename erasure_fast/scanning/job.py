@@ -26,7 +26,9 @@ from ..version import __version__
 from . import checkpoint as ckpt
 from .distributed import all_gather, all_reduce_sum, all_true, rank_and_world
 from .outdir import CHECKPOINT_DIR, OutputLock, clear_previous_outputs
+from .pair_stats import NullReference
 from .plan import DLA_BINS, DLA_RANGE, PR_BINS, PR_RANGE, ScanPlan
+from .ranking import ranking_meta
 from .report import summarize, write_report
 from .state import EMPTY_HASH, Aggregates, chain_hash, update
 
@@ -89,6 +91,7 @@ class ScanJob:
         self.plan = plan
         self.rank, self.world = rank_and_world()
         self.agg = Aggregates(plan.cfg)
+        self.null = NullReference.for_scan(plan.spec.W_O, plan.cfg.null_seed, len(plan.cfg.writers))
         self.digest = plan.cfg.digest()
         self.ck_path = os.path.join(plan.out_dir, CHECKPOINT_DIR, f"rank{self.rank}-of-{self.world}.npz")
         self.elapsed_before = 0.0
@@ -215,8 +218,8 @@ class ScanJob:
         tokens = tokens.to(p.device)
         ids = torch.full_like(tokens, -1)
         ids[:, :-1] = tokens[:, 1:]
-        res = run_attribution(p.model, spec, tokens, p.wr, ids, None, include_mlps=True, impl=p.impl)
-        update(agg, res, torch.from_numpy(row_ids), edges)
+        res = run_attribution(p.model, spec, tokens, p.wr, ids, None, include_mlps=True, impl=p.impl, keep_mlp_out=True)
+        update(agg, res, torch.from_numpy(row_ids), edges, self.null)
         agg.tokens += tokens.numel()
         agg.rows += tokens.shape[0]
         agg.batches = b + 1
@@ -270,7 +273,8 @@ class ScanJob:
             versions=_versions(), machine=platform.platform(), config_digest=self.digest, notes=p.notes,
         )
         summary = summarize(agg, p.cfg, p.spec)
-        files = write_report(p.out_dir, summary, agg, p.cfg, meta, make_plots=True) if p.report else {}
+        meta.update(ranking_meta(summary, p.rank_by))
+        files = write_report(p.out_dir, summary, agg, p.cfg, meta) if p.report else {}
         return ScanResult(out_dir=p.out_dir, summary=summary, meta=meta, files=files)
 
 

@@ -21,6 +21,7 @@ from ..capture import model_device
 from ..models import ModelSpec, model_spec
 from .corpus import TokenCorpus, open_corpus
 from .outdir import check_output_dir
+from .ranking import DEFAULT_RANK, RANK_STATISTICS
 
 PR_RANGE = (-3.0, 3.0)  # projection ratios: 0.005-wide bins
 PR_BINS = 1200
@@ -38,6 +39,7 @@ class ScanConfig:
     node_labels: List[str]
     resid_labels: List[str]
     head_labels: List[str]
+    n_heads: int  # per layer (node i < n_layers * n_heads is head i, layer i // n_heads)
     seq_len: int
     batch_size: int
     prepend_bos: Optional[int]
@@ -46,6 +48,7 @@ class ScanConfig:
     backend: str
     model_fingerprint: str
     corpus: dict
+    null_seed: int = 0  # seeds the null reference's random directions (pair_stats.null_directions)
 
     def as_json(self) -> dict:
         return json.loads(json.dumps(asdict(self), default=list))
@@ -77,6 +80,7 @@ class ScanPlan:
     progress: bool
     report: bool
     notes: Optional[str]
+    rank_by: str = "es"  # the report's ranking statistic (ranking.py); not part of the config
 
 
 def model_fingerprint(model) -> str:
@@ -106,9 +110,11 @@ def plan_scan(model, corpus, *, writers="all", seq_len: Optional[int] = None, ba
               prepend_bos: Optional[int] = None, checkpoint_every: int = 20, top_k: int = 20,
               position_edges: Sequence[int] = POSITION_EDGES, progress: bool = True, report: bool = True,
               tokenizer=None, notes: Optional[str] = None, bin_dtype: Optional[str] = None,
-              column: str = "tokens") -> ScanPlan:
+              column: str = "tokens", rank_by: str = DEFAULT_RANK) -> ScanPlan:
     """Validate a scan (arguments as `erasure_fast.scan`) and return its `ScanPlan`. Raises
     ValueError / TypeError (CorpusError and OutputDirError are ValueErrors) naming the argument."""
+    if rank_by not in RANK_STATISTICS:
+        raise ValueError(f"rank_by must be one of {', '.join(RANK_STATISTICS)}, got {rank_by!r}")
     batch_size = _positive_int("batch_size", batch_size)
     checkpoint_every = _positive_int("checkpoint_every", checkpoint_every)
     top_k = _positive_int("top_k", top_k)
@@ -137,10 +143,10 @@ def plan_scan(model, corpus, *, writers="all", seq_len: Optional[int] = None, ba
         writers=wr.tolist(), writer_labels=[spec.head_label(int(w)) for w in wr],
         node_labels=spec.head_labels() + [f"MLP{l}" for l in range(L)],
         resid_labels=["resid_pre0"] + [f"resid_{k}{l}" for l in range(L) for k in ("mid", "post")],
-        head_labels=spec.head_labels(), seq_len=corpus.seq_len, batch_size=batch_size, prepend_bos=prepend_bos,
+        head_labels=spec.head_labels(), n_heads=spec.n_heads, seq_len=corpus.seq_len, batch_size=batch_size, prepend_bos=prepend_bos,
         position_edges=edges, top_k=top_k, backend=impl.NAME, model_fingerprint=model_fingerprint(model),
         corpus=corpus.describe(),
     )
     return ScanPlan(model=model, spec=spec, corpus=corpus, cfg=cfg, impl=impl, device=dev, wr=wr, out_dir=out_dir,
                     resume=bool(resume), max_rows=max_rows, checkpoint_every=checkpoint_every,
-                    progress=bool(progress), report=bool(report), notes=notes)
+                    progress=bool(progress), report=bool(report), notes=notes, rank_by=rank_by)

@@ -8,7 +8,7 @@ from typing import Dict, Tuple
 import numpy as np
 
 from ..plotting import colormap, new_figure, save
-from .ranking import top_pairs
+from .ranking import DEFAULT_RANK, top_pairs
 
 
 def _node_order(label: str):
@@ -81,10 +81,11 @@ def heatmap(summary, cfg, path: str) -> str:
     return save(fig, path)
 
 
-def all_plots(out_dir: str, summary, cfg, focus: str) -> Tuple[Dict[str, str], Dict[str, str]]:
+def all_plots(out_dir: str, summary, cfg, focus: str, rank_by: str = DEFAULT_RANK) -> Tuple[Dict[str, str], Dict[str, str]]:
     """Every plot of the report: ({file name: path} of those drawn, {file name: error} of those that
-    failed). One plot failing does not stop the others."""
-    writers = list(dict.fromkeys([focus] + top_pairs(summary, 40).writer.tolist()))[:4]
+    failed). One plot failing does not stop the others. Fig 1 shows the focus writer and the writers
+    of the top pairs by ``rank_by``; the plots themselves show PR, as the paper does."""
+    writers = list(dict.fromkeys([focus] + top_pairs(summary, 40, rank_by).writer.tolist()))[:4]
     jobs = {
         "fig1_resid_pr.png": lambda path: fig1_resid(summary, cfg, writers, path),
         "fig2_node_pr.png": lambda path: fig2_nodes(summary, cfg, focus, path),

@@ -1,9 +1,69 @@
-"""Ranking of a scan summary's (downstream node, writer) pairs: what the report and the CLI list first."""
+"""Ranking of a scan summary's (downstream node, writer) pairs: what the report and the CLI list first.
+
+Pairs are ranked by the median over tokens of one statistic (`RANK_STATISTICS`, default "es", the
+erasure score PR * |cos| * |w| / |x|; formulas and the measurements behind the choice in
+pair_stats.py and docs/math.md), most negative first (strongest erasure). Each statistic has a null: the same statistic against a
+random direction of the writer's norm. A pair is **above the null** when its median is more negative
+than the most negative null median of every downstream pair of the scan -- beyond anything the
+scan's nodes show against directions nothing in the model relates to. The threshold is fixed by
+that rule, not tuned.
+"""
 
 from __future__ import annotations
 
+import math
 
-def top_pairs(summary, n: int = 10):
-    """Downstream (node, writer) pairs with the most negative median PR (strongest erasure)."""
-    pairs = summary[(summary.kind == "node") & summary.downstream & (summary["count"] > 0)]
-    return pairs.sort_values(["median", "node", "writer"]).head(n)
+RANK_STATISTICS = {
+    "es": "erasure score ES = PR * |cos| * |w| / |x| = (a.w)|a.w| / (|a| |w|^2 |x|), x the final residual stream",
+    "apr": "alignment-weighted projection ratio APR = PR * |cos| = (a.w)|a.w| / (|a| |w|^3)",
+    "pr": "projection ratio PR = a.w / |w|^2 (the paper's)",
+    "pv": "projection value PV = a.w / |w| (residual-stream units)",
+    "cos": "cosine a.w / (|a| |w|)",
+}
+DEFAULT_RANK = "es"
+STATISTIC_NAMES = {"es": "ES", "apr": "APR", "pr": "PR", "pv": "PV", "cos": "cos"}
+
+
+def _check(by: str) -> None:
+    if by not in RANK_STATISTICS:
+        raise ValueError(f"rank_by must be one of {', '.join(RANK_STATISTICS)}, got {by!r}")
+
+
+def statistic_column(by: str) -> str:
+    """The summary column that holds the median of statistic ``by``."""
+    _check(by)
+    return "median" if by == "pr" else f"{by}_median"
+
+
+def null_threshold(summary, by: str = DEFAULT_RANK) -> float:
+    """The most negative null median over the scan's downstream pairs (NaN when there is none)."""
+    _check(by)
+    pairs = summary[(summary.kind == "node") & summary.downstream]
+    values = pairs[f"{by}_null_median"].dropna() if f"{by}_null_median" in pairs else []
+    return float(min(values)) if len(values) else float("nan")
+
+
+def rank_pairs(summary, by: str = DEFAULT_RANK, n: int = None):
+    """Downstream (node, writer) pairs sorted by the median of ``by`` (most negative first), with
+    columns ``rank_statistic`` (that median), ``null_threshold`` and ``above_null``."""
+    col = statistic_column(by)
+    pairs = summary[(summary.kind == "node") & summary.downstream & (summary["count"] > 0)].copy()
+    threshold = null_threshold(summary, by)
+    pairs["rank_statistic"] = pairs[col]
+    pairs["null_threshold"] = threshold
+    pairs["above_null"] = pairs[col] < threshold if not math.isnan(threshold) else False
+    pairs = pairs.sort_values(["rank_statistic", "node", "writer"], na_position="last")
+    return pairs if n is None else pairs.head(n)
+
+
+def top_pairs(summary, n: int = 10, by: str = DEFAULT_RANK):
+    """The ``n`` strongest downstream erasure pairs by ``by`` (see `rank_pairs`)."""
+    return rank_pairs(summary, by, n)
+
+
+def ranking_meta(summary, by: str = DEFAULT_RANK) -> dict:
+    """What a report says about its ranking: the statistic, its formula, the null threshold and how
+    many downstream pairs are above it."""
+    ranked = rank_pairs(summary, by)
+    return dict(rank_by=by, rank_formula=RANK_STATISTICS[by], null_threshold=null_threshold(summary, by),
+                pairs_above_null=int(ranked.above_null.sum()), downstream_pairs=int(len(ranked)))

@@ -10,7 +10,7 @@ from typing import Dict
 import numpy as np
 
 from .plots import all_plots
-from .ranking import top_pairs
+from .ranking import STATISTIC_NAMES, rank_pairs, ranking_meta
 
 QS = (0.125, 0.25, 0.5, 0.75, 0.875)
 
@@ -35,6 +35,8 @@ def summarize(agg, cfg, spec):
     bnames = _bucket_names(cfg.position_edges)
     n_nodes = len(cfg.node_labels)
     L, H = spec.n_layers, spec.n_heads
+    pair_of = {int(s): k for k, s in enumerate(agg.pair_index.tolist())}  # flat (node, writer) -> ranked pair
+    pair_summaries = {name: stats.summary(None, (0.25, 0.5, 0.75)) for name, stats in agg.pair_stats.items()}
     rows = []
     labels = cfg.node_labels + cfg.resid_labels
     for i, label in enumerate(labels):
@@ -53,6 +55,7 @@ def summarize(agg, cfg, spec):
             row["median_rest"] = rest["q0.5"][s]
             for b, name in enumerate(bnames):
                 row[f"median_{name}"] = per_bucket[b]["q0.5"][s]
+            row.update(_pair_columns(pair_summaries, pair_of.get(s) if is_node else None))
             rows.append(row)
     dla = agg.dla.summary(None, QS)
     dla_bos = agg.dla.summary([0], (0.5,))
@@ -65,6 +68,18 @@ def summarize(agg, cfg, spec):
         row["median_rest"] = dla_rest["q0.5"][i]
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _pair_columns(pair_summaries: dict, k) -> dict:
+    """The ranking statistics of downstream pair ``k`` (NaN for other rows): median, quartiles and
+    mean of each statistic, the median of each null."""
+    out = {}
+    for name, summ in pair_summaries.items():
+        keys = ("q0.5",) if name.endswith("_null") else ("q0.5", "q0.25", "q0.75", "mean")
+        for key in keys:
+            column = f"{name}_median" if key == "q0.5" else f"{name}_{key}"
+            out[column] = float("nan") if k is None else float(summ[key][k])
+    return out
 
 
 def _stats(summary: Dict[str, np.ndarray], s: int) -> dict:
@@ -100,13 +115,17 @@ def _atomic(path: str, write) -> str:
 
 
 def write_report(out_dir: str, summary, agg, cfg, meta: dict, make_plots: bool = True) -> Dict[str, str]:
-    """summary.parquet / .csv / .json, the plots and report.md in ``out_dir``. A plot that fails is
+    """summary.parquet / .csv / .json, the plots and report.md in ``out_dir``, pairs ranked as
+    ``meta`` says (`ranking.ranking_meta`; default statistic when absent). A plot that fails is
     reported (warning, ``meta["plot_errors"]``, a line in report.md) and the rest is still written."""
+    if "rank_by" not in meta:
+        meta = dict(meta, **ranking_meta(summary))
+    rank_by = meta["rank_by"]
     os.makedirs(out_dir, exist_ok=True)
     files = {}
     files["summary.parquet"] = _atomic(os.path.join(out_dir, "summary.parquet"), lambda p: summary.to_parquet(p, index=False))
     files["summary.csv"] = _atomic(os.path.join(out_dir, "summary.csv"), lambda p: summary.to_csv(p, index=False))
-    pairs = top_pairs(summary, 15)
+    pairs = rank_pairs(summary, rank_by, 15)
     focus = pairs.writer.iloc[0] if len(pairs) else cfg.writer_labels[0]
     wi = cfg.writer_labels.index(focus)
     tops = {
@@ -115,7 +134,7 @@ def write_report(out_dir: str, summary, agg, cfg, meta: dict, make_plots: bool =
     }
     plot_errors: Dict[str, str] = {}
     if make_plots:
-        made, plot_errors = all_plots(out_dir, summary, cfg, focus)
+        made, plot_errors = all_plots(out_dir, summary, cfg, focus, rank_by)
         files.update(made)
         for name, err in plot_errors.items():
             warnings.warn(f"erasure_fast scan report: plot {name} failed ({err}); the rest of the report is written",
@@ -143,6 +162,38 @@ def _fmt(x) -> str:
     return "nan" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:.4f}"
 
 
+def _ranking_section(pairs, meta) -> list:
+    by, threshold = meta["rank_by"], meta["null_threshold"]
+    name = STATISTIC_NAMES[by]
+    lines = [
+        f"## Strongest erasure: downstream (node, writer) pairs by median {name}",
+        "",
+        f"Ranked by the median over tokens of the {meta['rank_formula']} (a = node output, w = writer output; "
+        "most negative = strongest erasure; `--rank-by` / `rank_by=` picks another statistic, and summary.* has "
+        "every statistic as a column). **Null**: the same statistic against a random direction of the writer's "
+        f"norm; a pair is above the null when its median is below the most negative null median of all "
+        f"{meta['downstream_pairs']:,} downstream pairs ({_fmt(threshold)}).",
+        "",
+    ]
+    if meta["pairs_above_null"] == 0:
+        lines += [f"**No erasure above the null**: no downstream pair's median {name} is below {_fmt(threshold)}.", ""]
+    else:
+        lines += [f"{meta['pairs_above_null']:,} of {meta['downstream_pairs']:,} downstream pairs are above the null.", ""]
+    lines += [
+        f"| node | writer | median {name} | 25 % | 75 % | null median | above null | median PR | median cos | median PV | "
+        "median ES | PR at BOS | PR elsewhere | tokens |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    q = "q0.25" if by == "pr" else f"{by}_q0.25"
+    q3 = "q0.75" if by == "pr" else f"{by}_q0.75"
+    for _, r in pairs.iterrows():
+        lines.append(f"| {r.node} | {r.writer} | {_fmt(r['rank_statistic'])} | {_fmt(r[q])} | {_fmt(r[q3])} | "
+                     f"{_fmt(r[f'{by}_null_median'])} | {'yes' if r['above_null'] else 'no'} | {_fmt(r['median'])} | "
+                     f"{_fmt(r['cos_median'])} | {_fmt(r['pv_median'])} | {_fmt(r['es_median'])} | {_fmt(r['median_bos'])} | "
+                     f"{_fmt(r['median_rest'])} | {int(r['count']):,} |")
+    return lines
+
+
 def _markdown(summary, pairs, tops, cfg, meta, focus, files) -> str:
     lines = ["# Erasure scan report", ""]
     if meta.get("notes"):
@@ -158,14 +209,8 @@ def _markdown(summary, pairs, tops, cfg, meta, focus, files) -> str:
         f"- quantiles from fixed-bin histograms: PR bins of {(meta['pr_hist']['hi'] - meta['pr_hist']['lo']) / meta['pr_hist']['bins']:g} "
         f"over [{meta['pr_hist']['lo']}, {meta['pr_hist']['hi']}] (quantile error <= one bin; values outside are counted as under/overflow)",
         "",
-        "## Strongest erasure: downstream (node, writer) pairs by median projection ratio",
-        "",
-        "| node | writer | median PR | 25 % | 75 % | mean | median at BOS | median elsewhere | tokens |",
-        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for _, r in pairs.iterrows():
-        lines.append(f"| {r.node} | {r.writer} | {_fmt(r['median'])} | {_fmt(r['q0.25'])} | {_fmt(r['q0.75'])} | "
-                     f"{_fmt(r['mean'])} | {_fmt(r['median_bos'])} | {_fmt(r['median_rest'])} | {int(r['count']):,} |")
+    lines += _ranking_section(pairs, meta)
     resid = summary[(summary.kind == "resid") & (summary.writer == focus)]
     lines += ["", f"## Residual stream PR onto {focus}", "", "| point | median | 25 % | 75 % |", "|---|---|---|---|"]
     for _, r in resid.iterrows():

@@ -34,6 +34,7 @@ def scan(
     notes: Optional[str] = None,
     bin_dtype: Optional[str] = None,
     column: str = "tokens",
+    rank_by: str = "es",
 ) -> Optional[ScanResult]:
     """Erasure scan of ``corpus`` through ``model`` (TransformerLens bridge or HookedTransformer).
 
@@ -63,6 +64,10 @@ def scan(
         notes: a line for the top of the report (e.g. that the model is synthetic).
         bin_dtype: the dtype of a raw ``.bin`` corpus (uint16, uint32, int32, int64); required for .bin.
         column: the token column of a Hugging Face dataset.
+        rank_by: the report's ranking statistic: "es" (erasure score PR * |cos| * |w| / |x|, the
+            default), "apr", "pr", "pv" or "cos"
+            (`erasure_fast.scanning.ranking`); the report can be re-ranked by running the finished scan
+            again with another value (nothing is recomputed).
 
     Returns:
         `ScanResult` on rank 0 (None on other ranks). Under torch.distributed (torchrun) every rank
@@ -78,7 +83,7 @@ def scan(
                      resume=resume, backend=backend, max_tokens=max_tokens, prepend_bos=prepend_bos,
                      checkpoint_every=checkpoint_every, top_k=top_k, position_edges=position_edges,
                      progress=progress, report=report, tokenizer=tokenizer, notes=notes, bin_dtype=bin_dtype,
-                     column=column)
+                     column=column, rank_by=rank_by)
     with ScanJob(plan) as job:
         job.run()
         return job.finish()

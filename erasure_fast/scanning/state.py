@@ -10,7 +10,10 @@ import numpy as np
 import torch
 
 from .aggregate import SeriesStats, TopK
+from .pair_stats import NULL_STATISTICS, STATISTICS, NullReference, null_dots, pair_values
 from .plan import DLA_BINS, DLA_RANGE, PR_BINS, PR_RANGE, ScanConfig
+
+PAIR_CHUNK = 1024  # tokens per chunk of the per-pair statistics (bounds their temporaries)
 
 EMPTY_HASH = "0" * 32
 
@@ -36,13 +39,18 @@ class Aggregates:
         # payload: [sum of downstream PR, DLA_w, adjusted DLA_w]
         self.top_erasure = TopK(W, cfg.top_k, payload=3)
         self.top_adversarial = TopK(W, cfg.top_k, payload=3)
+        # ranking statistics and their nulls, for the downstream (node, writer) pairs only (all positions)
+        self.pair_index = torch.from_numpy(downstream_pairs(cfg))
+        self.pair_stats = {name: SeriesStats(len(self.pair_index), 1, *rng)
+                           for name, rng in {**STATISTICS, **NULL_STATISTICS}.items()}
         self.tokens = 0
         self.rows = 0
         self.batches = 0  # next batch index for this rank
         self.content_hash = EMPTY_HASH
 
     def parts(self):
-        return {"pr": self.pr, "dla": self.dla, "top_erasure": self.top_erasure, "top_adversarial": self.top_adversarial}
+        return {"pr": self.pr, "dla": self.dla, "top_erasure": self.top_erasure, "top_adversarial": self.top_adversarial,
+                **{f"pair.{name}": stats for name, stats in self.pair_stats.items()}}
 
     def state(self) -> Dict[str, np.ndarray]:
         out = {}
@@ -67,12 +75,47 @@ class Aggregates:
         self.content_hash = meta.get("content_hash", EMPTY_HASH)
 
 
+def downstream_pairs(cfg: ScanConfig) -> np.ndarray:
+    """Flat indices (node * W + writer) of the pairs whose node comes after the writer: later-layer
+    heads, and MLPs from the writer's layer on (docs/math.md); nothing else can erase a writer."""
+    W, H = len(cfg.writers), cfg.n_heads
+    L = len(cfg.head_labels) // H
+    out = []
+    for i in range(len(cfg.node_labels)):
+        is_head = i < L * H
+        node_layer = i // H if is_head else i - L * H
+        for w, head in enumerate(cfg.writers):
+            wl = int(head) // H
+            if (is_head and node_layer > wl) or (not is_head and node_layer >= wl):
+                out.append(i * W + w)
+    return np.array(out, dtype=np.int64)
+
+
 def _bucket_of(positions: torch.Tensor, edges: Sequence[int]) -> torch.Tensor:
     return torch.bucketize(positions, torch.tensor(list(edges)), right=True)
 
 
-def update(agg: Aggregates, res, rows: torch.Tensor, edges: Sequence[int]) -> None:
-    """Fold one batch's `AttributionResult` (rows: [B] corpus row ids) into the aggregates."""
+def _update_pair_stats(agg: Aggregates, res, T: int, null: NullReference) -> None:
+    """Fold the batch's ranking statistics (pair_stats.py) into their histograms, in token chunks."""
+    n_nodes, W = res.dots.shape[2], res.dots.shape[3]
+    dots = res.dots.reshape(T, n_nodes, W)
+    norms = res.norms.reshape(T, n_nodes)
+    z = res.z.reshape(T, -1, res.z.shape[-1])
+    mlp = res.extra["mlp_out"].reshape(T, -1, res.extra["mlp_out"].shape[-1])
+    resid_norm = res.final_scale.reshape(T).double() * mlp.shape[-1] ** 0.5  # |x| = sqrt(d_model) * final-norm scale
+    zero = torch.zeros(T, dtype=torch.int64)
+    idx = agg.pair_index.to(dots.device)
+    for lo in range(0, T, PAIR_CHUNK):
+        hi = min(lo + PAIR_CHUNK, T)
+        nd = null_dots(z[lo:hi], null.W_O, mlp[lo:hi], null.directions)
+        values = pair_values(dots[lo:hi], norms[lo:hi], res.writers, nd, resid_norm[lo:hi], idx)
+        for name, stats in agg.pair_stats.items():
+            stats.update(values[name], zero[lo:hi])
+
+
+def update(agg: Aggregates, res, rows: torch.Tensor, edges: Sequence[int], null: NullReference) -> None:
+    """Fold one batch's `AttributionResult` (kept with ``keep_mlp_out``; rows: [B] corpus row ids)
+    into the aggregates; ``null`` holds the null reference's directions."""
     B, P = res.dla.shape[:2]
     T = B * P
     pos = torch.arange(P).repeat(B)
@@ -85,6 +128,7 @@ def update(agg: Aggregates, res, rows: torch.Tensor, edges: Sequence[int]) -> No
     w_dla = res.writer_dla.reshape(T, -1)
     adj = res.adjusted_dla.reshape(T, -1)
     agg.dla.update(torch.cat([head_dla, adj], dim=1), bucket)
+    _update_pair_stats(agg, res, T, null)
     erased = res.downstream_pr_sum.reshape(T, -1)
     payload = torch.stack([erased, w_dla, adj], dim=-1)
     agg.top_erasure.update(-erased, row, pos, payload)

@@ -1,0 +1,99 @@
+"""Per-token erasure statistics of every (node, writer) pair, and their null counterparts.
+
+For node output a and writer output w at one token (docs/math.md, "Ranking erasure"):
+
+    pr   = a.w / |w|^2            projection ratio: the fraction of w that a adds (< 0: removes)
+    pv   = a.w / |w|              projection value: how much of w's direction a removes, in residual units
+    cos  = a.w / (|a| |w|)        cosine: how much of a is about w
+    apr  = pr * |cos|             alignment-weighted PR
+    es   = pr * |cos| * |w| / |x| erasure score: the fraction of w removed (pr), counted to the degree
+         = pv * |cos| / |x|       that the node's output is about w (|cos|) and that w matters in the
+                                  residual stream (|w| / |x|, x = the final residual stream, centred
+                                  for LayerNorm models: |x| = sqrt(d_model) * final-norm scale)
+
+Measured on planted models (benchmarks/ranking_ground_truth.py, tests/test_ranking.py): raw PR and
+apr over-rank a large node with an incidental component along a small-norm writer (both grow as
+1 / |w|); pv over-ranks a large noisy node with a small constant component along the writer; cos
+cannot order equally aligned erasers of graded strength. es ranks every planted eraser first, in the
+order of its strength, in all of them -- it is the default.
+
+The null of each statistic is the same formula with w replaced by a random direction r_w of the
+same norm (one fixed unit vector per writer, seeded): what a node shows against a direction nothing
+in the model relates to. Null dots a.r_w come from head space for the heads (z_n . W_O[n] r_w) and
+directly for the MLP outputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict
+
+import torch
+
+# name: (histogram lo, hi, bins) -- the quantiles' resolution is (hi - lo) / bins
+STATISTICS = {
+    "es": (-1.0, 1.0, 4000),  # 0.0005-wide bins; |ES| <= |a| / |x|, below 1 unless a node outgrows the final stream
+    "apr": (-3.0, 3.0, 1200),
+    "pv": (-100.0, 100.0, 2000),
+    "cos": (-1.0, 1.002, 1001),  # 0.002-wide bins; the top bin holds cos = 1 (hi itself would overflow)
+}
+NULL_STATISTICS = {"es_null": STATISTICS["es"], "apr_null": STATISTICS["apr"], "pr_null": (-3.0, 3.0, 1200),
+                   "pv_null": STATISTICS["pv"], "cos_null": STATISTICS["cos"]}
+
+
+def null_directions(seed: int, d_model: int, n_writers: int, dtype=torch.float64) -> torch.Tensor:
+    """[d_model, W] unit columns, one random direction per writer (the null's), from ``seed``."""
+    g = torch.Generator().manual_seed(int(seed))
+    r = torch.randn(d_model, n_writers, generator=g, dtype=torch.float64)
+    return (r / r.norm(dim=0, keepdim=True)).to(dtype)
+
+
+@dataclass(frozen=True)
+class NullReference:
+    """The null's random unit directions [d_model, W] (one per writer) and the heads' W_O [N, d_head, d_model]."""
+
+    W_O: torch.Tensor
+    directions: torch.Tensor
+
+    @classmethod
+    def for_scan(cls, W_O: torch.Tensor, seed: int, n_writers: int) -> "NullReference":
+        return cls(W_O=W_O.detach().to(torch.float64), directions=null_directions(seed, W_O.shape[-1], n_writers))
+
+
+def _nan_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    return torch.where(den == 0, torch.full_like(num, float("nan")), num / torch.where(den == 0, torch.ones_like(den), den))
+
+
+def pair_values(dots: torch.Tensor, norms: torch.Tensor, writers: torch.Tensor, null_dots: torch.Tensor,
+                resid_norm: torch.Tensor, pairs: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """Every statistic (and its null) per token for the selected pairs: dots [T, n_nodes, W] node .
+    writer, norms [T, n_nodes] squared node norms, writers [W] node indices of the writers, null_dots
+    [T, n_nodes, W] node . r_w (unit r_w), resid_norm [T] |x| of the final residual stream, pairs [P]
+    flat indices node * W + writer. Returns {name: [T, P]} in float64, NaN where a norm is 0."""
+    T, n_nodes, W = dots.shape
+    pairs = pairs.to(dots.device)
+    node, writer = pairs // W, pairs % W
+    d = dots.reshape(T, -1).index_select(1, pairs).double()
+    nd = null_dots.reshape(T, -1).index_select(1, pairs).double()
+    node_norm = norms.double().clamp(min=0).sqrt()  # [T, n_nodes]
+    a = node_norm.index_select(1, node)
+    w = node_norm.index_select(1, writers.to(dots.device)[writer])
+    x = resid_norm.double().reshape(T, 1)
+    pr = _nan_div(d, w * w)
+    pv = _nan_div(d, w)
+    cos = _nan_div(d, a * w).clamp(-1.0, 1.0)  # |cos| <= 1; rounding must not put -1 in the underflow bin
+    pr_null = _nan_div(nd, w)
+    cos_null = _nan_div(nd, a).clamp(-1.0, 1.0)
+    return dict(es=_nan_div(pv * cos.abs(), x), apr=pr * cos.abs(), pv=pv, cos=cos,
+                es_null=_nan_div(nd * cos_null.abs(), x), apr_null=pr_null * cos_null.abs(), pr_null=pr_null,
+                pv_null=nd, cos_null=cos_null)
+
+
+def null_dots(z: torch.Tensor, W_O: torch.Tensor, mlp_out: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
+    """node . r_w for every node and null direction: z [T, N, d_head], W_O [N, d_head, d_model],
+    mlp_out [T, L, d_model], directions [d_model, W] -> [T, N + L, W] (heads, then MLPs)."""
+    R = directions.to(z.device, torch.float64)
+    U = torch.einsum("nhd,dw->nhw", W_O.to(z.device, torch.float64), R)  # each head's W_O r_w, in head space
+    heads = torch.einsum("tnh,nhw->tnw", z.double(), U)
+    mlps = torch.einsum("tld,dw->tlw", mlp_out.double(), R)
+    return torch.cat([heads, mlps], dim=1)
