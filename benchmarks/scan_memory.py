@@ -50,14 +50,17 @@ def main(argv=None) -> int:
                    "--out", out, "--bin-dtype", dtype, "--seq-len", "1024", "--max-tokens", str(n), "--batch-size", str(args.batch_size),
                    "--no-progress", "--no-resume"]
             t0 = time.perf_counter()
-            proc = subprocess.run(cmd, capture_output=True, text=True)
+            # cwd outside the repository: "-c" puts the cwd first on sys.path, and the source tree there
+            # (no compiled extension) would shadow the installed package and fall back to the torch backend
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp)
             elapsed = time.perf_counter() - t0
             if proc.returncode != 0:
                 print(proc.stderr[-2000:])
                 return 1
             peak_kib = int(proc.stdout.rsplit("PEAK_RSS_KIB=", 1)[1].split()[0])
-            rows.append(dict(tokens=n, peak_rss_mib=peak_kib / 1024, seconds=elapsed))
-            print(f"{n:>9,} tokens: peak RSS {peak_kib / 1024:,.0f} MiB, {elapsed:.0f} s", flush=True)
+            backend = proc.stdout.split(", backend ", 1)[1].split()[0] if ", backend " in proc.stdout else "unknown"
+            rows.append(dict(tokens=n, peak_rss_mib=peak_kib / 1024, seconds=elapsed, backend=backend))
+            print(f"{n:>9,} tokens: peak RSS {peak_kib / 1024:,.0f} MiB, {elapsed:.0f} s, backend {backend}", flush=True)
     ratio = rows[-1]["peak_rss_mib"] / rows[0]["peak_rss_mib"]
     from erasure_fast.bench.machine import describe, machine_label
 
@@ -67,9 +70,9 @@ def main(argv=None) -> int:
     with open(stem + ".json", "w") as f:
         json.dump(dict(machine=info, model=args.model, rows=rows, ratio_last_first=ratio), f, indent=1)
     with open(stem + ".md", "w") as f:
-        f.write(f"# Scan peak RSS vs tokens ({info['cpu']}, model {args.model})\n\n| tokens | peak RSS MiB | seconds |\n|---:|---:|---:|\n")
+        f.write(f"# Scan peak RSS vs tokens ({info['cpu']}, model {args.model})\n\n| tokens | peak RSS MiB | seconds | backend |\n|---:|---:|---:|---|\n")
         for r in rows:
-            f.write(f"| {r['tokens']:,} | {r['peak_rss_mib']:,.0f} | {r['seconds']:.0f} |\n")
+            f.write(f"| {r['tokens']:,} | {r['peak_rss_mib']:,.0f} | {r['seconds']:.0f} | {r['backend']} |\n")
         f.write(f"\nPeak RSS ratio {rows[-1]['tokens']:,} / {rows[0]['tokens']:,} tokens: {ratio:.3f}\n")
     print(f"ratio {ratio:.3f}; wrote {stem}.json/.md")
     return 0
