@@ -204,7 +204,7 @@ def _run_bench(args, argv) -> int:
     try:
         out = bench.run(args.out, device=args.device, shapes=[s.strip() for s in args.shapes.split(",") if s.strip()],
                         sizes=ints("--sizes", args.sizes) if args.sizes else None, repeats=args.repeats,
-                        budget_s=args.budget_s, s1_tokens=args.s1_tokens,
+                        budget_s=args.budget_s, round_budget_s=args.round_budget_s, s1_tokens=args.s1_tokens,
                         providers=[p.strip() for p in args.providers.split(",") if p.strip()] if args.providers else None,
                         command="erasure-fast " + " ".join(argv if argv is not None else sys.argv[1:]))
     except RuntimeError as e:  # the measuring child failed; its stderr has been shown as it ran
@@ -252,8 +252,12 @@ def build_parser() -> argparse.ArgumentParser:
     p_bench.add_argument("--device", default=None, help="cpu or cuda; default: cuda when available")
     p_bench.add_argument("--shapes", default="gelu-4l,gpt2-small", help="comma-separated model shapes (gelu-4l, gpt2-small)")
     p_bench.add_argument("--sizes", default=None, help="comma-separated token counts; default: CPU 1K-64K, GPU 1K-1M")
-    p_bench.add_argument("--repeats", type=int, default=5, help="timed calls per point after the warm-up")
-    p_bench.add_argument("--budget-s", type=float, default=60.0, help="per-call time budget; slower providers stop growing")
+    p_bench.add_argument("--repeats", type=int, default=5,
+                         help="least number of interleaved timing rounds per point (more until the speedups settle)")
+    p_bench.add_argument("--budget-s", type=float, default=60.0,
+                         help="a provider whose first call takes longer is not timed at this or larger sizes")
+    p_bench.add_argument("--round-budget-s", type=float, default=None,
+                         help="wall time of one point's interleaved timing rounds; default: --budget-s")
     p_bench.add_argument("--s1-tokens", type=int, default=0, help="also run the scan workload S1 on this many tokens (0: no)")
     p_bench.add_argument("--providers", default=None, help="comma-separated substrings of provider names to keep; default: all")
     p_paper = sub.add_parser("paper", help="the paper's analyses (figs 1-5, 8, miner) on gelu-4l when cached, else the demo model",

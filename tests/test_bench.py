@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 import resource
 import subprocess
 
@@ -16,15 +17,18 @@ import torch
 
 import erasure_fast.bench as bench
 from erasure_fast.backends import available_backends
-from erasure_fast.bench import harness, providers, workloads
+from erasure_fast.bench import harness, providers, rounds, workloads
 
 # A small model shape keeps the runs short; the harness code path is the real one.
 TINY = dict(n_layers=2, n_heads=3, d_head=8, d_model=24, d_mlp=32, d_vocab=97, n_ctx=64)
 needs_cpp = pytest.mark.skipif(not available_backends()["cpp"].available, reason="C++ extension not built")
 
 
-def test_harness_end_to_end(tmp_path):
-    out = bench.run(str(tmp_path), device="cpu", shapes=("tiny",), sizes=[24], repeats=2, budget_s=30,
+def test_harness_end_to_end(tmp_path, monkeypatch):
+    # started from the repository root, as `make bench` does: the child must still import this very
+    # package (with its compiled backend), not the source tree in the working directory
+    monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = bench.run(str(tmp_path), device="cpu", shapes=("tiny",), sizes=[24], repeats=2, budget_s=60, round_budget_s=3,
                     providers=["transformer_lens", "erasure_fast", "torch.compile"], command="test",
                     extra_shapes={"tiny": TINY})
     files = out["files"]
@@ -36,6 +40,11 @@ def test_harness_end_to_end(tmp_path):
     records = data["results"]
     names = {r["provider"] for r in records}
     assert any(p.startswith("transformer_lens") for p in names) and "erasure_fast torch" in names
+    import erasure_fast
+
+    assert data["meta"]["package"] == os.path.dirname(os.path.abspath(erasure_fast.__file__))
+    if available_backends()["cpp"].available:
+        assert "erasure_fast cpp" in names
     assert {r["workload"] for r in records} == {"K1", "K2n", "K2n_cold", "K2f"}
     for r in records:  # every honest provider passed the reference check, then was timed
         assert r["status"] == "ok", r
@@ -47,7 +56,15 @@ def test_harness_end_to_end(tmp_path):
     roof = data["meta"]["roofline"]
     assert roof["matmul_gflops"]["float32"] > 0 and roof["copy_gbps"] > 0
     md = open(files["md"]).read()
-    assert "K1" in md and "speedup vs TL" in md and "float64 reference" in md
+    assert "K1" in md and "speedup vs TL" in md and "float64 reference" in md and "interleaved rounds" in md
+    meta = data["meta"]  # the run's conditions and its roofline reference are recorded
+    assert meta["conditions"]["before"]["versions"]["torch"] and "loadavg" in meta["conditions"]["after"]
+    assert isinstance(meta["disturbed"]["disturbed"], bool) and meta["probes"]
+    assert meta["matmul_best_gflops"]["float32"] >= roof["matmul_gflops"]["float32"]
+    for r in records:
+        if r["workload"] != "K2n_cold":
+            assert r["rounds"] >= 2 and r["stop"] in ("converged", "budget", "max rounds"), r
+            assert r["speedup_q25"] <= r["speedup_vs_tl"] <= r["speedup_q75"], r
     assert "tiny" not in workloads.SHAPES  # the extra shape lived in the child only
     assert not os.path.exists(tmp_path / "partial-results.json")
 
@@ -97,7 +114,8 @@ def test_wrong_provider_is_reported_and_not_timed(monkeypatch):
     lines: list = []
     wrong = {"cpp, dla x 1.01 (test)": _scaled(providers.backend("cpp"), "dla"),
              "cpp, dots x 1.01 (test)": _scaled(providers.backend("cpp"), "dots")}
-    points = harness.run_kernels(["tiny"], [128], torch.device("cpu"), repeats=2, budget_s=30,
+    points = harness.run_kernels(["tiny"], [128], torch.device("cpu"), repeats=2, budget_s=60,
+                                 round_settings=rounds.RoundSettings(min_rounds=2, budget_s=3),
                                  providers=["transformer_lens", "erasure_fast"], progress=lines.append,
                                  extra_providers=wrong)
     harness.finish(points, {"matmul_gflops": {"float32": 1.0}})
@@ -116,8 +134,9 @@ def test_wrong_provider_is_reported_and_not_timed(monkeypatch):
     assert {p.provider for p in honest} >= {"erasure_fast torch", "erasure_fast cpp", "erasure_fast cpp + lazy W_U table"}
     assert any(p.provider.startswith("transformer_lens") for p in honest)
     for p in honest:  # the same run, the same inputs: the honest providers pass and are timed
-        assert p.status == "ok" and p.median_s > 0 and len(p.times_s) == (1 if p.workload == "K2n_cold" else 2), p
-        assert p.speedup_vs_tl > 0
+        cold = p.workload == "K2n_cold"
+        assert p.status == "ok" and p.median_s > 0 and (len(p.times_s) == 1 if cold else len(p.times_s) >= 2), p
+        assert p.speedup_vs_tl > 0 and (cold or p.rounds == len(p.times_s) and p.stop), p
     assert any("cpp, dla x 1.01 (test)" in line and "wrong" in line and "rel err" in line for line in lines)
 
 
@@ -194,3 +213,65 @@ def test_bad_out_dir_is_refused_before_any_work(tmp_path, no_child):
     settings = bench.validate_arguments(str(tmp_path / "new" / "dir"), device="cpu", shapes=["gelu-4l"])
     assert settings["out_dir"] == str(tmp_path / "new" / "dir") and settings["sizes"] == bench.CPU_SIZES
     assert not (tmp_path / "new").exists()  # validation creates nothing
+
+
+# ---------------------------------------------------------------------------------------------------
+# interleaved rounds, the roofline reference, the recorded conditions
+
+def test_rounds_interleave_rotate_and_probe_before_each_round():
+
+    log = []
+
+    def call(name):
+        return lambda: log.append(name)
+
+    def probe():
+        log.append("probe")
+        return 100.0
+
+    res = rounds.run_rounds({n: call(n) for n in "ABC"}, torch.device("cpu"), probe,
+                            rounds.RoundSettings(min_rounds=3, max_rounds=3, target_spread=-1.0, budget_s=60))
+    assert log == ["probe", "A", "B", "C", "probe", "B", "C", "A", "probe", "C", "A", "B"]
+    assert res.rounds == 3 and res.stop == "max rounds" and res.probes == [100.0] * 3
+    assert all(len(t) == 3 for t in res.times.values())
+
+
+def test_speedup_is_the_median_of_per_round_ratios_so_drift_cancels():
+    """The machine slows down 3x for two rounds: both providers' times move, their ratio does not."""
+
+    slow = [1, 1, 3, 3, 1]
+    tl = [2.0 * f for f in slow]
+    ours = [0.5 * f for f in slow]
+    assert rounds.per_round_ratios(tl, ours) == [4.0] * 5
+    assert rounds.quartiles(rounds.per_round_ratios(tl, ours)) == (4.0, 4.0, 4.0)
+    # timed one after another, the same drift would land on one provider only:
+    assert statistics.median(tl[:3]) / statistics.median(ours[3:]) != 4.0
+
+
+def test_rounds_stop_when_converged_or_out_of_budget():
+
+    steady = rounds.run_rounds({"TL": lambda: None, "x": lambda: None}, torch.device("cpu"), lambda: 1.0,
+                               rounds.RoundSettings(min_rounds=4, max_rounds=50, target_spread=10.0, budget_s=60), "TL")
+    assert steady.stop == "converged" and steady.rounds == 4
+    import time as _time
+
+    slow = rounds.run_rounds({"x": lambda: _time.sleep(0.05)}, torch.device("cpu"), lambda: 1.0,
+                             rounds.RoundSettings(min_rounds=1000, max_rounds=2000, target_spread=0.0, budget_s=0.3))
+    assert slow.stop == "budget" and 2 <= slow.rounds < 20
+
+
+def test_roofline_reference_is_the_best_probe_and_above_100_percent_is_flagged():
+    p = harness.Point("K1", "gelu-4l", "fast", 8192, median_s=1.0, rounds=5)
+    work = workloads.flops("K1", "gelu-4l", 8192)
+    roof = {"matmul_gflops": {"float32": work / 1e9 / 2}}  # start-of-run measurement: half of what K1 needs
+    rates = harness.finish([p], roof, probes=[dict(gflops=[work / 1e9 * 0.5, work / 1e9 * 4])])
+    assert rates["float32"] == work / 1e9 * 4 and p.roofline_pct == 25.0 and p.roofline_flag == ""
+    q = harness.Point("K1", "gelu-4l", "fast", 8192, median_s=1.0, rounds=5)
+    harness.finish([q], roof)  # no probes: the low reference makes K1 look like 200 %
+    assert q.roofline_pct is None and "measurement problem" in q.roofline_flag
+    from erasure_fast.bench import report
+
+    md = report.markdown(dict(label="x", date="d", machine=dict(cpu="c", cores=2, torch="t", torch_threads=2),
+                              roofline=dict(roof, copy_gbps=1.0), repeats=5, command="c", probes=[]),
+                         harness.as_records([q]))
+    assert ">100 %: measurement problem" in md and "200" not in md.split("| fast |")[1]

@@ -94,6 +94,22 @@ def test_large_input_nonfinite_found_in_any_block(layout, where, no_backend_runs
         call(**kw)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_finite_values_whose_sum_overflows_pass_and_one_bad_value_fails(dtype, no_backend_runs):
+    """The check's fast path is a finite sum; finite values that overflow the sum take the exact path
+    and pass, and a single infinity or NaN among them is still found."""
+    from erasure_fast.contract import require_finite
+
+    big = torch.finfo(dtype).max / 4
+    t = torch.full((2100, 4, 128), big, dtype=dtype)  # above one block; the sum overflows
+    require_finite("z", t)
+    for bad in (float("inf"), float("-inf"), float("nan")):
+        u = t.clone()
+        u[1500, 2, 7] = bad
+        with pytest.raises(ValueError, match=r"z contains non-finite values \(first at index \[1500, 2, 7\]\)"):
+            require_finite("z", u)
+
+
 def test_mixed_devices_are_rejected(no_backend_runs):
     meta = torch.randn(4, 3, 7, device="meta")
     with pytest.raises(ValueError, match="W_O is on meta but z is on cpu"):

@@ -84,7 +84,7 @@ def _check_out_dir(out_dir) -> str:
 
 def validate_arguments(out_dir: str = "benchmarks/results", *, device: str = None, shapes=("gelu-4l", "gpt2-small"),
                        sizes=None, repeats: int = 5, budget_s: float = 60.0, s1_tokens: int = 0, providers=None,
-                       command: str = "", extra_shapes: dict = None) -> dict:
+                       command: str = "", extra_shapes: dict = None, round_budget_s: float = None) -> dict:
     """Check every argument of `run` before any work; returns the settings the child process gets
     (defaults resolved: device, sizes). Raises ValueError naming the argument and the valid choices.
     Creates nothing and starts nothing."""
@@ -101,9 +101,12 @@ def validate_arguments(out_dir: str = "benchmarks/results", *, device: str = Non
         if not sizes or not all(_is_int(n) and n > 0 for n in sizes):
             raise ValueError(f"sizes must be a non-empty list of positive int token counts, got {sizes!r}")
     if not _is_int(repeats) or repeats < 1:
-        raise ValueError(f"repeats must be an int >= 1 (timed calls after the warm-up), got {repeats!r}")
+        raise ValueError(f"repeats must be an int >= 1 (the least number of timing rounds per point), got {repeats!r}")
     if not _is_number(budget_s) or not math.isfinite(budget_s) or budget_s <= 0:
         raise ValueError(f"budget_s must be a finite number of seconds > 0, got {budget_s!r}")
+    if round_budget_s is not None and (not _is_number(round_budget_s) or not math.isfinite(round_budget_s)
+                                       or round_budget_s <= 0):
+        raise ValueError(f"round_budget_s must be a finite number of seconds > 0 or None, got {round_budget_s!r}")
     if not _is_int(s1_tokens) or s1_tokens < 0:
         raise ValueError(f"s1_tokens must be an int >= 0 (0: no S1), got {s1_tokens!r}")
     dev = _check_device(device)
@@ -116,16 +119,22 @@ def validate_arguments(out_dir: str = "benchmarks/results", *, device: str = Non
     default_sizes = GPU_SIZES if dev.type == "cuda" else CPU_SIZES
     return dict(out_dir=path, device=str(dev), shapes=shapes, sizes=[int(n) for n in (sizes or default_sizes)],
                 repeats=int(repeats), budget_s=float(budget_s), s1_tokens=int(s1_tokens), providers=providers,
-                command=command or " ".join(sys.argv), extra_shapes=extra)
+                command=command or " ".join(sys.argv), extra_shapes=extra,
+                round_budget_s=float(budget_s if round_budget_s is None else round_budget_s), origin_cwd=os.getcwd())
 
 
 def _run_child(settings: dict) -> tuple:
     """Run ``python -m erasure_fast.bench SETTINGS`` and pass its stdout / stderr through to ours as
     they come (progress lines); returns (exit code, last lines of its stderr)."""
     cmd = [sys.executable, "-m", __name__, json.dumps(settings)]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # The child imports the very copy of erasure_fast this process runs (first on its path), from a
+    # working directory of its own: with the caller's cwd first on sys.path, a source checkout there
+    # (which has no compiled extension) would shadow an installed package in the child only.
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONUNBUFFERED="1",
+               PYTHONPATH=os.pathsep.join([package_root] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace",
-                            bufsize=1, env=env)
+                            bufsize=1, env=env, cwd=os.path.dirname(settings["manifest"]))
     tail: collections.deque = collections.deque(maxlen=STDERR_TAIL_LINES)
 
     def forward_stderr():
@@ -155,7 +164,7 @@ def _run_child(settings: dict) -> tuple:
 
 def run(out_dir: str = "benchmarks/results", *, device: str = None, shapes=("gelu-4l", "gpt2-small"), sizes=None,
         repeats: int = 5, budget_s: float = 60.0, s1_tokens: int = 0, providers=None, command: str = "",
-        extra_shapes: dict = None) -> dict:
+        extra_shapes: dict = None, round_budget_s: float = None) -> dict:
     """Run the benchmark in a child process and write the report; returns {"meta", "results", "files"}.
 
     Args:
@@ -163,8 +172,10 @@ def run(out_dir: str = "benchmarks/results", *, device: str = None, shapes=("gel
         device: "cpu" or "cuda[:i]" (default: CUDA when available).
         shapes: names in `workloads.SHAPES` (or ``extra_shapes``).
         sizes: token counts per point (default CPU_SIZES / GPU_SIZES).
-        repeats: timed calls per point after one warm-up call (>= 1).
-        budget_s: per-call time budget; a slower provider is not run at larger sizes.
+        repeats: the least number of interleaved timing rounds per point (>= 1; `rounds`).
+        budget_s: time budget: a provider whose first call takes longer is not timed at this size nor
+            run at larger ones.
+        round_budget_s: wall time of one point's interleaved rounds (default: budget_s).
         s1_tokens: also run the scan workload S1 on this many tokens (0: not).
         providers: substrings of provider names to keep (None: all; each must match one).
         command: the command line recorded in the report (default: this process's argv).
@@ -175,7 +186,7 @@ def run(out_dir: str = "benchmarks/results", *, device: str = None, shapes=("gel
     its exit code and the end of its stderr)."""
     settings = validate_arguments(out_dir, device=device, shapes=shapes, sizes=sizes, repeats=repeats,
                                   budget_s=budget_s, s1_tokens=s1_tokens, providers=providers, command=command,
-                                  extra_shapes=extra_shapes)
+                                  extra_shapes=extra_shapes, round_budget_s=round_budget_s)
     with tempfile.TemporaryDirectory(prefix="erasure-fast-bench-") as tmp:
         settings["manifest"] = os.path.join(tmp, "manifest.json")
         rc, stderr_tail = _run_child(settings)

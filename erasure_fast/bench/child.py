@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from . import harness, machine, report
+from . import harness, machine, report, rounds
 from .workloads import SHAPES
 
 # Fraction of physical memory the child's address space is capped at (CPU runs; CUDA reserves huge
@@ -43,11 +43,34 @@ def cap_address_space(fraction: float = ADDRESS_SPACE_FRACTION) -> Optional[int]
     return None if soft == resource.RLIM_INFINITY else soft
 
 
+# A run is marked disturbed when, within one point, the matmul probes differ by more than this
+# fraction of their best (the machine's speed changed while providers were being compared), or when
+# other processes kept more than this share of the CPUs busy during an idle second at the start or
+# at the end (the load average is recorded too, but it lags: it still counts a run that just ended).
+PROBE_SPREAD_LIMIT = 0.20
+BUSY_LIMIT = 0.25
+
+
+def disturbance(probes: list, before: dict, after: dict) -> dict:
+    """Whether the run was disturbed, and why (see PROBE_SPREAD_LIMIT, START_LOAD_LIMIT)."""
+    spreads = [(max(p["gflops"]) - min(p["gflops"])) / max(p["gflops"]) for p in probes if p["gflops"]]
+    worst = max(spreads, default=0.0)
+    reasons = []
+    if worst > PROBE_SPREAD_LIMIT:
+        reasons.append(f"matmul probes within a point differed by up to {100 * worst:.0f} % (limit {100 * PROBE_SPREAD_LIMIT:.0f} %)")
+    for when, c in (("start", before), ("end", after)):
+        busy = c.get("busy_fraction")
+        if busy is not None and busy > BUSY_LIMIT:
+            reasons.append(f"other processes used {100 * busy:.0f} % of the CPUs at the {when} (limit {100 * BUSY_LIMIT:.0f} %)")
+    return dict(disturbed=bool(reasons), reasons=reasons, worst_probe_spread=worst)
+
+
 def measure_and_report(settings: dict, address_space_cap: Optional[int] = None) -> dict:
     """Run every requested workload and write the report; returns {"meta", "results", "files"}."""
     dev = torch.device(settings["device"])
     out_dir = settings["out_dir"]
     info = machine.describe()
+    before = machine.conditions(settings.get("origin_cwd"))
     roof = machine.roofline(dev)
     print(f"machine: {info.get('gpu') or info['cpu']}; roofline {roof}", flush=True)
     points: list = []
@@ -59,12 +82,21 @@ def measure_and_report(settings: dict, address_space_cap: Optional[int] = None) 
         with open(partial, "w") as f:
             json.dump(harness.as_records(points), f)
 
+    probes: list = []
+    rounds_settings = rounds.RoundSettings(min_rounds=settings["repeats"],
+                                           budget_s=settings.get("round_budget_s", settings["budget_s"]))
     harness.run_kernels(settings["shapes"], settings["sizes"], dev, settings["repeats"], settings["budget_s"],
-                        providers=settings["providers"], progress=progress, points=points)
+                        providers=settings["providers"], progress=progress, points=points, probes=probes,
+                        round_settings=rounds_settings)
     if settings["s1_tokens"]:
         harness.run_s1(settings["s1_tokens"], dev, progress=progress, points=points)
-    harness.finish(points, roof)
+    roof["copy_gbps"] = max(roof["copy_gbps"], machine.copy_bandwidth(dev, 1024 if dev.type == "cuda" else 256))
+    best = harness.finish(points, roof, probes)
+    after = machine.conditions(settings.get("origin_cwd"))
     meta = dict(machine=info, label=machine.machine_label(info), date=datetime.date.today().isoformat(), roofline=roof,
+                matmul_best_gflops=best, probes=probes, conditions=dict(before=before, after=after),
+                disturbed=disturbance(probes, before, after),
+                package=os.path.dirname(os.path.dirname(os.path.abspath(harness.__file__))),  # the erasure_fast measured
                 repeats=settings["repeats"], sizes=settings["sizes"], shapes=settings["shapes"],
                 check_tokens=harness.CHECK_TOKENS,
                 check_tolerance={str(k).replace("torch.", ""): v for k, v in harness.TOLERANCE.items()},

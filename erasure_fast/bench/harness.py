@@ -31,6 +31,7 @@ from ..backends import torch_ref
 from ..contract import validate
 from . import machine as mach
 from . import providers as prov
+from . import rounds as rounds_mod
 from .workloads import SHAPES, flops, make_inputs
 
 # Tokens of each point compared with the reference: enough to catch a wrong kernel, cheap at 1M tokens.
@@ -46,12 +47,21 @@ class Point:
     provider: str
     n_tokens: int
     status: str = "ok"  # ok | wrong | oom | timeout | error | skipped
-    times_s: List[float] = field(default_factory=list)
+    times_s: List[float] = field(default_factory=list)  # one per round (interleaved), or the one call
     median_s: Optional[float] = None
+    min_s: Optional[float] = None
+    q25_s: Optional[float] = None
+    q75_s: Optional[float] = None
     tokens_per_s: Optional[float] = None
-    peak_extra_mib: Optional[float] = None
-    speedup_vs_tl: Optional[float] = None
-    roofline_pct: Optional[float] = None
+    peak_extra_mib: Optional[float] = None  # during the first call
+    speedup_vs_tl: Optional[float] = None  # median of the per-round ratios t_TL / t_provider
+    speedup_q25: Optional[float] = None
+    speedup_q75: Optional[float] = None
+    roofline_pct: Optional[float] = None  # None where it would exceed 100 % (see roofline_flag)
+    roofline_flag: str = ""
+    rounds: int = 0
+    stop: str = ""  # converged | budget | max rounds | single call
+    first_call_s: Optional[float] = None
     note: str = ""
 
 
@@ -240,16 +250,48 @@ def _model(shape: str, device):
         return ModelSpec.from_weights(W_O.to(device), b_O.to(device), W_U.to(device))
 
 
+def first_call(prepared: prov.PreparedWorkload, device, check: Callable[[object], str]) -> Point:
+    """One call of a provider, with its peak extra memory and the correctness check (outside the
+    memory measurement): status ok / wrong / oom / error and the call's time."""
+    p = measure(prepared.call, device, repeats=0, warmup=1, check=check)
+    if p.status == "ok":
+        p.first_call_s = p.times_s[0]
+    return p
+
+
+def _probe(device, dtype) -> Callable[[], float]:
+    """The per-round matmul-rate probe (GFLOP/s) in the workload's dtype, same threads as the providers."""
+    n = 4096 if device.type == "cuda" else 2048
+    return lambda: mach.matmul_rate(device, dtype, n=n, repeats=3)
+
+
+def _fill_from_rounds(p: Point, times: List[float], ratios: Optional[List[float]], rr: rounds_mod.RoundsResult) -> None:
+    p.times_s = list(times)
+    p.q25_s, p.median_s, p.q75_s = rounds_mod.quartiles(times)
+    p.min_s = min(times)
+    p.rounds, p.stop = len(times), rr.stop
+    if ratios:
+        p.speedup_q25, p.speedup_vs_tl, p.speedup_q75 = rounds_mod.quartiles(ratios)
+
+
 def run_kernels(shapes, sizes, device, repeats: int, budget_s: float, providers=None, progress=print,
-                points: Optional[List[Point]] = None,
-                extra_providers: Optional[Dict[str, Callable]] = None) -> List[Point]:
+                points: Optional[List[Point]] = None, extra_providers: Optional[Dict[str, Callable]] = None,
+                round_settings: Optional[rounds_mod.RoundSettings] = None, probes: Optional[List[dict]] = None) -> List[Point]:
     """K1, K2n (cold + warm), K2f for every provider (appended to ``points`` as they finish).
+
+    Per (workload, shape, size) point: every provider's first call (its peak memory; for K2n the cold
+    time) and its check against the float64 reference; then the providers that passed are timed in
+    interleaved rounds (`rounds.run_rounds`: at least ``repeats`` rounds, each after a matmul probe,
+    until the per-round ratios settle or the budget ends). A provider whose first call exceeds
+    ``budget_s`` is not timed at this size and not run at larger ones. ``probes`` (a list) receives
+    every point's probe rates.
 
     ``providers``: substrings of provider names to keep (None: all; ValueError when one matches
     nothing). ``extra_providers``: {name: make} run in addition, never filtered by ``providers`` --
     a hook for tests and experiments (``make(model, inputs, workload) -> providers.PreparedWorkload``
     or None), checked against the reference and timed like the built-in ones."""
     points = [] if points is None else points
+    settings = round_settings or rounds_mod.RoundSettings(min_rounds=max(1, repeats), budget_s=budget_s)
     chosen = prov.select_providers(device, providers)
     clash = sorted(set(chosen) & set(extra_providers or {}))
     if clash:
@@ -263,44 +305,71 @@ def run_kernels(shapes, sizes, device, repeats: int, budget_s: float, providers=
             n_check = min(inp.n_tokens, CHECK_TOKENS)
             tol = TOLERANCE[inp.z.dtype]
             for workload in ("K1", "K2n", "K2f"):
-                ref = None  # computed when the first provider of this point needs it
-                for name, make in chosen.items():
-                    key = (workload, name)
-                    if name.startswith("transformer_lens") and not hasattr(model, "cfg"):
-                        points.append(Point(workload, shape, name, inp.n_tokens, status="skipped",
-                                            note="transformer_lens not installed"))
-                        continue
-                    if key in dead:
-                        points.append(Point(workload, shape, name, inp.n_tokens, status=dead[key], note="larger size skipped"))
-                        continue
-                    prepared = make(model, inp, workload)
-                    if prepared is None:  # the provider does not do this workload
-                        continue
-                    if ref is None:
-                        ref = reference_outputs(model, inp, workload, n_check)
-                    check = _checker(prepared, ref, n_check, tol)
-                    p = None
-                    if workload == "K2n":  # cold: the very first call on this input (tables, compilation)
-                        cold = measure(prepared.call, device, repeats=0, warmup=1, budget_s=budget_s, check=check)
-                        cold.workload, cold.shape, cold.provider, cold.n_tokens = "K2n_cold", shape, name, inp.n_tokens
-                        points.append(cold)
-                        if cold.status == "wrong":  # not timed warm either
-                            p = Point(workload, shape, name, inp.n_tokens, status="wrong", note=cold.note)
-                    if p is None:
-                        p = measure(prepared.call, device, repeats=repeats, budget_s=budget_s, check=check)
-                        p.workload, p.shape, p.provider, p.n_tokens = workload, shape, name, inp.n_tokens
-                    points.append(p)
-                    del prepared, check
-                    if p.status in ("oom",) or (p.median_s or 0) > budget_s:
-                        dead[key] = "oom" if p.status == "oom" else "timeout"
-                    progress(f"{workload:8s} {shape:10s} T={inp.n_tokens:>8d} {name:32s} "
-                             f"{p.status:6s} {('%.4f s' % p.median_s) if p.median_s else '':>10s}"
-                             + (f"  ({p.note})" if p.status != "ok" and p.note else ""))
-                del ref
+                _run_point(model, inp, shape, workload, chosen, dead, device, budget_s, settings, n_check, tol,
+                           points, progress, probes)
             del inp
             gc.collect()
         del model
     return points
+
+
+def _run_point(model, inp, shape, workload, chosen, dead, device, budget_s, settings, n_check, tol, points, progress,
+               probes) -> None:
+    """One (workload, shape, size) point: first calls and checks, then the interleaved rounds."""
+    ref = None  # computed when the first provider of this point needs it
+    timed: Dict[str, Point] = {}
+    calls: Dict[str, Callable] = {}
+    for name, make in chosen.items():
+        key = (workload, name)
+        if name.startswith("transformer_lens") and not hasattr(model, "cfg"):
+            points.append(Point(workload, shape, name, inp.n_tokens, status="skipped", note="transformer_lens not installed"))
+            continue
+        if key in dead:
+            points.append(Point(workload, shape, name, inp.n_tokens, status=dead[key], note="larger size skipped"))
+            continue
+        prepared = make(model, inp, workload)
+        if prepared is None:  # the provider does not do this workload
+            continue
+        if ref is None:
+            ref = reference_outputs(model, inp, workload, n_check)
+        first = first_call(prepared, device, _checker(prepared, ref, n_check, tol))
+        first.workload, first.shape, first.provider, first.n_tokens = workload, shape, name, inp.n_tokens
+        if workload == "K2n":  # cold: the very first call on this input (tables, compilation)
+            cold = Point("K2n_cold", shape, name, inp.n_tokens, status=first.status, times_s=list(first.times_s),
+                         median_s=first.first_call_s, min_s=first.first_call_s, peak_extra_mib=first.peak_extra_mib,
+                         rounds=1 if first.status == "ok" else 0, stop="single call", first_call_s=first.first_call_s,
+                         note=first.note)
+            points.append(cold)
+        if first.status == "ok" and first.first_call_s > budget_s:
+            first.status, first.note = "timeout", f"first call {first.first_call_s:.1f} s > budget {budget_s:g} s"
+        if first.status != "ok":
+            points.append(first)
+            if first.status in ("oom", "timeout"):
+                dead[key] = first.status
+            progress(f"{workload:8s} {shape:10s} T={inp.n_tokens:>8d} {name:32s} {first.status:6s}  ({first.note})")
+            continue
+        timed[name], calls[name] = first, prepared.call
+    if not calls:
+        return
+    reference = next((name for name in calls if name.startswith("transformer_lens")), None)
+    rr = rounds_mod.run_rounds(calls, device, _probe(device, inp.z.dtype), settings, reference)
+    if probes is not None:
+        probes.append(dict(workload=workload, shape=shape, n_tokens=inp.n_tokens, gflops=rr.probes))
+    ref_times = rr.times.get(reference) if reference else None
+    for name, p in timed.items():
+        if name in rr.errors:
+            p.status = "oom" if any(m in rr.errors[name].lower() for m in _OOM_MESSAGES) else "error"
+            p.note = rr.errors[name]
+            if p.status == "oom":
+                dead[(workload, name)] = "oom"
+        elif rr.times[name]:
+            ratios = rounds_mod.per_round_ratios(ref_times, rr.times[name]) if ref_times else None
+            _fill_from_rounds(p, rr.times[name], ratios, rr)
+        points.append(p)
+        progress(f"{workload:8s} {shape:10s} T={inp.n_tokens:>8d} {name:32s} {p.status:6s} "
+                 f"{('%.4f s' % p.median_s) if p.median_s else '':>10s}"
+                 + (f"  x{p.speedup_vs_tl:.1f} [{p.speedup_q25:.1f}, {p.speedup_q75:.1f}]" if p.speedup_vs_tl else "")
+                 + f"  {p.rounds} rounds ({rr.stop})" + (f"  ({p.note})" if p.status != "ok" and p.note else ""))
 
 
 def run_s1(n_tokens: int, device, batch_size: int = 8, progress=print, points: Optional[List[Point]] = None) -> List[Point]:
@@ -362,21 +431,44 @@ def run_s1(n_tokens: int, device, batch_size: int = 8, progress=print, points: O
     return points
 
 
-def finish(points: List[Point], roof: dict) -> None:
-    """Fill tokens/s, speedup over TransformerLens and % of the fp32 matmul roofline (where the
-    workload has a provider-independent FLOP count: K1, K2f)."""
-    rate = roof["matmul_gflops"]["float32"] * 1e9
+def best_rates(roof: dict, probes: Optional[List[dict]] = None) -> Dict[str, float]:
+    """The run's matmul reference per dtype: the best of the start-of-run measurement and every
+    in-run probe (GFLOP/s). A slower moment of the machine can lower a single measurement; the best
+    one is what the hardware demonstrably reached in this run."""
+    rates = dict(roof["matmul_gflops"])
+    for pr in probes or []:
+        if pr["gflops"]:
+            rates["float32"] = max(rates.get("float32", 0.0), max(pr["gflops"]))
+    return rates
+
+
+def finish(points: List[Point], roof: dict, probes: Optional[List[dict]] = None) -> Dict[str, float]:
+    """Fill tokens/s and % of the best fp32 matmul rate of the run (where the workload has a
+    provider-independent FLOP count: K1, K2f). A fraction above 100 % means the reference is wrong,
+    not that the provider beat the hardware: it is flagged and no percentage is given. Returns the
+    rates used. Speedups come from the interleaved rounds (`run_kernels`); points recorded without
+    them (one-at-a-time S1 runs, older results) get the ratio of medians."""
+    rates = best_rates(roof, probes)
+    rate = rates["float32"] * 1e9
     tl = {(p.workload, p.shape, p.n_tokens): p for p in points if p.provider.startswith("transformer_lens") and p.status == "ok"}
     for p in points:
         if p.status != "ok" or not p.median_s:
             continue
         p.tokens_per_s = p.n_tokens / p.median_s
         ref = tl.get((p.workload, p.shape, p.n_tokens))
-        if ref is not None:
+        one_at_a_time = p.workload in ("S1", "K2n_cold") or p.rounds == 0  # no interleaved rounds to pair
+        if ref is not None and p.speedup_vs_tl is None and one_at_a_time:
             p.speedup_vs_tl = ref.median_s / p.median_s
         work = flops(p.workload, p.shape, p.n_tokens)
+        p.roofline_pct, p.roofline_flag = None, ""
         if work is not None:
-            p.roofline_pct = 100 * work / p.median_s / rate
+            pct = 100 * work / p.median_s / rate
+            if pct > 100:
+                p.roofline_flag = (f"{pct:.0f} % of the best measured matmul rate: above 100 % is a measurement "
+                                   "problem (the reference is too low), not a result")
+            else:
+                p.roofline_pct = pct
+    return rates
 
 
 def as_records(points: List[Point]) -> List[dict]:

@@ -6,6 +6,7 @@ import os
 import platform
 import statistics
 import time
+from typing import Optional
 
 import torch
 
@@ -108,3 +109,75 @@ def roofline(device: torch.device) -> dict:
         rates["bfloat16"] = matmul_rate(device, torch.bfloat16, n=8192)
         rates["float16"] = matmul_rate(device, torch.float16, n=8192)
     return {"matmul_gflops": rates, "copy_gbps": copy_bandwidth(device, 1024 if device.type == "cuda" else 256)}
+
+
+def _read(path: str) -> Optional[str]:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def _git_commit(where: Optional[str]) -> Optional[str]:
+    """HEAD of the git checkout at ``where`` (with "-dirty" for uncommitted changes), if any."""
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, timeout=10,
+                              cwd=where)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, timeout=10, cwd=where).stdout.strip()
+        return head.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def busy_fraction(seconds: float = 1.0) -> Optional[float]:
+    """Share of all CPU time spent busy (not idle / iowait) over the next ``seconds``, from /proc/stat
+    (None where unreadable). Taken while the benchmark itself waits, it is what others are using."""
+    def sample():
+        text = _read("/proc/stat")
+        if not text:
+            return None
+        fields = [int(x) for x in text.splitlines()[0].split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+        return idle, sum(fields)
+
+    a = sample()
+    time.sleep(seconds)
+    b = sample()
+    if a is None or b is None or b[1] == a[1]:
+        return None
+    return 1.0 - (b[0] - a[0]) / (b[1] - a[1])
+
+
+def conditions(git_dir: Optional[str] = None) -> dict:
+    """What the machine was doing and running: the CPU share others used during one idle second,
+    load averages, CPU frequency governor (where readable), thread counts, library versions and the
+    git commit of ``git_dir``."""
+    from importlib import metadata
+
+    try:
+        load = list(os.getloadavg())
+    except OSError:
+        load = None
+    versions = {}
+    for pkg in ("erasure_fast", "torch", "transformer-lens", "triton", "numpy"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    threads = {"torch": torch.get_num_threads(), "ERASURE_FAST_NUM_THREADS": os.environ.get("ERASURE_FAST_NUM_THREADS"),
+               "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
+    try:
+        from ..backends import cpp
+
+        threads["cpp"] = cpp.build_info().get("max_threads")
+    except Exception:  # the extension is optional
+        pass
+    return dict(busy_fraction=busy_fraction(), loadavg=load,
+                governor=_read("/sys/devices/system/cpu/cpu0/cpufreq/scaling_governor") or "unreadable",
+                threads=threads, versions=versions, git_commit=_git_commit(git_dir))

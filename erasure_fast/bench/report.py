@@ -31,25 +31,78 @@ def _tolerances(meta: dict) -> str:
     return ", ".join(f"{dtype} {tol:.0e}" for dtype, tol in meta.get("check_tolerance", {}).items())
 
 
+def _conditions(meta: dict) -> List[str]:
+    if "conditions" not in meta:  # results written before conditions were recorded
+        return []
+    c, d = meta["conditions"], meta.get("disturbed", {})
+    before, after = c["before"], c["after"]
+
+    def load(x):
+        return "n/a" if not x.get("loadavg") else "/".join(f"{v:.2f}" for v in x["loadavg"])
+
+    def busy(x):
+        return "n/a" if x.get("busy_fraction") is None else f"{100 * x['busy_fraction']:.0f} %"
+
+    lines = [
+        f"- conditions: CPUs busy with other work {busy(before)} before, {busy(after)} after; load average "
+        f"(1/5/15 min) {load(before)} before, {load(after)} after; CPU governor "
+        f"{before['governor']}; threads {before['threads']}; git {before.get('git_commit') or 'n/a'}; "
+        + ", ".join(f"{k} {v}" for k, v in before["versions"].items()),
+        "- disturbed: " + ("**yes** -- " + "; ".join(d["reasons"]) if d.get("disturbed") else
+                           f"no (matmul probes within each point within {100 * d.get('worst_probe_spread', 0):.0f} % of their best)"),
+    ]
+    return lines
+
+
+def _speedup(r: dict) -> str:
+    if r.get("speedup_vs_tl") is None:
+        return ""
+    if r.get("speedup_q25") is None:
+        return f"{r['speedup_vs_tl']:.1f}x"
+    return f"{r['speedup_vs_tl']:.1f}x [{r['speedup_q25']:.1f}, {r['speedup_q75']:.1f}]"
+
+
+def _roofline(r: dict) -> str:
+    if r.get("roofline_flag"):
+        return "**>100 %: measurement problem**"
+    return _fmt(r.get("roofline_pct"), "{:.1f}")
+
+
+def _times(r: dict) -> str:
+    if r.get("q25_s") is None:  # older results: min-max of the repeats
+        return f"{min(r['times_s']):.4g}-{max(r['times_s']):.4g}" if r["times_s"] else ""
+    return f"{r['min_s']:.4g} / [{r['q25_s']:.4g}, {r['q75_s']:.4g}]"
+
+
 def markdown(meta: dict, records: List[dict]) -> str:
     m = meta["machine"]
     roof = meta["roofline"]
+    best = meta.get("matmul_best_gflops", roof["matmul_gflops"])
+    interleaved = "probes" in meta
     lines = [
         f"# Benchmark {meta['label']} ({meta['date']})", "",
         f"- machine: {m.get('gpu') or m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), "
         f"transformer_lens {m.get('transformer_lens', '-')}, triton {m.get('triton', '-')}",
-        "- measured roofline: matmul " + ", ".join(f"{k} {v:,.0f} GFLOP/s" for k, v in roof["matmul_gflops"].items())
-        + f"; copy {roof['copy_gbps']:.1f} GB/s",
-        f"- timing: median of {meta['repeats']} repeats after a warm-up call (S1: one run); memory = peak above the "
-        "pre-call baseline (RSS on CPU, allocated on GPU); speedup = TransformerLens time / provider time; roofline % = "
-        "nominal FLOPs / time / fp32 matmul rate (K1: projections + each distinct dot once, see workloads.flops; K2f: the head-space count; none for K2n, whose "
-        "head-space cost depends on the number of distinct targets, or S1); oom = allocation failed under the "
-        f"benchmark process's address-space cap{_cap(meta)}",
+        "- roofline reference: matmul " + ", ".join(f"{k} {v:,.0f} GFLOP/s" for k, v in best.items())
+        + (" (the best of the start-of-run measurement and every round's probe)" if interleaved else "")
+        + f"; copy {roof['copy_gbps']:.1f} GB/s" + (" (best of the start and the end of the run)" if interleaved else ""),
+        (f"- timing: providers of a point run in interleaved rounds (order rotated each round, a matmul probe before "
+         f"each), at least {meta['repeats']} rounds, until every provider's per-round ratio to TransformerLens has a "
+         "relative inter-quartile range within 10 % or the point's budget ends (the stop reason is given per row); "
+         "time = median over rounds, with min / [25 %, 75 %]; speedup = median of the per-round ratios t_TL / t_provider "
+         "[25 %, 75 %]" if interleaved else
+         f"- timing: median of {meta['repeats']} repeats after a warm-up call (S1: one run); speedup = TransformerLens "
+         "time / provider time")
+        + "; memory = peak above the pre-call baseline during the first call (RSS on CPU, allocated on GPU); roofline % = "
+        "nominal FLOPs / time / the reference matmul rate (K1: projections + each distinct dot once, see workloads.flops; K2f: "
+        "the head-space count; none for K2n, whose head-space cost depends on the number of distinct targets, or S1); a value "
+        "above 100 % means the reference is too low and is shown as a measurement problem, not a number; oom = allocation "
+        f"failed under the benchmark process's address-space cap{_cap(meta)}",
     ] + ([
         f"- correctness: before timing, every provider's output on each point is compared with the float64 reference "
         f"(torch backend) on the first {meta['check_tokens']:,} tokens; wrong = max |error| / max |reference| above "
         f"the tolerance ({_tolerances(meta)}): not timed; S1 (aggregates) is not checked this way"
-    ] if "check_tokens" in meta else []) + [  # results written before the check existed have none
+    ] if "check_tokens" in meta else []) + _conditions(meta) + [  # results written before the check existed have none
         f"- command: `{meta['command']}`",
     ] + ([f"- note: {meta['note']}"] if meta.get("note") else []) + [""]
     groups: Dict[tuple, List[dict]] = {}
@@ -57,13 +110,14 @@ def markdown(meta: dict, records: List[dict]) -> str:
         groups.setdefault((r["workload"], r["shape"]), []).append(r)
     for (workload, shape), rows in groups.items():
         lines += [f"## {WORKLOAD_TITLES.get(workload, workload)} - {shape}", "",
-                  "| tokens | provider | status | median s | spread (min-max) s | tokens/s | speedup vs TL | roofline % | peak extra MiB |",
-                  "|---:|---|---|---:|---|---:|---:|---:|---:|"]
+                  "| tokens | provider | status | median s | min / [25 %, 75 %] s | rounds | tokens/s | speedup vs TL [25 %, 75 %] "
+                  "| roofline % | peak extra MiB |",
+                  "|---:|---|---|---:|---|---|---:|---:|---:|---:|"]
         for r in sorted(rows, key=lambda r: (r["n_tokens"], r["provider"])):
-            spread = f"{min(r['times_s']):.4g}-{max(r['times_s']):.4g}" if r["times_s"] else ""
+            rounds = f"{r.get('rounds', '')} ({r['stop']})" if r.get("stop") else str(len(r["times_s"]))
             lines.append(f"| {r['n_tokens']:,} | {r['provider']} | {r['status']}{(' (' + r['note'] + ')') if r['status'] != 'ok' and r['note'] else ''} | "
-                         f"{_fmt(r['median_s'], '{:.4g}')} | {spread} | {_fmt(r['tokens_per_s'], '{:,.0f}')} | "
-                         f"{_fmt(r['speedup_vs_tl'], '{:.1f}x')} | {_fmt(r['roofline_pct'], '{:.1f}')} | {_fmt(r['peak_extra_mib'], '{:,.0f}')} |")
+                         f"{_fmt(r['median_s'], '{:.4g}')} | {_times(r)} | {rounds} | {_fmt(r['tokens_per_s'], '{:,.0f}')} | "
+                         f"{_speedup(r)} | {_roofline(r)} | {_fmt(r['peak_extra_mib'], '{:,.0f}')} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -115,12 +169,14 @@ def rewrite(json_path: str, note: str = "") -> Dict[str, str]:
     data = json.load(open(json_path))
     points = [Point(**r) for r in data["results"]]
     for p in points:  # recompute the derived columns from the raw timings
-        p.tokens_per_s = p.speedup_vs_tl = p.roofline_pct = None
-        if p.times_s and p.status == "ok":
+        p.tokens_per_s = p.roofline_pct = None
+        if p.rounds == 0:  # one-at-a-time results: speedup = ratio of medians, recomputed
+            p.speedup_vs_tl = None
+        if p.times_s and p.status == "ok" and p.rounds == 0:
             import statistics
 
             p.median_s = statistics.median(p.times_s)
-    finish(points, data["meta"]["roofline"])
+    finish(points, data["meta"]["roofline"], data["meta"].get("probes"))
     meta = dict(data["meta"])
     if note:
         meta["note"] = note
