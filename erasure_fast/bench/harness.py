@@ -21,7 +21,6 @@ import gc
 import statistics
 import threading
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, List, Optional
 
@@ -66,14 +65,13 @@ class Point:
 
 
 class _PeakRSS:
-    """Peak resident memory above the baseline while the block runs (sampling thread), except while
-    `paused` (the correctness check's own allocations are not the provider's)."""
+    """Peak resident memory above the baseline while the block runs (sampling thread). On CPU the
+    allocator first returns freed memory to the system (glibc malloc_trim, where available), so that
+    a call's allocations are not hidden in pages an earlier provider left resident."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.peak = 0
-        self.lock = threading.Lock()
-        self.sampling = True
 
     def __enter__(self):
         gc.collect()
@@ -85,6 +83,7 @@ class _PeakRSS:
             return self
         import psutil
 
+        _trim_heap()
         self.proc = psutil.Process()
         self.base = self.proc.memory_info().rss
         self.peak = self.base
@@ -92,34 +91,12 @@ class _PeakRSS:
 
         def sample():
             while not self.stop.is_set():
-                with self.lock:
-                    if self.sampling:
-                        self.peak = max(self.peak, self.proc.memory_info().rss)
+                self.peak = max(self.peak, self.proc.memory_info().rss)
                 time.sleep(0.002)
 
         self.thread = threading.Thread(target=sample, daemon=True)
         self.thread.start()
         return self
-
-    @contextmanager
-    def paused(self):
-        if self.device.type == "cuda":  # keep the peak so far, then count from a fresh peak
-            torch.cuda.synchronize()
-            self.peak = max(self.peak, torch.cuda.max_memory_allocated())
-            try:
-                yield
-            finally:
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-            return
-        with self.lock:
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-            self.sampling = False
-        try:
-            yield
-        finally:
-            with self.lock:
-                self.sampling = True
 
     def __exit__(self, *exc):
         if self.device.type == "cuda":
@@ -134,6 +111,16 @@ class _PeakRSS:
 
 
 _OOM_MESSAGES = ("out of memory", "can't allocate memory", "cannot allocate memory", "bad_alloc")
+
+
+def _trim_heap() -> None:
+    """glibc's malloc_trim(0): give freed heap pages back to the system (no-op elsewhere)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _is_oom(e: BaseException) -> bool:
@@ -178,36 +165,38 @@ def measure(fn, device, repeats: int, warmup: int = 1, budget_s: float = 120.0,
             check: Optional[Callable[[object], str]] = None) -> Point:
     """Time ``fn``: ``warmup`` calls, then ``repeats`` timed calls (0: the warm-up call is the time).
 
-    ``check(result)`` -> why the result is wrong, or "": called on the last warm-up call's result,
-    outside the timing and the memory measurement. A wrong result makes the point "wrong" with no
-    time (its timed repeats are not run)."""
+    Peak extra memory is that of the first call(s) (the warm-up, or the timed calls without one).
+    ``check(result)`` -> why the result is wrong, or "": called on the last warm-up call's result
+    after the memory measurement and outside the timing. A wrong result makes the point "wrong"
+    with no time (its timed repeats are not run)."""
     p = Point("", "", "", 0)
     out = None
     try:
-        with _PeakRSS(device) as mem:
-            t0 = time.perf_counter()
-            for _ in range(warmup):
-                out = fn()
-            mach.sync(device)
-            first = time.perf_counter() - t0
-            if check is not None and warmup:
-                with mem.paused():
-                    why = check(out)
+        if warmup:
+            with _PeakRSS(device) as mem:
+                t0 = time.perf_counter()
+                for _ in range(warmup):
+                    out = fn()
+                mach.sync(device)
+                first = time.perf_counter() - t0
+            p.peak_extra_mib = mem.extra / 2**20
+            if check is not None:
+                why = check(out)
                 if why:
                     p.status, p.note = "wrong", why
                     return p
-            if warmup and first * repeats > budget_s:
+            if first * repeats > budget_s:
                 repeats = max(1, int(budget_s // max(first, 1e-9)))
-            if repeats:
-                p.times_s = []
-                for _ in range(repeats):
-                    t0 = time.perf_counter()
-                    out = fn()
-                    mach.sync(device)
-                    p.times_s.append(time.perf_counter() - t0)
-            else:
-                p.times_s = [first]
-        p.peak_extra_mib = mem.extra / 2**20
+        out = None
+        p.times_s = [] if repeats else [first]
+        with _PeakRSS(device) as timed_mem:
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                out = fn()
+                mach.sync(device)
+                p.times_s.append(time.perf_counter() - t0)
+        if not warmup:
+            p.peak_extra_mib = timed_mem.extra / 2**20
         p.median_s = statistics.median(p.times_s)
     except Exception as e:  # recorded, not dropped
         p.status = "oom" if _is_oom(e) else "error"
