@@ -17,7 +17,8 @@ from .models import ModelSpec, model_spec
 class AttributionResult:
     """Everything `attribute` computes for a batch. B = batch, P = positions, L = layers, H = heads,
     n_nodes = L*H heads (layer-major) then the L MLPs (if included), W = writers,
-    R = residual points (resid_pre0, then resid_mid{l} and resid_post{l} for each layer).
+    R = residual points (`ModelSpec.resid_labels`: resid_pre0, then resid_mid{l} and resid_post{l} for
+    each layer; parallel attention + MLP blocks have no resid_mid).
 
     dla           [B, P, L, H]        next-token / target DLA of every head (NaN where no target)
     dots          [B, P, n_nodes, W]  node . r_writer
@@ -26,7 +27,7 @@ class AttributionResult:
     resid_pr      [B, P, R, W]        PR of the residual stream points (by linearity), or None
     writer_dla    [B, P, W]           each writer's own DLA
     adjusted_dla  [B, P, W]           DLA_w * (1 + sum of downstream nodes' PR onto w)
-    downstream    [n_nodes, W] bool   nodes after the writer (later-layer heads, MLPs from its layer on)
+    downstream    [n_nodes, W] bool   nodes that read the writer (`ModelSpec.is_downstream`)
     """
 
     dla: torch.Tensor
@@ -145,19 +146,9 @@ def target_ids(targets, tokens: torch.Tensor, spec: ModelSpec, name: str = "targ
     return ids.contiguous()
 
 
-def _downstream(spec: ModelSpec, writers: torch.Tensor, n_nodes: int) -> torch.Tensor:
-    L, H = spec.n_layers, spec.n_heads
-    node_layer = torch.cat([torch.arange(L * H) // H, torch.arange(n_nodes - L * H)])
-    is_head = torch.arange(n_nodes) < L * H
-    wl = writers // H  # writer layers
-    later_head = is_head[:, None] & (node_layer[:, None] > wl[None, :])
-    mlp_from = ~is_head[:, None] & (node_layer[:, None] >= wl[None, :])
-    return later_head | mlp_from
-
-
 def _resid_dots(cap: Capture, spec: ModelSpec, node_dots: torch.Tensor, embed_dots: torch.Tensor,
                 writers: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
-    """Dots of resid_pre0, resid_mid{l}, resid_post{l} with each writer, by linearity. [T, R, W]."""
+    """Dots of the residual points (`ModelSpec.resid_labels`) with each writer, by linearity. [T, R, W]."""
     L, H = spec.n_layers, spec.n_heads
     T = node_dots.shape[0]
     # b_O[l] . r_w = z_w . (W_O[w] b_O[l]): the bias enters through head space, never as a d_model vector.
@@ -171,9 +162,10 @@ def _resid_dots(cap: Capture, spec: ModelSpec, node_dots: torch.Tensor, embed_do
     cur = embed_dots
     for l in range(L):
         cur = cur + head_dots[:, l] + bias_dots[:, l]
-        points.append(cur)
+        if not spec.parallel_blocks:
+            points.append(cur)  # resid_mid{l}
         cur = cur + mlp_dots[:, l]
-        points.append(cur)
+        points.append(cur)  # resid_post{l}
     return torch.stack(points, dim=1)
 
 
@@ -236,6 +228,8 @@ def run_attribution(model, spec: ModelSpec, tokens: torch.Tensor, wr: torch.Tens
         extras.append(cap.mlp_out.reshape(T, L, -1))
         if cap.embed is not None:
             extras.append(cap.embed.reshape(T, 1, -1))
+        if cap.resid_points is not None:  # non-additive blocks: the stream itself, dotted in the kernel
+            extras.append(cap.resid_points.reshape(T, cap.resid_points.shape[2], -1))
     dev = cap.z.device
     dtype = cap.z.dtype
     inputs = validate(
@@ -256,9 +250,12 @@ def run_attribution(model, spec: ModelSpec, tokens: torch.Tensor, wr: torch.Tens
     resid = None
     labels_resid: List[str] = []
     if with_mlps and cap.embed is not None:
-        resid = _resid_dots(cap, spec, dots, out.dots[:, n_nodes], wr.to(dev), acc)
-        resid = resid.reshape(B, P, 2 * L + 1, -1)
-        labels_resid = ["resid_pre0"] + [f"resid_{k}{l}" for l in range(L) for k in ("mid", "post")]
+        labels_resid = spec.resid_labels()
+        if cap.resid_points is not None:
+            resid = out.dots[:, n_nodes + 1: n_nodes + 1 + len(labels_resid)]
+        else:  # additive blocks: the points are sums of the nodes (and b_O), so their dots are too
+            resid = _resid_dots(cap, spec, dots, out.dots[:, n_nodes], wr.to(dev), acc)
+        resid = resid.reshape(B, P, len(labels_resid), -1)
     node_labels = spec.head_labels() + ([f"MLP{l}" for l in range(L)] if with_mlps else [])
     return AttributionResult(
         dla=out.dla.reshape(B, P, L, H),
@@ -269,7 +266,7 @@ def run_attribution(model, spec: ModelSpec, tokens: torch.Tensor, wr: torch.Tens
         writer_labels=[spec.head_label(int(w)) for w in wr],
         resid_dots=resid,
         resid_labels=labels_resid,
-        downstream=_downstream(spec, wr, n_nodes).to(dev),
+        downstream=spec.downstream_mask(wr, n_nodes).to(dev),
         backend=impl.NAME,
         z=cap.z,
         final_scale=cap.scale,

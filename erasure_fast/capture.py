@@ -1,8 +1,10 @@
 """The lean forward pass: capture only what the attribution needs.
 
 Hooks: ``blocks.{l}.attn.hook_z`` (all layers), ``blocks.{l}.hook_mlp_out`` (when MLP nodes are
-wanted), the embedding hooks, and the final residual stream ``blocks.{L-1}.hook_resid_post`` -- at
-which point the forward pass is stopped: no final LayerNorm, no unembedding matmul, no full cache.
+wanted), ``blocks.0.hook_resid_pre`` (the embedding node: whatever the model puts in the stream before
+its first block -- token and positional embeddings, embedding scaling, an embedding LayerNorm; rotary
+and ALiBi models add nothing there), and the final residual stream ``blocks.{L-1}.hook_resid_post``
+-- at which point the forward pass is stopped: no final norm, no unembedding matmul, no full cache.
 The final-LN scale is recomputed from the final residual exactly as TransformerLens defines it.
 """
 
@@ -16,6 +18,9 @@ import torch
 from .models import ModelSpec
 
 
+EMBED_HOOK = "blocks.0.hook_resid_pre"
+
+
 class _StopForward(Exception):
     """Raised by the last hook to end the forward pass before the unembedding."""
 
@@ -23,7 +28,7 @@ class _StopForward(Exception):
 @dataclass
 class Capture:
     """Activations of one batch. Shapes: z [B, P, L*H, d_head] (layer-major heads),
-    mlp_out [B, P, L, d_model] or None, embed [B, P, d_model] (sum of the embedding hooks) or None,
+    mlp_out [B, P, L, d_model] or None, embed [B, P, d_model] (the stream before block 0) or None,
     scale [B, P] (final-LN scale; ones for models without a final norm)."""
 
     z: torch.Tensor
@@ -31,6 +36,7 @@ class Capture:
     embed: Optional[torch.Tensor]
     scale: torch.Tensor
     extra: Dict[str, torch.Tensor] = None
+    resid_points: Optional[torch.Tensor] = None  # [B, P, R, d_model], only for non-additive blocks
 
 
 def validate_tokens(tokens, spec: ModelSpec, name: str = "tokens") -> torch.Tensor:
@@ -92,7 +98,9 @@ def capture(model, tokens: torch.Tensor, spec: ModelSpec, *, include_mlps: bool 
     if include_mlps and spec.has_mlps:
         hooks += [(f"blocks.{l}.hook_mlp_out", keep(f"mlp{l}")) for l in range(L)]
     if include_embed:
-        hooks += [(h, keep(h)) for h in spec.embed_hooks]
+        hooks += [(EMBED_HOOK, keep(EMBED_HOOK))]
+    point_hooks = [] if spec.additive_blocks or not include_embed else resid_point_hooks(spec)
+    hooks += [(name, keep(name)) for name in point_hooks if name != EMBED_HOOK and not name.endswith(f"{L - 1}.hook_resid_post")]
     hooks.append((f"blocks.{L - 1}.hook_resid_post", stop))
 
     tokens = tokens.to(model_device(model))
@@ -117,8 +125,20 @@ def capture(model, tokens: torch.Tensor, spec: ModelSpec, *, include_mlps: bool 
         mlp = None
         if include_mlps and spec.has_mlps:
             mlp = torch.stack([store[f"mlp{l}"] for l in range(L)], dim=2)
-        embed = None
-        if include_embed and spec.embed_hooks:
-            embed = sum(store[h] for h in spec.embed_hooks)
+        embed = store[EMBED_HOOK] if include_embed else None
         scale = final_scale(store["resid_final"], spec)
-    return Capture(z=z, mlp_out=mlp, embed=embed, scale=scale, extra={k: store[k] for k in keep_hooks if k in store})
+        points = None
+        if point_hooks:
+            store[f"blocks.{L - 1}.hook_resid_post"] = store["resid_final"]
+            points = torch.stack([store[name] for name in point_hooks], dim=2)
+    return Capture(z=z, mlp_out=mlp, embed=embed, scale=scale, extra={k: store[k] for k in keep_hooks if k in store},
+                   resid_points=points)
+
+
+def resid_point_hooks(spec: ModelSpec) -> list:
+    """The hook of each residual point of `ModelSpec.resid_labels`, in that order."""
+    names = {"resid_pre0": EMBED_HOOK}
+    for l in range(spec.n_layers):
+        names[f"resid_mid{l}"] = f"blocks.{l}.hook_resid_mid"
+        names[f"resid_post{l}"] = f"blocks.{l}.hook_resid_post"
+    return [names[label] for label in spec.resid_labels()]

@@ -38,7 +38,13 @@ class ModelSpec:
     has_mlps: bool = True
     n_ctx: Optional[int] = None
     kind: str = "raw"  # "bridge", "hooked" or "raw"
-    embed_hooks: List[str] = field(default_factory=lambda: ["hook_embed", "hook_pos_embed"])
+    # Attention and MLP read the same residual stream (GPT-NeoX, GPT-J, Phi, ...): MLP_l is not
+    # downstream of layer l's heads, and there is no resid_mid point.
+    parallel_blocks: bool = False
+    # The stream is embed + every head's z W_O + b_O + every MLP output (False: post-norms after the
+    # attention / MLP output, as in Gemma 2/3 and OLMo 2 -- residual points are then read from the
+    # stream itself, not summed from the nodes).
+    additive_blocks: bool = True
     _directions: Optional[torch.Tensor] = field(default=None, repr=False)
 
     @property
@@ -55,6 +61,28 @@ class ModelSpec:
         if self._directions is None:
             self._directions = self.W_U.detach().t().contiguous()
         return self._directions
+
+    def resid_labels(self) -> List[str]:
+        """The residual-stream points: resid_pre0, then per layer resid_mid{l} and resid_post{l}
+        (parallel blocks: resid_post{l} only -- their attention and MLP read the same stream)."""
+        kinds = ("post",) if self.parallel_blocks else ("mid", "post")
+        return ["resid_pre0"] + [f"resid_{k}{l}" for l in range(self.n_layers) for k in kinds]
+
+    def is_downstream(self, node: int, writer_head: int) -> bool:
+        """Whether node ``node`` (heads layer-major, then the MLPs) reads writer ``writer_head``'s
+        output (`is_downstream`)."""
+        return is_downstream(node, writer_head, self.n_layers, self.n_heads, self.parallel_blocks)
+
+    def downstream_mask(self, writers: torch.Tensor, n_nodes: int) -> torch.Tensor:
+        """[n_nodes, W] bool: `is_downstream` for every node and writer head in ``writers`` [W]."""
+        L, H = self.n_layers, self.n_heads
+        node_layer = torch.cat([torch.arange(L * H) // H, torch.arange(n_nodes - L * H)])
+        is_head = torch.arange(n_nodes) < L * H
+        wl = writers.cpu() // H
+        later = node_layer[:, None] > wl[None, :]
+        same_or_later = node_layer[:, None] >= wl[None, :]
+        mlp_reads = later if self.parallel_blocks else same_or_later
+        return (is_head[:, None] & later) | (~is_head[:, None] & mlp_reads)
 
     def head_label(self, index: int) -> str:
         return f"L{index // self.n_heads}H{index % self.n_heads}"
@@ -115,6 +143,25 @@ class ModelSpec:
             W_O=W_O.detach().reshape(L * H, dh, D).contiguous(), b_O=b_O.detach(), W_U=W_U.detach(),
             normalization=normalization, final_eps=float(final_eps), has_mlps=has_mlps,
         )
+
+
+def is_downstream(node: int, writer_head: int, n_layers: int, n_heads: int, parallel_blocks: bool) -> bool:
+    """Whether node ``node`` (heads layer-major, then the MLPs) reads writer head ``writer_head``'s
+    output: a head of a later layer; an MLP of a later layer, or of the writer's own layer when
+    blocks are sequential (a parallel block's MLP reads the stream before its heads write)."""
+    wl = writer_head // n_heads
+    if node < n_layers * n_heads:
+        return node // n_heads > wl
+    mlp_layer = node - n_layers * n_heads
+    return mlp_layer > wl if parallel_blocks else mlp_layer >= wl
+
+
+def _has_post_norms(model) -> bool:
+    """Whether a block normalises its attention or MLP output before adding it to the stream."""
+    if getattr(model.cfg, "use_normalization_before_and_after", False):  # TransformerLens 3 (Gemma 2)
+        return True
+    block = model.blocks[0]
+    return any(hasattr(block, name) for name in ("ln1_post", "ln2_post"))
 
 
 def _kind(model) -> str:
@@ -178,20 +225,23 @@ def model_spec(model) -> ModelSpec:
         return hit[1]
     cfg = model.cfg
     with torch.no_grad():
-        W_O = model.W_O.detach()  # [L, H, dh, D]
-        b_O = model.b_O.detach()
+        W_O = model.W_O.detach()  # [L, H, dh, D]: one per query head (grouped-query attention included)
         W_U = model.W_U.detach()
-    L, H, dh, D = W_O.shape
+        L, H, dh, D = W_O.shape
+        try:
+            b_O = model.b_O.detach()
+        except AttributeError:  # bias-free output projections (Llama, Qwen, Gemma, ...): b_O = 0
+            b_O = torch.zeros(L, D, dtype=W_O.dtype, device=W_O.device)
     final_rms = bool(getattr(cfg, "final_rms", False))
     norm = cfg.normalization_type
     if kind == "bridge" and final_rms and norm in _CENTERING_NORMS:
         norm = "RMS"  # TL 4 treats a final RMSNorm as non-centring even in LN-family models
-    embed_hooks = [h for h in ("hook_embed", "hook_pos_embed") if h in model.hook_dict]
     spec = ModelSpec(
         n_layers=L, n_heads=H, d_head=dh, d_model=D, d_vocab=W_U.shape[1],
         W_O=W_O.reshape(L * H, dh, D).contiguous(), b_O=b_O, W_U=W_U,
         normalization=norm, final_eps=float(cfg.eps), has_mlps=not bool(getattr(cfg, "attn_only", False)),
-        n_ctx=getattr(cfg, "n_ctx", None), kind=kind, embed_hooks=embed_hooks,
+        n_ctx=getattr(cfg, "n_ctx", None), kind=kind, parallel_blocks=bool(getattr(cfg, "parallel_attn_mlp", False)),
+        additive_blocks=not _has_post_norms(model),
     )
     _specs[model] = (fp, spec)
     return spec

@@ -40,6 +40,7 @@ class ScanConfig:
     resid_labels: List[str]
     head_labels: List[str]
     n_heads: int  # per layer (node i < n_layers * n_heads is head i, layer i // n_heads)
+    parallel_blocks: bool  # attention and MLP read the same stream (models.is_downstream)
     seq_len: int
     batch_size: int
     prepend_bos: Optional[int]
@@ -142,8 +143,8 @@ def plan_scan(model, corpus, *, writers="all", seq_len: Optional[int] = None, ba
     cfg = ScanConfig(
         writers=wr.tolist(), writer_labels=[spec.head_label(int(w)) for w in wr],
         node_labels=spec.head_labels() + [f"MLP{l}" for l in range(L)],
-        resid_labels=["resid_pre0"] + [f"resid_{k}{l}" for l in range(L) for k in ("mid", "post")],
-        head_labels=spec.head_labels(), n_heads=spec.n_heads, seq_len=corpus.seq_len, batch_size=batch_size, prepend_bos=prepend_bos,
+        resid_labels=spec.resid_labels(),
+        head_labels=spec.head_labels(), n_heads=spec.n_heads, parallel_blocks=spec.parallel_blocks, seq_len=corpus.seq_len, batch_size=batch_size, prepend_bos=prepend_bos,
         position_edges=edges, top_k=top_k, backend=impl.NAME, model_fingerprint=model_fingerprint(model),
         corpus=corpus.describe(),
     )

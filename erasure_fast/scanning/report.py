@@ -34,7 +34,6 @@ def summarize(agg, cfg, spec):
     per_bucket = [agg.pr.summary([b], (0.5,)) for b in range(agg.n_buckets)]
     bnames = _bucket_names(cfg.position_edges)
     n_nodes = len(cfg.node_labels)
-    L, H = spec.n_layers, spec.n_heads
     pair_of = {int(s): k for k, s in enumerate(agg.pair_index.tolist())}  # flat (node, writer) -> ranked pair
     pair_summaries = {name: stats.summary(None, (0.25, 0.5, 0.75)) for name, stats in agg.pair_stats.items()}
     rows = []
@@ -43,12 +42,7 @@ def summarize(agg, cfg, spec):
         is_node = i < n_nodes
         for w in range(W):
             s = i * W + w
-            wl = int(cfg.writers[w]) // H
-            if is_node:
-                node_layer = i // H if i < L * H else i - L * H
-                downstream = (node_layer > wl) if i < L * H else (node_layer >= wl)
-            else:
-                downstream = False
+            downstream = is_node and spec.is_downstream(i, int(cfg.writers[w]))
             row = dict(kind="node" if is_node else "resid", node=label, writer=cfg.writer_labels[w], downstream=bool(downstream))
             row.update(_stats(all_, s))
             row["median_bos"] = bos["q0.5"][s]

@@ -9,6 +9,7 @@ from typing import Dict, Sequence
 import numpy as np
 import torch
 
+from ..models import is_downstream
 from .aggregate import SeriesStats, TopK
 from .pair_stats import NULL_STATISTICS, STATISTICS, NullReference, null_dots, pair_values
 from .plan import DLA_BINS, DLA_RANGE, PR_BINS, PR_RANGE, ScanConfig
@@ -76,19 +77,12 @@ class Aggregates:
 
 
 def downstream_pairs(cfg: ScanConfig) -> np.ndarray:
-    """Flat indices (node * W + writer) of the pairs whose node comes after the writer: later-layer
-    heads, and MLPs from the writer's layer on (docs/math.md); nothing else can erase a writer."""
+    """Flat indices (node * W + writer) of the pairs whose node reads the writer
+    (`erasure_fast.models.is_downstream`); nothing else can erase a writer."""
     W, H = len(cfg.writers), cfg.n_heads
     L = len(cfg.head_labels) // H
-    out = []
-    for i in range(len(cfg.node_labels)):
-        is_head = i < L * H
-        node_layer = i // H if is_head else i - L * H
-        for w, head in enumerate(cfg.writers):
-            wl = int(head) // H
-            if (is_head and node_layer > wl) or (not is_head and node_layer >= wl):
-                out.append(i * W + w)
-    return np.array(out, dtype=np.int64)
+    return np.array([i * W + w for i in range(len(cfg.node_labels)) for w, head in enumerate(cfg.writers)
+                     if is_downstream(i, int(head), L, H, cfg.parallel_blocks)], dtype=np.int64)
 
 
 def _bucket_of(positions: torch.Tensor, edges: Sequence[int]) -> torch.Tensor:

@@ -1,0 +1,87 @@
+"""Tiny random Hugging Face models of the decoder-only families, built offline (no download), and their
+TransformerLens 4 bridges: the fixtures of tests/test_families.py.
+
+Every family gets the same small shape -- 2 layers, 4 query heads (2 key/value heads where the family
+has grouped-query attention), d_model 32, d_head 8, vocabulary 97 -- and non-trivial norm weights and
+biases (1-D parameters perturbed), so that unprocessed weights, centring and biases all matter."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+VOCAB = 97
+COMMON = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              intermediate_size=64, max_position_embeddings=64, head_dim=8)
+# HF model class -> (config class, config arguments)
+FAMILIES = {
+    "GPT2LMHeadModel": ("GPT2Config", dict(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, n_inner=64)),
+    "GPTNeoForCausalLM": ("GPTNeoConfig", dict(vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=4, max_position_embeddings=64,
+                                               attention_types=[[["global", "local"], 1]], window_size=8, intermediate_size=64)),
+    "GPTNeoXForCausalLM": ("GPTNeoXConfig", dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                                 intermediate_size=64, max_position_embeddings=64, rotary_pct=0.25)),
+    "GPTJForCausalLM": ("GPTJConfig", dict(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, rotary_dim=4, n_inner=64)),
+    "OPTForCausalLM": ("OPTConfig", dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64,
+                                         max_position_embeddings=64, word_embed_proj_dim=32)),
+    "BloomForCausalLM": ("BloomConfig", dict(vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=4)),
+    "LlamaForCausalLM": ("LlamaConfig", COMMON),
+    "MistralForCausalLM": ("MistralConfig", COMMON),
+    "MixtralForCausalLM": ("MixtralConfig", dict(COMMON, num_local_experts=4, num_experts_per_tok=2)),
+    "Qwen2ForCausalLM": ("Qwen2Config", COMMON),
+    "Qwen3ForCausalLM": ("Qwen3Config", COMMON),
+    "GemmaForCausalLM": ("GemmaConfig", COMMON),
+    "Gemma2ForCausalLM": ("Gemma2Config", COMMON),
+    "Gemma3ForCausalLM": ("Gemma3TextConfig", COMMON),
+    "PhiForCausalLM": ("PhiConfig", dict(COMMON, partial_rotary_factor=0.5)),
+    "Phi3ForCausalLM": ("Phi3Config", dict(COMMON, pad_token_id=0, bos_token_id=1, eos_token_id=1)),
+    "OlmoForCausalLM": ("OlmoConfig", COMMON),
+    "Olmo2ForCausalLM": ("Olmo2Config", COMMON),
+    "StableLmForCausalLM": ("StableLmConfig", COMMON),
+    "Starcoder2ForCausalLM": ("Starcoder2Config", COMMON),
+    "GPTBigCodeForCausalLM": ("GPTBigCodeConfig", dict(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, n_inner=64,
+                                                       multi_query=True)),
+}
+
+
+def word_tokenizer():
+    """A word-level tokenizer over the tiny vocabulary (w0 ... w94, [UNK], [EOS])."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["[UNK]", "[EOS]"] + [f"w{i}" for i in range(VOCAB - 2)])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="[EOS]", bos_token="[EOS]",
+                                   pad_token="[EOS]")
+
+
+def save_family(arch: str, folder: str, seed: int = 0) -> str:
+    """Write a random tiny model of ``arch`` and the word tokenizer to ``folder``; returns it."""
+    import transformers
+
+    cfg_name, kwargs = FAMILIES[arch]
+    config = getattr(transformers, cfg_name)(**kwargs)
+    torch.manual_seed(seed)
+    model = getattr(transformers, arch)(config).eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            if p.ndim == 1:  # norm weights and biases away from their 1 / 0 initialisation
+                p.add_(0.1 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    os.makedirs(folder, exist_ok=True)
+    model.save_pretrained(folder)
+    word_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def boot_bridge(folder: str, dtype=torch.float32):
+    """The TransformerLens 4 bridge of a saved model (offline: the folder holds config and weights)."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bridge = TransformerBridge.boot_transformers(folder, dtype=dtype)
+    bridge.eval()
+    return bridge
