@@ -79,9 +79,13 @@ def save_family(arch: str, folder: str, seed: int = 0) -> str:
 def boot_bridge(folder: str, dtype=torch.float32):
     """The TransformerLens 4 bridge of a saved model (offline: the folder holds config and weights)."""
     from transformer_lens.model_bridge import TransformerBridge
+    from transformers import PreTrainedTokenizerFast
 
+    # the word-level tokenizer itself: AutoTokenizer would pick the family's own class (e.g.
+    # Qwen2Tokenizer), which re-tokenises the fixture's vocabulary its own way
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(folder)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        bridge = TransformerBridge.boot_transformers(folder, dtype=dtype)
+        bridge = TransformerBridge.boot_transformers(folder, dtype=dtype, tokenizer=tokenizer)
     bridge.eval()
     return bridge
