@@ -10,6 +10,8 @@ TL3_SPEC ?= transformer-lens==3.9.0
 PIP ?= -q --disable-pip-version-check
 BUILD_DEPS := "scikit-build-core>=0.10" "pybind11>=2.12" "cmake>=3.18" ninja
 TEST_DEPS := "pytest>=8" "hypothesis>=6.100"
+# nnsight: the LanguageModel interface is tested (tests/test_families.py); it is optional for users.
+TEST_DEPS_TL4 := "nnsight>=0.4"
 RUN_DEPS := numpy safetensors tqdm pandas pyarrow matplotlib psutil
 
 .PHONY: demo paper test test-tl4 test-tl3 install install-tl3 bench bench-quick clean asan
@@ -18,7 +20,7 @@ $(VENV)/.deps: pyproject.toml Makefile
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install $(PIP) --upgrade pip
 	$(VENV)/bin/python -m pip install $(PIP) "$(TORCH_SPEC)"
-	$(VENV)/bin/python -m pip install $(PIP) "$(TL4_SPEC)" triton $(RUN_DEPS) $(BUILD_DEPS) $(TEST_DEPS)
+	$(VENV)/bin/python -m pip install $(PIP) "$(TL4_SPEC)" triton $(RUN_DEPS) $(BUILD_DEPS) $(TEST_DEPS) $(TEST_DEPS_TL4)
 	touch $@
 
 $(VENV_TL3)/.deps: pyproject.toml Makefile
@@ -55,7 +57,7 @@ test-tl4: install
 	cd tests && EF_REQUIRE_CPP=1 EF_ERROR_REPORT=../build/parity-errors-tl4.json EF_FAMILY_REPORT=../build/families-tl4.json ../$(VENV)/bin/python -m pytest -q -p no:cacheprovider .
 
 test-tl3: install-tl3
-	cd tests && EF_REQUIRE_CPP=1 EF_ERROR_REPORT=../build/parity-errors-tl3.json ../$(VENV_TL3)/bin/python -m pytest -q -p no:cacheprovider test_parity_tl.py test_paper.py
+	cd tests && EF_REQUIRE_CPP=1 EF_ERROR_REPORT=../build/parity-errors-tl3.json ../$(VENV_TL3)/bin/python -m pytest -q -p no:cacheprovider test_parity_tl.py test_paper.py test_layouts.py
 
 test: test-tl4 test-tl3
 

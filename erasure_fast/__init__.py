@@ -15,11 +15,12 @@ from .backends import available_backends
 from .backends.dla_table import DlaTable, build_dla_table
 from .contract import FusedOutputs, derive_measures, fused_attribution
 from .loading import load_model
-from .models import ModelSpec, model_spec
+from .models import ModelSpec, UnsupportedModelError, as_transformer_lens, model_spec
 from .scanning import ScanResult, scan
 from .tl_compat import logit_attrs_heads
 
 __all__ = [
+    "as_transformer_lens",
     "attribute",
     "AttributionResult",
     "available_backends",
@@ -34,4 +35,5 @@ __all__ = [
     "model_spec",
     "scan",
     "ScanResult",
+    "UnsupportedModelError",
 ]

@@ -10,7 +10,7 @@ import torch
 from .backends import get_backend
 from .capture import Capture, capture, model_device, validate_tokens
 from .contract import accumulation_dtype, cosine, projection_ratio, projection_value, validate
-from .models import ModelSpec, model_spec
+from .models import ModelSpec, as_transformer_lens, model_spec
 
 
 @dataclass
@@ -157,14 +157,15 @@ def _resid_dots(cap: Capture, spec: ModelSpec, node_dots: torch.Tensor, embed_do
     zw = cap.z.reshape(T, L * H, -1).index_select(1, writers.to(cap.z.device)).to(acc)  # [T, W, dh]
     bias_dots = torch.einsum("twh,wlh->tlw", zw, u)  # [T, L, W]
     head_dots = node_dots[:, : L * H].reshape(T, L, H, -1).sum(dim=2)  # [T, L, W]
-    mlp_dots = node_dots[:, L * H:]
+    mlp_dots = node_dots[:, L * H:] if spec.has_mlps else None
     points = [embed_dots]
     cur = embed_dots
     for l in range(L):
         cur = cur + head_dots[:, l] + bias_dots[:, l]
-        if not spec.parallel_blocks:
-            points.append(cur)  # resid_mid{l}
-        cur = cur + mlp_dots[:, l]
+        if mlp_dots is not None:
+            if not spec.parallel_blocks:
+                points.append(cur)  # resid_mid{l}
+            cur = cur + mlp_dots[:, l]
         points.append(cur)  # resid_post{l}
     return torch.stack(points, dim=1)
 
@@ -182,19 +183,24 @@ def attribute(
     """DLA and erasure measures for a TransformerLens model on ``tokens``.
 
     Args:
-        model: TransformerLens 4.x ``TransformerBridge`` or 3.x ``HookedTransformer``.
+        model: TransformerLens 4.x ``TransformerBridge`` or 3.x ``HookedTransformer``, a Hugging Face
+            ``transformers`` causal LM or an nnsight ``LanguageModel`` (both bridged through
+            TransformerLens 4's adapters; `erasure_fast.models`). Layouts without per-head attention
+            outputs are refused with `UnsupportedModelError` before any work.
         tokens: [batch, pos] (or [pos]) integer token ids in [0, d_vocab).
         writers: "all", or heads as flat indices, (layer, head) pairs or labels like "L0H2".
         targets: "next" (the following token; the last position gets NaN), an int (one token for
             every position), [batch] (one per prompt) or [batch, pos] token ids.
         incorrect: optional int / [batch] / [batch, pos] tokens; DLA becomes logit-difference DLA.
-        include_mlps: add the MLP outputs as nodes (needed for ``resid_pr``).
+        include_mlps: add the MLP outputs as nodes and the residual points (``resid_pr``); an
+            attention-only model has no MLP nodes but gets its residual points all the same.
         backend: "auto", "torch", "cpp" or "triton".
 
     Returns:
         `AttributionResult` (shapes in its docstring). Matches TransformerLens's ``logit_attrs`` on
         ``stack_head_results(layer=-1, apply_ln=False)`` and the paper's projection ratio.
     """
+    model = as_transformer_lens(model)
     spec = model_spec(model)
     tokens = validate_tokens(tokens, spec)
     wr = resolve_writers(writers, spec)
@@ -216,7 +222,8 @@ def run_attribution(model, spec: ModelSpec, tokens: torch.Tensor, wr: torch.Tens
     ``keep_mlp_out`` also ``extra["mlp_out"]`` [B, P, L, d_model], the MLP nodes' vectors) and
     ``scale_override`` [B, P] a final-LN scale to use instead of the run's own (e.g. the clean one)."""
     with_mlps = include_mlps and spec.has_mlps
-    cap = capture(model, tokens, spec, include_mlps=with_mlps, include_embed=with_mlps,
+    with_resid = include_mlps  # every node that writes to the stream (an attention-only model has no MLPs)
+    cap = capture(model, tokens, spec, include_mlps=with_mlps, include_embed=with_resid,
                   extra_hooks=extra_hooks, keep_hooks=keep_hooks)
     if scale_override is not None:
         cap.scale = scale_override.to(cap.scale)
@@ -226,6 +233,7 @@ def run_attribution(model, spec: ModelSpec, tokens: torch.Tensor, wr: torch.Tens
     extras = []
     if with_mlps:
         extras.append(cap.mlp_out.reshape(T, L, -1))
+    if with_resid:
         if cap.embed is not None:
             extras.append(cap.embed.reshape(T, 1, -1))
         if cap.resid_points is not None:  # non-additive blocks: the stream itself, dotted in the kernel
@@ -249,7 +257,7 @@ def run_attribution(model, spec: ModelSpec, tokens: torch.Tensor, wr: torch.Tens
     dots = out.dots[:, :n_nodes]
     resid = None
     labels_resid: List[str] = []
-    if with_mlps and cap.embed is not None:
+    if with_resid and cap.embed is not None:
         labels_resid = spec.resid_labels()
         if cap.resid_points is not None:
             resid = out.dots[:, n_nodes + 1: n_nodes + 1 + len(labels_resid)]

@@ -45,6 +45,77 @@ FAMILIES = {
 }
 
 
+# Every other decoder-only text family of TransformerLens's adapter registry gets the same small shape
+# through the generic arguments below (each config class takes the ones it knows).
+GENERIC = dict(COMMON, moe_intermediate_size=32, num_experts=4, num_local_experts=4, n_routed_experts=4,
+               num_experts_per_tok=2, n_shared_experts=1, shared_expert_intermediate_size=32, pad_token_id=0,
+               bos_token_id=1, eos_token_id=1, n_embd=32, n_layer=2, n_head=4, n_positions=64, n_inner=64,
+               num_layers=2, num_heads=4, ffn_dim=64, n_ctx=64, max_seq_len=64, seq_length=64,
+               mamba_n_heads=4, mamba_d_head=16, mamba_d_state=8, mamba_n_groups=1)
+# Per-family arguments: hybrid families keep one layer of each kind, as the real checkpoints mix them;
+# Granite's multipliers are set away from 1 so that their place in the stream is tested.
+FAMILY_ARGS = {
+    "GraniteForCausalLM": dict(residual_multiplier=0.5, embedding_multiplier=3.0, attention_multiplier=0.2,
+                               logits_scaling=2.0),
+    "GraniteMoeForCausalLM": dict(residual_multiplier=0.5, embedding_multiplier=3.0, attention_multiplier=0.2,
+                                  logits_scaling=2.0),
+    "Lfm2ForCausalLM": dict(full_attn_idxs=[1]),
+    "Lfm2MoeForCausalLM": dict(layer_types=["conv", "full_attention"]),
+    "BambaForCausalLM": dict(attn_layer_indices=[1]),
+    "GraniteMoeHybridForCausalLM": dict(layer_types=["mamba", "attention"]),
+    "Zamba2ForCausalLM": dict(layer_types=["mamba", "hybrid"]),
+    "JambaForCausalLM": dict(attn_layer_period=2, attn_layer_offset=1),
+    "FalconH1ForCausalLM": dict(mamba_d_ssm=64),
+    "Qwen3NextForCausalLM": dict(layer_types=["linear_attention", "full_attention"]),
+    "Qwen3_5ForCausalLM": dict(layer_types=["linear_attention", "full_attention"]),
+    "Qwen3_5MoeForCausalLM": dict(layer_types=["linear_attention", "full_attention"]),
+}
+# Model classes that are not decoder-only text generators despite their names.
+NOT_DECODER_TEXT = {"BertLMHeadModel"}
+
+
+def registry_families() -> list:
+    """Decoder-only text families of TransformerLens 4's architecture-adapter registry whose model class
+    the installed transformers has (encoder-decoder, vision, audio and multimodal classes are not)."""
+    import transformers
+    from transformer_lens.factories.architecture_adapter_factory import SUPPORTED_ARCHITECTURES
+
+    return sorted(a for a in SUPPORTED_ARCHITECTURES if a.endswith(("ForCausalLM", "LMHeadModel"))
+                  and a not in NOT_DECODER_TEXT and hasattr(transformers, a))
+
+
+def tiny_config(arch: str):
+    """The family's config at the small shape: hand-written for the families above, generic otherwise
+    (arguments the config class rejects are dropped one by one, so each class keeps what it takes)."""
+    import inspect
+
+    import transformers
+
+    if arch in FAMILIES:
+        cfg_name, kwargs = FAMILIES[arch]
+        return getattr(transformers, cfg_name)(**kwargs)
+    config_class = getattr(transformers, arch).config_class
+    accepted = set(inspect.signature(config_class.__init__).parameters)
+    defaults = config_class()
+    kwargs = {}
+    for key, value in {**GENERIC, **FAMILY_ARGS.get(arch, {})}.items():
+        try:
+            known = key in accepted or hasattr(defaults, key)
+        except Exception:  # per-layer attributes raise on the global config
+            known = False
+        if known:
+            kwargs[key] = value
+    for _ in range(len(kwargs) + 1):
+        try:
+            return config_class(**kwargs)
+        except Exception as e:  # drop the argument the class refuses (read-only properties, validators)
+            culprit = next((k for k in kwargs if f"'{k}'" in str(e) or f" {k} " in str(e)), None)
+            if culprit is None:
+                raise
+            del kwargs[culprit]
+    raise RuntimeError(f"{arch}: no small config")
+
+
 def word_tokenizer():
     """A word-level tokenizer over the tiny vocabulary (w0 ... w94, [UNK], [EOS])."""
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -61,8 +132,7 @@ def save_family(arch: str, folder: str, seed: int = 0) -> str:
     """Write a random tiny model of ``arch`` and the word tokenizer to ``folder``; returns it."""
     import transformers
 
-    cfg_name, kwargs = FAMILIES[arch]
-    config = getattr(transformers, cfg_name)(**kwargs)
+    config = tiny_config(arch)
     torch.manual_seed(seed)
     model = getattr(transformers, arch)(config).eval()
     g = torch.Generator().manual_seed(seed + 1)

@@ -1,156 +1,189 @@
-"""Every decoder-only family TransformerLens 4 bridges (tests/hf_families.py: tiny random Hugging Face
-models built offline) against TransformerLens's own cache, for the torch and cpp backends in fp32 and
-fp64:
+"""Coverage by construction: every decoder-only text family of TransformerLens 4's architecture-adapter
+registry whose model class the installed transformers has (tests/hf_families.py: tiny random Hugging
+Face models built offline) either matches TransformerLens's own cache or is refused before any work
+with an error naming the family and why. Checked for the torch and cpp backends in fp32 and fp64:
 
 - DLA vs ``cache.logit_attrs(cache.stack_head_results(layer=-1, apply_ln=False), ...)`` for the next
   token, a fixed token and a logit difference;
 - PR of every head and MLP onto a writer vs the paper's formula on the cached head results and
   ``hook_mlp_out``; residual-stream PR vs the cached ``hook_resid_pre/mid/post`` (no resid_mid for
-  parallel attention + MLP blocks); adjusted DLA from its definition on those numbers.
+  parallel attention + MLP blocks); adjusted DLA from its definition on those numbers;
+- the same numbers, bit for bit, through the plain ``transformers`` model and an nnsight
+  ``LanguageModel`` around it (fp32);
+- a ``.jsonl`` scan with the model's tokenizer on the default backend.
 
-Families cover the block layouts: parallel blocks (GPT-NeoX, GPT-J, Phi), grouped- and multi-query
-attention (Llama, Mistral, Qwen, Gemma, GPTBigCode), bias-free projections, RMSNorm, rotary and ALiBi
-positions, embedding scaling (Gemma), post-norms (Gemma 2/3, OLMo 2), a mixture-of-experts MLP (Mixtral).
-Results are recorded per family (largest error per dtype) in $EF_FAMILY_REPORT when set (the largest
-errors are also printed at the end of the run); the README's model table is generated from them.
+Outcomes per family: "pass"; "refused" (`erasure_fast.UnsupportedModelError` from `model_spec`, no
+forward pass run); "upstream" (TransformerLens's own ``run_with_cache`` fails on the family; erasure_fast
+must then fail too, never return numbers). The families the issue names must pass. Results go to
+tests/family_results.py, from which tests/test_families_table.py makes the README's model table.
 """
 
 from __future__ import annotations
 
 import json
-import os
+import warnings
 
+import numpy as np
 import pytest
 import torch
 
 import erasure_fast as ef
-from conftest import record_error, rel_err
-from hf_families import FAMILIES, VOCAB, boot_bridge, save_family
+from family_results import RESULTS
+from hf_families import FAMILIES, VOCAB, boot_bridge, registry_families, save_family
+from tl_reference import check_against_cache, logit_attrs
 
 BACKENDS = [b for b in ("torch", "cpp") if ef.available_backends()[b].available]
-_RESULTS: dict = {}
-# Families whose own forward pass cannot run in float64 here (checked below, so the list stays true).
-FP64_UPSTREAM_UNSUPPORTED = {
-    "MixtralForCausalLM": "transformers' mixture-of-experts layer calls torch's grouped matmul, which has no float64 kernel",
-}
-CASES = [(arch, dtype) for arch in FAMILIES for dtype in (torch.float32, torch.float64)
-         if not (dtype == torch.float64 and arch in FP64_UPSTREAM_UNSUPPORTED)]
+REGISTRY = registry_families()
+MUST_PASS = set(FAMILIES)  # the families the architecture issue names
+# Named families whose compatibility mode TransformerLens itself cannot enter (checked: the test fails
+# when it can).
+COMPAT_UPSTREAM = {"PhiForCausalLM"}
+CASES = [(arch, dtype) for arch in REGISTRY for dtype in (torch.float32, torch.float64)]
 
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
+    """Each family's saved tiny model, written on first use."""
     root = tmp_path_factory.mktemp("families")
-    return {arch: save_family(arch, str(root / arch)) for arch in FAMILIES}
+
+    class Folders(dict):
+        def __missing__(self, arch):
+            self[arch] = save_family(arch, str(root / arch))
+            return self[arch]
+
+    return Folders()
 
 
-def _reference(bridge, tokens, writer: int):
-    _, cache = bridge.run_with_cache(tokens)
-    L = bridge.cfg.n_layers
-    stack = cache.stack_head_results(layer=-1, apply_ln=False)  # [n_heads_total, B, P, D]
-    nodes = torch.cat([stack, torch.stack([cache[f"blocks.{l}.hook_mlp_out"] for l in range(L)])]).double()
-    w = stack[writer].double()
-    ww = (w * w).sum(-1)
-    points = {"resid_pre0": "blocks.0.hook_resid_pre"}
-    for l in range(L):
-        points[f"resid_mid{l}"] = f"blocks.{l}.hook_resid_mid"
-        points[f"resid_post{l}"] = f"blocks.{l}.hook_resid_post"
-    return cache, stack, nodes, w, ww, points
+def _forward_count(model):
+    """A counter of forward calls of ``model`` (its top-level module)."""
+    calls = []
+    model.register_forward_pre_hook(lambda *a: calls.append(1))
+    return calls
+
+
+def _record(arch, dtype, **entry):
+    RESULTS.setdefault(arch, {})[str(dtype).replace("torch.", "")] = entry
+
+
+def _facts(bridge, spec) -> dict:
+    kv = getattr(bridge.cfg, "n_key_value_heads", None) or spec.n_heads
+    post_norms = any(hasattr(block, name) for block in bridge.blocks for name in ("ln1_post", "ln2_post"))
+    blocks = "parallel" if spec.parallel_blocks else ("post-norm" if post_norms else "sequential")
+    if spec.extra_writers:
+        blocks += " + " + "/".join(spec.extra_writers)
+    return dict(blocks=blocks, attention="MHA" if kv == spec.n_heads else ("MQA" if kv == 1 else "GQA"),
+                positions=str(getattr(bridge.cfg, "positional_embedding_type", "?")), normalization=spec.normalization)
 
 
 @pytest.mark.parametrize("arch, dtype", CASES, ids=[f"{a}-{str(d)[6:]}" for a, d in CASES])
-def test_family_matches_transformer_lens(arch, dtype, folders):
+def test_family_matches_transformer_lens_or_is_refused(arch, dtype, folders):
     bridge = boot_bridge(folders[arch], dtype=dtype)
     g = torch.Generator().manual_seed(1)
     tokens = torch.randint(2, VOCAB, (2, 11), generator=g)
-    writer = 1  # L0H1
-    cache, stack, nodes, w, ww, points = _reference(bridge, tokens, writer)
-    nxt = torch.cat([tokens[:, 1:], tokens[:, :1]], dim=1)
-    ref_next = cache.logit_attrs(stack, nxt)[:, :, :-1]
-    ref_fixed = cache.logit_attrs(stack, 5)
-    ref_diff = cache.logit_attrs(stack, 7, incorrect_tokens=3)
-    pr_ref = (nodes * w).sum(-1) / ww
+    calls = _forward_count(bridge)
+    try:
+        spec = ef.model_spec(bridge)
+    except ef.UnsupportedModelError as e:
+        assert arch not in MUST_PASS, f"{arch} must be supported: {e}"
+        assert str(e).startswith(arch), f"the refusal must name the family: {e}"
+        with pytest.raises(ef.UnsupportedModelError):
+            ef.attribute(bridge, tokens, writers=["L0H1"])
+        assert not calls, "refused after running the model"
+        _record(arch, dtype, status="refused", reason=str(e))
+        return
+    try:  # TransformerLens's own path on this family
+        _, cache = bridge.run_with_cache(tokens)
+        logit_attrs(bridge, cache, cache.stack_head_results(layer=-1, apply_ln=False), 5)
+    except Exception as e:  # TransformerLens's own path fails on this family: ours must not return numbers
+        # (a named family may only hit this in float64: e.g. mixture-of-experts layers call torch's
+        # grouped matmul, which has no float64 kernel)
+        assert arch not in MUST_PASS or dtype == torch.float64, f"TransformerLens fails on {arch}: {e!r}"
+        with pytest.raises(Exception) as ours:
+            ef.attribute(bridge, tokens, writers=["L0H1"], backend="torch")
+        _record(arch, dtype, status="upstream", reason=f"TransformerLens's run_with_cache fails: {type(e).__name__}: "
+                f"{' '.join(str(e).split())[:120]}", ours=type(ours.value).__name__)
+        return
     tol = 1e-5 if dtype == torch.float32 else 1e-10
-    worst = 0.0
-    for backend in BACKENDS:
-        res = ef.attribute(bridge, tokens, writers=["L0H1"], backend=backend)
-        label = f"family {arch}"
-        checks = {
-            "dla next": (res.dla.reshape(2, 11, -1).permute(2, 0, 1)[:, :, :-1], ref_next),
-            "dla fixed": (ef.attribute(bridge, tokens, writers=["L0H1"], targets=5, backend=backend)
-                          .dla.reshape(2, 11, -1).permute(2, 0, 1), ref_fixed),
-            "dla logit diff": (ef.attribute(bridge, tokens, writers=["L0H1"], targets=7, incorrect=3, backend=backend)
-                               .dla.reshape(2, 11, -1).permute(2, 0, 1), ref_diff),
-            "pr": (res.pr[..., 0].permute(2, 0, 1), pr_ref),
-        }
-        rp = torch.stack([cache[points[k]] for k in res.resid_labels]).double()
-        checks["resid pr"] = (res.resid_pr[..., 0].permute(2, 0, 1), (rp * w).sum(-1) / ww)
-        down = res.downstream[:, 0].cpu()
-        ref_adjusted = ref_next[writer] * (1 + (pr_ref[down][:, :, :-1]).sum(0))
-        checks["adjusted dla"] = (res.adjusted_dla[:, :-1, 0], ref_adjusted)
-        for name, (ours, ref) in checks.items():
-            e = rel_err(ours, ref)
-            record_error(f"{label}: {name}", dtype, backend, e)
-            worst = max(worst, e)
-            assert e <= tol, f"{arch} {backend} {name}: rel err {e:.2e} > {tol:.0e}"
-    spec = ef.model_spec(bridge)
-    expected = ["resid_pre0"] + [f"resid_{k}{l}" for l in range(2) for k in (("post",) if spec.parallel_blocks else ("mid", "post"))]
-    assert res.resid_labels == expected
-    if spec.parallel_blocks:  # MLP0 reads the stream before layer 0's heads write: not downstream of L0H1
-        assert not bool(res.downstream[res.node_labels.index("MLP0"), 0])
-    kv = getattr(bridge.cfg, "n_key_value_heads", None) or spec.n_heads
-    facts = dict(blocks="parallel" if spec.parallel_blocks else ("post-norm" if not spec.additive_blocks else "sequential"),
-                 attention="MHA" if kv == spec.n_heads else ("MQA" if kv == 1 else "GQA"),
-                 positions=str(getattr(bridge.cfg, "positional_embedding_type", "?")), normalization=spec.normalization)
-    _RESULTS.setdefault(arch, {"facts": facts})[str(dtype).replace("torch.", "")] = dict(
-        status="pass", max_rel_err=worst, backends=BACKENDS)
+    worst = check_against_cache(bridge, tokens, writer=1, label=f"family {arch}", dtype=dtype, backends=BACKENDS, tol=tol)
+    RESULTS.setdefault(arch, {})["facts"] = _facts(bridge, spec)
+    _record(arch, dtype, status="pass", max_rel_err=worst, backends=BACKENDS)
 
 
-@pytest.mark.parametrize("arch", list(FP64_UPSTREAM_UNSUPPORTED))
-def test_fp64_exclusions_are_upstream_limits(arch, folders):
-    """The model's own TransformerLens forward fails in float64 (so the exclusion is not ours to lift)."""
-    bridge = boot_bridge(folders[arch], dtype=torch.float64)
-    with pytest.raises(RuntimeError):
-        bridge(torch.randint(2, VOCAB, (1, 5)))
-    _RESULTS.setdefault(arch, {})["float64"] = dict(status="upstream limit", reason=FP64_UPSTREAM_UNSUPPORTED[arch])
+def _status(arch) -> str:
+    return RESULTS.get(arch, {}).get("float32", {}).get("status", "not run")
 
 
-README_BEGIN = "<!-- families table: generated by tests/test_families.py -->"
-README_END = "<!-- end of families table -->"
+@pytest.mark.parametrize("arch", REGISTRY)
+def test_compatibility_mode_bridge_matches_transformer_lens(arch, folders):
+    """The same checks on the bridge in compatibility mode (folded norms, centred weights: the
+    HookedTransformer numerics); fp32."""
+    if _status(arch) != "pass":
+        RESULTS.setdefault(arch, {})["compat"] = _status(arch)
+        return
+    bridge = boot_bridge(folders[arch])
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            bridge.enable_compatibility_mode(disable_warnings=True)
+    except Exception as e:  # TransformerLens's own weight processing fails on this family
+        assert arch not in MUST_PASS or arch in COMPAT_UPSTREAM, f"compatibility mode fails on {arch}: {e!r}"
+        RESULTS.setdefault(arch, {}).update(compat="upstream", compat_reason=f"{type(e).__name__}: {str(e)[:200]}")
+        return
+    tokens = torch.randint(2, VOCAB, (2, 11), generator=torch.Generator().manual_seed(1))
+    check_against_cache(bridge, tokens, writer=1, label=f"family {arch} (compat)", dtype=torch.float32,
+                        backends=BACKENDS, tol=1e-5)
+    RESULTS.setdefault(arch, {})["compat"] = "pass"
 
 
-def family_table(results: dict) -> str:
-    """The README's model table from this test's results."""
-    lines = ["| HF class | blocks | attention | positions | final norm | `attribute` fp32 | fp64 |",
-             "|---|---|---|---|---|---|---|"]
-    for arch in FAMILIES:
-        r = results.get(arch, {})
-        f = r.get("facts", {})
-        cell = {d: ("pass" if r.get(d, {}).get("status") == "pass" else r.get(d, {}).get("status", "not run"))
-                for d in ("float32", "float64")}
-        lines.append(f"| {arch} | {f.get('blocks', '?')} | {f.get('attention', '?')} | {f.get('positions', '?')} | "
-                     f"{f.get('normalization', '?')} | {cell['float32']} | {cell['float64']} |")
-    return "\n".join(lines)
+@pytest.mark.parametrize("arch", REGISTRY)
+def test_plain_transformers_and_nnsight_give_the_bridges_numbers(arch, folders):
+    """`attribute(hf_model, tokens)` and `attribute(nnsight.LanguageModel(hf_model), tokens)`: the
+    numbers of the bridge built from the same folder, bit for bit; the model's attention
+    implementation is left as it was; a refused family is refused through every interface."""
+    import transformers
+    from nnsight import LanguageModel
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = transformers.AutoModelForCausalLM.from_pretrained(folders[arch]).eval()
+        tok = transformers.PreTrainedTokenizerFast.from_pretrained(folders[arch])
+        lm = LanguageModel(hf, tokenizer=tok)
+    attn_impl = hf.config._attn_implementation
+    tokens = torch.randint(2, VOCAB, (2, 9), generator=torch.Generator().manual_seed(3))
+    status = _status(arch)
+    if status != "pass":
+        for model in (hf, lm):
+            with pytest.raises(Exception) as refused:
+                ef.attribute(model, tokens, writers=["L0H1"])
+            if status == "refused":
+                assert isinstance(refused.value, ef.UnsupportedModelError) and str(refused.value).startswith(arch)
+        RESULTS.setdefault(arch, {})["interfaces"] = "refused by all" if status == "refused" else "fail as TransformerLens"
+        return
+    ref = ef.attribute(boot_bridge(folders[arch]), tokens, writers=["L0H1"])
+    for name, model in (("transformers", hf), ("nnsight", lm)):
+        got = ef.attribute(model, tokens, writers=["L0H1"])
+        for field in ("dla", "pr", "resid_pr", "adjusted_dla"):
+            a, b = getattr(got, field), getattr(ref, field)
+            assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num()), f"{name} {field}"
+        assert ef.models.interface_name(model) == name
+    assert hf.config._attn_implementation == attn_impl, "the user's model was left in another attention mode"
+    assert all(type(m).__module__.startswith(("transformers", "torch")) for m in hf.modules()), "the model was rewired"
+    assert ef.as_transformer_lens(hf) is ef.as_transformer_lens(lm), "one bridge per model"
+    RESULTS.setdefault(arch, {})["interfaces"] = "bridge, transformers, nnsight"
 
 
-def test_write_family_report_and_readme_table_is_current():
-    """The README's model table is this test's result (and the JSON in $EF_FAMILY_REPORT, when set)."""
-    assert set(_RESULTS) == set(FAMILIES), "the table needs every family's test in this run"
-    path = os.environ.get("EF_FAMILY_REPORT")
-    if path:
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(_RESULTS, f, indent=1, sort_keys=True)
-    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
-    table = readme.split(README_BEGIN, 1)[1].split(README_END, 1)[0].strip()
-    assert table == family_table(_RESULTS), "README model table is stale:\n" + family_table(_RESULTS)
+def test_compat_upstream_list_is_true(folders):
+    """Each family in COMPAT_UPSTREAM still fails TransformerLens's own enable_compatibility_mode."""
+    for arch in COMPAT_UPSTREAM:
+        with pytest.raises(Exception):
+            boot_bridge(folders[arch]).enable_compatibility_mode(disable_warnings=True)
 
 
-@pytest.mark.parametrize("arch", list(FAMILIES))
-def test_scan_runs_on_every_family_with_a_text_corpus(arch, folders, tmp_path):
+@pytest.mark.parametrize("arch", REGISTRY)
+def test_scan_runs_on_every_supported_family_with_a_text_corpus(arch, folders, tmp_path):
     """A .jsonl text corpus tokenised with the model's saved tokenizer, scanned on the default backend;
-    the scan's aggregates agree with a direct attribution of the same rows."""
-    import numpy as np
-
+    the scan's aggregates agree with a direct attribution of the same rows. Refused families are refused
+    before the output folder is written."""
     from transformers import PreTrainedTokenizerFast
 
     bridge = boot_bridge(folders[arch])
@@ -159,8 +192,18 @@ def test_scan_runs_on_every_family_with_a_text_corpus(arch, folders, tmp_path):
     tok = PreTrainedTokenizerFast.from_pretrained(folders[arch])
     docs = [" ".join(f"w{(7 * i + 3 * j) % 90}" for j in range(40)) for i in range(4)]
     (tmp_path / "c.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs) + "\n")
-    res = ef.scan(bridge, str(tmp_path / "c.jsonl"), seq_len=16, batch_size=4, writers=["L0H1", "L1H2"],
-                  out_dir=str(tmp_path / "out"), progress=False, tokenizer=tok)
+    kwargs = dict(seq_len=16, batch_size=4, writers=["L0H1", "L1H2"], out_dir=str(tmp_path / "out"), progress=False,
+                  tokenizer=tok)
+    status = _status(arch)
+    if status != "pass":
+        with pytest.raises(Exception) as refused:
+            ef.scan(bridge, str(tmp_path / "c.jsonl"), **kwargs)
+        if status == "refused":
+            assert isinstance(refused.value, ef.UnsupportedModelError)
+            assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+        RESULTS.setdefault(arch, {})["scan"] = status
+        return
+    res = ef.scan(bridge, str(tmp_path / "c.jsonl"), **kwargs)
     spec = ef.model_spec(bridge)
     assert res.meta["backend"] == "cpp" and res.meta["tokens"] == res.meta["rows"] * 16 >= 16 * 8
     rows = [r for _, r in ef.scanning.open_corpus(str(tmp_path / "c.jsonl"), seq_len=16, tokenizer=tok).rows()]
@@ -172,3 +215,4 @@ def test_scan_runs_on_every_family_with_a_text_corpus(arch, folders, tmp_path):
     resid = set(s[s.kind == "resid"].node)
     assert resid == set(spec.resid_labels()) and (("resid_mid0" in resid) != spec.parallel_blocks)
     assert (tmp_path / "out" / "report.md").exists()
+    RESULTS.setdefault(arch, {})["scan"] = "pass"

@@ -37,6 +37,11 @@ from conftest import build_model
 # the README's `model` and `tokens`: a small TransformerLens model of the installed major version
 model = build_model(n_layers=2, n_heads=4, d_head=8, d_model=32, d_mlp=64, d_vocab=200, n_ctx=1024, seed=3)
 tokens = torch.randint(0, 200, (2, 12), generator=torch.Generator().manual_seed(0))
+# the Model families block's `hf_path` and `hf_tokens`: a tiny random GPT-NeoX (Pythia's layout) saved offline
+import tempfile
+from hf_families import save_family, VOCAB
+hf_path = save_family("GPTNeoXForCausalLM", tempfile.mkdtemp())
+hf_tokens = torch.randint(2, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
 """
 
 

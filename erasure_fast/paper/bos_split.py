@@ -7,31 +7,48 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from ..models import model_spec
+from ..capture import validate_tokens
+from ..models import as_transformer_lens, model_spec
 from ..plotting import new_figure, save
 from .common import DEFAULT_ERASERS, attribute_with_hooks, head_indices
+from .support import check_paper_support
+from .value_path import run_until
 
 
 def bos_split(model, tokens: torch.Tensor, writer: str = "L0H2", erasers: Sequence[str] = DEFAULT_ERASERS, *,
               out_path: Optional[str] = None):
     """Fig 8. The writer's output split into its BOS part (attention to position 0) and the rest;
     PR of the erasers' summed output onto each part, by position. Returns a DataFrame per position:
-    median PR onto the BOS part and onto the rest, and the BOS part's share of |r_w|^2."""
+    median PR onto the BOS part and onto the rest, and the BOS part's share of |r_w|^2.
+
+    The BOS part is the writer's output with every value but position 0's set to zero (a second pass
+    up to the writer's layer): its pattern at position 0 times that value, whatever the attention
+    layout -- grouped-query attention (values per key/value head), output gates (they scale each part
+    alike). Families where a head's output depends on the other heads' values (a norm across heads)
+    do not split by key position and are refused before any forward pass."""
+    model = as_transformer_lens(model)
     import pandas as pd
 
     spec = model_spec(model)
-    w = head_indices(model, [writer])[0]
+    tokens = validate_tokens(tokens, spec)
+    w = head_indices(model, [writer], "writer")[0]
     wl, wh = divmod(w, spec.n_heads)
-    es = head_indices(model, erasers)
-    keep = (f"blocks.{wl}.attn.hook_pattern", f"blocks.{wl}.attn.hook_v")
-    res = attribute_with_hooks(model, tokens, [writer], keep_hooks=keep)
-    A = res.extra[keep[0]][:, wh].to(spec.W_O)  # [B, Pq, Pk]
-    v = res.extra[keep[1]][:, :, wh].to(spec.W_O)  # [B, Pk, dh]
+    es = head_indices(model, erasers, "erasers")
+    check_paper_support(model, "fig8", writer, erasers)
+    res = attribute_with_hooks(model, tokens, [writer])
+
+    def only_position_0(v, hook=None):
+        v = v.clone()
+        v[:, 1:] = 0
+        return v
+
+    z_hook = f"blocks.{wl}.attn.hook_z"
+    bos = run_until(model, tokens, [(f"blocks.{wl}.attn.hook_v", only_position_0)], (), z_hook)[z_hook]
     W_O = spec.W_O[w]
-    z_bos = A[:, :, :1] * v[:, None, 0]  # [B, Pq, dh]
-    r_bos = z_bos @ W_O
+    r_bos = bos[:, :, wh].to(W_O) @ W_O  # [B, P, D]
     r_all = res.z[:, :, w].to(W_O) @ W_O
     r_rest = r_all - r_bos
+    r_rest[:, 0] = 0  # position 0 sees only itself (causal attention): no rest, whatever the rounding
     r_erase = sum(res.z[:, :, e].to(W_O) @ spec.W_O[e] for e in es)
 
     def pr(a, b):
@@ -40,7 +57,7 @@ def bos_split(model, tokens: torch.Tensor, writer: str = "L0H2", erasers: Sequen
 
     pr_bos, pr_rest = pr(r_erase, r_bos), pr(r_erase, r_rest)
     share = (r_bos * r_all).sum(-1) / (r_all * r_all).sum(-1)
-    table = pd.DataFrame(dict(position=np.arange(A.shape[1]),
+    table = pd.DataFrame(dict(position=np.arange(r_all.shape[1]),
                               pr_bos_median=pr_bos.double().nanmedian(0).values.cpu().numpy(),
                               pr_rest_median=pr_rest.double().nanmedian(0).values.cpu().numpy(),
                               bos_share_median=share.double().nanmedian(0).values.cpu().numpy()))

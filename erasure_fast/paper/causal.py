@@ -1,5 +1,5 @@
 """Fig 3: the causal check -- remove the writer's clean output from the erasers' value input
-(ln1 scale frozen to the clean run), and see the erasers' PR vanish."""
+(norm scales frozen to the clean run), and see the erasers' PR vanish."""
 
 from __future__ import annotations
 
@@ -8,49 +8,85 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from ..models import model_spec
+from ..models import as_transformer_lens, model_spec
 from ..plotting import new_figure, save
-from .common import DEFAULT_ERASERS, attribute_with_hooks, center, eraser_layer, head_indices, ln_weight
+from .common import DEFAULT_ERASERS, attribute_with_hooks, eraser_layer, head_indices
+from .support import check_paper_support
+from .value_path import ValuePath, kv_group, value_path, value_weights
 
 
-def _value_patch(model, spec, clean, writer: int, erasers: Sequence[int], layer: int, clean_ln1_scale: torch.Tensor):
-    """Hook on blocks.{layer}.attn.hook_v removing the writer's clean output from the value input of
-    ``erasers`` with the layer's ln1 scale frozen to the clean run. With the scale frozen the patch is
-    linear: v_e[s] -= (c(r_w[s]) / s_clean[s] * gamma) W_V[e] (queries and keys are untouched)."""
+def value_patch_hooks(model, spec, clean, writer: int, erasers: Sequence[int], layer: int, path: ValuePath) -> list:
+    """Forward hooks removing the writer's clean output from the value input of ``erasers`` (flat
+    indices, all in ``layer``), with every norm scale on the way frozen to the clean run (``clean``: its
+    `AttributionResult`, holding ``path.scale_hooks``). The patch is then linear: each eraser's values
+    lose x W_V, x = `ValuePath.value_input` of the writer's output; queries and keys are untouched.
+
+    Values are per key/value head (blocks.{layer}.attn.hook_v). Under grouped-query attention an
+    eraser shares its key/value head with other query heads; their outputs (hook_z) are put back to
+    the clean run's, so exactly the erasers' value input is patched -- as if each query head had its
+    own copy of the values."""
     H = spec.n_heads
-    z_w = clean.z[:, :, writer].to(spec.W_O.dtype)  # [B, P, dh]
-    r_w = z_w @ spec.W_O[writer].to(z_w)  # [B, P, D]
-    x = center(r_w) / clean_ln1_scale.to(r_w)[..., None]
-    gamma = ln_weight(model, layer, "ln1")
-    if gamma is not None:
-        x = x * gamma.to(x)
-    W_V = model.W_V.detach()[layer]  # [H, D, dh]
+    x = path.value_input(path.head_output(model, clean.z, writer), clean.extra)  # [B, P, D]
+    W_V = value_weights(model, layer).to(x)  # [n_kv, D, dh]
+    n_kv = W_V.shape[0]
     heads = [e - layer * H for e in erasers]
-    delta = torch.einsum("bpd,hdk->bphk", x, W_V[heads].to(x))  # [B, P, len(heads), dh]
+    groups = sorted({kv_group(spec, h, n_kv) for h in heads})
+    delta = torch.einsum("bpd,gdk->bpgk", x, W_V[groups])  # [B, P, len(groups), dh]
 
-    def hook(v, hook=None):
+    def patch_values(v, hook=None):
+        if v.shape[2] != n_kv:
+            raise RuntimeError(f"blocks.{layer}.attn.hook_v has {v.shape[2]} heads, expected {n_kv} key/value heads")
         v = v.clone()
-        v[:, :, heads] -= delta.to(v)
+        v[:, :, groups] -= delta.to(v)
         return v
 
-    return (f"blocks.{layer}.attn.hook_v", hook)
+    hooks = [(f"blocks.{layer}.attn.hook_v", patch_values)]
+    others = [h for h in range(H) if h not in heads and kv_group(spec, h, n_kv) in groups]
+    if others:  # query heads sharing a patched key/value head: keep their clean output
+        clean_z = clean.z[:, :, [layer * H + h for h in others]]
+
+        def restore_others(z, hook=None):
+            z = z.clone()
+            z[:, :, others] = clean_z.to(z)
+            return z
+
+        hooks.append((f"blocks.{layer}.attn.hook_z", restore_others))
+    return hooks
+
+
+def causal_runs(model, tokens: torch.Tensor, writer: str = "L0H2", erasers: Sequence[str] = DEFAULT_ERASERS, *,
+                backend: str = "auto", analysis: str = "fig3"):
+    """Fig 3's two runs: (clean, patched) `AttributionResult`s onto ``writer``, the patched one with the
+    writer's clean output removed from the erasers' value input (`value_patch_hooks`). Raises
+    ValueError / `UnsupportedModelError` before any forward pass when the heads or the model do not fit."""
+    model = as_transformer_lens(model)
+    spec = model_spec(model)
+    w = head_indices(model, [writer], "writer")[0]
+    es = head_indices(model, erasers, "erasers")
+    layer = eraser_layer(model, writer, erasers)
+    check_paper_support(model, analysis, writer, erasers)
+    path = value_path(model, w // spec.n_heads, layer)
+    clean = attribute_with_hooks(model, tokens, [writer], backend=backend, keep_hooks=path.scale_hooks)
+    hooks = value_patch_hooks(model, spec, clean, w, es, layer, path)
+    patched = attribute_with_hooks(model, tokens, [writer], backend=backend, extra_hooks=hooks)
+    return clean, patched
 
 
 def causal_check(model, tokens: torch.Tensor, writer: str = "L0H2", erasers: Sequence[str] = DEFAULT_ERASERS,
-                 *, out_path: Optional[str] = None, backend: str = "auto"):
+                 *, out_path: Optional[str] = None, backend: str = "auto", analysis: str = "fig3"):
     """Fig 3. Returns a DataFrame: node (erasers and resid points), PR onto the writer clean and patched
-    (median, 25 %, 75 %)."""
+    (median, 25 %, 75 %). The writer's output reaches the erasers' value input through the norms on the
+    way (a post-norm on the writer's attention output, the erasers' ln1), each with its scale frozen to
+    the clean run (`erasure_fast.paper.value_path.ValuePath`); grouped-query attention is patched per query
+    head (`value_patch_hooks`). Families where one head's output depends on the other heads' values are
+    refused (`UnsupportedModelError`, before any forward pass)."""
+    model = as_transformer_lens(model)
     import pandas as pd
 
     spec = model_spec(model)
-    w = head_indices(model, [writer])[0]
-    es = head_indices(model, erasers)
-    layer = eraser_layer(model, writer, erasers)
-    scale_hook = f"blocks.{layer}.ln1.hook_scale"
-    clean = attribute_with_hooks(model, tokens, [writer], backend=backend, keep_hooks=(scale_hook,))
-    ln1_scale = clean.extra[scale_hook].reshape(clean.z.shape[:2])
-    patch = _value_patch(model, spec, clean, w, es, layer, ln1_scale)
-    patched = attribute_with_hooks(model, tokens, [writer], backend=backend, extra_hooks=[patch])
+    es = head_indices(model, erasers, "erasers")
+    clean, patched = causal_runs(model, tokens, writer, erasers, backend=backend, analysis=analysis)
+    layer = es[0] // spec.n_heads
     rows = []
     for label, a, b in [(spec.head_label(e), clean.pr[..., e, 0], patched.pr[..., e, 0]) for e in es] + \
             [(lab, clean.resid_pr[..., i, 0], patched.resid_pr[..., i, 0]) for i, lab in enumerate(clean.resid_labels)]:
@@ -81,6 +117,6 @@ def causal_check(model, tokens: torch.Tensor, writer: str = "L0H2", erasers: Seq
         axes[1].axhline(0, color="grey", lw=0.8)
         axes[1].set_title(f"Residual stream PR onto {writer}", fontsize=9)
         axes[1].legend(fontsize=8)
-        fig.suptitle(f"Causal check: {writer}'s clean output removed from layer-{layer} value input (ln1 scale frozen)", fontsize=10)
+        fig.suptitle(f"Causal check: {writer}'s clean output removed from layer-{layer} value input (norm scales frozen)", fontsize=10)
         save(fig, out_path)
     return table

@@ -23,13 +23,14 @@ import torch
 from ..capture import model_device
 from ..demo import PLANTED, demo_corpus, planted_model
 from ..loading import ModelLoadError, load_model
-from ..models import model_spec
+from ..models import UnsupportedModelError, model_spec
 from ..paths import check_output_dir
 from ..scanning import CorpusError, open_corpus
 from ..scanning.corpus import HUB_PREFIX
 from .bos_split import bos_split
 from .causal import causal_check
 from .common import DEFAULT_ERASERS, eraser_layer, head_indices
+from .support import paper_support_problem
 from .miner import check_scan_model, mine_adversarial, open_scanned_corpus, read_scan_summary, scan_candidate_rows
 from .resample import paper_prompts, paper_prompts_unavailable, plot_resample_ablation, resample_ablation
 from .residual import fig1_fig2
@@ -103,6 +104,7 @@ class PaperJob:
     scan_dir: Optional[str] = None  # mine
     scan_corpus: object = None  # mine: the opened corpus the scan read
     scan_corpus_label: Optional[str] = None
+    not_run: Optional[dict] = None  # 'all': {analysis: why the model cannot run it}, left out of the job
 
 
 def run(args) -> int:
@@ -264,6 +266,22 @@ def _plan_mine(job: PaperJob, summary: dict, corpus_choice, bin_dtype: Optional[
         scan_candidate_rows(summary, job.scan_corpus, top=MINE_TOP, d_vocab=spec.d_vocab)
 
 
+def _supported(model, analysis: str, wanted: List[str], writer: str, erasers: List[str]):
+    """(the analyses to run, {analysis: why not} for those the model cannot run), decided from the
+    model's layout before any forward pass. An analysis asked for by name that the model cannot run is
+    refused (a one-line UnsupportedModelError naming --model, the family and why); 'all' leaves such
+    figures out and says why in the report, unless it leaves nothing to run."""
+    not_run = {}
+    for name in wanted:
+        heads = dict(writer=writer, erasers=erasers) if name in NEEDS_ERASER_LAYER else {}
+        problem = paper_support_problem(model, name, **heads)
+        if problem is not None:
+            not_run[name] = problem
+    if not_run and (analysis != "all" or len(not_run) == len(wanted)):
+        raise UnsupportedModelError(f"--model: {' '.join(next(iter(not_run.values())).split())}")
+    return [a for a in wanted if a not in not_run], not_run
+
+
 def plan_job(args) -> PaperJob:
     """Check every prerequisite of the requested analyses and load what they read, in the order of
     cost: the options alone, then the scan (for 'mine'), then the model, then the corpus."""
@@ -300,7 +318,8 @@ def plan_job(args) -> PaperJob:
         corpus_choice = _scan_corpus_choice(args, summary)
 
     model, label, default_erasers, note = open_paper_model(args.model, args.device)
-    spec = model_spec(model)
+    with blame("--model"):
+        spec = model_spec(model)  # a family per-head attribution cannot cover is refused here
     with blame("--writer"):
         writer = spec.head_label(head_indices(model, [writer], "writer")[0])
     erasers = erasers or default_erasers
@@ -311,9 +330,11 @@ def plan_job(args) -> PaperJob:
                 eraser_layer(model, writer, erasers)
     if bos is not None and bos >= spec.d_vocab:
         raise ValueError(f"--prepend-bos: {bos} is not a token id of the model (d_vocab {spec.d_vocab})")
+    wanted, not_run = _supported(model, args.analysis, wanted, writer, erasers)
+    figures = [a for a in wanted if a in FIGURES]
     job = PaperJob(analyses=wanted, report_name="paper_report.md" if args.analysis == "all" else f"paper_{args.analysis}.md",
                    out=out, model=model, model_label=label, model_note=note, writer=writer, erasers=list(erasers),
-                   samples=samples, scan_dir=args.scan_dir if summary is not None else None)
+                   samples=samples, scan_dir=args.scan_dir if summary is not None else None, not_run=not_run)
     if figures:
         _plan_figures(job, args, figures, rows, seq_len, bos)
     if summary is not None:
@@ -333,6 +354,8 @@ def run_job(job: PaperJob) -> int:
         setup.append(f"figures: batch {tuple(job.batch.shape)} from {job.corpus_label}")
     if job.scan_dir is not None:
         setup.append(f"miner: scan {job.scan_dir}, corpus {job.scan_corpus_label}")
+    for name, why in (job.not_run or {}).items():
+        setup.append(f"not run: {name}, because {why}")
     print("\n".join(setup))
     os.makedirs(job.out, exist_ok=True)
     md = [f"# The paper's analyses on {job.model_label}", ""]

@@ -1,15 +1,17 @@
-"""What the paper's analyses share: defaults, head parsing and checks, attribution with hooks, LN weights."""
+"""What the paper's analyses share: defaults, head parsing and checks, attribution with hooks. Which
+analyses a model supports is in `support`, how a writer's output reaches a later layer's value input in
+`value_path`."""
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List
 
 import torch
 
 from ..attribution import resolve_writers, run_attribution, target_ids
 from ..backends import get_backend
 from ..capture import model_device, validate_tokens
-from ..models import model_spec
+from ..models import as_transformer_lens, model_spec
 
 ADVERSARIAL_PROMPTS = [
     ("It's in the cupboard, either on the top or on the", " bottom", " top"),
@@ -44,6 +46,7 @@ def eraser_layer(model, writer, erasers) -> int:
 def attribute_with_hooks(model, tokens, writers, *, targets="next", incorrect=None, backend="auto", **hooks):
     """`erasure_fast.attribute` with MLP nodes plus the intervention arguments of `run_attribution`
     (``extra_hooks``, ``keep_hooks``, ``scale_override``)."""
+    model = as_transformer_lens(model)
     spec = model_spec(model)
     tokens = validate_tokens(tokens, spec)
     wr = resolve_writers(writers, spec)
@@ -51,20 +54,3 @@ def attribute_with_hooks(model, tokens, writers, *, targets="next", incorrect=No
     inc = None if incorrect is None else torch.where(ids < 0, ids, target_ids(incorrect, tokens, spec, "incorrect", False))
     return run_attribution(model, spec, tokens.to(model_device(model)), wr, ids, inc, include_mlps=True,
                            impl=get_backend(backend, model_device(model), spec.W_O.dtype), **hooks)
-
-
-def ln_weight(model, layer: int, which: str = "ln1") -> Optional[torch.Tensor]:
-    """The LayerNorm weight gamma of blocks[layer].<which>, or None (folded / LNPre / absent)."""
-    ln = getattr(model.blocks[layer], which)
-    for attr in ("w", "weight"):
-        if hasattr(ln, attr) and isinstance(getattr(ln, attr), torch.Tensor):
-            return getattr(ln, attr).detach()
-    inner = getattr(ln, "_original_component", None)
-    if inner is not None and getattr(inner, "weight", None) is not None:
-        return inner.weight.detach()
-    return None
-
-
-def center(x: torch.Tensor) -> torch.Tensor:
-    """x minus its mean over the last dimension (LayerNorm's centring)."""
-    return x - x.mean(dim=-1, keepdim=True)

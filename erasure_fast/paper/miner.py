@@ -16,11 +16,12 @@ from typing import Dict, Optional, Sequence
 import numpy as np
 import torch
 
-from ..models import model_spec
+from ..models import as_transformer_lens, model_spec
 from ..scanning import CorpusError, TokenCorpus, open_corpus
 from ..scanning.plan import model_fingerprint
 from .causal import causal_check
 from .common import DEFAULT_ERASERS, eraser_layer
+from .support import check_paper_support
 
 MINED_EXAMPLES = "dla_minus_adjusted"  # the summary.json top-example list the miner ranks
 
@@ -131,6 +132,7 @@ def mine_adversarial(model, scan_result, corpus, *, writer: str = "L0H2", eraser
     ScanResult or scan output directory whose focus writer is ``writer``, made with ``model``;
     ``corpus``: the scanned corpus (path, token array or TokenCorpus). Every input is checked before
     the first forward pass (ValueError / TypeError). Returns a DataFrame."""
+    model = as_transformer_lens(model)
     import pandas as pd
 
     for name, value, least in (("top", top, 1), ("context", context, 1), ("recheck", recheck, 0)):
@@ -143,6 +145,7 @@ def mine_adversarial(model, scan_result, corpus, *, writer: str = "L0H2", eraser
         raise ValueError(f"the scan's top examples are for {data['focus_writer']}, not {writer}; scan with writers=[{writer!r}]")
     if recheck:
         eraser_layer(model, writer, erasers)
+        check_paper_support(model, "mine", writer, erasers)
     check_scan_model(data, model)
     tok = getattr(model, "tokenizer", None)
     c = open_scanned_corpus(corpus, data, tokenizer=tok)
@@ -155,7 +158,7 @@ def mine_adversarial(model, scan_result, corpus, *, writer: str = "L0H2", eraser
                     gap=abs(e["dla"]) - abs(e["adjusted_dla"]), context=text)
         if rank < recheck:
             window = torch.from_numpy(rows[e["row"]][: e["pos"] + 2].astype(np.int64))[None]
-            t = causal_check(model, window, writer, erasers)
+            t = causal_check(model, window, writer, erasers, analysis="mine")
             er = t[t.node.isin(list(erasers))]
             item.update(erasers_pr_clean=float(er.clean_median.sum()), erasers_pr_patched=float(er.patched_median.sum()))
         out.append(item)

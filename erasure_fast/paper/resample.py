@@ -8,9 +8,10 @@ import numpy as np
 import torch
 
 from ..capture import model_device, validate_tokens
-from ..models import model_spec
+from ..models import as_transformer_lens, model_spec
 from ..plotting import new_figure, save
 from .common import ADVERSARIAL_PROMPTS, attribute_with_hooks, head_indices
+from .support import check_paper_support
 
 
 def resample_ablation(model, prompts: torch.Tensor, correct, incorrect, head: str, corpus: np.ndarray, *,
@@ -19,11 +20,18 @@ def resample_ablation(model, prompts: torch.Tensor, correct, incorrect, head: st
     For each prompt: the head's logit-difference DLA at the last position, clean, and with the head's
     input (``ln1.hook_normalized`` at that head) taken from ``n_samples`` random windows of ``corpus``
     (rows of token ids) of the same length, with the clean final-LN scale.
-    Returns a DataFrame per prompt: clean DLA, resampled median / 25 % / 75 %."""
+    Returns a DataFrame per prompt: clean DLA, resampled median / 25 % / 75 %.
+
+    A head's output is a function of its input alone, so resampling its input is putting in the output
+    (hook_z) the head has on the donor window: exact in every layout -- grouped-query attention (whose
+    keys and values are shared with other query heads), output gates, q/k norms over all heads (OLMo 2:
+    the donor's whole layer input is what that norm sees) -- with no split-QKV mode needed."""
+    model = as_transformer_lens(model)
     import pandas as pd
 
     spec = model_spec(model)
-    h = head_indices(model, [head])[0]
+    h = head_indices(model, [head], "head")[0]
+    check_paper_support(model, "fig4")
     layer, hh = divmod(h, spec.n_heads)
     dev = model_device(model)
     prompts = validate_tokens(prompts, spec).to(dev)
@@ -41,27 +49,31 @@ def resample_ablation(model, prompts: torch.Tensor, correct, incorrect, head: st
     clean = attribute_with_hooks(model, prompts, [head], targets=tgt.clamp(min=0), incorrect=bad.clamp(min=0))
     clean_dla = clean.dla[:, -1].reshape(B, -1)[:, h]
     rng = np.random.default_rng(seed)
-    # The head's q, k, v are functions of its input alone, so swapping in the donor's q, k, v at this
-    # head is exactly resampling the head's (normalised) input; no split-QKV mode needed.
-    qkv = [f"blocks.{layer}.attn.hook_{kind}" for kind in ("q", "k", "v")]
-    samples = []
+    draws = []  # [n_samples, B, P] donor windows, drawn sample by sample
     for _ in range(n_samples):
         rows = rng.integers(0, corpus.shape[0], size=B)
         starts = rng.integers(0, corpus.shape[1] - P + 1, size=B)
-        donor = torch.from_numpy(np.stack([corpus[r, s:s + P] for r, s in zip(rows, starts)])).long().to(dev)
-        kept = attribute_with_hooks(model, donor, [head], keep_hooks=qkv).extra
+        draws.append(np.stack([corpus[r, s:s + P] for r, s in zip(rows, starts)]))
+    donors = torch.from_numpy(np.stack(draws).reshape(n_samples * B, P)).long().to(dev)
+    hook_z = f"blocks.{layer}.attn.hook_z"
+    chunk = max(1, _CHUNK_ROWS // B) * B  # whole samples per forward pass
+    samples = []
+    for lo in range(0, n_samples * B, chunk):
+        donor = donors[lo:lo + chunk]
+        n = donor.shape[0]
+        kept = attribute_with_hooks(model, donor, [head]).z[:, :, h]  # the head's output on the donors
 
-        def replacer(name, kept=kept):  # bound now: the hooks must read this sample's donor run
-            def replace(x, hook=None):
-                x = x.clone()
-                x[:, :, hh] = kept[name][:, :, hh].to(x)
-                return x
-            return replace
+        def replace(z, hook=None, kept=kept):
+            z = z.clone()
+            z[:, :, hh] = kept.to(z)
+            return z
 
-        res = attribute_with_hooks(model, prompts, [head], targets=tgt.clamp(min=0), incorrect=bad.clamp(min=0),
-                    extra_hooks=[(name, replacer(name)) for name in qkv], scale_override=clean.final_scale)
-        samples.append(res.dla[:, -1].reshape(B, -1)[:, h])
-    s = torch.stack(samples, dim=1).double().cpu()  # [B, n_samples]
+        reps = n // B
+        res = attribute_with_hooks(model, prompts.repeat(reps, 1), [head], targets=tgt.clamp(min=0).repeat(reps, 1),
+                                   incorrect=bad.clamp(min=0).repeat(reps, 1), extra_hooks=[(hook_z, replace)],
+                                   scale_override=clean.final_scale.repeat(reps, 1))
+        samples.append(res.dla[:, -1].reshape(n, -1)[:, h].reshape(reps, B))
+    s = torch.cat(samples, dim=0).t().double().cpu()  # [B, n_samples]
     labels = labels or [f"prompt {i}" for i in range(B)]
     table = pd.DataFrame(dict(prompt=labels, clean_dla=clean_dla.double().cpu().numpy(),
                               # quantile(0.5), not median(): torch's median of an even count is the lower
@@ -71,6 +83,9 @@ def resample_ablation(model, prompts: torch.Tensor, correct, incorrect, head: st
     if out_path:
         plot_resample_ablation(table, head, out_path)
     return table
+
+
+_CHUNK_ROWS = 256  # donor rows (and repeated prompts) per forward pass
 
 
 def plot_resample_ablation(table, head: str, path: str) -> str:
@@ -96,6 +111,7 @@ def paper_prompts_unavailable(model) -> Optional[str]:
     """Why the paper's four prompts cannot run on ``model``, or None when they can. They need a
     tokenizer in which every answer (" bottom", " State", ...) is one token -- GELU-4L's; any other
     tokenizer splits some of them, and token ids must fit the model's vocabulary and context."""
+    model = as_transformer_lens(model)
     if getattr(model, "tokenizer", None) is None:
         return "the model has no tokenizer"
     spec = model_spec(model)
@@ -116,6 +132,7 @@ def paper_prompts_unavailable(model) -> Optional[str]:
 def paper_prompts(model):
     """The paper's four adversarial prompts as (text, token ids [P], correct id, incorrect id), or None
     when the model cannot run them (no tokenizer, or not GELU-4L's; `paper_prompts_unavailable` says why)."""
+    model = as_transformer_lens(model)
     if paper_prompts_unavailable(model) is not None:
         return None
     out = []

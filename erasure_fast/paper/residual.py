@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from .common import attribute_with_hooks
+from .support import check_paper_support
 
 
 def fig1_fig2(source, writer: str = "L0H2", *, model=None, out_dir: Optional[str] = None):
@@ -21,6 +22,7 @@ def fig1_fig2(source, writer: str = "L0H2", *, model=None, out_dir: Optional[str
     from ..scanning.plots import fig1_resid, fig2_nodes
 
     if isinstance(source, torch.Tensor):
+        check_paper_support(model, "fig1")
         res = attribute_with_hooks(model, source, [writer])
         rows = []
         rpr = res.resid_pr.reshape(-1, *res.resid_pr.shape[2:])[..., 0].double().cpu().numpy()

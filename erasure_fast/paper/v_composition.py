@@ -8,52 +8,60 @@ import numpy as np
 import torch
 
 from ..capture import validate_tokens
-from ..models import model_spec
+from ..models import as_transformer_lens, model_spec
 from ..plotting import new_figure, save
-from .common import DEFAULT_ERASERS, attribute_with_hooks, center, eraser_layer, head_indices, ln_weight
+from .common import DEFAULT_ERASERS, attribute_with_hooks, eraser_layer, head_indices
+from .support import check_paper_support
+from .value_path import kv_group, value_path, value_weights
 
 
 def v_composition(model, tokens: torch.Tensor, writer: str = "L0H2", erasers: Sequence[str] = DEFAULT_ERASERS, *,
                   out_path: Optional[str] = None, attention_aware: bool = False):
     """Fig 5. Per token: the writer's next-token DLA and the DLA of the erasers' OV image of the
-    writer's LN-normalised output, sum_e (c(r_w)/s_ln1 * gamma) W_V[e] W_O[e] (paper: attention
-    ignored, same position); with ``attention_aware`` the image is mixed by each eraser's real
-    attention pattern. Returns (DataFrame of points, fit dict: slope, intercept, their standard errors)."""
+    writer's share of their value input, sum_e x W_V[e] W_O[e] (paper: attention ignored, same
+    position); with ``attention_aware`` the image is mixed by each eraser's real attention pattern.
+    x is the writer's output r_w through the norms on the way with their scales frozen to the clean run
+    (LayerNorm: c(r_w) / s_ln1 * gamma; RMSNorm: no centring; Gemma: gamma = 1 + w; post-norm blocks:
+    the writer's post-attention norm first; residual / attention multipliers --
+    `erasure_fast.paper.value_path.ValuePath`); W_V[e] is the eraser's key/value head's under grouped-query
+    attention, W_O[e] what the eraser adds to the stream (`ModelSpec.W_O`). Families whose head output is not the
+    attention-weighted values times W_O (output gates, norms across heads) are refused before any
+    forward pass. Returns (DataFrame of points, fit dict: slope, intercept, their standard errors)."""
+    model = as_transformer_lens(model)
     import pandas as pd
 
     spec = model_spec(model)
-    w = head_indices(model, [writer])[0]
-    es = head_indices(model, erasers)
+    w = head_indices(model, [writer], "writer")[0]
+    es = head_indices(model, erasers, "erasers")
     layer = eraser_layer(model, writer, erasers)
     tokens = validate_tokens(tokens, spec)
     if tokens.shape[0] * (tokens.shape[1] - 1) < 3:  # the fit needs 3 (writer DLA, composition DLA) points
         raise ValueError(f"tokens {tuple(tokens.shape)} give fewer than 3 next-token points for the fit")
-    keep = (f"blocks.{layer}.ln1.hook_scale", f"blocks.{layer}.attn.hook_pattern")
-    res = attribute_with_hooks(model, tokens, [writer], keep_hooks=keep)
+    check_paper_support(model, "fig5", writer, erasers)
+    path = value_path(model, w // spec.n_heads, layer)
+    pattern = f"blocks.{layer}.attn.hook_pattern"
+    res = attribute_with_hooks(model, tokens, [writer], keep_hooks=path.scale_hooks + ((pattern,) if attention_aware else ()))
     B, P = res.z.shape[:2]
-    r_w = res.z[:, :, w].to(spec.W_O) @ spec.W_O[w]  # [B, P, D]
-    x = center(r_w) / res.extra[keep[0]].reshape(B, P, 1).to(r_w)
-    gamma = ln_weight(model, layer, "ln1")
-    if gamma is not None:
-        x = x * gamma.to(x)
-    W_V = model.W_V.detach()[layer].to(x)
-    W_O = model.W_O.detach()[layer].to(x)
+    x = path.value_input(path.head_output(model, res.z, w), res.extra)  # [B, P, D]
+    W_V = value_weights(model, layer).to(x)  # [n_kv, D, dh]
+    W_O = spec.W_O[layer * spec.n_heads:(layer + 1) * spec.n_heads].to(x)  # what each head adds to the stream
     heads = [e - layer * spec.n_heads for e in es]
+    W_Ve = W_V[[kv_group(spec, h, W_V.shape[0]) for h in heads]]  # [E, D, dh]
     if attention_aware:
-        A = res.extra[keep[1]].to(x)[:, heads]  # [B, E, P, P]
-        per_head = torch.einsum("bpd,edk,ekm->bepm", x, W_V[heads], W_O[heads])  # [B, E, P, D]
+        A = res.extra[pattern].to(x)[:, heads]  # [B, E, P, P]
+        per_head = torch.einsum("bpd,edk,ekm->bepm", x, W_Ve, W_O[heads])  # [B, E, P, D]
         img = torch.einsum("beqp,bepm->bqm", A, per_head)
     else:
-        img = torch.einsum("bpd,edk,ekm->bpm", x, W_V[heads], W_O[heads])
-    ids = torch.full((B, P), -1, dtype=torch.long, device=r_w.device)
-    tokens = tokens.to(r_w.device)
+        img = torch.einsum("bpd,edk,ekm->bpm", x, W_Ve, W_O[heads])
+    ids = torch.full((B, P), -1, dtype=torch.long, device=x.device)
+    tokens = tokens.to(x.device)
     ids[:, :-1] = tokens[:, 1:]
-    d = spec.directions.to(r_w)[ids[:, :-1].clamp(min=0)]  # [B, P-1, D]
+    d = spec.directions.to(x)[ids[:, :-1].clamp(min=0)]  # [B, P-1, D]
     if spec.center:
-        d = center(d)
-    s = res.final_scale[:, :-1].to(r_w)
+        d = d - d.mean(dim=-1, keepdim=True)
+    s = res.final_scale[:, :-1].to(x)
     comp = (img[:, :-1] * d).sum(-1) / s
-    wdla = res.writer_dla[:, :-1, 0].to(r_w)
+    wdla = res.writer_dla[:, :-1, 0].to(x)
     table = pd.DataFrame(dict(writer_dla=wdla.reshape(-1).double().cpu().numpy(),
                               v_composition_dla=comp.reshape(-1).double().cpu().numpy()))
     fit = linear_fit(table.writer_dla.to_numpy(), table.v_composition_dla.to_numpy())

@@ -26,7 +26,7 @@ directly for the MLP outputs.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 
@@ -89,11 +89,14 @@ def pair_values(dots: torch.Tensor, norms: torch.Tensor, writers: torch.Tensor, 
                 pv_null=nd, cos_null=cos_null)
 
 
-def null_dots(z: torch.Tensor, W_O: torch.Tensor, mlp_out: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
+def null_dots(z: torch.Tensor, W_O: torch.Tensor, mlp_out: Optional[torch.Tensor], directions: torch.Tensor) -> torch.Tensor:
     """node . r_w for every node and null direction: z [T, N, d_head], W_O [N, d_head, d_model],
-    mlp_out [T, L, d_model], directions [d_model, W] -> [T, N + L, W] (heads, then MLPs)."""
+    mlp_out [T, L, d_model] (None for an attention-only model), directions [d_model, W]
+    -> [T, N + L, W] (heads, then MLPs)."""
     R = directions.to(z.device, torch.float64)
     U = torch.einsum("nhd,dw->nhw", W_O.to(z.device, torch.float64), R)  # each head's W_O r_w, in head space
     heads = torch.einsum("tnh,nhw->tnw", z.double(), U)
+    if mlp_out is None:
+        return heads
     mlps = torch.einsum("tld,dw->tlw", mlp_out.double(), R)
     return torch.cat([heads, mlps], dim=1)

@@ -18,7 +18,7 @@ import torch
 from ..attribution import resolve_writers
 from ..backends import get_backend
 from ..capture import model_device
-from ..models import ModelSpec, model_spec
+from ..models import ModelSpec, as_transformer_lens, model_spec
 from .corpus import TokenCorpus, open_corpus
 from .outdir import check_output_dir
 from .ranking import DEFAULT_RANK, RANK_STATISTICS
@@ -114,6 +114,7 @@ def plan_scan(model, corpus, *, writers="all", seq_len: Optional[int] = None, ba
               column: str = "tokens", rank_by: str = DEFAULT_RANK) -> ScanPlan:
     """Validate a scan (arguments as `erasure_fast.scan`) and return its `ScanPlan`. Raises
     ValueError / TypeError (CorpusError and OutputDirError are ValueErrors) naming the argument."""
+    model = as_transformer_lens(model)
     if rank_by not in RANK_STATISTICS:
         raise ValueError(f"rank_by must be one of {', '.join(RANK_STATISTICS)}, got {rank_by!r}")
     batch_size = _positive_int("batch_size", batch_size)
@@ -123,10 +124,8 @@ def plan_scan(model, corpus, *, writers="all", seq_len: Optional[int] = None, ba
     edges = list(position_edges)
     if not edges or any(isinstance(e, bool) or not isinstance(e, int) or e < 1 for e in edges) or edges != sorted(set(edges)):
         raise ValueError(f"position_edges must be increasing ints >= 1, got {list(position_edges)}")
+    spec = model_spec(model)  # an unsupported model is refused before the output folder is touched
     out_dir = check_output_dir(out_dir)
-    spec = model_spec(model)
-    if not spec.has_mlps:
-        raise ValueError("scan needs MLP outputs for residual PR; attention-only models are not supported yet")
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     corpus = open_corpus(corpus, seq_len=seq_len, tokenizer=tokenizer, bin_dtype=bin_dtype, column=column)
     if spec.n_ctx is not None and corpus.seq_len > spec.n_ctx:
@@ -142,7 +141,7 @@ def plan_scan(model, corpus, *, writers="all", seq_len: Optional[int] = None, ba
     L = spec.n_layers
     cfg = ScanConfig(
         writers=wr.tolist(), writer_labels=[spec.head_label(int(w)) for w in wr],
-        node_labels=spec.head_labels() + [f"MLP{l}" for l in range(L)],
+        node_labels=spec.head_labels() + ([f"MLP{l}" for l in range(L)] if spec.has_mlps else []),
         resid_labels=spec.resid_labels(),
         head_labels=spec.head_labels(), n_heads=spec.n_heads, parallel_blocks=spec.parallel_blocks, seq_len=corpus.seq_len, batch_size=batch_size, prepend_bos=prepend_bos,
         position_edges=edges, top_k=top_k, backend=impl.NAME, model_fingerprint=model_fingerprint(model),

@@ -95,13 +95,15 @@ def _update_pair_stats(agg: Aggregates, res, T: int, null: NullReference) -> Non
     dots = res.dots.reshape(T, n_nodes, W)
     norms = res.norms.reshape(T, n_nodes)
     z = res.z.reshape(T, -1, res.z.shape[-1])
-    mlp = res.extra["mlp_out"].reshape(T, -1, res.extra["mlp_out"].shape[-1])
-    resid_norm = res.final_scale.reshape(T).double() * mlp.shape[-1] ** 0.5  # |x| = sqrt(d_model) * final-norm scale
+    mlp = res.extra.get("mlp_out")  # None for an attention-only model
+    mlp = None if mlp is None else mlp.reshape(T, -1, mlp.shape[-1])
+    d_model = null.W_O.shape[-1]
+    resid_norm = res.final_scale.reshape(T).double() * d_model ** 0.5  # |x| = sqrt(d_model) * final-norm scale
     zero = torch.zeros(T, dtype=torch.int64)
     idx = agg.pair_index.to(dots.device)
     for lo in range(0, T, PAIR_CHUNK):
         hi = min(lo + PAIR_CHUNK, T)
-        nd = null_dots(z[lo:hi], null.W_O, mlp[lo:hi], null.directions)
+        nd = null_dots(z[lo:hi], null.W_O, None if mlp is None else mlp[lo:hi], null.directions)
         values = pair_values(dots[lo:hi], norms[lo:hi], res.writers, nd, resid_norm[lo:hi], idx)
         for name, stats in agg.pair_stats.items():
             stats.update(values[name], zero[lo:hi])

@@ -1,12 +1,8 @@
-"""Model adapters: what the attribution needs from a model, in one `ModelSpec`.
-
-Supported: TransformerLens 4.x `TransformerBridge` (native or HF-loaded, with or without
-compatibility mode), TransformerLens 3.x `HookedTransformer`, and raw weights (`ModelSpec.from_weights`).
-"""
+"""`ModelSpec`: what the attribution needs from a model -- weights, sizes and block layout -- in one
+object, whatever interface the model came through (`erasure_fast.models`)."""
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass, field
 from typing import List, Optional
 
@@ -45,6 +41,10 @@ class ModelSpec:
     # attention / MLP output, as in Gemma 2/3 and OLMo 2 -- residual points are then read from the
     # stream itself, not summed from the nodes).
     additive_blocks: bool = True
+    family: str = ""  # the Hugging Face architecture (e.g. "LlamaForCausalLM") or TransformerLens's name
+    # Block parts that write to the stream but are no node (e.g. Falcon-H1's Mamba mixer, Gemma 4's
+    # per-layer input): their output is in the residual points (read from the stream), not in any PR.
+    extra_writers: tuple = ()
     _directions: Optional[torch.Tensor] = field(default=None, repr=False)
 
     @property
@@ -64,8 +64,9 @@ class ModelSpec:
 
     def resid_labels(self) -> List[str]:
         """The residual-stream points: resid_pre0, then per layer resid_mid{l} and resid_post{l}
-        (parallel blocks: resid_post{l} only -- their attention and MLP read the same stream)."""
-        kinds = ("post",) if self.parallel_blocks else ("mid", "post")
+        (parallel blocks: resid_post{l} only -- their attention and MLP read the same stream;
+        attention-only models: resid_post{l} only -- there is no MLP to read a mid point)."""
+        kinds = ("post",) if self.parallel_blocks or not self.has_mlps else ("mid", "post")
         return ["resid_pre0"] + [f"resid_{k}{l}" for l in range(self.n_layers) for k in kinds]
 
     def is_downstream(self, node: int, writer_head: int) -> bool:
@@ -156,92 +157,3 @@ def is_downstream(node: int, writer_head: int, n_layers: int, n_heads: int, para
     return mlp_layer > wl if parallel_blocks else mlp_layer >= wl
 
 
-def _has_post_norms(model) -> bool:
-    """Whether a block normalises its attention or MLP output before adding it to the stream."""
-    if getattr(model.cfg, "use_normalization_before_and_after", False):  # TransformerLens 3 (Gemma 2)
-        return True
-    block = model.blocks[0]
-    return any(hasattr(block, name) for name in ("ln1_post", "ln2_post"))
-
-
-def _kind(model) -> str:
-    try:
-        from transformer_lens.model_bridge import TransformerBridge
-
-        if isinstance(model, TransformerBridge):
-            return "bridge"
-    except ImportError:  # TransformerLens 3.x has no bridge
-        pass
-    try:
-        from transformer_lens import HookedTransformer
-
-        if isinstance(model, HookedTransformer):
-            return "hooked"
-    except ImportError:
-        pass
-    raise TypeError(
-        "model must be a TransformerLens TransformerBridge (4.x) or HookedTransformer (3.x); "
-        f"got {type(model).__name__}. For other models use erasure_fast.fused_attribution on raw tensors."
-    )
-
-
-class _WeightsState:
-    """What a model's weights are now: each parameter object (held weakly, compared by identity, so a
-    parameter replaced by a new one -- even at the same address -- is a change) with its in-place
-    version counter, storage address, dtype and device."""
-
-    def __init__(self, model):
-        self.items = [(weakref.ref(p), p._version, p.data_ptr(), p.dtype, p.device) for p in model.parameters()]
-
-    def same_as(self, other: "_WeightsState") -> bool:
-        if len(self.items) != len(other.items):
-            return False
-        for (ra, *a), (rb, *b) in zip(self.items, other.items):
-            pa = ra()
-            if pa is None or pa is not rb() or a != b:
-                return False
-        return True
-
-
-# Per-model cache of ModelSpec (documented in `model_spec`): keyed weakly by the model, valid while
-# its weights are unchanged, so repeated calls reuse the same W_O / directions tensors (which is what
-# lets a DlaTable built from them match later calls).
-_specs: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def model_spec(model) -> ModelSpec:
-    """The `ModelSpec` of a TransformerLens model (a `ModelSpec` passes through unchanged).
-
-    Cached per model while its weights are unchanged: the same parameter objects, none modified in
-    place (their version counters), so later calls get the very same W_O / directions tensors (a
-    `DlaTable` built from them keeps matching). Weights written behind autograd's back (through
-    ``.data`` or a numpy view) are not seen; rebuild the model or pass a fresh `ModelSpec` then."""
-    if isinstance(model, ModelSpec):
-        return model
-    kind = _kind(model)
-    fp = _WeightsState(model)
-    hit = _specs.get(model)
-    if hit is not None and hit[0].same_as(fp):
-        return hit[1]
-    cfg = model.cfg
-    with torch.no_grad():
-        W_O = model.W_O.detach()  # [L, H, dh, D]: one per query head (grouped-query attention included)
-        W_U = model.W_U.detach()
-        L, H, dh, D = W_O.shape
-        try:
-            b_O = model.b_O.detach()
-        except AttributeError:  # bias-free output projections (Llama, Qwen, Gemma, ...): b_O = 0
-            b_O = torch.zeros(L, D, dtype=W_O.dtype, device=W_O.device)
-    final_rms = bool(getattr(cfg, "final_rms", False))
-    norm = cfg.normalization_type
-    if kind == "bridge" and final_rms and norm in _CENTERING_NORMS:
-        norm = "RMS"  # TL 4 treats a final RMSNorm as non-centring even in LN-family models
-    spec = ModelSpec(
-        n_layers=L, n_heads=H, d_head=dh, d_model=D, d_vocab=W_U.shape[1],
-        W_O=W_O.reshape(L * H, dh, D).contiguous(), b_O=b_O, W_U=W_U,
-        normalization=norm, final_eps=float(cfg.eps), has_mlps=not bool(getattr(cfg, "attn_only", False)),
-        n_ctx=getattr(cfg, "n_ctx", None), kind=kind, parallel_blocks=bool(getattr(cfg, "parallel_attn_mlp", False)),
-        additive_blocks=not _has_post_norms(model),
-    )
-    _specs[model] = (fp, spec)
-    return spec
