@@ -37,7 +37,8 @@ def _add_scan_args(p: argparse.ArgumentParser, demo: bool) -> None:
     if not demo:
         p.add_argument("--model", required=True,
                        help="'demo' (planted GELU-4L-shaped model), 'gelu-4l' (local Hugging Face cache), a cached "
-                            "owner/name repo, or a TransformerLens-style checkpoint directory")
+                            "owner/name repo, or a checkpoint directory: TransformerLens-style, or a Hugging Face "
+                            "checkpoint of any family TransformerLens 4 bridges")
         p.add_argument("--corpus", required=True,
                        help="'demo' (synthetic), a .npy / .bin token file, .txt / .jsonl text, a Hugging Face "
                             "save_to_disk directory, or hf:owner/name (hub, streamed)")

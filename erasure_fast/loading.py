@@ -1,5 +1,6 @@
 """Loading models by name: the real GELU-4L from the local Hugging Face cache, TransformerLens-style
-checkpoint directories, and the planted demo model.
+checkpoint directories, Hugging Face checkpoints of any family TransformerLens 4 bridges (a directory or
+a cached ``owner/name`` whose ``config.json`` names its ``architectures``), and the planted demo model.
 
 A TransformerLens-style directory (the layout of the NeelNanda/* repos) holds ``config.json`` with
 d_model, n_layers, n_heads, d_head, d_mlp, d_vocab, n_ctx, act_fn and normalization_type (or
@@ -91,6 +92,48 @@ def _tokenizer(name: Optional[str]):
         return None  # tokenizer not cached: token-id corpora still work
 
 
+def is_hf_checkpoint(path: str) -> bool:
+    """Whether ``path`` holds a Hugging Face checkpoint (its config.json names ``architectures`` and is
+    not a TransformerLens-style config)."""
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            raw = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(raw, dict) and bool(raw.get("architectures")) and not all(k in raw for k in _REQUIRED)
+
+
+def load_hf_checkpoint(path: str, *, device=None, dtype: torch.dtype = torch.float32):
+    """A Hugging Face checkpoint directory -> TransformerLens 4 ``TransformerBridge`` (with its tokenizer
+    when the directory has one). A family per-head attribution cannot cover is refused later, by
+    `erasure_fast.model_spec`, with the family and why."""
+    from .tl_models import tl_major
+
+    if tl_major() < 4:
+        raise ModelLoadError(f"{path}: Hugging Face checkpoints are bridged through TransformerLens 4 "
+                             "(pip install 'transformer-lens>=4')")
+    import warnings
+
+    from transformer_lens.model_bridge import TransformerBridge
+
+    from transformers.utils import logging as hf_logging
+
+    tok = _tokenizer(path)
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a weights-loading bar per model; set back below
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = TransformerBridge.boot_transformers(path, dtype=dtype, tokenizer=tok, device=device)
+    except Exception as e:
+        raise ModelLoadError(f"{path}: cannot be bridged by TransformerLens ({type(e).__name__}: "
+                             f"{' '.join(str(e).split())[:300]})") from None
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+    return model.eval()
+
+
 def load_tl_checkpoint(path: str, *, device=None, dtype: torch.dtype = torch.float32, name: Optional[str] = None):
     """A TransformerLens-style checkpoint directory -> TL 4 ``TransformerBridge`` (TL 3:
     ``HookedTransformer``), weights loaded strictly."""
@@ -103,15 +146,21 @@ def load_tl_checkpoint(path: str, *, device=None, dtype: torch.dtype = torch.flo
 
 def load_model(name: str, *, device=None, dtype: torch.dtype = torch.float32, cache_dir: Optional[str] = None):
     """``demo`` (planted GELU-4L-shaped model), ``gelu-4l`` / ``NeelNanda/GELU_4L512W_C4_Code`` (local HF
-    cache only), another cached ``owner/name`` TL-style repo, or a checkpoint directory."""
+    cache only), another cached ``owner/name`` repo, or a checkpoint directory -- TransformerLens-style, or
+    a Hugging Face checkpoint of a family TransformerLens 4 bridges."""
     if name == "demo":
         from .demo import planted_model
 
         model, _ = planted_model()
         return model.to(device) if device is not None else model
     if os.path.isdir(name):
+        if is_hf_checkpoint(name):
+            return load_hf_checkpoint(name, device=device, dtype=dtype)
         return load_tl_checkpoint(name, device=device, dtype=dtype)
     repo = ALIASES.get(name.lower(), name)
     if "/" not in repo:
         raise ModelLoadError(f"unknown model {name!r}: use 'demo', 'gelu-4l', a cached owner/name repo or a directory")
-    return load_tl_checkpoint(hf_snapshot_dir(repo, cache_dir), device=device, dtype=dtype, name=repo)
+    path = hf_snapshot_dir(repo, cache_dir)
+    if is_hf_checkpoint(path):
+        return load_hf_checkpoint(path, device=device, dtype=dtype)
+    return load_tl_checkpoint(path, device=device, dtype=dtype, name=repo)

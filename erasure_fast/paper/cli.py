@@ -56,7 +56,8 @@ def add_arguments(parser):
                              "`erasure-fast demo` run (it holds summary.json)")
     parser.add_argument("--model", default="auto",
                         help="auto (gelu-4l when cached, else demo), demo (planted GELU-4L-shaped model), gelu-4l "
-                             "(local Hugging Face cache), a cached owner/name repo or a TransformerLens-style checkpoint directory")
+                             "(local Hugging Face cache), a cached owner/name repo, or a checkpoint directory (TransformerLens-style, "
+                             "or a Hugging Face checkpoint of any family TransformerLens 4 bridges)")
     parser.add_argument("--corpus", default=None,
                         help="token corpus: a .npy / .bin token file, .txt / .jsonl text (needs the model's tokenizer), "
                              "a Hugging Face save_to_disk directory or hf:owner/name; 'demo' = the synthetic demo corpus "
