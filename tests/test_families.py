@@ -259,3 +259,37 @@ def test_cli_refuses_an_unsupported_family_in_one_line(folders, tmp_path):
     assert done.returncode == 2 and len(lines) == 1, done.stderr[-2000:]
     assert "MambaForCausalLM" in lines[0] and "no attention heads" in lines[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_a_plain_transformers_model_is_followed_through_weight_edits_and_left_untouched(folders):
+    """The bridge of a transformers model shares its weight tensors: an in-place edit is seen on the next
+    call, a replaced parameter makes a new bridge, and the model itself keeps its modules and hooks."""
+    import gc
+    import weakref
+
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folders["LlamaForCausalLM"]).eval()
+    fired = []
+    hf.model.layers[0].register_forward_hook(lambda *a: fired.append(1))
+    tokens = torch.randint(2, VOCAB, (1, 7), generator=torch.Generator().manual_seed(4))
+    before = ef.attribute(hf, tokens, writers=["L0H1"]).dla
+    assert not fired, "the user's hook ran inside erasure_fast's forward"
+    o_proj = hf.model.layers[1].self_attn.o_proj
+    with torch.no_grad():
+        o_proj.weight.mul_(2.0)  # in place: layer 1's heads write twice as much
+    after = ef.attribute(hf, tokens, writers=["L0H1"]).dla
+    fresh = transformers.AutoModelForCausalLM.from_pretrained(folders["LlamaForCausalLM"]).eval()
+    with torch.no_grad():
+        fresh.model.layers[1].self_attn.o_proj.weight.mul_(2.0)
+    torch.testing.assert_close(after, ef.attribute(fresh, tokens, writers=["L0H1"]).dla, equal_nan=True, rtol=0, atol=0)
+    assert not torch.allclose(after.nan_to_num(), before.nan_to_num())
+    bridge = ef.as_transformer_lens(hf)
+    o_proj.weight = torch.nn.Parameter(o_proj.weight.detach() / 2)  # replaced: a new bridge
+    assert ef.as_transformer_lens(hf) is not bridge
+    torch.testing.assert_close(ef.attribute(hf, tokens, writers=["L0H1"]).dla, before, equal_nan=True)
+    assert type(hf.model.layers[0]).__name__ == "LlamaDecoderLayer" and len(hf.model.layers[0]._forward_hooks) == 1
+    ref = weakref.ref(ef.as_transformer_lens(hf))
+    del hf, bridge, o_proj, fresh
+    gc.collect()
+    assert ref() is None, "the bridge outlived its model"
