@@ -57,7 +57,7 @@ test-tl4: install
 	cd tests && EF_REQUIRE_CPP=1 EF_ERROR_REPORT=../build/parity-errors-tl4.json EF_FAMILY_REPORT=../build/families-tl4.json ../$(VENV)/bin/python -m pytest -q -p no:cacheprovider .
 
 test-tl3: install-tl3
-	cd tests && EF_REQUIRE_CPP=1 EF_ERROR_REPORT=../build/parity-errors-tl3.json ../$(VENV_TL3)/bin/python -m pytest -q -p no:cacheprovider test_parity_tl.py test_paper.py test_layouts.py
+	cd tests && EF_REQUIRE_CPP=1 EF_ERROR_REPORT=../build/parity-errors-tl3.json ../$(VENV_TL3)/bin/python -m pytest -q -p no:cacheprovider test_parity_tl.py test_paper.py test_layouts.py test_engine.py
 
 test: test-tl4 test-tl3
 

@@ -10,6 +10,7 @@ import torch
 from .backends import get_backend
 from .capture import Capture, capture, model_device, validate_tokens
 from .contract import accumulation_dtype, cosine, projection_ratio, projection_value, validate
+from .engine import CAPTURE_MODES, EngineWeights, engine_capture, engine_problem
 from .models import ModelSpec, as_transformer_lens, model_spec
 
 
@@ -40,6 +41,7 @@ class AttributionResult:
     resid_labels: List[str]
     downstream: torch.Tensor
     backend: str
+    capture: str = "hooks"  # "engine", or "hooks" with why the engine was not used
     z: Optional[torch.Tensor] = field(default=None, repr=False)  # [B, P, L*H, d_head] captured hook_z
     final_scale: Optional[torch.Tensor] = field(default=None, repr=False)  # [B, P]
     extra: dict = field(default_factory=dict, repr=False)  # activations kept on request
@@ -179,6 +181,7 @@ def attribute(
     incorrect: Union[None, int, torch.Tensor] = None,
     include_mlps: bool = True,
     backend: str = "auto",
+    capture: str = "auto",
 ) -> AttributionResult:
     """DLA and erasure measures for a TransformerLens model on ``tokens``.
 
@@ -195,6 +198,9 @@ def attribute(
         include_mlps: add the MLP outputs as nodes and the residual points (``resid_pr``); an
             attention-only model has no MLP nodes but gets its residual points all the same.
         backend: "auto", "torch", "cpp" or "triton".
+        capture: how activations are obtained: "engine" (the forward recomputed from the weights,
+            `erasure_fast.engine`), "hooks" (TransformerLens's hooks) or "auto" (the engine where it
+            covers the model, else hooks; ``result.capture`` says which and why).
 
     Returns:
         `AttributionResult` (shapes in its docstring). Matches TransformerLens's ``logit_attrs`` on
@@ -210,21 +216,51 @@ def attribute(
         inc = target_ids(incorrect, tokens, spec, "incorrect", allow_next=False)
         inc = torch.where(ids < 0, ids, inc)
     impl = get_backend(backend, model_device(model), spec.W_O.dtype)
-    return run_attribution(model, spec, tokens, wr, ids, inc, include_mlps=include_mlps, impl=impl)
+    mode = resolve_capture(capture, model, spec)
+    return run_attribution(model, spec, tokens, wr, ids, inc, include_mlps=include_mlps, impl=impl, capture_mode=mode)
+
+
+def resolve_capture(capture: str, model, spec: ModelSpec) -> str:
+    """``capture`` ("auto", "engine", "hooks") checked against the model: "engine", or "hooks" followed
+    by why the engine is not used (auto). Asking for the engine where it does not cover the model is a
+    ValueError naming the reason, before any work."""
+    if capture not in CAPTURE_MODES:
+        raise ValueError(f"capture must be one of {', '.join(map(repr, CAPTURE_MODES))}, got {capture!r}")
+    if capture == "hooks":
+        return "hooks"
+    problem = engine_problem(model, spec)
+    if problem is None:
+        return "engine"
+    if capture == "engine":
+        raise ValueError(f"capture='engine': {problem}")
+    return f"hooks ({problem})"
+
+
+def _engine_weights(model, spec: ModelSpec) -> EngineWeights:
+    if "engine" not in spec.derived:
+        spec.derived["engine"] = EngineWeights.from_model(model, spec)
+    return spec.derived["engine"]
 
 
 def run_attribution(model, spec: ModelSpec, tokens: torch.Tensor, wr: torch.Tensor, ids: torch.Tensor,
                     inc: Optional[torch.Tensor], *, include_mlps: bool, impl, extra_hooks=(), keep_hooks=(),
-                    scale_override: Optional[torch.Tensor] = None, keep_mlp_out: bool = False) -> AttributionResult:
+                    scale_override: Optional[torch.Tensor] = None, keep_mlp_out: bool = False,
+                    capture_mode: str = "hooks") -> AttributionResult:
     """`attribute` after argument checking: tokens [B, P] valid ids, wr [W] head indices,
     ids / inc [B, P] target ids (-1 = none), impl a backend module. ``extra_hooks`` are interventions
     run during the forward pass, ``keep_hooks`` activations to keep (``result.extra``; with
     ``keep_mlp_out`` also ``extra["mlp_out"]`` [B, P, L, d_model], the MLP nodes' vectors) and
-    ``scale_override`` [B, P] a final-LN scale to use instead of the run's own (e.g. the clean one)."""
+    ``scale_override`` [B, P] a final-LN scale to use instead of the run's own (e.g. the clean one).
+    ``capture_mode`` is `resolve_capture`'s answer; interventions always run on hooks."""
     with_mlps = include_mlps and spec.has_mlps
     with_resid = include_mlps  # every node that writes to the stream (an attention-only model has no MLPs)
-    cap = capture(model, tokens, spec, include_mlps=with_mlps, include_embed=with_resid,
-                  extra_hooks=extra_hooks, keep_hooks=keep_hooks)
+    if capture_mode == "engine" and not extra_hooks and not keep_hooks:
+        cap = engine_capture(spec, _engine_weights(model, spec), tokens.to(model_device(model)),
+                             include_mlps=with_mlps, include_embed=with_resid)
+    else:
+        capture_mode = capture_mode if capture_mode != "engine" else "hooks (interventions run on hooks)"
+        cap = capture(model, tokens, spec, include_mlps=with_mlps, include_embed=with_resid,
+                      extra_hooks=extra_hooks, keep_hooks=keep_hooks)
     if scale_override is not None:
         cap.scale = scale_override.to(cap.scale)
     B, P = tokens.shape
@@ -276,6 +312,7 @@ def run_attribution(model, spec: ModelSpec, tokens: torch.Tensor, wr: torch.Tens
         resid_labels=labels_resid,
         downstream=spec.downstream_mask(wr, n_nodes).to(dev),
         backend=impl.NAME,
+        capture=capture_mode,
         z=cap.z,
         final_scale=cap.scale,
         extra=dict(cap.extra or {}, **({"mlp_out": cap.mlp_out} if keep_mlp_out and cap.mlp_out is not None else {})),

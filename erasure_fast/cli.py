@@ -53,6 +53,9 @@ def _add_scan_args(p: argparse.ArgumentParser, demo: bool) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="rows per forward pass")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "cpp", "triton"],
                    help="attribution backend (auto: cpp on CPU, triton on CUDA)")
+    p.add_argument("--capture", default="auto", choices=["auto", "engine", "hooks"],
+                   help="how activations are captured: the engine (the forward recomputed from the weights), "
+                        "TransformerLens hooks, or auto (the engine where it covers the model)")
     p.add_argument("--device", default=None, help="e.g. cuda or cpu; default: where the model is")
     p.add_argument("--resume", dest="resume", action="store_true", default=True,
                    help="continue from the checkpoint in --out when the configuration and corpus match")
@@ -168,7 +171,7 @@ def _scan(args, demo: bool) -> int:
 
     model, corpus, bos, notes = _open(args, demo)
     plan = plan_scan(model, corpus, writers=_writers(args.writers), seq_len=args.seq_len, batch_size=args.batch_size,
-                     out_dir=args.out, resume=args.resume, backend=args.backend, max_tokens=args.max_tokens,
+                     out_dir=args.out, resume=args.resume, backend=args.backend, capture=args.capture, max_tokens=args.max_tokens,
                      prepend_bos=bos, checkpoint_every=args.checkpoint_every, top_k=args.top_k,
                      progress=args.progress, notes=notes, bin_dtype=None if demo else args.bin_dtype,
                      column="tokens" if demo else args.column, rank_by=args.rank_by)
@@ -223,7 +226,7 @@ def _run_bench(args, argv) -> int:
 # the argument's name is shown with the flag the user typed.
 _SCAN_FLAGS = {"max_tokens": "--max-tokens", "batch_size": "--batch-size", "checkpoint_every": "--checkpoint-every",
                "seq_len": "--seq-len", "writers": "--writers", "prepend_bos": "--prepend-bos", "out_dir": "--out",
-               "top_k": "--top-k", "bin_dtype": "--bin-dtype", "backend": "--backend", "rank_by": "--rank-by"}
+               "top_k": "--top-k", "bin_dtype": "--bin-dtype", "backend": "--backend", "rank_by": "--rank-by", "capture": "--capture"}
 
 
 def _as_flag(command: str, message: str) -> str:

@@ -30,7 +30,7 @@ import torch
 import erasure_fast as ef
 from family_results import RESULTS
 from hf_families import FAMILIES, VOCAB, boot_bridge, registry_families, save_family
-from tl_reference import check_against_cache, logit_attrs
+from tl_reference import check_against_cache, forward_calls, logit_attrs
 
 BACKENDS = [b for b in ("torch", "cpp") if ef.available_backends()[b].available]
 REGISTRY = registry_families()
@@ -54,13 +54,6 @@ def folders(tmp_path_factory):
     return Folders()
 
 
-def _forward_count(model):
-    """A counter of forward calls of ``model`` (its top-level module)."""
-    calls = []
-    model.register_forward_pre_hook(lambda *a: calls.append(1))
-    return calls
-
-
 def _record(arch, dtype, **entry):
     RESULTS.setdefault(arch, {})[str(dtype).replace("torch.", "")] = entry
 
@@ -80,7 +73,7 @@ def test_family_matches_transformer_lens_or_is_refused(arch, dtype, folders):
     bridge = boot_bridge(folders[arch], dtype=dtype)
     g = torch.Generator().manual_seed(1)
     tokens = torch.randint(2, VOCAB, (2, 11), generator=g)
-    calls = _forward_count(bridge)
+    calls = forward_calls(bridge)
     try:
         spec = ef.model_spec(bridge)
     except ef.UnsupportedModelError as e:

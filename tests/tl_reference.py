@@ -10,6 +10,15 @@ import erasure_fast as ef
 from conftest import record_error, rel_err
 
 
+def forward_calls(model) -> list:
+    """A list that grows whenever any top-level submodule of ``model`` runs (the embedding runs first in
+    every forward pass), to show that a refusal came before any work."""
+    calls = []
+    for _, child in model.named_children():
+        child.register_forward_pre_hook(lambda *a: calls.append(1))
+    return calls
+
+
 def logit_attrs(model, cache, stack, tokens, incorrect=None):
     """TransformerLens's ``cache.logit_attrs``; for a model without a final norm (GPT-1), whose
     ``logit_attrs`` fails looking for one, its definition without the norm: stack . W_U[:, token]."""

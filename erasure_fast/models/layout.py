@@ -69,7 +69,7 @@ def family_name(model, kind: str) -> str:
         archs = getattr(getattr(hf, "config", None), "architectures", None)
         if archs:
             return str(archs[0])
-        if hf is not None and type(hf).__name__ not in ("Module",):
+        if hf is not None and type(hf).__name__ not in ("Module", "NativeModel"):
             return type(hf).__name__
     cfg = model.cfg
     return str(getattr(cfg, "original_architecture", None) or getattr(cfg, "model_name", None) or type(model).__name__)

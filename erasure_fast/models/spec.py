@@ -46,6 +46,9 @@ class ModelSpec:
     # per-layer input): their output is in the residual points (read from the stream), not in any PR.
     extra_writers: tuple = ()
     _directions: Optional[torch.Tensor] = field(default=None, repr=False)
+    # Layouts derived from the weights for one consumer (e.g. the capture engine's fused QKV), made once
+    # per spec -- a spec is remade whenever the model's weights change.
+    derived: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def center(self) -> bool:

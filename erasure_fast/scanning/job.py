@@ -218,7 +218,8 @@ class ScanJob:
         tokens = tokens.to(p.device)
         ids = torch.full_like(tokens, -1)
         ids[:, :-1] = tokens[:, 1:]
-        res = run_attribution(p.model, spec, tokens, p.wr, ids, None, include_mlps=True, impl=p.impl, keep_mlp_out=True)
+        res = run_attribution(p.model, spec, tokens, p.wr, ids, None, include_mlps=True, impl=p.impl, keep_mlp_out=True,
+                              capture_mode=p.capture)
         update(agg, res, torch.from_numpy(row_ids), edges, self.null)
         agg.tokens += tokens.numel()
         agg.rows += tokens.shape[0]
@@ -264,7 +265,7 @@ class ScanJob:
         meta = dict(
             model=getattr(getattr(model, "cfg", None), "model_name", None) or type(model).__name__,
             model_fingerprint=p.cfg.model_fingerprint, corpus=dict(p.cfg.corpus, content_hash=totals["content_hash"]),
-            tokens=totals["tokens"], rows=totals["rows"], backend=p.impl.NAME, world_size=self.world,
+            tokens=totals["tokens"], rows=totals["rows"], backend=p.impl.NAME, capture=p.capture, world_size=self.world,
             elapsed_s=totals["elapsed"],
             tokens_per_s=totals["tokens"] / totals["elapsed"] if totals["elapsed"] > 0 else None,
             writers=p.cfg.writer_labels, seq_len=p.cfg.seq_len, batch_size=p.cfg.batch_size, prepend_bos=p.cfg.prepend_bos,

@@ -15,7 +15,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from ..attribution import resolve_writers
+from ..attribution import resolve_capture, resolve_writers
 from ..backends import get_backend
 from ..capture import model_device
 from ..models import ModelSpec, as_transformer_lens, model_spec
@@ -82,6 +82,7 @@ class ScanPlan:
     report: bool
     notes: Optional[str]
     rank_by: str = "es"  # the report's ranking statistic (ranking.py); not part of the config
+    capture: str = "hooks"  # `erasure_fast.attribution.resolve_capture`'s answer; not part of the config
 
 
 def model_fingerprint(model) -> str:
@@ -111,7 +112,7 @@ def plan_scan(model, corpus, *, writers="all", seq_len: Optional[int] = None, ba
               prepend_bos: Optional[int] = None, checkpoint_every: int = 20, top_k: int = 20,
               position_edges: Sequence[int] = POSITION_EDGES, progress: bool = True, report: bool = True,
               tokenizer=None, notes: Optional[str] = None, bin_dtype: Optional[str] = None,
-              column: str = "tokens", rank_by: str = DEFAULT_RANK) -> ScanPlan:
+              column: str = "tokens", rank_by: str = DEFAULT_RANK, capture: str = "auto") -> ScanPlan:
     """Validate a scan (arguments as `erasure_fast.scan`) and return its `ScanPlan`. Raises
     ValueError / TypeError (CorpusError and OutputDirError are ValueErrors) naming the argument."""
     model = as_transformer_lens(model)
@@ -134,6 +135,7 @@ def plan_scan(model, corpus, *, writers="all", seq_len: Optional[int] = None, ba
         if isinstance(prepend_bos, bool) or not isinstance(prepend_bos, int) or not 0 <= prepend_bos < spec.d_vocab:
             raise ValueError(f"prepend_bos must be a token id in [0, {spec.d_vocab}), got {prepend_bos!r}")
     wr = resolve_writers(writers, spec)
+    capture_mode = resolve_capture(capture, model, spec)
     dev = model_device(model)
     impl = get_backend(backend, dev, spec.W_O.dtype)
     max_rows = None if max_tokens is None else max(1, max_tokens // corpus.seq_len)
@@ -149,4 +151,4 @@ def plan_scan(model, corpus, *, writers="all", seq_len: Optional[int] = None, ba
     )
     return ScanPlan(model=model, spec=spec, corpus=corpus, cfg=cfg, impl=impl, device=dev, wr=wr, out_dir=out_dir,
                     resume=bool(resume), max_rows=max_rows, checkpoint_every=checkpoint_every,
-                    progress=bool(progress), report=bool(report), notes=notes, rank_by=rank_by)
+                    progress=bool(progress), report=bool(report), notes=notes, rank_by=rank_by, capture=capture_mode)

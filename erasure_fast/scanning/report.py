@@ -198,7 +198,8 @@ def _markdown(summary, pairs, tops, cfg, meta, focus, files) -> str:
         f"- corpus: {meta['corpus']['source']} (rows of {meta['seq_len']} tokens, BOS prepended: {meta['prepend_bos'] is not None}"
         + (f"; {meta['corpus']['dropped_tokens']:,} tokens in no whole row, not scanned" if meta['corpus'].get('dropped_tokens') else "")
         + f"; token hash {meta['corpus'].get('content_hash', 'n/a')})",
-        f"- tokens: {meta['tokens']:,} in {meta['rows']:,} rows; backend {meta['backend']}; {meta['world_size']} process(es)",
+        f"- tokens: {meta['tokens']:,} in {meta['rows']:,} rows; backend {meta['backend']}; capture {meta.get('capture', 'hooks')}; "
+        f"{meta['world_size']} process(es)",
         f"- time: {meta['elapsed_s']:.1f} s ({tps:,.0f} tokens/s)" if tps else "- time: n/a",
         f"- quantiles from fixed-bin histograms: PR bins of {(meta['pr_hist']['hi'] - meta['pr_hist']['lo']) / meta['pr_hist']['bins']:g} "
         f"over [{meta['pr_hist']['lo']}, {meta['pr_hist']['hi']}] (quantile error <= one bin; values outside are counted as under/overflow)",

@@ -35,12 +35,13 @@ def scan(
     bin_dtype: Optional[str] = None,
     column: str = "tokens",
     rank_by: str = "es",
+    capture: str = "auto",
 ) -> Optional[ScanResult]:
-    """Erasure scan of ``corpus`` through ``model`` (TransformerLens bridge or HookedTransformer).
+    """Erasure scan of ``corpus`` through ``model``.
 
     Args:
-        model: TransformerLens 4.x ``TransformerBridge`` or 3.x ``HookedTransformer`` (its own dtype
-            and device are used).
+        model: any model `erasure_fast.attribute` takes (TransformerLens bridge or HookedTransformer,
+            a transformers causal LM, an nnsight LanguageModel); its own dtype and device are used.
         corpus: a path (.npy, .bin, .txt, .jsonl, a Hugging Face ``save_to_disk`` directory, or
             ``hf:owner/name``), a numpy array of token ids ([n] stream or [rows, R]) or a TokenCorpus.
             How each kind is cut into rows: `erasure_fast.scanning.corpus`.
@@ -68,6 +69,10 @@ def scan(
             default), "apr", "pr", "pv" or "cos"
             (`erasure_fast.scanning.ranking`); the report can be re-ranked by running the finished scan
             again with another value (nothing is recomputed).
+        capture: "auto" (the capture engine where it covers the model, else TransformerLens hooks),
+            "engine" or "hooks" (`erasure_fast.engine`); the report records which was used and why.
+            Not part of the configuration: a scan may resume under the other (same numbers to
+            rounding).
 
     Returns:
         `ScanResult` on rank 0 (None on other ranks). Under torch.distributed (torchrun) every rank
@@ -83,7 +88,7 @@ def scan(
                      resume=resume, backend=backend, max_tokens=max_tokens, prepend_bos=prepend_bos,
                      checkpoint_every=checkpoint_every, top_k=top_k, position_edges=position_edges,
                      progress=progress, report=report, tokenizer=tokenizer, notes=notes, bin_dtype=bin_dtype,
-                     column=column, rank_by=rank_by)
+                     column=column, rank_by=rank_by, capture=capture)
     with ScanJob(plan) as job:
         job.run()
         return job.finish()
