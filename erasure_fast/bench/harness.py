@@ -362,13 +362,17 @@ def _run_point(model, inp, shape, workload, chosen, dead, device, budget_s, sett
 
 
 def run_s1(n_tokens: int, device, batch_size: int = 8, progress=print, points: Optional[List[Point]] = None) -> List[Point]:
-    """S1: scan n_tokens of a synthetic corpus through a GELU-4L-shaped model, three ways."""
+    """S1: scan n_tokens of a synthetic corpus through a GELU-4L-shaped model: the TransformerLens
+    pipeline, the bare forward through TransformerLens hooks and through the capture engine, and the
+    scan on the engine (its default) and on hooks. C1: the two captures alone, as their own workload
+    (FLOP rate against the run's matmul rate)."""
     import tempfile
 
     import numpy as np
 
     from ..capture import capture, validate_tokens
     from ..demo import demo_corpus
+    from ..engine import EngineWeights, engine_capture
     from ..models import model_spec
     from ..scanning import scan
 
@@ -404,19 +408,34 @@ def run_s1(n_tokens: int, device, batch_size: int = 8, progress=print, points: O
         for toks in batches():
             capture(model, validate_tokens(toks, spec), spec)
 
-    def ours():
-        with tempfile.TemporaryDirectory() as tmp:
-            return scan(model, corpus, batch_size=batch_size, out_dir=tmp, resume=False, progress=False, report=False)
+    weights = EngineWeights.from_model(model, spec)
+
+    def engine_forward():
+        """The same activations from the capture engine."""
+        for toks in batches():
+            engine_capture(spec, weights, validate_tokens(toks, spec))
+
+    def ours(mode):
+        def run():
+            with tempfile.TemporaryDirectory() as tmp:
+                return scan(model, corpus, batch_size=batch_size, out_dir=tmp, resume=False, progress=False,
+                            report=False, capture=mode)
+        return run
 
     # Not checked against the reference like the kernels: the scan's outputs are aggregates
-    # (histogram quantiles, moments), which tests/test_scan*.py check against direct computation.
+    # (histogram quantiles, moments), which tests/test_scan*.py check against direct computation; the
+    # engine's activations are checked against hook capture in tests/test_engine.py.
     points = [] if points is None else points
-    for name, fn in (("transformer_lens pipeline", tl_pipeline), ("bare forward (no unembed)", bare_forward),
-                     ("erasure_fast scan", ours)):
+    runs = (("C1", "transformer_lens hooks", bare_forward), ("C1", "erasure_fast engine", engine_forward),
+            ("S1", "transformer_lens pipeline", tl_pipeline), ("S1", "bare forward, TL hooks (no unembed)", bare_forward),
+            ("S1", "engine forward (no unembed)", engine_forward), ("S1", "erasure_fast scan (engine)", ours("engine")),
+            ("S1", "erasure_fast scan (hooks)", ours("hooks")))
+    for workload, name, fn in runs:
         p = measure(fn, device, repeats=1, warmup=0, budget_s=3600)
-        p.workload, p.shape, p.provider, p.n_tokens = "S1", "gelu-4l", name, len(corpus) * seq
+        p.workload, p.shape, p.provider, p.n_tokens = workload, "gelu-4l", name, len(corpus) * seq
         points.append(p)
-        progress(f"S1       gelu-4l    T={p.n_tokens:>8d} {name:32s} {p.status:6s} {('%.1f s' % p.median_s) if p.median_s else ''}")
+        progress(f"{workload}       gelu-4l    T={p.n_tokens:>8d} {name:36s} {p.status:6s} "
+                 f"{('%.1f s' % p.median_s) if p.median_s else ''}")
     return points
 
 
@@ -445,7 +464,7 @@ def finish(points: List[Point], roof: dict, probes: Optional[List[dict]] = None)
             continue
         p.tokens_per_s = p.n_tokens / p.median_s
         ref = tl.get((p.workload, p.shape, p.n_tokens))
-        one_at_a_time = p.workload in ("S1", "K2n_cold") or p.rounds == 0  # no interleaved rounds to pair
+        one_at_a_time = p.workload in ("S1", "C1", "K2n_cold") or p.rounds == 0  # no interleaved rounds to pair
         if ref is not None and p.speedup_vs_tl is None and one_at_a_time:
             p.speedup_vs_tl = ref.median_s / p.median_s
         work = flops(p.workload, p.shape, p.n_tokens)

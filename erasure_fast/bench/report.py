@@ -13,6 +13,7 @@ WORKLOAD_TITLES = {
     "K2n_cold": "K2n cold: next-token DLA only, first call",
     "K2f": "K2f: logit-difference DLA, one fixed (correct, incorrect) pair",
     "S1": "S1: erasure scan of a synthetic corpus (forward + attribution + aggregation)",
+    "C1": "C1: capture -- the forward pass without unembedding (z, MLP outputs, embedding, final scale), S1's corpus",
 }
 
 
@@ -126,7 +127,7 @@ def plots(records: List[dict], out_prefix: str) -> Dict[str, str]:
     from ..plotting import colormap, new_figure
 
     files = {}
-    kernel = [r for r in records if r["workload"] != "S1" and r["status"] == "ok"]
+    kernel = [r for r in records if r["workload"] not in ("S1", "C1") and r["status"] == "ok"]
     shapes = sorted({r["shape"] for r in kernel})
     workloads = [w for w in ("K1", "K2n", "K2f") if any(r["workload"] == w for r in kernel)]
     names = sorted({r["provider"] for r in kernel})

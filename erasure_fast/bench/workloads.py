@@ -5,6 +5,8 @@ K1  next-token DLA of every head + dots / squared norms of every head and MLP ou
 K2n next-token DLA only (gathered directions: W_U rows of the next tokens); cold = first call.
 K2f logit-difference DLA with one fixed (correct, incorrect) pair.
 S1  erasure scan of a token corpus: forward pass + attribution + aggregation (see harness.run_s1).
+C1  capture: the forward pass without unembedding, keeping z, MLP outputs, embedding and final scale
+    (TransformerLens hooks vs the capture engine, `erasure_fast.engine`), on S1's corpus.
 """
 
 from __future__ import annotations
@@ -73,4 +75,16 @@ def flops(workload: str, shape: str, n_tokens: int):
         return proj + 2 * T * D * (N * (N + 1) // 2 + M * N + M + N)
     if workload == "K2f":
         return 2 * T * N * dh + 2 * N * dh * D
+    if workload == "C1":
+        return forward_flops(shape, n_tokens)
     return None
+
+
+def forward_flops(shape: str, n_tokens: int, seq: int = 1024) -> int:
+    """Nominal FLOPs of a forward pass without unembedding over rows of ``seq`` tokens: per token and
+    layer the QKV, output and MLP matmuls, and q.k plus pattern.v over the causal context (on average
+    (seq + 1) / 2 keys)."""
+    d = SHAPES[shape]
+    H, dh, D, d_mlp = d["n_heads"], d["d_head"], d["d_model"], d["d_mlp"]
+    per_layer = 2 * D * 3 * H * dh + 2 * H * dh * D + 2 * 2 * D * d_mlp + 2 * 2 * H * dh * (seq + 1) / 2
+    return int(n_tokens * d["n_layers"] * per_layer)
