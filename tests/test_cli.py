@@ -111,8 +111,11 @@ def test_ctrl_c_saves_a_checkpoint_and_rerunning_resumes_exactly(root, tmp_path)
     assert full.returncode == 0, full.stderr[-3000:]
     out = tmp_path / "out"
     ck = out / "checkpoint" / "rank0-of-1.npz"
+    # SIGINT at its default in the child: a shell ignores it in background jobs (`make test &`), and an
+    # ignored SIGINT is inherited (and left alone by the scan)
     proc = subprocess.Popen([sys.executable, "-m", "erasure_fast.cli", *map(str, scan_args(root, out, "--checkpoint-every", "1"))],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         found = ckpt.load(str(ck)) if ck.exists() else None
