@@ -16,6 +16,7 @@ from typing import Dict, Optional
 import torch
 
 from .models import ModelSpec
+from .models.tl import tl_kind
 
 
 EMBED_HOOK = "blocks.0.hook_resid_pre"
@@ -75,6 +76,35 @@ def model_device(model) -> torch.device:
     return torch.device("cpu")
 
 
+def run_until(model, tokens: torch.Tensor, hooks, keep, stop: str) -> Dict[str, torch.Tensor]:
+    """Run ``model`` on ``tokens`` with the forward ``hooks`` (name, fn) first, keep the activations named
+    in ``keep`` and end the pass at hook ``stop`` (kept too): no later block, no unembedding. Returns
+    {hook name: activation}; a ``stop`` hook that never fires is a RuntimeError."""
+    store: Dict[str, torch.Tensor] = {}
+
+    def keeper(name, last):
+        def hook(t, hook=None):
+            store[name] = t.detach()
+            if last:
+                raise _StopForward
+        return hook
+
+    names = list(dict.fromkeys(name for name in keep if name != stop))
+    all_hooks = list(hooks) + [(name, keeper(name, False)) for name in names] + [(stop, keeper(stop, True))]
+    tokens = tokens.to(model_device(model))
+    with torch.inference_mode():
+        try:
+            if tl_kind(model) == "hooked":
+                model.run_with_hooks(tokens, return_type=None, fwd_hooks=all_hooks)
+            else:
+                model.run_with_hooks(tokens, fwd_hooks=all_hooks)
+        except _StopForward:
+            pass
+    if stop not in store:
+        raise RuntimeError(f"hook {stop} never fired; the model's hook layout is not supported")
+    return store
+
+
 def capture(model, tokens: torch.Tensor, spec: ModelSpec, *, include_mlps: bool = True, include_embed: bool = True,
             extra_hooks=(), keep_hooks=()) -> Capture:
     """Run ``model`` on ``tokens`` [batch, pos] (validated) and return the `Capture`.
@@ -82,55 +112,23 @@ def capture(model, tokens: torch.Tensor, spec: ModelSpec, *, include_mlps: bool 
     ``extra_hooks``: (name, fn) forward hooks run before ours (interventions such as patches);
     ``keep_hooks``: further hook names whose activations are kept in ``Capture.extra``."""
     L = spec.n_layers
-    store: Dict[str, torch.Tensor] = {}
-
-    def keep(key):
-        def hook(t, hook=None):
-            store[key] = t.detach()
-        return hook
-
-    def stop(t, hook=None):
-        store["resid_final"] = t.detach()
-        raise _StopForward
-
-    hooks = list(extra_hooks) + [(f"blocks.{l}.attn.hook_z", keep(f"z{l}")) for l in range(L)]
-    hooks += [(name, keep(name)) for name in keep_hooks]
-    if include_mlps and spec.has_mlps:
-        hooks += [(f"blocks.{l}.hook_mlp_out", keep(f"mlp{l}")) for l in range(L)]
-    if include_embed:
-        hooks += [(EMBED_HOOK, keep(EMBED_HOOK))]
+    final = f"blocks.{L - 1}.hook_resid_post"
+    z_hooks = [f"blocks.{l}.attn.hook_z" for l in range(L)]
+    mlp_hooks = [f"blocks.{l}.hook_mlp_out" for l in range(L)] if include_mlps and spec.has_mlps else []
     point_hooks = [] if spec.additive_blocks or not include_embed else resid_point_hooks(spec)
-    hooks += [(name, keep(name)) for name in point_hooks if name != EMBED_HOOK and not name.endswith(f"{L - 1}.hook_resid_post")]
-    hooks.append((f"blocks.{L - 1}.hook_resid_post", stop))
-
-    tokens = tokens.to(model_device(model))
+    keep = z_hooks + list(keep_hooks) + mlp_hooks + ([EMBED_HOOK] if include_embed else []) + point_hooks
+    store = run_until(model, tokens, extra_hooks, keep, final)
+    missing = [name for name in z_hooks if name not in store]
+    if missing:
+        raise RuntimeError(f"hooks did not fire: {missing}")
     with torch.inference_mode():
-        try:
-            if spec.kind == "hooked":
-                model.run_with_hooks(tokens, return_type=None, fwd_hooks=hooks)
-            else:
-                model.run_with_hooks(tokens, fwd_hooks=hooks)
-        except _StopForward:
-            pass
-        else:
-            raise RuntimeError(
-                f"hook blocks.{L - 1}.hook_resid_post never fired; the model's hook layout is not supported"
-            )
-        missing = [f"blocks.{l}.attn.hook_z" for l in range(L) if f"z{l}" not in store]
-        if missing:
-            raise RuntimeError(f"hooks did not fire: {missing}")
-        z = torch.stack([store[f"z{l}"] for l in range(L)], dim=2)  # [B, P, L, H, dh]
+        z = torch.stack([store[name] for name in z_hooks], dim=2)  # [B, P, L, H, dh]
         B, P = z.shape[:2]
         z = z.reshape(B, P, L * spec.n_heads, spec.d_head)
-        mlp = None
-        if include_mlps and spec.has_mlps:
-            mlp = torch.stack([store[f"mlp{l}"] for l in range(L)], dim=2)
+        mlp = torch.stack([store[name] for name in mlp_hooks], dim=2) if mlp_hooks else None
         embed = store[EMBED_HOOK] if include_embed else None
-        scale = final_scale(store["resid_final"], spec)
-        points = None
-        if point_hooks:
-            store[f"blocks.{L - 1}.hook_resid_post"] = store["resid_final"]
-            points = torch.stack([store[name] for name in point_hooks], dim=2)
+        scale = final_scale(store[final], spec)
+        points = torch.stack([store[name] for name in point_hooks], dim=2) if point_hooks else None
     return Capture(z=z, mlp_out=mlp, embed=embed, scale=scale, extra={k: store[k] for k in keep_hooks if k in store},
                    resid_points=points)
 

@@ -7,12 +7,11 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from ..capture import validate_tokens
+from ..capture import run_until, validate_tokens
 from ..models import as_transformer_lens, model_spec
 from ..plotting import new_figure, save
 from .common import DEFAULT_ERASERS, attribute_with_hooks, head_indices
 from .support import check_paper_support
-from .value_path import run_until
 
 
 def bos_split(model, tokens: torch.Tensor, writer: str = "L0H2", erasers: Sequence[str] = DEFAULT_ERASERS, *,

@@ -1,7 +1,6 @@
 """How a writer head's output reaches a later layer's value input: norms with their scale frozen to the
-clean run (`FrozenNorm`), the linear path through them (`ValuePath`), each query head's K/V weights
-under grouped-query attention, and a forward pass cut short at a hook (`run_until`). Fig 3 patches along
-this path, fig 5 reads it."""
+clean run (`FrozenNorm`), the linear path through them (`ValuePath`), and each query head's K/V weights
+under grouped-query attention. Fig 3 patches along this path, fig 5 reads it."""
 
 from __future__ import annotations
 
@@ -10,7 +9,6 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..capture import model_device
 from ..models import UnsupportedModelError, as_transformer_lens, model_spec
 
 
@@ -168,34 +166,3 @@ def kv_group(spec, head_in_layer: int, n_kv: int) -> int:
     if spec.n_heads % n_kv:
         raise ValueError(f"{spec.n_heads} query heads do not share {n_kv} key/value heads evenly")
     return head_in_layer // (spec.n_heads // n_kv)
-
-
-class _Stop(Exception):
-    """Ends a forward pass once the activations wanted are kept."""
-
-
-def run_until(model, tokens: torch.Tensor, hooks, keep, stop: str) -> dict:
-    """Run ``model`` on ``tokens`` with the forward ``hooks`` (name, fn), keep the activations named in
-    ``keep`` and end the pass at hook ``stop`` (kept too). Returns {name: activation}."""
-    spec = model_spec(model)
-    store = {}
-
-    def keeper(name, last):
-        def hook(t, hook=None):
-            store[name] = t.detach()
-            if last:
-                raise _Stop
-        return hook
-
-    all_hooks = list(hooks) + [(name, keeper(name, False)) for name in keep if name != stop] + [(stop, keeper(stop, True))]
-    with torch.inference_mode():
-        try:
-            if spec.kind == "hooked":
-                model.run_with_hooks(tokens.to(model_device(model)), return_type=None, fwd_hooks=all_hooks)
-            else:
-                model.run_with_hooks(tokens.to(model_device(model)), fwd_hooks=all_hooks)
-        except _Stop:
-            pass
-    if stop not in store:
-        raise RuntimeError(f"hook {stop} never fired")
-    return store
