@@ -67,7 +67,13 @@ def check_against_cache(model, tokens: torch.Tensor, *, writer: int, label: str,
         }
         rp = torch.stack([cache[points[k]] for k in res.resid_labels]).double()
         checks["resid pr"] = (res.resid_pr[..., 0].permute(2, 0, 1), (rp * w).sum(-1) / ww)
-        down = res.downstream[:, 0].cpu()
+        # downstream from the block wiring the model's config states: later-layer heads; MLPs of later
+        # layers, and of the writer's own layer unless attention and MLP run in parallel
+        writer_layer, H = writer // spec.n_heads, spec.n_heads
+        parallel = bool(getattr(model.cfg, "parallel_attn_mlp", False))
+        down = torch.tensor([i // H > writer_layer for i in range(L * H)]
+                            + [(l > writer_layer if parallel else l >= writer_layer) for l in range(len(mlps))])
+        assert torch.equal(res.downstream[:, 0].cpu(), down), "downstream nodes differ from the block wiring"
         ref_adjusted = ref_next[writer] * (1 + (pr_ref[down][:, :, :-1]).sum(0))
         checks["adjusted dla"] = (res.adjusted_dla[:, :-1, 0], ref_adjusted)
         for name, (ours, ref) in checks.items():

@@ -16,7 +16,7 @@ from __future__ import annotations
 from .hf import bridge_of_hf, is_hf_model
 from .layout import BlockLayout, UnsupportedModelError
 from .nnsight_lm import bridge_of_nnsight, is_nnsight_model
-from .spec import ModelSpec, is_downstream
+from .spec import ModelSpec, downstream_mask, is_downstream
 from .tl import spec_from_tl, tl_kind
 
 __all__ = [
@@ -24,6 +24,7 @@ __all__ = [
     "ModelSpec",
     "UnsupportedModelError",
     "as_transformer_lens",
+    "downstream_mask",
     "interface_name",
     "is_downstream",
     "model_spec",

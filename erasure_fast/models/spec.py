@@ -74,19 +74,13 @@ class ModelSpec:
 
     def is_downstream(self, node: int, writer_head: int) -> bool:
         """Whether node ``node`` (heads layer-major, then the MLPs) reads writer ``writer_head``'s
-        output (`is_downstream`)."""
+        output (`downstream_mask`)."""
         return is_downstream(node, writer_head, self.n_layers, self.n_heads, self.parallel_blocks)
 
     def downstream_mask(self, writers: torch.Tensor, n_nodes: int) -> torch.Tensor:
-        """[n_nodes, W] bool: `is_downstream` for every node and writer head in ``writers`` [W]."""
-        L, H = self.n_layers, self.n_heads
-        node_layer = torch.cat([torch.arange(L * H) // H, torch.arange(n_nodes - L * H)])
-        is_head = torch.arange(n_nodes) < L * H
-        wl = writers.cpu() // H
-        later = node_layer[:, None] > wl[None, :]
-        same_or_later = node_layer[:, None] >= wl[None, :]
-        mlp_reads = later if self.parallel_blocks else same_or_later
-        return (is_head[:, None] & later) | (~is_head[:, None] & mlp_reads)
+        """[n_nodes, W] bool: whether each node reads each writer head in ``writers`` [W]
+        (module-level `downstream_mask`)."""
+        return downstream_mask(writers, n_nodes, self.n_layers, self.n_heads, self.parallel_blocks)
 
     def head_label(self, index: int) -> str:
         return f"L{index // self.n_heads}H{index % self.n_heads}"
@@ -149,14 +143,22 @@ class ModelSpec:
         )
 
 
+def downstream_mask(writers, n_nodes: int, n_layers: int, n_heads: int, parallel_blocks: bool) -> torch.Tensor:
+    """[n_nodes, W] bool: whether node i (heads layer-major, then the MLPs) reads writer head
+    ``writers[w]``'s output -- a head of a later layer; an MLP of a later layer, or of the writer's own
+    layer when blocks are sequential (a parallel block's MLP reads the stream before its heads write).
+    The one statement of this rule; everything else derives from it."""
+    L, H = n_layers, n_heads
+    node_layer = torch.cat([torch.arange(L * H) // H, torch.arange(n_nodes - L * H)])
+    is_head = torch.arange(n_nodes) < L * H
+    wl = torch.as_tensor(writers).cpu() // H
+    later = node_layer[:, None] > wl[None, :]
+    mlp_reads = later if parallel_blocks else node_layer[:, None] >= wl[None, :]
+    return (is_head[:, None] & later) | (~is_head[:, None] & mlp_reads)
+
+
 def is_downstream(node: int, writer_head: int, n_layers: int, n_heads: int, parallel_blocks: bool) -> bool:
-    """Whether node ``node`` (heads layer-major, then the MLPs) reads writer head ``writer_head``'s
-    output: a head of a later layer; an MLP of a later layer, or of the writer's own layer when
-    blocks are sequential (a parallel block's MLP reads the stream before its heads write)."""
-    wl = writer_head // n_heads
-    if node < n_layers * n_heads:
-        return node // n_heads > wl
-    mlp_layer = node - n_layers * n_heads
-    return mlp_layer > wl if parallel_blocks else mlp_layer >= wl
+    """`downstream_mask` for one node and one writer head."""
+    return bool(downstream_mask([writer_head], node + 1, n_layers, n_heads, parallel_blocks)[node, 0])
 
 

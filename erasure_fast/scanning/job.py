@@ -273,7 +273,7 @@ class ScanJob:
             dla_hist=dict(lo=DLA_RANGE[0], hi=DLA_RANGE[1], bins=DLA_BINS),
             versions=_versions(), machine=platform.platform(), config_digest=self.digest, notes=p.notes,
         )
-        summary = summarize(agg, p.cfg, p.spec)
+        summary = summarize(agg, p.cfg)
         meta.update(ranking_meta(summary, p.rank_by))
         files = write_report(p.out_dir, summary, agg, p.cfg, meta) if p.report else {}
         return ScanResult(out_dir=p.out_dir, summary=summary, meta=meta, files=files)

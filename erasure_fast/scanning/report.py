@@ -23,7 +23,7 @@ def _bucket_names(edges) -> list:
     return names
 
 
-def summarize(agg, cfg, spec):
+def summarize(agg, cfg):
     """One row per (node, writer), (resid point, writer), head DLA and writer adjusted DLA."""
     import pandas as pd
 
@@ -42,7 +42,7 @@ def summarize(agg, cfg, spec):
         is_node = i < n_nodes
         for w in range(W):
             s = i * W + w
-            downstream = is_node and spec.is_downstream(i, int(cfg.writers[w]))
+            downstream = s in pair_of  # the ranked pairs are exactly the downstream ones (state.downstream_pairs)
             row = dict(kind="node" if is_node else "resid", node=label, writer=cfg.writer_labels[w], downstream=bool(downstream))
             row.update(_stats(all_, s))
             row["median_bos"] = bos["q0.5"][s]

@@ -9,7 +9,7 @@ from typing import Dict, Sequence
 import numpy as np
 import torch
 
-from ..models import is_downstream
+from ..models import downstream_mask
 from .aggregate import SeriesStats, TopK
 from .pair_stats import NULL_STATISTICS, STATISTICS, NullReference, null_dots, pair_values
 from .plan import DLA_BINS, DLA_RANGE, PR_BINS, PR_RANGE, ScanConfig
@@ -78,11 +78,10 @@ class Aggregates:
 
 def downstream_pairs(cfg: ScanConfig) -> np.ndarray:
     """Flat indices (node * W + writer) of the pairs whose node reads the writer
-    (`erasure_fast.models.is_downstream`); nothing else can erase a writer."""
-    W, H = len(cfg.writers), cfg.n_heads
-    L = len(cfg.head_labels) // H
-    return np.array([i * W + w for i in range(len(cfg.node_labels)) for w, head in enumerate(cfg.writers)
-                     if is_downstream(i, int(head), L, H, cfg.parallel_blocks)], dtype=np.int64)
+    (`erasure_fast.models.downstream_mask`); nothing else can erase a writer."""
+    H = cfg.n_heads
+    mask = downstream_mask(cfg.writers, len(cfg.node_labels), len(cfg.head_labels) // H, H, cfg.parallel_blocks)
+    return np.flatnonzero(mask.numpy().reshape(-1)).astype(np.int64)  # row-major [node, writer]: node * W + w
 
 
 def _bucket_of(positions: torch.Tensor, edges: Sequence[int]) -> torch.Tensor:
