@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from .capture import Capture, final_scale
 from .models import ModelSpec
+from .models.spec import CENTERING_NORMS
 from .models.tl import tl_kind
 
 CAPTURE_MODES = ("auto", "engine", "hooks")
@@ -64,7 +65,7 @@ def engine_problem(model, spec: ModelSpec) -> Optional[str]:
     if kind not in ("bridge", "hooked"):
         return f"{type(model).__name__}: not a TransformerLens model"
     checks = [
-        (spec.normalization in ("LN", "LNPre"), f"normalization {spec.normalization!r} (the engine has LayerNorm)"),
+        (spec.normalization in CENTERING_NORMS, f"normalization {spec.normalization!r} (the engine has LayerNorm)"),
         (getattr(cfg, "positional_embedding_type", "standard") == "standard",
          f"positional embeddings {getattr(cfg, 'positional_embedding_type', None)!r} (the engine has learned absolute ones)"),
         (not spec.parallel_blocks and spec.additive_blocks, "parallel or post-norm blocks"),
@@ -77,7 +78,6 @@ def engine_problem(model, spec: ModelSpec) -> Optional[str]:
         (not getattr(cfg, "use_local_attn", False), "local attention"),
         (not getattr(cfg, "post_embedding_ln", False), "an embedding LayerNorm"),
         (not getattr(cfg, "scale_attn_by_inverse_layer_idx", False), "attention scaled by layer index"),
-        (getattr(cfg, "positional_embedding_type", "standard") != "shortformer", "shortformer positions"),
     ]
     why = [what for ok, what in checks if not ok]
     return f"{spec.family}: the engine does not cover {', '.join(why)}" if why else None

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from importlib import metadata
 
 import pytest
@@ -125,3 +127,10 @@ def write_tl_checkpoint(path, dims: dict, seed: int = 0, fmt: str = "pth", name:
 
         save_file({k: v.contiguous() for k, v in sd.items()}, os.path.join(path, "model.safetensors"))
     return sd
+
+
+def run_cli(*args, env=None, **kw) -> subprocess.CompletedProcess:
+    """``python -m erasure_fast.cli *args`` in a child process (text output captured; ``env`` entries
+    added to this process's environment)."""
+    cmd = [sys.executable, "-m", "erasure_fast.cli", *map(str, args)]
+    return subprocess.run(cmd, env={**os.environ, **(env or {})}, capture_output=True, text=True, **kw)

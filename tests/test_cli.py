@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import write_tl_checkpoint
+from conftest import run_cli, write_tl_checkpoint
 from erasure_fast.scanning import checkpoint as ckpt
 from erasure_fast.scanning.outdir import OutputLock
 
@@ -29,8 +29,7 @@ def root(tmp_path_factory):
 
 
 def cli(*args, **kw):
-    cmd = [sys.executable, "-m", "erasure_fast.cli", *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, **kw)
+    return run_cli(*args, timeout=600, **kw)
 
 
 def scan_args(root, out, *extra):

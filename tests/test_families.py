@@ -28,6 +28,7 @@ import pytest
 import torch
 
 import erasure_fast as ef
+from conftest import run_cli
 from family_results import RESULTS
 from hf_families import FAMILIES, VOCAB, boot_bridge, registry_families, save_family
 from tl_reference import check_against_cache, forward_calls, logit_attrs
@@ -211,14 +212,6 @@ def test_scan_runs_on_every_supported_family_with_a_text_corpus(arch, folders, t
     RESULTS.setdefault(arch, {})["scan"] = "pass"
 
 
-def _cli(*args, cwd):
-    import subprocess
-    import sys
-
-    return subprocess.run([sys.executable, "-m", "erasure_fast.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=600, cwd=cwd)
-
-
 def test_cli_scans_a_hugging_face_checkpoint_folder_with_its_tokenizer(folders, tmp_path):
     """`erasure-fast scan --model <HF folder> --corpus <.txt>`: the checkpoint is bridged by TransformerLens 4
     and the text read with the folder's own tokenizer (as TransformerLens configures it); the summary
@@ -231,7 +224,7 @@ def test_cli_scans_a_hugging_face_checkpoint_folder_with_its_tokenizer(folders, 
     (tmp_path / "c.txt").write_text(text)
     args = ("scan", "--model", folder, "--corpus", tmp_path / "c.txt", "--seq-len", 16, "--batch-size", 4,
             "--writers", "L0H1", "--out", tmp_path / "out", "--no-progress")
-    done = _cli(*args, cwd=tmp_path)
+    done = run_cli(*args, cwd=tmp_path, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     ours = pd.read_csv(tmp_path / "out" / "summary.csv")
     model = ef.load_model(folder)
@@ -239,15 +232,15 @@ def test_cli_scans_a_hugging_face_checkpoint_folder_with_its_tokenizer(folders, 
     ref = ef.scan(model, str(tmp_path / "c.txt"), seq_len=16, batch_size=4, writers=["L0H1"],
                   out_dir=str(tmp_path / "ref"), progress=False).summary
     assert len(ours) == len(ref) and ours["median"].to_numpy() == pytest.approx(ref["median"].to_numpy(), nan_ok=True)
-    again = _cli(*args, cwd=tmp_path)
+    again = run_cli(*args, cwd=tmp_path, timeout=600)
     assert again.returncode == 0 and "resuming" in again.stderr and "after 400 tokens" in again.stderr
 
 
 def test_cli_refuses_an_unsupported_family_in_one_line(folders, tmp_path):
     """A Mamba checkpoint: one line naming the family and why, exit 2, before the output folder is made."""
     np.save(tmp_path / "t.npy", np.arange(64, dtype=np.int64).reshape(4, 16) % VOCAB)
-    done = _cli("scan", "--model", folders["MambaForCausalLM"], "--corpus", tmp_path / "t.npy", "--out", tmp_path / "out",
-                cwd=tmp_path)
+    done = run_cli("scan", "--model", folders["MambaForCausalLM"], "--corpus", tmp_path / "t.npy", "--out", tmp_path / "out",
+                   cwd=tmp_path, timeout=600)
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2 and len(lines) == 1, done.stderr[-2000:]
     assert "MambaForCausalLM" in lines[0] and "no attention heads" in lines[0]

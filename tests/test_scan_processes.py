@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 from erasure_fast.scanning import checkpoint as ckpt
-from conftest import write_tl_checkpoint
+from conftest import run_cli, write_tl_checkpoint
 
 DIMS = dict(n_layers=2, n_heads=3, d_head=8, d_model=24, d_mlp=32, d_vocab=50, n_ctx=64)
 
@@ -28,9 +28,7 @@ def setup(tmp_path_factory):
     return root
 
 
-def cli(*args, env=None, **kw):
-    cmd = [sys.executable, "-m", "erasure_fast.cli", *map(str, args)]
-    return subprocess.run(cmd, env={**os.environ, **(env or {})}, capture_output=True, text=True, **kw)
+cli = run_cli
 
 
 def scan_args(root, out, *extra):

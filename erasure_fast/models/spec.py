@@ -8,7 +8,7 @@ from typing import List, Optional
 
 import torch
 
-_CENTERING_NORMS = ("LN", "LNPre")
+CENTERING_NORMS = ("LN", "LNPre")  # final-norm families that centre before scaling
 _SCALED_NORMS = ("LN", "LNPre", "RMS", "RMSPre")
 
 
@@ -52,7 +52,7 @@ class ModelSpec:
 
     @property
     def center(self) -> bool:
-        return self.normalization in _CENTERING_NORMS
+        return self.normalization in CENTERING_NORMS
 
     @property
     def n_heads_total(self) -> int:

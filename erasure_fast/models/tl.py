@@ -9,9 +9,7 @@ from typing import Optional
 import torch
 
 from .layout import UnsupportedModelError, block_layout, family_name
-from .spec import ModelSpec
-
-_CENTERING_NORMS = ("LN", "LNPre")
+from .spec import CENTERING_NORMS, ModelSpec
 
 
 def tl_kind(model) -> Optional[str]:
@@ -90,7 +88,7 @@ def spec_from_tl(model, kind: str) -> ModelSpec:
     norm = cfg.normalization_type
     if kind == "bridge" and not hasattr(model, "ln_final"):
         norm = None  # no final norm (GPT-1): the unembedding reads the stream itself
-    if kind == "bridge" and final_rms and norm in _CENTERING_NORMS:
+    if kind == "bridge" and final_rms and norm in CENTERING_NORMS:
         norm = "RMS"  # TL 4 treats a final RMSNorm as non-centring even in LN-family models
     spec = ModelSpec(
         n_layers=L, n_heads=H, d_head=dh, d_model=D, d_vocab=W_U.shape[1],
