@@ -45,6 +45,7 @@ from erasure_fast.paper.support import paper_support_problem
 from erasure_fast.paper.value_path import kv_group
 from family_results import PAPER_RESULTS
 from hf_families import VOCAB, boot_bridge, registry_families, save_family
+from tl_reference import forward_calls
 
 REGISTRY = registry_families()
 WRITER, ERASERS = "L0H1", ["L1H0", "L1H2"]
@@ -59,13 +60,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-def _forward_count(model):
-    """Forward passes of ``model`` so far (of the Hugging Face model it bridges; a norm probe is none)."""
-    calls = []
-    getattr(model, "original_model", model).register_forward_pre_hook(lambda *a: calls.append(1))
-    return calls
 
 
 def _short(message: str, family: str) -> str:
@@ -250,7 +244,7 @@ def _analyse(model, arch: str, keys=tuple(KEYS)):
     tokens = torch.randint(2, VOCAB, (2, 9), generator=g)
     corpus = torch.randint(2, VOCAB, (1, 9), generator=g).numpy()  # one row: fig 4's donor is known
     correct, incorrect = [5, 6], [7, 8]
-    calls = _forward_count(model)
+    calls = forward_calls(model)  # the embedding runs in every forward pass, not in a norm probe
     runs = {
         "fig1_2": lambda: paper.fig1_fig2(tokens, WRITER, model=model),
         "fig3": lambda: causal_runs(model, tokens, WRITER, ERASERS),
@@ -429,7 +423,7 @@ def test_cli_refuses_an_analysis_the_family_cannot_run_before_any_work(tmp_path,
 
     arch = _refusing_family()
     model = boot_bridge(save_family(arch, str(tmp_path / "model")))
-    calls = _forward_count(model)
+    calls = forward_calls(model)  # the embedding runs in every forward pass, not in a norm probe
     capsys.readouterr()  # the fixture's progress bars
     monkeypatch.setattr(paper_cli, "open_paper_model", lambda name, device=None: (model, f"tiny {arch}", ERASERS, None))
     base = ["paper", "--model", "x", "--writer", WRITER, "--erasers", ",".join(ERASERS), "--rows", "2", "--seq-len", "16",
