@@ -14,6 +14,7 @@
 
 #include "dla_only.h"
 #include "fused_attribution.h"
+#include "scan_aggregates.h"
 
 namespace py = pybind11;
 
@@ -352,6 +353,141 @@ void def_dla(py::module_& m, const std::string& sfx, const char* dtype) {
             .c_str());
 }
 
+// ---------------------------------------------------------------------------------------------
+// Scan aggregation (scan_aggregates.h): one batch's histogram (added in place) and moments.
+
+template <typename T>
+py::tuple run_series_stats(const Arr<T>& values, const IdArr& bucket, int64_t n_buckets, double lo,
+                           double inv_width, int64_t n_bins, py::array hist, int n_threads) {
+  if (values.ndim() != 2) fail("values must have shape [T, S], got " + shape_of(values));
+  const int64_t T_ = values.shape(0), S = values.shape(1);
+  if (n_buckets < 1) fail("n_buckets must be >= 1, got " + std::to_string(n_buckets));
+  if (n_bins < 1) fail("n_bins must be >= 1, got " + std::to_string(n_bins));
+  if (!std::isfinite(lo) || !std::isfinite(inv_width) || !(inv_width > 0))
+    fail("lo must be finite and inv_width finite and > 0, got " + std::to_string(lo) + ", " +
+         std::to_string(inv_width));
+  if (bucket.ndim() != 1 || bucket.shape(0) != T_)
+    fail("bucket must have shape [T]=[" + std::to_string(T_) + "], got " + shape_of(bucket));
+  const int64_t* bp = bucket.data();
+  for (int64_t t = 0; t < T_; ++t)
+    if (bp[t] < 0 || bp[t] >= n_buckets)
+      fail("bucket must lie in [0, " + std::to_string(n_buckets) + "), got " + std::to_string(bp[t]) +
+           " at token " + std::to_string(t));
+  // The histogram is updated in place: it must be this very array, never a converted copy.
+  if (!hist.dtype().is(py::dtype::of<int64_t>()) || !(hist.flags() & py::array::c_style) ||
+      !hist.writeable())
+    fail("hist must be a writeable C-contiguous int64 array");
+  if (hist.ndim() != 3 || hist.shape(0) != n_buckets || hist.shape(1) != S || hist.shape(2) != n_bins + 2)
+    fail("hist must have shape [B, S, n_bins + 2]=[" + std::to_string(n_buckets) + ", " +
+         std::to_string(S) + ", " + std::to_string(n_bins + 2) + "], got " + shape_of(hist));
+  py::array_t<int64_t> count(std::vector<py::ssize_t>{n_buckets, S});
+  py::array_t<double> mean(std::vector<py::ssize_t>{n_buckets, S});
+  py::array_t<double> m2(std::vector<py::ssize_t>{n_buckets, S});
+  const T* vp = values.data();
+  int64_t* hp = static_cast<int64_t*>(hist.mutable_data());
+  int64_t* cp = count.mutable_data();
+  double* mp = mean.mutable_data();
+  double* m2p = m2.mutable_data();
+  {
+    py::gil_scoped_release release;
+    ef::series_stats_batch<T>(vp, bp, T_, S, n_buckets, static_cast<T>(lo), static_cast<T>(inv_width),
+                              n_bins, hp, cp, mp, m2p, n_threads);
+  }
+  return py::make_tuple(count, mean, m2);
+}
+
+template <typename T>
+void def_series_stats(py::module_& m, const char* name) {
+  m.def(name, &run_series_stats<T>, py::arg("values"), py::arg("bucket"), py::arg("n_buckets"),
+        py::arg("lo"), py::arg("inv_width"), py::arg("n_bins"), py::arg("hist"), py::arg("n_threads") = 0,
+        "One batch of SeriesStats.update: values [T, S], bucket [T] int64 in [0, n_buckets), hist "
+        "[n_buckets, S, n_bins + 2] int64 (finite values' bins added in place; bin = clamp(floor((v - lo) "
+        "* inv_width), -1, n_bins) + 1 in the values' dtype). Returns the batch's (count [B, S] int64, "
+        "mean [B, S] float64, m2 [B, S] float64) over finite values.");
+}
+
+// The per-pair ranking statistics (scan_aggregates.h, pair_stats_batch): histograms of the
+// kPairStats statistics (SeriesStats with one bucket, hist [1, P, n_bins + 2]) updated in place.
+void check_hist(const py::array& hist, const std::string& name, int64_t n_series, int64_t n_bins) {
+  if (!hist.dtype().is(py::dtype::of<int64_t>()) || !(hist.flags() & py::array::c_style) ||
+      !hist.writeable())
+    fail(name + " must be a writeable C-contiguous int64 array");
+  if (hist.ndim() != 3 || hist.shape(0) != 1 || hist.shape(1) != n_series || hist.shape(2) != n_bins + 2)
+    fail(name + " must have shape [1, P, n_bins + 2]=[1, " + std::to_string(n_series) + ", " +
+         std::to_string(n_bins + 2) + "], got " + shape_of(hist));
+}
+
+template <typename T>
+py::tuple run_pair_stats(const Arr<T>& dots, const Arr<T>& norms, const Arr<double>& null_dots,
+                         const Arr<double>& resid_norm, const IdArr& writers, const IdArr& pairs,
+                         const Arr<double>& lo, const Arr<double>& inv_width, const IdArr& n_bins,
+                         const std::vector<py::array>& hists, int n_threads) {
+  constexpr int K = ef::kPairStats;
+  if (dots.ndim() != 3) fail("dots must have shape [T, n_nodes, W], got " + shape_of(dots));
+  const int64_t T_ = dots.shape(0), Nn = dots.shape(1), W = dots.shape(2);
+  const std::string dims = std::to_string(T_) + ", " + std::to_string(Nn);
+  if (null_dots.ndim() != 3 || null_dots.shape(0) != T_ || null_dots.shape(1) != Nn || null_dots.shape(2) != W)
+    fail("null_dots must have shape [T, n_nodes, W]=[" + dims + ", " + std::to_string(W) + "], got " +
+         shape_of(null_dots));
+  if (norms.ndim() != 2 || norms.shape(0) != T_ || norms.shape(1) != Nn)
+    fail("norms must have shape [T, n_nodes]=[" + dims + "], got " + shape_of(norms));
+  if (resid_norm.ndim() != 1 || resid_norm.shape(0) != T_)
+    fail("resid_norm must have shape [T]=[" + std::to_string(T_) + "], got " + shape_of(resid_norm));
+  if (writers.ndim() != 1 || writers.shape(0) != W)
+    fail("writers must have shape [W]=[" + std::to_string(W) + "], got " + shape_of(writers));
+  for (int64_t i = 0; i < W; ++i)
+    if (writers.data()[i] < 0 || writers.data()[i] >= Nn)
+      fail("writers must be node indices in [0, " + std::to_string(Nn) + "), got " +
+           std::to_string(writers.data()[i]) + " at position " + std::to_string(i));
+  if (pairs.ndim() != 1) fail("pairs must have shape [P], got " + shape_of(pairs));
+  const int64_t P = pairs.shape(0);
+  for (int64_t i = 0; i < P; ++i)
+    if (pairs.data()[i] < 0 || pairs.data()[i] >= Nn * W)
+      fail("pairs must be flat indices node * W + writer in [0, " + std::to_string(Nn * W) + "), got " +
+           std::to_string(pairs.data()[i]) + " at position " + std::to_string(i));
+  for (const auto* a : {&lo, &inv_width})
+    if (a->ndim() != 1 || a->shape(0) != K) fail("lo and inv_width must have shape [" + std::to_string(K) + "]");
+  if (n_bins.ndim() != 1 || n_bins.shape(0) != K) fail("n_bins must have shape [" + std::to_string(K) + "]");
+  if (static_cast<int64_t>(hists.size()) != K)
+    fail("hists must hold " + std::to_string(K) + " arrays, got " + std::to_string(hists.size()));
+  std::vector<int64_t*> hist_ptrs(K);
+  for (int k = 0; k < K; ++k) {
+    if (n_bins.data()[k] < 1) fail("n_bins must be >= 1");
+    if (!std::isfinite(lo.data()[k]) || !std::isfinite(inv_width.data()[k]) || !(inv_width.data()[k] > 0))
+      fail("lo must be finite and inv_width finite and > 0");
+    check_hist(hists[k], "hists[" + std::to_string(k) + "]", P, n_bins.data()[k]);
+    hist_ptrs[k] = static_cast<int64_t*>(const_cast<py::array&>(hists[k]).mutable_data());
+  }
+  py::array_t<int64_t> count(std::vector<py::ssize_t>{K, P});
+  py::array_t<double> mean(std::vector<py::ssize_t>{K, P});
+  py::array_t<double> m2(std::vector<py::ssize_t>{K, P});
+  const T *dp = dots.data(), *np_ = norms.data();
+  const double* ndp = null_dots.data();
+  const double *rp = resid_norm.data(), *lop = lo.data(), *ivp = inv_width.data();
+  const int64_t *wp = writers.data(), *pp = pairs.data(), *nbp = n_bins.data();
+  int64_t* cp = count.mutable_data();
+  double* mp = mean.mutable_data();
+  double* m2p = m2.mutable_data();
+  {
+    py::gil_scoped_release release;
+    ef::pair_stats_batch<T>(dp, np_, ndp, rp, wp, pp, T_, Nn, W, P, lop, ivp, nbp, hist_ptrs.data(), cp, mp,
+                            m2p, n_threads);
+  }
+  return py::make_tuple(count, mean, m2);
+}
+
+template <typename T>
+void def_pair_stats(py::module_& m, const char* name) {
+  m.def(name, &run_pair_stats<T>, py::arg("dots"), py::arg("norms"), py::arg("null_dots"),
+        py::arg("resid_norm"), py::arg("writers"), py::arg("pairs"), py::arg("lo"), py::arg("inv_width"),
+        py::arg("n_bins"), py::arg("hists"), py::arg("n_threads") = 0,
+        "The scan's per-pair ranking statistics (es, apr, pv, cos, es_null, apr_null, pr_null, pv_null, "
+        "cos_null; see erasure_fast/scanning/pair_stats.py) of one batch folded into their histograms: dots "
+        "[T, n_nodes, W], null_dots [T, n_nodes, W] float64, norms [T, n_nodes], resid_norm [T] float64, writers [W] int64 node "
+        "indices, pairs [P] int64 flat node * W + writer, lo / inv_width [9] float64, n_bins [9] int64, "
+        "hists: 9 int64 arrays [1, P, n_bins + 2] (added in place). Returns (count, mean, m2) [9, P].");
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -364,6 +500,10 @@ PYBIND11_MODULE(_C, m) {
   def_dla<ef::Native<double>>(m, "f64", "float64");
   def_dla<ef::Bf16>(m, "bf16", "bfloat16");
   def_dla<ef::F16>(m, "f16", "float16");
+  def_series_stats<float>(m, "series_stats_batch_f32");
+  def_series_stats<double>(m, "series_stats_batch_f64");
+  def_pair_stats<float>(m, "pair_stats_batch_f32");
+  def_pair_stats<double>(m, "pair_stats_batch_f64");
   m.def("dla_prefer_table", &ef::prefer_table, py::arg("n_unique"), py::arg("n_valid_tokens"),
         py::arg("d_model"), "The auto rule of dla_gathered_*: True = gather from the table.");
   m.def("build_info", []() {

@@ -104,6 +104,11 @@ def kernel_array(t: torch.Tensor, dtype: torch.dtype):
     return t.numpy()
 
 
+def extension_or_none():
+    """The compiled module, or None where it is not built (callers with a torch fallback)."""
+    return _extension()[0]
+
+
 def require_extension():
     _C, err = _extension()
     if _C is None:

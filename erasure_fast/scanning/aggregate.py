@@ -13,10 +13,23 @@ States are dicts of numpy arrays (saved as npz, reduced with torch.distributed).
 
 from __future__ import annotations
 
+import functools
 from typing import Dict, Sequence
 
 import numpy as np
 import torch
+
+from ..backends.cpp import extension_or_none, get_num_threads
+
+
+def _compiled_batch(dtype: torch.dtype):
+    """The C++ batch kernel for float32 / float64 values (csrc/scan_aggregates.h), or None when the
+    extension is not built (the torch reference `SeriesStats._batch_reference` then does the work)."""
+    _C = extension_or_none()
+    if _C is None:
+        return None
+    kernel = _C.series_stats_batch_f64 if dtype == torch.float64 else _C.series_stats_batch_f32
+    return functools.partial(kernel, n_threads=get_num_threads())
 
 
 class SeriesStats:
@@ -40,6 +53,24 @@ class SeriesStats:
         if v.dtype not in (torch.float32, torch.float64):
             v = v.float()
         bucket = bucket.detach().to("cpu", torch.int64).reshape(-1)
+        kernel = _compiled_batch(v.dtype)
+        if kernel is not None:
+            counted, mean_b, m2_b = kernel(v.contiguous().numpy(), bucket.contiguous().numpy(), self.B, self.lo,
+                                           1.0 / self.bin_width, self.nb, self.hist)
+        else:
+            counted, mean_b, m2_b = self._batch_reference(v, bucket)
+        self.fold_batch(torch.bincount(bucket, minlength=self.B).numpy(), counted, mean_b, m2_b)
+
+    def fold_batch(self, tokens: np.ndarray, counted: np.ndarray, mean_b: np.ndarray, m2_b: np.ndarray) -> None:
+        """Fold a batch whose histogram is already added: tokens [B] per bucket, and count / mean / m2
+        [B, S] of its finite values (the rest count as NaN)."""
+        self.nan += tokens[:, None] - counted
+        self._merge_moments(counted, mean_b, m2_b)
+        self.count += counted
+
+    def _batch_reference(self, v: torch.Tensor, bucket: torch.Tensor):
+        """The batch's histogram (added to self.hist) and (count, mean, m2) [B, S] of its finite values,
+        in torch: the reference of the compiled kernel (csrc/scan_aggregates.h), used where it is not built."""
         finite = torch.isfinite(v)
         nb2 = self.nb + 2
         # bin 0 = underflow (< lo), 1..nb inside, nb + 1 = overflow (>= hi); non-finite -> a dump slot
@@ -53,10 +84,7 @@ class SeriesStats:
         hist = hist.reshape(self.B, self.S, nb2).numpy()
         self.hist += hist
         counted = hist.sum(axis=2)
-        per_bucket = torch.bincount(bucket, minlength=self.B).numpy()
-        self.nan += per_bucket[:, None] - counted
-        # Batch mean and squared deviations per bucket as [B, T] x [T, S] products (fixed shapes ->
-        # fixed summation order), then merged into the running values.
+        # Batch mean and squared deviations per bucket as [B, T] x [T, S] products.
         zero = torch.zeros((), dtype=torch.float64)
         vz = torch.where(finite, v.to(torch.float64), zero)
         one_hot = torch.nn.functional.one_hot(bucket, self.B).to(torch.float64)  # [T, B]
@@ -64,8 +92,7 @@ class SeriesStats:
         mean_b = (one_hot.T @ vz) / n_b.clamp(min=1)
         dev = torch.where(finite, vz - mean_b[bucket], zero)
         m2_b = (one_hot.T @ (dev * dev)).numpy()
-        self._merge_moments(counted, mean_b.numpy(), m2_b)
-        self.count += counted
+        return counted, mean_b.numpy(), m2_b
 
     def _merge_moments(self, n_b: np.ndarray, mean_b: np.ndarray, m2_b: np.ndarray) -> None:
         """Chan et al.: combine (count, mean, M2) with a batch's; call before adding n_b to count."""

@@ -26,9 +26,16 @@ directly for the MLP outputs.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional
+import functools
+from typing import TYPE_CHECKING, Dict, Optional
 
+import numpy as np
 import torch
+
+from ..backends.cpp import extension_or_none, get_num_threads
+
+if TYPE_CHECKING:
+    from .aggregate import SeriesStats
 
 # name: (histogram lo, hi, bins) -- the quantiles' resolution is (hi - lo) / bins
 STATISTICS = {
@@ -39,6 +46,9 @@ STATISTICS = {
 }
 NULL_STATISTICS = {"es_null": STATISTICS["es"], "apr_null": STATISTICS["apr"], "pr_null": (-3.0, 3.0, 1200),
                    "pv_null": STATISTICS["pv"], "cos_null": STATISTICS["cos"]}
+# The order of the compiled kernel's statistics (csrc/scan_aggregates.h, pair_stats_batch).
+PAIR_STATISTICS = ("es", "apr", "pv", "cos", "es_null", "apr_null", "pr_null", "pv_null", "cos_null")
+assert set(PAIR_STATISTICS) == set(STATISTICS) | set(NULL_STATISTICS)
 
 
 def null_directions(seed: int, d_model: int, n_writers: int, dtype=torch.float64) -> torch.Tensor:
@@ -50,14 +60,21 @@ def null_directions(seed: int, d_model: int, n_writers: int, dtype=torch.float64
 
 @dataclass(frozen=True)
 class NullReference:
-    """The null's random unit directions [d_model, W] (one per writer) and the heads' W_O [N, d_head, d_model]."""
+    """The null's random unit directions [d_model, W] (one per writer), and the same directions in
+    each head's space, W_O[n] r_w [N, d_head, W] (float64; z . W_O[n] r_w = head n's output . r_w)."""
 
-    W_O: torch.Tensor
     directions: torch.Tensor
+    head_directions: torch.Tensor
+
+    @property
+    def d_model(self) -> int:
+        return self.directions.shape[0]
 
     @classmethod
     def for_scan(cls, W_O: torch.Tensor, seed: int, n_writers: int) -> "NullReference":
-        return cls(W_O=W_O.detach().to(torch.float64), directions=null_directions(seed, W_O.shape[-1], n_writers))
+        """W_O [N, d_head, d_model]: every head's output matrix."""
+        R = null_directions(seed, W_O.shape[-1], n_writers)
+        return cls(directions=R, head_directions=torch.einsum("nhd,dw->nhw", W_O.detach().cpu().double(), R))
 
 
 def _nan_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
@@ -89,14 +106,44 @@ def pair_values(dots: torch.Tensor, norms: torch.Tensor, writers: torch.Tensor, 
                 pv_null=nd, cos_null=cos_null)
 
 
-def null_dots(z: torch.Tensor, W_O: torch.Tensor, mlp_out: Optional[torch.Tensor], directions: torch.Tensor) -> torch.Tensor:
-    """node . r_w for every node and null direction: z [T, N, d_head], W_O [N, d_head, d_model],
-    mlp_out [T, L, d_model] (None for an attention-only model), directions [d_model, W]
-    -> [T, N + L, W] (heads, then MLPs)."""
-    R = directions.to(z.device, torch.float64)
-    U = torch.einsum("nhd,dw->nhw", W_O.to(z.device, torch.float64), R)  # each head's W_O r_w, in head space
-    heads = torch.einsum("tnh,nhw->tnw", z.double(), U)
+def fold_pair_values(stats: Dict[str, "SeriesStats"], dots: torch.Tensor, norms: torch.Tensor, writers: torch.Tensor,
+                     null_dots: torch.Tensor, resid_norm: torch.Tensor, pairs: torch.Tensor) -> None:
+    """Fold one batch's `pair_values` (arguments as there) into ``stats`` ({name: SeriesStats over the
+    pairs, one bucket}): in one compiled pass that never materialises them (csrc/scan_aggregates.h)
+    when the extension is built, else through `pair_values` and `SeriesStats.update`."""
+    kernel = _compiled_pair_kernel(dots.dtype)
+    if kernel is None or dots.device.type != "cpu":
+        values = pair_values(dots, norms, writers, null_dots, resid_norm, pairs)
+        zero = torch.zeros(dots.shape[0], dtype=torch.int64)
+        for name, series in stats.items():
+            series.update(values[name], zero)
+        return
+    parts = [stats[name] for name in PAIR_STATISTICS]
+    T = dots.shape[0]
+    as_np = lambda t, dtype: t.detach().to(dtype).contiguous().numpy()  # noqa: E731
+    counted, mean_b, m2_b = kernel(
+        as_np(dots, dots.dtype), as_np(norms, dots.dtype), as_np(null_dots, torch.float64),
+        as_np(resid_norm.reshape(T), torch.float64), as_np(writers, torch.int64), as_np(pairs, torch.int64),
+        np.array([p.lo for p in parts]), np.array([1.0 / p.bin_width for p in parts]),
+        np.array([p.nb for p in parts], np.int64), [p.hist for p in parts])
+    for k, part in enumerate(parts):
+        part.fold_batch(np.array([T]), counted[k][None], mean_b[k][None], m2_b[k][None])
+
+
+def _compiled_pair_kernel(dtype: torch.dtype):
+    _C = extension_or_none()
+    kernel = None if _C is None else {torch.float32: _C.pair_stats_batch_f32, torch.float64: _C.pair_stats_batch_f64}.get(dtype)
+    return None if kernel is None else functools.partial(kernel, n_threads=get_num_threads())
+
+
+def null_dots(z: torch.Tensor, mlp_out: Optional[torch.Tensor], null: NullReference) -> torch.Tensor:
+    """node . r_w for every node and null direction: z [T, N, d_head], mlp_out [T, L, d_model] (None
+    for an attention-only model) -> [T, N + L, W] float64 (heads, then MLPs), multiplied in the
+    activations' accumulation dtype (float64 for float64, else float32), as the attribution is."""
+    dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
+    U = null.head_directions.to(z.device, dtype)
+    heads = torch.bmm(z.to(dtype).transpose(0, 1), U).transpose(0, 1)  # [T, N, W], one [T, dh] x [dh, W] per head
     if mlp_out is None:
-        return heads
-    mlps = torch.einsum("tld,dw->tlw", mlp_out.double(), R)
-    return torch.cat([heads, mlps], dim=1)
+        return heads.double()
+    mlps = mlp_out.to(dtype) @ null.directions.to(z.device, dtype)
+    return torch.cat([heads, mlps], dim=1).double()

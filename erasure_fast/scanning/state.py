@@ -11,7 +11,7 @@ import torch
 
 from ..models import downstream_mask
 from .aggregate import SeriesStats, TopK
-from .pair_stats import NULL_STATISTICS, STATISTICS, NullReference, null_dots, pair_values
+from .pair_stats import NULL_STATISTICS, STATISTICS, NullReference, fold_pair_values, null_dots
 from .plan import DLA_BINS, DLA_RANGE, PR_BINS, PR_RANGE, ScanConfig
 
 PAIR_CHUNK = 1024  # tokens per chunk of the per-pair statistics (bounds their temporaries)
@@ -96,16 +96,13 @@ def _update_pair_stats(agg: Aggregates, res, T: int, null: NullReference) -> Non
     z = res.z.reshape(T, -1, res.z.shape[-1])
     mlp = res.extra.get("mlp_out")  # None for an attention-only model
     mlp = None if mlp is None else mlp.reshape(T, -1, mlp.shape[-1])
-    d_model = null.W_O.shape[-1]
+    d_model = null.d_model
     resid_norm = res.final_scale.reshape(T).double() * d_model ** 0.5  # |x| = sqrt(d_model) * final-norm scale
-    zero = torch.zeros(T, dtype=torch.int64)
     idx = agg.pair_index.to(dots.device)
     for lo in range(0, T, PAIR_CHUNK):
         hi = min(lo + PAIR_CHUNK, T)
-        nd = null_dots(z[lo:hi], null.W_O, None if mlp is None else mlp[lo:hi], null.directions)
-        values = pair_values(dots[lo:hi], norms[lo:hi], res.writers, nd, resid_norm[lo:hi], idx)
-        for name, stats in agg.pair_stats.items():
-            stats.update(values[name], zero[lo:hi])
+        nd = null_dots(z[lo:hi], None if mlp is None else mlp[lo:hi], null)
+        fold_pair_values(agg.pair_stats, dots[lo:hi], norms[lo:hi], res.writers, nd, resid_norm[lo:hi], idx)
 
 
 def update(agg: Aggregates, res, rows: torch.Tensor, edges: Sequence[int], null: NullReference) -> None:

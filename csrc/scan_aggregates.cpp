@@ -1,0 +1,215 @@
+// Histograms and moments of one scan batch; see scan_aggregates.h for the contracts.
+#include "scan_aggregates.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace ef {
+namespace {
+
+// Series per work item: a block's histogram rows and accumulators stay with one thread, and one
+// token's values of the block (kBlock * 4 or 8 bytes) are read contiguously.
+constexpr int64_t kBlock = 64;
+// Tokens per tile of pair_stats_batch: its buffer (kPairTile * kBlock * kPairStats doubles, 288 KiB)
+// stays in L2.
+constexpr int64_t kPairTile = 64;
+
+int thread_count(int n_threads) {
+#ifdef _OPENMP
+  return n_threads > 0 ? n_threads : omp_get_max_threads();
+#else
+  (void)n_threads;
+  return 1;
+#endif
+}
+
+// clamp(v, -1, 1) that keeps NaN (as torch.clamp does).
+inline double clamp_unit(double v) { return v < -1.0 ? -1.0 : (v > 1.0 ? 1.0 : v); }
+
+// The division is done unconditionally and the result selected, so loops over it vectorise.
+inline double nan_div(double num, double den) {
+  const double q = num / den;
+  return den == 0.0 ? std::numeric_limits<double>::quiet_NaN() : q;
+}
+
+// The kPairStats statistics of one (token, pair); see scan_aggregates.h.
+inline void pair_statistics(double d, double nd, double a, double w, double x, double* out) {
+  const double pr = nan_div(d, w * w), pv = nan_div(d, w), cos = clamp_unit(nan_div(d, a * w));
+  const double pr0 = nan_div(nd, w), cos0 = clamp_unit(nan_div(nd, a));
+  out[0] = nan_div(pv * std::fabs(cos), x);
+  out[1] = pr * std::fabs(cos);
+  out[2] = pv;
+  out[3] = cos;
+  out[4] = nan_div(nd * std::fabs(cos0), x);
+  out[5] = pr0 * std::fabs(cos0);
+  out[6] = pr0;
+  out[7] = nd;
+  out[8] = cos0;
+}
+
+}  // namespace
+
+template <typename T>
+void series_stats_batch(const T* values, const int64_t* bucket, int64_t n_tokens, int64_t n_series,
+                        int64_t n_buckets, T lo, T inv_width, int64_t n_bins, int64_t* hist,
+                        int64_t* count, double* mean, double* m2, int n_threads) {
+  const int64_t nb2 = n_bins + 2;
+  const int64_t n_blocks = (n_series + kBlock - 1) / kBlock;
+  const T top = static_cast<T>(n_bins);
+  const int nthr = thread_count(n_threads);
+  (void)nthr;
+#pragma omp parallel for num_threads(nthr) schedule(dynamic, 1)
+  for (int64_t blk = 0; blk < n_blocks; ++blk) {
+    const int64_t s0 = blk * kBlock, ns = std::min(n_series, s0 + kBlock) - s0;
+    // One pass: bins, counts and sums of (v - shift) and (v - shift)^2 per bucket, shift = the
+    // series' value at the bucket's first token of the batch (0 if not finite); see pair_stats_batch.
+    const size_t acc = static_cast<size_t>(n_buckets * kBlock);
+    std::vector<int64_t> cnt(acc, 0);
+    std::vector<double> shift(acc, 0.0), s1(acc, 0.0), s2(acc, 0.0);
+    std::vector<char> shifted(static_cast<size_t>(n_buckets), 0);
+    alignas(32) int32_t bin[kBlock];  // int32: AVX2 converts to int32 only
+    for (int64_t t = 0; t < n_tokens; ++t) {
+      const T* row = values + t * n_series + s0;
+      const int64_t b = bucket[t];
+      double* sh = shift.data() + b * kBlock;
+      if (!shifted[b]) {
+        for (int64_t j = 0; j < ns; ++j) sh[j] = std::isfinite(row[j]) ? static_cast<double>(row[j]) : 0.0;
+        shifted[b] = 1;
+      }
+      int64_t* c = cnt.data() + b * kBlock;
+      double* a1 = s1.data() + b * kBlock;
+      double* a2 = s2.data() + b * kBlock;
+      for (int64_t j = 0; j < ns; ++j) {  // element-wise (vectorised)
+        const T v = row[j];
+        const bool finite = std::isfinite(v);
+        T f = std::floor((v - lo) * inv_width);
+        f = f < T(-1) ? T(-1) : (f > top ? top : f);
+        bin[j] = finite ? static_cast<int32_t>(finite ? f : T(0)) + 1 : -1;
+        const double dv = finite ? static_cast<double>(v) - sh[j] : 0.0;
+        c[j] += finite ? 1 : 0;
+        a1[j] += dv;
+        a2[j] += dv * dv;
+      }
+      int64_t* h = hist + (b * n_series + s0) * nb2;
+      for (int64_t j = 0; j < ns; ++j)
+        if (bin[j] >= 0) ++h[j * nb2 + bin[j]];
+    }
+    for (int64_t b = 0; b < n_buckets; ++b)
+      for (int64_t j = 0; j < ns; ++j) {
+        const int64_t at = b * n_series + s0 + j, k = b * kBlock + j, n = cnt[k];
+        count[at] = n;
+        mean[at] = n > 0 ? shift[k] + s1[k] / static_cast<double>(n) : 0.0;
+        m2[at] = n > 0 ? std::max(s2[k] - s1[k] * s1[k] / static_cast<double>(n), 0.0) : 0.0;
+      }
+  }
+}
+
+template <typename T>
+void pair_stats_batch(const T* dots, const T* norms, const double* null_dots, const double* resid_norm,
+                      const int64_t* writers, const int64_t* pairs, int64_t n_tokens, int64_t n_nodes,
+                      int64_t n_writers, int64_t n_pairs, const double* lo, const double* inv_width,
+                      const int64_t* n_bins, int64_t* const* hists, int64_t* count, double* mean,
+                      double* m2, int n_threads) {
+  constexpr int K = kPairStats;
+  const int64_t n_blocks = (n_pairs + kBlock - 1) / kBlock;
+  const int64_t row = n_nodes * n_writers;
+  const int nthr = thread_count(n_threads);
+  (void)nthr;
+  // |node| per token, once (each is read by many pairs).
+  std::vector<double> node_norm(static_cast<size_t>(n_tokens * n_nodes));
+  for (int64_t i = 0; i < n_tokens * n_nodes; ++i)
+    node_norm[i] = std::sqrt(std::max(static_cast<double>(norms[i]), 0.0));
+  // Local copies: the histogram writes (int64) could otherwise alias n_bins and force reloads.
+  double lo_k[K], inv_k[K], top_k[K];
+  int64_t stride_k[K];
+  for (int k = 0; k < K; ++k)
+    lo_k[k] = lo[k], inv_k[k] = inv_width[k], top_k[k] = static_cast<double>(n_bins[k]), stride_k[k] = n_bins[k] + 2;
+#pragma omp parallel for num_threads(nthr) schedule(dynamic, 1)
+  for (int64_t blk = 0; blk < n_blocks; ++blk) {
+    const int64_t p0 = blk * kBlock, np = std::min(n_pairs, p0 + kBlock) - p0;
+    int64_t node[kBlock], writer[kBlock];
+    for (int64_t j = 0; j < np; ++j) node[j] = pairs[p0 + j] / n_writers, writer[j] = writers[pairs[p0 + j] % n_writers];
+    // One pass: bins, counts and sums of (v - shift) and (v - shift)^2, shift = the pair's value at
+    // the batch's first token (0 if not finite), so the variance does not cancel: its error grows
+    // only with ((mean - shift) / std)^2, and one sample lies within a few std of the mean.
+    alignas(32) int64_t cnt[K][kBlock] = {};
+    alignas(32) double shift[K][kBlock], s1[K][kBlock] = {}, s2[K][kBlock] = {};
+    alignas(32) double d[kBlock], nd[kBlock], a[kBlock], w[kBlock], v[K][kBlock];
+    alignas(32) int32_t bin[kBlock];  // int32: AVX2 converts doubles to int32 only
+    for (int64_t t = 0; t < n_tokens; ++t) {
+      const double* nn = node_norm.data() + t * n_nodes;
+      const double x = resid_norm[t];
+      for (int64_t j = 0; j < np; ++j) {
+        const int64_t flat = pairs[p0 + j];
+        d[j] = static_cast<double>(dots[t * row + flat]);
+        nd[j] = null_dots[t * row + flat];
+        a[j] = nn[node[j]];
+        w[j] = nn[writer[j]];
+      }
+      // Element-wise over the block (vectorised): the statistics of scan_aggregates.h.
+      for (int64_t j = 0; j < np; ++j) {
+        const double pr = nan_div(d[j], w[j] * w[j]), pv = nan_div(d[j], w[j]);
+        const double cos = clamp_unit(nan_div(d[j], a[j] * w[j]));
+        const double pr0 = nan_div(nd[j], w[j]), cos0 = clamp_unit(nan_div(nd[j], a[j]));
+        v[0][j] = nan_div(pv * std::fabs(cos), x);
+        v[1][j] = pr * std::fabs(cos);
+        v[2][j] = pv;
+        v[3][j] = cos;
+        v[4][j] = nan_div(nd[j] * std::fabs(cos0), x);
+        v[5][j] = pr0 * std::fabs(cos0);
+        v[6][j] = pr0;
+        v[7][j] = nd[j];
+        v[8][j] = cos0;
+      }
+      if (t == 0)
+        for (int k = 0; k < K; ++k)
+          for (int64_t j = 0; j < np; ++j) shift[k][j] = std::isfinite(v[k][j]) ? v[k][j] : 0.0;
+      for (int k = 0; k < K; ++k) {
+        // Bins and moments element-wise (vectorised; bin -1 = not finite), then the increments.
+        const double inv_ = inv_k[k], top_ = top_k[k];
+        for (int64_t j = 0; j < np; ++j) {
+          const double vk = v[k][j];
+          const bool finite = std::isfinite(vk);
+          double f = std::floor((vk - lo_k[k]) * inv_);
+          f = f < -1.0 ? -1.0 : (f > top_ ? top_ : f);
+          bin[j] = finite ? static_cast<int32_t>(finite ? f : 0.0) + 1 : -1;
+          const double dv = finite ? vk - shift[k][j] : 0.0;
+          cnt[k][j] += finite ? 1 : 0;
+          s1[k][j] += dv;
+          s2[k][j] += dv * dv;
+        }
+        int64_t* h = hists[k] + p0 * stride_k[k];
+        for (int64_t j = 0; j < np; ++j)
+          if (bin[j] >= 0) ++h[j * stride_k[k] + bin[j]];
+      }
+    }
+    for (int k = 0; k < K; ++k)
+      for (int64_t j = 0; j < np; ++j) {
+        const int64_t at = k * n_pairs + p0 + j, c = cnt[k][j];
+        count[at] = c;
+        mean[at] = c > 0 ? shift[k][j] + s1[k][j] / static_cast<double>(c) : 0.0;
+        m2[at] = c > 0 ? std::max(s2[k][j] - s1[k][j] * s1[k][j] / static_cast<double>(c), 0.0) : 0.0;
+      }
+  }
+}
+
+template void pair_stats_batch<float>(const float*, const float*, const double*, const double*, const int64_t*,
+                                      const int64_t*, int64_t, int64_t, int64_t, int64_t, const double*,
+                                      const double*, const int64_t*, int64_t* const*, int64_t*, double*,
+                                      double*, int);
+template void pair_stats_batch<double>(const double*, const double*, const double*, const double*,
+                                       const int64_t*, const int64_t*, int64_t, int64_t, int64_t, int64_t,
+                                       const double*, const double*, const int64_t*, int64_t* const*,
+                                       int64_t*, double*, double*, int);
+template void series_stats_batch<float>(const float*, const int64_t*, int64_t, int64_t, int64_t, float,
+                                        float, int64_t, int64_t*, int64_t*, double*, double*, int);
+template void series_stats_batch<double>(const double*, const int64_t*, int64_t, int64_t, int64_t, double,
+                                         double, int64_t, int64_t*, int64_t*, double*, double*, int);
+
+}  // namespace ef

@@ -1,0 +1,45 @@
+// The compiled parts of a scan's aggregation: one batch of its running statistics (erasure_fast/scanning/aggregate.py, SeriesStats.update):
+// per series and position bucket, a fixed-bin histogram and the batch's count, mean and sum of
+// squared deviations, which Python then merges into the running values (Chan et al.).
+//
+// values [T, S] (float or double), bucket [T] in [0, B). For every finite value v of series s at
+// token t, with b = bucket[t]:
+//   bin = clamp(floor((v - lo) * inv_width), -1, n_bins) + 1   (in the values' own type, exactly as
+//         the Python reference computes it: 0 = underflow, n_bins + 1 = overflow)
+//   hist[b, s, bin] += 1;  count[b, s] += 1;  mean[b, s] = sum(v) / count (double);
+//   m2[b, s] = sum((v - mean)^2) (double, second pass over the batch).
+// Non-finite values are skipped (the caller counts them as NaN). Every series is reduced over t in
+// token order by one thread, so results do not depend on the thread count.
+// Arguments are NOT checked here (bindings.cpp does it).
+#pragma once
+
+#include <cstdint>
+
+namespace ef {
+
+template <typename T>
+void series_stats_batch(const T* values, const int64_t* bucket, int64_t n_tokens, int64_t n_series,
+                        int64_t n_buckets, T lo, T inv_width, int64_t n_bins, int64_t* hist,
+                        int64_t* count, double* mean, double* m2, int n_threads);
+
+// The ranking statistics of (node, writer) pairs (erasure_fast/scanning/pair_stats.py, pair_values)
+// computed per token in double and folded straight into their histograms and moments, one bucket,
+// without materialising them. For pair p = node * W + writer (pairs [P]) at token t:
+//   d = dots[t, p], nd = null_dots[t, p], a = sqrt(max(norms[t, node], 0)),
+//   w = sqrt(max(norms[t, writers[writer]], 0)), x = resid_norm[t], q(n, m) = m == 0 ? NaN : n / m,
+//   pr = q(d, w w), pv = q(d, w), cos = clamp(q(d, a w), -1, 1), pr0 = q(nd, w), cos0 = clamp(q(nd, a), -1, 1)
+//   stat 0..8 = es q(pv |cos|, x), apr pr |cos|, pv, cos, es_null q(nd |cos0|, x), apr_null pr0 |cos0|,
+//               pr_null pr0, pv_null nd, cos_null cos0   (clamp keeps NaN)
+// and statistic k is binned as series_stats_batch does with (lo[k], inv_width[k], n_bins[k]) into
+// hists[k] [P, n_bins[k] + 2]; count / mean / m2 are [kPairStats, P]. Every pair is reduced over t in
+// token order by one thread. Arguments are NOT checked here (bindings.cpp does it).
+constexpr int kPairStats = 9;
+
+template <typename T>
+void pair_stats_batch(const T* dots, const T* norms, const double* null_dots, const double* resid_norm,
+                      const int64_t* writers, const int64_t* pairs, int64_t n_tokens, int64_t n_nodes,
+                      int64_t n_writers, int64_t n_pairs, const double* lo, const double* inv_width,
+                      const int64_t* n_bins, int64_t* const* hists, int64_t* count, double* mean,
+                      double* m2, int n_threads);
+
+}  // namespace ef

@@ -1,0 +1,186 @@
+"""The compiled batch kernel of the scan's running statistics (csrc/scan_aggregates.h, called by
+`SeriesStats.update`) against the torch reference `SeriesStats._batch_reference`: identical histograms
+and counts, moments within 1e-12, on odd shapes with values on and next to bin edges, out of range,
+infinite and NaN; independent of the thread count; arguments checked before any work."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from erasure_fast.scanning.aggregate import SeriesStats
+
+_C = pytest.importorskip("erasure_fast._C", reason="the C++ extension is not built")
+
+
+def _tricky_values(T: int, S: int, lo: float, hi: float, nb: int, dtype, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    v = (torch.rand(T, S, generator=g, dtype=torch.float64) * 1.4 - 0.2) * (hi - lo) + lo  # 20 % outside
+    width = (hi - lo) / nb
+    edges = lo + width * torch.randint(-2, nb + 3, (T, S), generator=g).double()
+    pick = torch.rand(T, S, generator=g)
+    v = torch.where(pick < 0.3, edges, v)  # exactly on an edge (as the dtype rounds it)
+    v = v.to(dtype)
+    ulp = torch.nextafter(v, torch.full_like(v, float("inf")))
+    v = torch.where((pick >= 0.3) & (pick < 0.4), ulp, v)  # one ulp above an edge
+    v[torch.rand(T, S, generator=g) < 0.03] = float("nan")
+    v[torch.rand(T, S, generator=g) < 0.01] = float("inf")
+    v[torch.rand(T, S, generator=g) < 0.01] = float("-inf")
+    v[torch.rand(T, S, generator=g) < 0.01] = 1e30  # far outside, finite
+    return v
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("T, S, B, lo, hi, nb", [(517, 131, 4, -3.0, 3.0, 1200), (64, 7, 1, -1.0, 1.002, 1001),
+                                                 (1, 65, 3, -10.0, 10.0, 2000)])
+def test_compiled_batch_equals_the_reference(dtype, T, S, B, lo, hi, nb):
+    v = _tricky_values(T, S, lo, hi, nb, dtype, seed=T + S)
+    bucket = torch.randint(0, B, (T,), generator=torch.Generator().manual_seed(S))
+    fast, ref = SeriesStats(S, B, lo, hi, nb), SeriesStats(S, B, lo, hi, nb)
+    fast.hist += 3  # the kernel adds to what is there
+    ref.hist += 3
+    hist_before = fast.hist
+    count, mean, m2 = _C.series_stats_batch_f64(v.numpy(), bucket.numpy(), B, lo, 1.0 / fast.bin_width, nb, fast.hist) \
+        if dtype == torch.float64 else \
+        _C.series_stats_batch_f32(v.numpy(), bucket.numpy(), B, lo, 1.0 / fast.bin_width, nb, fast.hist)
+    assert fast.hist is hist_before  # updated in place
+    r_count, r_mean, r_m2 = ref._batch_reference(v, bucket)
+    np.testing.assert_array_equal(fast.hist, ref.hist)
+    np.testing.assert_array_equal(count, r_count)
+    assert count.sum() == int(torch.isfinite(v).sum()) and count.sum() < v.numel()
+    assert np.isfinite(mean).all() and np.isfinite(m2).all()
+    np.testing.assert_allclose(mean, r_mean, rtol=1e-12, atol=1e-12 * (hi - lo))
+    np.testing.assert_allclose(m2, r_m2, rtol=1e-12, atol=1e-12 * (hi - lo) ** 2)
+    # Through update(): the same running state either way.
+    a, b = SeriesStats(S, B, lo, hi, nb), SeriesStats(S, B, lo, hi, nb)
+    a.update(v, bucket)
+    b.count, b.mean, b.m2 = b.count.copy(), b.mean.copy(), b.m2.copy()
+    counted, mean_b, m2_b = b._batch_reference(v, bucket)
+    b.nan += np.bincount(bucket.numpy(), minlength=B)[:, None] - counted
+    b._merge_moments(counted, mean_b, m2_b)
+    b.count += counted
+    np.testing.assert_array_equal(a.nan, b.nan)
+    np.testing.assert_array_equal(a.count, b.count)
+    np.testing.assert_allclose(a.m2, b.m2, rtol=1e-12, atol=1e-12)
+
+
+def test_compiled_batch_does_not_depend_on_the_thread_count():
+    v = _tricky_values(300, 200, -3.0, 3.0, 1200, torch.float32, seed=3)
+    bucket = torch.randint(0, 4, (300,), generator=torch.Generator().manual_seed(0)).numpy()
+    out = []
+    for threads in (1, 2, 3):
+        hist = np.zeros((4, 200, 1202), np.int64)
+        out.append((hist,) + tuple(_C.series_stats_batch_f32(v.numpy(), bucket, 4, -3.0, 200.0, 1200, hist,
+                                                             n_threads=threads)))
+    for other in out[1:]:
+        for x, y in zip(out[0], other):
+            np.testing.assert_array_equal(x, y)  # bit-identical
+
+
+def test_compiled_batch_checks_its_arguments():
+    v = np.zeros((5, 3), np.float32)
+    hist = np.zeros((2, 3, 12), np.int64)
+    kernel = _C.series_stats_batch_f32
+    with pytest.raises(ValueError, match=r"bucket must lie in \[0, 2\), got 2 at token 4"):
+        kernel(v, np.array([0, 1, 0, 1, 2]), 2, -1.0, 5.0, 10, hist)
+    with pytest.raises(ValueError, match=r"bucket must have shape \[T\]=\[5\]"):
+        kernel(v, np.zeros(4, np.int64), 2, -1.0, 5.0, 10, hist)
+    with pytest.raises(ValueError, match=r"hist must have shape \[B, S, n_bins \+ 2\]=\[2, 3, 12\], got \[2, 3, 11\]"):
+        kernel(v, np.zeros(5, np.int64), 2, -1.0, 5.0, 10, np.zeros((2, 3, 11), np.int64))
+    with pytest.raises(ValueError, match="hist must be a writeable C-contiguous int64 array"):
+        kernel(v, np.zeros(5, np.int64), 2, -1.0, 5.0, 10, hist.astype(np.int32))
+    with pytest.raises(ValueError, match="hist must be a writeable C-contiguous int64 array"):
+        kernel(v, np.zeros(5, np.int64), 2, -1.0, 5.0, 10, np.zeros((2, 12, 3), np.int64).transpose(0, 2, 1))
+    frozen = hist.copy()
+    frozen.flags.writeable = False
+    with pytest.raises(ValueError, match="hist must be a writeable"):
+        kernel(v, np.zeros(5, np.int64), 2, -1.0, 5.0, 10, frozen)
+    with pytest.raises(ValueError, match="inv_width finite and > 0"):
+        kernel(v, np.zeros(5, np.int64), 2, -1.0, 0.0, 10, hist)
+    with pytest.raises(ValueError, match=r"values must have shape \[T, S\]"):
+        kernel(np.zeros(5, np.float32), np.zeros(5, np.int64), 2, -1.0, 5.0, 10, hist)
+    assert not hist.any()  # nothing was written by a refused call
+
+
+def _pair_inputs(T, n_nodes, W, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    dots = torch.randn(T, n_nodes, W, generator=g, dtype=torch.float64).to(dtype)
+    norms = (torch.rand(T, n_nodes, generator=g, dtype=torch.float64) * 4).to(dtype)
+    norms[torch.rand(T, n_nodes, generator=g) < 0.05] = 0.0  # a silent node: NaN statistics
+    norms[0, 0] = -1e-9  # rounding below zero is clamped
+    null = torch.randn(T, n_nodes, W, generator=g, dtype=torch.float64)
+    resid = torch.rand(T, generator=g, dtype=torch.float64) * 30 + 0.1
+    if T > 1:
+        resid[-1] = 0.0  # a zero stream: NaN erasure scores
+    writers = torch.randperm(n_nodes, generator=g)[:W]
+    pairs = torch.randperm(n_nodes * W, generator=g)[: n_nodes * W // 2 + 1]
+    return dots, norms, writers, null, resid, pairs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("T, n_nodes, W", [(203, 11, 5), (1, 3, 2), (64, 70, 3)])
+def test_compiled_pair_statistics_equal_the_reference(dtype, T, n_nodes, W):
+    from erasure_fast.scanning.pair_stats import NULL_STATISTICS, STATISTICS, fold_pair_values, pair_values
+
+    dots, norms, writers, null, resid, pairs = _pair_inputs(T, n_nodes, W, dtype, seed=T * n_nodes)
+    make = lambda: {name: SeriesStats(len(pairs), 1, *rng) for name, rng in {**STATISTICS, **NULL_STATISTICS}.items()}  # noqa: E731
+    fast, ref = make(), make()
+    fold_pair_values(fast, dots, norms, writers, null, resid, pairs)  # compiled: the extension is built here
+    values = pair_values(dots, norms, writers, null, resid, pairs)
+    bucket = torch.zeros(T, dtype=torch.int64)
+    for name, stats in ref.items():
+        stats.count, stats.mean, stats.m2 = stats.count.copy(), stats.mean.copy(), stats.m2.copy()
+        counted, mean_b, m2_b = stats._batch_reference(values[name], bucket)
+        stats.fold_batch(np.array([T]), counted, mean_b, m2_b)
+        assert counted.sum() > 0
+    for name in ref:
+        np.testing.assert_array_equal(fast[name].hist, ref[name].hist, err_msg=name)
+        np.testing.assert_array_equal(fast[name].count, ref[name].count, err_msg=name)
+        np.testing.assert_array_equal(fast[name].nan, ref[name].nan, err_msg=name)
+        np.testing.assert_allclose(fast[name].mean, ref[name].mean, rtol=1e-12, atol=1e-12, err_msg=name)
+        np.testing.assert_allclose(fast[name].m2, ref[name].m2, rtol=1e-11, atol=1e-12, err_msg=name)
+    assert fast["es"].nan.sum() > 0  # the silent nodes and the zero-norm stream were NaN, not binned
+
+
+def test_compiled_pair_statistics_check_their_arguments():
+    dots, norms, writers, null, resid, pairs = _pair_inputs(6, 4, 2, torch.float32, seed=0)
+    hists = [np.zeros((1, len(pairs), 12), np.int64) for _ in range(9)]
+    args = lambda **kw: {**dict(dots=dots.numpy(), norms=norms.numpy(), null_dots=null.numpy(), resid_norm=resid.numpy(),  # noqa: E731
+                                writers=writers.numpy(), pairs=pairs.numpy(), lo=np.full(9, -1.0), inv_width=np.full(9, 5.0),
+                                n_bins=np.full(9, 10, np.int64), hists=hists), **kw}
+    kernel = _C.pair_stats_batch_f32
+    with pytest.raises(ValueError, match=r"pairs must be flat indices node \* W \+ writer in \[0, 8\), got 8"):
+        kernel(**args(pairs=np.array([0, 8])))
+    with pytest.raises(ValueError, match=r"writers must be node indices in \[0, 4\), got -1"):
+        kernel(**args(writers=np.array([0, -1])))
+    with pytest.raises(ValueError, match=r"null_dots must have shape \[T, n_nodes, W\]=\[6, 4, 2\]"):
+        kernel(**args(null_dots=np.zeros((6, 4, 3))))
+    with pytest.raises(ValueError, match=r"hists\[3\] must have shape \[1, P, n_bins \+ 2\]"):
+        kernel(**args(hists=hists[:3] + [np.zeros((1, len(pairs), 11), np.int64)] + hists[4:]))
+    with pytest.raises(ValueError, match="hists must hold 9 arrays, got 8"):
+        kernel(**args(hists=hists[:8]))
+    assert not any(h.any() for h in hists)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("with_mlps", [True, False], ids=["mlps", "attn-only"])
+def test_null_dots_are_each_nodes_output_dotted_with_its_null_direction(dtype, with_mlps):
+    from erasure_fast.scanning.pair_stats import NullReference, null_dots
+
+    g = torch.Generator().manual_seed(11)
+    T, N, dh, D, L, W = 37, 5, 7, 11, 2, 3
+    z = torch.randn(T, N, dh, generator=g, dtype=dtype)
+    W_O = torch.randn(N, dh, D, generator=g, dtype=dtype)
+    mlp = torch.randn(T, L, D, generator=g, dtype=dtype) if with_mlps else None
+    null = NullReference.for_scan(W_O, seed=4, n_writers=W)
+    R = null.directions
+    assert torch.allclose(R.norm(dim=0), torch.ones(W, dtype=torch.float64))
+    outputs = torch.einsum("tnh,nhd->tnd", z.double(), W_O.double())  # every head's d_model output
+    if with_mlps:
+        outputs = torch.cat([outputs, mlp.double()], dim=1)
+    ref = outputs @ R
+    got = null_dots(z, mlp, null)
+    assert got.dtype == torch.float64 and got.shape == (T, N + (L if with_mlps else 0), W)
+    err = ((got - ref).abs().max() / ref.abs().max()).item()
+    assert err <= (1e-5 if dtype == torch.float32 else 1e-12), err
