@@ -167,3 +167,27 @@ def test_paper_prompts_need_a_tokenizer(planted):
     model, _ = planted
     assert paper.paper_prompts(model) is None
     assert paper.paper_prompts_unavailable(model) == "the model has no tokenizer"
+
+
+def test_capture_engine_and_hooks_give_the_same_figures(planted):
+    """figs 1/2, 4 (clean and donor runs) and 8 (full run) on the capture engine and on hooks: the same
+    tables; the engine's activations equal hook capture's within fp32 rounding."""
+    from erasure_fast.engine import engine_problem
+
+    model, tokens = planted
+    assert engine_problem(model, ef.model_spec(model)) is None  # the planted model is the engine's
+    corpus = demo_corpus(16, 96, DIMS["d_vocab"], seed=11)
+    runs = {}
+    for capture in ("engine", "hooks"):
+        resid, nodes = paper.fig1_fig2(tokens, "L0H2", model=model, capture=capture)
+        fig4 = paper.resample_ablation(model, tokens[:2, :24], [5, 6], [7, 8], "L0H2", corpus, n_samples=3, capture=capture)
+        fig8 = paper.bos_split(model, tokens, "L0H2", ERASERS, capture=capture)
+        runs[capture] = (resid, nodes, fig4, fig8)
+    for a, b in zip(runs["engine"], runs["hooks"]):
+        num = a.select_dtypes("number").columns
+        np.testing.assert_allclose(a[num].to_numpy(float), b[num].to_numpy(float), rtol=1e-4, atol=1e-5)
+    for fn in (lambda c: paper.fig1_fig2(tokens, "L0H2", model=model, capture=c),
+               lambda c: paper.bos_split(model, tokens, "L0H2", ERASERS, capture=c),
+               lambda c: paper.resample_ablation(model, tokens[:2, :24], [5, 6], [7, 8], "L0H2", corpus, capture=c)):
+        with pytest.raises(ValueError, match="capture must be one of 'auto', 'engine', 'hooks', got 'fast'"):
+            fn("fast")

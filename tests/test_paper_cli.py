@@ -113,7 +113,7 @@ def test_help_documents_every_option_and_its_default():
     options = [a for a in parser._actions if not isinstance(a, argparse._HelpAction)]
     assert {o for a in options for o in a.option_strings} >= {
         "--scan-dir", "--model", "--corpus", "--out", "--writer", "--erasers", "--rows", "--seq-len", "--samples",
-        "--prepend-bos", "--device"}
+        "--prepend-bos", "--device", "--capture"}
     assert all(a.help for a in options)
     text = " ".join(parser.format_help().split())
     assert text.count("(default: ") == len(options)
@@ -165,6 +165,7 @@ def test_all_figures_on_a_file_corpus(files, tmp_path):
                  "fig5_v_composition.csv", "fig8_bos_split.csv", "fig4_resample_ablation.png"):
         assert (out / name).stat().st_size > 0, name
     assert "not the paper's prompts because the model has no tokenizer" in report
+    assert "capture: engine for runs without interventions" in report
     # a batch of fewer than 4 rows: fig 4's fallback uses as many prompts as there are rows
     assert len(pd.read_csv(out / "fig4_resample_ablation.csv")) == 2
 

@@ -15,7 +15,7 @@ from .support import check_paper_support
 
 
 def bos_split(model, tokens: torch.Tensor, writer: str = "L0H2", erasers: Sequence[str] = DEFAULT_ERASERS, *,
-              out_path: Optional[str] = None):
+              out_path: Optional[str] = None, capture: str = "auto"):
     """Fig 8. The writer's output split into its BOS part (attention to position 0) and the rest;
     PR of the erasers' summed output onto each part, by position. Returns a DataFrame per position:
     median PR onto the BOS part and onto the rest, and the BOS part's share of |r_w|^2.
@@ -24,7 +24,9 @@ def bos_split(model, tokens: torch.Tensor, writer: str = "L0H2", erasers: Sequen
     up to the writer's layer): its pattern at position 0 times that value, whatever the attention
     layout -- grouped-query attention (values per key/value head), output gates (they scale each part
     alike). Families where a head's output depends on the other heads' values (a norm across heads)
-    do not split by key position and are refused before any forward pass."""
+    do not split by key position and are refused before any forward pass. ``capture`` ("auto",
+    "engine", "hooks", as in `erasure_fast.attribute`) is for the erasers' run; the writer's BOS-only
+    pass intervenes on the values, so it and its whole-output twin run on hooks."""
     model = as_transformer_lens(model)
     import pandas as pd
 
@@ -34,7 +36,7 @@ def bos_split(model, tokens: torch.Tensor, writer: str = "L0H2", erasers: Sequen
     wl, wh = divmod(w, spec.n_heads)
     es = head_indices(model, erasers, "erasers")
     check_paper_support(model, "fig8", writer, erasers)
-    res = attribute_with_hooks(model, tokens, [writer])
+    res = attribute_with_hooks(model, tokens, [writer], capture=capture)
 
     def only_position_0(v, hook=None):
         v = v.clone()
@@ -43,9 +45,12 @@ def bos_split(model, tokens: torch.Tensor, writer: str = "L0H2", erasers: Sequen
 
     z_hook = f"blocks.{wl}.attn.hook_z"
     bos = run_until(model, tokens, [(f"blocks.{wl}.attn.hook_v", only_position_0)], (), z_hook)[z_hook]
+    # The whole output through the very same hooked computation, so that r_all - r_bos is the rest and
+    # not the rounding difference between two ways of computing z (a writer that reads BOS only has no rest).
+    full = run_until(model, tokens, [], (), z_hook)[z_hook]
     W_O = spec.W_O[w]
     r_bos = bos[:, :, wh].to(W_O) @ W_O  # [B, P, D]
-    r_all = res.z[:, :, w].to(W_O) @ W_O
+    r_all = full[:, :, wh].to(W_O) @ W_O
     r_rest = r_all - r_bos
     r_rest[:, 0] = 0  # position 0 sees only itself (causal attention): no rest, whatever the rounding
     r_erase = sum(res.z[:, :, e].to(W_O) @ spec.W_O[e] for e in es)

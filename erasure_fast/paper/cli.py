@@ -20,8 +20,10 @@ from typing import List, Optional
 import numpy as np
 import torch
 
+from ..attribution import resolve_capture
 from ..capture import model_device
 from ..demo import PLANTED, demo_corpus, planted_model
+from ..engine import CAPTURE_MODES
 from ..loading import ModelLoadError, load_model
 from ..models import UnsupportedModelError, model_spec
 from ..paths import check_output_dir
@@ -81,6 +83,11 @@ def add_arguments(parser):
                              "given: the planted BOS (0) on the synthetic demo corpus, nothing on other corpora; "
                              "'mine' always uses the scan's")
     parser.add_argument("--device", default=None, help="torch device for the model, e.g. cuda or cpu; not given: cpu")
+    parser.add_argument("--capture", default="auto", choices=list(CAPTURE_MODES),
+                        help="how the runs without interventions (figs 1/2, fig 4's clean and donor runs, fig 8's full "
+                             "run) capture activations: the engine (the forward recomputed from the weights), "
+                             "TransformerLens hooks, or auto (the engine where it covers the model); runs with "
+                             "interventions or kept activations (figs 3, 5, the miner's recheck) use hooks")
     return parser
 
 
@@ -97,6 +104,8 @@ class PaperJob:
     writer: str
     erasers: List[str]
     samples: int
+    capture: str = "auto"  # the --capture option
+    capture_used: str = "hooks"  # what it resolved to on this model (with why, for hooks under auto)
     corpus_label: Optional[str] = None  # the figures' corpus, in words
     batch: Optional[torch.Tensor] = None  # the figures' token batch [rows, seq_len]
     donor_rows: Optional[np.ndarray] = None  # fig 4: rows its resampled inputs come from
@@ -331,11 +340,14 @@ def plan_job(args) -> PaperJob:
                 eraser_layer(model, writer, erasers)
     if bos is not None and bos >= spec.d_vocab:
         raise ValueError(f"--prepend-bos: {bos} is not a token id of the model (d_vocab {spec.d_vocab})")
+    capture = getattr(args, "capture", "auto")
+    with blame("--capture"):
+        capture_used = resolve_capture(capture, model, spec)
     wanted, not_run = _supported(model, args.analysis, wanted, writer, erasers)
     figures = [a for a in wanted if a in FIGURES]
     job = PaperJob(analyses=wanted, report_name="paper_report.md" if args.analysis == "all" else f"paper_{args.analysis}.md",
                    out=out, model=model, model_label=label, model_note=note, writer=writer, erasers=list(erasers),
-                   samples=samples, scan_dir=args.scan_dir if summary is not None else None, not_run=not_run)
+                   samples=samples, capture=capture, capture_used=capture_used, scan_dir=args.scan_dir if summary is not None else None, not_run=not_run)
     if figures:
         _plan_figures(job, args, figures, rows, seq_len, bos)
     if summary is not None:
@@ -353,6 +365,7 @@ def run_job(job: PaperJob) -> int:
     setup = [f"model: {job.model_label}", f"writer {job.writer}; erasers {', '.join(job.erasers)}"]
     if job.batch is not None:
         setup.append(f"figures: batch {tuple(job.batch.shape)} from {job.corpus_label}")
+    setup.append(f"capture: {job.capture_used} for runs without interventions; runs with interventions use hooks")
     if job.scan_dir is not None:
         setup.append(f"miner: scan {job.scan_dir}, corpus {job.scan_corpus_label}")
     for name, why in (job.not_run or {}).items():
@@ -393,7 +406,7 @@ def _cell(text, width: int = 60) -> str:
 
 
 def _report_fig1_fig2(job: PaperJob, md: list) -> None:
-    resid, nodes = fig1_fig2(job.batch, job.writer, model=job.model, out_dir=job.out)
+    resid, nodes = fig1_fig2(job.batch, job.writer, model=job.model, out_dir=job.out, capture=job.capture)
     resid.to_csv(_out(job, "fig1_resid_pr.csv"), index=False)
     nodes.to_csv(_out(job, "fig2_node_pr.csv"), index=False)
     down = nodes[nodes.downstream].sort_values("median").head(6)
@@ -416,7 +429,7 @@ def _report_fig4(job: PaperJob, md: list) -> None:
     dev = model_device(job.model)
     if job.prompts:
         tables = [resample_ablation(job.model, ids[None].to(dev), [good], [bad], job.writer, job.donor_rows,
-                                    n_samples=job.samples, labels=[text])
+                                    n_samples=job.samples, labels=[text], capture=job.capture)
                   for text, ids, good, bad in job.prompts]
         t4 = pd.concat(tables, ignore_index=True)
         source = "the paper's four adversarial prompts"
@@ -425,7 +438,8 @@ def _report_fig4(job: PaperJob, md: list) -> None:
         prompts = job.batch[:4, :prompt_len]
         good = job.batch[:4, prompt_len].tolist()
         bad = np.random.default_rng(0).integers(0, model_spec(job.model).d_vocab, size=len(prompts)).tolist()
-        t4 = resample_ablation(job.model, prompts, good, bad, job.writer, job.donor_rows, n_samples=job.samples)
+        t4 = resample_ablation(job.model, prompts, good, bad, job.writer, job.donor_rows, n_samples=job.samples,
+                               capture=job.capture)
         source = (f"corpus windows, true next token vs a random token; not the paper's prompts because "
                   f"{job.prompts_unavailable}")
     t4.to_csv(_out(job, "fig4_resample_ablation.csv"), index=False)
@@ -448,7 +462,8 @@ def _report_fig5(job: PaperJob, md: list) -> None:
 
 
 def _report_fig8(job: PaperJob, md: list) -> None:
-    t8 = bos_split(job.model, job.batch, job.writer, job.erasers, out_path=_out(job, "fig8_bos_split.png"))
+    t8 = bos_split(job.model, job.batch, job.writer, job.erasers, out_path=_out(job, "fig8_bos_split.png"),
+                   capture=job.capture)
     t8.to_csv(_out(job, "fig8_bos_split.csv"), index=False)
     rest = t8.pr_rest_median[1:]
     md += ["## Fig. 8: erasure of the writer's BOS and non-BOS parts", "", "![fig8](fig8_bos_split.png)", "",

@@ -8,7 +8,7 @@ from typing import List
 
 import torch
 
-from ..attribution import resolve_writers, run_attribution, target_ids
+from ..attribution import resolve_capture, resolve_writers, run_attribution, target_ids
 from ..backends import get_backend
 from ..capture import model_device, validate_tokens
 from ..models import as_transformer_lens, model_spec
@@ -43,9 +43,11 @@ def eraser_layer(model, writer, erasers) -> int:
     return layers[0]
 
 
-def attribute_with_hooks(model, tokens, writers, *, targets="next", incorrect=None, backend="auto", **hooks):
+def attribute_with_hooks(model, tokens, writers, *, targets="next", incorrect=None, backend="auto", capture="hooks",
+                         **hooks):
     """`erasure_fast.attribute` with MLP nodes plus the intervention arguments of `run_attribution`
-    (``extra_hooks``, ``keep_hooks``, ``scale_override``)."""
+    (``extra_hooks``, ``keep_hooks``, ``scale_override``). ``capture`` as in `attribute`; a run with
+    interventions or kept activations runs on hooks whatever it says."""
     model = as_transformer_lens(model)
     spec = model_spec(model)
     tokens = validate_tokens(tokens, spec)
@@ -53,4 +55,5 @@ def attribute_with_hooks(model, tokens, writers, *, targets="next", incorrect=No
     ids = target_ids(targets, tokens, spec, "targets", allow_next=True)
     inc = None if incorrect is None else torch.where(ids < 0, ids, target_ids(incorrect, tokens, spec, "incorrect", False))
     return run_attribution(model, spec, tokens.to(model_device(model)), wr, ids, inc, include_mlps=True,
-                           impl=get_backend(backend, model_device(model), spec.W_O.dtype), **hooks)
+                           impl=get_backend(backend, model_device(model), spec.W_O.dtype),
+                           capture_mode=resolve_capture(capture, model, spec), **hooks)

@@ -15,7 +15,8 @@ from .support import check_paper_support
 
 
 def resample_ablation(model, prompts: torch.Tensor, correct, incorrect, head: str, corpus: np.ndarray, *,
-                      n_samples: int = 20, seed: int = 0, out_path: Optional[str] = None, labels=None):
+                      n_samples: int = 20, seed: int = 0, out_path: Optional[str] = None, labels=None,
+                      capture: str = "auto"):
     """Fig 4. ``prompts`` [B, P] (all the same length), ``correct`` / ``incorrect`` [B] token ids.
     For each prompt: the head's logit-difference DLA at the last position, clean, and with the head's
     input (``ln1.hook_normalized`` at that head) taken from ``n_samples`` random windows of ``corpus``
@@ -25,7 +26,9 @@ def resample_ablation(model, prompts: torch.Tensor, correct, incorrect, head: st
     A head's output is a function of its input alone, so resampling its input is putting in the output
     (hook_z) the head has on the donor window: exact in every layout -- grouped-query attention (whose
     keys and values are shared with other query heads), output gates, q/k norms over all heads (OLMo 2:
-    the donor's whole layer input is what that norm sees) -- with no split-QKV mode needed."""
+    the donor's whole layer input is what that norm sees) -- with no split-QKV mode needed.
+    ``capture`` ("auto", "engine", "hooks", as in `erasure_fast.attribute`) is for the clean and the
+    donor runs; the resampled runs put the donors' z in through a hook, so they run on hooks."""
     model = as_transformer_lens(model)
     import pandas as pd
 
@@ -46,7 +49,8 @@ def resample_ablation(model, prompts: torch.Tensor, correct, incorrect, head: st
     tgt = torch.full((B, P), -1, dtype=torch.long, device=dev)
     bad = tgt.clone()
     tgt[:, -1], bad[:, -1] = correct, incorrect
-    clean = attribute_with_hooks(model, prompts, [head], targets=tgt.clamp(min=0), incorrect=bad.clamp(min=0))
+    clean = attribute_with_hooks(model, prompts, [head], targets=tgt.clamp(min=0), incorrect=bad.clamp(min=0),
+                                 capture=capture)
     clean_dla = clean.dla[:, -1].reshape(B, -1)[:, h]
     rng = np.random.default_rng(seed)
     draws = []  # [n_samples, B, P] donor windows, drawn sample by sample
@@ -61,7 +65,7 @@ def resample_ablation(model, prompts: torch.Tensor, correct, incorrect, head: st
     for lo in range(0, n_samples * B, chunk):
         donor = donors[lo:lo + chunk]
         n = donor.shape[0]
-        kept = attribute_with_hooks(model, donor, [head]).z[:, :, h]  # the head's output on the donors
+        kept = attribute_with_hooks(model, donor, [head], capture=capture).z[:, :, h]  # the head's output on the donors
 
         def replace(z, hook=None, kept=kept):
             z = z.clone()

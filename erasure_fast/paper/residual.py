@@ -12,18 +12,19 @@ from .common import attribute_with_hooks
 from .support import check_paper_support
 
 
-def fig1_fig2(source, writer: str = "L0H2", *, model=None, out_dir: Optional[str] = None):
+def fig1_fig2(source, writer: str = "L0H2", *, model=None, out_dir: Optional[str] = None, capture: str = "auto"):
     """Residual PR (fig 1) and downstream-node PR (fig 2) onto ``writer``.
 
     ``source``: a ScanResult, a scan output directory (summary.parquet), or a token batch [B, P]
-    (then ``model`` is needed). Returns (resid_table, node_table) DataFrames."""
+    (then ``model`` is needed; ``capture``: "auto", "engine" or "hooks" for its forward pass, as in
+    `erasure_fast.attribute`). Returns (resid_table, node_table) DataFrames."""
     import pandas as pd
 
     from ..scanning.plots import fig1_resid, fig2_nodes
 
     if isinstance(source, torch.Tensor):
         check_paper_support(model, "fig1")
-        res = attribute_with_hooks(model, source, [writer])
+        res = attribute_with_hooks(model, source, [writer], capture=capture)
         rows = []
         rpr = res.resid_pr.reshape(-1, *res.resid_pr.shape[2:])[..., 0].double().cpu().numpy()
         for i, lab in enumerate(res.resid_labels):
