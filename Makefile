@@ -14,7 +14,7 @@ TEST_DEPS := "pytest>=8" "hypothesis>=6.100"
 TEST_DEPS_TL4 := "nnsight>=0.4"
 RUN_DEPS := numpy safetensors tqdm pandas pyarrow matplotlib psutil
 
-.PHONY: demo paper test test-tl4 test-tl3 install install-tl3 bench bench-quick clean asan
+.PHONY: demo paper test test-tl4 test-tl3 install install-tl3 bench bench-quick clean asan device-wheels
 
 $(VENV)/.deps: pyproject.toml Makefile
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -75,3 +75,13 @@ asan: $(VENV)/.deps
 
 clean:
 	rm -rf build dist $(VENV) $(VENV_TL3)
+
+# Wheels for the GPU machine (Python 3.12, no internet): transformer_lens and what it imports that the
+# machine's image lacks (benchmarks/device_check.sh installs them with --no-deps for its S1 row).
+DEVICE_WHEELS := transformer-lens==4.3.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 fancy-einsum==0.0.3 \
+	beartype==0.23.1 typeguard==4.6.1
+device-wheels:
+	mkdir -p .wheels
+	$(PYTHON) -m pip download $(PIP) --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d .wheels $(DEVICE_WHEELS)

@@ -4,7 +4,10 @@
 #   2. GPU correctness tests at real sizes (tests/test_gpu.py) and the Triton interpreter-free tests,
 #   3. the benchmark harness with GPU sizes (K1, K2 at 8192 and 1M tokens; Triton, torch on GPU, and
 #      TransformerLens's method when it is installed), matmul rate per dtype and copy bandwidth,
-#   4. a short table printed last.
+#   4. S1 (the scan workload) at 1M tokens in bfloat16: TransformerLens pipeline, bare forward through
+#      TL hooks and through the capture engine, the scan on each -- when transformer_lens imports there
+#      (it is not in the machine's image: `make device-wheels` here, then carry .wheels),
+#   5. a short table printed last.
 # Results go to $EF_DEVICE_OUT (default: $OUT if set -- the device tool's output folder -- else
 # benchmarks/results/gpu). Usage from the device tool:  bash benchmarks/device_check.sh
 set -uo pipefail
@@ -22,8 +25,9 @@ start=$(date +%s)
 log() { echo "[device_check +$(( $(date +%s) - start ))s] $*"; }
 
 log "machine: $(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || echo 'no nvidia-smi')"
-# Optional wheels carried into .wheels/ (e.g. scikit-build-core, pybind11); no internet on the machine.
-if [ -d .wheels ]; then "$PY" -m pip install -q --no-index --find-links .wheels .wheels/*.whl || log "carried wheels: install failed"; fi
+# Wheels carried into .wheels/ (`make device-wheels`: transformer_lens and what it imports that the
+# machine's image lacks); no internet on the machine, so no dependency resolution either.
+if [ -d .wheels ]; then "$PY" -m pip install -q --no-index --no-deps .wheels/*.whl || log "carried wheels: install failed"; fi
 "$PY" -m pip install -q --no-build-isolation --no-deps . || { log "package install failed"; exit 1; }
 log "installed; backends:"; ef backends
 
@@ -35,17 +39,30 @@ timeout 300 bash -c "cd '$RUN_DIR' && '$PY' -m erasure_fast.cli bench --device c
     --sizes 8192,1048576 --repeats 5 --budget-s 20 --round-budget-s 12 --out '$OUT_DIR'" > "$OUT_DIR/bench_log.txt" 2>&1
 rc=$?
 tail -5 "$OUT_DIR/bench_log.txt"
+
+if "$PY" -c "import transformer_lens" 2>/dev/null; then
+  log "S1 at 1M tokens, bfloat16 (TL pipeline, TL hooks, engine, scan)"
+  mkdir -p "$OUT_DIR/s1"
+  timeout 240 bash -c "cd '$RUN_DIR' && '$PY' -m erasure_fast.cli bench --device cuda --shapes gelu-4l \
+      --sizes 8192 --providers triton --repeats 1 --budget-s 10 --s1-tokens 1048576 --s1-dtype bfloat16 \
+      --out '$OUT_DIR/s1'" > "$OUT_DIR/s1_log.txt" 2>&1 || log "S1 exit code $?"
+  grep -E "^(S1|C1) " "$OUT_DIR/s1_log.txt"
+else
+  log "S1 skipped: transformer_lens does not import here (make device-wheels on the CPU machine, carry .wheels)"
+fi
 log "summary (bench exit code $rc)"
 "$PY" - "$OUT_DIR" <<'PYEOF'
 import glob, json, sys
-files = sorted(glob.glob(sys.argv[1] + "/*.json"))
+runs = [sorted(glob.glob(sys.argv[1] + sub + "/*.json"))[-1:] for sub in ("", "/s1")]  # latest of each run
+files = [f for run in runs for f in run]
 if not files:
     print("no benchmark JSON written"); sys.exit(0)
-data = json.load(open(files[-1]))
+data = json.load(open(files[0]))
 print("roofline:", data["meta"]["roofline"], "best:", data["meta"].get("matmul_best_gflops"))
 print("disturbed:", data["meta"].get("disturbed"))
 print(f"{'workload':8s} {'tokens':>8s} {'provider':32s} {'status':7s} {'median s':>10s} {'x TL':>7s} {'roof %':>7s}")
-for r in data["results"]:
+rows = [r for f in files for r in json.load(open(f))["results"]]
+for r in rows:
     f = lambda v, s: (s % v) if v is not None else ""
     roof = "flag" if r.get("roofline_flag") else f(r["roofline_pct"], "%.1f")
     print(f"{r['workload']:8s} {r['n_tokens']:>8d} {r['provider']:32s} {r['status']:7s} {f(r['median_s'], '%.5f'):>10s} "

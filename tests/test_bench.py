@@ -172,6 +172,7 @@ BAD_ARGUMENTS = [
     ("budget_s", dict(budget_s=-1.0), "budget_s"),
     ("budget_s", dict(budget_s=float("nan")), "budget_s"),
     ("s1_tokens", dict(s1_tokens=-1), "s1_tokens"),
+    ("s1_dtype", dict(s1_dtype="float64"), "s1_dtype must be one of float32, bfloat16, float16"),
     ("device", dict(device="no-such-device"), r"device .*choose from \['cpu'"),
     ("device", dict(device="mps"), r"device 'mps' does not exist here"),
     ("extra_shapes", dict(extra_shapes={"x": dict(n_layers=1)}), "extra_shapes"),

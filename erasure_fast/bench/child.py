@@ -89,7 +89,8 @@ def measure_and_report(settings: dict, address_space_cap: Optional[int] = None) 
                         providers=settings["providers"], progress=progress, points=points, probes=probes,
                         round_settings=rounds_settings)
     if settings["s1_tokens"]:
-        harness.run_s1(settings["s1_tokens"], dev, progress=progress, points=points)
+        harness.run_s1(settings["s1_tokens"], dev, progress=progress, points=points,
+                       dtype=getattr(torch, settings.get("s1_dtype", "float32")))
     roof["copy_gbps"] = max(roof["copy_gbps"], machine.copy_bandwidth(dev, 1024 if dev.type == "cuda" else 256))
     best = harness.finish(points, roof, probes)
     after = machine.conditions(settings.get("origin_cwd"))

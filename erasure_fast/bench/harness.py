@@ -361,11 +361,13 @@ def _run_point(model, inp, shape, workload, chosen, dead, device, budget_s, sett
                  + f"  {p.rounds} rounds ({rr.stop})" + (f"  ({p.note})" if p.status != "ok" and p.note else ""))
 
 
-def run_s1(n_tokens: int, device, batch_size: int = 8, progress=print, points: Optional[List[Point]] = None) -> List[Point]:
+def run_s1(n_tokens: int, device, batch_size: int = 8, progress=print, points: Optional[List[Point]] = None,
+           dtype: torch.dtype = torch.float32) -> List[Point]:
     """S1: scan n_tokens of a synthetic corpus through a GELU-4L-shaped model: the TransformerLens
     pipeline, the bare forward through TransformerLens hooks and through the capture engine, and the
     scan on the engine (its default) and on hooks. C1: the two captures alone, as their own workload
-    (FLOP rate against the run's matmul rate)."""
+    (FLOP rate against the run's matmul rate). ``dtype``: the model's (every row runs in it; noted on
+    the points when it is not float32)."""
     import tempfile
 
     import numpy as np
@@ -377,6 +379,8 @@ def run_s1(n_tokens: int, device, batch_size: int = 8, progress=print, points: O
     from ..scanning import scan
 
     model = _model("gelu-4l", device)
+    if dtype != torch.float32:
+        model = model.to(dtype)
     seq = 1024
     corpus = demo_corpus(max(1, n_tokens // seq), seq)
     spec = model_spec(model)
@@ -399,8 +403,8 @@ def run_s1(n_tokens: int, device, batch_size: int = 8, progress=print, points: O
                 dla = cache.logit_attrs(stack, nxt)[:, :, :-1]
                 mlps = torch.stack([cache[f"blocks.{l}.hook_mlp_out"] for l in range(L)])
                 pr = prov.paper_pr(torch.cat([stack, mlps]), stack)
-            qs.append(np.nanquantile(pr.reshape(-1, pr.shape[2] * pr.shape[3]).cpu().numpy(), [0.125, 0.25, 0.5, 0.75, 0.875], axis=0))
-            qs.append(np.quantile(dla.reshape(dla.shape[0], -1).cpu().numpy(), [0.25, 0.5, 0.75], axis=1))
+            qs.append(np.nanquantile(pr.reshape(-1, pr.shape[2] * pr.shape[3]).float().cpu().numpy(), [0.125, 0.25, 0.5, 0.75, 0.875], axis=0))
+            qs.append(np.quantile(dla.reshape(dla.shape[0], -1).float().cpu().numpy(), [0.25, 0.5, 0.75], axis=1))
         return qs
 
     def bare_forward():
@@ -433,6 +437,8 @@ def run_s1(n_tokens: int, device, batch_size: int = 8, progress=print, points: O
     for workload, name, fn in runs:
         p = measure(fn, device, repeats=1, warmup=0, budget_s=3600)
         p.workload, p.shape, p.provider, p.n_tokens = workload, "gelu-4l", name, len(corpus) * seq
+        if dtype != torch.float32:
+            p.note = " ".join(filter(None, [str(dtype).replace("torch.", ""), p.note]))
         points.append(p)
         progress(f"{workload}       gelu-4l    T={p.n_tokens:>8d} {name:36s} {p.status:6s} "
                  f"{('%.1f s' % p.median_s) if p.median_s else ''}")
