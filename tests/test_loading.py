@@ -26,7 +26,7 @@ def fake_hf_cache(root, repo: str, dims: dict):
 
 
 def check_weights(model, sd):
-    L, H = DIMS["n_layers"], DIMS["n_heads"]
+    L = DIMS["n_layers"]
     W_O = torch.stack([sd[f"blocks.{l}.attn.W_O"] for l in range(L)])
     assert torch.equal(model.W_O.detach().cpu(), W_O)
     assert torch.equal(model.W_U.detach().cpu(), sd["unembed.W_U"])
@@ -65,7 +65,7 @@ def test_bad_checkpoints(tmp_path):
     os.remove(tmp_path / "model_final.pth")
     with pytest.raises(ModelLoadError, match="no model.safetensors and no \\*.pth"):
         load_model(str(tmp_path))
-    sd = write_tl_checkpoint(tmp_path, dict(DIMS, d_head=5, n_heads=4), seed=1)  # config says d_head 5
+    write_tl_checkpoint(tmp_path, dict(DIMS, d_head=5, n_heads=4), seed=1)  # config says d_head 5
     import json
 
     cfg = json.load(open(tmp_path / "config.json"))

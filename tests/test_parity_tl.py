@@ -107,7 +107,6 @@ def test_attribute_matches_transformer_lens(shape, compat, dtype, backend):
     assert err < 10 * TOL[dtype]
 
     # erasure-adjusted DLA from its definition on the reference numbers
-    L = model.cfg.n_layers
     w_dla = ref.permute(1, 2, 0).double()  # [B, P, n]
     down = res.downstream.cpu()
     adj = w_dla * (1 + (pr_ref * down.double()).sum(-2))
