@@ -128,24 +128,18 @@ class SeriesStats:
         return out
 
     def _quantile(self, hist: np.ndarray, n: np.ndarray, q: float) -> np.ndarray:
+        """The q-quantile of every series from its histogram [S, n_bins + 2] and count [S] (vectorised)."""
         cum = np.cumsum(hist, axis=1)
         target = q * n
-        out = np.full(hist.shape[0], np.nan)
-        for s in range(hist.shape[0]):
-            if n[s] == 0:
-                continue
-            k = int(np.searchsorted(cum[s], target[s], side="left"))
-            k = min(max(k, 0), self.nb + 1)
-            if k == 0:
-                out[s] = -np.inf
-            elif k == self.nb + 1:
-                out[s] = np.inf
-            else:
-                before = cum[s, k - 1]
-                inside = hist[s, k]
-                frac = (target[s] - before) / inside if inside else 0.5
-                out[s] = self.lo + (k - 1 + frac) * self.bin_width
-        return out
+        k = np.minimum((cum < target[:, None]).sum(axis=1), self.nb + 1)  # = searchsorted(cum[s], target[s], "left")
+        rows = np.arange(hist.shape[0])
+        before = np.where(k > 0, cum[rows, np.maximum(k - 1, 0)], 0)
+        inside = hist[rows, k]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            frac = np.where(inside > 0, (target - before) / np.where(inside > 0, inside, 1), 0.5)
+        out = self.lo + (k - 1 + frac) * self.bin_width
+        out = np.where(k == 0, -np.inf, np.where(k == self.nb + 1, np.inf, out))
+        return np.where(n == 0, np.nan, out)
 
     # -- persistence and merging -------------------------------------------------------------
     def state(self, prefix: str) -> Dict[str, np.ndarray]:
