@@ -276,3 +276,20 @@ def test_roofline_reference_is_the_best_probe_and_above_100_percent_is_flagged()
                               roofline=dict(roof, copy_gbps=1.0), repeats=5, command="c", probes=[]),
                          harness.as_records([q]))
     assert ">100 %: measurement problem" in md and "200" not in md.split("| fast |")[1]
+
+
+def test_s1_and_c1_rows_all_run_on_one_row_of_tokens():
+    """Every S1 / C1 row (TransformerLens pipeline, bare forwards, scans, the interleaved overhead) runs
+    and times something, on one 1,024-token row of the GELU-4L shape."""
+    from erasure_fast.bench import harness
+
+    lines = []
+    points = harness.run_s1(1024, torch.device("cpu"), progress=lines.append, overhead_rounds=1)
+    names = [(p.workload, p.provider) for p in points]
+    assert names == [("C1", "transformer_lens hooks"), ("C1", "erasure_fast engine"), ("S1", "transformer_lens pipeline"),
+                     ("S1", "bare forward, TL hooks (no unembed)"), ("S1", "engine forward (no unembed)"),
+                     ("S1", "erasure_fast scan (engine)"), ("S1", "erasure_fast scan (hooks)"),
+                     ("S1", "scan (engine) / engine forward, interleaved")]
+    for p in points:
+        assert p.status == "ok" and p.median_s > 0 and p.n_tokens == 1024, (p.provider, p.status, p.note)
+    assert "median" in points[-1].note and len(lines) == len(points)

@@ -362,12 +362,13 @@ def _run_point(model, inp, shape, workload, chosen, dead, device, budget_s, sett
 
 
 def run_s1(n_tokens: int, device, batch_size: int = 8, progress=print, points: Optional[List[Point]] = None,
-           dtype: torch.dtype = torch.float32) -> List[Point]:
+           dtype: torch.dtype = torch.float32, overhead_rounds: int = 3) -> List[Point]:
     """S1: scan n_tokens of a synthetic corpus through a GELU-4L-shaped model: the TransformerLens
     pipeline, the bare forward through TransformerLens hooks and through the capture engine, and the
     scan on the engine (its default) and on hooks. C1: the two captures alone, as their own workload
-    (FLOP rate against the run's matmul rate). ``dtype``: the model's (every row runs in it; noted on
-    the points when it is not float32)."""
+    (FLOP rate against the run's matmul rate). Last, the scan's overhead over the engine's forward from
+    ``overhead_rounds`` interleaved pairs (`_scan_over_forward`). ``dtype``: the model's (every row runs
+    in it; noted on the points when it is not float32)."""
     import tempfile
 
     import numpy as np
@@ -442,7 +443,38 @@ def run_s1(n_tokens: int, device, batch_size: int = 8, progress=print, points: O
         points.append(p)
         progress(f"{workload}       gelu-4l    T={p.n_tokens:>8d} {name:36s} {p.status:6s} "
                  f"{('%.1f s' % p.median_s) if p.median_s else ''}")
+    points.append(_scan_over_forward(engine_forward, ours("engine"), device, overhead_rounds, len(corpus) * seq, dtype))
+    progress(f"S1       gelu-4l    T={points[-1].n_tokens:>8d} {points[-1].provider:36s} {points[-1].status:6s} "
+             f"{points[-1].note}")
     return points
+
+
+def _scan_over_forward(forward, scan, device, rounds: int, n_tokens: int, dtype) -> Point:
+    """The scan's time over the engine's bare forward, from ``rounds`` interleaved (forward, scan)
+    pairs: the per-round ratios' median cancels the slow drifts of a shared machine that separate
+    single runs see. The point's times are the scan's; its note gives every ratio and their median."""
+    p = Point("S1", "gelu-4l", "scan (engine) / engine forward, interleaved", n_tokens)
+    ratios = []
+    try:
+        for _ in range(rounds):
+            times = []
+            for fn in (forward, scan):
+                t0 = time.perf_counter()
+                fn()
+                mach.sync(device)
+                times.append(time.perf_counter() - t0)
+            p.times_s.append(times[1])
+            ratios.append(times[1] / times[0])
+        p.median_s = statistics.median(p.times_s)
+        p.rounds, p.stop = rounds, "single call" if rounds == 1 else "max rounds"
+        p.note = (f"scan / forward per round: {', '.join('%.3f' % r for r in ratios)}; median {statistics.median(ratios):.3f} "
+                  f"({100 * (statistics.median(ratios) - 1):+.1f} %)")
+    except Exception as e:  # recorded, not dropped
+        p.status = "oom" if _is_oom(e) else "error"
+        p.note = f"{type(e).__name__}: {str(e)[:200]}"
+    if dtype != torch.float32:
+        p.note = f"{str(dtype).replace('torch.', '')} {p.note}"
+    return p
 
 
 def best_rates(roof: dict, probes: Optional[List[dict]] = None) -> Dict[str, float]:
