@@ -32,6 +32,18 @@ from ..models import ModelSpec
 _INPUT_KWARGS = ("input", "hidden_states", "input_ids", "query_input", "x", "inputs_embeds")
 
 
+# Families whose float64 hook capture TransformerLens's bridge rounds differently from the model's own
+# modules (measured against TransformerLens 4.3: 1e-9 to 1e-7 relative, above the engine's float64 bound
+# of 1e-12): its own rotary for Cohere's and GLM's layouts; around transformers' float32 attention
+# scores for GPT-Neo and GPT-J. In float32 they agree within 1e-6.
+_F64_ROUNDS_DIFFERENTLY = ("CohereForCausalLM", "Cohere2ForCausalLM", "GlmForCausalLM", "Glm4ForCausalLM",
+                           "GPTNeoForCausalLM", "GPTJForCausalLM")
+
+# Families TransformerLens bridges but cannot run (its own forward fails): there is no hook capture for
+# the engine to equal, and erasure_fast fails with TransformerLens rather than return unchecked numbers.
+_TRANSFORMER_LENS_FAILS = {"CodeGenForCausalLM": "TransformerLens's CodeGen attention fails in its own forward"}
+
+
 class _StopForward(Exception):
     """Raised after the last block: no final norm, no unembedding."""
 
@@ -147,12 +159,18 @@ def _first(output):
     return output[0] if isinstance(output, tuple) else output
 
 
-def _attention_implementation(model, dtype: torch.dtype) -> str:
-    """SDPA where the family supports it (fused attention, no pattern materialised), else eager; eager
-    in float64 too, where transformers' eager attention (and so TransformerLens's) takes its softmax in
-    float32, which SDPA does not -- the engine must give hook capture's numbers, rounding included."""
-    import os
-    if dtype == torch.float64 and not os.environ.get("EF_F64_SDPA"):
+# TransformerLens attentions that recompute the pattern themselves with a softmax in the model's dtype
+# (fused-QKV and MPT ALiBi bridges). In float64 the engine then takes SDPA (float64 throughout) rather
+# than the family's eager attention, which for some of them (GPT-NeoX, Phi-3) takes the softmax in float32.
+_FULL_PRECISION_SOFTMAX = ("JointQKVAttentionBridge", "JointQKVPositionEmbeddingsAttentionBridge", "MPTALiBiAttentionBridge")
+
+
+def _attention_implementation(model, bridge, dtype: torch.dtype) -> str:
+    """SDPA where the family supports it (fused attention, no pattern materialised), else the family's
+    eager attention. In float64 the one whose softmax precision is TransformerLens's: transformers' eager
+    attention takes its softmax in float32 even for float64 models, and so does TransformerLens where it
+    runs that attention; where it recomputes the pattern itself (`_FULL_PRECISION_SOFTMAX`) it does not."""
+    if dtype == torch.float64 and type(bridge.blocks[0].attn).__name__ not in _FULL_PRECISION_SOFTMAX:
         model.set_attn_implementation("eager")
         return "eager"
     try:
@@ -173,7 +191,7 @@ class HFModulesEngine:
             raise ValueError(problem)
         self.model = _unbridged(bridge.original_model, {})
         self.model.eval()
-        self.attention = _attention_implementation(self.model, spec.W_O.dtype)
+        self.attention = _attention_implementation(self.model, bridge, spec.W_O.dtype)
         self.points = points
         self.modules = dict(self.model.named_modules())
         self.spec = spec
@@ -261,11 +279,18 @@ class HFModulesEngine:
 def hf_engine_problem(bridge, spec: ModelSpec) -> Optional[str]:
     """Why the engine does not cover this Hugging Face-loaded bridge (one line), or None. Reads the
     bridge's structure only (no forward pass)."""
-    if getattr(bridge, "compatibility_mode", False):
-        return (f"{spec.family}: compatibility mode (TransformerLens processes the weights and runs its own "
-                "forward; the engine runs the model's own modules)")
+    if getattr(bridge, "compatibility_mode", False) or getattr(bridge, "_weights_processed", False):
+        return (f"{spec.family}: compatibility mode or processed weights (TransformerLens folds and centres the "
+                "weights and runs its own forward; the engine runs the model's own modules)")
     if not isinstance(getattr(bridge, "original_model", None), torch.nn.Module) or not hasattr(
             bridge.original_model, "set_attn_implementation"):
         return f"{spec.family}: the bridge holds no transformers model to run"
-    _, problem = read_points(bridge, spec, HFModulesEngine.hook_names(spec))
-    return f"{spec.family}: {problem}" if problem else None
+    if spec.family in _TRANSFORMER_LENS_FAILS:
+        return f"{spec.family}: {_TRANSFORMER_LENS_FAILS[spec.family]} (no hook capture to equal)"
+    if spec.W_O.dtype == torch.float64 and spec.family in _F64_ROUNDS_DIFFERENTLY:
+        return (f"{spec.family}: in float64 TransformerLens rounds this family's attention differently from its "
+                "transformers modules (1e-9 to 1e-7 relative), so hook capture keeps TransformerLens's numbers")
+    if "hf_engine_problem" not in spec.derived:  # the bridge's structure is fixed for the spec's life
+        _, problem = read_points(bridge, spec, HFModulesEngine.hook_names(spec))
+        spec.derived["hf_engine_problem"] = f"{spec.family}: {problem}" if problem else None
+    return spec.derived["hf_engine_problem"]
