@@ -165,20 +165,33 @@ def _first(output):
 _FULL_PRECISION_SOFTMAX = ("JointQKVAttentionBridge", "JointQKVPositionEmbeddingsAttentionBridge", "MPTALiBiAttentionBridge")
 
 
-def _attention_implementation(model, bridge, dtype: torch.dtype) -> str:
-    """SDPA where the family supports it (fused attention, no pattern materialised), else the family's
-    eager attention. In float64 the one whose softmax precision is TransformerLens's: transformers' eager
-    attention takes its softmax in float32 even for float64 models, and so does TransformerLens where it
-    runs that attention; where it recomputes the pattern itself (`_FULL_PRECISION_SOFTMAX`) it does not."""
-    if dtype == torch.float64 and type(bridge.blocks[0].attn).__name__ not in _FULL_PRECISION_SOFTMAX:
-        model.set_attn_implementation("eager")
-        return "eager"
+def _attention_implementation(model, configs, bridge, dtype: torch.dtype) -> str:
+    """Set and return the attention the engine runs: SDPA where the family has it (fused attention, no
+    pattern materialised), else the family's eager attention. In float64 the one whose softmax precision
+    is TransformerLens's: transformers' eager attention takes its softmax in float32 even for float64
+    models, and so does TransformerLens where it runs that attention; where it recomputes the pattern
+    itself (`_FULL_PRECISION_SOFTMAX`) it does not."""
+    import logging
+
+    full_precision = type(bridge.blocks[0].attn).__name__ in _FULL_PRECISION_SOFTMAX
+    want = "eager" if dtype == torch.float64 and not full_precision else "sdpa"
+    if want == "sdpa" and not getattr(model, "_supports_sdpa", False):
+        want = "eager"
+    logger = logging.getLogger("transformers.modeling_utils")
+    level = logger.level
+    logger.setLevel(logging.ERROR)  # families that cannot switch dynamically only warn (handled below)
     try:
-        model.set_attn_implementation("sdpa")
-        return "sdpa"
-    except Exception:  # the family has no SDPA path: its own eager attention
-        model.set_attn_implementation("eager")
-        return "eager"
+        model.set_attn_implementation(want)
+    except Exception:  # the family has no such path after all: its own eager attention
+        want = "eager"
+        model.set_attn_implementation(want)
+    finally:
+        logger.setLevel(level)
+    # Families whose attention predates transformers' attention interface (Falcon, Bloom, MPT, ...) read
+    # the choice from their config at each forward and ignore set_attn_implementation.
+    for config in configs.values():
+        config._attn_implementation_internal = want
+    return want
 
 
 class HFModulesEngine:
@@ -189,9 +202,13 @@ class HFModulesEngine:
         points, problem = read_points(bridge, spec, names)
         if problem:
             raise ValueError(problem)
-        self.model = _unbridged(bridge.original_model, {})
+        configs: dict = {}
+        self.model = _unbridged(bridge.original_model, configs)
         self.model.eval()
-        self.attention = _attention_implementation(self.model, bridge, spec.W_O.dtype)
+        for config in configs.values():  # TransformerLens asks for attention weights; the engine never reads them
+            config.output_attentions = False
+            config.output_hidden_states = False
+        self.attention = _attention_implementation(self.model, configs, bridge, spec.W_O.dtype)
         self.points = points
         self.modules = dict(self.model.named_modules())
         self.spec = spec
@@ -242,6 +259,8 @@ class HFModulesEngine:
         seen = set()
 
         def keep(entries, tensor, stop):
+            if tensor is None:
+                raise RuntimeError(f"capture engine: the module of {entries[0][0]} was called without a tensor input")
             for name, scale in entries:
                 for view in into[name]:
                     # [B, P, ...]: some modules see the positions flattened (OPT's, Llama 4's MLPs: [B*P, D])
@@ -285,6 +304,8 @@ def hf_engine_problem(bridge, spec: ModelSpec) -> Optional[str]:
     if not isinstance(getattr(bridge, "original_model", None), torch.nn.Module) or not hasattr(
             bridge.original_model, "set_attn_implementation"):
         return f"{spec.family}: the bridge holds no transformers model to run"
+    if getattr(bridge.original_model, "hf_device_map", None):  # accelerate moves tensors in per-module hooks
+        return f"{spec.family}: a model dispatched with a device_map (accelerate's hooks place its tensors)"
     if spec.family in _TRANSFORMER_LENS_FAILS:
         return f"{spec.family}: {_TRANSFORMER_LENS_FAILS[spec.family]} (no hook capture to equal)"
     if spec.W_O.dtype == torch.float64 and spec.family in _F64_ROUNDS_DIFFERENTLY:
