@@ -14,9 +14,10 @@ Two engines, chosen by where the model came from:
   multipliers, mixtures of experts).
 
 `engine_problem` says in one line why neither covers a model (``capture="auto"`` then uses hook
-capture and records why): compatibility mode on a Hugging Face-loaded bridge (processed weights, the
-bridge's own forward), a layout outside the weights engine's, or a hook that is no single module's
-input or output.
+capture and records why): a layout outside the weights engine's; for Hugging Face-loaded bridges,
+compatibility mode or processed weights (TransformerLens's own forward on folded weights), a
+``device_map`` dispatch, float64 in the few families whose float64 TransformerLens rounds differently
+from their modules, or a hook that is no single module's input or output.
 """
 
 from __future__ import annotations

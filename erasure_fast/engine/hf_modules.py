@@ -149,6 +149,7 @@ def _unbridged(module, configs: dict):
 
 
 def _module_input(args, kwargs):
+    """A module's input as TransformerLens's hook_in sees it (`_INPUT_KWARGS`, else the first argument)."""
     for name in _INPUT_KWARGS:
         if name in kwargs:
             return kwargs[name]
@@ -156,6 +157,7 @@ def _module_input(args, kwargs):
 
 
 def _first(output):
+    """A module's output as TransformerLens's hook_out sees it (the first element of a tuple)."""
     return output[0] if isinstance(output, tuple) else output
 
 
@@ -211,7 +213,6 @@ class HFModulesEngine:
         self.attention = _attention_implementation(self.model, configs, bridge, spec.W_O.dtype)
         self.points = points
         self.modules = dict(self.model.named_modules())
-        self.spec = spec
 
     @staticmethod
     def hook_names(spec: ModelSpec) -> List[str]:
