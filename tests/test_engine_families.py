@@ -98,7 +98,14 @@ def test_engine_equals_hook_capture_or_says_why_not(arch, folders):
                 engine_for(bridge, spec).capture(spec, tokens)
             _record(arch, dtype, status="upstream", reason=f"{type(e).__name__}: {' '.join(str(e).split())[:100]}")
             continue
-        got = engine_for(bridge, spec).capture(spec, tokens)
+        ran = []  # the engine runs copies of the modules: none of the bridge's own (bridged or not) may run
+        handles = [m.register_forward_pre_hook(lambda *a: ran.append(1)) for m in bridge.modules()]
+        try:
+            got = engine_for(bridge, spec).capture(spec, tokens)
+        finally:
+            for handle in handles:
+                handle.remove()
+        assert not ran, f"{arch}: the engine ran {len(ran)} of the bridge's own modules"
         errors = {}
         for name in ("z", "mlp_out", "embed", "scale", "resid_points"):
             ours, theirs = getattr(got, name), getattr(ref, name)
