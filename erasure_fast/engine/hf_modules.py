@@ -305,8 +305,10 @@ def hf_engine_problem(bridge, spec: ModelSpec) -> Optional[str]:
     if not isinstance(getattr(bridge, "original_model", None), torch.nn.Module) or not hasattr(
             bridge.original_model, "set_attn_implementation"):
         return f"{spec.family}: the bridge holds no transformers model to run"
-    if getattr(bridge.original_model, "hf_device_map", None):  # accelerate moves tensors in per-module hooks
-        return f"{spec.family}: a model dispatched with a device_map (accelerate's hooks place its tensors)"
+    devices = {str(d) for d in (getattr(bridge.original_model, "hf_device_map", None) or {}).values()}
+    if len(devices) > 1 or "disk" in devices:  # accelerate moves tensors in per-module hooks the copy drops
+        return (f"{spec.family}: a model dispatched over several devices or offloaded with a device_map "
+                "(accelerate's hooks place its tensors)")
     if spec.family in _TRANSFORMER_LENS_FAILS:
         return f"{spec.family}: {_TRANSFORMER_LENS_FAILS[spec.family]} (no hook capture to equal)"
     if spec.W_O.dtype == torch.float64 and spec.family in _F64_ROUNDS_DIFFERENTLY:
