@@ -171,3 +171,29 @@ def test_compatibility_mode_and_plain_transformers_models(folders):
     assert res.capture == "engine"
     hooks = ef.attribute(hf, tokens, writers=["L0H1"], capture="hooks")
     assert rel_err(res.adjusted_dla, hooks.adjusted_dla) <= 1e-5
+
+
+def test_the_engines_refusal_lists_are_true(folders):
+    """Each family refused in float64 does differ from hook capture there beyond 1e-12 (the engine made
+    anyway); TransformerLens's own forward does fail on each family refused for that; a model spread
+    over several devices by a device_map is refused."""
+    from erasure_fast.engine import hf_modules
+
+    tokens = _tokens()
+    for arch in hf_modules._F64_ROUNDS_DIFFERENTLY:
+        bridge = boot_bridge(folders[arch], dtype=torch.float64)
+        spec = ef.model_spec(bridge)
+        assert "float64" in engine_problem(bridge, spec)
+        got, ref = HFModulesEngine(bridge, spec).capture(spec, tokens), capture(bridge, tokens, spec)
+        assert rel_err(got.z, ref.z) > 1e-12, f"{arch}: the engine now equals hook capture in float64"
+        assert rel_err(got.z, ref.z) < 1e-6
+    for arch in hf_modules._TRANSFORMER_LENS_FAILS:
+        bridge = boot_bridge(folders[arch])
+        with pytest.raises(Exception):
+            bridge.run_with_cache(tokens)
+    bridge = boot_bridge(folders["LlamaForCausalLM"])
+    spec = ef.model_spec(bridge)
+    bridge.original_model.hf_device_map = {"model.embed_tokens": 0, "model.layers": "cpu"}
+    assert "device_map" in engine_problem(bridge, spec)
+    bridge.original_model.hf_device_map = {"": "cpu"}
+    assert engine_problem(bridge, spec) is None
