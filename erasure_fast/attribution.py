@@ -198,8 +198,8 @@ def attribute(
         include_mlps: add the MLP outputs as nodes and the residual points (``resid_pr``); an
             attention-only model has no MLP nodes but gets its residual points all the same.
         backend: "auto", "torch", "cpp" or "triton".
-        capture: how activations are obtained: "engine" (the forward recomputed from the weights,
-            `erasure_fast.engine`), "hooks" (TransformerLens's hooks) or "auto" (the engine where it
+        capture: how activations are obtained: "engine" (no hook machinery: the forward from the weights,
+            or a Hugging Face model's own modules with SDPA; `erasure_fast.engine`), "hooks" (TransformerLens's hooks) or "auto" (the engine where it
             covers the model, else hooks; ``result.capture`` says which and why).
 
     Returns:
