@@ -54,10 +54,10 @@ bench-quick: install
 
 # pytest runs from tests/ so the installed package (with its compiled extension) is imported.
 test-tl4: install
-	cd tests && EF_REQUIRE_CPP=1 EF_ERROR_REPORT=../build/parity-errors-tl4.json EF_FAMILY_REPORT=../build/families-tl4.json ../$(VENV)/bin/python -m pytest -q -p no:cacheprovider .
+	cd tests && EF_REQUIRE_CPP=1 EF_ERROR_REPORT=../build/parity-errors-tl4.json EF_FAMILY_REPORT=../build/families-tl4.json EF_ENGINE_REPORT=../build/engine-tl4.json ../$(VENV)/bin/python -m pytest -q -p no:cacheprovider .
 
 test-tl3: install-tl3
-	cd tests && EF_REQUIRE_CPP=1 EF_ERROR_REPORT=../build/parity-errors-tl3.json ../$(VENV_TL3)/bin/python -m pytest -q -p no:cacheprovider test_parity_tl.py test_paper.py test_layouts.py test_engine.py
+	cd tests && EF_REQUIRE_CPP=1 EF_ERROR_REPORT=../build/parity-errors-tl3.json ../$(VENV_TL3)/bin/python -m pytest -q -p no:cacheprovider test_parity_tl.py test_paper.py test_layouts.py test_engine.py test_engine_families.py
 
 test: test-tl4 test-tl3
 

@@ -10,7 +10,7 @@ import torch
 from .backends import get_backend
 from .capture import Capture, capture, model_device, validate_tokens
 from .contract import accumulation_dtype, cosine, projection_ratio, projection_value, validate
-from .engine import CAPTURE_MODES, EngineWeights, engine_capture, engine_problem
+from .engine import CAPTURE_MODES, engine_for, engine_problem
 from .models import ModelSpec, as_transformer_lens, model_spec
 
 
@@ -198,8 +198,8 @@ def attribute(
         include_mlps: add the MLP outputs as nodes and the residual points (``resid_pr``); an
             attention-only model has no MLP nodes but gets its residual points all the same.
         backend: "auto", "torch", "cpp" or "triton".
-        capture: how activations are obtained: "engine" (the forward recomputed from the weights,
-            `erasure_fast.engine`), "hooks" (TransformerLens's hooks) or "auto" (the engine where it
+        capture: how activations are obtained: "engine" (no hook machinery: the forward from the weights,
+            or a Hugging Face model's own modules with SDPA; `erasure_fast.engine`), "hooks" (TransformerLens's hooks) or "auto" (the engine where it
             covers the model, else hooks; ``result.capture`` says which and why).
 
     Returns:
@@ -236,12 +236,6 @@ def resolve_capture(capture: str, model, spec: ModelSpec) -> str:
     return f"hooks ({problem})"
 
 
-def _engine_weights(model, spec: ModelSpec) -> EngineWeights:
-    if "engine" not in spec.derived:
-        spec.derived["engine"] = EngineWeights.from_model(model, spec)
-    return spec.derived["engine"]
-
-
 def run_attribution(model, spec: ModelSpec, tokens: torch.Tensor, wr: torch.Tensor, ids: torch.Tensor,
                     inc: Optional[torch.Tensor], *, include_mlps: bool, impl, extra_hooks=(), keep_hooks=(),
                     scale_override: Optional[torch.Tensor] = None, keep_mlp_out: bool = False,
@@ -255,8 +249,8 @@ def run_attribution(model, spec: ModelSpec, tokens: torch.Tensor, wr: torch.Tens
     with_mlps = include_mlps and spec.has_mlps
     with_resid = include_mlps  # every node that writes to the stream (an attention-only model has no MLPs)
     if capture_mode == "engine" and not extra_hooks and not keep_hooks:
-        cap = engine_capture(spec, _engine_weights(model, spec), tokens.to(model_device(model)),
-                             include_mlps=with_mlps, include_embed=with_resid)
+        cap = engine_for(model, spec).capture(spec, tokens.to(model_device(model)), include_mlps=with_mlps,
+                                              include_embed=with_resid)
     else:
         capture_mode = capture_mode if capture_mode != "engine" else "hooks (interventions run on hooks)"
         cap = capture(model, tokens, spec, include_mlps=with_mlps, include_embed=with_resid,

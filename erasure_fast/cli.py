@@ -54,7 +54,8 @@ def _add_scan_args(p: argparse.ArgumentParser, demo: bool) -> None:
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "cpp", "triton"],
                    help="attribution backend (auto: cpp on CPU, triton on CUDA)")
     p.add_argument("--capture", default="auto", choices=["auto", "engine", "hooks"],
-                   help="how activations are captured: the engine (the forward recomputed from the weights), "
+                   help="how activations are captured: the engine (no hook machinery: the forward from the weights, or "
+                        "a Hugging Face model's own modules with fused attention), "
                         "TransformerLens hooks, or auto (the engine where it covers the model)")
     p.add_argument("--device", default=None, help="e.g. cuda or cpu; default: where the model is")
     p.add_argument("--resume", dest="resume", action="store_true", default=True,

@@ -78,11 +78,17 @@ def test_capture_choice_is_checked_before_any_work():
 
 
 def test_models_the_engine_does_not_cover_fall_back_to_hooks_and_say_why(tmp_path):
-    """TransformerLens 4: a Hugging Face-loaded bridge; TransformerLens 3: a rotary RMSNorm model."""
+    """TransformerLens 4: a Hugging Face-loaded bridge in compatibility mode (processed weights);
+    TransformerLens 3: a rotary RMSNorm model."""
     if TL_MAJOR >= 4:
+        import warnings
+
         from hf_families import VOCAB, boot_bridge, save_family
 
         model, family = boot_bridge(save_family("LlamaForCausalLM", str(tmp_path / "llama"))), "LlamaForCausalLM"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model.enable_compatibility_mode(disable_warnings=True)
     else:
         from test_layouts import _hooked
 
@@ -90,7 +96,7 @@ def test_models_the_engine_does_not_cover_fall_back_to_hooks_and_say_why(tmp_pat
         family = ef.model_spec(model).family
     tokens = torch.randint(2, VOCAB, (1, 6))
     calls = forward_calls(model)
-    with pytest.raises(ValueError, match=f"capture='engine': {family}: the engine "):
+    with pytest.raises(ValueError, match=f"capture='engine': {family}: "):
         ef.attribute(model, tokens, capture="engine")
     assert not calls
     res = ef.attribute(model, tokens, writers=["L0H1"])

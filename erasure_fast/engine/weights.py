@@ -1,4 +1,4 @@
-"""The capture engine: the forward pass recomputed from the model's weights, keeping exactly what the
+"""The capture engine from the weights: the forward pass recomputed from the model's weights, keeping exactly what the
 attribution reads -- every head's z, the MLP outputs, the embedding node, the final residual's norm
 scale -- with no hook machinery, fused QKV projections, `torch.nn.functional.scaled_dot_product_attention`
 (flash / memory-efficient kernels on GPU), no unembedding, no gradients.
@@ -6,9 +6,8 @@ scale -- with no hook machinery, fused QKV projections, `torch.nn.functional.sca
 Covered layout (first stage): TransformerLens native bridges (GELU-4L and other checkpoints loaded from
 TransformerLens-style weights, with or without compatibility mode) and 3.x HookedTransformers of the
 GPT-2 layout -- pre-norm LayerNorm (or its folded LNPre form), learned absolute positions, one K/V head
-per query head, sequential blocks, a GELU / ReLU MLP or none. `engine_problem` says why any other model
-is not covered; ``capture="auto"`` then falls back to hook capture (`erasure_fast.capture`) and the
-result records why.
+per query head, sequential blocks, a GELU / ReLU MLP or none. `weights_engine_problem` says why any
+other such model is not covered; Hugging Face-loaded bridges have their own engine (`hf_modules`).
 
 Per layer l (x the residual stream [B, P, D], LN with the model's eps):
     h = LN1(x);  q, k, v = h W_QKV + b_QKV;  z = softmax(q kᵀ / sqrt(d_head) + causal mask) v
@@ -24,12 +23,11 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
-from .capture import Capture, final_scale
-from .models import ModelSpec
-from .models.spec import CENTERING_NORMS
-from .models.tl import tl_kind
+from ..capture import Capture, final_scale
+from ..models import ModelSpec
+from ..models.spec import CENTERING_NORMS
+from ..models.tl import tl_kind
 
-CAPTURE_MODES = ("auto", "engine", "hooks")
 _ACTIVATIONS = {
     "gelu": lambda x: F.gelu(x),
     "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
@@ -55,13 +53,11 @@ def _default_attn_scale(cfg, d_head: int) -> bool:
     return scale <= 0 or abs(scale - d_head ** 0.5) <= 1e-12 * d_head
 
 
-def engine_problem(model, spec: ModelSpec) -> Optional[str]:
-    """Why the engine does not cover ``model`` (one line), or None when it does. Reads the config only."""
+def weights_engine_problem(model, spec: ModelSpec) -> Optional[str]:
+    """Why the engine from the weights does not cover ``model`` -- a native bridge or a HookedTransformer
+    -- (one line), or None when it does. Reads the config only."""
     kind = tl_kind(model)
     cfg = model.cfg
-    if kind == "bridge" and type(getattr(model, "original_model", None)).__name__ != "NativeModel":
-        return (f"{spec.family}: the engine covers TransformerLens native bridges and HookedTransformers of the "
-                "GPT-2 layout so far; Hugging Face-loaded bridges use hook capture")
     if kind not in ("bridge", "hooked"):
         return f"{type(model).__name__}: not a TransformerLens model"
     checks = [
@@ -117,6 +113,11 @@ class EngineWeights:
                 layers.append(layer)
             return cls(W_E=model.W_E.detach(), W_pos=model.W_pos.detach(), layers=layers, eps=float(model.cfg.eps),
                        act=getattr(model.cfg, "act_fn", None) if spec.has_mlps else None)
+
+    def capture(self, spec: ModelSpec, tokens: torch.Tensor, *, include_mlps: bool = True,
+                include_embed: bool = True) -> Capture:
+        """`engine_capture` with these weights."""
+        return engine_capture(spec, self, tokens, include_mlps=include_mlps, include_embed=include_embed)
 
 
 def _layer_norm(x: torch.Tensor, params, eps: float) -> torch.Tensor:
