@@ -418,7 +418,7 @@ void check_hist(const py::array& hist, const std::string& name, int64_t n_series
 }
 
 template <typename T>
-py::tuple run_pair_stats(const Arr<T>& dots, const Arr<T>& norms, const Arr<double>& null_dots,
+py::tuple run_pair_stats(const Arr<T>& dots, const Arr<T>& norms, const Arr<T>& null_dots,
                          const Arr<double>& resid_norm, const IdArr& writers, const IdArr& pairs,
                          const Arr<double>& lo, const Arr<double>& inv_width, const IdArr& n_bins,
                          const std::vector<py::array>& hists, int n_threads) {
@@ -461,8 +461,7 @@ py::tuple run_pair_stats(const Arr<T>& dots, const Arr<T>& norms, const Arr<doub
   py::array_t<int64_t> count(std::vector<py::ssize_t>{K, P});
   py::array_t<double> mean(std::vector<py::ssize_t>{K, P});
   py::array_t<double> m2(std::vector<py::ssize_t>{K, P});
-  const T *dp = dots.data(), *np_ = norms.data();
-  const double* ndp = null_dots.data();
+  const T *dp = dots.data(), *np_ = norms.data(), *ndp = null_dots.data();
   const double *rp = resid_norm.data(), *lop = lo.data(), *ivp = inv_width.data();
   const int64_t *wp = writers.data(), *pp = pairs.data(), *nbp = n_bins.data();
   int64_t* cp = count.mutable_data();
@@ -483,7 +482,7 @@ void def_pair_stats(py::module_& m, const char* name) {
         py::arg("n_bins"), py::arg("hists"), py::arg("n_threads") = 0,
         "The scan's per-pair ranking statistics (es, apr, pv, cos, es_null, apr_null, pr_null, pv_null, "
         "cos_null; see erasure_fast/scanning/pair_stats.py) of one batch folded into their histograms: dots "
-        "[T, n_nodes, W], null_dots [T, n_nodes, W] float64, norms [T, n_nodes], resid_norm [T] float64, writers [W] int64 node "
+        "[T, n_nodes, W], null_dots [T, n_nodes, W], norms [T, n_nodes], resid_norm [T] float64, writers [W] int64 node "
         "indices, pairs [P] int64 flat node * W + writer, lo / inv_width [9] float64, n_bins [9] int64, "
         "hists: 9 int64 arrays [1, P, n_bins + 2] (added in place). Returns (count, mean, m2) [9, P].");
 }

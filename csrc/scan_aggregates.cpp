@@ -111,7 +111,7 @@ void series_stats_batch(const T* values, const int64_t* bucket, int64_t n_tokens
 }
 
 template <typename T>
-void pair_stats_batch(const T* dots, const T* norms, const double* null_dots, const double* resid_norm,
+void pair_stats_batch(const T* dots, const T* norms, const T* null_dots, const double* resid_norm,
                       const int64_t* writers, const int64_t* pairs, int64_t n_tokens, int64_t n_nodes,
                       int64_t n_writers, int64_t n_pairs, const double* lo, const double* inv_width,
                       const int64_t* n_bins, int64_t* const* hists, int64_t* count, double* mean,
@@ -148,7 +148,7 @@ void pair_stats_batch(const T* dots, const T* norms, const double* null_dots, co
       for (int64_t j = 0; j < np; ++j) {
         const int64_t flat = pairs[p0 + j];
         d[j] = static_cast<double>(dots[t * row + flat]);
-        nd[j] = null_dots[t * row + flat];
+        nd[j] = static_cast<double>(null_dots[t * row + flat]);
         a[j] = nn[node[j]];
         w[j] = nn[writer[j]];
       }
@@ -199,7 +199,7 @@ void pair_stats_batch(const T* dots, const T* norms, const double* null_dots, co
   }
 }
 
-template void pair_stats_batch<float>(const float*, const float*, const double*, const double*, const int64_t*,
+template void pair_stats_batch<float>(const float*, const float*, const float*, const double*, const int64_t*,
                                       const int64_t*, int64_t, int64_t, int64_t, int64_t, const double*,
                                       const double*, const int64_t*, int64_t* const*, int64_t*, double*,
                                       double*, int);

@@ -36,7 +36,7 @@ void series_stats_batch(const T* values, const int64_t* bucket, int64_t n_tokens
 constexpr int kPairStats = 9;
 
 template <typename T>
-void pair_stats_batch(const T* dots, const T* norms, const double* null_dots, const double* resid_norm,
+void pair_stats_batch(const T* dots, const T* norms, const T* null_dots, const double* resid_norm,
                       const int64_t* writers, const int64_t* pairs, int64_t n_tokens, int64_t n_nodes,
                       int64_t n_writers, int64_t n_pairs, const double* lo, const double* inv_width,
                       const int64_t* n_bins, int64_t* const* hists, int64_t* count, double* mean,

@@ -154,9 +154,11 @@ def _resid_dots(cap: Capture, spec: ModelSpec, node_dots: torch.Tensor, embed_do
     L, H = spec.n_layers, spec.n_heads
     T = node_dots.shape[0]
     # b_O[l] . r_w = z_w . (W_O[w] b_O[l]): the bias enters through head space, never as a d_model vector.
-    W_Ow = spec.W_O.index_select(0, writers.to(spec.W_O.device)).to(acc)  # [W, dh, D]
-    u = torch.einsum("whd,ld->wlh", W_Ow, spec.b_O.to(acc))  # [W, L, dh]
-    zw = cap.z.reshape(T, L * H, -1).index_select(1, writers.to(cap.z.device)).to(acc)  # [T, W, dh]
+    every_head = len(writers) == L * H and bool((writers.cpu() == torch.arange(L * H)).all())
+    W_Ow = spec.W_O if every_head else spec.W_O.index_select(0, writers.to(spec.W_O.device))
+    u = torch.einsum("whd,ld->wlh", W_Ow.to(acc), spec.b_O.to(acc))  # [W, L, dh]
+    z = cap.z.reshape(T, L * H, -1)
+    zw = (z if every_head else z.index_select(1, writers.to(cap.z.device))).to(acc)  # [T, W, dh], no copy for all heads
     bias_dots = torch.einsum("twh,wlh->tlw", zw, u)  # [T, L, W]
     head_dots = node_dots[:, : L * H].reshape(T, L, H, -1).sum(dim=2)  # [T, L, W]
     mlp_dots = node_dots[:, L * H:] if spec.has_mlps else None
@@ -260,14 +262,18 @@ def run_attribution(model, spec: ModelSpec, tokens: torch.Tensor, wr: torch.Tens
     B, P = tokens.shape
     T = B * P
     L, H = spec.n_layers, spec.n_heads
-    extras = []
-    if with_mlps:
-        extras.append(cap.mlp_out.reshape(T, L, -1))
-    if with_resid:
-        if cap.embed is not None:
-            extras.append(cap.embed.reshape(T, 1, -1))
-        if cap.resid_points is not None:  # non-additive blocks: the stream itself, dotted in the kernel
-            extras.append(cap.resid_points.reshape(T, cap.resid_points.shape[2], -1))
+    if with_mlps and with_resid and cap.stream_nodes is not None and cap.resid_points is None:
+        extra = cap.stream_nodes.reshape(T, L + 1, -1)  # mlp_out then embed: already one block
+    else:
+        parts = []
+        if with_mlps:
+            parts.append(cap.mlp_out.reshape(T, L, -1))
+        if with_resid:
+            if cap.embed is not None:
+                parts.append(cap.embed.reshape(T, 1, -1))
+            if cap.resid_points is not None:  # non-additive blocks: the stream itself, dotted in the kernel
+                parts.append(cap.resid_points.reshape(T, cap.resid_points.shape[2], -1))
+        extra = torch.cat(parts, dim=1) if parts else None
     dev = cap.z.device
     dtype = cap.z.dtype
     inputs = validate(
@@ -276,7 +282,7 @@ def run_attribution(model, spec: ModelSpec, tokens: torch.Tensor, wr: torch.Tens
         spec.directions.to(dev, dtype),
         cap.scale.reshape(T),
         wr,
-        torch.cat(extras, dim=1).to(dtype) if extras else None,
+        None if extra is None else extra.to(dtype),
         direction_ids=ids.reshape(T).to(dev),
         incorrect_ids=None if inc is None else inc.reshape(T).to(dev),
         center=spec.center,

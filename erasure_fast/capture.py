@@ -38,6 +38,9 @@ class Capture:
     scale: torch.Tensor
     extra: Dict[str, torch.Tensor] = None
     resid_points: Optional[torch.Tensor] = None  # [B, P, R, d_model], only for non-additive blocks
+    # [B, P, L + 1, d_model]: mlp_out then embed in one block, whose views they are (the weights
+    # engine fills it so the attribution need not concatenate them); None elsewhere.
+    stream_nodes: Optional[torch.Tensor] = None
 
 
 def validate_tokens(tokens, spec: ModelSpec, name: str = "tokens") -> torch.Tensor:

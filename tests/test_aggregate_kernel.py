@@ -109,7 +109,7 @@ def _pair_inputs(T, n_nodes, W, dtype, seed):
     norms = (torch.rand(T, n_nodes, generator=g, dtype=torch.float64) * 4).to(dtype)
     norms[torch.rand(T, n_nodes, generator=g) < 0.05] = 0.0  # a silent node: NaN statistics
     norms[0, 0] = -1e-9  # rounding below zero is clamped
-    null = torch.randn(T, n_nodes, W, generator=g, dtype=torch.float64)
+    null = torch.randn(T, n_nodes, W, generator=g, dtype=torch.float64).to(dtype)
     resid = torch.rand(T, generator=g, dtype=torch.float64) * 30 + 0.1
     if T > 1:
         resid[-1] = 0.0  # a zero stream: NaN erasure scores
@@ -155,7 +155,7 @@ def test_compiled_pair_statistics_check_their_arguments():
     with pytest.raises(ValueError, match=r"writers must be node indices in \[0, 4\), got -1"):
         kernel(**args(writers=np.array([0, -1])))
     with pytest.raises(ValueError, match=r"null_dots must have shape \[T, n_nodes, W\]=\[6, 4, 2\]"):
-        kernel(**args(null_dots=np.zeros((6, 4, 3))))
+        kernel(**args(null_dots=np.zeros((6, 4, 3), np.float32)))
     with pytest.raises(ValueError, match=r"hists\[3\] must have shape \[1, P, n_bins \+ 2\]"):
         kernel(**args(hists=hists[:3] + [np.zeros((1, len(pairs), 11), np.int64)] + hists[4:]))
     with pytest.raises(ValueError, match="hists must hold 9 arrays, got 8"):
@@ -181,6 +181,6 @@ def test_null_dots_are_each_nodes_output_dotted_with_its_null_direction(dtype, w
         outputs = torch.cat([outputs, mlp.double()], dim=1)
     ref = outputs @ R
     got = null_dots(z, mlp, null)
-    assert got.dtype == torch.float64 and got.shape == (T, N + (L if with_mlps else 0), W)
-    err = ((got - ref).abs().max() / ref.abs().max()).item()
+    assert got.dtype == dtype and got.shape == (T, N + (L if with_mlps else 0), W)
+    err = ((got.double() - ref).abs().max() / ref.abs().max()).item()
     assert err <= (1e-5 if dtype == torch.float32 else 1e-12), err

@@ -135,9 +135,17 @@ def engine_capture(spec: ModelSpec, weights: EngineWeights, tokens: torch.Tensor
     act = _ACTIVATIONS.get(weights.act)
     with torch.inference_mode():
         x = weights.W_E[tokens] + weights.W_pos[:P]
-        embed = x.clone() if include_embed else None
         z_all = torch.empty(B, P, L * H, dh, dtype=x.dtype, device=x.device)
-        mlp_all = torch.empty(B, P, L, D, dtype=x.dtype, device=x.device) if include_mlps and spec.has_mlps else None
+        # The MLP outputs and the embedding in one block [B, P, L + 1, D], the layout the attribution
+        # kernel reads its extra nodes in, so it takes them without a copy (Capture.stream_nodes).
+        with_mlps = include_mlps and spec.has_mlps
+        nodes = torch.empty(B, P, L + 1, D, dtype=x.dtype, device=x.device) if with_mlps and include_embed else None
+        mlp_all = nodes[:, :, :L] if nodes is not None else (
+            torch.empty(B, P, L, D, dtype=x.dtype, device=x.device) if with_mlps else None)
+        embed = None
+        if include_embed:
+            embed = nodes[:, :, L] if nodes is not None else torch.empty_like(x)
+            embed.copy_(x)
         for l, w in enumerate(weights.layers):
             h = _layer_norm(x, w["ln1"], weights.eps)
             qkv = torch.addmm(w["b_qkv"], h.reshape(B * P, D), w["W_qkv"]).view(B, P, 3, H, dh)
@@ -153,4 +161,4 @@ def engine_capture(spec: ModelSpec, weights: EngineWeights, tokens: torch.Tensor
                     mlp_all[:, :, l] = mlp
                 x = x + mlp
         scale = final_scale(x, spec)
-    return Capture(z=z_all, mlp_out=mlp_all, embed=embed, scale=scale)
+    return Capture(z=z_all, mlp_out=mlp_all, embed=embed, scale=scale, stream_nodes=nodes)

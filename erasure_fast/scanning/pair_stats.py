@@ -122,7 +122,7 @@ def fold_pair_values(stats: Dict[str, "SeriesStats"], dots: torch.Tensor, norms:
     T = dots.shape[0]
     as_np = lambda t, dtype: t.detach().to(dtype).contiguous().numpy()  # noqa: E731
     counted, mean_b, m2_b = kernel(
-        as_np(dots, dots.dtype), as_np(norms, dots.dtype), as_np(null_dots, torch.float64),
+        as_np(dots, dots.dtype), as_np(norms, dots.dtype), as_np(null_dots, dots.dtype),
         as_np(resid_norm.reshape(T), torch.float64), as_np(writers, torch.int64), as_np(pairs, torch.int64),
         np.array([p.lo for p in parts]), np.array([1.0 / p.bin_width for p in parts]),
         np.array([p.nb for p in parts], np.int64), [p.hist for p in parts])
@@ -138,12 +138,12 @@ def _compiled_pair_kernel(dtype: torch.dtype):
 
 def null_dots(z: torch.Tensor, mlp_out: Optional[torch.Tensor], null: NullReference) -> torch.Tensor:
     """node . r_w for every node and null direction: z [T, N, d_head], mlp_out [T, L, d_model] (None
-    for an attention-only model) -> [T, N + L, W] float64 (heads, then MLPs), multiplied in the
-    activations' accumulation dtype (float64 for float64, else float32), as the attribution is."""
+    for an attention-only model) -> [T, N + L, W] (heads, then MLPs) in the activations' accumulation
+    dtype (float64 for float64, else float32), as the attribution's dots are."""
     dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
     U = null.head_directions.to(z.device, dtype)
     heads = torch.bmm(z.to(dtype).transpose(0, 1), U).transpose(0, 1)  # [T, N, W], one [T, dh] x [dh, W] per head
     if mlp_out is None:
-        return heads.double()
+        return heads
     mlps = mlp_out.to(dtype) @ null.directions.to(z.device, dtype)
-    return torch.cat([heads, mlps], dim=1).double()
+    return torch.cat([heads, mlps], dim=1)

@@ -14,7 +14,7 @@ from .aggregate import SeriesStats, TopK
 from .pair_stats import NULL_STATISTICS, STATISTICS, NullReference, fold_pair_values, null_dots
 from .plan import DLA_BINS, DLA_RANGE, PR_BINS, PR_RANGE, ScanConfig
 
-PAIR_CHUNK = 1024  # tokens per chunk of the per-pair statistics (bounds their temporaries)
+PAIR_CHUNK = 4096  # tokens per chunk of the per-pair statistics (bounds the null dots, [chunk, nodes, W] float64)
 
 EMPTY_HASH = "0" * 32
 
