@@ -9,6 +9,9 @@ them, so their error is at most one bin width ((hi - lo) / n_bins) when the quan
 `TopK` keeps the k largest scores per series with their (row, position) and a payload, ties broken
 by (row, position) so the result does not depend on batch boundaries or merge order.
 States are dicts of numpy arrays (saved as npz, reduced with torch.distributed).
+A batch is folded in by the compiled kernel (csrc/scan_aggregates.h; one vectorised pass, shifted
+sums for the moments) where the extension is built, else by the torch reference
+`SeriesStats._batch_reference`: identical histograms and counts, moments within 1e-12 relative.
 """
 
 from __future__ import annotations
