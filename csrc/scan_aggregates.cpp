@@ -16,9 +16,6 @@ namespace {
 // Series per work item: a block's histogram rows and accumulators stay with one thread, and one
 // token's values of the block (kBlock * 4 or 8 bytes) are read contiguously.
 constexpr int64_t kBlock = 64;
-// Tokens per tile of pair_stats_batch: its buffer (kPairTile * kBlock * kPairStats doubles, 288 KiB)
-// stays in L2.
-constexpr int64_t kPairTile = 64;
 
 int thread_count(int n_threads) {
 #ifdef _OPENMP
@@ -36,21 +33,6 @@ inline double clamp_unit(double v) { return v < -1.0 ? -1.0 : (v > 1.0 ? 1.0 : v
 inline double nan_div(double num, double den) {
   const double q = num / den;
   return den == 0.0 ? std::numeric_limits<double>::quiet_NaN() : q;
-}
-
-// The kPairStats statistics of one (token, pair); see scan_aggregates.h.
-inline void pair_statistics(double d, double nd, double a, double w, double x, double* out) {
-  const double pr = nan_div(d, w * w), pv = nan_div(d, w), cos = clamp_unit(nan_div(d, a * w));
-  const double pr0 = nan_div(nd, w), cos0 = clamp_unit(nan_div(nd, a));
-  out[0] = nan_div(pv * std::fabs(cos), x);
-  out[1] = pr * std::fabs(cos);
-  out[2] = pv;
-  out[3] = cos;
-  out[4] = nan_div(nd * std::fabs(cos0), x);
-  out[5] = pr0 * std::fabs(cos0);
-  out[6] = pr0;
-  out[7] = nd;
-  out[8] = cos0;
 }
 
 }  // namespace
