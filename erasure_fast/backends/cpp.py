@@ -30,6 +30,7 @@ contract's tolerances of the float64 reference. `last_path()` says which path th
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from typing import Optional
@@ -104,9 +105,14 @@ def kernel_array(t: torch.Tensor, dtype: torch.dtype):
     return t.numpy()
 
 
-def extension_or_none():
-    """The compiled module, or None where it is not built (callers with a torch fallback)."""
-    return _extension()[0]
+def scan_kernel(name: str, dtype: torch.dtype):
+    """The compiled scan-aggregation entry ``{name}_f32`` / ``{name}_f64`` (csrc/scan_aggregates.h)
+    for float32 / float64 inputs, with this backend's thread setting; None where the extension is not
+    built or ``dtype`` has no entry (callers then use their torch reference)."""
+    _C = _extension()[0]
+    if _C is None or dtype not in (torch.float32, torch.float64):
+        return None
+    return functools.partial(getattr(_C, f"{name}_{_SFX[dtype]}"), n_threads=get_num_threads())
 
 
 def require_extension():

@@ -16,23 +16,12 @@ sums for the moments) where the extension is built, else by the torch reference
 
 from __future__ import annotations
 
-import functools
 from typing import Dict, Sequence
 
 import numpy as np
 import torch
 
-from ..backends.cpp import extension_or_none, get_num_threads
-
-
-def _compiled_batch(dtype: torch.dtype):
-    """The C++ batch kernel for float32 / float64 values (csrc/scan_aggregates.h), or None when the
-    extension is not built (the torch reference `SeriesStats._batch_reference` then does the work)."""
-    _C = extension_or_none()
-    if _C is None:
-        return None
-    kernel = _C.series_stats_batch_f64 if dtype == torch.float64 else _C.series_stats_batch_f32
-    return functools.partial(kernel, n_threads=get_num_threads())
+from ..backends.cpp import scan_kernel
 
 
 class SeriesStats:
@@ -56,7 +45,7 @@ class SeriesStats:
         if v.dtype not in (torch.float32, torch.float64):
             v = v.float()
         bucket = bucket.detach().to("cpu", torch.int64).reshape(-1)
-        kernel = _compiled_batch(v.dtype)
+        kernel = scan_kernel("series_stats_batch", v.dtype)  # None: the torch reference below
         if kernel is not None:
             counted, mean_b, m2_b = kernel(v.contiguous().numpy(), bucket.contiguous().numpy(), self.B, self.lo,
                                            1.0 / self.bin_width, self.nb, self.hist)

@@ -26,13 +26,12 @@ directly for the MLP outputs.
 from __future__ import annotations
 
 from dataclasses import dataclass
-import functools
 from typing import TYPE_CHECKING, Dict, Optional
 
 import numpy as np
 import torch
 
-from ..backends.cpp import extension_or_none, get_num_threads
+from ..backends.cpp import scan_kernel
 
 if TYPE_CHECKING:
     from .aggregate import SeriesStats
@@ -111,7 +110,7 @@ def fold_pair_values(stats: Dict[str, "SeriesStats"], dots: torch.Tensor, norms:
     """Fold one batch's `pair_values` (arguments as there) into ``stats`` ({name: SeriesStats over the
     pairs, one bucket}): in one compiled pass that never materialises them (csrc/scan_aggregates.h)
     when the extension is built, else through `pair_values` and `SeriesStats.update`."""
-    kernel = _compiled_pair_kernel(dots.dtype)
+    kernel = scan_kernel("pair_stats_batch", dots.dtype)
     if kernel is None or dots.device.type != "cpu":
         values = pair_values(dots, norms, writers, null_dots, resid_norm, pairs)
         zero = torch.zeros(dots.shape[0], dtype=torch.int64)
@@ -128,12 +127,6 @@ def fold_pair_values(stats: Dict[str, "SeriesStats"], dots: torch.Tensor, norms:
         np.array([p.nb for p in parts], np.int64), [p.hist for p in parts])
     for k, part in enumerate(parts):
         part.fold_batch(np.array([T]), counted[k][None], mean_b[k][None], m2_b[k][None])
-
-
-def _compiled_pair_kernel(dtype: torch.dtype):
-    _C = extension_or_none()
-    kernel = None if _C is None else {torch.float32: _C.pair_stats_batch_f32, torch.float64: _C.pair_stats_batch_f64}.get(dtype)
-    return None if kernel is None else functools.partial(kernel, n_threads=get_num_threads())
 
 
 def null_dots(z: torch.Tensor, mlp_out: Optional[torch.Tensor], null: NullReference) -> torch.Tensor:
