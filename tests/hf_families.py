@@ -146,6 +146,18 @@ def save_family(arch: str, folder: str, seed: int = 0) -> str:
     return folder
 
 
+class SavedFamilies(dict):
+    """arch -> the folder of its saved tiny model (`save_family`) under ``root``, written on first use."""
+
+    def __init__(self, root: str):
+        super().__init__()
+        self.root = str(root)
+
+    def __missing__(self, arch: str) -> str:
+        self[arch] = save_family(arch, os.path.join(self.root, arch))
+        return self[arch]
+
+
 def boot_bridge(folder: str, dtype=torch.float32):
     """The TransformerLens 4 bridge of a saved model (offline: the folder holds config and weights)."""
     from transformer_lens.model_bridge import TransformerBridge

@@ -24,7 +24,7 @@ if TL_MAJOR < 4:
 
 from erasure_fast.capture import capture  # noqa: E402
 from erasure_fast.engine import HFModulesEngine, engine_for, engine_problem  # noqa: E402
-from hf_families import VOCAB, boot_bridge, registry_families, save_family  # noqa: E402
+from hf_families import VOCAB, SavedFamilies, boot_bridge, registry_families  # noqa: E402
 from tl_reference import check_against_cache  # noqa: E402
 
 REGISTRY = registry_families()
@@ -42,14 +42,7 @@ REPORT: dict = {}  # arch -> {dtype: {"engine": max rel err | None, "reason"/"st
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     """Each family's saved tiny model, written on first use."""
-    root = tmp_path_factory.mktemp("engine_families")
-
-    class Folders(dict):
-        def __missing__(self, arch):
-            self[arch] = save_family(arch, str(root / arch))
-            return self[arch]
-
-    return Folders()
+    return SavedFamilies(tmp_path_factory.mktemp("engine_families"))
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -30,7 +30,7 @@ import torch
 import erasure_fast as ef
 from conftest import run_cli
 from family_results import RESULTS
-from hf_families import FAMILIES, VOCAB, boot_bridge, registry_families, save_family
+from hf_families import FAMILIES, VOCAB, SavedFamilies, boot_bridge, registry_families
 from tl_reference import check_against_cache, forward_calls, logit_attrs
 
 BACKENDS = [b for b in ("torch", "cpp") if ef.available_backends()[b].available]
@@ -45,14 +45,7 @@ CASES = [(arch, dtype) for arch in REGISTRY for dtype in (torch.float32, torch.f
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     """Each family's saved tiny model, written on first use."""
-    root = tmp_path_factory.mktemp("families")
-
-    class Folders(dict):
-        def __missing__(self, arch):
-            self[arch] = save_family(arch, str(root / arch))
-            return self[arch]
-
-    return Folders()
+    return SavedFamilies(tmp_path_factory.mktemp("families"))
 
 
 def _record(arch, dtype, **entry):
