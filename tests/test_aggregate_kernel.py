@@ -187,3 +187,41 @@ def test_null_dots_are_each_nodes_output_dotted_with_its_null_direction(dtype, w
     assert got.dtype == dtype and got.shape == (T, N + (L if with_mlps else 0), W)
     err = ((got.double() - ref).abs().max() / ref.abs().max()).item()
     assert err <= (1e-5 if dtype == torch.float32 else 1e-12), err
+
+
+def _running_state(stats: SeriesStats) -> dict:
+    return dict(count=stats.count.copy(), nan=stats.nan.copy(), mean=stats.mean.copy(), m2=stats.m2.copy(),
+                hist=stats.hist.copy())
+
+
+def test_reference_path_keeps_counts_pending_until_read_and_equals_the_kernel(monkeypatch):
+    """The path a GPU batch takes (torch reference; histogram counts pending on the values' device until
+    ``hist`` is read) gives the compiled path's running state over several batches, with reads
+    (checkpoint), a load and a merge in between."""
+    import erasure_fast.scanning.aggregate as aggregate
+
+    S, B, lo, hi, nb = 37, 3, -3.0, 3.0, 1200
+    batches = [(_tricky_values(T, S, lo, hi, nb, torch.float32, seed=T),
+                torch.randint(0, B, (T,), generator=torch.Generator().manual_seed(T))) for T in (301, 64, 1, 999)]
+    fast = SeriesStats(S, B, lo, hi, nb)
+    for v, bucket in batches:
+        fast.update(v, bucket)
+    monkeypatch.setattr(aggregate, "scan_kernel", lambda name, dtype: None)
+    ref = SeriesStats(S, B, lo, hi, nb)
+    ref.update(*batches[0])
+    assert ref._pending is not None  # counted, not yet folded into the numpy histogram
+    saved = ref.state("x")  # a checkpoint reads hist: folds the pending counts
+    assert ref._pending is None and saved["x.hist"].sum() == int(torch.isfinite(batches[0][0]).sum())
+    ref.update(*batches[1])
+    resumed = SeriesStats(S, B, lo, hi, nb)
+    resumed.load({k: v.copy() for k, v in ref.state("x").items()}, "x")
+    other = SeriesStats(S, B, lo, hi, nb)  # the last two batches on another "rank", merged in
+    for v, bucket in batches[2:]:
+        other.update(v, bucket)
+    resumed.merge(other)
+    got, want = _running_state(resumed), _running_state(fast)
+    for k in ("count", "nan", "hist"):
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+    np.testing.assert_allclose(got["mean"], want["mean"], rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(got["m2"], want["m2"], rtol=1e-12, atol=1e-9)
+    assert resumed.summary()["q0.5"].shape == (S,)

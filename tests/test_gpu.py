@@ -61,3 +61,30 @@ def test_dla_only_paths_on_gpu(case):
     out = ef.fused_attribution(a["z"], a["W_O"], pair, a["scale"], [], backend="triton", with_norms=False)
     ref = torch_ref.run(validate(a["z"].double(), a["W_O"].double(), pair.double(), a["scale"].double(), []))
     assert rel(out.dla, ref.dla) < 2e-5
+
+
+def test_scan_aggregates_on_gpu_equal_the_cpu_ones():
+    """A batch on the GPU is folded there (torch reference; only moments and top-k rows cross to the
+    host): the same histograms, counts and top-k entries as the same values folded on the CPU."""
+    from erasure_fast.scanning.aggregate import SeriesStats, TopK
+
+    g = torch.Generator().manual_seed(3)
+    S, B, T = 301, 3, 40_000
+    v = torch.randn(T, S, generator=g) * 2
+    v[torch.rand(T, S, generator=g) < 0.02] = float("nan")
+    bucket = torch.randint(0, B, (T,), generator=g)
+    cpu, gpu = SeriesStats(S, B, -3.0, 3.0, 1200), SeriesStats(S, B, -3.0, 3.0, 1200)
+    for lo in range(0, T, 9_999):
+        cpu.update(v[lo:lo + 9_999], bucket[lo:lo + 9_999])
+        gpu.update(v[lo:lo + 9_999].cuda(), bucket[lo:lo + 9_999].cuda())
+    for k in ("count", "nan", "hist"):
+        assert (getattr(cpu, k) == getattr(gpu, k)).all(), k
+    assert abs(cpu.mean - gpu.mean).max() <= 1e-12 * abs(cpu.mean).max()
+    assert abs(cpu.m2 - gpu.m2).max() <= 1e-12 * abs(cpu.m2).max()
+    score = torch.randn(T, 7, generator=g)
+    rows, pos, pay = torch.arange(T) // 100, torch.arange(T) % 100, torch.randn(T, 7, 3, generator=g)
+    a, b = TopK(7, 11, payload=3), TopK(7, 11, payload=3)
+    a.update(score, rows, pos, pay)
+    b.update(score.cuda(), rows.cuda(), pos.cuda(), pay.cuda())
+    for k in ("score", "row", "pos", "payload"):
+        assert (getattr(a, k) == getattr(b, k)).all(), k

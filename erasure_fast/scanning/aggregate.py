@@ -9,9 +9,12 @@ them, so their error is at most one bin width ((hi - lo) / n_bins) when the quan
 `TopK` keeps the k largest scores per series with their (row, position) and a payload, ties broken
 by (row, position) so the result does not depend on batch boundaries or merge order.
 States are dicts of numpy arrays (saved as npz, reduced with torch.distributed).
-A batch is folded in by the compiled kernel (csrc/scan_aggregates.h; one vectorised pass, shifted
-sums for the moments) where the extension is built, else by the torch reference
+A batch on the CPU is folded in by the compiled kernel (csrc/scan_aggregates.h; one vectorised pass,
+shifted sums for the moments) where the extension is built, else by the torch reference
 `SeriesStats._batch_reference`: identical histograms and counts, moments within 1e-12 relative.
+A batch on a GPU is folded in by the same torch reference on that device: its histogram counts
+accumulate there (``_pending``) and reach the numpy state when it is read (``hist``: checkpoint,
+summary, merge), so per batch only the [buckets, series] moments cross to the host, never the values.
 """
 
 from __future__ import annotations
@@ -33,25 +36,40 @@ class SeriesStats:
         self.nan = np.zeros((n_buckets, n_series), np.int64)
         self.mean = np.zeros((n_buckets, n_series), np.float64)
         self.m2 = np.zeros((n_buckets, n_series), np.float64)
-        self.hist = np.zeros((n_buckets, n_series, n_bins + 2), np.int64)
+        self._hist = np.zeros((n_buckets, n_series, n_bins + 2), np.int64)
+        self._pending = None  # histogram counts of batches folded on a device, not yet in _hist
+
+    @property
+    def hist(self) -> np.ndarray:
+        """[n_buckets, n_series, n_bins + 2] counts (underflow, bins, overflow), with every batch folded."""
+        if self._pending is not None:
+            self._hist += self._pending.cpu().numpy()
+            self._pending = None
+        return self._hist
+
+    @hist.setter
+    def hist(self, value: np.ndarray) -> None:
+        self._pending = None
+        self._hist = value
 
     @property
     def bin_width(self) -> float:
         return (self.hi - self.lo) / self.nb
 
     def update(self, values: torch.Tensor, bucket: torch.Tensor) -> None:
-        """values [T, S] (any float dtype, NaN = undefined), bucket [T] int in [0, n_buckets)."""
-        v = values.detach().to("cpu").reshape(-1, self.S)
+        """values [T, S] (any float dtype, NaN = undefined), bucket [T] int in [0, n_buckets); folded
+        where ``values`` are (the bucket ids follow them)."""
+        v = values.detach().reshape(-1, self.S)
         if v.dtype not in (torch.float32, torch.float64):
             v = v.float()
-        bucket = bucket.detach().to("cpu", torch.int64).reshape(-1)
-        kernel = scan_kernel("series_stats_batch", v.dtype)  # None: the torch reference below
+        bucket = bucket.detach().to(v.device, torch.int64).reshape(-1)
+        kernel = scan_kernel("series_stats_batch", v.dtype) if v.device.type == "cpu" else None
         if kernel is not None:
             counted, mean_b, m2_b = kernel(v.contiguous().numpy(), bucket.contiguous().numpy(), self.B, self.lo,
                                            1.0 / self.bin_width, self.nb, self.hist)
-        else:
+        else:  # the torch reference, on the values' device
             counted, mean_b, m2_b = self._batch_reference(v, bucket)
-        self.fold_batch(torch.bincount(bucket, minlength=self.B).numpy(), counted, mean_b, m2_b)
+        self.fold_batch(torch.bincount(bucket, minlength=self.B).cpu().numpy(), counted, mean_b, m2_b)
 
     def fold_batch(self, tokens: np.ndarray, counted: np.ndarray, mean_b: np.ndarray, m2_b: np.ndarray) -> None:
         """Fold a batch whose histogram is already added: tokens [B] per bucket, and count / mean / m2
@@ -61,30 +79,34 @@ class SeriesStats:
         self.count += counted
 
     def _batch_reference(self, v: torch.Tensor, bucket: torch.Tensor):
-        """The batch's histogram (added to self.hist) and (count, mean, m2) [B, S] of its finite values,
-        in torch: the reference of the compiled kernel (csrc/scan_aggregates.h), used where it is not built."""
+        """The batch's histogram and (count, mean, m2) [B, S] (numpy) of its finite values, in torch on
+        v's device: the reference of the compiled kernel (csrc/scan_aggregates.h), and the GPU path.
+        The histogram is added to ``_pending`` on that device (integer counts: exact, any order)."""
+        dev_ = v.device
         finite = torch.isfinite(v)
         nb2 = self.nb + 2
         # bin 0 = underflow (< lo), 1..nb inside, nb + 1 = overflow (>= hi); non-finite -> a dump slot
         bins = ((v - self.lo) * (1.0 / self.bin_width)).floor_().clamp_(-1, self.nb).add_(1)
         flat = bins.to(torch.int64)
         flat += (bucket * (self.S * nb2))[:, None]
-        flat += (torch.arange(self.S) * nb2)[None, :]
+        flat += (torch.arange(self.S, device=dev_) * nb2)[None, :]
         dump = self.B * self.S * nb2
-        flat = torch.where(finite, flat, torch.full((), dump, dtype=torch.int64))
-        hist = torch.bincount(flat.reshape(-1), minlength=dump + 1)[:dump]
-        hist = hist.reshape(self.B, self.S, nb2).numpy()
-        self.hist += hist
-        counted = hist.sum(axis=2)
+        flat = torch.where(finite, flat, torch.full((), dump, dtype=torch.int64, device=dev_))
+        hist = torch.bincount(flat.reshape(-1), minlength=dump + 1)[:dump].reshape(self.B, self.S, nb2)
+        if self._pending is None or self._pending.device != dev_:
+            self.hist  # noqa: B018 - folds counts pending on another device first
+            self._pending = hist
+        else:
+            self._pending += hist
+        counted_t = hist.sum(dim=2)
         # Batch mean and squared deviations per bucket as [B, T] x [T, S] products.
-        zero = torch.zeros((), dtype=torch.float64)
+        zero = torch.zeros((), dtype=torch.float64, device=dev_)
         vz = torch.where(finite, v.to(torch.float64), zero)
         one_hot = torch.nn.functional.one_hot(bucket, self.B).to(torch.float64)  # [T, B]
-        n_b = torch.from_numpy(counted.astype(np.float64))
-        mean_b = (one_hot.T @ vz) / n_b.clamp(min=1)
+        mean_b = (one_hot.T @ vz) / counted_t.to(torch.float64).clamp(min=1)
         dev = torch.where(finite, vz - mean_b[bucket], zero)
-        m2_b = (one_hot.T @ (dev * dev)).numpy()
-        return counted, mean_b.numpy(), m2_b
+        m2_b = one_hot.T @ (dev * dev)
+        return counted_t.cpu().numpy(), mean_b.cpu().numpy(), m2_b.cpu().numpy()
 
     def _merge_moments(self, n_b: np.ndarray, mean_b: np.ndarray, m2_b: np.ndarray) -> None:
         """Chan et al.: combine (count, mean, M2) with a batch's; call before adding n_b to count."""
@@ -161,19 +183,26 @@ class TopK:
         self.payload = np.full((n_series, k, max(payload, 0)), np.nan)
 
     def update(self, score: torch.Tensor, row: torch.Tensor, pos: torch.Tensor, payload: torch.Tensor = None) -> None:
-        """score [T, S] (NaN ignored), row / pos [T], payload [T, S, E]."""
-        score = score.detach().to("cpu", torch.float64)
+        """score [T, S] (NaN ignored), row / pos [T], payload [T, S, E]. The batch's top k per series
+        is taken where ``score`` is; only those k rows cross to the host."""
+        score = score.detach().to(torch.float64)
+        dev = score.device
         score = torch.where(torch.isnan(score), torch.full_like(score, -np.inf), score)
         kk = min(self.k, score.shape[0])
         top, idx = torch.topk(score, kk, dim=0)  # [kk, S]
-        row_np, pos_np = row.cpu().numpy(), pos.cpu().numpy()
-        pay = None if payload is None else payload.detach().to("cpu", torch.float64).numpy()
-        idx = idx.numpy()
+        top_row = row.to(dev)[idx].cpu().numpy()  # [kk, S]
+        top_pos = pos.to(dev)[idx].cpu().numpy()
+        if payload is None:
+            top_pay = np.full((kk, self.S, self.E), np.nan)
+        else:
+            pay = payload.detach().to(torch.float64)
+            top_pay = torch.gather(pay, 0, idx[:, :, None].expand(kk, self.S, pay.shape[2])).cpu().numpy()
+        top = top.cpu().numpy()
         for s in range(self.S):
-            cand_score = np.concatenate([self.score[s], top[:, s].numpy()])
-            cand_row = np.concatenate([self.row[s], row_np[idx[:, s]]])
-            cand_pos = np.concatenate([self.pos[s], pos_np[idx[:, s]]])
-            cand_pay = np.concatenate([self.payload[s], pay[idx[:, s], s] if pay is not None else np.full((kk, self.E), np.nan)])
+            cand_score = np.concatenate([self.score[s], top[:, s]])
+            cand_row = np.concatenate([self.row[s], top_row[:, s]])
+            cand_pos = np.concatenate([self.pos[s], top_pos[:, s]])
+            cand_pay = np.concatenate([self.payload[s], top_pay[:, s]])
             self._keep(s, cand_score, cand_row, cand_pos, cand_pay)
 
     def _keep(self, s, score, row, pos, pay):

@@ -113,7 +113,7 @@ def fold_pair_values(stats: Dict[str, "SeriesStats"], dots: torch.Tensor, norms:
     kernel = scan_kernel("pair_stats_batch", dots.dtype)
     if kernel is None or dots.device.type != "cpu":
         values = pair_values(dots, norms, writers, null_dots, resid_norm, pairs)
-        zero = torch.zeros(dots.shape[0], dtype=torch.int64)
+        zero = torch.zeros(dots.shape[0], dtype=torch.int64, device=dots.device)
         for name, series in stats.items():
             series.update(values[name], zero)
         return

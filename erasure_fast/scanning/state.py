@@ -110,9 +110,11 @@ def update(agg: Aggregates, res, rows: torch.Tensor, edges: Sequence[int], null:
     into the aggregates; ``null`` holds the null reference's directions."""
     B, P = res.dla.shape[:2]
     T = B * P
+    dev = res.dla.device  # aggregated where the attribution ran (SeriesStats / TopK.update)
     pos = torch.arange(P).repeat(B)
-    row = rows.repeat_interleave(P)
-    bucket = _bucket_of(pos, edges)
+    row = rows.repeat_interleave(P).to(dev)
+    bucket = _bucket_of(pos, edges).to(dev)
+    pos = pos.to(dev)
     pr = res.pr.reshape(T, -1)
     resid = res.resid_pr.reshape(T, -1)
     agg.pr.update(torch.cat([pr, resid], dim=1), bucket)
