@@ -51,6 +51,7 @@ if "$PY" -c "import transformer_lens" 2>/dev/null; then
   mkdir -p "$OUT_DIR/s1"
   timeout "$(left 240)" bash -c "cd '$RUN_DIR' && '$PY' -m erasure_fast.cli bench --device cuda --shapes gelu-4l \
       --sizes 8192 --providers triton --repeats 1 --budget-s 10 --s1-tokens 1048576 --s1-dtype bfloat16 \
+      --c1-families llama,gpt_neox,gemma2 \
       --out '$OUT_DIR/s1'" > "$OUT_DIR/s1_log.txt" 2>&1 || log "S1 exit code $?"
   grep -E "^(S1|C1) " "$OUT_DIR/s1_log.txt"
 else

@@ -210,7 +210,7 @@ def _run_bench(args, argv) -> int:
         out = bench.run(args.out, device=args.device, shapes=[s.strip() for s in args.shapes.split(",") if s.strip()],
                         sizes=ints("--sizes", args.sizes) if args.sizes else None, repeats=args.repeats,
                         budget_s=args.budget_s, round_budget_s=args.round_budget_s, s1_tokens=args.s1_tokens,
-                        s1_dtype=args.s1_dtype,
+                        s1_dtype=args.s1_dtype, c1_families=[f.strip() for f in args.c1_families.split(",") if f.strip()],
                         providers=[p.strip() for p in args.providers.split(",") if p.strip()] if args.providers else None,
                         command="erasure-fast " + " ".join(argv if argv is not None else sys.argv[1:]))
     except RuntimeError as e:  # the measuring child failed; its stderr has been shown as it ran
@@ -267,6 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_bench.add_argument("--s1-tokens", type=int, default=0, help="also run the scan workload S1 on this many tokens (0: no)")
     p_bench.add_argument("--s1-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                          help="the model's dtype in the scan workload S1 and capture workload C1 (half precision: GPU)")
+    p_bench.add_argument("--c1-families", default="",
+                         help="comma-separated Hugging Face families (llama, gpt_neox, gemma2) whose capture C1 also "
+                              "times, bridge hooks vs engine, on S1's corpus (needs --s1-tokens)")
     p_bench.add_argument("--providers", default=None, help="comma-separated substrings of provider names to keep; default: all")
     p_paper = sub.add_parser("paper", help="the paper's analyses (figs 1-5, 8, miner) on gelu-4l when cached, else the demo model",
                              formatter_class=_HELP)

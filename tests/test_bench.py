@@ -173,6 +173,8 @@ BAD_ARGUMENTS = [
     ("budget_s", dict(budget_s=float("nan")), "budget_s"),
     ("s1_tokens", dict(s1_tokens=-1), "s1_tokens"),
     ("s1_dtype", dict(s1_dtype="float64"), "s1_dtype must be one of float32, bfloat16, float16"),
+    ("c1_families", dict(c1_families=["llama", "gpt3"], s1_tokens=1024), r"unknown c1_families \['gpt3'\].*gpt_neox"),
+    ("c1_families", dict(c1_families=["llama"]), "c1_families .* give s1_tokens > 0"),
     ("device", dict(device="no-such-device"), r"device .*choose from \['cpu'"),
     ("device", dict(device="mps"), r"device 'mps' does not exist here"),
     ("extra_shapes", dict(extra_shapes={"x": dict(n_layers=1)}), "extra_shapes"),
@@ -293,3 +295,21 @@ def test_s1_and_c1_rows_all_run_on_one_row_of_tokens():
     for p in points:
         assert p.status == "ok" and p.median_s > 0 and p.n_tokens == 1024, (p.provider, p.status, p.note)
     assert "median" in points[-1].note and len(lines) == len(points)
+
+
+def test_c1_rows_of_hugging_face_families_time_hooks_and_engine():
+    """C1 for each Hugging Face family: bridge hooks and the hf_modules engine both run and time
+    something on one 1,024-token row, with the family's own FLOP count and the speedup over hooks."""
+    from erasure_fast.bench import harness
+    from erasure_fast.bench.hf_capture import HF_FAMILIES, forward_flops
+
+    lines = []
+    points = harness.run_c1_hf(1024, torch.device("cpu"), list(HF_FAMILIES), progress=lines.append)
+    assert [(p.shape, p.provider) for p in points] == [
+        (f"{f}-512", name) for f in HF_FAMILIES for name in ("transformer_lens hooks", "erasure_fast engine")]
+    for p in points:
+        assert p.workload == "C1" and p.status == "ok" and p.median_s > 0 and p.n_tokens == 1024, (p.shape, p.note)
+    assert points[0].flops == forward_flops("llama", 1024) > forward_flops("gpt_neox", 1024)  # gated MLP: 3 matrices
+    harness.finish(points, dict(matmul_gflops={"float32": 1e6}))
+    assert all(p.speedup_vs_tl is not None and p.roofline_pct is not None for p in points)
+    assert len(lines) == len(points)

@@ -137,3 +137,12 @@ def test_ctrl_c_saves_a_checkpoint_and_rerunning_resumes_exactly(root, tmp_path)
     assert meta["tokens"] == 40 * 16
     for k in ref:
         np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
+
+
+@pytest.mark.parametrize("extra, pattern", [
+    (["--c1-families", "gpt3", "--s1-tokens", "1024"], r"unknown c1_families \['gpt3'\]; choose from \['gemma2', 'gpt_neox', 'llama'\]"),
+    (["--c1-families", "llama"], r"c1_families \['llama'\] run on S1's corpus: give s1_tokens > 0 too"),
+])
+def test_bench_c1_family_errors_are_one_line_and_exit_2(tmp_path, extra, pattern):
+    one_line_error(cli("bench", "--out", tmp_path / "out", *extra), pattern)
+    assert not (tmp_path / "out").exists()

@@ -91,6 +91,9 @@ def measure_and_report(settings: dict, address_space_cap: Optional[int] = None) 
     if settings["s1_tokens"]:
         harness.run_s1(settings["s1_tokens"], dev, progress=progress, points=points,
                        dtype=getattr(torch, settings.get("s1_dtype", "float32")))
+        if settings.get("c1_families"):
+            harness.run_c1_hf(settings["s1_tokens"], dev, settings["c1_families"], progress=progress, points=points,
+                              dtype=getattr(torch, settings.get("s1_dtype", "float32")))
     roof["copy_gbps"] = max(roof["copy_gbps"], machine.copy_bandwidth(dev, 1024 if dev.type == "cuda" else 256))
     best = harness.finish(points, roof, probes)
     after = machine.conditions(settings.get("origin_cwd"))

@@ -62,6 +62,8 @@ class Point:
     stop: str = ""  # converged | budget | max rounds | single call
     first_call_s: Optional[float] = None
     note: str = ""
+    dtype: str = "float32"  # the model's / inputs' dtype: its matmul rate is the roofline reference
+    flops: Optional[float] = None  # nominal FLOPs where `workloads.flops` does not know the shape (C1 of HF families)
 
 
 class _PeakRSS:
@@ -389,14 +391,14 @@ def run_s1(n_tokens: int, device, batch_size: int = 8, progress=print, points: O
     keep = tuple([f"blocks.{l}.attn.hook_z" for l in range(L)] + [f"blocks.{l}.hook_mlp_out" for l in range(L)]
                  + ["ln_final.hook_scale"])
 
-    def batches():
-        for lo in range(0, len(corpus), batch_size):
+    def batches(rows=None):
+        for lo in range(0, len(corpus) if rows is None else rows, batch_size):
             yield torch.from_numpy(corpus[lo:lo + batch_size]).long().to(device)
 
-    def tl_pipeline():
+    def tl_pipeline(rows=None):
         """run_with_cache (names filter) + stack_head_results + logit_attrs + paper PR + numpy quantiles."""
         qs = []
-        for toks in batches():
+        for toks in batches(rows):
             with torch.no_grad():
                 _, cache = model.run_with_cache(toks, names_filter=lambda n: n in keep)
                 stack = cache.stack_head_results(layer=-1, apply_ln=False)
@@ -408,23 +410,23 @@ def run_s1(n_tokens: int, device, batch_size: int = 8, progress=print, points: O
             qs.append(np.quantile(dla.reshape(dla.shape[0], -1).float().cpu().numpy(), [0.25, 0.5, 0.75], axis=1))
         return qs
 
-    def bare_forward():
+    def bare_forward(rows=None):
         """Forward pass without unembedding (hooks capture z / MLP outputs, nothing else)."""
-        for toks in batches():
+        for toks in batches(rows):
             capture(model, validate_tokens(toks, spec), spec)
 
     weights = EngineWeights.from_model(model, spec)
 
-    def engine_forward():
+    def engine_forward(rows=None):
         """The same activations from the capture engine."""
-        for toks in batches():
+        for toks in batches(rows):
             engine_capture(spec, weights, validate_tokens(toks, spec))
 
     def ours(mode):
-        def run():
+        def run(rows=None):
             with tempfile.TemporaryDirectory() as tmp:
-                return scan(model, corpus, batch_size=batch_size, out_dir=tmp, resume=False, progress=False,
-                            report=False, capture=mode)
+                return scan(model, corpus if rows is None else corpus[:rows], batch_size=batch_size, out_dir=tmp,
+                            resume=False, progress=False, report=False, capture=mode)
         return run
 
     # Not checked against the reference like the kernels: the scan's outputs are aggregates
@@ -435,17 +437,60 @@ def run_s1(n_tokens: int, device, batch_size: int = 8, progress=print, points: O
             ("S1", "transformer_lens pipeline", tl_pipeline), ("S1", "bare forward, TL hooks (no unembed)", bare_forward),
             ("S1", "engine forward (no unembed)", engine_forward), ("S1", "erasure_fast scan (engine)", ours("engine")),
             ("S1", "erasure_fast scan (hooks)", ours("hooks")))
+    _warm_up([fn for _, _, fn in runs], batch_size, device)
     for workload, name, fn in runs:
         p = measure(fn, device, repeats=1, warmup=0, budget_s=3600)
         p.workload, p.shape, p.provider, p.n_tokens = workload, "gelu-4l", name, len(corpus) * seq
+        p.dtype = str(dtype).replace("torch.", "")
         if dtype != torch.float32:
-            p.note = " ".join(filter(None, [str(dtype).replace("torch.", ""), p.note]))
+            p.note = " ".join(filter(None, [p.dtype, p.note]))
         points.append(p)
         progress(f"{workload}       gelu-4l    T={p.n_tokens:>8d} {name:36s} {p.status:6s} "
                  f"{('%.1f s' % p.median_s) if p.median_s else ''}")
     points.append(_scan_over_forward(engine_forward, ours("engine"), device, overhead_rounds, len(corpus) * seq, dtype))
     progress(f"S1       gelu-4l    T={points[-1].n_tokens:>8d} {points[-1].provider:36s} {points[-1].status:6s} "
              f"{points[-1].note}")
+    return points
+
+
+def _warm_up(functions, rows: int, device) -> None:
+    """One batch (``rows`` rows) through each function before any is timed: the first call of a process
+    pays for the CUDA context, library handles, kernel selection and allocator pools, which would
+    otherwise land in whichever row runs first (the first H200 run's C1 rows)."""
+    for fn in functions:
+        fn(rows=rows)
+    mach.sync(device)
+
+
+def run_c1_hf(n_tokens: int, device, families, batch_size: int = 8, progress=print,
+              points: Optional[List[Point]] = None, dtype: torch.dtype = torch.float32) -> List[Point]:
+    """C1 for Hugging Face families (`hf_capture`): hook capture through the bridge and the
+    `hf_modules` engine on S1's corpus of ``n_tokens``, one row each, shape "<family>-512"; a family the
+    engine does not cover here is recorded as skipped with the reason."""
+    from ..demo import demo_corpus
+    from . import hf_capture
+
+    seq = 1024
+    corpus = demo_corpus(max(1, n_tokens // seq), seq)
+    points = [] if points is None else points
+    for family in hf_capture.check_families(families):
+        shape, tokens = f"{family}-512", len(corpus) * seq
+        try:
+            fns = hf_capture.capture_functions(family, device, dtype, corpus, batch_size)
+        except RuntimeError as e:
+            points.append(Point("C1", shape, "erasure_fast engine", tokens, status="skipped", note=str(e)))
+            continue
+        _warm_up(fns.values(), batch_size, device)
+        for name, fn in fns.items():
+            p = measure(fn, device, repeats=1, warmup=0, budget_s=3600)
+            p.workload, p.shape, p.provider, p.n_tokens = "C1", shape, name, tokens
+            p.dtype = str(dtype).replace("torch.", "")
+            p.flops = hf_capture.forward_flops(family, tokens, seq)
+            if dtype != torch.float32:
+                p.note = " ".join(filter(None, [p.dtype, p.note]))
+            points.append(p)
+            progress(f"C1       {shape:10s} T={tokens:>8d} {name:36s} {p.status:6s} "
+                     f"{('%.1f s' % p.median_s) if p.median_s else ''}")
     return points
 
 
@@ -495,7 +540,6 @@ def finish(points: List[Point], roof: dict, probes: Optional[List[dict]] = None)
     rates used. Speedups come from the interleaved rounds (`run_kernels`); points recorded without
     them (one-at-a-time S1 runs, older results) get the ratio of medians."""
     rates = best_rates(roof, probes)
-    rate = rates["float32"] * 1e9
     tl = {(p.workload, p.shape, p.n_tokens): p for p in points if p.provider.startswith("transformer_lens") and p.status == "ok"}
     for p in points:
         if p.status != "ok" or not p.median_s:
@@ -505,8 +549,9 @@ def finish(points: List[Point], roof: dict, probes: Optional[List[dict]] = None)
         one_at_a_time = p.workload in ("S1", "C1", "K2n_cold") or p.rounds == 0  # no interleaved rounds to pair
         if ref is not None and p.speedup_vs_tl is None and one_at_a_time:
             p.speedup_vs_tl = ref.median_s / p.median_s
-        work = flops(p.workload, p.shape, p.n_tokens)
+        work = p.flops if p.flops is not None else flops(p.workload, p.shape, p.n_tokens)
         p.roofline_pct, p.roofline_flag = None, ""
+        rate = rates.get(p.dtype, rates["float32"]) * 1e9
         if work is not None:
             pct = 100 * work / p.median_s / rate
             if pct > 100:
