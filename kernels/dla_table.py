@@ -30,7 +30,8 @@ Fixed set (K directions): 2*N*H*K FLOP and 8 KiB + 4*N*K B per token.
 
 Tiling: gathered/norms kernel: one program = BLOCK_T tokens x BLOCK_N heads with the whole d_head
 (H_P <= 256) on chip; z tile [BLOCK_N, BLOCK_T, H_P]; norms via a batched tl.dot with G
-[BLOCK_N, H_P, H_P] (BLOCK_N small so G stays ~32-64 KiB of shared memory). Fixed kernel: grid
+[BLOCK_N, H_P, H_P] (the launcher uses BLOCK_N = 1: G[n] is 16 KiB at H = 64, and more heads per
+program only spilled registers, see the launcher). Fixed kernel: grid
 (token tiles, heads, K tiles), loop over d_head in BLOCK_H pieces, tl.dot into [BLOCK_T, BLOCK_K].
 All accumulation fp32; ``allow_tf32`` (default False) lets the dots and the table matmuls use TF32.
 float64 is rejected (use backend="torch" or "cpp").
@@ -168,13 +169,16 @@ def _gathered_launch(z, a, rid, irid, scale, g, dla, norms, nodes, with_dla, all
     T, N, H = z.shape
     H_P = _p2(H)
     block_t = 16
-    block_n = max(1, min(triton.next_power_of_2(N), 4 if H_P <= 64 else 1))
+    # One head per program, 8 warps: the sm_90 compile report (benchmarks/triton_compile_report.py) shows
+    # 4 heads x 4 warps at GELU-4L spilling 6.5 KB per thread (ptxas fell back to 32 registers), and
+    # 1 head x 8 warps 32-40 registers, no spills, 20 KiB shared memory. (GPU speed not measured.)
+    block_n = 1
     grid = (triton.cdiv(T, block_t), triton.cdiv(N, block_n))
     _dla_gathered_kernel[grid](
         z, a, rid, irid, scale, g, dla, norms, T, N, H, nodes,
         BLOCK_T=block_t, BLOCK_N=block_n, H_P=H_P, WITH_DLA=with_dla,
         HAS_INCORRECT=irid is not rid, DOT_PREC="tf32" if allow_tf32 else "ieee",
-        num_warps=4,
+        num_warps=8,
     )
 
 

@@ -51,7 +51,8 @@ Loop over d_model in chunks of BLOCK_D:
     W_O[writers] gathered by index arithmetic (RECOMPUTE), and the same for the extras chunk.
 Registers: the dots accumulator [BLOCK_T, NB_P, WB_P] (16*32*32 fp32 = 64 KiB per program, 64 regs
 per thread at 8 warps) plus the R chunk (NB_P*BLOCK_T*BLOCK_D = 16K fp32 at 16x32) dominate; that is
-why BLOCK_T stays at 16-32 and why nodes and writers are blocked for large N.
+why BLOCK_T stays at 16 (the autotune configs, `_GPU_CONFIGS`) and why nodes and writers are blocked
+for large N.
 Choice GRAM vs RECOMPUTE (launcher, per token per d_model element, padded sizes):
     GRAM:      N_P*N_P + M_P*N_P                  (Gram against all heads, select W columns at end)
     RECOMPUTE: W_P*H_P + N_P*W_P + M_P*W_P        (extra writer projections)
@@ -257,14 +258,16 @@ def _fused_attribution_kernel(
                  mask=t_ok[:, None, None] & me_ok[None, :, None] & w_ok[None, None, :])
 
 
-# (BLOCK_T, BLOCK_D, BLOCK_H, num_warps, num_stages); the GPU session tunes this list.
+# (BLOCK_T, BLOCK_D, BLOCK_H, num_warps, num_stages). Chosen from the offline sm_90 compile report
+# (benchmarks/triton_compile_report.py -> benchmarks/results/triton-compile-sm90/, triton 3.6), not from
+# GPU timings: at the GELU-4L shape every earlier config spilled 2.5-48 KB per thread (some fell back to
+# 32 registers), three needed 256 KiB of shared memory (over sm_90's 227 KiB: they fail at launch), and
+# each took 2.5-9 s to compile (2-CPU host). These two spill least (<= 0.3 KB per thread, fp32 and
+# bf16), use 64 KiB of shared memory and compile in ~1 s; 8 or 16 warps keep the [BLOCK_T, NB_P, NB_P]
+# fp32 accumulator (16*32*32) at 64 / 32 registers per thread. The GPU session should still time them.
 _GPU_CONFIGS = [
-    (16, 32, 32, 4, 2),
-    (16, 32, 16, 4, 2),
-    (16, 64, 16, 8, 2),
-    (32, 32, 16, 8, 2),
-    (16, 16, 64, 4, 2),
-    (32, 16, 32, 4, 1),
+    (16, 16, 16, 8, 1),
+    (16, 16, 16, 16, 2),
 ]
 _INTERPRET_CONFIG = dict(BLOCK_T=16, BLOCK_D=16, BLOCK_H=16)
 _KEY = ["N", "H", "D", "M", "W", "NB_P", "WB_P", "M_P", "GATHERED", "HAS_INCORRECT", "CENTER",
