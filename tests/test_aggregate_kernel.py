@@ -128,7 +128,7 @@ def test_compiled_pair_statistics_equal_the_reference(dtype, T, n_nodes, W):
     fast, ref = make(), make()
     from erasure_fast.backends.cpp import scan_kernel
 
-    assert scan_kernel("pair_stats_batch", dtype) is not None  # so fold_pair_values runs the compiled pass
+    assert scan_kernel("pair_stats_batch", dots) is not None  # so fold_pair_values runs the compiled pass
     fold_pair_values(fast, dots, norms, writers, null, resid, pairs)
     values = pair_values(dots, norms, writers, null, resid, pairs)
     bucket = torch.zeros(T, dtype=torch.int64)

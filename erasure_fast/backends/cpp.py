@@ -105,12 +105,14 @@ def kernel_array(t: torch.Tensor, dtype: torch.dtype):
     return t.numpy()
 
 
-def scan_kernel(name: str, dtype: torch.dtype):
+def scan_kernel(name: str, values: torch.Tensor):
     """The compiled scan-aggregation entry ``{name}_f32`` / ``{name}_f64`` (csrc/scan_aggregates.h)
-    for float32 / float64 inputs, with this backend's thread setting; None where the extension is not
-    built or ``dtype`` has no entry (callers then use their torch reference)."""
+    for float32 / float64 ``values`` on the CPU, with this backend's thread setting; None where the
+    extension is not built, the dtype has no entry or the values are on another device (callers then
+    use their torch reference, on the values' device)."""
     _C = _extension()[0]
-    if _C is None or dtype not in (torch.float32, torch.float64):
+    dtype = values.dtype
+    if _C is None or values.device.type != "cpu" or dtype not in (torch.float32, torch.float64):
         return None
     return functools.partial(getattr(_C, f"{name}_{_SFX[dtype]}"), n_threads=get_num_threads())
 

@@ -439,14 +439,7 @@ def run_s1(n_tokens: int, device, batch_size: int = 8, progress=print, points: O
             ("S1", "erasure_fast scan (hooks)", ours("hooks")))
     _warm_up([fn for _, _, fn in runs], batch_size, device)
     for workload, name, fn in runs:
-        p = measure(fn, device, repeats=1, warmup=0, budget_s=3600)
-        p.workload, p.shape, p.provider, p.n_tokens = workload, "gelu-4l", name, len(corpus) * seq
-        p.dtype = str(dtype).replace("torch.", "")
-        if dtype != torch.float32:
-            p.note = " ".join(filter(None, [p.dtype, p.note]))
-        points.append(p)
-        progress(f"{workload}       gelu-4l    T={p.n_tokens:>8d} {name:36s} {p.status:6s} "
-                 f"{('%.1f s' % p.median_s) if p.median_s else ''}")
+        points.append(_one_run(fn, device, workload, "gelu-4l", name, len(corpus) * seq, dtype, progress))
     points.append(_scan_over_forward(engine_forward, ours("engine"), device, overhead_rounds, len(corpus) * seq, dtype))
     progress(f"S1       gelu-4l    T={points[-1].n_tokens:>8d} {points[-1].provider:36s} {points[-1].status:6s} "
              f"{points[-1].note}")
@@ -482,16 +475,23 @@ def run_c1_hf(n_tokens: int, device, families, batch_size: int = 8, progress=pri
             continue
         _warm_up(fns.values(), batch_size, device)
         for name, fn in fns.items():
-            p = measure(fn, device, repeats=1, warmup=0, budget_s=3600)
-            p.workload, p.shape, p.provider, p.n_tokens = "C1", shape, name, tokens
-            p.dtype = str(dtype).replace("torch.", "")
-            p.flops = hf_capture.forward_flops(family, tokens, seq)
-            if dtype != torch.float32:
-                p.note = " ".join(filter(None, [p.dtype, p.note]))
-            points.append(p)
-            progress(f"C1       {shape:10s} T={tokens:>8d} {name:36s} {p.status:6s} "
-                     f"{('%.1f s' % p.median_s) if p.median_s else ''}")
+            points.append(_one_run(fn, device, "C1", shape, name, tokens, dtype, progress,
+                                   flops=hf_capture.forward_flops(family, tokens, seq)))
     return points
+
+
+def _one_run(fn, device, workload: str, shape: str, provider: str, n_tokens: int, dtype: torch.dtype, progress,
+             flops: Optional[float] = None) -> Point:
+    """One timed call of an S1 / C1 row (no interleaving: each row is a whole corpus), labelled, with
+    its dtype (noted when not float32) and its progress line."""
+    p = measure(fn, device, repeats=1, warmup=0, budget_s=3600)
+    p.workload, p.shape, p.provider, p.n_tokens, p.flops = workload, shape, provider, n_tokens, flops
+    p.dtype = str(dtype).replace("torch.", "")
+    if dtype != torch.float32:
+        p.note = " ".join(filter(None, [p.dtype, p.note]))
+    progress(f"{workload:8s} {shape:10s} T={n_tokens:>8d} {provider:36s} {p.status:6s} "
+             f"{('%.1f s' % p.median_s) if p.median_s else ''}")
+    return p
 
 
 def _scan_over_forward(forward, scan, device, rounds: int, n_tokens: int, dtype) -> Point:

@@ -42,10 +42,13 @@ class SeriesStats:
     @property
     def hist(self) -> np.ndarray:
         """[n_buckets, n_series, n_bins + 2] counts (underflow, bins, overflow), with every batch folded."""
+        self._fold_pending()
+        return self._hist
+
+    def _fold_pending(self) -> None:
         if self._pending is not None:
             self._hist += self._pending.cpu().numpy()
             self._pending = None
-        return self._hist
 
     @hist.setter
     def hist(self, value: np.ndarray) -> None:
@@ -63,7 +66,7 @@ class SeriesStats:
         if v.dtype not in (torch.float32, torch.float64):
             v = v.float()
         bucket = bucket.detach().to(v.device, torch.int64).reshape(-1)
-        kernel = scan_kernel("series_stats_batch", v.dtype) if v.device.type == "cpu" else None
+        kernel = scan_kernel("series_stats_batch", v)
         if kernel is not None:
             counted, mean_b, m2_b = kernel(v.contiguous().numpy(), bucket.contiguous().numpy(), self.B, self.lo,
                                            1.0 / self.bin_width, self.nb, self.hist)
@@ -94,7 +97,7 @@ class SeriesStats:
         flat = torch.where(finite, flat, torch.full((), dump, dtype=torch.int64, device=dev_))
         hist = torch.bincount(flat.reshape(-1), minlength=dump + 1)[:dump].reshape(self.B, self.S, nb2)
         if self._pending is None or self._pending.device != dev_:
-            self.hist  # noqa: B018 - folds counts pending on another device first
+            self._fold_pending()  # counts pending on another device first
             self._pending = hist
         else:
             self._pending += hist

@@ -110,8 +110,8 @@ def fold_pair_values(stats: Dict[str, "SeriesStats"], dots: torch.Tensor, norms:
     """Fold one batch's `pair_values` (arguments as there) into ``stats`` ({name: SeriesStats over the
     pairs, one bucket}): in one compiled pass that never materialises them (csrc/scan_aggregates.h)
     when the extension is built, else through `pair_values` and `SeriesStats.update`."""
-    kernel = scan_kernel("pair_stats_batch", dots.dtype)
-    if kernel is None or dots.device.type != "cpu":
+    kernel = scan_kernel("pair_stats_batch", dots)
+    if kernel is None:
         values = pair_values(dots, norms, writers, null_dots, resid_norm, pairs)
         zero = torch.zeros(dots.shape[0], dtype=torch.int64, device=dots.device)
         for name, series in stats.items():
