@@ -12,7 +12,7 @@ BUILD_DEPS := "scikit-build-core>=0.10" "pybind11>=2.12" "cmake>=3.18" ninja
 TEST_DEPS := "pytest>=8" "hypothesis>=6.100"
 # nnsight: the LanguageModel interface is tested (tests/test_families.py); it is optional for users.
 TEST_DEPS_TL4 := "nnsight>=0.4"
-RUN_DEPS := numpy safetensors tqdm pandas pyarrow matplotlib psutil
+RUN_DEPS := numpy safetensors tqdm pandas pyarrow matplotlib psutil xxhash
 
 .PHONY: demo paper test test-tl4 test-tl3 install install-tl3 bench bench-quick clean asan device-wheels
 
@@ -79,7 +79,7 @@ clean:
 # Wheels for the GPU machine (Python 3.12, no internet): transformer_lens and what it imports that the
 # machine's image lacks (benchmarks/device_check.sh installs them with --no-deps for its S1 row).
 DEVICE_WHEELS := transformer-lens==4.3.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 fancy-einsum==0.0.3 \
-	beartype==0.23.1 typeguard==4.6.1
+	beartype==0.23.1 typeguard==4.6.1 xxhash==4.1.0
 device-wheels:
 	mkdir -p .wheels
 	$(PYTHON) -m pip download $(PIP) --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \

@@ -356,11 +356,26 @@ void def_dla(py::module_& m, const std::string& sfx, const char* dtype) {
 // ---------------------------------------------------------------------------------------------
 // Scan aggregation (scan_aggregates.h): one batch's histogram (added in place) and moments.
 
+// An array the scan kernels read in place, with the kernel's dtype (never a silent converted copy),
+// three dimensions and contiguous rows over the last two (only the token stride is free: a view such
+// as dots[:, :n_nodes] of a larger array). Returns the token stride in elements.
 template <typename T>
-py::tuple run_series_stats(const Arr<T>& values, const IdArr& bucket, int64_t n_buckets, double lo,
-                           double inv_width, int64_t n_bins, py::array hist, int n_threads) {
-  if (values.ndim() != 2) fail("values must have shape [T, S], got " + shape_of(values));
-  const int64_t T_ = values.shape(0), S = values.shape(1);
+int64_t rows_in_place(const py::array& a, const std::string& name, const std::string& shape) {
+  if (!a.dtype().is(py::dtype::of<T>()))
+    fail(name + " must have dtype " + std::string(py::str(py::dtype::of<T>())) + ", got " + std::string(py::str(a.dtype())));
+  if (a.ndim() != 3) fail(name + " must have shape " + shape + ", got " + shape_of(a));
+  const py::ssize_t item = static_cast<py::ssize_t>(sizeof(T));
+  if ((a.shape(2) > 1 && a.strides(2) != item) || (a.shape(1) > 1 && a.strides(1) != a.shape(2) * item) ||
+      a.strides(0) < 0 || a.strides(0) % item != 0 || (a.shape(0) > 1 && a.strides(0) < a.shape(1) * a.shape(2) * item))
+    fail(name + " must have contiguous rows over its last two dimensions (any token stride), got strides " +
+         std::to_string(a.strides(0)) + ", " + std::to_string(a.strides(1)) + ", " + std::to_string(a.strides(2)));
+  return a.strides(0) / item;
+}
+
+// The checks every series-statistics entry shares: the binning, the bucket ids [T] and the histogram
+// [B, S, n_bins + 2] updated in place (this very array, never a converted copy).
+int64_t* check_series_args(const IdArr& bucket, int64_t T_, int64_t S, int64_t n_buckets, double lo,
+                           double inv_width, int64_t n_bins, py::array& hist) {
   if (n_buckets < 1) fail("n_buckets must be >= 1, got " + std::to_string(n_buckets));
   if (n_bins < 1) fail("n_bins must be >= 1, got " + std::to_string(n_bins));
   if (!std::isfinite(lo) || !std::isfinite(inv_width) || !(inv_width > 0))
@@ -373,18 +388,26 @@ py::tuple run_series_stats(const Arr<T>& values, const IdArr& bucket, int64_t n_
     if (bp[t] < 0 || bp[t] >= n_buckets)
       fail("bucket must lie in [0, " + std::to_string(n_buckets) + "), got " + std::to_string(bp[t]) +
            " at token " + std::to_string(t));
-  // The histogram is updated in place: it must be this very array, never a converted copy.
   if (!hist.dtype().is(py::dtype::of<int64_t>()) || !(hist.flags() & py::array::c_style) ||
       !hist.writeable())
     fail("hist must be a writeable C-contiguous int64 array");
   if (hist.ndim() != 3 || hist.shape(0) != n_buckets || hist.shape(1) != S || hist.shape(2) != n_bins + 2)
     fail("hist must have shape [B, S, n_bins + 2]=[" + std::to_string(n_buckets) + ", " +
          std::to_string(S) + ", " + std::to_string(n_bins + 2) + "], got " + shape_of(hist));
+  return static_cast<int64_t*>(hist.mutable_data());
+}
+
+template <typename T>
+py::tuple run_series_stats(const Arr<T>& values, const IdArr& bucket, int64_t n_buckets, double lo,
+                           double inv_width, int64_t n_bins, py::array hist, int n_threads) {
+  if (values.ndim() != 2) fail("values must have shape [T, S], got " + shape_of(values));
+  const int64_t T_ = values.shape(0), S = values.shape(1);
+  int64_t* hp = check_series_args(bucket, T_, S, n_buckets, lo, inv_width, n_bins, hist);
   py::array_t<int64_t> count(std::vector<py::ssize_t>{n_buckets, S});
   py::array_t<double> mean(std::vector<py::ssize_t>{n_buckets, S});
   py::array_t<double> m2(std::vector<py::ssize_t>{n_buckets, S});
   const T* vp = values.data();
-  int64_t* hp = static_cast<int64_t*>(hist.mutable_data());
+  const int64_t* bp = bucket.data();
   int64_t* cp = count.mutable_data();
   double* mp = mean.mutable_data();
   double* m2p = m2.mutable_data();
@@ -406,6 +429,62 @@ void def_series_stats(py::module_& m, const char* name) {
         "mean [B, S] float64, m2 [B, S] float64) over finite values.");
 }
 
+// Ratio statistics (scan_aggregates.h, ratio_stats_batch): the blocks are read in place, so each
+// must already have the kernel's dtype (no silent copy) and rows [R_k, W] contiguous; only the token
+// stride is free (a view such as dots[:, :n_nodes] of a larger array).
+template <typename T>
+py::tuple run_ratio_stats(const std::vector<py::array>& blocks, const Arr<T>& divisor, const IdArr& bucket,
+                          int64_t n_buckets, double lo, double inv_width, int64_t n_bins, py::array hist,
+                          int n_threads) {
+  if (divisor.ndim() != 2) fail("divisor must have shape [T, W], got " + shape_of(divisor));
+  const int64_t T_ = divisor.shape(0), W = divisor.shape(1);
+  if (W < 1) fail("divisor must have at least one column, got " + shape_of(divisor));
+  if (blocks.empty()) fail("blocks must hold at least one array");
+  std::vector<const T*> ptrs;
+  std::vector<int64_t> n_series, strides;
+  for (size_t k = 0; k < blocks.size(); ++k) {
+    const py::array& a = blocks[k];
+    const std::string name = "blocks[" + std::to_string(k) + "]";
+    const int64_t stride = rows_in_place<T>(a, name, "[T, R, W]");
+    if (a.shape(0) != T_ || a.shape(2) != W)
+      fail(name + " must have shape [T, R, W]=[" + std::to_string(T_) + ", R, " + std::to_string(W) + "], got " +
+           shape_of(a));
+    ptrs.push_back(static_cast<const T*>(a.data()));
+    n_series.push_back(a.shape(1) * W);
+    strides.push_back(stride);
+  }
+  int64_t S = 0;
+  for (int64_t n : n_series) S += n;
+  int64_t* hp = check_series_args(bucket, T_, S, n_buckets, lo, inv_width, n_bins, hist);
+  py::array_t<int64_t> count(std::vector<py::ssize_t>{n_buckets, S});
+  py::array_t<double> mean(std::vector<py::ssize_t>{n_buckets, S});
+  py::array_t<double> m2(std::vector<py::ssize_t>{n_buckets, S});
+  const T* dp = divisor.data();
+  const int64_t* bp = bucket.data();
+  int64_t* cp = count.mutable_data();
+  double* mp = mean.mutable_data();
+  double* m2p = m2.mutable_data();
+  {
+    py::gil_scoped_release release;
+    ef::ratio_stats_batch<T>(ptrs.data(), n_series.data(), strides.data(), static_cast<int>(ptrs.size()), dp, W,
+                             bp, T_, n_buckets, static_cast<T>(lo), static_cast<T>(inv_width), n_bins, hp, cp,
+                             mp, m2p, n_threads);
+  }
+  return py::make_tuple(count, mean, m2);
+}
+
+template <typename T>
+void def_ratio_stats(py::module_& m, const char* name) {
+  m.def(name, &run_ratio_stats<T>, py::arg("blocks"), py::arg("divisor"), py::arg("bucket"),
+        py::arg("n_buckets"), py::arg("lo"), py::arg("inv_width"), py::arg("n_bins"), py::arg("hist"),
+        py::arg("n_threads") = 0,
+        "One batch of SeriesStats.update_ratios: the series are the columns of blocks [T, R_k, W] (block "
+        "after block, row-major), each divided by divisor [T, W] at its writer column (NaN where it is 0) "
+        "before binning as series_stats_batch does; blocks are read in place (rows [R_k, W] contiguous, any "
+        "token stride). hist [n_buckets, sum R_k * W, n_bins + 2] int64 is added in place. Returns "
+        "(count, mean, m2) [B, S].");
+}
+
 // The per-pair ranking statistics (scan_aggregates.h, pair_stats_batch): histograms of the
 // kPairStats statistics (SeriesStats with one bucket, hist [1, P, n_bins + 2]) updated in place.
 void check_hist(const py::array& hist, const std::string& name, int64_t n_series, int64_t n_bins) {
@@ -418,17 +497,14 @@ void check_hist(const py::array& hist, const std::string& name, int64_t n_series
 }
 
 template <typename T>
-py::tuple run_pair_stats(const Arr<T>& dots, const Arr<T>& norms, const Arr<T>& null_dots,
+py::tuple run_pair_stats(const py::array& dots, const Arr<T>& norms, const Arr<T>& null_dots,
                          const Arr<double>& resid_norm, const IdArr& writers, const IdArr& pairs,
                          const Arr<double>& lo, const Arr<double>& inv_width, const IdArr& n_bins,
                          const std::vector<py::array>& hists, int n_threads) {
   constexpr int K = ef::kPairStats;
-  if (dots.ndim() != 3) fail("dots must have shape [T, n_nodes, W], got " + shape_of(dots));
+  const int64_t dots_stride = rows_in_place<T>(dots, "dots", "[T, n_nodes, W]");
   const int64_t T_ = dots.shape(0), Nn = dots.shape(1), W = dots.shape(2);
   const std::string dims = std::to_string(T_) + ", " + std::to_string(Nn);
-  if (null_dots.ndim() != 3 || null_dots.shape(0) != T_ || null_dots.shape(1) != Nn || null_dots.shape(2) != W)
-    fail("null_dots must have shape [T, n_nodes, W]=[" + dims + ", " + std::to_string(W) + "], got " +
-         shape_of(null_dots));
   if (norms.ndim() != 2 || norms.shape(0) != T_ || norms.shape(1) != Nn)
     fail("norms must have shape [T, n_nodes]=[" + dims + "], got " + shape_of(norms));
   if (resid_norm.ndim() != 1 || resid_norm.shape(0) != T_)
@@ -445,6 +521,9 @@ py::tuple run_pair_stats(const Arr<T>& dots, const Arr<T>& norms, const Arr<T>& 
     if (pairs.data()[i] < 0 || pairs.data()[i] >= Nn * W)
       fail("pairs must be flat indices node * W + writer in [0, " + std::to_string(Nn * W) + "), got " +
            std::to_string(pairs.data()[i]) + " at position " + std::to_string(i));
+  if (null_dots.ndim() != 2 || null_dots.shape(0) != T_ || null_dots.shape(1) != P)
+    fail("null_dots must have shape [T, P]=[" + std::to_string(T_) + ", " + std::to_string(P) + "], got " +
+         shape_of(null_dots));
   for (const auto* a : {&lo, &inv_width})
     if (a->ndim() != 1 || a->shape(0) != K) fail("lo and inv_width must have shape [" + std::to_string(K) + "]");
   if (n_bins.ndim() != 1 || n_bins.shape(0) != K) fail("n_bins must have shape [" + std::to_string(K) + "]");
@@ -461,7 +540,8 @@ py::tuple run_pair_stats(const Arr<T>& dots, const Arr<T>& norms, const Arr<T>& 
   py::array_t<int64_t> count(std::vector<py::ssize_t>{K, P});
   py::array_t<double> mean(std::vector<py::ssize_t>{K, P});
   py::array_t<double> m2(std::vector<py::ssize_t>{K, P});
-  const T *dp = dots.data(), *np_ = norms.data(), *ndp = null_dots.data();
+  const T* dp = static_cast<const T*>(dots.data());
+  const T *np_ = norms.data(), *ndp = null_dots.data();
   const double *rp = resid_norm.data(), *lop = lo.data(), *ivp = inv_width.data();
   const int64_t *wp = writers.data(), *pp = pairs.data(), *nbp = n_bins.data();
   int64_t* cp = count.mutable_data();
@@ -469,7 +549,7 @@ py::tuple run_pair_stats(const Arr<T>& dots, const Arr<T>& norms, const Arr<T>& 
   double* m2p = m2.mutable_data();
   {
     py::gil_scoped_release release;
-    ef::pair_stats_batch<T>(dp, np_, ndp, rp, wp, pp, T_, Nn, W, P, lop, ivp, nbp, hist_ptrs.data(), cp, mp,
+    ef::pair_stats_batch<T>(dp, dots_stride, np_, ndp, rp, wp, pp, T_, Nn, W, P, lop, ivp, nbp, hist_ptrs.data(), cp, mp,
                             m2p, n_threads);
   }
   return py::make_tuple(count, mean, m2);
@@ -482,7 +562,8 @@ void def_pair_stats(py::module_& m, const char* name) {
         py::arg("n_bins"), py::arg("hists"), py::arg("n_threads") = 0,
         "The scan's per-pair ranking statistics (es, apr, pv, cos, es_null, apr_null, pr_null, pv_null, "
         "cos_null; see erasure_fast/scanning/pair_stats.py) of one batch folded into their histograms: dots "
-        "[T, n_nodes, W], null_dots [T, n_nodes, W], norms [T, n_nodes], resid_norm [T] float64, writers [W] int64 node "
+        "[T, n_nodes, W] (read in place: [n_nodes, W] rows contiguous, any token stride), null_dots [T, P] "
+        "(in the order of pairs), norms [T, n_nodes], resid_norm [T] float64, writers [W] int64 node "
         "indices, pairs [P] int64 flat node * W + writer, lo / inv_width [9] float64, n_bins [9] int64, "
         "hists: 9 int64 arrays [1, P, n_bins + 2] (added in place). Returns (count, mean, m2) [9, P].");
 }
@@ -501,6 +582,8 @@ PYBIND11_MODULE(_C, m) {
   def_dla<ef::F16>(m, "f16", "float16");
   def_series_stats<float>(m, "series_stats_batch_f32");
   def_series_stats<double>(m, "series_stats_batch_f64");
+  def_ratio_stats<float>(m, "ratio_stats_batch_f32");
+  def_ratio_stats<double>(m, "ratio_stats_batch_f64");
   def_pair_stats<float>(m, "pair_stats_batch_f32");
   def_pair_stats<double>(m, "pair_stats_batch_f64");
   m.def("dla_prefer_table", &ef::prefer_table, py::arg("n_unique"), py::arg("n_valid_tokens"),

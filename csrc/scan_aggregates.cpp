@@ -35,20 +35,30 @@ inline double nan_div(double num, double den) {
   return den == 0.0 ? std::numeric_limits<double>::quiet_NaN() : q;
 }
 
-}  // namespace
+// One work item of the series statistics: ns (<= kBlock) consecutive series, the first of them
+// number s0 of the whole (hist / count / mean / m2 are indexed by it), read at values + t * stride;
+// with a divisor, divided by divisor[t, (s0 + j) % n_div] first.
+template <typename T>
+struct SeriesBlock {
+  const T* values;
+  int64_t stride, s0, ns;
+};
 
 template <typename T>
-void series_stats_batch(const T* values, const int64_t* bucket, int64_t n_tokens, int64_t n_series,
-                        int64_t n_buckets, T lo, T inv_width, int64_t n_bins, int64_t* hist,
-                        int64_t* count, double* mean, double* m2, int n_threads) {
+void series_stats_blocks(const std::vector<SeriesBlock<T>>& work, int64_t n_series, const T* divisor,
+                         int64_t n_div, const int64_t* bucket, int64_t n_tokens, int64_t n_buckets, T lo,
+                         T inv_width, int64_t n_bins, int64_t* hist, int64_t* count, double* mean, double* m2,
+                         int n_threads) {
   const int64_t nb2 = n_bins + 2;
-  const int64_t n_blocks = (n_series + kBlock - 1) / kBlock;
+  const int64_t n_items = static_cast<int64_t>(work.size());
   const T top = static_cast<T>(n_bins);
+  const T nan = std::numeric_limits<T>::quiet_NaN();
   const int nthr = thread_count(n_threads);
   (void)nthr;
 #pragma omp parallel for num_threads(nthr) schedule(dynamic, 1)
-  for (int64_t blk = 0; blk < n_blocks; ++blk) {
-    const int64_t s0 = blk * kBlock, ns = std::min(n_series, s0 + kBlock) - s0;
+  for (int64_t item = 0; item < n_items; ++item) {
+    const SeriesBlock<T> blk = work[static_cast<size_t>(item)];
+    const int64_t s0 = blk.s0, ns = blk.ns;
     // One pass: bins, counts and sums of (v - shift) and (v - shift)^2 per bucket, shift = the
     // series' value at the bucket's first token of the batch (0 if not finite); see pair_stats_batch.
     const size_t acc = static_cast<size_t>(n_buckets * kBlock);
@@ -56,8 +66,20 @@ void series_stats_batch(const T* values, const int64_t* bucket, int64_t n_tokens
     std::vector<double> shift(acc, 0.0), s1(acc, 0.0), s2(acc, 0.0);
     std::vector<char> shifted(static_cast<size_t>(n_buckets), 0);
     alignas(32) int32_t bin[kBlock];  // int32: AVX2 converts to int32 only
+    alignas(32) T ratio[kBlock];
+    int64_t div_col[kBlock];
+    for (int64_t j = 0; j < ns; ++j) div_col[j] = divisor != nullptr ? (s0 + j) % n_div : 0;
     for (int64_t t = 0; t < n_tokens; ++t) {
-      const T* row = values + t * n_series + s0;
+      const T* row = blk.values + t * blk.stride;
+      if (divisor != nullptr) {
+        const T* den = divisor + t * n_div;
+        for (int64_t j = 0; j < ns; ++j) {
+          const T d = den[div_col[j]];
+          const T q = row[j] / d;
+          ratio[j] = d == T(0) ? nan : q;
+        }
+        row = ratio;
+      }
       const int64_t b = bucket[t];
       double* sh = shift.data() + b * kBlock;
       if (!shifted[b]) {
@@ -92,15 +114,52 @@ void series_stats_batch(const T* values, const int64_t* bucket, int64_t n_tokens
   }
 }
 
+// Work items of kBlock series, cut within each input block (a work item reads one row pointer).
 template <typename T>
-void pair_stats_batch(const T* dots, const T* norms, const T* null_dots, const double* resid_norm,
+std::vector<SeriesBlock<T>> cut_blocks(const T* const* blocks, const int64_t* n_series, const int64_t* token_stride,
+                                       int n_blocks, int64_t* total) {
+  std::vector<SeriesBlock<T>> work;
+  int64_t s = 0;
+  for (int k = 0; k < n_blocks; ++k) {
+    for (int64_t j = 0; j < n_series[k]; j += kBlock)
+      work.push_back({blocks[k] + j, token_stride[k], s + j, std::min(kBlock, n_series[k] - j)});
+    s += n_series[k];
+  }
+  *total = s;
+  return work;
+}
+
+}  // namespace
+
+template <typename T>
+void series_stats_batch(const T* values, const int64_t* bucket, int64_t n_tokens, int64_t n_series,
+                        int64_t n_buckets, T lo, T inv_width, int64_t n_bins, int64_t* hist,
+                        int64_t* count, double* mean, double* m2, int n_threads) {
+  int64_t total = 0;
+  const auto work = cut_blocks(&values, &n_series, &n_series, 1, &total);
+  series_stats_blocks<T>(work, total, nullptr, 1, bucket, n_tokens, n_buckets, lo, inv_width, n_bins, hist, count,
+                         mean, m2, n_threads);
+}
+
+template <typename T>
+void ratio_stats_batch(const T* const* blocks, const int64_t* n_series, const int64_t* token_stride,
+                       int n_blocks, const T* divisor, int64_t n_div, const int64_t* bucket,
+                       int64_t n_tokens, int64_t n_buckets, T lo, T inv_width, int64_t n_bins,
+                       int64_t* hist, int64_t* count, double* mean, double* m2, int n_threads) {
+  int64_t total = 0;
+  const auto work = cut_blocks(blocks, n_series, token_stride, n_blocks, &total);
+  series_stats_blocks<T>(work, total, divisor, n_div, bucket, n_tokens, n_buckets, lo, inv_width, n_bins, hist,
+                         count, mean, m2, n_threads);
+}
+
+template <typename T>
+void pair_stats_batch(const T* dots, int64_t dots_stride, const T* norms, const T* null_dots, const double* resid_norm,
                       const int64_t* writers, const int64_t* pairs, int64_t n_tokens, int64_t n_nodes,
                       int64_t n_writers, int64_t n_pairs, const double* lo, const double* inv_width,
                       const int64_t* n_bins, int64_t* const* hists, int64_t* count, double* mean,
                       double* m2, int n_threads) {
   constexpr int K = kPairStats;
   const int64_t n_blocks = (n_pairs + kBlock - 1) / kBlock;
-  const int64_t row = n_nodes * n_writers;
   const int nthr = thread_count(n_threads);
   (void)nthr;
   // |node| per token, once (each is read by many pairs).
@@ -127,10 +186,10 @@ void pair_stats_batch(const T* dots, const T* norms, const T* null_dots, const d
     for (int64_t t = 0; t < n_tokens; ++t) {
       const double* nn = node_norm.data() + t * n_nodes;
       const double x = resid_norm[t];
+      const T* nd_row = null_dots + t * n_pairs + p0;
       for (int64_t j = 0; j < np; ++j) {
-        const int64_t flat = pairs[p0 + j];
-        d[j] = static_cast<double>(dots[t * row + flat]);
-        nd[j] = static_cast<double>(null_dots[t * row + flat]);
+        d[j] = static_cast<double>(dots[t * dots_stride + pairs[p0 + j]]);
+        nd[j] = static_cast<double>(nd_row[j]);
         a[j] = nn[node[j]];
         w[j] = nn[writer[j]];
       }
@@ -181,11 +240,11 @@ void pair_stats_batch(const T* dots, const T* norms, const T* null_dots, const d
   }
 }
 
-template void pair_stats_batch<float>(const float*, const float*, const float*, const double*, const int64_t*,
+template void pair_stats_batch<float>(const float*, int64_t, const float*, const float*, const double*, const int64_t*,
                                       const int64_t*, int64_t, int64_t, int64_t, int64_t, const double*,
                                       const double*, const int64_t*, int64_t* const*, int64_t*, double*,
                                       double*, int);
-template void pair_stats_batch<double>(const double*, const double*, const double*, const double*,
+template void pair_stats_batch<double>(const double*, int64_t, const double*, const double*, const double*,
                                        const int64_t*, const int64_t*, int64_t, int64_t, int64_t, int64_t,
                                        const double*, const double*, const int64_t*, int64_t* const*,
                                        int64_t*, double*, double*, int);
@@ -193,5 +252,11 @@ template void series_stats_batch<float>(const float*, const int64_t*, int64_t, i
                                         float, int64_t, int64_t*, int64_t*, double*, double*, int);
 template void series_stats_batch<double>(const double*, const int64_t*, int64_t, int64_t, int64_t, double,
                                          double, int64_t, int64_t*, int64_t*, double*, double*, int);
+template void ratio_stats_batch<float>(const float* const*, const int64_t*, const int64_t*, int, const float*,
+                                       int64_t, const int64_t*, int64_t, int64_t, float, float, int64_t, int64_t*,
+                                       int64_t*, double*, double*, int);
+template void ratio_stats_batch<double>(const double* const*, const int64_t*, const int64_t*, int, const double*,
+                                        int64_t, const int64_t*, int64_t, int64_t, double, double, int64_t,
+                                        int64_t*, int64_t*, double*, double*, int);
 
 }  // namespace ef

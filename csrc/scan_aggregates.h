@@ -22,10 +22,28 @@ void series_stats_batch(const T* values, const int64_t* bucket, int64_t n_tokens
                         int64_t n_buckets, T lo, T inv_width, int64_t n_bins, int64_t* hist,
                         int64_t* count, double* mean, double* m2, int n_threads);
 
+// The same for ratios that are never materialised: the series are the columns of several blocks,
+// block k holding n_series[k] consecutive series whose values at token t start at
+// blocks[k] + t * token_stride[k] (each block's row contiguous, any token stride: a view of a larger
+// array is read in place), all series numbered block after block. Series s of the whole is binned as
+//   v = value / divisor[t, s % n_div]   (NaN where divisor == 0, as the contract's _safe_div;
+//                                        divisor [T, n_div], C-contiguous)
+// so for blocks of dots [T, R_k, W] and divisor = the writers' squared norms [T, W], the series are
+// the projection ratios of every (row, writer). Histogram, count, mean, m2 as series_stats_batch over
+// the total sum(n_series) series.
+template <typename T>
+void ratio_stats_batch(const T* const* blocks, const int64_t* n_series, const int64_t* token_stride,
+                       int n_blocks, const T* divisor, int64_t n_div, const int64_t* bucket,
+                       int64_t n_tokens, int64_t n_buckets, T lo, T inv_width, int64_t n_bins,
+                       int64_t* hist, int64_t* count, double* mean, double* m2, int n_threads);
+
 // The ranking statistics of (node, writer) pairs (erasure_fast/scanning/pair_stats.py, pair_values)
 // computed per token in double and folded straight into their histograms and moments, one bucket,
-// without materialising them. For pair p = node * W + writer (pairs [P]) at token t:
-//   d = dots[t, p], nd = null_dots[t, p], a = sqrt(max(norms[t, node], 0)),
+// without materialising them. dots [T, n_nodes, W] is read in place: its [n_nodes, W] rows are
+// contiguous, dots_stride elements apart (a view of a larger array). For pair p = node * W + writer
+// (pairs [P]) at token t:
+//   d = dots[t, p], nd = null_dots[t, j] (j = the pair's position in pairs: null_dots is [T, P]),
+//   a = sqrt(max(norms[t, node], 0)),
 //   w = sqrt(max(norms[t, writers[writer]], 0)), x = resid_norm[t], q(n, m) = m == 0 ? NaN : n / m,
 //   pr = q(d, w w), pv = q(d, w), cos = clamp(q(d, a w), -1, 1), pr0 = q(nd, w), cos0 = clamp(q(nd, a), -1, 1)
 //   stat 0..8 = es q(pv |cos|, x), apr pr |cos|, pv, cos, es_null q(nd |cos0|, x), apr_null pr0 |cos0|,
@@ -36,7 +54,7 @@ void series_stats_batch(const T* values, const int64_t* bucket, int64_t n_tokens
 constexpr int kPairStats = 9;
 
 template <typename T>
-void pair_stats_batch(const T* dots, const T* norms, const T* null_dots, const double* resid_norm,
+void pair_stats_batch(const T* dots, int64_t dots_stride, const T* norms, const T* null_dots, const double* resid_norm,
                       const int64_t* writers, const int64_t* pairs, int64_t n_tokens, int64_t n_nodes,
                       int64_t n_writers, int64_t n_pairs, const double* lo, const double* inv_width,
                       const int64_t* n_bins, int64_t* const* hists, int64_t* count, double* mean,

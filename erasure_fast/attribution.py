@@ -9,7 +9,7 @@ import torch
 
 from .backends import get_backend
 from .capture import Capture, capture, model_device, validate_tokens
-from .contract import accumulation_dtype, cosine, projection_ratio, projection_value, validate
+from .contract import accumulation_dtype, cosine, projection_ratio, projection_value, safe_div, validate
 from .engine import CAPTURE_MODES, engine_for, engine_problem
 from .models import ModelSpec, as_transformer_lens, model_spec
 
@@ -83,11 +83,26 @@ class AttributionResult:
     @property
     def downstream_pr_sum(self) -> torch.Tensor:
         """[B, P, W] sum of the downstream nodes' PR onto each writer (NaN where |r_w| = 0)."""
-        return self._memo("down_sum", lambda: (self.pr * self.downstream.to(self.pr.dtype)).sum(dim=-2))
+        # sum_n (a_n.w) / |w|^2 = (sum_n a_n.w) / |w|^2: one division, and no [.., n_nodes, W] PR formed
+        return self._memo("down_sum", lambda: safe_div(_masked_node_sums(self.dots, self.downstream),
+                                                       self.writer_sq_norms))
 
     @property
     def adjusted_dla(self) -> torch.Tensor:
         return self.writer_dla * (1 + self.downstream_pr_sum)
+
+
+def _masked_node_sums(dots: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """sum over n of dots[..., n, w] * mask[n, w]: dots [..., n_nodes, W], mask [n_nodes, W] -> [..., W].
+    One GEMM against the mask laid on diagonals ([n_nodes * W, W]), reading the dots in place; where
+    a dot is not finite its zero weights would carry NaN into every writer's sum, so those inputs
+    take the element-wise path, which keeps it to its own writer."""
+    N, W = dots.shape[-2:]
+    spread = torch.diag_embed(mask.to(dots.dtype)).reshape(N * W, W)  # [(n, w), w'] = mask[n, w] * (w == w')
+    out = (dots.reshape(-1, N * W) @ spread).reshape(*dots.shape[:-2], W)
+    if not bool(torch.isfinite(out).all()):
+        out = (dots * mask.to(dots.dtype)).sum(dim=-2)
+    return out
 
 
 def resolve_writers(writers, spec: ModelSpec, name: str = "writers") -> torch.Tensor:

@@ -359,7 +359,7 @@ class Measures(NamedTuple):
     cos: torch.Tensor  # cosine (a.w)/(|a||w|)
 
 
-def _safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+def safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     """num / den with NaN wherever den == 0 (the math page's NaN policy)."""
     zero = den == 0
     out = num / torch.where(zero, torch.ones_like(den), den)
@@ -373,17 +373,17 @@ def writer_sq_norms(norms: torch.Tensor, writers: torch.Tensor) -> torch.Tensor:
 
 def projection_ratio(dots: torch.Tensor, norms: torch.Tensor, writers: torch.Tensor) -> torch.Tensor:
     """PR = (a.w)/(w.w): dots [..., n_nodes, W], norms [..., n_nodes], writers [W] node indices."""
-    return _safe_div(dots, writer_sq_norms(norms, writers))
+    return safe_div(dots, writer_sq_norms(norms, writers))
 
 
 def projection_value(dots: torch.Tensor, norms: torch.Tensor, writers: torch.Tensor) -> torch.Tensor:
     """PV = (a.w)/|w| (shapes as `projection_ratio`; NaN where |w| = 0)."""
-    return _safe_div(dots, writer_sq_norms(norms, writers).sqrt())
+    return safe_div(dots, writer_sq_norms(norms, writers).sqrt())
 
 
 def cosine(dots: torch.Tensor, norms: torch.Tensor, writers: torch.Tensor) -> torch.Tensor:
     """cos = (a.w)/(|a||w|) (shapes as `projection_ratio`; NaN where |a| or |w| = 0)."""
-    return _safe_div(dots, norms.unsqueeze(-1).sqrt() * writer_sq_norms(norms, writers).sqrt())
+    return safe_div(dots, norms.unsqueeze(-1).sqrt() * writer_sq_norms(norms, writers).sqrt())
 
 
 def derive_measures(dots: torch.Tensor, norms: torch.Tensor, writers: torch.Tensor) -> Measures:

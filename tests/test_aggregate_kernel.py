@@ -109,12 +109,15 @@ def _pair_inputs(T, n_nodes, W, dtype, seed):
     norms = (torch.rand(T, n_nodes, generator=g, dtype=torch.float64) * 4).to(dtype)
     norms[torch.rand(T, n_nodes, generator=g) < 0.05] = 0.0  # a silent node: NaN statistics
     norms[0, 0] = -1e-9  # rounding below zero is clamped
-    null = torch.randn(T, n_nodes, W, generator=g, dtype=torch.float64).to(dtype)
     resid = torch.rand(T, generator=g, dtype=torch.float64) * 30 + 0.1
     if T > 1:
         resid[-1] = 0.0  # a zero stream: NaN erasure scores
     writers = torch.randperm(n_nodes, generator=g)[:W]
     pairs = torch.randperm(n_nodes * W, generator=g)[: n_nodes * W // 2 + 1]
+    null = torch.randn(T, len(pairs), generator=g, dtype=torch.float64).to(dtype)  # [T, P], the pairs' order
+    wide = torch.randn(T, n_nodes + 3, W, generator=g, dtype=torch.float64).to(dtype)
+    wide[:, 1:1 + n_nodes] = dots
+    dots = wide[:, 1:1 + n_nodes]  # a view with a token stride, as the attribution's dots are
     return dots, norms, writers, null, resid, pairs
 
 
@@ -157,8 +160,12 @@ def test_compiled_pair_statistics_check_their_arguments():
         kernel(**args(pairs=np.array([0, 8])))
     with pytest.raises(ValueError, match=r"writers must be node indices in \[0, 4\), got -1"):
         kernel(**args(writers=np.array([0, -1])))
-    with pytest.raises(ValueError, match=r"null_dots must have shape \[T, n_nodes, W\]=\[6, 4, 2\]"):
-        kernel(**args(null_dots=np.zeros((6, 4, 3), np.float32)))
+    with pytest.raises(ValueError, match=rf"null_dots must have shape \[T, P\]=\[6, {len(pairs)}\], got \[6, 4, 2\]"):
+        kernel(**args(null_dots=np.zeros((6, 4, 2), np.float32)))
+    with pytest.raises(ValueError, match=r"dots must have dtype float32, got float64"):
+        kernel(**args(dots=dots.double().numpy()))
+    with pytest.raises(ValueError, match=r"dots must have contiguous rows over its last two dimensions"):
+        kernel(**args(dots=dots.transpose(1, 2).contiguous().transpose(1, 2).numpy()))
     with pytest.raises(ValueError, match=r"hists\[3\] must have shape \[1, P, n_bins \+ 2\]"):
         kernel(**args(hists=hists[:3] + [np.zeros((1, len(pairs), 11), np.int64)] + hists[4:]))
     with pytest.raises(ValueError, match="hists must hold 9 arrays, got 8"):
@@ -169,7 +176,7 @@ def test_compiled_pair_statistics_check_their_arguments():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("with_mlps", [True, False], ids=["mlps", "attn-only"])
 def test_null_dots_are_each_nodes_output_dotted_with_its_null_direction(dtype, with_mlps):
-    from erasure_fast.scanning.pair_stats import NullReference, null_dots
+    from erasure_fast.scanning.pair_stats import NullReference, null_dots, null_groups
 
     g = torch.Generator().manual_seed(11)
     T, N, dh, D, L, W = 37, 5, 7, 11, 2, 3
@@ -182,11 +189,18 @@ def test_null_dots_are_each_nodes_output_dotted_with_its_null_direction(dtype, w
     outputs = torch.einsum("tnh,nhd->tnd", z.double(), W_O.double())  # every head's d_model output
     if with_mlps:
         outputs = torch.cat([outputs, mlp.double()], dim=1)
-    ref = outputs @ R
-    got = null_dots(z, mlp, null)
-    assert got.dtype == dtype and got.shape == (T, N + (L if with_mlps else 0), W)
-    err = ((got.double() - ref).abs().max() / ref.abs().max()).item()
-    assert err <= (1e-5 if dtype == torch.float32 else 1e-12), err
+    ref = (outputs @ R).reshape(T, -1)  # [T, nodes * W]: column node * W + w
+    n_nodes = N + (L if with_mlps else 0)
+    # the scan's pairs (sorted, layers' heads sharing writers) and a shuffled subset: every grouping
+    sorted_pairs = torch.tensor([n * W + w for n in range(n_nodes) for w in range(W) if (n // 2 + w) % 3])
+    for pairs in (sorted_pairs, torch.randperm(n_nodes * W, generator=g)[: n_nodes * W // 2]):
+        groups = null_groups(pairs, W, N)
+        got = null_dots(z, mlp, null, groups)
+        assert got.dtype == dtype and got.shape == (T, len(pairs))
+        want = ref[:, pairs]
+        err = ((got.double() - want).abs().max() / want.abs().max()).item()
+        assert err <= (1e-5 if dtype == torch.float32 else 1e-12), err
+    assert len(null_groups(sorted_pairs, W, N)) < n_nodes  # nodes with the same writers share a product
 
 
 def _running_state(stats: SeriesStats) -> dict:
@@ -225,3 +239,65 @@ def test_reference_path_keeps_counts_pending_until_read_and_equals_the_kernel(mo
     np.testing.assert_allclose(got["mean"], want["mean"], rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(got["m2"], want["m2"], rtol=1e-12, atol=1e-9)
     assert resumed.summary()["q0.5"].shape == (S,)
+
+
+def _ratio_inputs(T, rows, W, dtype, seed):
+    """Dots-like blocks [T, R_k, W] (the first a view of a wider array, as dots[:, :n_nodes] is) and
+    divisors [T, W] with zeros (NaN ratios), some of them making ratios land on bin edges."""
+    g = torch.Generator().manual_seed(seed)
+    wide = torch.randn(T, rows[0] + 2, W, generator=g, dtype=torch.float64).to(dtype) * 2
+    blocks = [wide[:, 1:1 + rows[0]]] + [(torch.randn(T, r, W, generator=g, dtype=torch.float64) * 3).to(dtype)
+                                          for r in rows[1:]]
+    divisor = (torch.rand(T, W, generator=g, dtype=torch.float64) * 2 + 0.25).to(dtype)
+    divisor[torch.rand(T, W, generator=g) < 0.1] = 0.0
+    divisor[:, 0] = 0.5  # d / 0.5 = 2d: a block value that is a bin edge / 2 lands on the edge exactly
+    blocks[-1][:, :, 0] = (torch.randint(-600, 600, (T, rows[-1]), generator=g).double() * 0.0025).to(dtype)
+    return blocks, divisor
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("T, rows, W, B", [(517, (37, 9), 32, 4), (3, (1,), 5, 1), (64, (70, 2, 1), 3, 2)])
+def test_compiled_ratios_equal_the_reference_on_the_divided_values(dtype, T, rows, W, B):
+    """update_ratios (compiled, blocks read in place) gives update() on the ratios the contract forms
+    (safe_div): the same histograms, counts and NaN counts, moments within 1e-12."""
+    from erasure_fast.contract import safe_div
+
+    blocks, divisor = _ratio_inputs(T, rows, W, dtype, seed=T + W)
+    assert not blocks[0].is_contiguous()
+    bucket = torch.randint(0, B, (T,), generator=torch.Generator().manual_seed(W))
+    S = sum(rows) * W
+    fast, ref = SeriesStats(S, B, -3.0, 3.0, 1200), SeriesStats(S, B, -3.0, 3.0, 1200)
+    fast.update_ratios(blocks, divisor, bucket)
+    values = torch.cat([safe_div(b, divisor[:, None, :]).reshape(T, -1) for b in blocks], dim=1)
+    assert torch.isnan(values).any()
+    counted, mean_b, m2_b = ref._batch_reference(values, bucket)
+    np.testing.assert_array_equal(fast.hist, ref.hist)
+    np.testing.assert_array_equal(fast.count, counted)
+    np.testing.assert_array_equal(fast.nan, np.bincount(bucket.numpy(), minlength=B)[:, None] - counted)
+    np.testing.assert_allclose(fast.mean, mean_b, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(fast.m2, m2_b, rtol=1e-12, atol=1e-12)
+
+
+def test_compiled_ratios_check_their_arguments():
+    kernel = _C.ratio_stats_batch_f32
+    dots = np.ones((5, 3, 4), np.float32)
+    div = np.ones((5, 4), np.float32)
+    hist = np.zeros((2, 12, 12), np.int64)
+    b = np.zeros(5, np.int64)
+    with pytest.raises(ValueError, match=r"blocks\[0\] must have dtype float32, got float64"):
+        kernel([dots.astype(np.float64)], div, b, 2, -1.0, 5.0, 10, hist)
+    with pytest.raises(ValueError, match=r"blocks\[1\] must have shape \[T, R, W\]=\[5, R, 4\], got \[5, 3, 3\]"):
+        kernel([dots, np.ones((5, 3, 3), np.float32)], div, b, 2, -1.0, 5.0, 10, hist)
+    with pytest.raises(ValueError, match=r"blocks\[0\] must have contiguous rows over its last two dimensions"):
+        kernel([np.ones((5, 4, 3), np.float32).transpose(0, 2, 1)], div, b, 2, -1.0, 5.0, 10, hist)
+    with pytest.raises(ValueError, match="blocks must hold at least one array"):
+        kernel([], div, b, 2, -1.0, 5.0, 10, hist)
+    with pytest.raises(ValueError, match=r"hist must have shape \[B, S, n_bins \+ 2\]=\[2, 24, 12\]"):
+        kernel([dots, dots], div, b, 2, -1.0, 5.0, 10, hist)
+    with pytest.raises(ValueError, match=r"bucket must lie in \[0, 2\), got -1 at token 0"):
+        kernel([dots], div, np.full(5, -1, np.int64), 2, -1.0, 5.0, 10, hist)
+    with pytest.raises(ValueError, match=r"divisor must have shape \[T, W\]"):
+        kernel([dots], div[0], b, 2, -1.0, 5.0, 10, hist)
+    assert not hist.any()  # nothing was written by a refused call
+    kernel([dots[:, 1:2], dots[:, :2]], div, b, 2, -1.0, 5.0, 10, hist)  # a token-strided view is read in place
+    assert hist.sum() == 5 * 3 * 4

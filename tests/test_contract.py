@@ -192,3 +192,33 @@ def test_derive_measures_nan_policy():
     m = ef.derive_measures(dots, norms, torch.tensor([0, 0]))
     assert m.pr[0, 0, 0] == 0.5 and m.pv[0, 0, 0] == 1.0 and m.cos[0, 0, 0] == 0.5
     assert torch.isnan(m.pr[1]).all() and torch.isnan(m.pv[1]).all() and torch.isnan(m.cos[1]).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_downstream_pr_sum_is_the_sum_of_the_downstream_ratios_and_keeps_a_bad_dot_to_its_writer(dtype):
+    """downstream_pr_sum (one GEMM over the dots read in place, a division per writer) against the
+    definition sum_n downstream[n, w] * PR[n, w], on a token-strided view of the dots as the attribution
+    returns them; an inf or NaN dot spoils only its own writer's sum (and only if it is downstream)."""
+    from erasure_fast.attribution import AttributionResult
+    from erasure_fast.contract import projection_ratio
+
+    g = torch.Generator().manual_seed(5)
+    B, P, N, W = 3, 7, 11, 5
+    full = torch.randn(B, P, N + 2, W, generator=g, dtype=torch.float64).to(dtype)
+    dots = full[:, :, :N]
+    norms = (torch.rand(B, P, N, generator=g, dtype=torch.float64) + 0.1).to(dtype)
+    norms[0, 0, 2] = 0.0  # writer 1 (node 2) has no norm at this token: NaN
+    writers = torch.tensor([0, 2, 4, 6, 9])
+    mask = torch.rand(N, W, generator=g) < 0.5
+    mask[3, 3], mask[5, 0] = True, False
+    dots[1, 2, 3, 3] = float("inf")  # downstream: writer 3's sum is inf (or NaN), the others are finite
+    dots[2, 4, 5, 0] = float("nan")  # not downstream of writer 0; still NaN * 0 = NaN in the definition
+    res = AttributionResult(dla=torch.zeros(B, P, 1, N), dots=dots, norms=norms, node_labels=[str(i) for i in range(N)],
+                            writers=writers, writer_labels=[str(int(w)) for w in writers], resid_dots=None,
+                            resid_labels=[], downstream=mask, backend="test")
+    want = (projection_ratio(dots, norms, writers) * mask.to(dtype)).sum(dim=-2)
+    got = res.downstream_pr_sum
+    assert got.shape == (B, P, W)
+    torch.testing.assert_close(got, want, rtol=1e-5 if dtype == torch.float32 else 1e-12, atol=1e-6, equal_nan=True)
+    assert torch.isnan(got[0, 0, 1]) and not torch.isfinite(got[1, 2, 3]) and torch.isnan(got[2, 4, 0])
+    assert torch.isfinite(got[1, 2, [0, 1, 2, 4]]).all() and torch.isfinite(got[2, 4, 1:]).all()

@@ -184,3 +184,23 @@ def test_text_corpus_too_short_or_empty_is_refused(tmp_path, model):
 def test_hub_names_need_the_prefix_and_a_valid_name(tmp_path):
     with pytest.raises(CorpusError, match="not a hub dataset name"):
         open_corpus("hf:not a name!", seq_len=8)
+
+
+def test_checkpoints_store_counts_narrowed_and_load_them_back_exactly(tmp_path):
+    """Non-negative int64 arrays that fit are stored as uint32 (half the bytes) and come back as the
+    same int64 values; one beyond 2^32, a negative one, floats and empty arrays are stored as they are."""
+    arrays = dict(hist=np.arange(24, dtype=np.int64).reshape(2, 3, 4) * 178_956_970,  # up to ~4.1e9 < 2^32
+                  big=np.array([0, 2 ** 32], np.int64), neg=np.array([-1, 5], np.int64),
+                  mean=np.array([0.5, -1.0]), empty=np.zeros((0, 3), np.int64))
+    path = str(tmp_path / "ck" / "rank0-of-1.npz")
+    ckpt.save(path, arrays, dict(tokens=7))
+    with np.load(path) as raw:
+        stored = {k: raw[k].dtype for k in raw.files}
+    assert stored["hist"] == np.uint32 and stored["big"] == np.int64 and stored["neg"] == np.int64
+    got, meta = ckpt.load(path)
+    assert meta == dict(tokens=7)
+    for k, v in arrays.items():
+        assert got[k].dtype == v.dtype, k
+        np.testing.assert_array_equal(got[k], v, err_msg=k)
+    with pytest.raises(ValueError, match="may not use the key"):
+        ckpt.save(path, arrays, dict(narrowed_to_uint32=[]))

@@ -12,6 +12,8 @@ States are dicts of numpy arrays (saved as npz, reduced with torch.distributed).
 A batch on the CPU is folded in by the compiled kernel (csrc/scan_aggregates.h; one vectorised pass,
 shifted sums for the moments) where the extension is built, else by the torch reference
 `SeriesStats._batch_reference`: identical histograms and counts, moments within 1e-12 relative.
+Ratios (the scan's projection ratios, dots / |w|^2) are folded by `SeriesStats.update_ratios`, whose
+kernel reads the dots in place and divides as it bins, so a batch's [T, series] PR is never formed.
 A batch on a GPU is folded in by the same torch reference on that device: its histogram counts
 accumulate there (``_pending``) and reach the numpy state when it is read (``hist``: checkpoint,
 summary, merge), so per batch only the [buckets, series] moments cross to the host, never the values.
@@ -25,6 +27,7 @@ import numpy as np
 import torch
 
 from ..backends.cpp import scan_kernel
+from ..contract import safe_div
 
 
 class SeriesStats:
@@ -73,6 +76,26 @@ class SeriesStats:
         else:  # the torch reference, on the values' device
             counted, mean_b, m2_b = self._batch_reference(v, bucket)
         self.fold_batch(torch.bincount(bucket, minlength=self.B).cpu().numpy(), counted, mean_b, m2_b)
+
+    def update_ratios(self, blocks: Sequence[torch.Tensor], divisor: torch.Tensor, bucket: torch.Tensor) -> None:
+        """`update` with the values ``cat([b.reshape(T, -1) for b in blocks], 1)``, each divided by
+        ``divisor`` at its last-axis column (NaN where it is 0, the contract's `projection_ratio`):
+        blocks [T, R_k, W] (e.g. dots, whose ratios to the writers' squared norms [T, W] are the
+        projection ratios). On the CPU the compiled kernel reads the blocks in place and never forms
+        the ratios; elsewhere they are formed in torch (the same float division, so the same bins)."""
+        dtype = divisor.dtype if divisor.dtype in (torch.float32, torch.float64) else torch.float32
+        divisor = divisor.detach().to(dtype)
+        blocks = [b.detach().to(dtype) for b in blocks]
+        kernel = scan_kernel("ratio_stats_batch", divisor)
+        if kernel is None:
+            T = divisor.shape[0]
+            self.update(torch.cat([safe_div(b, divisor[:, None, :]).reshape(T, -1) for b in blocks], dim=1), bucket)
+            return
+        bucket = bucket.detach().to(torch.int64).reshape(-1)
+        counted, mean_b, m2_b = kernel([_rows_contiguous(b).numpy() for b in blocks], divisor.contiguous().numpy(),
+                                       bucket.contiguous().numpy(), self.B, self.lo, 1.0 / self.bin_width, self.nb,
+                                       self.hist)
+        self.fold_batch(torch.bincount(bucket, minlength=self.B).numpy(), counted, mean_b, m2_b)
 
     def fold_batch(self, tokens: np.ndarray, counted: np.ndarray, mean_b: np.ndarray, m2_b: np.ndarray) -> None:
         """Fold a batch whose histogram is already added: tokens [B] per bucket, and count / mean / m2
@@ -128,8 +151,13 @@ class SeriesStats:
         for b in idx:  # merge the buckets' moments in a fixed order
             acc._merge_moments(self.count[b][None], self.mean[b][None], self.m2[b][None])
             acc.count += self.count[b][None]
-        return dict(count=self.count[idx].sum(0), nan=self.nan[idx].sum(0), mean=acc.mean[0], m2=acc.m2[0],
-                    hist=self.hist[idx].sum(0))
+        hist = self.hist
+        picked = hist[idx[0]]  # one bucket: a view (summary only reads it); more: summed slice by slice,
+        if len(idx) > 1:       # never through a fancy-indexed copy of all of them
+            picked = picked.copy()
+            for b in idx[1:]:
+                picked += hist[b]
+        return dict(count=self.count[idx].sum(0), nan=self.nan[idx].sum(0), mean=acc.mean[0], m2=acc.m2[0], hist=picked)
 
     def summary(self, buckets: Sequence[int] = None, qs=(0.125, 0.25, 0.5, 0.75, 0.875)) -> Dict[str, np.ndarray]:
         """count, nan, mean, std and the quantiles ``q{q}`` of every series over ``buckets`` (all by default)."""
@@ -140,13 +168,14 @@ class SeriesStats:
             var = np.where(n > 1, p["m2"] / np.maximum(n - 1, 1), np.nan)
         out = dict(count=p["count"], nan=p["nan"], mean=mean, std=np.sqrt(np.maximum(var, 0)),
                    underflow=p["hist"][:, 0], overflow=p["hist"][:, -1])
+        cum = np.cumsum(p["hist"], axis=1)  # once for every quantile
         for q in qs:
-            out[f"q{q:g}"] = self._quantile(p["hist"], n, q)
+            out[f"q{q:g}"] = self._quantile(p["hist"], cum, n, q)
         return out
 
-    def _quantile(self, hist: np.ndarray, n: np.ndarray, q: float) -> np.ndarray:
-        """The q-quantile of every series from its histogram [S, n_bins + 2] and count [S] (vectorised)."""
-        cum = np.cumsum(hist, axis=1)
+    def _quantile(self, hist: np.ndarray, cum: np.ndarray, n: np.ndarray, q: float) -> np.ndarray:
+        """The q-quantile of every series from its histogram [S, n_bins + 2], the histogram's cumulative
+        sum along the bins and the count [S] (vectorised)."""
         target = q * n
         k = np.minimum((cum < target[:, None]).sum(axis=1), self.nb + 1)  # = searchsorted(cum[s], target[s], "left")
         rows = np.arange(hist.shape[0])
@@ -173,6 +202,14 @@ class SeriesStats:
         self._merge_moments(other.count, other.mean, other.m2)
         for k in ("count", "nan", "hist"):
             setattr(self, k, getattr(self, k) + getattr(other, k))
+
+
+def _rows_contiguous(block: torch.Tensor) -> torch.Tensor:
+    """``block`` [T, R, W] itself when its [R, W] rows are contiguous (any token stride, as
+    ratio_stats_batch reads it), else a contiguous copy."""
+    if block.stride(2) == 1 and (block.shape[1] == 1 or block.stride(1) == block.shape[2]):
+        return block
+    return block.contiguous()
 
 
 class TopK:

@@ -26,7 +26,7 @@ directly for the MLP outputs.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Dict, Optional
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -84,13 +84,14 @@ def pair_values(dots: torch.Tensor, norms: torch.Tensor, writers: torch.Tensor, 
                 resid_norm: torch.Tensor, pairs: torch.Tensor) -> Dict[str, torch.Tensor]:
     """Every statistic (and its null) per token for the selected pairs: dots [T, n_nodes, W] node .
     writer, norms [T, n_nodes] squared node norms, writers [W] node indices of the writers, null_dots
-    [T, n_nodes, W] node . r_w (unit r_w), resid_norm [T] |x| of the final residual stream, pairs [P]
-    flat indices node * W + writer. Returns {name: [T, P]} in float64, NaN where a norm is 0."""
+    [T, P] node . r_w (unit r_w) of each pair (`null_dots`), resid_norm [T] |x| of the final residual
+    stream, pairs [P] flat indices node * W + writer. Returns {name: [T, P]} in float64, NaN where a
+    norm is 0."""
     T, n_nodes, W = dots.shape
     pairs = pairs.to(dots.device)
     node, writer = pairs // W, pairs % W
     d = dots.reshape(T, -1).index_select(1, pairs).double()
-    nd = null_dots.reshape(T, -1).index_select(1, pairs).double()
+    nd = null_dots.double()
     node_norm = norms.double().clamp(min=0).sqrt()  # [T, n_nodes]
     a = node_norm.index_select(1, node)
     w = node_norm.index_select(1, writers.to(dots.device)[writer])
@@ -120,8 +121,11 @@ def fold_pair_values(stats: Dict[str, "SeriesStats"], dots: torch.Tensor, norms:
     parts = [stats[name] for name in PAIR_STATISTICS]
     T = dots.shape[0]
     as_np = lambda t, dtype: t.detach().to(dtype).contiguous().numpy()  # noqa: E731
+    dots = dots.detach()
+    if not (dots.stride(2) == 1 and dots.stride(1) == dots.shape[2]):  # the kernel reads [n_nodes, W] rows in place
+        dots = dots.contiguous()
     counted, mean_b, m2_b = kernel(
-        as_np(dots, dots.dtype), as_np(norms, dots.dtype), as_np(null_dots, dots.dtype),
+        dots.numpy(), as_np(norms, dots.dtype), as_np(null_dots, dots.dtype),
         as_np(resid_norm.reshape(T), torch.float64), as_np(writers, torch.int64), as_np(pairs, torch.int64),
         np.array([p.lo for p in parts]), np.array([1.0 / p.bin_width for p in parts]),
         np.array([p.nb for p in parts], np.int64), [p.hist for p in parts])
@@ -129,14 +133,59 @@ def fold_pair_values(stats: Dict[str, "SeriesStats"], dots: torch.Tensor, norms:
         part.fold_batch(np.array([T]), counted[k][None], mean_b[k][None], m2_b[k][None])
 
 
-def null_dots(z: torch.Tensor, mlp_out: Optional[torch.Tensor], null: NullReference) -> torch.Tensor:
-    """node . r_w for every node and null direction: z [T, N, d_head], mlp_out [T, L, d_model] (None
-    for an attention-only model) -> [T, N + L, W] (heads, then MLPs) in the activations' accumulation
-    dtype (float64 for float64, else float32), as the attribution's dots are."""
+@dataclass(frozen=True)
+class NullGroup:
+    """Consecutive nodes [first, last) of one kind (heads, or MLPs from node n_heads on) whose pairs
+    have the same writer columns ``cols`` [k]; their null dots fill columns offset .. offset + (last -
+    first) * k of `null_dots`' output, node by node."""
+
+    first: int
+    last: int
+    cols: torch.Tensor
+    offset: int
+
+
+def null_groups(pairs: torch.Tensor, n_writers: int, n_heads: int) -> List[NullGroup]:
+    """The `NullGroup`s of ``pairs`` [P] (flat node * W + writer, any order): runs of pairs of one node,
+    merged while the next node is of the same kind and reads the same writers (a layer's heads do)."""
+    nodes = (pairs // n_writers).tolist()
+    cols = (pairs % n_writers).tolist()
+    groups: List[NullGroup] = []
+    i = 0
+    while i < len(nodes):
+        j = i
+        while j < len(nodes) and nodes[j] == nodes[i]:
+            j += 1
+        n, c = nodes[i], cols[i:j]
+        prev = groups[-1] if groups else None
+        if (prev is not None and prev.last == n and (prev.first < n_heads) == (n < n_heads)
+                and prev.cols.tolist() == c and prev.offset + (prev.last - prev.first) * len(c) == i):
+            groups[-1] = NullGroup(prev.first, n + 1, prev.cols, prev.offset)
+        else:
+            groups.append(NullGroup(n, n + 1, torch.tensor(c, dtype=torch.int64), i))
+        i = j
+    return groups
+
+
+def null_dots(z: torch.Tensor, mlp_out: Optional[torch.Tensor], null: NullReference,
+              groups: Sequence[NullGroup]) -> torch.Tensor:
+    """node . r_w of every ranked pair: z [T, N, d_head], mlp_out [T, L, d_model] (None for an
+    attention-only model), ``groups`` = `null_groups` of the pairs -> [T, P] in the pairs' order, in
+    the activations' accumulation dtype (float64 for float64, else float32), as the attribution's dots
+    are. Heads' dots come from head space (z_n . W_O[n] r_w), one batched product per group; only the
+    pairs' columns are computed."""
     dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
-    U = null.head_directions.to(z.device, dtype)
-    heads = torch.bmm(z.to(dtype).transpose(0, 1), U).transpose(0, 1)  # [T, N, W], one [T, dh] x [dh, W] per head
-    if mlp_out is None:
-        return heads
-    mlps = mlp_out.to(dtype) @ null.directions.to(z.device, dtype)
-    return torch.cat([heads, mlps], dim=1)
+    T, N = z.shape[0], z.shape[1]
+    P = sum((g.last - g.first) * len(g.cols) for g in groups)
+    out = torch.empty(T, P, dtype=dtype, device=z.device)
+    for g in groups:
+        G, k = g.last - g.first, len(g.cols)
+        into = out[:, g.offset:g.offset + G * k].view(T, G, k)
+        cols = g.cols.to(null.directions.device)
+        if g.first < N:
+            U = null.head_directions[g.first:g.last].index_select(2, cols).to(z.device, dtype)  # [G, dh, k]
+            into.copy_(torch.bmm(z[:, g.first:g.last].to(dtype).transpose(0, 1), U).transpose(0, 1))
+        else:
+            R = null.directions.index_select(1, cols).to(z.device, dtype)  # [d_model, k]
+            into.copy_(mlp_out[:, g.first - N:g.last - N].to(dtype) @ R)
+    return out

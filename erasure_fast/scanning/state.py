@@ -11,10 +11,10 @@ import torch
 
 from ..models import downstream_mask
 from .aggregate import SeriesStats, TopK
-from .pair_stats import NULL_STATISTICS, STATISTICS, NullReference, fold_pair_values, null_dots
+from .pair_stats import NULL_STATISTICS, STATISTICS, NullReference, fold_pair_values, null_dots, null_groups
 from .plan import DLA_BINS, DLA_RANGE, PR_BINS, PR_RANGE, ScanConfig
 
-PAIR_CHUNK = 4096  # tokens per chunk of the per-pair statistics (bounds the null dots, [chunk, nodes, W] float64)
+PAIR_CHUNK = 4096  # tokens per chunk of the per-pair statistics (bounds the null dots, [chunk, pairs])
 
 EMPTY_HASH = "0" * 32
 
@@ -42,6 +42,7 @@ class Aggregates:
         self.top_adversarial = TopK(W, cfg.top_k, payload=3)
         # ranking statistics and their nulls, for the downstream (node, writer) pairs only (all positions)
         self.pair_index = torch.from_numpy(downstream_pairs(cfg))
+        self.null_groups = null_groups(self.pair_index, W, len(cfg.head_labels))  # how `null_dots` forms them
         self.pair_stats = {name: SeriesStats(len(self.pair_index), 1, *rng)
                            for name, rng in {**STATISTICS, **NULL_STATISTICS}.items()}
         self.tokens = 0
@@ -101,7 +102,7 @@ def _update_pair_stats(agg: Aggregates, res, T: int, null: NullReference) -> Non
     idx = agg.pair_index.to(dots.device)
     for lo in range(0, T, PAIR_CHUNK):
         hi = min(lo + PAIR_CHUNK, T)
-        nd = null_dots(z[lo:hi], None if mlp is None else mlp[lo:hi], null)
+        nd = null_dots(z[lo:hi], None if mlp is None else mlp[lo:hi], null, agg.null_groups)
         fold_pair_values(agg.pair_stats, dots[lo:hi], norms[lo:hi], res.writers, nd, resid_norm[lo:hi], idx)
 
 
@@ -115,9 +116,9 @@ def update(agg: Aggregates, res, rows: torch.Tensor, edges: Sequence[int], null:
     row = rows.repeat_interleave(P).to(dev)
     bucket = _bucket_of(pos, edges).to(dev)
     pos = pos.to(dev)
-    pr = res.pr.reshape(T, -1)
-    resid = res.resid_pr.reshape(T, -1)
-    agg.pr.update(torch.cat([pr, resid], dim=1), bucket)
+    n_nodes, W = res.dots.shape[2:]
+    pr_blocks = [res.dots.reshape(T, n_nodes, W)] + ([] if res.resid_dots is None else [res.resid_dots.reshape(T, -1, W)])
+    agg.pr.update_ratios(pr_blocks, res.writer_sq_norms.reshape(T, W), bucket)  # PR of nodes, then residual points
     head_dla = res.dla.reshape(T, -1)
     w_dla = res.writer_dla.reshape(T, -1)
     adj = res.adjusted_dla.reshape(T, -1)
