@@ -521,8 +521,8 @@ py::tuple run_pair_stats(const py::array& dots, const Arr<T>& norms, const Arr<T
     if (pairs.data()[i] < 0 || pairs.data()[i] >= Nn * W)
       fail("pairs must be flat indices node * W + writer in [0, " + std::to_string(Nn * W) + "), got " +
            std::to_string(pairs.data()[i]) + " at position " + std::to_string(i));
-  if (null_dots.ndim() != 2 || null_dots.shape(0) != T_ || null_dots.shape(1) != P)
-    fail("null_dots must have shape [T, P]=[" + std::to_string(T_) + ", " + std::to_string(P) + "], got " +
+  if (null_dots.ndim() != 2 || null_dots.shape(0) != P || null_dots.shape(1) != T_)
+    fail("null_dots must have shape [P, T]=[" + std::to_string(P) + ", " + std::to_string(T_) + "], got " +
          shape_of(null_dots));
   for (const auto* a : {&lo, &inv_width})
     if (a->ndim() != 1 || a->shape(0) != K) fail("lo and inv_width must have shape [" + std::to_string(K) + "]");
@@ -562,8 +562,8 @@ void def_pair_stats(py::module_& m, const char* name) {
         py::arg("n_bins"), py::arg("hists"), py::arg("n_threads") = 0,
         "The scan's per-pair ranking statistics (es, apr, pv, cos, es_null, apr_null, pr_null, pv_null, "
         "cos_null; see erasure_fast/scanning/pair_stats.py) of one batch folded into their histograms: dots "
-        "[T, n_nodes, W] (read in place: [n_nodes, W] rows contiguous, any token stride), null_dots [T, P] "
-        "(in the order of pairs), norms [T, n_nodes], resid_norm [T] float64, writers [W] int64 node "
+        "[T, n_nodes, W] (read in place: [n_nodes, W] rows contiguous, any token stride), null_dots [P, T] "
+        "(pair-major, in the order of pairs), norms [T, n_nodes], resid_norm [T] float64, writers [W] int64 node "
         "indices, pairs [P] int64 flat node * W + writer, lo / inv_width [9] float64, n_bins [9] int64, "
         "hists: 9 int64 arrays [1, P, n_bins + 2] (added in place). Returns (count, mean, m2) [9, P].");
 }

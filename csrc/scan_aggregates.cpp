@@ -186,10 +186,10 @@ void pair_stats_batch(const T* dots, int64_t dots_stride, const T* norms, const 
     for (int64_t t = 0; t < n_tokens; ++t) {
       const double* nn = node_norm.data() + t * n_nodes;
       const double x = resid_norm[t];
-      const T* nd_row = null_dots + t * n_pairs + p0;
+      const T* nd_col = null_dots + p0 * n_tokens + t;  // pair-major: one row of T per pair
       for (int64_t j = 0; j < np; ++j) {
         d[j] = static_cast<double>(dots[t * dots_stride + pairs[p0 + j]]);
-        nd[j] = static_cast<double>(nd_row[j]);
+        nd[j] = static_cast<double>(nd_col[j * n_tokens]);
         a[j] = nn[node[j]];
         w[j] = nn[writer[j]];
       }

@@ -42,7 +42,7 @@ void ratio_stats_batch(const T* const* blocks, const int64_t* n_series, const in
 // without materialising them. dots [T, n_nodes, W] is read in place: its [n_nodes, W] rows are
 // contiguous, dots_stride elements apart (a view of a larger array). For pair p = node * W + writer
 // (pairs [P]) at token t:
-//   d = dots[t, p], nd = null_dots[t, j] (j = the pair's position in pairs: null_dots is [T, P]),
+//   d = dots[t, p], nd = null_dots[j, t] (j = the pair's position in pairs: null_dots is [P, T]),
 //   a = sqrt(max(norms[t, node], 0)),
 //   w = sqrt(max(norms[t, writers[writer]], 0)), x = resid_norm[t], q(n, m) = m == 0 ? NaN : n / m,
 //   pr = q(d, w w), pv = q(d, w), cos = clamp(q(d, a w), -1, 1), pr0 = q(nd, w), cos0 = clamp(q(nd, a), -1, 1)

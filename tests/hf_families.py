@@ -118,14 +118,9 @@ def tiny_config(arch: str):
 
 def word_tokenizer():
     """A word-level tokenizer over the tiny vocabulary (w0 ... w94, [UNK], [EOS])."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from erasure_fast.bench.hf_capture import word_tokenizer as words
 
-    vocab = {w: i for i, w in enumerate(["[UNK]", "[EOS]"] + [f"w{i}" for i in range(VOCAB - 2)])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="[EOS]", bos_token="[EOS]",
-                                   pad_token="[EOS]")
+    return words(VOCAB - 2)
 
 
 def save_family(arch: str, folder: str, seed: int = 0) -> str:

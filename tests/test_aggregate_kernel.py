@@ -114,7 +114,7 @@ def _pair_inputs(T, n_nodes, W, dtype, seed):
         resid[-1] = 0.0  # a zero stream: NaN erasure scores
     writers = torch.randperm(n_nodes, generator=g)[:W]
     pairs = torch.randperm(n_nodes * W, generator=g)[: n_nodes * W // 2 + 1]
-    null = torch.randn(T, len(pairs), generator=g, dtype=torch.float64).to(dtype)  # [T, P], the pairs' order
+    null = torch.randn(len(pairs), T, generator=g, dtype=torch.float64).to(dtype)  # [P, T], the pairs' order
     wide = torch.randn(T, n_nodes + 3, W, generator=g, dtype=torch.float64).to(dtype)
     wide[:, 1:1 + n_nodes] = dots
     dots = wide[:, 1:1 + n_nodes]  # a view with a token stride, as the attribution's dots are
@@ -160,8 +160,8 @@ def test_compiled_pair_statistics_check_their_arguments():
         kernel(**args(pairs=np.array([0, 8])))
     with pytest.raises(ValueError, match=r"writers must be node indices in \[0, 4\), got -1"):
         kernel(**args(writers=np.array([0, -1])))
-    with pytest.raises(ValueError, match=rf"null_dots must have shape \[T, P\]=\[6, {len(pairs)}\], got \[6, 4, 2\]"):
-        kernel(**args(null_dots=np.zeros((6, 4, 2), np.float32)))
+    with pytest.raises(ValueError, match=rf"null_dots must have shape \[P, T\]=\[{len(pairs)}, 6\], got \[6, {len(pairs)}\]"):
+        kernel(**args(null_dots=np.zeros((6, len(pairs)), np.float32)))
     with pytest.raises(ValueError, match=r"dots must have dtype float32, got float64"):
         kernel(**args(dots=dots.double().numpy()))
     with pytest.raises(ValueError, match=r"dots must have contiguous rows over its last two dimensions"):
@@ -196,8 +196,8 @@ def test_null_dots_are_each_nodes_output_dotted_with_its_null_direction(dtype, w
     for pairs in (sorted_pairs, torch.randperm(n_nodes * W, generator=g)[: n_nodes * W // 2]):
         groups = null_groups(pairs, W, N)
         got = null_dots(z, mlp, null, groups)
-        assert got.dtype == dtype and got.shape == (T, len(pairs))
-        want = ref[:, pairs]
+        assert got.dtype == dtype and got.shape == (len(pairs), T)
+        want = ref[:, pairs].T
         err = ((got.double() - want).abs().max() / want.abs().max()).item()
         assert err <= (1e-5 if dtype == torch.float32 else 1e-12), err
     assert len(null_groups(sorted_pairs, W, N)) < n_nodes  # nodes with the same writers share a product

@@ -334,13 +334,9 @@ def test_hf_dataset_directory_corpus(tmp_path, model):
 
 
 def _word_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from erasure_fast.bench.hf_capture import word_tokenizer
 
-    vocab = {w: i for i, w in enumerate(["[UNK]", "[EOS]"] + [f"w{i}" for i in range(40)])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="[EOS]")
+    return word_tokenizer(40)
 
 
 def test_text_and_jsonl_corpora(tmp_path, model):
@@ -360,3 +356,23 @@ def test_text_and_jsonl_corpora(tmp_path, model):
         open_corpus(str(tmp_path / "c.txt"))
     res = run(model, str(tmp_path / "c.jsonl"), tmp_path / "scan", tokenizer=tok)
     assert res.meta["tokens"] == len(a) * 16
+
+
+def test_pair_statistics_in_token_chunks_equal_one_pass(model, stream, tmp_path, monkeypatch):
+    """A batch whose null dots exceed the chunk budget is folded in several token chunks; its ranking
+    histograms and counts are the same as in one pass, moments to rounding."""
+    import erasure_fast.scanning.state as state
+
+    whole = run(model, stream, tmp_path / "whole", seq_len=64, batch_size=5, report=False)
+    n_pairs = len(state.downstream_pairs(plan_scan(model, stream, out_dir=str(tmp_path / "p"), seq_len=64).cfg))
+    monkeypatch.setattr(state, "PAIR_CHUNK_BYTES", 8 * n_pairs * 100)  # 256-token chunks (the floor): 2 per batch
+    chunked = run(model, stream, tmp_path / "chunked", seq_len=64, batch_size=5, report=False)
+    a, _ = final_state(tmp_path / "whole")
+    b, _ = final_state(tmp_path / "chunked")
+    assert whole.meta["tokens"] == chunked.meta["tokens"] == 5 * 64 and a.keys() == b.keys()
+    for key in a:
+        if key.startswith("pair.") and key.endswith((".hist", ".count", ".nan")):
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+        else:
+            np.testing.assert_allclose(a[key], b[key], rtol=1e-9, atol=1e-12, err_msg=key)
+    assert a["pair.es.hist"].sum() > 0

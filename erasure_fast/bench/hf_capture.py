@@ -34,17 +34,26 @@ def check_families(families) -> List[str]:
     return families
 
 
-def _tokenizer(folder: str):
-    """A word-level tokenizer saved to and loaded from ``folder`` (the bridge needs one, and TransformerLens
-    reloads it by its path while booting; the capture reads token ids only)."""
+def word_tokenizer(n_words: int):
+    """A word-level tokenizer over [UNK], [EOS] and the words w0 ... w{n_words - 1} (ids 0, 1, 2 ...),
+    [EOS] doubling as BOS and padding: what offline benchmarks and tests tokenize with when no real
+    tokenizer can be downloaded."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {w: i for i, w in enumerate(["[UNK]", "[EOS]"] + [f"w{i}" for i in range(30)])}
+    vocab = {w: i for i, w in enumerate(["[UNK]", "[EOS]"] + [f"w{i}" for i in range(n_words)])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="[EOS]", bos_token="[EOS]",
-                            pad_token="[EOS]").save_pretrained(folder)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="[EOS]", bos_token="[EOS]",
+                                   pad_token="[EOS]")
+
+
+def _tokenizer(folder: str):
+    """`word_tokenizer` saved to and loaded from ``folder`` (the bridge needs one, and TransformerLens
+    reloads it by its path while booting; the capture reads token ids only)."""
+    from transformers import PreTrainedTokenizerFast
+
+    word_tokenizer(30).save_pretrained(folder)
     return PreTrainedTokenizerFast.from_pretrained(folder)
 
 

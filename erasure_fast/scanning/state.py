@@ -14,7 +14,7 @@ from .aggregate import SeriesStats, TopK
 from .pair_stats import NULL_STATISTICS, STATISTICS, NullReference, fold_pair_values, null_dots, null_groups
 from .plan import DLA_BINS, DLA_RANGE, PR_BINS, PR_RANGE, ScanConfig
 
-PAIR_CHUNK = 4096  # tokens per chunk of the per-pair statistics (bounds the null dots, [chunk, pairs])
+PAIR_CHUNK_BYTES = 64 << 20  # the per-pair statistics run in token chunks whose null dots ([pairs, chunk]) fit this
 
 EMPTY_HASH = "0" * 32
 
@@ -100,8 +100,9 @@ def _update_pair_stats(agg: Aggregates, res, T: int, null: NullReference) -> Non
     d_model = null.d_model
     resid_norm = res.final_scale.reshape(T).double() * d_model ** 0.5  # |x| = sqrt(d_model) * final-norm scale
     idx = agg.pair_index.to(dots.device)
-    for lo in range(0, T, PAIR_CHUNK):
-        hi = min(lo + PAIR_CHUNK, T)
+    chunk = max(256, PAIR_CHUNK_BYTES // (8 * max(1, len(idx))))  # a GELU-4L batch of 8K tokens: one chunk
+    for lo in range(0, T, chunk):
+        hi = min(lo + chunk, T)
         nd = null_dots(z[lo:hi], None if mlp is None else mlp[lo:hi], null, agg.null_groups)
         fold_pair_values(agg.pair_stats, dots[lo:hi], norms[lo:hi], res.writers, nd, resid_norm[lo:hi], idx)
 
