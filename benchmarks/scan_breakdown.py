@@ -16,7 +16,6 @@ import cProfile
 import datetime
 import json
 import os
-import platform
 import pstats
 import statistics
 import tempfile
@@ -110,11 +109,14 @@ def main(argv=None) -> int:
                                       "all aggregation of a batch", "checkpoints", "summary (finish)"))
     rows.append(("everything else (set-up, checks, frees, bookkeeping)", profiled_s - accounted))
 
-    lines = [f"# Scan breakdown ({platform.node() or 'machine'}, {datetime.date.today()})", "",
+    from erasure_fast.bench.machine import describe, machine_label
+
+    info = describe()
+    lines = [f"# Scan breakdown ({machine_label(info)}, {datetime.date.today()})", "",
              f"- command: `python benchmarks/scan_breakdown.py --tokens {args.tokens} --rounds {args.rounds}`; "
              f"scan backend {backend}, capture engine",
              f"- {len(corpus) * 1024:,} tokens of the GELU-4L shape in {n_batches} batches of {args.batch_size} x 1024; "
-             f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}",
+             f"{info['cpu']}, {info['cores']} cores, torch {info['torch']} ({info['torch_threads']} threads)",
              f"- scan / engine forward, {args.rounds} interleaved rounds: {', '.join('%.3f' % r for r in ratios)}; "
              f"median {statistics.median(ratios):.3f} ({100 * (statistics.median(ratios) - 1):+.1f} %)",
              f"- profiled scan (cProfile adds its own overhead): {profiled_s:.2f} s", "",
@@ -128,7 +130,7 @@ def main(argv=None) -> int:
         with open(os.path.join(args.out, "scan_breakdown.md"), "w") as f:
             f.write(text)
         with open(os.path.join(args.out, "scan_breakdown.json"), "w") as f:
-            json.dump(dict(tokens=len(corpus) * 1024, batches=n_batches, backend=backend, rounds=pairs, ratios=ratios,
+            json.dump(dict(machine=info, tokens=len(corpus) * 1024, batches=n_batches, backend=backend, rounds=pairs, ratios=ratios,
                            forward_median_s=forward_s, profiled_scan_s=profiled_s,
                            parts={label: sec for label, sec in rows}), f, indent=1)
     return 0
