@@ -376,3 +376,26 @@ def test_pair_statistics_in_token_chunks_equal_one_pass(model, stream, tmp_path,
         else:
             np.testing.assert_allclose(a[key], b[key], rtol=1e-9, atol=1e-12, err_msg=key)
     assert a["pair.es.hist"].sum() > 0
+
+
+def test_torch_reference_aggregation_equals_the_compiled_one(model, stream, tmp_path, monkeypatch):
+    """The aggregation a scan on a GPU (or without the extension) runs -- the torch references of the
+    PR histograms (ratios formed in torch), the ranking statistics (pair_values on pair-major null
+    dots) and every other series -- gives the compiled pass's checkpoint: the same histograms and
+    counts, moments and top examples to rounding."""
+    import erasure_fast.scanning.aggregate as aggregate
+    import erasure_fast.scanning.pair_stats as pair_stats
+
+    run(model, stream, tmp_path / "compiled", writers="all", report=False)
+    monkeypatch.setattr(aggregate, "scan_kernel", lambda name, values: None)
+    monkeypatch.setattr(pair_stats, "scan_kernel", lambda name, values: None)
+    run(model, stream, tmp_path / "reference", writers="all", report=False)
+    a, _ = final_state(tmp_path / "compiled")
+    b, _ = final_state(tmp_path / "reference")
+    assert a.keys() == b.keys()
+    for key in a:
+        if key.endswith((".hist", ".count", ".nan", ".row", ".pos")):
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+        else:
+            np.testing.assert_allclose(a[key], b[key], rtol=1e-9, atol=1e-12, err_msg=key)
+    assert a["pr.hist"].sum() > 0 and a["pair.es_null.hist"].sum() > 0
