@@ -301,3 +301,18 @@ def test_compiled_ratios_check_their_arguments():
     assert not hist.any()  # nothing was written by a refused call
     kernel([dots[:, 1:2], dots[:, :2]], div, b, 2, -1.0, 5.0, 10, hist)  # a token-strided view is read in place
     assert hist.sum() == 5 * 3 * 4
+
+
+def test_a_summary_is_not_changed_by_later_batches():
+    """summary() of one bucket reads the live histogram without copying it; what it returns must still
+    be its own: folding more values afterwards changes no earlier summary."""
+    S, B = 5, 2
+    stats = SeriesStats(S, B, -1.0, 1.0, 20)
+    bucket = torch.zeros(7, dtype=torch.int64)
+    stats.update(torch.full((7, S), -5.0), bucket)  # all in the underflow bin of bucket 0
+    before = stats.summary([0])
+    kept = {k: v.copy() for k, v in before.items()}
+    stats.update(torch.full((7, S), 5.0), bucket)  # all in the overflow bin
+    for k, v in kept.items():
+        np.testing.assert_array_equal(before[k], v, err_msg=k)
+    assert (stats.summary([0])["overflow"] == 7).all() and (before["overflow"] == 0).all()

@@ -167,7 +167,7 @@ class SeriesStats:
             mean = np.where(n > 0, p["mean"], np.nan)
             var = np.where(n > 1, p["m2"] / np.maximum(n - 1, 1), np.nan)
         out = dict(count=p["count"], nan=p["nan"], mean=mean, std=np.sqrt(np.maximum(var, 0)),
-                   underflow=p["hist"][:, 0], overflow=p["hist"][:, -1])
+                   underflow=p["hist"][:, 0].copy(), overflow=p["hist"][:, -1].copy())  # not views of the live state
         cum = np.cumsum(p["hist"], axis=1)  # once for every quantile
         for q in qs:
             out[f"q{q:g}"] = self._quantile(p["hist"], cum, n, q)
