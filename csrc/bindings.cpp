@@ -356,6 +356,18 @@ void def_dla(py::module_& m, const std::string& sfx, const char* dtype) {
 // ---------------------------------------------------------------------------------------------
 // Scan aggregation (scan_aggregates.h): one batch's histogram (added in place) and moments.
 
+// What every scan-aggregation entry returns: the batch's count [rows, cols] int64 and mean / m2
+// [rows, cols] float64 (rows: buckets or statistics, cols: series or pairs).
+struct BatchMoments {
+  py::array_t<int64_t> count;
+  py::array_t<double> mean, m2;
+  BatchMoments(int64_t rows, int64_t cols)
+      : count(std::vector<py::ssize_t>{rows, cols}),
+        mean(std::vector<py::ssize_t>{rows, cols}),
+        m2(std::vector<py::ssize_t>{rows, cols}) {}
+  py::tuple as_tuple() const { return py::make_tuple(count, mean, m2); }
+};
+
 // An array the scan kernels read in place, with the kernel's dtype (never a silent converted copy),
 // three dimensions and contiguous rows over the last two (only the token stride is free: a view such
 // as dots[:, :n_nodes] of a larger array). Returns the token stride in elements.
@@ -403,20 +415,18 @@ py::tuple run_series_stats(const Arr<T>& values, const IdArr& bucket, int64_t n_
   if (values.ndim() != 2) fail("values must have shape [T, S], got " + shape_of(values));
   const int64_t T_ = values.shape(0), S = values.shape(1);
   int64_t* hp = check_series_args(bucket, T_, S, n_buckets, lo, inv_width, n_bins, hist);
-  py::array_t<int64_t> count(std::vector<py::ssize_t>{n_buckets, S});
-  py::array_t<double> mean(std::vector<py::ssize_t>{n_buckets, S});
-  py::array_t<double> m2(std::vector<py::ssize_t>{n_buckets, S});
+  BatchMoments out(n_buckets, S);
   const T* vp = values.data();
   const int64_t* bp = bucket.data();
-  int64_t* cp = count.mutable_data();
-  double* mp = mean.mutable_data();
-  double* m2p = m2.mutable_data();
+  int64_t* cp = out.count.mutable_data();
+  double* mp = out.mean.mutable_data();
+  double* m2p = out.m2.mutable_data();
   {
     py::gil_scoped_release release;
     ef::series_stats_batch<T>(vp, bp, T_, S, n_buckets, static_cast<T>(lo), static_cast<T>(inv_width),
                               n_bins, hp, cp, mp, m2p, n_threads);
   }
-  return py::make_tuple(count, mean, m2);
+  return out.as_tuple();
 }
 
 template <typename T>
@@ -456,21 +466,19 @@ py::tuple run_ratio_stats(const std::vector<py::array>& blocks, const Arr<T>& di
   int64_t S = 0;
   for (int64_t n : n_series) S += n;
   int64_t* hp = check_series_args(bucket, T_, S, n_buckets, lo, inv_width, n_bins, hist);
-  py::array_t<int64_t> count(std::vector<py::ssize_t>{n_buckets, S});
-  py::array_t<double> mean(std::vector<py::ssize_t>{n_buckets, S});
-  py::array_t<double> m2(std::vector<py::ssize_t>{n_buckets, S});
+  BatchMoments out(n_buckets, S);
   const T* dp = divisor.data();
   const int64_t* bp = bucket.data();
-  int64_t* cp = count.mutable_data();
-  double* mp = mean.mutable_data();
-  double* m2p = m2.mutable_data();
+  int64_t* cp = out.count.mutable_data();
+  double* mp = out.mean.mutable_data();
+  double* m2p = out.m2.mutable_data();
   {
     py::gil_scoped_release release;
     ef::ratio_stats_batch<T>(ptrs.data(), n_series.data(), strides.data(), static_cast<int>(ptrs.size()), dp, W,
                              bp, T_, n_buckets, static_cast<T>(lo), static_cast<T>(inv_width), n_bins, hp, cp,
                              mp, m2p, n_threads);
   }
-  return py::make_tuple(count, mean, m2);
+  return out.as_tuple();
 }
 
 template <typename T>
@@ -537,22 +545,20 @@ py::tuple run_pair_stats(const py::array& dots, const Arr<T>& norms, const Arr<T
     check_hist(hists[k], "hists[" + std::to_string(k) + "]", P, n_bins.data()[k]);
     hist_ptrs[k] = static_cast<int64_t*>(const_cast<py::array&>(hists[k]).mutable_data());
   }
-  py::array_t<int64_t> count(std::vector<py::ssize_t>{K, P});
-  py::array_t<double> mean(std::vector<py::ssize_t>{K, P});
-  py::array_t<double> m2(std::vector<py::ssize_t>{K, P});
+  BatchMoments out(K, P);
   const T* dp = static_cast<const T*>(dots.data());
   const T *np_ = norms.data(), *ndp = null_dots.data();
   const double *rp = resid_norm.data(), *lop = lo.data(), *ivp = inv_width.data();
   const int64_t *wp = writers.data(), *pp = pairs.data(), *nbp = n_bins.data();
-  int64_t* cp = count.mutable_data();
-  double* mp = mean.mutable_data();
-  double* m2p = m2.mutable_data();
+  int64_t* cp = out.count.mutable_data();
+  double* mp = out.mean.mutable_data();
+  double* m2p = out.m2.mutable_data();
   {
     py::gil_scoped_release release;
     ef::pair_stats_batch<T>(dp, dots_stride, np_, ndp, rp, wp, pp, T_, Nn, W, P, lop, ivp, nbp, hist_ptrs.data(), cp, mp,
                             m2p, n_threads);
   }
-  return py::make_tuple(count, mean, m2);
+  return out.as_tuple();
 }
 
 template <typename T>

@@ -26,7 +26,7 @@ void series_stats_batch(const T* values, const int64_t* bucket, int64_t n_tokens
 // block k holding n_series[k] consecutive series whose values at token t start at
 // blocks[k] + t * token_stride[k] (each block's row contiguous, any token stride: a view of a larger
 // array is read in place), all series numbered block after block. Series s of the whole is binned as
-//   v = value / divisor[t, s % n_div]   (NaN where divisor == 0, as the contract's _safe_div;
+//   v = value / divisor[t, s % n_div]   (NaN where divisor == 0, as the contract's safe_div;
 //                                        divisor [T, n_div], C-contiguous)
 // so for blocks of dots [T, R_k, W] and divisor = the writers' squared norms [T, W], the series are
 // the projection ratios of every (row, writer). Histogram, count, mean, m2 as series_stats_batch over

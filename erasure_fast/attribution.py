@@ -98,10 +98,11 @@ def _masked_node_sums(dots: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     a dot is not finite its zero weights would carry NaN into every writer's sum, so those inputs
     take the element-wise path, which keeps it to its own writer."""
     N, W = dots.shape[-2:]
-    spread = torch.diag_embed(mask.to(dots.dtype)).reshape(N * W, W)  # [(n, w), w'] = mask[n, w] * (w == w')
+    mask = mask.to(dots.dtype)
+    spread = torch.diag_embed(mask).reshape(N * W, W)  # [(n, w), w'] = mask[n, w] * (w == w')
     out = (dots.reshape(-1, N * W) @ spread).reshape(*dots.shape[:-2], W)
     if not bool(torch.isfinite(out).all()):
-        out = (dots * mask.to(dots.dtype)).sum(dim=-2)
+        out = (dots * mask).sum(dim=-2)
     return out
 
 

@@ -117,6 +117,15 @@ def scan_kernel(name: str, values: torch.Tensor):
     return functools.partial(getattr(_C, f"{name}_{_SFX[dtype]}"), n_threads=get_num_threads())
 
 
+def scan_rows(block: torch.Tensor) -> torch.Tensor:
+    """``block`` [T, R, W] as the scan kernels read it in place: itself when its [R, W] rows are
+    contiguous (any token stride, e.g. dots[:, :n_nodes] of a larger array), else a contiguous copy.
+    The check is bindings.cpp's rows_in_place."""
+    if block.stride(2) == 1 and (block.shape[1] == 1 or block.stride(1) == block.shape[2]):
+        return block
+    return block.contiguous()
+
+
 def require_extension():
     _C, err = _extension()
     if _C is None:

@@ -26,7 +26,7 @@ from typing import Dict, Sequence
 import numpy as np
 import torch
 
-from ..backends.cpp import scan_kernel
+from ..backends.cpp import scan_kernel, scan_rows
 from ..contract import safe_div
 
 
@@ -92,7 +92,7 @@ class SeriesStats:
             self.update(torch.cat([safe_div(b, divisor[:, None, :]).reshape(T, -1) for b in blocks], dim=1), bucket)
             return
         bucket = bucket.detach().to(torch.int64).reshape(-1)
-        counted, mean_b, m2_b = kernel([_rows_contiguous(b).numpy() for b in blocks], divisor.contiguous().numpy(),
+        counted, mean_b, m2_b = kernel([scan_rows(b).numpy() for b in blocks], divisor.contiguous().numpy(),
                                        bucket.contiguous().numpy(), self.B, self.lo, 1.0 / self.bin_width, self.nb,
                                        self.hist)
         self.fold_batch(torch.bincount(bucket, minlength=self.B).numpy(), counted, mean_b, m2_b)
@@ -202,14 +202,6 @@ class SeriesStats:
         self._merge_moments(other.count, other.mean, other.m2)
         for k in ("count", "nan", "hist"):
             setattr(self, k, getattr(self, k) + getattr(other, k))
-
-
-def _rows_contiguous(block: torch.Tensor) -> torch.Tensor:
-    """``block`` [T, R, W] itself when its [R, W] rows are contiguous (any token stride, as
-    ratio_stats_batch reads it), else a contiguous copy."""
-    if block.stride(2) == 1 and (block.shape[1] == 1 or block.stride(1) == block.shape[2]):
-        return block
-    return block.contiguous()
 
 
 class TopK:

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from ..backends.cpp import scan_kernel
+from ..backends.cpp import scan_kernel, scan_rows
 
 if TYPE_CHECKING:
     from .aggregate import SeriesStats
@@ -121,9 +121,7 @@ def fold_pair_values(stats: Dict[str, "SeriesStats"], dots: torch.Tensor, norms:
     parts = [stats[name] for name in PAIR_STATISTICS]
     T = dots.shape[0]
     as_np = lambda t, dtype: t.detach().to(dtype).contiguous().numpy()  # noqa: E731
-    dots = dots.detach()
-    if not (dots.stride(2) == 1 and dots.stride(1) == dots.shape[2]):  # the kernel reads [n_nodes, W] rows in place
-        dots = dots.contiguous()
+    dots = scan_rows(dots.detach())  # read in place: [n_nodes, W] rows contiguous, any token stride
     counted, mean_b, m2_b = kernel(
         dots.numpy(), as_np(norms, dots.dtype), as_np(null_dots, dots.dtype),
         as_np(resid_norm.reshape(T), torch.float64), as_np(writers, torch.int64), as_np(pairs, torch.int64),
@@ -159,7 +157,7 @@ def null_groups(pairs: torch.Tensor, n_writers: int, n_heads: int) -> List[NullG
         n, c = nodes[i], cols[i:j]
         prev = groups[-1] if groups else None
         if (prev is not None and prev.last == n and (prev.first < n_heads) == (n < n_heads)
-                and prev.cols.tolist() == c and prev.offset + (prev.last - prev.first) * len(c) == i):
+                and prev.cols.tolist() == c):
             groups[-1] = NullGroup(prev.first, n + 1, prev.cols, prev.offset)
         else:
             groups.append(NullGroup(n, n + 1, torch.tensor(c, dtype=torch.int64), i))
