@@ -26,6 +26,7 @@
 #endif
 
 namespace ef {
+namespace EF_ISA {
 namespace {
 
 using namespace detail;
@@ -36,17 +37,6 @@ constexpr int64_t kRowsPerItem = 64; // rows of W_O per work item of the dot pat
 constexpr int64_t kTokTile = 2 * MR; // tokens per work item of the per-token stage (multiple of MR)
 constexpr int64_t kFillBlock = 1024; // table rows built per block by fill_dla_table_rows
 
-// Auto rule of dla_gathered, from measurements on the 2-core AVX2 machine (GELU-4L shape,
-// T = 8192 tokens, N = 32, d_head = 64, d_model = 512, V = 48262, fp32, 2 threads, DLA only; the
-// machine was shared with other jobs (load ~3.5), so times are +-2x and quantised to ~4 ms):
-//   table gather:     8-16 ms for any id mix (z plus one 8 KiB table row per token from DRAM);
-//   unique reduction: ~16 ms + U * ~35 us (U distinct ids: U * N*H*D FMAs on the GEMM builder):
-//     U = 1: 16 ms, 16: 24 ms, 64: 31 ms, 256: 44 ms, 1023: 59 ms, 3525: 139 ms,
-//     Zipf(1.3) ids (U = 1145): 71 ms vs table 8 ms; uniform ids (U = 7490): 295 ms vs table 16 ms.
-// The table costs one extra DRAM row per token (~ as much as reading z again); the unique build
-// costs N*H*D FMAs per distinct id. Break-even measured at U ~ 100-200 for T = 8192, i.e.
-// U * d_model ~ 8 * T: above it the table wins. Building the table itself: ~3.6 s, 377 MiB.
-constexpr int64_t kTableRatio = 8;
 
 
 int thread_id() {
@@ -356,10 +346,6 @@ Buf<T> gram_if(bool want, const T* W_O, int64_t N, int64_t H, int64_t D, int n_t
 
 }  // namespace
 
-bool prefer_table(int64_t n_unique, int64_t n_valid_tokens, int64_t d_model) {
-  return n_unique * d_model > kTableRatio * n_valid_tokens;
-}
-
 template <typename In>
 DlaRunInfo dla_fixed(const typename In::storage* z, const typename In::storage* W_O_in,
                      const typename In::storage* directions, const typename In::acc* scale,
@@ -513,4 +499,5 @@ EF_INSTANTIATE_DLA(Bf16)
 EF_INSTANTIATE_DLA(F16)
 #undef EF_INSTANTIATE_DLA
 
+}  // namespace EF_ISA
 }  // namespace ef

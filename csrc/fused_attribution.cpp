@@ -33,14 +33,8 @@
 #include <omp.h>
 #endif
 
-#ifndef EF_CPU_ARCH_NAME
-#define EF_CPU_ARCH_NAME "unknown"
-#endif
-#ifndef EF_OPENMP_LINKED
-#define EF_OPENMP_LINKED 0
-#endif
-
 namespace ef {
+namespace EF_ISA {
 namespace {
 
 using namespace detail;
@@ -290,35 +284,8 @@ EF_INSTANTIATE_FUSED(Bf16)
 EF_INSTANTIATE_FUSED(F16)
 #undef EF_INSTANTIATE_FUSED
 
-bool openmp_enabled() {
-#if defined(_OPENMP) && EF_OPENMP_LINKED
-  return true;
-#else
-  return false;
-#endif
-}
-
-int max_threads() {
-#ifdef _OPENMP
-  return omp_get_max_threads();
-#else
-  return 1;
-#endif
-}
-
-const char* cpu_arch() { return EF_CPU_ARCH_NAME; }
-
-const char* simd_path() {
-#if defined(__AVX2__) && defined(__FMA__)
-  return "avx2+fma";
-#elif defined(__AVX2__)
-  return "avx2";
-#else
-  return "scalar";
-#endif
-}
-
 int default_tile_tokens() { return kDefaultTile; }
 int default_chunk_cols() { return kDefaultChunk; }
 
+}  // namespace EF_ISA
 }  // namespace ef

@@ -1,7 +1,8 @@
 // SIMD helpers shared by the CPU kernels (fused_attribution.cpp, dla_only.cpp).
 //
 // Everything here reduces in an order fixed by the shapes alone (never by the thread count).
-// Internal to the extension: included only by the kernel translation units.
+// Internal to the extension: included only by the kernel translation units, so it compiles once per
+// path (kernel_isa.h) with that path's vector width: scalar, AVX2 (8 floats) or AVX-512 (16).
 #pragma once
 
 #include <algorithm>
@@ -13,6 +14,7 @@
 #include <type_traits>
 
 #include "input_formats.h"
+#include "kernel_isa.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -23,9 +25,10 @@
 #endif
 
 namespace ef {
+namespace EF_ISA {
 namespace detail {
 // ---------------------------------------------------------------------------------------------
-// SIMD abstraction: scalar fallback, AVX2(+FMA) specialisations.
+// SIMD abstraction: scalar fallback, AVX2(+FMA) and AVX-512 specialisations.
 template <typename T>
 struct Simd {
   using reg = T;
@@ -40,7 +43,47 @@ struct Simd {
   static inline T hsum(reg v) { return v; }
 };
 
-#if defined(__AVX2__)
+#if defined(__AVX512F__)
+template <>
+struct Simd<float> {
+  using reg = __m512;
+  static constexpr int L = 16;
+  static inline reg zero() { return _mm512_setzero_ps(); }
+  static inline reg load(const float* p) { return _mm512_loadu_ps(p); }
+  static inline reg set1(float x) { return _mm512_set1_ps(x); }
+  static inline void store(float* p, reg v) { _mm512_storeu_ps(p, v); }
+  static inline reg fma(reg a, reg b, reg c) { return _mm512_fmadd_ps(a, b, c); }
+  static inline reg add(reg a, reg b) { return _mm512_add_ps(a, b); }
+  static inline reg sub(reg a, reg b) { return _mm512_sub_ps(a, b); }
+  // the same halving tree as the AVX2 hsum after the first 512 -> 256 step
+  static inline float hsum(reg v) {
+    const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
+    __m128 lo = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+    __m128 sh = _mm_movehdup_ps(lo);
+    __m128 s = _mm_add_ps(lo, sh);
+    sh = _mm_movehl_ps(sh, s);
+    return _mm_cvtss_f32(_mm_add_ss(s, sh));
+  }
+};
+
+template <>
+struct Simd<double> {
+  using reg = __m512d;
+  static constexpr int L = 8;
+  static inline reg zero() { return _mm512_setzero_pd(); }
+  static inline reg load(const double* p) { return _mm512_loadu_pd(p); }
+  static inline reg set1(double x) { return _mm512_set1_pd(x); }
+  static inline void store(double* p, reg v) { _mm512_storeu_pd(p, v); }
+  static inline reg fma(reg a, reg b, reg c) { return _mm512_fmadd_pd(a, b, c); }
+  static inline reg add(reg a, reg b) { return _mm512_add_pd(a, b); }
+  static inline reg sub(reg a, reg b) { return _mm512_sub_pd(a, b); }
+  static inline double hsum(reg v) {
+    const __m256d h = _mm256_add_pd(_mm512_castpd512_pd256(v), _mm512_extractf64x4_pd(v, 1));
+    __m128d lo = _mm_add_pd(_mm256_castpd256_pd128(h), _mm256_extractf128_pd(h, 1));
+    return _mm_cvtsd_f64(_mm_add_sd(lo, _mm_unpackhi_pd(lo, lo)));
+  }
+};
+#elif defined(__AVX2__)
 template <>
 struct Simd<float> {
   using reg = __m256;
@@ -124,10 +167,15 @@ const typename In::acc* as_acc(const typename In::storage* p, int64_t n, Buf<typ
   }
 }
 
-// Projection micro-kernel: MR tokens x NR vectors of d_model. 12 accumulators + 2 loads + 1 broadcast
-// = 15 of the 16 ymm registers.
+// Projection micro-kernel: MR tokens x NR vectors of d_model. AVX2: 12 accumulators + 2 loads + 1
+// broadcast = 15 of the 16 ymm registers; AVX-512: 24 + 4 + 1 of the 32 zmm registers.
+#if defined(__AVX512F__)
+constexpr int MR = 6;
+constexpr int NR = 4;
+#else
 constexpr int MR = 6;
 constexpr int NR = 2;
+#endif
 
 // R[i][n][jb .. jb + NR*L) for i in [0, MR), over a block of columns jb; token i's value k is
 // zp[k * zstride + i * tstride] (packed: tstride 1; read in place: the row stride of z).
@@ -291,4 +339,5 @@ inline int resolve_threads(int n_threads, int64_t work_items) {
 }
 
 }  // namespace detail
+}  // namespace EF_ISA
 }  // namespace ef

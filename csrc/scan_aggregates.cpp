@@ -11,6 +11,7 @@
 #endif
 
 namespace ef {
+namespace EF_ISA {
 namespace {
 
 // Series per work item: a block's histogram rows and accumulators stay with one thread, and one
@@ -259,4 +260,5 @@ template void ratio_stats_batch<double>(const double* const*, const int64_t*, co
                                         int64_t, const int64_t*, int64_t, int64_t, double, double, int64_t,
                                         int64_t*, int64_t*, double*, double*, int);
 
+}  // namespace EF_ISA
 }  // namespace ef

@@ -301,8 +301,10 @@ def test_env_var_threads(monkeypatch):
 
 def test_build_info():
     info = _C.build_info()
-    assert set(info) >= {"openmp", "max_threads", "cpu_arch", "compiler"}
-    assert info["cpu_arch"] in ("native", "avx2", "portable")
+    assert set(info) >= {"openmp", "max_threads", "cpu_arch", "cpu_path", "best_cpu_path", "cpu_paths", "simd",
+                         "compiler"}
+    assert info["cpu_arch"] in ("dispatch", "portable")
+    assert info["cpu_path"] in info["cpu_paths"] and "portable" in info["cpu_paths"]
     assert isinstance(info["openmp"], bool) and info["max_threads"] >= 1
 
 
