@@ -39,6 +39,15 @@ constexpr int64_t kFillBlock = 1024; // table rows built per block by fill_dla_t
 
 
 
+// A (direction id, incorrect id) key. A type of this translation unit's own, so that the sort's
+// template code is this path's alone: with std::pair, the linker keeps one copy of std::sort's
+// out-of-line parts for every path, possibly one compiled with another path's instructions.
+struct IdPair {
+  int64_t id, inc;
+  bool operator<(const IdPair& o) const { return id < o.id || (id == o.id && inc < o.inc); }
+  bool operator==(const IdPair& o) const { return id == o.id && inc == o.inc; }
+};
+
 int thread_id() {
 #ifdef _OPENMP
   return omp_get_thread_num();
@@ -111,7 +120,7 @@ void build_head_dirs(const typename In::acc* W_O, int64_t NH, int64_t D,
   if (U <= 0) return;
   if (U < kSmallU && !gemm_only) {
     Buf<T> cd(static_cast<size_t>(U * D));
-    std::vector<const T*> cptr(U), rptr(NH);
+    Vec<const T*> cptr(U), rptr(NH);
     for (int64_t u = 0; u < U; ++u) {
       form_dir<In>(dirs, D, pid[u], pinc ? pinc[u] : -1, center, cd.get() + u * D);
       cptr[u] = cd.get() + u * D;
@@ -160,7 +169,7 @@ void build_head_dirs(const typename In::acc* W_O, int64_t NH, int64_t D,
   struct Scr {
     Buf<T> cp, dvec, tmp;
   };
-  std::vector<Scr> scr(nthr);
+  Vec<Scr> scr(nthr);
   for (auto& s : scr) {
     s.cp = Buf<T>(static_cast<size_t>(D * kUT));
     s.dvec = Buf<T>(static_cast<size_t>(D));
@@ -211,14 +220,14 @@ void build_gram_panels(const T* W_O, int64_t N, int64_t H, int64_t D, T* gp, int
   constexpr int64_t BW = NR * Simd<T>::L;
   const int64_t n_hb = (H + BW - 1) / BW;
   const int nthr = resolve_threads(n_threads, N);
-  std::vector<Buf<T>> g(nthr);
+  Vec<Buf<T>> g(nthr);
   for (auto& b : g) b = Buf<T>(static_cast<size_t>(H * H));
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nthr)
 #endif
   {
     T* gn = g[thread_id()].get();
-    std::vector<const T*> rows(H);
+    Vec<const T*> rows(H);
 #ifdef _OPENMP
 #pragma omp for schedule(static)
 #endif
@@ -256,7 +265,7 @@ void dla_tokens(const typename In::storage* z_in, const typename In::acc* A, int
   struct Scr {
     Buf<T> zp, y, tmp, zc;
   };
-  std::vector<Scr> scr(nthr);
+  Vec<Scr> scr(nthr);
   for (auto& s : scr) {
     if (!kNative) s.zc = Buf<T>(static_cast<size_t>(kTokTile * NH));
     if (gp) {
@@ -360,7 +369,7 @@ DlaRunInfo dla_fixed(const typename In::storage* z, const typename In::storage* 
   if (n_tokens <= 0 || N <= 0 || H <= 0 || D <= 0 || K <= 0) return info;
   Buf<T> wo_keep;
   const T* W_O = as_acc<In>(W_O_in, NH * D, wo_keep);
-  std::vector<int64_t> pid(K);
+  Vec<int64_t> pid(K);
   for (int64_t k = 0; k < K; ++k) pid[k] = k;
   Buf<T> A(static_cast<size_t>(K * NH));
   build_head_dirs<In>(W_O, NH, D, directions, pid.data(), nullptr, K, center, A.get(), n_threads);
@@ -386,33 +395,33 @@ DlaRunInfo dla_gathered(const typename In::storage* z, const typename In::storag
   const int64_t* inc = incorrect_ids;
 
   // distinct (id, incorrect id) pairs with a target, in increasing order; pair_of[t] (-1: none)
-  std::vector<int64_t> pair_of(T_, -1), pid, pinc;
+  Vec<int64_t> pair_of(T_, -1), pid, pinc;
   int64_t n_valid = 0;
   if (!inc && K <= 4 * T_ + 65536) {  // dense marks: O(T + K)
-    std::vector<int64_t> slot(K, -1);
+    Vec<int64_t> slot(K, -1);
     for (int64_t t = 0; t < T_; ++t)
       if (ids[t] >= 0) slot[ids[t]] = 0, ++n_valid;
     for (int64_t k = 0; k < K; ++k)
       if (slot[k] == 0) slot[k] = static_cast<int64_t>(pid.size()), pid.push_back(k);
     for (int64_t t = 0; t < T_; ++t) pair_of[t] = ids[t] >= 0 ? slot[ids[t]] : -1;
   } else {  // sort: O(T log T)
-    std::vector<std::pair<int64_t, int64_t>> keys;
+    Vec<IdPair> keys;
     keys.reserve(T_);
     for (int64_t t = 0; t < T_; ++t)
-      if (ids[t] >= 0 && (!inc || inc[t] >= 0)) keys.emplace_back(ids[t], inc ? inc[t] : -1);
+      if (ids[t] >= 0 && (!inc || inc[t] >= 0)) keys.push_back({ids[t], inc ? inc[t] : -1});
     n_valid = static_cast<int64_t>(keys.size());
     std::sort(keys.begin(), keys.end());
     keys.erase(std::unique(keys.begin(), keys.end()), keys.end());
     for (int64_t t = 0; t < T_; ++t)
       if (ids[t] >= 0 && (!inc || inc[t] >= 0)) {
-        const std::pair<int64_t, int64_t> key(ids[t], inc ? inc[t] : -1);
+        const IdPair key{ids[t], inc ? inc[t] : -1};
         pair_of[t] = std::lower_bound(keys.begin(), keys.end(), key) - keys.begin();
       }
     pid.reserve(keys.size());
-    for (const auto& k : keys) pid.push_back(k.first);
+    for (const auto& k : keys) pid.push_back(k.id);
     if (inc) {
       pinc.reserve(keys.size());
-      for (const auto& k : keys) pinc.push_back(k.second);
+      for (const auto& k : keys) pinc.push_back(k.inc);
     }
   }
   const int64_t U = static_cast<int64_t>(pid.size());
@@ -451,7 +460,7 @@ void build_dla_table(const typename In::storage* W_O_in, const typename In::stor
   if (NH <= 0 || d_model <= 0 || n_dirs <= 0) return;
   Buf<T> wo_keep;
   const T* W_O = as_acc<In>(W_O_in, NH * d_model, wo_keep);
-  std::vector<int64_t> pid(n_dirs);
+  Vec<int64_t> pid(n_dirs);
   for (int64_t k = 0; k < n_dirs; ++k) pid[k] = k;
   build_head_dirs<In>(W_O, NH, d_model, directions, pid.data(), nullptr, n_dirs, center, table,
                       n_threads, /*gemm_only=*/true);

@@ -50,8 +50,8 @@ constexpr int kDefaultChunk = 1024;
 template <typename T>
 struct Scratch {
   Buf<T> zp, rc, dv, ex;
-  std::vector<const T*> rows, cols, dir_rows;
-  std::vector<T*> out_rows;
+  Vec<const T*> rows, cols, dir_rows;
+  Vec<T*> out_rows;
 };
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
@@ -106,7 +106,7 @@ void fused_attribution(const typename In::storage* z, const typename In::storage
   // Writer structure. first_pos[a]: first position of head a in `writers` (-1: not a writer).
   // Gram rows: the positions p whose head is seen there first; row p is computed for the columns
   // >= p only. Plain rows: every other node (non-writer heads, extra nodes), against all W columns.
-  std::vector<int64_t> first_pos(N, -1), gram_pos, plain_nodes;
+  Vec<int64_t> first_pos(N, -1), gram_pos, plain_nodes;
   for (int64_t p = 0; p < W; ++p)
     if (first_pos[writers[p]] < 0) {
       first_pos[writers[p]] = p;
@@ -119,7 +119,7 @@ void fused_attribution(const typename In::storage* z, const typename In::storage
   const int nthr = resolve_threads(n_threads, n_tiles);
 
   // Per-thread scratch, allocated here so no allocation (or exception) happens in the parallel region.
-  std::vector<Scratch<T>> scratch(nthr);
+  Vec<Scratch<T>> scratch(nthr);
   for (auto& s : scratch) {
     s.zp = Buf<T>(static_cast<size_t>(N * H * tile));
     s.rc = Buf<T>(static_cast<size_t>(tile * N * CW));

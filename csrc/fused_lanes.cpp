@@ -27,6 +27,7 @@
 // the tile or which lane a token lands in; they differ from the row layout's in rounding only.
 #include "fused_attribution.h"
 #include "kernel_common.h"
+#include "lanes_common.h"
 
 #if defined(__AVX512F__)
 
@@ -56,116 +57,6 @@ constexpr int kDefaultChunk = 32;  // d_model columns per pass
 constexpr int kSub = 1;            // lane tiles per work item (default)
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
-
-// ---------------------------------------------------------------------------------------------
-// Lanes in and out: L values of one token (a row) converted to the accumulation type, and the
-// L x L register transpose that turns L such rows into L vectors of L tokens.
-
-// p[0 .. n) converted, zero past n (n <= L).
-template <typename In>
-inline typename Simd<typename In::acc>::reg load_row_lanes(const typename In::storage* p, int64_t n);
-
-template <>
-inline __m512 load_row_lanes<Native<float>>(const float* p, int64_t n) {
-  return n >= 16 ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1), p);
-}
-template <>
-inline __m512d load_row_lanes<Native<double>>(const double* p, int64_t n) {
-  return n >= 8 ? _mm512_loadu_pd(p) : _mm512_maskz_loadu_pd(static_cast<__mmask8>((1u << n) - 1), p);
-}
-inline __m256i load_u16x16(const uint16_t* p, int64_t n) {
-  return n >= 16 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
-                 : _mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << n) - 1), p);
-}
-template <>
-inline __m512 load_row_lanes<Bf16>(const uint16_t* p, int64_t n) {  // bf16 = the high half of a float
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(load_u16x16(p, n)), 16));
-}
-template <>
-inline __m512 load_row_lanes<F16>(const uint16_t* p, int64_t n) {  // exact (vcvtph2ps)
-  return _mm512_cvtph_ps(load_u16x16(p, n));
-}
-
-// 4 x 4 transpose of the 128-bit lanes of a, b, c, d (in place).
-template <typename R, typename Shuf>
-inline void transpose_128_lanes(R& a, R& b, R& c, R& d, Shuf shuf) {
-  const R x0 = shuf(a, b, std::integral_constant<int, 0x44>{}), x1 = shuf(a, b, std::integral_constant<int, 0xEE>{});
-  const R y0 = shuf(c, d, std::integral_constant<int, 0x44>{}), y1 = shuf(c, d, std::integral_constant<int, 0xEE>{});
-  a = shuf(x0, y0, std::integral_constant<int, 0x88>{});
-  b = shuf(x0, y0, std::integral_constant<int, 0xDD>{});
-  c = shuf(x1, y1, std::integral_constant<int, 0x88>{});
-  d = shuf(x1, y1, std::integral_constant<int, 0xDD>{});
-}
-
-// r[j][i] <- r[i][j] (16 x 16 floats).
-inline void transpose_lanes(__m512 r[16]) {
-  __m512 t[16];
-  for (int i = 0; i < 8; ++i) {
-    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-  }
-  // s[4g + c], 128-bit lane k: column 4k + c of rows 4g .. 4g + 3
-  __m512 s[16];
-  for (int g = 0; g < 4; ++g) {
-    const __m512d a = _mm512_castps_pd(t[4 * g]), b = _mm512_castps_pd(t[4 * g + 1]);
-    const __m512d c = _mm512_castps_pd(t[4 * g + 2]), d = _mm512_castps_pd(t[4 * g + 3]);
-    s[4 * g] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
-    s[4 * g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
-    s[4 * g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
-    s[4 * g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
-  }
-  auto shuf = [](__m512 x, __m512 y, auto imm) { return _mm512_shuffle_f32x4(x, y, decltype(imm)::value); };
-  for (int c = 0; c < 4; ++c) {
-    transpose_128_lanes(s[c], s[4 + c], s[8 + c], s[12 + c], shuf);
-    r[c] = s[c], r[4 + c] = s[4 + c], r[8 + c] = s[8 + c], r[12 + c] = s[12 + c];
-  }
-}
-
-// r[j][i] <- r[i][j] (8 x 8 doubles).
-inline void transpose_lanes(__m512d r[8]) {
-  __m512d s[8];
-  // s[2g + c], 128-bit lane k: column 2k + c of rows 2g, 2g + 1
-  for (int g = 0; g < 4; ++g) {
-    s[2 * g] = _mm512_unpacklo_pd(r[2 * g], r[2 * g + 1]);
-    s[2 * g + 1] = _mm512_unpackhi_pd(r[2 * g], r[2 * g + 1]);
-  }
-  auto shuf = [](__m512d x, __m512d y, auto imm) { return _mm512_shuffle_f64x2(x, y, decltype(imm)::value); };
-  for (int c = 0; c < 2; ++c) {
-    transpose_128_lanes(s[c], s[2 + c], s[4 + c], s[6 + c], shuf);
-    r[c] = s[c], r[2 + c] = s[2 + c], r[4 + c] = s[4 + c], r[6 + c] = s[6 + c];
-  }
-}
-
-// dst[c * TL + i] = src[i * stride + c] (converted) for i < L lanes, c < n_col; lanes i >= n_tok
-// are zero. One lane vector of a lane tile (dst already offset to it).
-template <typename In>
-void pack_lanes(const typename In::storage* src, int64_t stride, int64_t n_tok, int64_t n_col,
-                typename In::acc* dst, int64_t TL) {
-  using T = typename In::acc;
-  using S = Simd<T>;
-  constexpr int L = S::L;
-  typename S::reg r[L];
-  for (int64_t c0 = 0; c0 < n_col; c0 += L) {
-    const int64_t nc = std::min<int64_t>(L, n_col - c0);
-    for (int i = 0; i < L; ++i) r[i] = i < n_tok ? load_row_lanes<In>(src + i * stride + c0, nc) : S::zero();
-    transpose_lanes(r);
-    for (int64_t c = 0; c < nc; ++c) S::store(dst + (c0 + c) * TL, r[c]);
-  }
-}
-
-// The inverse: dst[i * stride + c] = src[c * TL + i] for lanes i < n_tok, c < n_col.
-template <typename T>
-void unpack_lanes(const T* src, int64_t n_tok, int64_t n_col, T* dst, int64_t stride, int64_t TL) {
-  using S = Simd<T>;
-  constexpr int L = S::L;
-  typename S::reg r[L];
-  for (int64_t c0 = 0; c0 < n_col; c0 += L) {
-    const int64_t nc = std::min<int64_t>(L, n_col - c0);
-    for (int c = 0; c < L; ++c) r[c] = c < nc ? S::load(src + (c0 + c) * TL) : S::zero();
-    transpose_lanes(r);
-    for (int64_t i = 0; i < n_tok; ++i) S::store(dst + i * stride + c0, r[i]);
-  }
-}
 
 // ---------------------------------------------------------------------------------------------
 // Micro-kernels.
@@ -313,35 +204,11 @@ void lane_dot_fixed(const T* __restrict row, const T* __restrict dir, int64_t le
   for (int v = 0; v < kV; ++v) S::store(out + v * L, first ? acc[v] : S::add(S::load(out + v * L), acc[v]));
 }
 
-// Streams a set of byte spans towards L2, a few lines per step(): the next work item's inputs are
-// prefetched while this one computes (read once from DRAM, they would otherwise stall the packing:
-// 16 KiB per token for GELU-4L).
-struct Prefetcher {
-  std::vector<std::pair<const char*, size_t>> spans;
-  size_t span = 0, offset = 0, per_step = 0;
-  void add(const void* p, size_t bytes) {
-    if (bytes) spans.emplace_back(static_cast<const char*>(p), bytes);
-  }
-  void start(size_t n_steps) {
-    size_t lines = 0;
-    for (const auto& sp : spans) lines += (sp.second + 63) / 64;
-    span = offset = 0;
-    per_step = (lines + n_steps - 1) / std::max<size_t>(n_steps, 1);
-  }
-  void step() {
-    for (size_t i = 0; i < per_step && span < spans.size(); ++i) {
-      _mm_prefetch(spans[span].first + offset, _MM_HINT_T1);
-      offset += 64;
-      if (offset >= spans[span].second) ++span, offset = 0;
-    }
-  }
-};
-
 template <typename T>
 struct LaneScratch {
   Prefetcher next;
   Buf<T> zt, rc, ec, dt, acc, dv, stage;
-  std::vector<const T*> wrow, prow, hrow;  // the pass's rows: writers, plain rows, heads
+  Vec<const T*> wrow, prow, hrow;  // the pass's rows: writers, plain rows, heads
 };
 
 }  // namespace
@@ -390,7 +257,7 @@ void fused_attribution_lanes(const typename In::storage* z, const typename In::s
   // Columns of a row's accumulators: the distinct writers gw[g] in order of first position (g_of[head],
   // -1: not a writer), the row's squared norm (column G), the DLA (G + 1 ...: one gathered, K fixed).
   // Plain rows: the nodes that are not writers.
-  std::vector<int64_t> g_of(N, -1), gw, plain;
+  Vec<int64_t> g_of(N, -1), gw, plain;
   for (int64_t p = 0; p < W; ++p)
     if (g_of[writers[p]] < 0) {
       g_of[writers[p]] = static_cast<int64_t>(gw.size());
@@ -402,12 +269,12 @@ void fused_attribution_lanes(const typename In::storage* z, const typename In::s
   const int64_t C = G + 1 + (gathered ? 1 : K);
   const int64_t Cp = round_up(C, Simd<T>::L);  // a row's accumulators, token-major (stage)
   // writer position p -> accumulator column; in order (every head a writer, once) dots rows copy whole
-  std::vector<int64_t> col(W);
+  Vec<int64_t> col(W);
   bool in_order = W == G;
   for (int64_t p = 0; p < W; ++p) col[p] = g_of[writers[p]], in_order = in_order && col[p] == p;
 
   const int nthr = resolve_threads(n_threads, n_tiles);
-  std::vector<LaneScratch<T>> scratch(nthr);
+  Vec<LaneScratch<T>> scratch(nthr);
   for (auto& s : scratch) {
     s.zt = Buf<T>(static_cast<size_t>(sub * NH * TL));
     s.rc = Buf<T>(static_cast<size_t>(sub * N * DC * TL));
@@ -447,20 +314,9 @@ void fused_attribution_lanes(const typename In::storage* z, const typename In::s
       auto dt_of = [&](int64_t u) { return s.dt.get() + u * D * TL; };
       auto acc_of = [&](int64_t u) { return s.acc.get() + u * NM * C * TL; };
       // the inputs of the tile this thread most likely takes next (dynamic schedule: ti + threads)
-      {
-        using St = typename In::storage;
-        s.next.spans.clear();
-        const int64_t tn = t0 + nthr * tile, nn = std::min(tile, T_ - tn);
-        if (nn > 0) {
-          s.next.add(z + tn * NH, sizeof(St) * nn * NH);
-          if (M > 0) s.next.add(extra + tn * M * D, sizeof(St) * nn * M * D);
-          for (int64_t t = tn; gathered && t < tn + nn; ++t) {
-            if (direction_ids[t] >= 0) s.next.add(directions + direction_ids[t] * D, sizeof(St) * D);
-            if (incorrect_ids && incorrect_ids[t] >= 0) s.next.add(directions + incorrect_ids[t] * D, sizeof(St) * D);
-          }
-        }
-        s.next.start(static_cast<size_t>(((D + DC - 1) / DC) * N));
-      }
+      prefetch_tile_inputs<In>(s.next, z, extra, directions, direction_ids, incorrect_ids, t0 + nthr * tile,
+                               tile, T_, NH, M, D);
+      s.next.start(static_cast<size_t>(((D + DC - 1) / DC) * N));
       auto lanes_in = [&](int64_t u, int v) { return std::max<int64_t>(0, std::min<int64_t>(L, nt - u * TL - v * L)); };
 
       for (int64_t u = 0; u < n_sub; ++u)

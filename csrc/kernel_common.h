@@ -12,6 +12,7 @@
 #include <memory>
 #include <new>
 #include <type_traits>
+#include <vector>
 
 #include "input_formats.h"
 #include "kernel_isa.h"
@@ -136,6 +137,23 @@ inline void load_row(const typename In::storage* __restrict src, int64_t n,
                      typename In::acc* __restrict dst) {
   for (int64_t i = 0; i < n; ++i) dst[i] = In::load(src[i]);
 }
+
+// std::vector with an allocator type of this path's own. Kernel sources are compiled once per path,
+// and the linker keeps one copy of an out-of-line standard-library function that several of them
+// instantiate alike (std::vector<int64_t>::reserve, say), possibly the one compiled with another
+// path's instructions; with the path's allocator every instantiation is the path's alone.
+template <typename T>
+struct Alloc : std::allocator<T> {
+  template <typename U>
+  struct rebind {
+    using other = Alloc<U>;
+  };
+  Alloc() = default;
+  template <typename U>
+  Alloc(const Alloc<U>&) {}
+};
+template <typename T>
+using Vec = std::vector<T, Alloc<T>>;
 
 // 64-byte aligned scratch buffer (allocated outside the parallel region).
 template <typename T>

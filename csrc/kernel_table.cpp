@@ -1,25 +1,16 @@
 // The entry points of one path (compiled once per path, see kernel_isa.h), for dispatch.cpp.
 #include "dispatch.h"
 
-#include <cstdlib>
-#include <cstring>
-
 namespace ef {
 namespace EF_ISA {
 namespace {
 
 // The fused kernel's layout per path (measurements in fused_lanes.cpp): tokens in the lanes on
 // AVX-512; d_model in the lanes (fused_attribution.cpp) on AVX2, as tuned there, and portable.
-#if defined(__AVX512F__)
-bool lanes_layout() { const char* e = std::getenv("EF_LAYOUT"); return !(e && !std::strcmp(e, "rows")); }
-#else
-bool lanes_layout() { return false; }
-#endif
-
 template <typename In>
 TypedKernels<In> typed() {
 #if defined(__AVX512F__)
-  auto fused = lanes_layout() ? &fused_attribution_lanes<In> : &fused_attribution<In>;
+  auto fused = &fused_attribution_lanes<In>;
 #else
   auto fused = &fused_attribution<In>;
 #endif
@@ -43,8 +34,7 @@ constexpr const char* kSimd = "scalar";
 
 const Kernels& kernel_table() {
 #if defined(__AVX512F__)
-  const int tile = lanes_layout() ? lanes_default_tile_tokens() : default_tile_tokens();
-  const int chunk = lanes_layout() ? lanes_default_chunk_cols() : default_chunk_cols();
+  const int tile = lanes_default_tile_tokens(), chunk = lanes_default_chunk_cols();
 #else
   const int tile = default_tile_tokens(), chunk = default_chunk_cols();
 #endif

@@ -17,7 +17,9 @@ from erasure_fast.backends.dla_table import build_dla_table
 from erasure_fast.contract import FusedInputs, fused_attribution, validate
 
 _ok, _why = cpp.available()
-pytestmark = pytest.mark.skipif(not _ok, reason=f"cpp backend unavailable: {_why}")
+# every test once per kernel path this CPU runs (conftest.each_cpu_path)
+pytestmark = [pytest.mark.skipif(not _ok, reason=f"cpp backend unavailable: {_why}"),
+              pytest.mark.usefixtures("each_cpu_path")]
 if _ok:
     from erasure_fast import _C
 
@@ -27,6 +29,15 @@ from hypothesis import strategies as st  # noqa: E402
 
 # norm-relative tolerances: max|a - b| / max(max|b|, Cauchy-Schwarz magnitude), see rel_err
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-5, torch.float16: 1e-5}
+# The amx path's bfloat16 kernel splits head outputs into two bf16 parts and leaves out lo x lo: up to
+# 2^-17 + 2^-18 (1.15e-5) of each product (csrc/amx_kernels.cpp).
+TOL_AMX_BF16 = 2e-5
+
+
+def tol(dtype) -> float:
+    if dtype == torch.bfloat16 and cpp.build_info()["cpu_path"] == "amx":
+        return TOL_AMX_BF16
+    return TOL[dtype]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,7 +123,7 @@ def check_against_oracle(args, kw, dtype):
     for name in ("dla", "dots", "norms"):
         e = rel_err(getattr(got, name), getattr(want, name), floor[name])
         _worst[dtype] = max(_worst.get(dtype, 0.0), e)
-        assert e <= TOL[dtype], f"{name}: rel err {e:.3g} > {TOL[dtype]:.1g} ({dtype})"
+        assert e <= tol(dtype), f"{name}: rel err {e:.3g} > {tol(dtype):.1g} ({dtype})"
     return got, want
 
 
