@@ -249,3 +249,21 @@ def test_every_function_stays_in_its_path():
                 bad[fn] = line.strip()
     assert seen > 100, "no symbol table: the module was stripped"
     assert not bad, "functions with instructions beyond their path:\n" + "\n".join(f"{k}: {v}" for k, v in bad.items())
+
+
+def test_stub_matches_the_module():
+    # erasure_fast/_C.pyi: every entry of the module, with the binding's parameter names
+    import ast
+    import inspect
+
+    from erasure_fast import _C
+
+    stub_path = os.path.join(os.path.dirname(inspect.getfile(cpp)), "..", "_C.pyi")
+    stub = {n.name: [a.arg for a in n.args.args] for n in ast.parse(open(stub_path).read()).body
+            if isinstance(n, ast.FunctionDef)}
+    names = {n for n in dir(_C) if not n.startswith("_")}
+    assert set(stub) == names
+    for name in names:
+        sig = getattr(_C, name).__doc__.splitlines()[0]
+        params = re.findall(r"[(,]\s*(\w+):", sig)
+        assert params == stub[name], (name, params, stub[name])

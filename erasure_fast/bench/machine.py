@@ -30,6 +30,13 @@ def describe() -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
     }
+    try:  # the C++ kernels' path on this CPU (run-time dispatch), where the extension is built
+        from ..backends import cpp
+
+        b = cpp.build_info()
+        info["cpp_kernel_path"] = f"{b['cpu_path']} ({b['simd']})"
+    except Exception:  # the extension is optional
+        pass
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
         info["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
@@ -90,8 +97,9 @@ def copy_bandwidth(device: torch.device, mib: int = 256, repeats: int = 5) -> fl
     return 2 * src.numel() * 4 / statistics.median(times) / 1e9
 
 
-def roofline(device: torch.device) -> dict:
-    """Measured matmul rate per dtype (GFLOP/s) and copy bandwidth (GB/s) of ``device``.
+def roofline(device: torch.device, extra_dtypes=()) -> dict:
+    """Measured matmul rate per dtype (GFLOP/s) and copy bandwidth (GB/s) of ``device``: float32, on
+    CUDA also tf32 / bfloat16 / float16, and every dtype of ``extra_dtypes``.
 
     On CUDA the fp32 rate is measured with TF32 off and the TF32 rate with it on; the process's
     ``allow_tf32`` setting is restored afterwards (the benchmark runs this in its own process, but
@@ -108,6 +116,10 @@ def roofline(device: torch.device) -> dict:
             torch.backends.cuda.matmul.allow_tf32 = before
         rates["bfloat16"] = matmul_rate(device, torch.bfloat16, n=8192)
         rates["float16"] = matmul_rate(device, torch.float16, n=8192)
+    for dtype in extra_dtypes:
+        key = str(dtype).replace("torch.", "")
+        if key not in rates:
+            rates[key] = matmul_rate(device, dtype)
     return {"matmul_gflops": rates, "copy_gbps": copy_bandwidth(device, 1024 if device.type == "cuda" else 256)}
 
 
