@@ -191,13 +191,7 @@ void fused_attribution_amx(const uint16_t* z, const uint16_t* W_O, const uint16_
             }
       }
   // Fixed directions: centred in fp32 once, split per pass like the gathered ones.
-  Buf<float> fixed;
-  if (!gathered) {
-    fixed = Buf<float>(static_cast<size_t>(K * D));
-    load_row<In>(directions, K * D, fixed.get());
-    if (center)
-      for (int64_t k = 0; k < K; ++k) center_inplace(fixed.get() + k * D, D);
-  }
+  Buf<float> fixed = gathered ? Buf<float>() : fixed_directions<In>(directions, K, D, center);
   const float nan = std::numeric_limits<float>::quiet_NaN();
   bool in_order = true;  // writers = heads 0 .. W - 1: a dots row is a row of the Gram
   for (int64_t p = 0; p < W; ++p) in_order = in_order && writers[p] == p;
@@ -248,18 +242,8 @@ void fused_attribution_amx(const uint16_t* z, const uint16_t* W_O, const uint16_
             std::fill(dst, dst + H, uint16_t(0));
         }
       if (gathered)
-        for (int64_t i = 0; i < nt; ++i) {
-          const int64_t t = t0 + i;
-          float* row = s.dir.get() + i * D;
-          if (direction_ids[t] < 0 || (incorrect_ids && incorrect_ids[t] < 0)) {
-            std::fill(row, row + D, 0.f);
-            continue;
-          }
-          load_row<In>(directions + direction_ids[t] * D, D, row);
-          if (incorrect_ids)
-            for (int64_t d = 0; d < D; ++d) row[d] -= In::load(directions[incorrect_ids[t] * D + d]);
-          if (center) center_inplace(row, D);
-        }
+        for (int64_t i = 0; i < nt; ++i)
+          token_dir<In>(directions, D, direction_ids, incorrect_ids, t0 + i, center, s.dir.get() + i * D);
 
       for (int64_t c0 = 0; c0 < Dp; c0 += DC) {
         const bool first = c0 == 0;

@@ -99,16 +99,6 @@ inline void seg_dots(const T* __restrict a, const T* __restrict b, const T* __re
   }
 }
 
-// dst = c(dirs[id] - dirs[inc]) (inc < 0: no subtraction), exactly as the fused kernel forms it.
-template <typename In>
-inline void form_dir(const typename In::storage* dirs, int64_t D, int64_t id, int64_t inc,
-                     bool center, typename In::acc* dst) {
-  load_row<In>(dirs + id * D, D, dst);
-  if (inc >= 0)
-    for (int64_t d = 0; d < D; ++d) dst[d] -= In::load(dirs[inc * D + d]);
-  if (center) center_inplace(dst, D);
-}
-
 // A[u, :] (row stride NH) = W_O[NH, D] @ c(dirs[pid[u]] - dirs[pinc[u]]) for u < U (W_O already in
 // the accumulation type, the directions converted on load).
 template <typename In>

@@ -95,13 +95,7 @@ void fused_attribution(const typename In::storage* z, const typename In::storage
       }
   const T* Wp = wpk.get();
   // Fixed mode: the K directions, converted and centred once.
-  Buf<T> fixed_dirs;
-  if (!gathered) {
-    fixed_dirs = Buf<T>(static_cast<size_t>(K * D));
-    load_row<In>(directions, K * D, fixed_dirs.get());
-    if (center)
-      for (int64_t k = 0; k < K; ++k) center_inplace(fixed_dirs.get() + k * D, D);
-  }
+  Buf<T> fixed_dirs = gathered ? Buf<T>() : fixed_directions<In>(directions, K, D, center);
 
   // Writer structure. first_pos[a]: first position of head a in `writers` (-1: not a writer).
   // Gram rows: the positions p whose head is seen there first; row p is computed for the columns
@@ -167,18 +161,8 @@ void fused_attribution(const typename In::storage* z, const typename In::storage
       }
       // the tile's target directions (gathered), extra nodes (converted unless native)
       if (gathered)
-        for (int64_t i = 0; i < nt; ++i) {
-          const int64_t id = direction_ids[t0 + i], inc = incorrect_ids ? incorrect_ids[t0 + i] : 0;
-          T* dv = s.dv.get() + i * D;
-          if (id < 0 || inc < 0) {  // no target: output NaN below; any finite row keeps the sums quiet
-            std::fill(dv, dv + D, T(0));
-            continue;
-          }
-          load_row<In>(directions + id * D, D, dv);
-          if (incorrect_ids)
-            for (int64_t d = 0; d < D; ++d) dv[d] -= In::load(directions[inc * D + d]);
-          if (center) center_inplace(dv, D);
-        }
+        for (int64_t i = 0; i < nt; ++i)
+          token_dir<In>(directions, D, direction_ids, incorrect_ids, t0 + i, center, s.dv.get() + i * D);
       if (!kNative && M > 0) load_row<In>(extra + t0 * M * D, nt * M * D, s.ex.get());
 
       // One pass over columns [c0, c0 + cw); the first pass writes the outputs (kAcc false: no

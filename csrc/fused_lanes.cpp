@@ -246,13 +246,7 @@ void fused_attribution_lanes(const typename In::storage* z, const typename In::s
           dst[j] = d < D ? In::load(W_O[(n * H + k) * D + d]) : T(0);
         }
       }
-  Buf<T> fixed_dirs;
-  if (!gathered) {
-    fixed_dirs = Buf<T>(static_cast<size_t>(K * D));
-    load_row<In>(directions, K * D, fixed_dirs.get());
-    if (center)
-      for (int64_t k = 0; k < K; ++k) center_inplace(fixed_dirs.get() + k * D, D);
-  }
+  Buf<T> fixed_dirs = gathered ? Buf<T>() : fixed_directions<In>(directions, K, D, center);
 
   // Columns of a row's accumulators: the distinct writers gw[g] in order of first position (g_of[head],
   // -1: not a writer), the row's squared norm (column G), the DLA (G + 1 ...: one gathered, K fixed).
@@ -330,18 +324,8 @@ void fused_attribution_lanes(const typename In::storage* z, const typename In::s
           if (!gathered) continue;
           // the lanes' centred target directions Dt[d][lane] (zero where a token has none)
           T* dv = s.dv.get();
-          for (int64_t i = 0; i < nl; ++i) {
-            const int64_t t = tv + i;
-            T* row = dv + i * D;
-            if (direction_ids[t] < 0 || (incorrect_ids && incorrect_ids[t] < 0)) {
-              std::fill(row, row + D, T(0));
-              continue;
-            }
-            load_row<In>(directions + direction_ids[t] * D, D, row);
-            if (incorrect_ids)
-              for (int64_t d = 0; d < D; ++d) row[d] -= In::load(directions[incorrect_ids[t] * D + d]);
-            if (center) center_inplace(row, D);
-          }
+          for (int64_t i = 0; i < nl; ++i)
+            token_dir<In>(directions, D, direction_ids, incorrect_ids, tv + i, center, dv + i * D);
           pack_lanes<Native<T>>(dv, D, nl, D, dt_of(u) + v * L, TL);
         }
 

@@ -344,6 +344,37 @@ void center_inplace(T* __restrict v, int64_t len) {
   const T mean = vsum(v, len) / static_cast<T>(len);
   for (int64_t d = 0; d < len; ++d) v[d] -= mean;
 }
+// dst = c(dirs[id] - dirs[inc]) (inc < 0: no subtraction; c only when center): a DLA direction, formed
+// alike by every kernel.
+template <typename In>
+inline void form_dir(const typename In::storage* dirs, int64_t D, int64_t id, int64_t inc, bool center,
+                     typename In::acc* dst) {
+  load_row<In>(dirs + id * D, D, dst);
+  if (inc >= 0)
+    for (int64_t d = 0; d < D; ++d) dst[d] -= In::load(dirs[inc * D + d]);
+  if (center) center_inplace(dst, D);
+}
+
+// dst = the direction token t targets (gathered mode), or zeros where it has none (an id of -1): its
+// DLA is NaN, and any finite row keeps the sums quiet.
+template <typename In>
+inline void token_dir(const typename In::storage* dirs, int64_t D, const int64_t* direction_ids,
+                      const int64_t* incorrect_ids, int64_t t, bool center, typename In::acc* dst) {
+  const int64_t id = direction_ids[t], inc = incorrect_ids ? incorrect_ids[t] : -1;
+  if (id < 0 || (incorrect_ids && inc < 0))
+    std::fill(dst, dst + D, typename In::acc(0));
+  else
+    form_dir<In>(dirs, D, id, inc, center, dst);
+}
+
+// The K fixed directions (fixed-set mode), converted and centred once.
+template <typename In>
+Buf<typename In::acc> fixed_directions(const typename In::storage* dirs, int64_t K, int64_t D, bool center) {
+  Buf<typename In::acc> out(static_cast<size_t>(K * D));
+  for (int64_t k = 0; k < K; ++k) form_dir<In>(dirs, D, k, -1, center, out.get() + k * D);
+  return out;
+}
+
 // Threads for a parallel region over `work_items` items: the request (<= 0 = OpenMP's default),
 // never more than there are items, at least 1.
 inline int resolve_threads(int n_threads, int64_t work_items) {

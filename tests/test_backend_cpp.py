@@ -227,7 +227,7 @@ def test_property_matches_oracle(T, N, H, D, M, W, K, dtype, mode, incorrect, mi
 
 # ---------------------------------------------------------------------------------------------
 # determinism
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("mode", ["gathered", "fixed"])
 def test_thread_count_independent_bitwise(dtype, mode):
     args, kw = make_case(101, 6, 24, 77, 2, 3, 5, dtype=dtype, mode=mode, incorrect=True, missing=True)

@@ -197,24 +197,6 @@ def test_scan_aggregation_identical_across_paths():
             np.testing.assert_array_equal(a, b, err_msg=path)
 
 
-@pytest.mark.parametrize("path", PATHS)
-def test_thread_count_does_not_change_any_bit(path):
-    cpp.set_cpu_path(path)
-    for dtype in (torch.float32, torch.bfloat16):
-        args, kw = make_case(101, 6, 40, 77, 2, 4, 5, dtype=dtype, incorrect=True, missing=True)
-        inp = validate(*args, **kw)
-        outs = []
-        try:
-            for n in (1, 2, 3):
-                cpp.set_num_threads(n)
-                outs.append(cpp.run(inp))
-        finally:
-            cpp.set_num_threads(None)
-        for o in outs[1:]:
-            for x, y in zip(outs[0], o):
-                assert x.numpy().tobytes() == y.numpy().tobytes(), (path, dtype)
-
-
 def _path_of(symbol: str) -> str:
     for p in ("avx2", "avx512", "amx"):
         if f"ef::{p}::" in symbol:
