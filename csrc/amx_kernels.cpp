@@ -45,8 +45,6 @@ constexpr int kTile = 32;    // tokens per work item (two 16-row tiles)
 constexpr int kChunk = 64;   // d_model columns per pass (a multiple of 32: two Gram k-steps)
 constexpr int kGroup = 3;    // Gram accumulator tiles held at once (tmm0 .. tmm2)
 
-int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
-
 // Every tile register 16 rows x 64 bytes (palette 1).
 struct alignas(64) TileConfig {
   uint8_t palette = 1, start_row = 0;

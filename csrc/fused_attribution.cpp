@@ -54,8 +54,6 @@ struct Scratch {
   Vec<T*> out_rows;
 };
 
-int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
-
 }  // namespace
 
 template <typename In>

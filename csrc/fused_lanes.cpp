@@ -56,8 +56,6 @@ constexpr int kRA = 6, kRB = 4;    // dot blocks: rows x columns of one lane vec
 constexpr int kDefaultChunk = 32;  // d_model columns per pass
 constexpr int kSub = 1;            // lane tiles per work item (default)
 
-int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
-
 // ---------------------------------------------------------------------------------------------
 // Micro-kernels.
 

@@ -375,6 +375,9 @@ Buf<typename In::acc> fixed_directions(const typename In::storage* dirs, int64_t
   return out;
 }
 
+// x rounded up to a multiple of m.
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
 // Threads for a parallel region over `work_items` items: the request (<= 0 = OpenMP's default),
 // never more than there are items, at least 1.
 inline int resolve_threads(int n_threads, int64_t work_items) {
