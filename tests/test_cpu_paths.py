@@ -249,3 +249,22 @@ def test_stub_matches_the_module():
         sig = getattr(_C, name).__doc__.splitlines()[0]
         params = re.findall(r"[(,]\s*(\w+):", sig)
         assert params == stub[name], (name, params, stub[name])
+
+
+def test_kernel_paths_benchmark_runs(tmp_path):
+    # benchmarks/kernel_paths.py on a few tokens: a row per path and dtype plus the BLAS-tiles rows
+    import importlib.util
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    spec = importlib.util.spec_from_file_location("kernel_paths", os.path.join(here, "..", "benchmarks", "kernel_paths.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    threads = torch.get_num_threads()
+    try:
+        assert module.main(["--tokens", "64", "--repeats", "1", "--out", str(tmp_path / "t.md")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    rows = [line for line in (tmp_path / "t.md").read_text().splitlines() if line.startswith("| float32 |")
+            or line.startswith("| bfloat16 |")]
+    assert len(rows) == 2 * (len(PATHS) + 2)
+    assert cpp.build_info()["cpu_path"] == cpp.build_info()["best_cpu_path"]
