@@ -30,6 +30,8 @@ from typing import Callable, Iterator, Optional, Tuple
 
 import numpy as np
 
+from ..optional_deps import import_optional
+
 BIN_DTYPES = {"uint16": np.uint16, "uint32": np.uint32, "int32": np.int32, "int64": np.int64}
 HUB_PREFIX = "hf:"  # "hf:owner/name": a dataset on the Hugging Face hub, read in streaming mode
 _CHECK_BLOCK = 1 << 22  # tokens per block of the vectorised id check
@@ -256,10 +258,9 @@ def open_hf_dataset(name_or_path: str, *, column: str = "tokens", split: str = "
     ``save_to_disk`` directory, or ``hf:owner/name`` on the hub, read in streaming mode (needs network
     access or the local HF cache). Each example is cut into seq_len rows of its own."""
     _check_seq_len(name_or_path, seq_len)
-    try:
-        import datasets
-    except ImportError:
-        raise CorpusError(f"{name_or_path}: reading a Hugging Face dataset needs the `datasets` package") from None
+    datasets = import_optional("datasets")  # installed but broken: raises, saying why
+    if datasets is None:
+        raise CorpusError(f"{name_or_path}: reading a Hugging Face dataset needs the `datasets` package")
     if name_or_path.startswith(HUB_PREFIX):
         name = name_or_path[len(HUB_PREFIX):]
         if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name):
