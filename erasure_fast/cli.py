@@ -298,6 +298,7 @@ def _dispatch(args, argv) -> int:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from .optional_deps import OptionalDependencyError
     from .scanning import ScanInterrupted
 
     try:
@@ -305,6 +306,11 @@ def main(argv=None) -> int:
     except ScanInterrupted as e:
         print(f"erasure-fast: {e}", file=sys.stderr)
         return 130
+    except OptionalDependencyError as e:  # a broken install, not a user error: one line with its cause, exit 1
+        if args.debug:
+            raise
+        print(f"erasure-fast: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
     except (ValueError, TypeError, OSError) as e:  # user errors: one line, exit 2 (--debug: traceback)
         if args.debug:
             raise

@@ -104,7 +104,7 @@ def pytest_report_header(config):
             + (" (newest releases: drift run)" if DRIFT_REPORT else "")]
 
 
-def _write_json(path: str, data) -> None:
+def write_json(path: str, data) -> None:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w") as f:
         json.dump(data, f, indent=1, sort_keys=True)
@@ -115,7 +115,7 @@ def pytest_terminal_summary(terminalreporter):
     for line in pytest_report_header(None):
         terminalreporter.write_line(line)
     if DRIFT_REPORT:  # written even when empty: the drift report tells a finished run from a crashed one
-        _write_json(DRIFT_REPORT, dict(machine_facts(), findings=_FINDINGS))
+        write_json(DRIFT_REPORT, dict(machine_facts(), findings=_FINDINGS))
         terminalreporter.section(f"upstream facts that changed ({len(_FINDINGS)})")
         for item in _FINDINGS:
             terminalreporter.write_line(f"{item['test']}: {item['finding']}")
@@ -126,7 +126,7 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_line(f"{_ERRORS[key]:.3e}  {key}")
     path = os.environ.get("EF_ERROR_REPORT")
     if path:
-        _write_json(path, dict(machine_facts(), transformer_lens=TL_VERSION, errors=_ERRORS))
+        write_json(path, dict(machine_facts(), transformer_lens=TL_VERSION, errors=_ERRORS))
 
 
 def _randomize_vectors(model, seed: int) -> None:

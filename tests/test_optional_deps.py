@@ -36,3 +36,16 @@ def test_installed_but_broken_says_why(tmp_path, monkeypatch, body, cause):
     assert cause in str(info.value)
     assert not isinstance(info.value, ImportError)  # `except ImportError` ("absent") must not catch it
     assert info.value.__cause__ is not None
+
+
+def test_the_cli_reports_a_broken_dependency_in_one_line_exit_1(monkeypatch, capsys):
+    from erasure_fast import cli
+
+    def broken(args, argv):
+        raise OptionalDependencyError("datasets is installed but cannot be imported: ImportError: boom")
+
+    monkeypatch.setattr(cli, "_dispatch", broken)
+    assert cli.main(["backends"]) == 1
+    assert capsys.readouterr().err == "erasure-fast: error: datasets is installed but cannot be imported: ImportError: boom\n"
+    with pytest.raises(OptionalDependencyError):  # --debug: the traceback
+        cli.main(["--debug", "backends"])

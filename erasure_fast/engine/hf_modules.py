@@ -35,12 +35,14 @@ _INPUT_KWARGS = ("input", "hidden_states", "input_ids", "query_input", "x", "inp
 
 
 # Families whose float64 hook capture TransformerLens's bridge rounds differently from the model's own
-# modules (measured against TransformerLens 4.3: 1e-9 to 1e-7 relative, above the engine's float64 bound
-# of 1e-12): its own rotary for Cohere's and GLM's layouts; around transformers' float32 attention
-# scores for GPT-Neo and GPT-J. In float32 they agree within 1e-6. Each with the first transformers
-# release on which it no longer does (None: it does on every release measured). These are upstream
-# facts: tests/test_engine_families.py measures them on the locked releases (requirements/tl4.lock) and
-# `make test-latest` on the newest ones, where a refusal that can be lifted is reported.
+# modules (measured with TransformerLens 4.3 and transformers 5.24: 1e-9 to 1e-7 relative, above the
+# engine's float64 bound of 1e-12): its own rotary for Cohere's and GLM's layouts, on every CPU
+# measured; around transformers' float32 attention scores for GPT-Neo and GPT-J, on an AMD EPYC (AVX2)
+# but not on an Intel Xeon (AVX-512), where both agree to 3e-16 -- so they stay refused. In float32 all
+# agree within 1e-6. Each with the first transformers release on which it no longer differs (None:
+# it does on every release measured). These are upstream facts: tests/test_engine_families.py
+# measures them on the locked releases (requirements/tl4.lock) and `make test-latest` on the newest
+# ones, where a refusal that can be lifted is reported.
 _F64_ROUNDS_DIFFERENTLY: Dict[str, Optional[str]] = {
     "CohereForCausalLM": None, "Cohere2ForCausalLM": None, "GlmForCausalLM": None, "Glm4ForCausalLM": None,
     "GPTNeoForCausalLM": None, "GPTJForCausalLM": None}

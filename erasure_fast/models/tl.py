@@ -20,8 +20,8 @@ def tl_kind(model) -> Optional[str]:
     bridge = sys.modules.get("transformer_lens.model_bridge")
     if bridge is not None and isinstance(model, bridge.TransformerBridge):
         return "bridge"
-    hooked = sys.modules.get("transformer_lens")
-    if hooked is not None and isinstance(model, getattr(hooked, "HookedTransformer", ())):
+    hooked = sys.modules.get("transformer_lens.HookedTransformer")  # TransformerLens 3's module of that name
+    if hooked is not None and isinstance(model, hooked.HookedTransformer):
         return "hooked"
     return None
 
