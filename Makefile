@@ -84,7 +84,7 @@ lock:
 # Upstream drift, on purpose: both suites on the newest releases (fresh venvs .venv-latest*), then
 # build/drift/report.md: every version that differs from the lock and every upstream fact the tests
 # found changed (a refusal that can be lifted, ...). Exit status: the suites'.
-NOT_LOCKED := --deselect test_environment.py::test_installed_versions_are_the_lock
+NOT_LOCKED := --deselect tests/test_environment.py::test_installed_versions_are_the_lock
 test-latest:
 	mkdir -p build/drift
 	$(call fresh_venv,.venv-latest,$(REQ)/tl4.in,--upgrade)

@@ -316,21 +316,28 @@ def test_c1_rows_of_hugging_face_families_time_hooks_and_engine():
 
 
 def test_the_child_finds_top_level_distributions_not_our_subpackages(tmp_path, monkeypatch):
-    """The measuring child imports this very erasure_fast, and a top-level distribution whose name is
-    also one of the package's subpackages (``kernels``: transformers imports it) is that distribution:
-    the folder that holds the package goes on the child's path, not the package's own folder."""
+    """The measuring child imports this very erasure_fast, and a top-level module whose name is also one
+    of the package's subpackages (``kernels``: transformers imports that distribution) is never the
+    subpackage: the folder that holds the package goes on the child's path, not the package's folder.
+    (Stand-ins on PYTHONPATH make each name importable; where the real distribution is installed, it
+    may come first.)"""
     import sys
 
     import erasure_fast
 
+    ours = os.path.dirname(erasure_fast.__file__)
+    names = sorted(n for n in os.listdir(ours) if os.path.isfile(os.path.join(ours, n, "__init__.py")))
+    assert "kernels" in names
     third_party = tmp_path / "site"
-    (third_party / "kernels").mkdir(parents=True)
-    (third_party / "kernels" / "__init__.py").write_text("THIRD_PARTY = True\n")
+    for name in names:
+        (third_party / name).mkdir(parents=True)
+        (third_party / name / "__init__.py").write_text("")
     monkeypatch.setenv("PYTHONPATH", str(third_party))
-    probe = "import erasure_fast, kernels; print(erasure_fast.__file__); print(kernels.__file__)"
+    probe = f"import erasure_fast, importlib; print(erasure_fast.__file__); [print(importlib.import_module(n).__file__) for n in {names!r}]"
     out = subprocess.run([sys.executable, "-c", probe], env=bench.child_environment(), cwd=tmp_path,
                          capture_output=True, text=True, check=True).stdout.splitlines()
-    assert out == [erasure_fast.__file__, str(third_party / "kernels" / "__init__.py")]
+    assert out[0] == erasure_fast.__file__
+    assert len(out) == len(names) + 1 and not [path for path in out[1:] if path.startswith(ours + os.sep)], out
 
 
 def _tl_import(outcome):
