@@ -12,6 +12,7 @@ from .capture import Capture, capture, model_device, validate_tokens
 from .contract import accumulation_dtype, cosine, projection_ratio, projection_value, safe_div, validate
 from .engine import CAPTURE_MODES, engine_for, engine_problem
 from .models import ModelSpec, as_transformer_lens, model_spec
+from .models.hooks import describe_hooks, hooks_to_run, user_hooks
 
 
 @dataclass
@@ -220,7 +221,9 @@ def attribute(
         backend: "auto", "torch", "cpp" or "triton".
         capture: how activations are obtained: "engine" (no hook machinery: the forward from the weights,
             or a Hugging Face model's own modules with SDPA; `erasure_fast.engine`), "hooks" (TransformerLens's hooks) or "auto" (the engine where it
-            covers the model, else hooks; ``result.capture`` says which and why).
+            covers the model, else hooks; ``result.capture`` says which and why). A model with hooks
+            attached is analysed through them on hooks (``capture="engine"`` is refused), or refused
+            naming the hook where it cannot be (`erasure_fast.models.hooks`).
 
     Returns:
         `AttributionResult` (shapes in its docstring). Matches TransformerLens's ``logit_attrs`` on
@@ -242,10 +245,18 @@ def attribute(
 
 def resolve_capture(capture: str, model, spec: ModelSpec) -> str:
     """``capture`` ("auto", "engine", "hooks") checked against the model: "engine", or "hooks" followed
-    by why the engine is not used (auto). Asking for the engine where it does not cover the model is a
-    ValueError naming the reason, before any work."""
+    by why the engine is not used (auto), or by the model's own hooks that capture runs through
+    (`erasure_fast.models.hooks`). Asking for the engine where it does not cover the model or where
+    the model has hooks attached, and hooks the forward pass cannot run, are ValueErrors naming the
+    reason, before any work."""
     if capture not in CAPTURE_MODES:
         raise ValueError(f"capture must be one of {', '.join(map(repr, CAPTURE_MODES))}, got {capture!r}")
+    hooks = hooks_to_run(model)
+    if hooks:
+        if capture == "engine":
+            raise ValueError(f"capture='engine': the model has hooks attached ({describe_hooks(hooks)}), which the "
+                             "engine does not run; capture='hooks' (or 'auto') runs the model through them")
+        return f"hooks (through the model's own hooks: {describe_hooks(hooks)})"
     if capture == "hooks":
         return "hooks"
     problem = engine_problem(model, spec)
@@ -273,8 +284,9 @@ def run_attribution(model, spec: ModelSpec, tokens: torch.Tensor, wr: torch.Tens
                                               include_embed=with_resid)
     else:
         capture_mode = capture_mode if capture_mode != "engine" else "hooks (interventions run on hooks)"
+        # a hook of the user's may make the stream other than the sum of the nodes: read its points
         cap = capture(model, tokens, spec, include_mlps=with_mlps, include_embed=with_resid,
-                      extra_hooks=extra_hooks, keep_hooks=keep_hooks)
+                      extra_hooks=extra_hooks, keep_hooks=keep_hooks, stream_points=bool(user_hooks(model)))
     if scale_override is not None:
         cap.scale = scale_override.to(cap.scale)
     B, P = tokens.shape

@@ -8,6 +8,7 @@ interrupted scan (Ctrl-C, SIGTERM) saves its checkpoint, says how to resume and 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import sys
@@ -103,7 +104,7 @@ def _open(args, demo: bool):
 
 
 def _print_summary(result) -> None:
-    from .scanning.ranking import STATISTIC_NAMES, top_pairs
+    from .scanning.ranking import STATISTIC_NAMES, null_verdict, top_pairs
 
     meta = result.meta
     by = meta["rank_by"]
@@ -115,15 +116,14 @@ def _print_summary(result) -> None:
         print(f"note: {dropped:,} corpus tokens lie in no row of {meta['seq_len']} (remainders after the last whole row)")
     name = STATISTIC_NAMES[by]
     q1, q3 = ("q0.25", "q0.75") if by == "pr" else (f"{by}_q0.25", f"{by}_q0.75")
-    print(f"strongest erasure by median {name} ({meta['rank_formula']}); null threshold {meta['null_threshold']:+.3f}:")
+    threshold = meta["null_threshold"]
+    shown = "none" if math.isnan(threshold) else f"{threshold:+.3f}"
+    print(f"strongest erasure by median {name} ({meta['rank_formula']}); null threshold {shown}:")
     print(f"  {'node':>6}      {'writer':<6} {name:>7}  [25%, 75%]           PR      cos   above null")
     for _, r in pairs.iterrows():
         print(f"  {r.node:>6} onto {r.writer:<6} {r['rank_statistic']:+.3f}  [{r[q1]:+.3f}, {r[q3]:+.3f}]  "
               f"{r['median']:+.3f}  {r['cos_median']:+.3f}  {'yes' if r['above_null'] else 'no'}")
-    if meta["pairs_above_null"] == 0:
-        print("no erasure above the null")
-    else:
-        print(f"{meta['pairs_above_null']} of {meta['downstream_pairs']} downstream pairs above the null")
+    print(null_verdict(meta))
     print(f"report: {result.files.get('report.md')}")
 
 

@@ -77,7 +77,9 @@ def test_a_corpus_changed_in_the_scanned_part_refuses_to_resume(model, tmp_path)
     edited = a.copy()
     edited[140_000] = (edited[140_000] + 1) % 50  # beyond the first MiB, before the last MiB
     np.save(path, edited)
-    with pytest.raises(CorpusChanged, match=r"big.npy: the corpus changed since .* was written \(its first 2,560 rows"):
+    # the refusal names the batch that changed: row 140,000 // 64 = 2,187 lies in rows 2,048-2,559
+    with pytest.raises(CorpusChanged, match=r"big.npy: the corpus changed since .* was written: rows 2,048-2,559 no "
+                                            r"longer hold the tokens it read \(byte offset 1048704\)"):
         scan(model, path, out_dir=tmp_path / "o", **args)
     np.save(path, a)  # restored: resumes, and the result is that of an uninterrupted scan
     resumed = scan(model, path, out_dir=tmp_path / "o", **args)
@@ -141,12 +143,13 @@ def test_a_failing_plot_does_not_lose_the_report(model, stream, tmp_path, monkey
         raise RuntimeError("no fonts here")
 
     monkeypatch.setattr(plots, "heatmap", broken)
+    out = tmp_path / "out"
     with pytest.warns(UserWarning, match="plot heatmap_pr.png failed"):
-        res = scan(model, stream, out_dir=tmp_path, **kw())
-    md = (tmp_path / "report.md").read_text()
+        res = scan(model, stream, out_dir=out, **kw())
+    md = (out / "report.md").read_text()
     assert "heatmap_pr.png: not drawn (RuntimeError: no fonts here)" in md
-    assert (tmp_path / "fig1_resid_pr.png").exists() and not (tmp_path / "heatmap_pr.png").exists()
-    meta = json.loads((tmp_path / "summary.json").read_text())["meta"]
+    assert (out / "fig1_resid_pr.png").exists() and not (out / "heatmap_pr.png").exists()
+    meta = json.loads((out / "summary.json").read_text())["meta"]
     assert meta["plot_errors"] == {"heatmap_pr.png": "RuntimeError: no fonts here"}
     assert len(res.summary) > 0
 
@@ -154,18 +157,19 @@ def test_a_failing_plot_does_not_lose_the_report(model, stream, tmp_path, monkey
 def test_a_fresh_scan_replaces_the_previous_outputs(model, stream, tmp_path, monkeypatch):
     """resume=False into a folder with a finished scan: nothing of the old scan survives next to the
     new one (here the old heatmap, which the new scan fails to draw)."""
-    scan(model, stream, out_dir=tmp_path, writers=["L0H0"], **kw())
-    assert (tmp_path / "heatmap_pr.png").exists()
-    with pytest.raises(ValueError, match="different configuration.*writers"):
-        scan(model, stream, out_dir=tmp_path, writers=["L0H1"], **kw())
+    out = tmp_path / "out"
+    scan(model, stream, out_dir=out, writers=["L0H0"], **kw())
+    assert (out / "heatmap_pr.png").exists()
+    with pytest.raises(ValueError, match=r"different configuration \(differs in: writers \(checkpoint: \[0\], now: \[1\]\)"):
+        scan(model, stream, out_dir=out, writers=["L0H1"], **kw())
     import erasure_fast.scanning.plots as plots
 
     monkeypatch.setattr(plots, "heatmap", lambda *a, **k: 1 / 0)
     with pytest.warns(UserWarning):
-        scan(model, stream, out_dir=tmp_path, writers=["L0H1"], resume=False, **kw())
-    assert not (tmp_path / "heatmap_pr.png").exists()
-    assert json.loads((tmp_path / "summary.json").read_text())["meta"]["writers"] == ["L0H1"]
-    assert state(tmp_path)[1]["config"]["writer_labels"] == ["L0H1"]
+        scan(model, stream, out_dir=out, writers=["L0H1"], resume=False, **kw())
+    assert not (out / "heatmap_pr.png").exists()
+    assert json.loads((out / "summary.json").read_text())["meta"]["writers"] == ["L0H1"]
+    assert state(out)[1]["config"]["writer_labels"] == ["L0H1"]
 
 
 def test_text_corpus_too_short_or_empty_is_refused(tmp_path, model):

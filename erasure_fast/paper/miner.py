@@ -74,6 +74,8 @@ def recorded_bin_dtype(summary: dict) -> Optional[str]:
     the record's ``dtype``, or the middle of an older 'digest:dtype:[shape]' fingerprint."""
     record = summary["meta"]["corpus"]
     names = ("uint16", "uint32", "int32", "int64")
+    if record.get("format", "bin") != "bin":  # a .npy or an array says its own dtype
+        return None
     if record.get("dtype") in names:
         return record["dtype"]
     parts = str(record.get("fingerprint", "")).split(":")
