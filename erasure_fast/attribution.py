@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 from typing import List, Optional, Union
 
@@ -9,7 +10,8 @@ import torch
 
 from .backends import get_backend
 from .capture import Capture, capture, model_device, validate_tokens
-from .contract import accumulation_dtype, cosine, projection_ratio, projection_value, safe_div, validate
+from .contract import (accumulation_dtype, cosine, projection_ratio, projection_value, require_finite_outputs, safe_div,
+                       validate)
 from .engine import CAPTURE_MODES, engine_for, engine_problem
 from .models import ModelSpec, as_transformer_lens, model_spec
 from .models.hooks import describe_hooks, hooks_to_run, user_hooks
@@ -109,11 +111,16 @@ def _masked_node_sums(dots: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def resolve_writers(writers, spec: ModelSpec, name: str = "writers") -> torch.Tensor:
     """[W] int64 flat head indices from "all", one head or a list of heads (flat index, (layer, head)
-    pair or label "L0H2"). Raises ValueError for an empty list, a head that does not exist or a head
-    named twice (its rows would be duplicates, and labels would no longer identify them)."""
+    pair or label "L0H2"). Raises ValueError for an empty list, a head that does not exist, a head
+    named twice (its rows would be duplicates, and labels would no longer identify them), or a bare
+    pair of ints, which could be either a list of two flat indices or one (layer, head)."""
     if isinstance(writers, str) and writers == "all":
         return torch.arange(spec.n_heads_total)
-    if isinstance(writers, (str, int)) or (isinstance(writers, tuple) and len(writers) == 2 and all(isinstance(x, int) for x in writers)):
+    if isinstance(writers, tuple) and len(writers) == 2 and all(isinstance(x, numbers.Integral) for x in writers):
+        a, b = writers  # a list of two flat indices, or one (layer, head)? Both spellings exist; say which
+        raise ValueError(f"{name}={writers!r} is ambiguous: pass [({a}, {b})] for head L{a}H{b}, or [{a}, {b}] for the "
+                         f"heads with flat indices {a} and {b}")
+    if isinstance(writers, (str, numbers.Integral)):
         writers = [writers]
     if isinstance(writers, torch.Tensor):
         writers = writers.reshape(-1).tolist()
@@ -318,6 +325,7 @@ def run_attribution(model, spec: ModelSpec, tokens: torch.Tensor, wr: torch.Tens
         center=spec.center,
     )
     out = impl.run(inputs)
+    require_finite_outputs(inputs, out)
     acc = accumulation_dtype(dtype)
     n_nodes = L * H + (L if with_mlps else 0)
     dots = out.dots[:, :n_nodes]

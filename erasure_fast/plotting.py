@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-from .paths import atomic_write
+from .paths import atomic_write, expand_path
 
 
 def new_figure(figsize, nrows: int = 1, ncols: int = 1, **subplot_kw):
@@ -28,9 +28,10 @@ def colormap(name: str):
 
 def save(fig, path: Optional[str], dpi: int = 120) -> Optional[str]:
     """Lay out and write ``fig`` to ``path`` (PNG by extension); None writes nothing. The file
-    appears complete or not at all (`erasure_fast.paths.atomic_write`)."""
+    appears complete or not at all (`erasure_fast.paths.atomic_write`); ``~`` and ``$VARS`` are expanded."""
     if not path:
         return None
+    path = expand_path(path)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig.tight_layout()
     return atomic_write(path, lambda temp: fig.savefig(temp, dpi=dpi))

@@ -75,7 +75,7 @@ def test_user_errors_are_one_line_and_exit_2(root, tmp_path, case):
         "duplicate writers": (["--writers", "L0H2,L0H2"], r"error: --writers names head L0H2 twice"),
         "out is a file": (["--out", tmp_path / "file"], r"error: --out: .* exists and is not a directory"),
         "bad writer": (["--writers", "L7H0"], r"head 'L7H0' does not exist"),
-        "seq-len too long": (["--seq-len", "100"], r"seq_len 100 is longer than the stored rows \(16 tokens\)"),
+        "seq-len too long": (["--seq-len", "100"], r"error: --seq-len 100 is longer than the stored rows of .*tokens.npy \(16 tokens\)"),
         "zero max-tokens": (["--max-tokens", "0"], r"error: --max-tokens must be >= 1, got 0"),
         "bad checkpoint-every": (["--checkpoint-every", "0"], r"error: --checkpoint-every must be >= 1, got 0"),
     }[case]

@@ -104,11 +104,15 @@ def stray_files(out_dir: str, owned: FrozenSet[str], limit: int = _SHOWN + 1) ->
     return found
 
 
-def check_scan_dir(path, name: str = "out_dir", *, overwrite: bool = False) -> Tuple[str, FrozenSet[str]]:
-    """Create ``path`` if needed, make sure a scan can write there (`erasure_fast.paths`) with a real
-    folder where the checkpoints go, and that every file in it is the scan's own (listed in its
-    manifest) unless ``overwrite``. Returns (the folder as a str, the files the manifest lists)."""
-    path = check_writable_dir(path, name, create=True)
+def check_scan_dir(path, name: str = "out_dir", *, overwrite: bool = False,
+                   create: bool = True) -> Tuple[str, FrozenSet[str]]:
+    """Make sure a scan can write to ``path`` (`erasure_fast.paths.check_output_dir`; ``create`` makes
+    the folder now), with a real folder where the checkpoints go, and that every file in it is a
+    scan's own (listed in its manifest) unless ``overwrite``. Returns (the folder as a str, the files
+    the manifest lists)."""
+    path = check_writable_dir(path, name, create=create)
+    if not os.path.isdir(path):
+        return path, frozenset()  # to be created: nothing in it yet
     ck = os.path.join(path, CHECKPOINT_DIR)
     if os.path.islink(ck) or (os.path.lexists(ck) and not os.path.isdir(ck)):
         what = "symbolic link" if os.path.islink(ck) else "file"
