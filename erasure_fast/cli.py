@@ -113,9 +113,11 @@ def _open(args, demo: bool):
         if args.device is not None:
             model = model.to(args.device)  # checked by _scan
     else:
+        from .errors import blame
         from .loading import load_model
 
-        model = load_model(args.model, device=args.device)
+        with blame("--model"):
+            model = load_model(args.model, device=args.device)
     bos = None if demo else args.prepend_bos
     if demo or args.corpus == "demo":
         from .demo import PLANTED, demo_corpus

@@ -46,7 +46,7 @@ def as_transformer_lens(model, tokenizer=None):
         refuse_hooks_of_copied_model(getattr(model, "_module", model), "nnsight LanguageModel")
         return bridge_of_nnsight(model, tokenizer)
     if is_hf_model(model):
-        refuse_hooks_of_copied_model(model, "transformers")
+        refuse_hooks_of_copied_model(model, "transformers model")
         return bridge_of_hf(model, tokenizer)
     raise TypeError(f"model must be a {SUPPORTED}; got {type(model).__name__}. "
                     "For other models use erasure_fast.fused_attribution on raw tensors.")

@@ -41,12 +41,12 @@ class UserHook:
 
 
 def _function_name(fn) -> str:
-    # TransformerLens wraps a hook point's function and names the wrapper after the function's repr
     name = getattr(fn, "__name__", None) or ""
-    wrapped = re.fullmatch(r"<(?:function|bound method) ([\w.<>]+)(?: of .*)? at 0x[0-9a-f]+>", name)
+    # TransformerLens wraps a hook point's function and names the wrapper after the function's repr
+    wrapped = re.fullmatch(r"<(?:function|bound method) ([\w.<>]+?)(?: of .*)? at 0x[0-9a-f]+>", name)
     if wrapped:
-        return wrapped.group(1)
-    return getattr(fn, "__qualname__", None) or name or repr(fn)[:60]
+        return wrapped.group(1).rsplit(".", 1)[-1]
+    return name or type(fn).__name__
 
 
 def _transformer_lens_own(module, fn) -> bool:
@@ -75,13 +75,12 @@ def user_hooks(model: torch.nn.Module) -> List[UserHook]:
               for fn in registry.values() if not _transformer_lens_own(module, fn)]
     found = []
     if hooked:
-        names = {}
-        for name, module in model.named_modules():
-            names.setdefault(id(module), name)
+        # each module by its shortest name: a bridge reaches a module by several paths (blocks.0.attn and
+        # blocks.0._original_component.attn), and a hook point by several hook names (hook_z and o.hook_in)
         aliases = {}
-        for name, point in points.items():  # a hook point by its shortest hook name (hook_z, not o.hook_in)
-            aliases.setdefault(id(point), []).append(name)
-        names.update({key: min(found, key=len) for key, found in aliases.items()})
+        for name, module in [*model.named_modules(remove_duplicate=False), *points.items()]:
+            aliases.setdefault(id(module), []).append(name)
+        names = {key: min(found, key=len) for key, found in aliases.items()}
         found = [UserHook(names[id(module)], kind, _function_name(fn)) for module, kind, fn in hooked]
     for kind, registry in (("global forward hook", torch_module._global_forward_hooks),
                            ("global forward pre-hook", torch_module._global_forward_pre_hooks)):
@@ -100,7 +99,7 @@ def refuse_hooks_of_copied_model(model: torch.nn.Module, interface: str) -> None
     hooks = user_hooks(model)
     if hooks:
         raise ValueError(
-            f"model: this {interface} model has hooks attached ({describe_hooks(hooks)}); erasure_fast analyses it through "
+            f"model: this {interface} has hooks attached ({describe_hooks(hooks)}); erasure_fast analyses it through "
             "a TransformerLens bridge of a copy of its modules, which would not run them, so the numbers would not "
             "be your model's. Remove them (handle.remove()), or take the bridge, erasure_fast.as_transformer_lens("
             "model), put them on its hook points and pass the bridge")

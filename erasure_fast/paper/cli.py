@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import itertools
 import os
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -26,6 +25,7 @@ from ..demo import PLANTED, demo_corpus, planted_model
 from ..engine import CAPTURE_MODES
 from ..loading import ModelLoadError, check_device, load_model
 from ..models import UnsupportedModelError, model_spec
+from ..errors import blame
 from ..paths import check_output_dir
 from ..scanning import CorpusError, open_corpus
 from ..scanning.corpus import HUB_PREFIX
@@ -124,22 +124,6 @@ def run(args) -> int:
 
 # ---------------------------------------------------------------------------------------------------
 # Checking the job (no forward pass, no file written)
-
-
-@contextmanager
-def blame(flag: str):
-    """Re-raise a ValueError / TypeError from the block as one line that starts with ``flag``."""
-    try:
-        yield
-    except (ValueError, TypeError) as e:
-        message = " ".join(str(e).split())
-        if message.startswith("--"):
-            raise
-        try:
-            flagged = type(e)(f"{flag}: {message}")
-        except Exception:  # an exception type that takes other arguments (e.g. JSONDecodeError)
-            flagged = ValueError(f"{flag}: {message}")
-        raise flagged from None
 
 
 def _int_option(value, flag: str, least: int) -> int:

@@ -289,7 +289,7 @@ def open_hf_dataset(name_or_path: str, *, column: str = "tokens", split: str = "
 
     def stream(start):
         where = f"{name_or_path}: column {column!r}"
-        return _windows((_example_ids(ex[column], where, i) for i, ex in enumerate(ds)), seq_len, start, pack=False)
+        return _windows((example_token_ids(ex[column], where, i) for i, ex in enumerate(ds)), seq_len, start, pack=False)
 
     source = name_or_path if kind == "hub" else os.path.abspath(name_or_path)
     corpus = TokenCorpus(source=source, kind=kind, seq_len=seq_len, n_rows=None, identity=identity, _stream=stream)
@@ -312,15 +312,15 @@ def _check_token_feature(name: str, column: str, feature) -> None:
         raise CorpusError(f"{name}: column {column!r} holds {dtype} values, not integer token ids ({feature})")
 
 
-def _example_ids(values, where: str, index: int) -> np.ndarray:
+def example_token_ids(values, where: str, index: int) -> np.ndarray:
     """One example's token ids as int64, refusing anything but a flat list of integers (floats are
     never truncated into ids)."""
     ids = np.asarray(values)
     if ids.size == 0:
         return np.empty(0, dtype=np.int64)
     if ids.ndim != 1 or ids.dtype.kind not in "iu":
-        shown = repr(ids.reshape(-1)[0]) if ids.size else ""
-        raise CorpusError(f"{where}: example {index} holds {ids.dtype} values of shape {list(ids.shape)} (e.g. {shown}), "
+        raise CorpusError(f"{where}: example {index} holds {ids.dtype} values of shape {list(ids.shape)} (e.g. "
+                          f"{ids.reshape(-1)[0].item()!r}), "
                           "not a list of integer token ids")
     return ids.astype(np.int64)
 

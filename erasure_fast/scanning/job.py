@@ -3,7 +3,7 @@
 `ScanJob` (a context manager) locks the output folder, lists the files it may write in the folder's
 manifest (outdir.py), resumes from this rank's checkpoint when its configuration matches (refusing
 otherwise, naming each field that differs and both values), re-reads the corpus part already aggregated
-to check that it is unchanged (see `state.chain_hash`; the refusal names the first rows that differ),
+to check that it is unchanged (see `state.chain_rows`; the refusal names the first rows that differ),
 and streams the remaining batches through the model. SIGINT / SIGTERM stop it cleanly after the current
 batch: the checkpoint is saved and `ScanInterrupted` says to rerun to resume (a second Ctrl-C stops at
 once, saving what is consistent). An error after some batches -- a bad line late in a text corpus, an id
@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from ..attribution import run_attribution
+from ..errors import reworded
 from ..version import __version__
 from . import checkpoint as ckpt
 from .distributed import all_gather, all_reduce_sum, all_true, rank_and_world
@@ -35,7 +36,7 @@ from .pair_stats import NullReference
 from .plan import DLA_BINS, DLA_RANGE, PR_BINS, PR_RANGE, ScanPlan
 from .ranking import ranking_meta
 from .report import summarize, write_report
-from .state import EMPTY_HASH, Aggregates, chain_hash, update
+from .state import EMPTY_HASH, Aggregates, chain_hash, chain_rows, update
 
 
 class ScanInterrupted(KeyboardInterrupt):
@@ -53,7 +54,7 @@ class CorpusChanged(ValueError):
     """The corpus part a checkpoint aggregated is no longer what it was."""
 
 
-# Checkpoints of this format hash the corpus in chunks and keep a mark per chunk (`Aggregates.hash_marks`).
+# Checkpoints of this format hash the corpus row by row and keep a mark per chunk (`Aggregates.hash_marks`).
 CHECKPOINT_FORMAT = 2
 
 
@@ -93,7 +94,7 @@ class _PrefixCheck:
 
     def _compare(self, want: str) -> None:
         ids = np.concatenate([i for i, _ in self.pending])
-        self.hash = chain_hash(self.hash, np.concatenate([t for _, t in self.pending]))
+        self.hash = chain_rows(self.hash, np.concatenate([t for _, t in self.pending]))
         self.pending = []
         self.checked += 1
         if self.hash != want:
@@ -178,6 +179,7 @@ class ScanJob:
 
     def _lock_output(self) -> None:
         if self.rank == 0:
+            os.makedirs(self.plan.out_dir, exist_ok=True)
             self._lock = OutputLock(self.plan.out_dir).acquire()
             # listed before any of them is written: a scan killed at any moment leaves no file it does not own
             write_manifest(self.plan.out_dir, self.plan.owned_files | set(scan_files(self.world)))
@@ -288,8 +290,8 @@ class ScanJob:
                 raise ScanInterrupted(f"scan stopped at once (a second SIGINT); {kept}; run the same scan again "
                                       "to resume") from None
             if saved_now:
-                raise _with_note(e, f"the {agg.tokens:,} tokens scanned before it are saved in {self.ck_path}; fix "
-                                    "the cause and run the same scan again to resume") from None
+                raise reworded(e, f"{e}; the {agg.tokens:,} tokens scanned before it are saved in {self.ck_path}; fix "
+                                  "the cause and run the same scan again to resume") from None
             raise
         finally:
             if bar is not None:
@@ -366,14 +368,6 @@ class ScanJob:
         meta.update(ranking_meta(summary, p.rank_by))
         files = write_report(p.out_dir, summary, agg, p.cfg, meta) if p.report else {}
         return ScanResult(out_dir=p.out_dir, summary=summary, meta=meta, files=files)
-
-
-def _with_note(error: BaseException, note: str) -> BaseException:
-    """``error`` with ``note`` appended to its message, of its own type where one message rebuilds it."""
-    try:
-        return type(error)(f"{error}; {note}")
-    except Exception:  # an exception type that takes other arguments
-        return RuntimeError(f"{type(error).__name__}: {error}; {note}")
 
 
 def _versions() -> dict:

@@ -93,6 +93,7 @@ def stray_files(out_dir: str, owned: FrozenSet[str], limit: int = _SHOWN + 1) ->
                              "readable to tell its own files from others") from None
 
     for folder, dirs, files in os.walk(out_dir, onerror=unreadable):
+        dirs.sort()  # the same files named first on every run
         rel_folder = os.path.relpath(folder, out_dir)
         links = [d for d in dirs if os.path.islink(os.path.join(folder, d))]  # not walked into: listed as entries
         for name in sorted(files) + sorted(links):

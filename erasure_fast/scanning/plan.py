@@ -1,9 +1,11 @@
 """Stage 1 of a scan: check the whole job before any work and fix its configuration.
 
-`plan_scan` validates every argument -- numbers, the output folder, the model, the corpus (it exists,
-is readable, has at least one row, every id of an array corpus lies in the vocabulary), seq_len
-against the model's context, the BOS id, the writers (each head once), the backend -- and returns a
-`ScanPlan`. Nothing is run and nothing but the (empty) output folder is created before that.
+`plan_scan` validates every argument -- numbers and flags by kind, the output folder (writable, holding
+no file a scan did not write there unless ``overwrite``; outdir.py), the model (and hooks attached to it),
+the corpus (it exists, is readable, has at least one row, every id of an array corpus lies in the
+vocabulary, it is not where the scan writes), seq_len against the model's context, the BOS id, the
+writers (each head once), the backend -- and returns a `ScanPlan`. Nothing is run and nothing is
+created before that.
 """
 
 from __future__ import annotations
@@ -179,7 +181,7 @@ def plan_scan(model, corpus, *, writers="all", seq_len: Optional[int] = None, ba
         raise ValueError(f"position_edges must be increasing ints >= 1, got {position_edges!r}")
     edges = [int(e) for e in edges]
     spec = model_spec(model)  # an unsupported model is refused before the output folder is touched
-    out_dir, owned = check_scan_dir(out_dir, overwrite=overwrite)
+    out_dir, owned = check_scan_dir(out_dir, overwrite=overwrite, create=False)  # made by the job, under its lock
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     corpus = open_corpus(corpus, seq_len=seq_len, tokenizer=tokenizer, bin_dtype=bin_dtype, column=column)
     check_corpus_outside(out_dir, corpus.source)

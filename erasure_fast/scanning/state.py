@@ -20,13 +20,21 @@ EMPTY_HASH = "0" * 32
 
 
 def chain_hash(previous: str, tokens: np.ndarray) -> str:
-    """Hash of the tokens read so far: blake2b(previous hash, this chunk's int64 ids). A checkpoint
-    stores it after every chunk (`Aggregates.hash_marks`); a resumed scan re-reads the same chunks and
-    must arrive at the same values, so a corpus changed anywhere in the part already aggregated
-    refuses to resume, naming the first chunk that differs."""
+    """blake2b(previous hash, these int64 ids): one link of a hash chain."""
     h = hashlib.blake2b(bytes.fromhex(previous), digest_size=16)
     h.update(np.ascontiguousarray(tokens, dtype="<i8").tobytes())
     return h.hexdigest()
+
+
+def chain_rows(previous: str, rows: np.ndarray) -> str:
+    """The hash of the rows read so far, one link per row of ``rows`` [n, seq_len]: it depends on the
+    tokens and their order only, not on how they were batched. A checkpoint stores it after every
+    chunk it aggregated (`Aggregates.hash_marks`); a resumed scan re-reads those rows and must arrive
+    at the same values, so a corpus changed anywhere in the part already aggregated refuses to
+    resume, naming the first chunk that differs."""
+    for row in rows:
+        previous = chain_hash(previous, row)
+    return previous
 
 
 class Aggregates:
@@ -58,7 +66,7 @@ class Aggregates:
         """Count and hash a chunk of rows [n, seq_len] that has been aggregated."""
         self.tokens += tokens.size
         self.rows += tokens.shape[0]
-        self.content_hash = chain_hash(self.content_hash, tokens)
+        self.content_hash = chain_rows(self.content_hash, tokens)
         self.hash_marks.append((self.rows, self.content_hash))
 
     def parts(self):
