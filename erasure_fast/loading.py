@@ -196,7 +196,7 @@ def load_tl_checkpoint(path: str, *, device=None, dtype: torch.dtype = torch.flo
 def load_model(name: str, *, device=None, dtype: torch.dtype = torch.float32, cache_dir: Optional[str] = None):
     """``demo`` (planted GELU-4L-shaped model), ``gelu-4l`` / ``NeelNanda/GELU_4L512W_C4_Code`` (local HF
     cache only), another cached ``owner/name`` repo, or a checkpoint directory (``~`` and ``$VARS``
-    expanded) -- TransformerLens-style, or a Hugging Face checkpoint of a family TransformerLens 4
+    expanded, in ``cache_dir`` too) -- TransformerLens-style, or a Hugging Face checkpoint of a family TransformerLens 4
     bridges. ``device`` is checked first (`check_device`)."""
     if not isinstance(name, (str, os.PathLike)) or not os.fspath(name):
         raise TypeError(f"model: expected a model name or directory, got {name!r}")
@@ -219,7 +219,7 @@ def load_model(name: str, *, device=None, dtype: torch.dtype = torch.float32, ca
         if os.sep in name or name.startswith((".", "~")):
             raise ModelLoadError(f"{name}: no such directory")
         raise ModelLoadError(f"unknown model {name!r}: use 'demo', 'gelu-4l', a cached owner/name repo or a directory")
-    path = hf_snapshot_dir(repo, cache_dir)
+    path = hf_snapshot_dir(repo, expand_path(cache_dir))
     if is_hf_checkpoint(path):
         return load_hf_checkpoint(path, device=device, dtype=dtype)
     return load_tl_checkpoint(path, device=device, dtype=dtype, name=repo)

@@ -112,7 +112,7 @@ def test_above_the_null_means_negative_and_beyond_a_negative_null():
     ranked = rank_pairs(_summary([-0.05, -0.005, float("nan"), 0.2], [-0.01, -0.002, -0.003, 0.001]))
     assert dict(zip(ranked.node, ranked.above_null)) == {"L1H0": True, "L1H1": False, "L1H2": False, "L1H3": False}
     assert null_verdict(ranking_meta(_summary([-0.05, -0.005], [-0.01, -0.002]))) == \
-        "1 of 2 downstream pairs above the null (threshold -0.01)"
+        "1 of 2 downstream pairs above the null"
 
 
 def test_a_writer_nothing_reads_has_no_null_and_says_why():

@@ -21,7 +21,7 @@ def forward_calls(model) -> list:
             calls.append(1)
             return _forward(*args, **kwargs)
 
-        child.forward = counted
+        object.__setattr__(child, "forward", counted)  # on the instance itself (bridge components forward setattr)
     return calls
 
 

@@ -55,7 +55,7 @@ def null_verdict(meta: dict) -> str:
     """The ranking's outcome in words: how many pairs are above the null, or why none is."""
     threshold, n = meta["null_threshold"], meta["downstream_pairs"]
     if meta["pairs_above_null"]:
-        return f"{meta['pairs_above_null']:,} of {n:,} downstream pairs above the null (threshold {threshold:+.4g})"
+        return f"{meta['pairs_above_null']:,} of {n:,} downstream pairs above the null"
     if n == 0 or math.isnan(threshold):
         return ("no erasure above the null: no node reads these writers downstream, so nothing can erase them"
                 if n == 0 else "no erasure above the null: no downstream pair has a null median (no tokens)")
