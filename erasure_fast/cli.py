@@ -14,6 +14,8 @@ import re
 import sys
 import warnings
 
+from .optional_deps import OptionalDependencyError  # light: no torch
+
 DESCRIPTION = """\
 Fused DLA and erasure analysis of transformer language models.
 
@@ -340,6 +342,11 @@ def main(argv=None) -> int:
         print(f"erasure-fast: {e if str(e) else 'interrupted'}", file=sys.stderr)
         _leave_quietly_on_sigint()
         return 130
+    except OptionalDependencyError as e:  # a broken install, not a user error: one line with its cause, exit 1
+        if args is None or args.debug:
+            raise
+        print(f"erasure-fast: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
     except (ValueError, TypeError, OSError) as e:  # user errors: one line, exit 2 (--debug: traceback)
         if args is None or args.debug:
             raise

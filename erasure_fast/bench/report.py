@@ -7,6 +7,8 @@ import json
 import os
 from typing import Dict, List
 
+from . import machine
+
 WORKLOAD_TITLES = {
     "K1": "K1: next-token DLA + dots / norms of every head and MLP with every head as writer",
     "K2n": "K2n: next-token DLA only (warm)",
@@ -84,6 +86,7 @@ def markdown(meta: dict, records: List[dict]) -> str:
         f"# Benchmark {meta['label']} ({meta['date']})", "",
         f"- machine: {m.get('gpu') or m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), "
         f"transformer_lens {m.get('transformer_lens', '-')}, triton {m.get('triton', '-')}",
+        f"- {machine.cpu_line(m)}",
         "- roofline reference: matmul " + ", ".join(f"{k} {v:,.0f} GFLOP/s" for k, v in best.items())
         + (" (the best of the start-of-run measurement and every round's probe)" if interleaved else "")
         + f"; copy {roof['copy_gbps']:.1f} GB/s" + (" (best of the start and the end of the run)" if interleaved else ""),

@@ -30,6 +30,7 @@ from typing import Callable, Iterator, Optional, Tuple
 
 import numpy as np
 
+from ..optional_deps import import_optional
 from ..paths import expand_path
 
 BIN_DTYPES = {"uint16": np.uint16, "uint32": np.uint32, "int32": np.int32, "int64": np.int64}
@@ -258,10 +259,9 @@ def open_hf_dataset(name_or_path: str, *, column: str = "tokens", split: str = "
     ``save_to_disk`` directory, or ``hf:owner/name`` on the hub, read in streaming mode (needs network
     access or the local HF cache). Each example is cut into seq_len rows of its own."""
     _check_seq_len(seq_len)
-    try:
-        import datasets
-    except ImportError:
-        raise CorpusError(f"{name_or_path}: reading a Hugging Face dataset needs the `datasets` package") from None
+    datasets = import_optional("datasets")  # installed but broken: raises, saying why
+    if datasets is None:
+        raise CorpusError(f"{name_or_path}: reading a Hugging Face dataset needs the `datasets` package")
     if name_or_path.startswith(HUB_PREFIX):
         name = name_or_path[len(HUB_PREFIX):]
         if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name):
