@@ -125,8 +125,10 @@ def test_a_hooked_transformers_model_is_refused_naming_the_hook(tmp_path):
     either capture -- erasure_fast bridges a copy of the modules, which does not run it. Refused now,
     by attribute and scan alike, and the model is left as it was."""
     hf = _gpt2(tmp_path)
-    handle = hf.transformer.h[0].attn.register_forward_hook(lambda module, args, out: (out[0] * 0.0,) + out[1:])
     x = torch.randint(2, 90, (1, 7))
+    hf(x)  # transformers installs its own (record-only) output-capturing hooks: those are no change to the model
+    assert ef.attribute(hf, x).capture == "engine"
+    handle = hf.transformer.h[0].attn.register_forward_hook(lambda module, args, out: (out[0] * 0.0,) + out[1:])
     refusal = (r"model: this transformers model has hooks attached \(forward hook <lambda> on transformer.h.0.attn\); "
                r"erasure_fast analyses it through a TransformerLens bridge of a copy")
     for capture in ("auto", "hooks", "engine"):

@@ -13,7 +13,8 @@ forward pre-hooks on any module -- a TransformerLens hook point (``model.add_hoo
   is analysed through a TransformerLens bridge of a copy that does not run them) are refused, naming
   the hook.
 
-Backward hooks are left alone: the analysis runs no backward pass.
+Backward hooks are left alone: the analysis runs no backward pass; so are the hooks TransformerLens and
+transformers install themselves (a bridge's capture wiring, transformers' record-only output capturing).
 """
 
 from __future__ import annotations
@@ -49,11 +50,16 @@ def _function_name(fn) -> str:
     return name or type(fn).__name__
 
 
-def _transformer_lens_own(module, fn) -> bool:
-    """A hook TransformerLens wires itself (a bridge's blocks capture their inputs with hooks it installs
-    on first use) -- not one of the user's. A hook point's hooks are the user's: TransformerLens wraps
-    each user function in one of its own."""
-    return (getattr(fn, "__module__", "") or "").startswith("transformer_lens.") and not _is_hook_point(module)
+# Libraries whose own hooks are part of how a model runs, not changes to it: TransformerLens wires
+# capture hooks into a bridge's blocks on first use, transformers installs record-only output-capturing
+# hooks on a model's first forward pass.
+_LIBRARIES = ("transformer_lens.", "transformers.")
+
+
+def _library_own(module, fn) -> bool:
+    """A hook a library installs itself -- not one of the user's. A hook point's hooks are the user's:
+    TransformerLens wraps each user function in one of its own."""
+    return (getattr(fn, "__module__", "") or "").startswith(_LIBRARIES) and not _is_hook_point(module)
 
 
 def _is_hook_point(module) -> bool:
@@ -72,7 +78,7 @@ def user_hooks(model: torch.nn.Module) -> List[UserHook]:
         modules.setdefault(id(point), point)
     hooked = [(module, kind, fn) for module in modules.values()
               for kind, registry in (("forward hook", module._forward_hooks), ("forward pre-hook", module._forward_pre_hooks))
-              for fn in registry.values() if not _transformer_lens_own(module, fn)]
+              for fn in registry.values() if not _library_own(module, fn)]
     found = []
     if hooked:
         # each module by its shortest name: a bridge reaches a module by several paths (blocks.0.attn and
