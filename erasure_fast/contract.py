@@ -296,13 +296,16 @@ def validate(
 
 
 def require_finite_outputs(inputs: FusedInputs, out: FusedOutputs) -> None:
-    """ValueError unless every output that finite inputs define is finite -- DLA where a target exists
-    (NaN marks "no target"), every dot and norm: values too large for the accumulation dtype (float32
+    """ValueError unless every output that finite inputs define is finite -- DLA where a target (and a
+    wrong target, for a logit difference) exists (NaN marks "no target"), every dot and norm: values too large for the accumulation dtype (float32
     overflows near 3.4e38, and a norm squares the head outputs) would otherwise come back as inf and
     NaN without a word."""
     dla = out.dla
-    if inputs.direction_ids is not None:
-        dla = dla.index_select(0, torch.nonzero(inputs.direction_ids >= 0).reshape(-1))
+    if inputs.direction_ids is not None:  # tokens with a target (and a wrong one, for a logit difference)
+        has_target = inputs.direction_ids >= 0
+        if inputs.incorrect_ids is not None:
+            has_target &= inputs.incorrect_ids >= 0
+        dla = dla.index_select(0, torch.nonzero(has_target).reshape(-1))
     for name, t in (("dla", dla), ("dots", out.dots), ("norms", out.norms)):
         if t is not None and t.numel() and not _all_finite(t):
             biggest = max(float(x.abs().max()) for x in (inputs.z, inputs.W_O, inputs.extra_nodes) if x.numel())
