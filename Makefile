@@ -5,29 +5,33 @@ VENV ?= .venv
 VENV_TL3 ?= .venv-tl3
 # The CPU build of torch lies on local disk here; override TORCH_SPEC elsewhere (e.g. "torch>=2.4").
 TORCH_SPEC ?= torch==2.13.0
-TL4_SPEC ?= transformer-lens>=4.0,<5
-TL3_SPEC ?= transformer-lens==3.9.0
 PIP ?= -q --disable-pip-version-check
-BUILD_DEPS := "scikit-build-core>=0.10" "pybind11>=2.12" "cmake>=3.18" ninja
-TEST_DEPS := "pytest>=8" "hypothesis>=6.100"
-# nnsight: the LanguageModel interface is tested (tests/test_families.py); it is optional for users.
-TEST_DEPS_TL4 := "nnsight>=0.4"
-RUN_DEPS := numpy safetensors tqdm pandas pyarrow matplotlib psutil xxhash
+# Every other package comes at the exact version of the committed lock (requirements/*.lock, made by
+# `make lock` from requirements/*.in); the package's own metadata keeps ranges. `make test-latest`
+# runs the suite on the newest releases instead and reports what changed.
+REQ := requirements
+LOCK_TL4 := $(REQ)/tl4.lock
+LOCK_TL3 := $(REQ)/tl3.lock
 
-.PHONY: demo paper test test-tl4 test-tl3 install install-tl3 bench bench-quick clean asan device-wheels
+.PHONY: demo paper test test-tl4 test-tl3 install install-tl3 bench bench-quick clean asan device-wheels lock test-latest
 
-$(VENV)/.deps: pyproject.toml Makefile
-	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/python -m pip install $(PIP) --upgrade pip
-	$(VENV)/bin/python -m pip install $(PIP) "$(TORCH_SPEC)"
-	$(VENV)/bin/python -m pip install $(PIP) "$(TL4_SPEC)" triton $(RUN_DEPS) $(BUILD_DEPS) $(TEST_DEPS) $(TEST_DEPS_TL4)
+# $(call fresh_venv,DIR,REQUIREMENTS,PIP OPTIONS[,MORE OPTIONS]): a new venv at DIR (an old one is
+# removed, so nothing outside the requirements lingers) with pip itself and then REQUIREMENTS installed
+# with PIP OPTIONS (the lock as constraints, or --upgrade for the newest releases), torch from
+# TORCH_SPEC in between; MORE OPTIONS for the requirements only (options the venv's first pip lacks).
+define fresh_venv
+	rm -rf $(1) && $(PYTHON) -m venv $(1)
+	$(1)/bin/python -m pip install $(PIP) $(3) pip
+	$(1)/bin/python -m pip install $(PIP) "$(TORCH_SPEC)"
+	$(1)/bin/python -m pip install $(PIP) $(3) $(4) -r $(2)
+endef
+
+$(VENV)/.deps: $(REQ)/tl4.in $(REQ)/common.in $(LOCK_TL4)
+	$(call fresh_venv,$(VENV),$(REQ)/tl4.in,-c $(LOCK_TL4))
 	touch $@
 
-$(VENV_TL3)/.deps: pyproject.toml Makefile
-	test -x $(VENV_TL3)/bin/python || $(PYTHON) -m venv $(VENV_TL3)
-	$(VENV_TL3)/bin/python -m pip install $(PIP) --upgrade pip
-	$(VENV_TL3)/bin/python -m pip install $(PIP) "$(TORCH_SPEC)"
-	$(VENV_TL3)/bin/python -m pip install $(PIP) "$(TL3_SPEC)" $(RUN_DEPS) $(BUILD_DEPS) $(TEST_DEPS)
+$(VENV_TL3)/.deps: $(REQ)/tl3.in $(REQ)/common.in $(LOCK_TL3)
+	$(call fresh_venv,$(VENV_TL3),$(REQ)/tl3.in,-c $(LOCK_TL3))
 	touch $@
 
 # Build the C++ extension and install the package (incremental: build/ keeps CMake's cache).
@@ -53,13 +57,47 @@ bench-quick: install
 	$(VENV)/bin/erasure-fast bench --shapes gelu-4l --sizes 8192
 
 # pytest runs from tests/ so the installed package (with its compiled extension) is imported.
+# $(call suite,VENV,NAME,TEST FILES,EXTRA ENV): the tests with their reports in build/<NAME>-*.json.
+TESTS_TL3 := test_parity_tl.py test_paper.py test_layouts.py test_engine.py test_engine_families.py test_environment.py
+define suite
+	(cd tests && EF_REQUIRE_CPP=1 EF_ERROR_REPORT=../build/$(2)-parity-errors.json EF_FAMILY_REPORT=../build/$(2)-families.json \
+	  EF_ENGINE_REPORT=../build/$(2)-engine.json $(4) ../$(1)/bin/python -m pytest -q -p no:cacheprovider $(3))
+endef
+
 test-tl4: install
-	cd tests && EF_REQUIRE_CPP=1 EF_ERROR_REPORT=../build/parity-errors-tl4.json EF_FAMILY_REPORT=../build/families-tl4.json EF_ENGINE_REPORT=../build/engine-tl4.json ../$(VENV)/bin/python -m pytest -q -p no:cacheprovider .
+	$(call suite,$(VENV),tl4,.)
 
 test-tl3: install-tl3
-	cd tests && EF_REQUIRE_CPP=1 EF_ERROR_REPORT=../build/parity-errors-tl3.json ../$(VENV_TL3)/bin/python -m pytest -q -p no:cacheprovider test_parity_tl.py test_paper.py test_layouts.py test_engine.py test_engine_families.py
+	$(call suite,$(VENV_TL3),tl3,$(TESTS_TL3))
 
 test: test-tl4 test-tl3
+
+# The locks, remade from requirements/*.in: the newest releases, or those uploaded before LOCK_BEFORE
+# (an ISO date, e.g. LOCK_BEFORE=2026-12-01T05:00:00Z). Run `make test-latest` first: lock what passed.
+LOCK_BEFORE ?=
+lock:
+	$(call fresh_venv,build/lock-tl4,$(REQ)/tl4.in,--upgrade,$(if $(LOCK_BEFORE),--uploaded-prior-to $(LOCK_BEFORE)))
+	$(call fresh_venv,build/lock-tl3,$(REQ)/tl3.in,--upgrade,$(if $(LOCK_BEFORE),--uploaded-prior-to $(LOCK_BEFORE)))
+	$(PYTHON) tools/upstream.py freeze build/lock-tl4/bin/python $(REQ)/tl4.in $(LOCK_TL4) $(LOCK_BEFORE)
+	$(PYTHON) tools/upstream.py freeze build/lock-tl3/bin/python $(REQ)/tl3.in $(LOCK_TL3) $(LOCK_BEFORE)
+
+# Upstream drift, on purpose: both suites on the newest releases (fresh venvs .venv-latest*), then
+# build/drift/report.md: every version that differs from the lock and every upstream fact the tests
+# found changed (a refusal that can be lifted, ...). Exit status: the suites'.
+NOT_LOCKED := --deselect tests/test_environment.py::test_installed_versions_are_the_lock
+test-latest:
+	mkdir -p build/drift
+	$(call fresh_venv,.venv-latest,$(REQ)/tl4.in,--upgrade)
+	$(call fresh_venv,.venv-latest-tl3,$(REQ)/tl3.in,--upgrade)
+	.venv-latest/bin/python -m pip install $(PIP) --no-build-isolation --no-deps --config-settings=build-dir=build/latest-{wheel_tag} .
+	.venv-latest-tl3/bin/python -m pip install $(PIP) --no-build-isolation --no-deps --config-settings=build-dir=build/latest-tl3-{wheel_tag} .
+	status=0; \
+	$(call suite,.venv-latest,latest-tl4,. $(NOT_LOCKED),EF_UPSTREAM_REPORT=../build/drift/facts-tl4.json) || status=$$?; \
+	$(call suite,.venv-latest-tl3,latest-tl3,$(TESTS_TL3) $(NOT_LOCKED),EF_UPSTREAM_REPORT=../build/drift/facts-tl3.json) || status=$$?; \
+	$(PYTHON) tools/upstream.py drift build/drift/report.md \
+	  tl4 $(LOCK_TL4) .venv-latest/bin/python build/drift/facts-tl4.json \
+	  tl3 $(LOCK_TL3) .venv-latest-tl3/bin/python build/drift/facts-tl3.json; \
+	echo "test-latest: suites exit status $$status (build/drift/report.md)"; exit $$status
 
 # The C++ kernel under AddressSanitizer + UndefinedBehaviorSanitizer (not part of `make test`): a
 # copy of the venv gets an EF_SANITIZE=ON build (own build dir), then the C++ tests run with the ASan
@@ -75,14 +113,14 @@ asan: $(VENV)/.deps
 	  $(abspath $(ASAN_VENV))/bin/python -m pytest -q -p no:cacheprovider test_backend_cpp.py test_aggregate_kernel.py test_cpu_paths.py
 
 clean:
-	rm -rf build dist $(VENV) $(VENV_TL3)
+	rm -rf build dist $(VENV) $(VENV_TL3) .venv-latest .venv-latest-tl3
 
 # Wheels for the GPU machine (Python 3.12, no internet): transformer_lens and what it imports that the
-# machine's image lacks (benchmarks/device_check.sh installs them with --no-deps for its S1 row).
-DEVICE_WHEELS := transformer-lens==4.3.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 fancy-einsum==0.0.3 \
-	beartype==0.23.1 typeguard==4.6.1 xxhash==4.1.0
+# machine's image lacks (benchmarks/device_check.sh installs them with --no-deps for its S1 row), at
+# the versions of the lock.
+DEVICE_PACKAGES := transformer-lens datasets dill multiprocess fancy-einsum beartype typeguard xxhash
 device-wheels:
 	mkdir -p .wheels
 	$(PYTHON) -m pip download $(PIP) --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-		-d .wheels $(DEVICE_WHEELS)
+		-d .wheels $$($(PYTHON) tools/upstream.py pins $(LOCK_TL4) $(DEVICE_PACKAGES))

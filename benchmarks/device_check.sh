@@ -46,7 +46,7 @@ log "GPU correctness tests"
     > "$OUT_DIR/gpu_tests.txt" 2>&1) || log "GPU tests exit code $? (124: cut by the time budget)"
 tail -15 "$OUT_DIR/gpu_tests.txt"
 
-if "$PY" -c "import transformer_lens" 2>/dev/null; then
+if tl_error=$("$PY" -c "import transformer_lens.model_bridge" 2>&1 >/dev/null); then
   log "S1 at 1M tokens, bfloat16 (TL pipeline, TL hooks, engine, scan)"
   mkdir -p "$OUT_DIR/s1"
   timeout "$(left 240)" bash -c "cd '$RUN_DIR' && '$PY' -m erasure_fast.cli bench --device cuda --shapes gelu-4l \
@@ -55,7 +55,7 @@ if "$PY" -c "import transformer_lens" 2>/dev/null; then
       --out '$OUT_DIR/s1'" > "$OUT_DIR/s1_log.txt" 2>&1 || log "S1 exit code $?"
   grep -E "^(S1|C1) " "$OUT_DIR/s1_log.txt"
 else
-  log "S1 skipped: transformer_lens does not import here (make device-wheels on the CPU machine, carry .wheels)"
+  log "S1 skipped: transformer_lens does not import here ($(printf '%s' "$tl_error" | tail -n 1)); on the CPU machine: make device-wheels, then carry .wheels"
 fi
 log "benchmark (K1, K2 at 8192 and 1M tokens)"
 timeout "$(left 300)" bash -c "cd '$RUN_DIR' && '$PY' -m erasure_fast.cli bench --device cuda --shapes gelu-4l \

@@ -51,7 +51,7 @@ def markdown(records, meta) -> str:
 
     stats = list(RANK_STATISTICS)
     lines = ["# Ranking ground truth: rank of each planted pair (and pairs above the null) per statistic", "",
-             f"{meta['date']}, {meta['machine']}; command `{meta['command']}`. Each cell: the ranks of the planted "
+             f"{meta['date']}, {meta['machine']} ({meta.get('cpu', 'CPU not recorded')}); command `{meta['command']}`. Each cell: the ranks of the planted "
              "pairs (strongest target first; the ideal is 1, 2, ...) / pairs above the null of all downstream pairs. "
              "Variants: `erasure_fast.demo.PLANTED_VARIANTS`.", "",
              "| shape | variant | seed | " + " | ".join(stats) + " |", "|---|---|---|" + "---|" * len(stats)]
@@ -77,7 +77,7 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", default="small,gelu-4l")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args(argv)
-    from erasure_fast.bench.machine import describe, machine_label
+    from erasure_fast.bench.machine import cpu_line, describe, machine_label
     from erasure_fast.demo import PLANTED_VARIANTS
 
     records = []
@@ -89,7 +89,7 @@ def main(argv=None) -> int:
                     f"{s} {v['ranks']} ({v['above_null']} above null)" for s, v in r["by"].items()), flush=True)
                 records.append(r)
     info = describe()
-    meta = dict(date=datetime.date.today().isoformat(), machine=machine_label(info),
+    meta = dict(date=datetime.date.today().isoformat(), machine=machine_label(info), cpu=cpu_line(info),
                 command="python benchmarks/ranking_ground_truth.py " + " ".join(argv or []))
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "ranking-ground-truth.json"), "w") as f:

@@ -109,14 +109,14 @@ def main(argv=None) -> int:
                                       "all aggregation of a batch", "checkpoints", "summary (finish)"))
     rows.append(("everything else (set-up, checks, frees, bookkeeping)", profiled_s - accounted))
 
-    from erasure_fast.bench.machine import describe, machine_label
+    from erasure_fast.bench.machine import cpu_line, describe, machine_label
 
     info = describe()
     lines = [f"# Scan breakdown ({machine_label(info)}, {datetime.date.today()})", "",
              f"- command: `python benchmarks/scan_breakdown.py --tokens {args.tokens} --rounds {args.rounds}`; "
              f"scan backend {backend}, capture engine",
              f"- {len(corpus) * 1024:,} tokens of the GELU-4L shape in {n_batches} batches of {args.batch_size} x 1024; "
-             f"{info['cpu']}, {info['cores']} cores, torch {info['torch']} ({info['torch_threads']} threads)",
+             f"{cpu_line(info)}",
              f"- scan / engine forward, {args.rounds} interleaved rounds: {', '.join('%.3f' % r for r in ratios)}; "
              f"median {statistics.median(ratios):.3f} ({100 * (statistics.median(ratios) - 1):+.1f} %)",
              f"- profiled scan (cProfile adds its own overhead): {profiled_s:.2f} s", "",

@@ -62,7 +62,7 @@ def main(argv=None) -> int:
             rows.append(dict(tokens=n, peak_rss_mib=peak_kib / 1024, seconds=elapsed, backend=backend))
             print(f"{n:>9,} tokens: peak RSS {peak_kib / 1024:,.0f} MiB, {elapsed:.0f} s, backend {backend}", flush=True)
     ratio = rows[-1]["peak_rss_mib"] / rows[0]["peak_rss_mib"]
-    from erasure_fast.bench.machine import describe, machine_label
+    from erasure_fast.bench.machine import cpu_line, describe, machine_label
 
     info = describe()
     os.makedirs(args.out, exist_ok=True)
@@ -70,7 +70,7 @@ def main(argv=None) -> int:
     with open(stem + ".json", "w") as f:
         json.dump(dict(machine=info, model=args.model, rows=rows, ratio_last_first=ratio), f, indent=1)
     with open(stem + ".md", "w") as f:
-        f.write(f"# Scan peak RSS vs tokens ({info['cpu']}, model {args.model})\n\n| tokens | peak RSS MiB | seconds | backend |\n|---:|---:|---:|---|\n")
+        f.write(f"# Scan peak RSS vs tokens (model {args.model})\n\n{cpu_line(info)}\n\n| tokens | peak RSS MiB | seconds | backend |\n|---:|---:|---:|---|\n")
         for r in rows:
             f.write(f"| {r['tokens']:,} | {r['peak_rss_mib']:,.0f} | {r['seconds']:.0f} | {r['backend']} |\n")
         f.write(f"\nPeak RSS ratio {rows[-1]['tokens']:,} / {rows[0]['tokens']:,} tokens: {ratio:.3f}\n")

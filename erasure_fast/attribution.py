@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 from typing import List, Optional, Union
 
@@ -9,9 +10,11 @@ import torch
 
 from .backends import get_backend
 from .capture import Capture, capture, model_device, validate_tokens
-from .contract import accumulation_dtype, cosine, projection_ratio, projection_value, safe_div, validate
+from .contract import (accumulation_dtype, cosine, projection_ratio, projection_value, require_finite_outputs, safe_div,
+                       validate)
 from .engine import CAPTURE_MODES, engine_for, engine_problem
 from .models import ModelSpec, as_transformer_lens, model_spec
+from .models.hooks import describe_hooks, hooks_to_run, user_hooks
 
 
 @dataclass
@@ -108,11 +111,16 @@ def _masked_node_sums(dots: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def resolve_writers(writers, spec: ModelSpec, name: str = "writers") -> torch.Tensor:
     """[W] int64 flat head indices from "all", one head or a list of heads (flat index, (layer, head)
-    pair or label "L0H2"). Raises ValueError for an empty list, a head that does not exist or a head
-    named twice (its rows would be duplicates, and labels would no longer identify them)."""
+    pair or label "L0H2"). Raises ValueError for an empty list, a head that does not exist, a head
+    named twice (its rows would be duplicates, and labels would no longer identify them), or a bare
+    pair of ints, which could be either a list of two flat indices or one (layer, head)."""
     if isinstance(writers, str) and writers == "all":
         return torch.arange(spec.n_heads_total)
-    if isinstance(writers, (str, int)) or (isinstance(writers, tuple) and len(writers) == 2 and all(isinstance(x, int) for x in writers)):
+    if isinstance(writers, tuple) and len(writers) == 2 and all(isinstance(x, numbers.Integral) for x in writers):
+        a, b = writers  # a list of two flat indices, or one (layer, head)? Both spellings exist; say which
+        raise ValueError(f"{name}={writers!r} is ambiguous: pass [({a}, {b})] for head L{a}H{b}, or [{a}, {b}] for the "
+                         f"heads with flat indices {a} and {b}")
+    if isinstance(writers, (str, numbers.Integral)):
         writers = [writers]
     if isinstance(writers, torch.Tensor):
         writers = writers.reshape(-1).tolist()
@@ -220,7 +228,9 @@ def attribute(
         backend: "auto", "torch", "cpp" or "triton".
         capture: how activations are obtained: "engine" (no hook machinery: the forward from the weights,
             or a Hugging Face model's own modules with SDPA; `erasure_fast.engine`), "hooks" (TransformerLens's hooks) or "auto" (the engine where it
-            covers the model, else hooks; ``result.capture`` says which and why).
+            covers the model, else hooks; ``result.capture`` says which and why). A model with hooks
+            attached is analysed through them on hooks (``capture="engine"`` is refused), or refused
+            naming the hook where it cannot be (`erasure_fast.models.hooks`).
 
     Returns:
         `AttributionResult` (shapes in its docstring). Matches TransformerLens's ``logit_attrs`` on
@@ -242,10 +252,18 @@ def attribute(
 
 def resolve_capture(capture: str, model, spec: ModelSpec) -> str:
     """``capture`` ("auto", "engine", "hooks") checked against the model: "engine", or "hooks" followed
-    by why the engine is not used (auto). Asking for the engine where it does not cover the model is a
-    ValueError naming the reason, before any work."""
+    by why the engine is not used (auto), or by the model's own hooks that capture runs through
+    (`erasure_fast.models.hooks`). Asking for the engine where it does not cover the model or where
+    the model has hooks attached, and hooks the forward pass cannot run, are ValueErrors naming the
+    reason, before any work."""
     if capture not in CAPTURE_MODES:
         raise ValueError(f"capture must be one of {', '.join(map(repr, CAPTURE_MODES))}, got {capture!r}")
+    hooks = hooks_to_run(model)
+    if hooks:
+        if capture == "engine":
+            raise ValueError(f"capture='engine': the model has hooks attached ({describe_hooks(hooks)}), which the "
+                             "engine does not run; capture='hooks' (or 'auto') runs the model through them")
+        return f"hooks (through the model's own hooks: {describe_hooks(hooks)})"
     if capture == "hooks":
         return "hooks"
     problem = engine_problem(model, spec)
@@ -273,8 +291,9 @@ def run_attribution(model, spec: ModelSpec, tokens: torch.Tensor, wr: torch.Tens
                                               include_embed=with_resid)
     else:
         capture_mode = capture_mode if capture_mode != "engine" else "hooks (interventions run on hooks)"
+        # a hook of the user's may make the stream other than the sum of the nodes: read its points
         cap = capture(model, tokens, spec, include_mlps=with_mlps, include_embed=with_resid,
-                      extra_hooks=extra_hooks, keep_hooks=keep_hooks)
+                      extra_hooks=extra_hooks, keep_hooks=keep_hooks, stream_points=bool(user_hooks(model)))
     if scale_override is not None:
         cap.scale = scale_override.to(cap.scale)
     B, P = tokens.shape
@@ -306,6 +325,7 @@ def run_attribution(model, spec: ModelSpec, tokens: torch.Tensor, wr: torch.Tens
         center=spec.center,
     )
     out = impl.run(inputs)
+    require_finite_outputs(inputs, out)
     acc = accumulation_dtype(dtype)
     n_nodes = L * H + (L if with_mlps else 0)
     dots = out.dots[:, :n_nodes]

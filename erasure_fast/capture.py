@@ -109,16 +109,19 @@ def run_until(model, tokens: torch.Tensor, hooks, keep, stop: str) -> Dict[str, 
 
 
 def capture(model, tokens: torch.Tensor, spec: ModelSpec, *, include_mlps: bool = True, include_embed: bool = True,
-            extra_hooks=(), keep_hooks=()) -> Capture:
+            extra_hooks=(), keep_hooks=(), stream_points: bool = False) -> Capture:
     """Run ``model`` on ``tokens`` [batch, pos] (validated) and return the `Capture`.
 
     ``extra_hooks``: (name, fn) forward hooks run before ours (interventions such as patches);
-    ``keep_hooks``: further hook names whose activations are kept in ``Capture.extra``."""
+    ``keep_hooks``: further hook names whose activations are kept in ``Capture.extra``;
+    ``stream_points``: read the residual points from the stream even where the blocks are additive
+    (the points are then not sums of the nodes, e.g. under a hook of the user's)."""
     L = spec.n_layers
     final = f"blocks.{L - 1}.hook_resid_post"
     z_hooks = [f"blocks.{l}.attn.hook_z" for l in range(L)]
     mlp_hooks = [f"blocks.{l}.hook_mlp_out" for l in range(L)] if include_mlps and spec.has_mlps else []
-    point_hooks = [] if spec.additive_blocks or not include_embed else resid_point_hooks(spec)
+    read_points = include_embed and (stream_points or not spec.additive_blocks)
+    point_hooks = resid_point_hooks(spec) if read_points else []
     keep = z_hooks + list(keep_hooks) + mlp_hooks + ([EMBED_HOOK] if include_embed else []) + point_hooks
     store = run_until(model, tokens, extra_hooks, keep, final)
     missing = [name for name in z_hooks if name not in store]

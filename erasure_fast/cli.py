@@ -8,9 +8,13 @@ interrupted scan (Ctrl-C, SIGTERM) saves its checkpoint, says how to resume and 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import sys
+import warnings
+
+from .optional_deps import OptionalDependencyError  # light: no torch
 
 DESCRIPTION = """\
 Fused DLA and erasure analysis of transformer language models.
@@ -24,7 +28,27 @@ commands:
 
 Run `erasure-fast COMMAND --help` for a command's options."""
 
-_HELP = argparse.ArgumentDefaultsHelpFormatter
+class _HELP(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option with its default, except where there is none to show: a required option, or a
+    default of None (the help says what happens then)."""
+
+    def _get_help_string(self, action):
+        if action.required or action.default is None or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Argument errors in the command's one-line form (``erasure-fast: error: ...``, exit status 2)."""
+
+    def error(self, message):
+        self.exit(2, f"erasure-fast: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
+# --debug is taken before the command and after it ("erasure-fast scan ... --debug"); after it, it
+# sets the same attribute, and leaves it alone when absent (SUPPRESS)
+_DEBUG = argparse.ArgumentParser(add_help=False)
+_DEBUG.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the full traceback of an error")
 
 
 def _writers(text: str):
@@ -62,6 +86,9 @@ def _add_scan_args(p: argparse.ArgumentParser, demo: bool) -> None:
                    help="continue from the checkpoint in --out when the configuration and corpus match")
     p.add_argument("--no-resume", dest="resume", action="store_false",
                    help="start afresh, replacing a previous scan's outputs in --out")
+    p.add_argument("--force", action="store_true",
+                   help="scan into --out although it holds files no scan wrote there (the scan writes only its own "
+                        "file names, replacing files of those names, and removes only files a scan wrote)")
     p.add_argument("--checkpoint-every", type=int, default=20, help="batches between checkpoints")
     p.add_argument("--top-k", type=int, default=20, help="example positions kept per writer for the report")
     p.add_argument("--rank-by", default="es", choices=["es", "apr", "pr", "pv", "cos"],
@@ -74,7 +101,7 @@ def _add_scan_args(p: argparse.ArgumentParser, demo: bool) -> None:
                        help="put token ID at position 0 of every row (the row keeps seq-len tokens)")
         p.add_argument("--bin-dtype", default=None, choices=["uint16", "uint32", "int32", "int64"],
                        help="dtype of a raw .bin corpus (required for .bin: the file has no header)")
-        p.add_argument("--column", default="tokens", help="token column of a Hugging Face dataset")
+        p.add_argument("--column", default=None, help="token column of a Hugging Face dataset (default: tokens)")
 
 
 def _open(args, demo: bool):
@@ -86,11 +113,13 @@ def _open(args, demo: bool):
         model, info = planted_model()
         notes = info["note"]
         if args.device is not None:
-            model = model.to(args.device)
+            model = model.to(args.device)  # checked by _scan
     else:
+        from .errors import blame
         from .loading import load_model
 
-        model = load_model(args.model, device=args.device)
+        with blame("--model"):
+            model = load_model(args.model, device=args.device)
     bos = None if demo else args.prepend_bos
     if demo or args.corpus == "demo":
         from .demo import PLANTED, demo_corpus
@@ -103,7 +132,7 @@ def _open(args, demo: bool):
 
 
 def _print_summary(result) -> None:
-    from .scanning.ranking import STATISTIC_NAMES, top_pairs
+    from .scanning.ranking import STATISTIC_NAMES, null_verdict, top_pairs
 
     meta = result.meta
     by = meta["rank_by"]
@@ -115,15 +144,14 @@ def _print_summary(result) -> None:
         print(f"note: {dropped:,} corpus tokens lie in no row of {meta['seq_len']} (remainders after the last whole row)")
     name = STATISTIC_NAMES[by]
     q1, q3 = ("q0.25", "q0.75") if by == "pr" else (f"{by}_q0.25", f"{by}_q0.75")
-    print(f"strongest erasure by median {name} ({meta['rank_formula']}); null threshold {meta['null_threshold']:+.3f}:")
+    threshold = meta["null_threshold"]
+    shown = "none" if math.isnan(threshold) else f"{threshold:+.3f}"
+    print(f"strongest erasure by median {name} ({meta['rank_formula']}); null threshold {shown}:")
     print(f"  {'node':>6}      {'writer':<6} {name:>7}  [25%, 75%]           PR      cos   above null")
     for _, r in pairs.iterrows():
         print(f"  {r.node:>6} onto {r.writer:<6} {r['rank_statistic']:+.3f}  [{r[q1]:+.3f}, {r[q3]:+.3f}]  "
               f"{r['median']:+.3f}  {r['cos_median']:+.3f}  {'yes' if r['above_null'] else 'no'}")
-    if meta["pairs_above_null"] == 0:
-        print("no erasure above the null")
-    else:
-        print(f"{meta['pairs_above_null']} of {meta['downstream_pairs']} downstream pairs above the null")
+    print(null_verdict(meta))
     print(f"report: {result.files.get('report.md')}")
 
 
@@ -167,15 +195,20 @@ def _run_scan(args, demo: bool) -> int:
 
 
 def _scan(args, demo: bool) -> int:
+    from .loading import check_device
     from .scanning import plan_scan
     from .scanning.job import ScanJob
+    from .scanning.outdir import check_scan_dir
 
+    # the quick checks first, before a model is loaded (which can take minutes)
+    check_device(args.device, "--device")
+    check_scan_dir(args.out, "--out", overwrite=args.force, create=False)
     model, corpus, bos, notes = _open(args, demo)
     plan = plan_scan(model, corpus, writers=_writers(args.writers), seq_len=args.seq_len, batch_size=args.batch_size,
                      out_dir=args.out, resume=args.resume, backend=args.backend, capture=args.capture, max_tokens=args.max_tokens,
                      prepend_bos=bos, checkpoint_every=args.checkpoint_every, top_k=args.top_k,
                      progress=args.progress, notes=notes, bin_dtype=None if demo else args.bin_dtype,
-                     column="tokens" if demo else args.column, rank_by=args.rank_by)
+                     column=None if demo else args.column, rank_by=args.rank_by, overwrite=args.force)
     with ScanJob(plan) as job:
         if job.resumed_from:
             print(f"resuming {args.out} after {job.agg.tokens:,} tokens", file=sys.stderr)
@@ -228,7 +261,9 @@ def _run_bench(args, argv) -> int:
 # the argument's name is shown with the flag the user typed.
 _SCAN_FLAGS = {"max_tokens": "--max-tokens", "batch_size": "--batch-size", "checkpoint_every": "--checkpoint-every",
                "seq_len": "--seq-len", "writers": "--writers", "prepend_bos": "--prepend-bos", "out_dir": "--out",
-               "top_k": "--top-k", "bin_dtype": "--bin-dtype", "backend": "--backend", "rank_by": "--rank-by", "capture": "--capture"}
+               "top_k": "--top-k", "bin_dtype": "--bin-dtype", "backend": "--backend", "rank_by": "--rank-by",
+               "capture": "--capture", "column": "--column", "corpus": "--corpus", "model": "--model",
+               "device": "--device", "overwrite": "--force"}
 
 
 def _as_flag(command: str, message: str) -> str:
@@ -240,20 +275,21 @@ def _as_flag(command: str, message: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="erasure-fast", description=DESCRIPTION,
+    parser = _Parser(prog="erasure-fast", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    p_scan = sub.add_parser("scan", help="erasure scan of a token corpus, with a report", formatter_class=_HELP,
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+    common = dict(formatter_class=_HELP, parents=[_DEBUG])
+    p_scan = sub.add_parser("scan", help="erasure scan of a token corpus, with a report", **common,
                             description="Erasure scan of a token corpus, with a report; resumable, one scan per --out.")
     _add_scan_args(p_scan, demo=False)
-    p_demo = sub.add_parser("demo", help="scan the planted demo model over a synthetic 64K-token corpus", formatter_class=_HELP,
+    p_demo = sub.add_parser("demo", help="scan the planted demo model over a synthetic 64K-token corpus", **common,
                             description="Scan the planted GELU-4L-shaped demo model over 64 x 1024 synthetic tokens; "
                                         "exits 1 unless the planted pairs are the top pairs.")
     _add_scan_args(p_demo, demo=True)
-    sub.add_parser("backends", help="list the backends available here and why others are not", formatter_class=_HELP)
+    sub.add_parser("backends", help="list the backends available here and why others are not", **common)
     p_bench = sub.add_parser("bench", help="benchmark every provider side by side (K1, K2, S1) and write a report",
-                             formatter_class=_HELP)
+                             **common)
     p_bench.add_argument("--out", default="benchmarks/results", help="folder for the JSON / CSV / markdown / PNG report")
     p_bench.add_argument("--device", default=None, help="cpu or cuda; default: cuda when available")
     p_bench.add_argument("--shapes", default="gelu-4l,gpt2-small", help="comma-separated model shapes (gelu-4l, gpt2-small)")
@@ -274,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "times, bridge hooks vs engine, on S1's corpus (needs --s1-tokens)")
     p_bench.add_argument("--providers", default=None, help="comma-separated substrings of provider names to keep; default: all")
     p_paper = sub.add_parser("paper", help="the paper's analyses (figs 1-5, 8, miner) on gelu-4l when cached, else the demo model",
-                             formatter_class=_HELP)
+                             **common)
     from .paper.cli import add_arguments as add_paper_arguments
 
     add_paper_arguments(p_paper)
@@ -298,21 +334,41 @@ def _dispatch(args, argv) -> int:
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    from .scanning import ScanInterrupted
-
+    args = None
     try:
-        return _dispatch(args, argv)
-    except ScanInterrupted as e:
-        print(f"erasure-fast: {e}", file=sys.stderr)
+        args = build_parser().parse_args(argv)  # the parser imports torch (the paper's options): a long start-up
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warning
+            return _dispatch(args, argv)
+    except KeyboardInterrupt as e:  # a scan's own (ScanInterrupted) says what it saved; Ctrl-C elsewhere stops
+        print(f"erasure-fast: {e if str(e) else 'interrupted'}", file=sys.stderr)
+        _leave_quietly_on_sigint()
         return 130
+    except OptionalDependencyError as e:  # a broken install, not a user error: one line with its cause, exit 1
+        if args is None or args.debug:
+            raise
+        print(f"erasure-fast: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
     except (ValueError, TypeError, OSError) as e:  # user errors: one line, exit 2 (--debug: traceback)
-        if args.debug:
+        if args is None or args.debug:
             raise
         message = _as_flag(args.command, " ".join(str(e).split()) or type(e).__name__)
         print(f"erasure-fast: error: {message}", file=sys.stderr)
         return 2
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"erasure-fast: warning: {' '.join(str(message).split())}", file=file or sys.stderr)
+
+
+def _leave_quietly_on_sigint() -> None:
+    """After an interrupt the process only exits: a further Ctrl-C then ends it at once, without a
+    traceback from whatever exit handler it lands in."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 if __name__ == "__main__":

@@ -179,11 +179,14 @@ def validate(
     check_finite: bool = True,
     with_norms: bool = True,
     dla_table=None,
+    distinct_writers: bool = False,
 ) -> FusedInputs:
     """Check every argument of `fused_attribution` and return backend-ready `FusedInputs`.
 
     Raises TypeError (wrong kind or dtype) or ValueError (shape, range, device, non-finite) naming
     the argument, the expected value and what was received. Nothing reaches a backend before this.
+    Backends take a head as writer more than once (each occurrence its own column of ``dots``);
+    ``distinct_writers`` refuses that, as the public `fused_attribution` and `attribute` do.
     """
     z = _require_tensor("z", z)
     W_O = _require_tensor("W_O", W_O)
@@ -245,6 +248,11 @@ def validate(
         w = w.reshape(-1)
     if w.numel() and (int(w.min()) < 0 or int(w.max()) >= N):
         raise ValueError(f"writers must be head indices in [0, {N}), got {w.tolist()}")
+    if distinct_writers:
+        values, counts = torch.unique(w, return_counts=True)
+        if bool((counts > 1).any()):
+            raise ValueError(f"writers names head {int(values[counts > 1][0])} more than once ({w.tolist()}); list each "
+                             "head once")
     w = w.to(device)
 
     if extra_nodes is None:
@@ -287,6 +295,25 @@ def validate(
     )
 
 
+def require_finite_outputs(inputs: FusedInputs, out: FusedOutputs) -> None:
+    """ValueError unless every output that finite inputs define is finite -- DLA where a target (and a
+    wrong target, for a logit difference) exists (NaN marks "no target"), every dot and norm: values too large for the accumulation dtype (float32
+    overflows near 3.4e38, and a norm squares the head outputs) would otherwise come back as inf and
+    NaN without a word."""
+    dla = out.dla
+    if inputs.direction_ids is not None:  # tokens with a target (and a wrong one, for a logit difference)
+        has_target = inputs.direction_ids >= 0
+        if inputs.incorrect_ids is not None:
+            has_target &= inputs.incorrect_ids >= 0
+        dla = dla.index_select(0, torch.nonzero(has_target).reshape(-1))
+    for name, t in (("dla", dla), ("dots", out.dots), ("norms", out.norms)):
+        if t is not None and t.numel() and not _all_finite(t):
+            biggest = max(float(x.abs().max()) for x in (inputs.z, inputs.W_O, inputs.extra_nodes) if x.numel())
+            raise ValueError(
+                f"the attribution overflowed {str(inputs.out_dtype).replace('torch.', '')}: {name} has non-finite values although every input "
+                f"is finite (inputs up to {biggest:.3g} in magnitude); scale the inputs down, or use float64")
+
+
 def _check_dla_table(table, W_O, directions, center, ids, writers, extra) -> None:
     """A DLA table serves gathered DLA-only requests on the very tensors it was built from."""
     if not callable(getattr(table, "matches", None)) or not hasattr(table, "table"):
@@ -325,7 +352,7 @@ def fused_attribution(
         W_O: [N, d_head, d_model].
         directions: [K, d_model] direction table (fixed set, or rows gathered by ``direction_ids``).
         scale: [T] (or [T, 1]) final-LN scale, finite and > 0.
-        writers: [W] head indices in [0, N).
+        writers: [W] distinct head indices in [0, N).
         extra_nodes: [T, M, d_model] further nodes (MLP outputs, embeddings) or None.
         direction_ids: [T] int, row of ``directions`` per token, -1 for none; None = fixed-set mode.
         incorrect_ids: [T] int, subtracted row per token (logit difference); needs direction_ids.
@@ -346,9 +373,12 @@ def fused_attribution(
     inputs = validate(
         z, W_O, directions, scale, writers, extra_nodes,
         direction_ids=direction_ids, incorrect_ids=incorrect_ids,
-        center=center, check_finite=check_finite, with_norms=with_norms, dla_table=dla_table,
+        center=center, check_finite=check_finite, with_norms=with_norms, dla_table=dla_table, distinct_writers=True,
     )
-    return get_backend(backend, inputs.z.device, inputs.z.dtype).run(inputs)
+    out = get_backend(backend, inputs.z.device, inputs.z.dtype).run(inputs)
+    if check_finite:
+        require_finite_outputs(inputs, out)
+    return out
 
 
 class Measures(NamedTuple):

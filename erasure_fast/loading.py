@@ -14,15 +14,56 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 from typing import Optional
 
 import torch
 
+from .paths import expand_path
 from .tl_models import ModelLoadError, model_from_tl_state_dict
 
 GELU_4L_REPO = "NeelNanda/GELU_4L512W_C4_Code"
 ALIASES = {"gelu-4l": GELU_4L_REPO, GELU_4L_REPO.lower(): GELU_4L_REPO}
 _REQUIRED = ("d_model", "n_layers", "n_heads", "d_head", "d_mlp", "d_vocab", "n_ctx", "act_fn")
+# A Hugging Face repo id: owner/name, neither starting with '.' or '-' (anything else is a path)
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+_SIZES = ("d_model", "n_layers", "n_heads", "d_head", "d_vocab", "n_ctx")  # each an int >= 1 (d_mlp: >= 0)
+
+
+def check_device(device, name: str = "device") -> Optional[torch.device]:
+    """``device`` (None, a name or a torch.device) as a device this machine has, or a ValueError whose
+    message starts with ``name``: a name torch does not know, a CUDA / MPS device that is not here, or
+    the meta device (it holds no values to analyse)."""
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{name}: {device!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if dev.type == "meta":
+        raise ValueError(f"{name}: the meta device holds no values to analyse; use cpu or cuda")
+    try:
+        torch.empty(0, device=dev)  # reaches the device: CUDA that is not here, an index that does not exist
+    except (RuntimeError, AssertionError) as e:
+        raise ValueError(f"{name}: {device!r} is not available here ({str(e).splitlines()[0][:150]})") from None
+    return dev
+
+
+def _read_config_json(path: str) -> dict:
+    """``path``/config.json as a JSON object, or a ModelLoadError naming the file (and where it breaks)."""
+    cfg_path = os.path.join(path, "config.json")
+    try:
+        with open(cfg_path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{cfg_path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    except UnicodeDecodeError as e:
+        raise ModelLoadError(f"{cfg_path}: not UTF-8 text (byte offset {e.start})") from None
+    except OSError as e:
+        raise ModelLoadError(f"{cfg_path}: cannot be read ({e.strerror or e})") from None
+    if not isinstance(raw, dict):
+        raise ModelLoadError(f"{cfg_path}: holds a JSON {type(raw).__name__}, not an object of settings")
+    return raw
 
 
 def hf_snapshot_dir(repo_id: str, cache_dir: Optional[str] = None) -> str:
@@ -44,11 +85,17 @@ def read_tl_config(path: str) -> dict:
     cfg_path = os.path.join(path, "config.json")
     if not os.path.exists(cfg_path):
         raise ModelLoadError(f"{path}: no config.json (a TransformerLens-style checkpoint directory needs one)")
-    with open(cfg_path) as f:
-        raw = json.load(f)
+    raw = _read_config_json(path)
     missing = [k for k in _REQUIRED if k not in raw]
     if missing:
         raise ModelLoadError(f"{cfg_path}: missing keys {missing}")
+    for key in _SIZES + ("d_mlp",):
+        value, least = raw[key], 0 if key == "d_mlp" else 1
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ModelLoadError(f"{cfg_path}: {key} must be an integer >= {least}, got {value!r}")
+    if not isinstance(raw["act_fn"], str):
+        raise ModelLoadError(f"{cfg_path}: act_fn must be a string, got {raw['act_fn']!r}")
+
     norm = raw.get("normalization_type", raw.get("normalization", "LN"))
     if raw.get("shortformer_pos", False) or raw.get("positional_embedding_type", "standard") != "standard":
         raise ModelLoadError(f"{cfg_path}: only standard positional embeddings are supported")
@@ -63,7 +110,11 @@ def read_tl_weights(path: str) -> dict:
     if os.path.exists(st):
         from safetensors.torch import load_file
 
-        return load_file(st)
+        try:
+            return load_file(st)
+        except Exception as e:  # safetensors raises its own error type for a truncated or corrupt file
+            raise ModelLoadError(f"{st}: cannot be read as safetensors ({type(e).__name__}: "
+                                 f"{' '.join(str(e).split())[:200]}); the file may be truncated") from None
     pths = sorted(glob.glob(os.path.join(path, "*.pth")))
     finals = [p for p in pths if p.endswith("final.pth")]
     pick = finals[0] if finals else (pths[0] if len(pths) == 1 else None)
@@ -94,13 +145,11 @@ def _tokenizer(name: Optional[str]):
 
 def is_hf_checkpoint(path: str) -> bool:
     """Whether ``path`` holds a Hugging Face checkpoint (its config.json names ``architectures`` and is
-    not a TransformerLens-style config)."""
-    try:
-        with open(os.path.join(path, "config.json")) as f:
-            raw = json.load(f)
-    except (OSError, ValueError):
+    not a TransformerLens-style config). A config.json that is not a JSON object is a ModelLoadError."""
+    if not os.path.isfile(os.path.join(path, "config.json")):
         return False
-    return isinstance(raw, dict) and bool(raw.get("architectures")) and not all(k in raw for k in _REQUIRED)
+    raw = _read_config_json(path)
+    return bool(raw.get("architectures")) and not all(k in raw for k in _REQUIRED)
 
 
 def load_hf_checkpoint(path: str, *, device=None, dtype: torch.dtype = torch.float32):
@@ -146,21 +195,31 @@ def load_tl_checkpoint(path: str, *, device=None, dtype: torch.dtype = torch.flo
 
 def load_model(name: str, *, device=None, dtype: torch.dtype = torch.float32, cache_dir: Optional[str] = None):
     """``demo`` (planted GELU-4L-shaped model), ``gelu-4l`` / ``NeelNanda/GELU_4L512W_C4_Code`` (local HF
-    cache only), another cached ``owner/name`` repo, or a checkpoint directory -- TransformerLens-style, or
-    a Hugging Face checkpoint of a family TransformerLens 4 bridges."""
+    cache only), another cached ``owner/name`` repo, or a checkpoint directory (``~`` and ``$VARS``
+    expanded, in ``cache_dir`` too) -- TransformerLens-style, or a Hugging Face checkpoint of a family TransformerLens 4
+    bridges. ``device`` is checked first (`check_device`)."""
+    if not isinstance(name, (str, os.PathLike)) or not os.fspath(name):
+        raise TypeError(f"model: expected a model name or directory, got {name!r}")
+    check_device(device)
     if name == "demo":
         from .demo import planted_model
 
         model, _ = planted_model()
         return model.to(device) if device is not None else model
+    name = expand_path(name)
     if os.path.isdir(name):
         if is_hf_checkpoint(name):
             return load_hf_checkpoint(name, device=device, dtype=dtype)
         return load_tl_checkpoint(name, device=device, dtype=dtype)
     repo = ALIASES.get(name.lower(), name)
-    if "/" not in repo:
+    if not _REPO_ID.fullmatch(repo):
+        if os.path.lexists(name):
+            raise ModelLoadError(f"{name}: not a directory; a model is a checkpoint directory (config.json and "
+                                 "weights), 'demo', 'gelu-4l' or a cached owner/name repo")
+        if os.sep in name or name.startswith((".", "~")):
+            raise ModelLoadError(f"{name}: no such directory")
         raise ModelLoadError(f"unknown model {name!r}: use 'demo', 'gelu-4l', a cached owner/name repo or a directory")
-    path = hf_snapshot_dir(repo, cache_dir)
+    path = hf_snapshot_dir(repo, expand_path(cache_dir))
     if is_hf_checkpoint(path):
         return load_hf_checkpoint(path, device=device, dtype=dtype)
     return load_tl_checkpoint(path, device=device, dtype=dtype, name=repo)

@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 from typing import Optional
 
+from .paths import atomic_write, expand_path
+
 
 def new_figure(figsize, nrows: int = 1, ncols: int = 1, **subplot_kw):
     """(figure, axes) like ``plt.subplots``, but owned by the caller (nothing registered globally)."""
@@ -26,18 +28,10 @@ def colormap(name: str):
 
 def save(fig, path: Optional[str], dpi: int = 120) -> Optional[str]:
     """Lay out and write ``fig`` to ``path`` (PNG by extension); None writes nothing. The file
-    appears complete or not at all (temp file + rename)."""
+    appears complete or not at all (`erasure_fast.paths.atomic_write`); ``~`` and ``$VARS`` are expanded."""
     if not path:
         return None
-    folder = os.path.dirname(path) or "."
-    os.makedirs(folder, exist_ok=True)
+    path = expand_path(path)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig.tight_layout()
-    root, ext = os.path.splitext(path)
-    tmp = os.path.join(folder, f".tmp-{os.path.basename(root)}-{os.getpid()}{ext}")
-    try:
-        fig.savefig(tmp, dpi=dpi)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return atomic_write(path, lambda temp: fig.savefig(temp, dpi=dpi))

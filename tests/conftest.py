@@ -91,7 +91,80 @@ def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
     return float((ours[fin] - ref[fin]).abs().max() / denom)
 
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The upstream packages whose behaviour the tests state facts about, reported in every run's header.
+UPSTREAM = ("torch", "transformer-lens", "transformers", "nnsight", "triton", "numpy")
+# `make test-latest` sets this: the run is on the newest upstream releases, not on the lock.
+DRIFT_REPORT = os.environ.get("EF_UPSTREAM_REPORT")
+_FINDINGS: list = []  # upstream facts that no longer hold (drift runs only)
+
+
+def load_tool(name: str):
+    """A module of the repository's tools/ folder (not part of the package), e.g. "upstream"."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"tools_{name}", os.path.join(REPO, "tools", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def installed_versions() -> dict:
+    """{canonical distribution name: version} of this environment."""
+    canonical = load_tool("upstream").canonical
+    return {canonical(d.metadata["Name"]): d.version for d in metadata.distributions()}
+
+
+def lock_path() -> str:
+    """The lock `make test` installs this environment from: TransformerLens 4's or 3's."""
+    return os.path.join(REPO, "requirements", "tl4.lock" if TL_MAJOR >= 4 else "tl3.lock")
+
+
+def upstream_fact(holds: bool, finding: str) -> None:
+    """A fact about an upstream package (measured on the locked versions: a refusal, a failure of
+    TransformerLens the project works around). Where it no longer holds, ``finding`` says what changed
+    and what to do (e.g. "this refusal can be lifted"): a failure on the lock, a line of the drift
+    report under `make test-latest` (the run goes on)."""
+    if holds:
+        return
+    if DRIFT_REPORT:
+        _FINDINGS.append(dict(test=os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0], finding=finding))
+        return
+    versions = installed_versions()
+    here = ", ".join(f"{p} {versions.get(p, '-')}" for p in UPSTREAM)
+    pytest.fail(f"{finding} [upstream here: {here}; `make test` installs {os.path.relpath(lock_path(), REPO)}]",
+                pytrace=False)
+
+
+def machine_facts() -> dict:
+    """The CPU (model, ISA, the C++ kernel's build) and the upstream versions of this run."""
+    from erasure_fast.bench import machine
+
+    versions = installed_versions()
+    return dict(cpu=machine.cpu_line(machine.describe()), upstream={p: versions.get(p) for p in UPSTREAM})
+
+
+def pytest_report_header(config):
+    facts = machine_facts()
+    return [facts["cpu"], "upstream: " + ", ".join(f"{p} {v or '-'}" for p, v in facts["upstream"].items())
+            + (" (newest releases: drift run)" if DRIFT_REPORT else "")]
+
+
+def write_json(path: str, data) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+
+
 def pytest_terminal_summary(terminalreporter):
+    terminalreporter.section("machine and upstream versions of this run")  # shown under -q too, unlike the header
+    for line in pytest_report_header(None):
+        terminalreporter.write_line(line)
+    if DRIFT_REPORT:  # written even when empty: the drift report tells a finished run from a crashed one
+        write_json(DRIFT_REPORT, dict(machine_facts(), findings=_FINDINGS))
+        terminalreporter.section(f"upstream facts that changed ({len(_FINDINGS)})")
+        for item in _FINDINGS:
+            terminalreporter.write_line(f"{item['test']}: {item['finding']}")
     if not _ERRORS:
         return
     terminalreporter.section(f"largest observed errors (relative to max |reference|), TransformerLens {TL_VERSION}")
@@ -99,9 +172,7 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_line(f"{_ERRORS[key]:.3e}  {key}")
     path = os.environ.get("EF_ERROR_REPORT")
     if path:
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        with open(path, "w") as f:
-            json.dump({"transformer_lens": TL_VERSION, "errors": _ERRORS}, f, indent=1, sort_keys=True)
+        write_json(path, dict(machine_facts(), transformer_lens=TL_VERSION, errors=_ERRORS))
 
 
 def _randomize_vectors(model, seed: int) -> None:

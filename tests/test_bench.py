@@ -330,3 +330,79 @@ def test_c1_rows_of_hugging_face_families_time_hooks_and_engine():
     harness.finish(points, dict(matmul_gflops={"float32": 1e6}))
     assert all(p.speedup_vs_tl is not None and p.roofline_pct is not None for p in points)
     assert len(lines) == len(points)
+
+
+def test_the_child_finds_top_level_distributions_not_our_subpackages(tmp_path, monkeypatch):
+    """The measuring child imports this very erasure_fast, and a top-level module whose name is also one
+    of the package's subpackages (``kernels``: transformers imports that distribution) is never the
+    subpackage: the folder that holds the package goes on the child's path, not the package's folder.
+    (Stand-ins on PYTHONPATH make each name importable; where the real distribution is installed, it
+    may come first.)"""
+    import sys
+
+    import erasure_fast
+
+    ours = os.path.dirname(erasure_fast.__file__)
+    names = sorted(n for n in os.listdir(ours) if os.path.isfile(os.path.join(ours, n, "__init__.py")))
+    assert "kernels" in names
+    third_party = tmp_path / "site"
+    for name in names:
+        (third_party / name).mkdir(parents=True)
+        (third_party / name / "__init__.py").write_text("")
+    monkeypatch.setenv("PYTHONPATH", str(third_party))
+    probe = f"import erasure_fast, importlib; print(erasure_fast.__file__); [print(importlib.import_module(n).__file__) for n in {names!r}]"
+    out = subprocess.run([sys.executable, "-c", probe], env=bench.child_environment(), cwd=tmp_path,
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out[0] == erasure_fast.__file__
+    assert len(out) == len(names) + 1 and not [path for path in out[1:] if path.startswith(ours + os.sep)], out
+
+
+def _tl_import(outcome):
+    """A stand-in for `import_optional` where TransformerLens is absent (None) or broken (raises)."""
+    from erasure_fast.optional_deps import OptionalDependencyError
+
+    def fake(name):
+        if not name.startswith("transformer_lens"):
+            raise AssertionError(f"unexpected optional import {name}")
+        if outcome == "broken":
+            raise OptionalDependencyError(f"{name} is installed but cannot be imported: ImportError: cannot "
+                                          "import name 'CUDAProperties' from 'kernels'")
+        return None
+
+    return fake
+
+
+def test_a_broken_transformer_lens_refuses_the_workloads_before_timing(monkeypatch):
+    """TransformerLens installed but failing to import: every workload that needs it as its reference
+    is one "error" point with the cause, and nothing is timed (no provider runs)."""
+    monkeypatch.setitem(workloads.SHAPES, "tiny", TINY)
+    monkeypatch.setattr(harness, "import_optional", _tl_import("broken"))
+    monkeypatch.setattr(harness, "measure", lambda *a, **k: pytest.fail("a provider was timed"))
+    lines: list = []
+    points = harness.run_kernels(["tiny"], [24, 48], torch.device("cpu"), repeats=2, budget_s=60, progress=lines.append)
+    points += harness.run_s1(1024, torch.device("cpu"), progress=lines.append)
+    assert [(p.workload, p.n_tokens) for p in points] == [
+        (w, n) for n in (24, 48) for w in ("K1", "K2n", "K2f")] + [("S1", 1024)]
+    for p in points:
+        assert p.status == "error" and p.median_s is None and p.provider == "transformer_lens", p
+        assert p.note.startswith("not timed: transformer_lens") and "cannot import name 'CUDAProperties'" in p.note
+    assert len(lines) == len(points) and all("CUDAProperties" in line for line in lines)
+
+
+@needs_cpp
+def test_without_transformer_lens_the_own_providers_are_timed_and_s1_refused(monkeypatch):
+    """TransformerLens 4 not installed (a GPU machine without it): the kernels are timed on a ModelSpec
+    of random weights, TransformerLens's rows say why they are missing, S1 is refused with the reason."""
+    monkeypatch.setitem(workloads.SHAPES, "tiny", TINY)
+    monkeypatch.setattr(harness, "import_optional", _tl_import("absent"))
+    points = harness.run_kernels(["tiny"], [24], torch.device("cpu"), repeats=2, budget_s=60, progress=lambda line: None,
+                                 providers=["transformer_lens", "erasure_fast cpp"],
+                                 round_settings=rounds.RoundSettings(min_rounds=2, budget_s=1))
+    s1 = harness.run_s1(1024, torch.device("cpu"), progress=lambda line: None)
+    for p in points:
+        if p.provider.startswith("transformer_lens"):
+            assert p.status == "skipped" and p.note == "TransformerLens 4 not installed", p
+        else:
+            assert p.status == "ok" and p.median_s > 0, p
+    assert {p.provider for p in points if p.status == "ok"} >= {"erasure_fast cpp"}
+    assert [(p.workload, p.status) for p in s1] == [("S1", "error")] and "not installed" in s1[0].note

@@ -4,6 +4,7 @@ says how to resume."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -25,6 +26,13 @@ def root(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     write_tl_checkpoint(root / "model", DIMS, seed=11)
     np.save(root / "tokens.npy", np.random.default_rng(5).integers(0, 50, size=(40, 16)).astype(np.int32))
+    # a model with a tokenizer, for text corpora: the word tokenizer over DIMS' vocabulary, found by path
+    from erasure_fast.bench.hf_capture import word_tokenizer
+
+    word_tokenizer(DIMS["d_vocab"] - 2).save_pretrained(str(root / "tokenizer"))
+    write_tl_checkpoint(root / "tokmodel", DIMS, seed=11)
+    cfg = json.loads((root / "tokmodel" / "config.json").read_text())
+    (root / "tokmodel" / "config.json").write_text(json.dumps(dict(cfg, tokenizer_name=str(root / "tokenizer"))))
     return root
 
 
@@ -75,7 +83,7 @@ def test_user_errors_are_one_line_and_exit_2(root, tmp_path, case):
         "duplicate writers": (["--writers", "L0H2,L0H2"], r"error: --writers names head L0H2 twice"),
         "out is a file": (["--out", tmp_path / "file"], r"error: --out: .* exists and is not a directory"),
         "bad writer": (["--writers", "L7H0"], r"head 'L7H0' does not exist"),
-        "seq-len too long": (["--seq-len", "100"], r"seq_len 100 is longer than the stored rows \(16 tokens\)"),
+        "seq-len too long": (["--seq-len", "100"], r"error: --seq-len 100 is longer than the stored rows of .*tokens.npy \(16 tokens\)"),
         "zero max-tokens": (["--max-tokens", "0"], r"error: --max-tokens must be >= 1, got 0"),
         "bad checkpoint-every": (["--checkpoint-every", "0"], r"error: --checkpoint-every must be >= 1, got 0"),
     }[case]
@@ -146,3 +154,164 @@ def test_ctrl_c_saves_a_checkpoint_and_rerunning_resumes_exactly(root, tmp_path)
 def test_bench_c1_family_errors_are_one_line_and_exit_2(tmp_path, extra, pattern):
     one_line_error(cli("bench", "--out", tmp_path / "out", *extra), pattern)
     assert not (tmp_path / "out").exists()
+
+
+def _model_dir(tmp_path, config=None, *, fmt="pth", weights=None) -> str:
+    """A copy of the test checkpoint whose config.json reads ``config`` (text) and whose weights are
+    ``weights`` (bytes) when given."""
+    folder = tmp_path / "m"
+    write_tl_checkpoint(folder, DIMS, seed=11, fmt=fmt)
+    if config is not None:
+        (folder / "config.json").write_text(config)
+    if weights is not None:
+        (folder / ("model.safetensors" if fmt == "safetensors" else "model_final.pth")).write_bytes(weights)
+    return str(folder)
+
+
+def _config(**changes) -> str:
+    cfg = dict(DIMS, act_fn="gelu", normalization="LN", attn_only=False, positional_embedding_type="standard",
+               tokenizer_name=None, model_name="fake-gelu")
+    return json.dumps(dict(cfg, **changes))
+
+
+@pytest.mark.parametrize("case", ["device potato", "device cuda", "device meta", "n_layers 0", "config not an object",
+                                  "config broken", "safetensors truncated", "model path missing", "model is a file",
+                                  "top-k huge", "column with npy", "bin-dtype with npy", "argparse value",
+                                  "jsonl text null", "jsonl text number", "text not utf-8"])
+def test_every_user_error_is_one_line_naming_the_flag_or_file(root, tmp_path, case):
+    """The issue's tracebacks and unlocated messages, each now one line (exit 2) naming the flag at
+    fault or the file (with its line and byte for text), and nothing written."""
+    import torch
+
+    if case == "device cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    (tmp_path / "null.jsonl").write_text('{"text": "w1 w2"}\n{"text": null}\n')
+    (tmp_path / "number.jsonl").write_text('{"text": "w1 w2"}\n{"text": 17}\n')
+    (tmp_path / "latin1.txt").write_bytes("w1 w2\nw3\nw4 caf\xe9\n".encode("latin-1"))
+    (tmp_path / "file").write_text("x")
+    st = (tmp_path / "st")
+    good_st = _model_dir(st, fmt="safetensors")
+    truncated = open(os.path.join(good_st, "model.safetensors"), "rb").read()[:-100]
+    tok = ["--model", root / "tokmodel"]
+    extra, pattern = {
+        "device potato": (["--device", "potato"], r"error: --device: 'potato' is not a torch device"),
+        "device cuda": (["--device", "cuda"], r"error: --device: 'cuda' is not available here"),
+        "device meta": (["--device", "meta"], r"error: --device: the meta device holds no values to analyse"),
+        "n_layers 0": (["--model", _model_dir(tmp_path / "a", _config(n_layers=0))],
+                       r"error: --model: .*config.json: n_layers must be an integer >= 1, got 0"),
+        "config not an object": (["--model", _model_dir(tmp_path / "b", "[1, 2]")],
+                                 r"error: --model: .*config.json: holds a JSON list, not an object of settings"),
+        "config broken": (["--model", _model_dir(tmp_path / "c", '{"d_model": ')],
+                          r"error: --model: .*config.json: not valid JSON \(Expecting value at line 1, column 13\)"),
+        "safetensors truncated": (["--model", _model_dir(tmp_path / "d", fmt="safetensors", weights=truncated)],
+                                  r"error: --model: .*model.safetensors: cannot be read as safetensors .* truncated"),
+        "model path missing": (["--model", "./nonexistent_dir"], r"error: --model: ./nonexistent_dir: no such directory$"),
+        "model is a file": (["--model", tmp_path / "file"], r"error: --model: .*file: not a directory"),
+        "top-k huge": (["--top-k", "1000000000"], r"error: --top-k 1,000,000,000 keeps 6,000,000,000 example positions .* "
+                                                  r"more than half of this machine's free memory"),
+        "column with npy": (["--column", "ids"], r"error: --column is only for Hugging Face datasets; .*tokens.npy is a "
+                                                 r".npy token array"),
+        "bin-dtype with npy": (["--bin-dtype", "uint16"], r"error: --bin-dtype is only for raw .bin token files"),
+        "argparse value": (["--top-k", "many"], r"error: argument --top-k: invalid int value: 'many' \(see erasure-fast "
+                                                r"scan --help\)"),
+        "jsonl text null": ([*tok, "--corpus", tmp_path / "null.jsonl"], r"null.jsonl: line 2: field 'text' is null, not "
+                                                                         r"a string"),
+        "jsonl text number": ([*tok, "--corpus", tmp_path / "number.jsonl"], r"number.jsonl: line 2: field 'text' is a "
+                                                                             r"JSON int, not a string"),
+        "text not utf-8": ([*tok, "--corpus", tmp_path / "latin1.txt", "--seq-len", "4"],
+                           r"latin1.txt: line 3 \(byte offset 15\) is not UTF-8 text \(invalid continuation byte: "
+                           r"b'\\xe9\\n'\)"),
+    }[case]
+    base = scan_args(root, tmp_path / "out")
+    for flag in ("--model", "--corpus"):
+        if flag in extra:
+            i = base.index(flag)
+            del base[i:i + 2]
+    one_line_error(cli(*base, *extra), pattern)
+    assert not (tmp_path / "out").exists()
+
+
+def test_debug_after_the_command_and_help_without_none_defaults(root, tmp_path):
+    proc = cli(*scan_args(root, tmp_path / "o", "--writers", "L0H2,L0H2", "--debug"))
+    assert proc.returncode != 0 and "Traceback" in proc.stderr and "names head L0H2 twice" in proc.stderr
+    scan_help = " ".join(cli("scan", "--help").stdout.split())
+    assert "(default: None)" not in scan_help and "--force" in scan_help
+    assert "--model MODEL 'demo'" in scan_help and "(default: tokens)" in scan_help
+
+
+def test_a_folder_holding_other_files_is_refused_before_the_model_loads(root, tmp_path):
+    out = tmp_path / "proj"
+    (out / "checkpoint" / "step1000").mkdir(parents=True)
+    (out / "checkpoint" / "step1000" / "model.bin").write_bytes(b"w")
+    one_line_error(cli(*scan_args(root, out)), r"error: --out: .*proj' holds files no scan wrote there "
+                                                r"\('checkpoint/step1000/model.bin'\); .*--force")
+    assert sorted(p.name for p in out.rglob("*")) == ["checkpoint", "model.bin", "step1000"]
+    done = cli(*scan_args(root, out, "--force"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (out / "checkpoint" / "step1000" / "model.bin").read_bytes() == b"w" and (out / "report.md").exists()
+
+
+def test_paths_with_a_tilde_are_one_folder(root, tmp_path):
+    """--out '~/x' scanned into a literal ./~/x, then failed in the summary writer, which expands '~'."""
+    home = tmp_path / "home"
+    home.mkdir()
+    proc = cli("scan", "--model", root / "model", "--corpus", root / "tokens.npy", "--out", "~/x", "--no-progress",
+               "--max-tokens", "64", env={"HOME": str(home)}, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (home / "x" / "report.md").exists() and (home / "x" / "checkpoint" / "rank0-of-1.npz").exists()
+    assert not (tmp_path / "~").exists() and not [f for f in os.listdir(home) if f.startswith(".tmp-")]
+
+
+def test_a_full_disk_is_one_line_naming_the_file(root, tmp_path, monkeypatch, capsys):
+    """ENOSPC said which file could not be written (in process: the disk cannot be filled here)."""
+    import errno
+
+    from erasure_fast import cli as cli_module
+    from erasure_fast.scanning import checkpoint as checkpoint_module
+
+    def full_disk(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint_module.np, "savez", full_disk)
+    rc = cli_module.main([str(a) for a in scan_args(root, tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.count("\n") == 0, err
+    assert err.startswith("erasure-fast: error: cannot write ") and err.endswith(
+        "out/checkpoint/rank0-of-1.npz (No space left on device)"), err
+
+
+def test_ctrl_c_during_start_up_is_one_line(root, tmp_path):
+    """Start-up (imports, loading the model) used to end in a KeyboardInterrupt traceback."""
+    proc = subprocess.Popen([sys.executable, "-m", "erasure_fast.cli", *map(str, scan_args(root, tmp_path / "out"))],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    time.sleep(1.0)  # importing torch, within the command (erasure_fast's own import loads none)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, (proc.returncode, err)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("erasure-fast: ") and "Traceback" not in err, err
+
+
+def test_a_second_ctrl_c_stops_at_once_without_a_traceback(root, tmp_path):
+    big = tmp_path / "big.npy"
+    np.save(big, np.random.default_rng(5).integers(0, 50, size=(400, 16)).astype(np.int32))
+    out = tmp_path / "out"
+    args = ["scan", "--model", root / "model", "--corpus", big, "--out", out, "--batch-size", "2", "--no-progress",
+            "--checkpoint-every", "1"]
+    proc = subprocess.Popen([sys.executable, "-m", "erasure_fast.cli", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    ck = out / "checkpoint" / "rank0-of-1.npz"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not ck.exists():
+        time.sleep(0.01)
+    for _ in range(3):  # Ctrl-C held down
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.005)
+    _, err = proc.communicate(timeout=300)
+    if proc.returncode == 0:
+        pytest.skip("the scan finished before the signals arrived")
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert proc.returncode in (130, -signal.SIGINT), (proc.returncode, err)
+    assert "Traceback" not in err and len(lines) <= 1, err
+    assert ckpt.load(str(ck)) is not None  # what was saved stays readable

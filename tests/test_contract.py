@@ -59,6 +59,8 @@ BAD = [
     ("writer negative", dict(writers=[-1]), ValueError, "writers must be head indices"),
     ("writer float tensor", dict(writers=torch.tensor([0.5])), TypeError, "writers must be integer"),
     ("writer junk", dict(writers=["a"]), TypeError, "writers must be a sequence of int"),
+    # `attribute` refuses a head named twice; fused_attribution took it (each writer's column repeated)
+    ("writer twice", dict(writers=[2, 0, 2]), ValueError, r"writers names head 2 more than once \(\[2, 0, 2\]\); list each"),
     ("extra_nodes shape", dict(extra_nodes=torch.randn(5, 2, 8)), ValueError, "extra_nodes must have shape"),
     ("extra_nodes tokens", dict(extra_nodes=torch.randn(4, 2, 7)), ValueError, "extra_nodes must have shape"),
     ("ids too large", dict(direction_ids=torch.tensor([0, 1, 2, 3, 6])), ValueError, "direction_ids must lie in \\[-1, 6\\)"),
@@ -152,6 +154,11 @@ MODEL_BAD = [
     ("writer index", dict(writers=[6]), ValueError, "head index 6 out of range"),
     ("writer label junk", dict(writers=["head2"]), ValueError, "not of the form"),
     ("writers empty", dict(writers=[]), ValueError, "writers is empty"),
+    # writers=(1, 2) meant head L1H2 while [1, 2] meant flat heads 1 and 2: a bare pair is now refused
+    ("writers bare pair", dict(writers=(1, 2)), ValueError,
+     r"writers=\(1, 2\) is ambiguous: pass \[\(1, 2\)\] for head L1H2, or \[1, 2\] for the heads with flat indices 1 and 2"),
+    ("writer float pair", dict(writers=[(1.0, 2)]), TypeError, "a head must be an int, a \(layer, head\) pair of ints"),
+    ("writer bool", dict(writers=[True]), TypeError, "a head must be an int"),
     ("target out of range", dict(targets=23), ValueError, "targets must lie in"),
     ("target shape", dict(targets=torch.zeros(3, dtype=torch.long)), ValueError, "targets must be an int, \\[batch\\]"),
     ("target string", dict(targets="prev"), ValueError, "targets must be \"next\""),
@@ -168,6 +175,29 @@ def test_bad_attribute_input(case, kw, exc, match, small_model, no_backend_runs)
     tokens = args.pop("tokens")
     with pytest.raises(exc, match=match):
         ef.attribute(small_model, tokens, **args)
+
+
+def test_writers_of_every_integer_kind_and_pairs_in_a_list(small_model):
+    import numpy as np
+
+    tokens = torch.randint(0, 23, (2, 4))
+    want = ef.attribute(small_model, tokens, writers=["L1H2", "L0H1"]).writer_labels
+    for writers in ([(1, 2), (0, 1)], [5, 1], [np.int64(5), np.int32(1)], torch.tensor([5, 1])):
+        assert ef.attribute(small_model, tokens, writers=writers).writer_labels == want, writers
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inputs_too_large_for_the_accumulation_are_an_error_not_nans(dtype):
+    """Inputs x 1e30 gave all-NaN outputs without a word: their dots and norms overflow float32."""
+    args = good(dtype=dtype)
+    args["z"] = args["z"] * 1e30
+    with pytest.raises(ValueError, match=r"the attribution overflowed float32: dots has non-finite values although every "
+                                         r"input is finite \(inputs up to .*e\+30 in magnitude\); scale the inputs down"):
+        ef.fused_attribution(**args)
+    args64 = {k: (v.double() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in good().items()}
+    args64["z"] = args64["z"] * 1e30
+    out = ef.fused_attribution(**args64)  # float64 holds them
+    assert torch.isfinite(out.dots).all() and torch.isfinite(out.norms).all()
 
 
 def test_not_a_model():

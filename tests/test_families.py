@@ -250,10 +250,15 @@ def test_a_plain_transformers_model_is_followed_through_weight_edits_and_left_un
 
     hf = transformers.AutoModelForCausalLM.from_pretrained(folders["LlamaForCausalLM"]).eval()
     fired = []
-    hf.model.layers[0].register_forward_hook(lambda *a: fired.append(1))
+    handle = hf.model.layers[0].register_forward_hook(lambda *a: fired.append(1))
     tokens = torch.randint(2, VOCAB, (1, 7), generator=torch.Generator().manual_seed(4))
+    # the bridged copy would not run the user's hook: refused, naming it, rather than analysing another model
+    with pytest.raises(ValueError, match=r"model: this transformers model has hooks attached \(forward hook <lambda> on "
+                                         r"model.layers.0\)"):
+        ef.attribute(hf, tokens, writers=["L0H1"])
+    assert not fired and len(hf.model.layers[0]._forward_hooks) == 1  # left as it was
+    handle.remove()
     before = ef.attribute(hf, tokens, writers=["L0H1"]).dla
-    assert not fired, "the user's hook ran inside erasure_fast's forward"
     o_proj = hf.model.layers[1].self_attn.o_proj
     with torch.no_grad():
         o_proj.weight.mul_(2.0)  # in place: layer 1's heads write twice as much
@@ -267,7 +272,7 @@ def test_a_plain_transformers_model_is_followed_through_weight_edits_and_left_un
     o_proj.weight = torch.nn.Parameter(o_proj.weight.detach() / 2)  # replaced: a new bridge
     assert ef.as_transformer_lens(hf) is not bridge
     torch.testing.assert_close(ef.attribute(hf, tokens, writers=["L0H1"]).dla, before, equal_nan=True)
-    assert type(hf.model.layers[0]).__name__ == "LlamaDecoderLayer" and len(hf.model.layers[0]._forward_hooks) == 1
+    assert type(hf.model.layers[0]).__name__ == "LlamaDecoderLayer"
     ref = weakref.ref(ef.as_transformer_lens(hf))
     del hf, bridge, o_proj, fresh
     gc.collect()

@@ -4,9 +4,9 @@ goes to $EF_FAMILY_REPORT when set."""
 
 from __future__ import annotations
 
-import json
 import os
 
+from conftest import machine_facts, write_json
 from family_results import PAPER_RESULTS, RESULTS
 from hf_families import registry_families
 
@@ -77,9 +77,7 @@ def test_write_family_report_and_readme_table_is_current():
     assert set(RESULTS) == set(registry_families()), "the table needs every family's test in this run"
     path = os.environ.get("EF_FAMILY_REPORT")
     if path:
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        with open(path, "w") as f:
-            json.dump({"attribute": RESULTS, "paper": PAPER_RESULTS}, f, indent=1, sort_keys=True)
+        write_json(path, dict(machine_facts(), attribute=RESULTS, paper=PAPER_RESULTS))
     readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
     generated = family_table(RESULTS) + "\n\n" + refusal_list(RESULTS)
     assert README_BEGIN in readme and README_END in readme

@@ -79,3 +79,23 @@ def test_bad_checkpoints(tmp_path):
         load_model(str(tmp_path))
     with pytest.raises(ModelLoadError, match="unknown model 'nonsense'"):
         load_model("nonsense")
+
+
+def test_model_paths_expand_and_a_missing_directory_is_not_a_repo(tmp_path, monkeypatch):
+    """'~/m' and '$VAR/m' are the folder they name; './nonexistent_dir' was taken for a hub repo and
+    answered with `huggingface-cli download ./nonexistent_dir`."""
+    sd = write_tl_checkpoint(tmp_path / "m", DIMS, seed=2)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("EF_TEST_MODELS", str(tmp_path))
+    for name in ("~/m", "$EF_TEST_MODELS/m"):
+        check_weights(load_model(name), sd)
+    monkeypatch.chdir(tmp_path)
+    for name in ("./nonexistent_dir", "../nowhere", "a/b/c", "~/none"):
+        with pytest.raises(ModelLoadError, match=r"no such directory$") as e:
+            load_model(name)
+        assert "huggingface-cli" not in str(e.value)
+    (tmp_path / "m.bin").write_bytes(b"x")
+    with pytest.raises(ModelLoadError, match=r"m.bin: not a directory; a model is a checkpoint directory"):
+        load_model("m.bin")
+    with pytest.raises(ValueError, match=r"device: the meta device holds no values to analyse"):
+        load_model("~/m", device="meta")

@@ -85,3 +85,41 @@ def test_every_statistic_is_a_column_and_rerank_without_recomputing(scans, monke
     again = scan(model, corpus, batch_size=8, out_dir=res.out_dir, prepend_bos=0, progress=False, rank_by="pr")
     assert again.meta["rank_by"] == "pr"
     assert "by median PR" in open(f"{res.out_dir}/report.md").read()
+
+
+def _summary(medians, null_medians):
+    """A scan summary of downstream (node, writer) pairs with these median ES and null medians."""
+    import pandas as pd
+
+    n = len(medians)
+    return pd.DataFrame(dict(kind=["node"] * n, node=[f"L1H{i}" for i in range(n)], writer=["L0H0"] * n,
+                             downstream=[True] * n, count=[100] * n, median=medians, es_median=medians,
+                             es_null_median=null_medians))
+
+
+def test_above_the_null_means_negative_and_beyond_a_negative_null():
+    """The issue's noise: a threshold of +0.0013 let a median of +0.001 count as erasure above the
+    null. Now a pair is above the null only when its median is negative and below a negative
+    threshold; a threshold that is not negative gives no erasure above the null, said in words."""
+    from erasure_fast.scanning.ranking import null_verdict, ranking_meta
+
+    ranked = rank_pairs(_summary([0.001, -0.3], [0.0013, 0.0015]))
+    assert not ranked.above_null.any() and ranked.null_threshold.iloc[0] == 0.0013
+    meta = ranking_meta(_summary([0.001, -0.3], [0.0013, 0.0015]))
+    assert meta["pairs_above_null"] == 0
+    assert null_verdict(meta) == ("no erasure above the null: the null threshold +0.0013 is not negative (the random "
+                                  "directions show no erasure among these 2 downstream pairs to measure against)")
+    ranked = rank_pairs(_summary([-0.05, -0.005, float("nan"), 0.2], [-0.01, -0.002, -0.003, 0.001]))
+    assert dict(zip(ranked.node, ranked.above_null)) == {"L1H0": True, "L1H1": False, "L1H2": False, "L1H3": False}
+    assert null_verdict(ranking_meta(_summary([-0.05, -0.005], [-0.01, -0.002]))) == \
+        "1 of 2 downstream pairs above the null"
+
+
+def test_a_writer_nothing_reads_has_no_null_and_says_why():
+    """A writer with no downstream nodes printed "null threshold +nan ... below nan"."""
+    from erasure_fast.scanning.ranking import null_verdict, ranking_meta
+
+    meta = ranking_meta(_summary([], []))
+    assert meta["downstream_pairs"] == 0 and meta["null_threshold"] != meta["null_threshold"]  # NaN
+    assert null_verdict(meta) == ("no erasure above the null: no node reads these writers downstream, so nothing can "
+                                  "erase them")

@@ -190,7 +190,7 @@ def test_corpus_errors(tmp_path, model):
     with pytest.raises(CorpusError, match="f.npy: token array dtype float32 not supported"):
         open_corpus(str(tmp_path / "f.npy"), seq_len=4)
     np.save(tmp_path / "s.npy", np.zeros(10, dtype=np.int32))
-    with pytest.raises(CorpusError, match="needs seq_len"):
+    with pytest.raises(CorpusError, match=r"seq_len is needed to cut the 1-D token stream .*s.npy into rows"):
         open_corpus(str(tmp_path / "s.npy"))
     (tmp_path / "trunc.npy").write_bytes(open(tmp_path / "s.npy", "rb").read()[:-8])
     with pytest.raises(CorpusError, match="trunc.npy: not a readable .npy"):
@@ -350,7 +350,7 @@ def test_text_and_jsonl_corpora(tmp_path, model):
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
     assert a[0][0] == tok("w0")["input_ids"][0] and 1 in np.concatenate(a)  # EOS between documents
     (tmp_path / "bad.jsonl").write_text('{"text": "w1"}\nnot json\n')
-    with pytest.raises(CorpusError, match="bad.jsonl: line 2 is not a JSON object"):
+    with pytest.raises(CorpusError, match=r"bad.jsonl: line 2 is not JSON \(Expecting value at column 1\)"):
         list(open_corpus(str(tmp_path / "bad.jsonl"), tokenizer=tok, seq_len=4).rows())
     with pytest.raises(CorpusError, match="need the model's tokenizer"):
         open_corpus(str(tmp_path / "c.txt"))
@@ -399,3 +399,35 @@ def test_torch_reference_aggregation_equals_the_compiled_one(model, stream, tmp_
         else:
             np.testing.assert_allclose(a[key], b[key], rtol=1e-9, atol=1e-12, err_msg=key)
     assert a["pr.hist"].sum() > 0 and a["pair.es_null.hist"].sum() > 0
+
+
+def test_token_ids_are_checked_by_kind(tmp_path, model):
+    """A dataset whose token column holds floats (321.7) was truncated to int and scanned. Every token
+    input is now checked by kind: float, nested and scalar columns, float examples of a stream, float
+    arrays; and every flag by its own kind."""
+    datasets = pytest.importorskip("datasets", reason="the datasets package is not installed")
+    datasets.Dataset.from_dict({"tokens": [[3.0, 4.7] * 10] * 3}).save_to_disk(str(tmp_path / "floats"))
+    with pytest.raises(CorpusError, match=r"floats: column 'tokens' holds float64 values, not integer token ids"):
+        open_corpus(str(tmp_path / "floats"), seq_len=8)
+    datasets.Dataset.from_dict({"tokens": [[[1, 2]] * 10] * 3}).save_to_disk(str(tmp_path / "nested"))
+    with pytest.raises(CorpusError, match=r"nested: column 'tokens' holds lists of lists per example"):
+        open_corpus(str(tmp_path / "nested"), seq_len=8)
+    datasets.Dataset.from_dict({"tokens": [1, 2, 3]}).save_to_disk(str(tmp_path / "scalar"))
+    with pytest.raises(CorpusError, match=r"scalar: column 'tokens' holds one value per example"):
+        open_corpus(str(tmp_path / "scalar"), seq_len=8)
+    from erasure_fast.scanning.corpus import example_token_ids  # a streamed dataset declares no types: each example
+
+    with pytest.raises(CorpusError, match=r"hf:x/y: column 'tokens': example 7 holds float64 values of shape \[2\] "
+                                          r"\(e.g. 321.7\), not a list of integer token ids"):
+        example_token_ids([321.7, 2.0], "hf:x/y: column 'tokens'", 7)
+    assert example_token_ids(np.array([1, 2], np.uint16), "x", 0).dtype == np.int64
+    with pytest.raises(CorpusError, match=r"column is only for Hugging Face datasets; .*s.npy is a .npy token array"):
+        np.save(tmp_path / "s.npy", np.arange(64, dtype=np.int64) % 50)
+        open_corpus(str(tmp_path / "s.npy"), seq_len=8, column="tokens")
+    with pytest.raises(CorpusError, match=r"bin_dtype is only for raw .bin token files; <array> is a token array"):
+        open_corpus(np.arange(64) % 50, seq_len=8, bin_dtype="int64")
+    for name, value, kind in (("resume", "no", TypeError), ("progress", 1, TypeError), ("overwrite", None, TypeError),
+                              ("batch_size", 2.0, TypeError), ("top_k", True, TypeError)):
+        with pytest.raises(kind, match=rf"{name} must be"):
+            run(model, str(tmp_path / "s.npy"), tmp_path / "o", seq_len=8, **{name: value})
+    assert run(model, str(tmp_path / "s.npy"), tmp_path / "o", seq_len=8, batch_size=np.int64(3)).meta["rows"] == 8

@@ -137,18 +137,24 @@ def validate_arguments(out_dir: str = "benchmarks/results", *, device: str = Non
                 round_budget_s=float(budget_s if round_budget_s is None else round_budget_s), origin_cwd=os.getcwd())
 
 
+def child_environment() -> dict:
+    """The environment of the measuring child: it imports the very copy of erasure_fast this process
+    runs, from a working directory of its own (with the caller's cwd first on sys.path, a source
+    checkout there, which has no compiled extension, would shadow an installed package in the child
+    only). So the folder that holds the package goes first on PYTHONPATH -- that folder, not the
+    package's own: there, the package's subpackages (``kernels``, ``models``, ...) would shadow
+    top-level distributions of the same name (transformers imports the ``kernels`` distribution)."""
+    search_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    return dict(os.environ, PYTHONUNBUFFERED="1",
+                PYTHONPATH=os.pathsep.join([search_root] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+
+
 def _run_child(settings: dict) -> tuple:
     """Run ``python -m erasure_fast.bench SETTINGS`` and pass its stdout / stderr through to ours as
     they come (progress lines); returns (exit code, last lines of its stderr)."""
     cmd = [sys.executable, "-m", __name__, json.dumps(settings)]
-    # The child imports the very copy of erasure_fast this process runs (first on its path), from a
-    # working directory of its own: with the caller's cwd first on sys.path, a source checkout there
-    # (which has no compiled extension) would shadow an installed package in the child only.
-    package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, PYTHONUNBUFFERED="1",
-               PYTHONPATH=os.pathsep.join([package_root] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace",
-                            bufsize=1, env=env, cwd=os.path.dirname(settings["manifest"]))
+                            bufsize=1, env=child_environment(), cwd=os.path.dirname(settings["manifest"]))
     tail: collections.deque = collections.deque(maxlen=STDERR_TAIL_LINES)
 
     def forward_stderr():

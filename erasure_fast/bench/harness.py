@@ -28,6 +28,7 @@ import torch
 
 from ..backends import torch_ref
 from ..contract import validate
+from ..optional_deps import OptionalDependencyError, import_optional
 from . import machine as mach
 from . import providers as prov
 from . import rounds as rounds_mod
@@ -223,22 +224,30 @@ def _checker(prepared: prov.PreparedWorkload, ref: Dict[str, torch.Tensor], n_to
 
 
 def _model(shape: str, device):
-    """A TransformerLens bridge of the shape, or -- where TransformerLens is not installed (e.g. a GPU
-    machine without it) -- a `ModelSpec` of random weights, for the project's own providers."""
-    try:
+    """A TransformerLens 4 bridge of the shape, or -- where TransformerLens 4 is not installed (e.g. a GPU
+    machine without it) -- a `ModelSpec` of random weights, for the project's own providers. A
+    TransformerLens that is installed but does not import raises `OptionalDependencyError` with the
+    cause: the callers refuse the workloads that need it instead of timing them without it."""
+    if import_optional("transformer_lens.model_bridge.sources.native") is not None:
         from ..demo import gelu4l_shaped_bridge
 
         return gelu4l_shaped_bridge(seed=0, **SHAPES[shape]).to(device)
-    except ImportError:
-        from ..models import ModelSpec
+    from ..models import ModelSpec
 
-        d = SHAPES[shape]
-        g = torch.Generator().manual_seed(0)
-        std = 0.8 / d["d_model"] ** 0.5
-        W_O = torch.randn(d["n_layers"], d["n_heads"], d["d_head"], d["d_model"], generator=g) * std
-        W_U = torch.randn(d["d_model"], d["d_vocab"], generator=g) * std
-        b_O = torch.zeros(d["n_layers"], d["d_model"])
-        return ModelSpec.from_weights(W_O.to(device), b_O.to(device), W_U.to(device))
+    d = SHAPES[shape]
+    g = torch.Generator().manual_seed(0)
+    std = 0.8 / d["d_model"] ** 0.5
+    W_O = torch.randn(d["n_layers"], d["n_heads"], d["d_head"], d["d_model"], generator=g) * std
+    W_U = torch.randn(d["d_model"], d["d_vocab"], generator=g) * std
+    b_O = torch.zeros(d["n_layers"], d["d_model"])
+    return ModelSpec.from_weights(W_O.to(device), b_O.to(device), W_U.to(device))
+
+
+def _not_timed(workload: str, shape: str, n_tokens: int, why: str, progress) -> Point:
+    """The point of a workload refused before any timing: its TransformerLens reference cannot be built."""
+    p = Point(workload, shape, "transformer_lens", n_tokens, status="error", note=f"not timed: {why}")
+    progress(f"{workload:8s} {shape:10s} T={n_tokens:>8d} {p.provider:32s} {p.status:6s}  ({p.note})")
+    return p
 
 
 def first_call(prepared: prov.PreparedWorkload, device, check: Callable[[object], str]) -> Point:
@@ -291,7 +300,11 @@ def run_kernels(shapes, sizes, device, repeats: int, budget_s: float, providers=
         raise ValueError(f"extra_providers {clash} clash with built-in provider names")
     chosen.update(extra_providers or {})
     for shape in shapes:
-        model = _model(shape, device)
+        try:
+            model = _model(shape, device)
+        except OptionalDependencyError as e:
+            points.extend(_not_timed(w, shape, n, str(e), progress) for n in sizes for w in ("K1", "K2n", "K2f"))
+            continue
         if dtype != torch.float32 and hasattr(model, "cfg"):  # a TransformerLens model (a ModelSpec is cast per call)
             model = model.to(dtype)
         dead: Dict[tuple, str] = {}
@@ -317,7 +330,7 @@ def _run_point(model, inp, shape, workload, chosen, dead, device, budget_s, sett
     for name, make in chosen.items():
         key = (workload, name)
         if name.startswith("transformer_lens") and not hasattr(model, "cfg"):
-            points.append(Point(workload, shape, name, inp.n_tokens, status="skipped", note="transformer_lens not installed"))
+            points.append(Point(workload, shape, name, inp.n_tokens, status="skipped", note="TransformerLens 4 not installed"))
             continue
         if key in dead:
             points.append(Point(workload, shape, name, inp.n_tokens, status=dead[key], note="larger size skipped"))
@@ -387,11 +400,20 @@ def run_s1(n_tokens: int, device, batch_size: int = 8, progress=print, points: O
     from ..models import model_spec
     from ..scanning import scan
 
-    model = _model("gelu-4l", device)
-    if dtype != torch.float32:
-        model = model.to(dtype)
+    points = [] if points is None else points
     seq = 1024
     corpus = demo_corpus(max(1, n_tokens // seq), seq)
+    try:
+        model = _model("gelu-4l", device)
+    except OptionalDependencyError as e:
+        points.append(_not_timed("S1", "gelu-4l", len(corpus) * seq, str(e), progress))
+        return points
+    if not hasattr(model, "cfg"):
+        points.append(_not_timed("S1", "gelu-4l", len(corpus) * seq, "S1 runs on a TransformerLens 4 bridge, "
+                                 "and TransformerLens 4 is not installed", progress))
+        return points
+    if dtype != torch.float32:
+        model = model.to(dtype)
     spec = model_spec(model)
     L = spec.n_layers
     keep = tuple([f"blocks.{l}.attn.hook_z" for l in range(L)] + [f"blocks.{l}.hook_mlp_out" for l in range(L)]
@@ -438,7 +460,6 @@ def run_s1(n_tokens: int, device, batch_size: int = 8, progress=print, points: O
     # Not checked against the reference like the kernels: the scan's outputs are aggregates
     # (histogram quantiles, moments), which tests/test_scan*.py check against direct computation; the
     # engine's activations are checked against hook capture in tests/test_engine.py.
-    points = [] if points is None else points
     runs = (("C1", "transformer_lens hooks", bare_forward), ("C1", "erasure_fast engine", engine_forward),
             ("S1", "transformer_lens pipeline", tl_pipeline), ("S1", "bare forward, TL hooks (no unembed)", bare_forward),
             ("S1", "engine forward (no unembed)", engine_forward), ("S1", "erasure_fast scan (engine)", ours("engine")),
@@ -476,6 +497,9 @@ def run_c1_hf(n_tokens: int, device, families, batch_size: int = 8, progress=pri
         shape, tokens = f"{family}-512", len(corpus) * seq
         try:
             fns = hf_capture.capture_functions(family, device, dtype, corpus, batch_size)
+        except OptionalDependencyError as e:
+            points.append(_not_timed("C1", shape, tokens, str(e), progress))
+            continue
         except RuntimeError as e:
             points.append(Point("C1", shape, "erasure_fast engine", tokens, status="skipped", note=str(e)))
             continue

@@ -10,42 +10,60 @@ from typing import Optional
 
 import torch
 
+from ..optional_deps import OptionalDependencyError, import_optional
+
+
+# The x86-64 vector extensions that decide which kernel paths can run, by /proc/cpuinfo flag.
+_ISA_FLAGS = (("avx2", "AVX2"), ("fma", "FMA"), ("avx512f", "AVX-512F"), ("avx512bw", "AVX-512BW"),
+              ("avx512vl", "AVX-512VL"), ("avx512_vnni", "AVX-512VNNI"), ("avx512_bf16", "AVX-512BF16"),
+              ("avx512_fp16", "AVX-512FP16"), ("amx_tile", "AMX"), ("amx_bf16", "AMX-BF16"), ("amx_int8", "AMX-INT8"))
+
+
+def _cpuinfo_field(name: str) -> Optional[str]:
+    """The first ``name : value`` of /proc/cpuinfo (None where unreadable or absent)."""
+    text = _read("/proc/cpuinfo")
+    for line in (text or "").splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == name:
+            return value.strip()
+    return None
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), or what the platform module knows."""
+    return _cpuinfo_field("model name") or platform.processor() or platform.machine()
+
+
+def cpu_isa() -> str:
+    """The vector extensions of this CPU that the kernels can use, e.g. "AVX2 FMA AVX-512F ... AMX-BF16";
+    "" where /proc/cpuinfo lists none of them (another architecture, or no /proc)."""
+    flags = set((_cpuinfo_field("flags") or "").split())
+    return " ".join(label for flag, label in _ISA_FLAGS if flag in flags)
+
 
 def describe() -> dict:
-    cpu = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    from ..backends import available_backends
+
     info = {
         "host": platform.node(),
-        "cpu": cpu,
+        "cpu": cpu_model(),
+        "cpu_isa": cpu_isa(),
+        "cpp_backend": available_backends()["cpp"].detail,
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "torch": torch.__version__,
     }
-    try:  # the C++ kernels' path on this CPU (run-time dispatch), where the extension is built
-        from ..backends import cpp
-
-        b = cpp.build_info()
-        info["cpp_kernel_path"] = f"{b['cpu_path']} ({b['simd']})"
-    except Exception:  # the extension is optional
-        pass
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
         info["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
     try:
-        import triton
-
-        info["triton"] = triton.__version__
-    except ImportError:
-        pass
+        triton = import_optional("triton")
+        if triton is not None:
+            info["triton"] = triton.__version__
+    except OptionalDependencyError as e:  # recorded with its cause
+        info["triton"] = str(e)
     from importlib import metadata
 
     try:
@@ -53,6 +71,15 @@ def describe() -> dict:
     except metadata.PackageNotFoundError:
         pass
     return info
+
+
+def cpu_line(info: dict) -> str:
+    """The CPU facts of a `describe` result in one line, for every result header: model, ISA, cores,
+    torch threads and the C++ kernel's build (older results lack the last two)."""
+    isa = info.get("cpu_isa")
+    return (f"CPU {info['cpu']}" + (f" ({isa})" if isa else " (ISA not recorded)" if isa is None else " (no x86-64 vector extensions)")
+            + f", {info['cores']} cores, torch {info['torch']} ({info['torch_threads']} threads)"
+            + (f"; C++ kernel: {info['cpp_backend']}" if info.get("cpp_backend") else ""))
 
 
 def machine_label(info: dict) -> str:
@@ -184,12 +211,12 @@ def conditions(git_dir: Optional[str] = None) -> dict:
             pass
     threads = {"torch": torch.get_num_threads(), "ERASURE_FAST_NUM_THREADS": os.environ.get("ERASURE_FAST_NUM_THREADS"),
                "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
-    try:
-        from ..backends import cpp
+    from ..backends import cpp
 
+    try:
         threads["cpp"] = cpp.build_info().get("max_threads")
-    except Exception:  # the extension is optional
-        pass
+    except RuntimeError as e:  # the extension is optional: its absence is recorded with the reason
+        threads["cpp"] = str(e)
     return dict(busy_fraction=busy_fraction(), loadavg=load,
                 governor=_read("/sys/devices/system/cpu/cpu0/cpufreq/scaling_governor") or "unreadable",
                 threads=threads, versions=versions, git_commit=_git_commit(git_dir))

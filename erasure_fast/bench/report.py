@@ -7,6 +7,8 @@ import json
 import os
 from typing import Dict, List
 
+from . import machine
+
 WORKLOAD_TITLES = {
     "K1": "K1: next-token DLA + dots / norms of every head and MLP with every head as writer",
     "K2n": "K2n: next-token DLA only (warm)",
@@ -82,9 +84,8 @@ def markdown(meta: dict, records: List[dict]) -> str:
     interleaved = "probes" in meta
     lines = [
         f"# Benchmark {meta['label']} ({meta['date']})", "",
-        f"- machine: {m.get('gpu') or m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), "
-        f"transformer_lens {m.get('transformer_lens', '-')}, triton {m.get('triton', '-')}"
-        + (f", C++ kernel path {m['cpp_kernel_path']}" if m.get("cpp_kernel_path") else ""),
+        (f"- machine: {m['gpu']}; " if "gpu" in m else "- machine: ") + f"{machine.cpu_line(m)}; "
+        f"transformer_lens {m.get('transformer_lens', '-')}, triton {m.get('triton', '-')}",
         "- roofline reference: matmul " + ", ".join(f"{k} {v:,.0f} GFLOP/s" for k, v in best.items())
         + (" (the best of the start-of-run measurement and every round's probe)" if interleaved else "")
         + f"; copy {roof['copy_gbps']:.1f} GB/s" + (" (best of the start and the end of the run)" if interleaved else ""),

@@ -14,6 +14,7 @@ gives its `ModelSpec`.
 from __future__ import annotations
 
 from .hf import bridge_of_hf, is_hf_model
+from .hooks import refuse_hooks_of_copied_model
 from .layout import BlockLayout, UnsupportedModelError
 from .nnsight_lm import bridge_of_nnsight, is_nnsight_model
 from .spec import ModelSpec, downstream_mask, is_downstream
@@ -37,12 +38,15 @@ SUPPORTED = ("TransformerLens 4 TransformerBridge, TransformerLens 3 HookedTrans
 def as_transformer_lens(model, tokenizer=None):
     """The TransformerLens model that erasure_fast runs for ``model``: a TransformerLens model itself; for a
     plain `transformers` model or an nnsight `LanguageModel`, a TransformerLens 4 bridge around the same
-    weights (made once per model; ``tokenizer`` overrides the one it would load)."""
+    weights (made once per model; ``tokenizer`` overrides the one it would load) -- refused, naming the
+    hook, when the model has forward hooks attached, which the bridge would not run (`hooks`)."""
     if tl_kind(model) is not None:
         return model
     if is_nnsight_model(model):
+        refuse_hooks_of_copied_model(getattr(model, "_module", model), "nnsight LanguageModel")
         return bridge_of_nnsight(model, tokenizer)
     if is_hf_model(model):
+        refuse_hooks_of_copied_model(model, "transformers model")
         return bridge_of_hf(model, tokenizer)
     raise TypeError(f"model must be a {SUPPORTED}; got {type(model).__name__}. "
                     "For other models use erasure_fast.fused_attribution on raw tensors.")

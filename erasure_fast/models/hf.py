@@ -16,6 +16,7 @@ import sys
 import warnings
 import weakref
 
+from ..optional_deps import import_optional
 from .layout import UnsupportedModelError
 
 # model -> (weak references to its parameters when bridged, bridge). The bridge holds no reference to
@@ -55,12 +56,11 @@ def bridge_of_hf(hf_model, tokenizer=None):
     if hit is not None and _same_parameters(hit[0], hf_model):
         return hit[1]
     arch = type(hf_model).__name__
-    try:
-        from transformer_lens.factories.architecture_adapter_factory import SUPPORTED_ARCHITECTURES
-        from transformer_lens.model_bridge import TransformerBridge
-    except ImportError:
+    if import_optional("transformer_lens.model_bridge") is None:  # installed but broken: raises, saying why
         raise UnsupportedModelError(f"{arch}: plain transformers models are bridged through TransformerLens 4, "
-                                    "which is not installed (pip install 'transformer-lens>=4')") from None
+                                    "which is not installed (pip install 'transformer-lens>=4')")
+    from transformer_lens.factories.architecture_adapter_factory import SUPPORTED_ARCHITECTURES
+    from transformer_lens.model_bridge import TransformerBridge
     if arch not in SUPPORTED_ARCHITECTURES:
         raise UnsupportedModelError(f"{arch}: TransformerLens {_tl_version()} has no architecture adapter for it, "
                                     "so its attention heads cannot be located")

@@ -3,6 +3,7 @@ object, whatever interface the model came through (`erasure_fast.models`)."""
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 from typing import List, Optional
 
@@ -99,15 +100,16 @@ class ModelSpec:
                     raise ValueError(f"head label {spec!r} is not of the form 'L<layer>H<head>'") from None
             else:
                 raise ValueError(f"head label {spec!r} is not of the form 'L<layer>H<head>'")
-        elif isinstance(spec, (tuple, list)) and len(spec) == 2:
+        elif isinstance(spec, (tuple, list)) and len(spec) == 2 and all(map(_is_int, spec)):
             layer, head = int(spec[0]), int(spec[1])
-        elif isinstance(spec, (int,)) or (isinstance(spec, torch.Tensor) and spec.ndim == 0):
+        elif _is_int(spec) or (isinstance(spec, torch.Tensor) and spec.ndim == 0 and not spec.is_floating_point()
+                               and spec.dtype != torch.bool):
             index = int(spec)
             if not 0 <= index < self.n_heads_total:
                 raise ValueError(f"head index {index} out of range [0, {self.n_heads_total})")
             return index
         else:
-            raise TypeError(f"a head must be an int, a (layer, head) pair or a label like 'L0H2'; got {spec!r}")
+            raise TypeError(f"a head must be an int, a (layer, head) pair of ints or a label like 'L0H2'; got {spec!r}")
         if not (0 <= layer < self.n_layers and 0 <= head < self.n_heads):
             raise ValueError(
                 f"head {spec!r} does not exist: the model has {self.n_layers} layers x {self.n_heads} heads"
@@ -162,3 +164,6 @@ def is_downstream(node: int, writer_head: int, n_layers: int, n_heads: int, para
     return bool(downstream_mask([writer_head], node + 1, n_layers, n_heads, parallel_blocks)[node, 0])
 
 
+def _is_int(value) -> bool:
+    """An integer by kind (Python or numpy; not a bool, not a float that happens to be whole)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)

@@ -3,6 +3,7 @@ compatibility mode) and 3.x `HookedTransformer` -- to `ModelSpec`."""
 
 from __future__ import annotations
 
+import sys
 import weakref
 from typing import Optional
 
@@ -13,21 +14,15 @@ from .spec import CENTERING_NORMS, ModelSpec
 
 
 def tl_kind(model) -> Optional[str]:
-    """"bridge" (TransformerLens 4 `TransformerBridge`), "hooked" (`HookedTransformer`) or None."""
-    try:
-        from transformer_lens.model_bridge import TransformerBridge
-
-        if isinstance(model, TransformerBridge):
-            return "bridge"
-    except ImportError:  # TransformerLens 3.x has no bridge
-        pass
-    try:
-        from transformer_lens import HookedTransformer
-
-        if isinstance(model, HookedTransformer):
-            return "hooked"
-    except ImportError:
-        pass
+    """"bridge" (TransformerLens 4 `TransformerBridge`), "hooked" (`HookedTransformer`) or None. Reads
+    the classes from the modules already imported: a model of either class means its module was
+    imported, and nothing is imported here (an optional import that failed would hide its cause)."""
+    bridge = sys.modules.get("transformer_lens.model_bridge")
+    if bridge is not None and isinstance(model, bridge.TransformerBridge):
+        return "bridge"
+    hooked = sys.modules.get("transformer_lens.HookedTransformer")  # TransformerLens 3's module of that name
+    if hooked is not None and isinstance(model, hooked.HookedTransformer):
+        return "hooked"
     return None
 
 

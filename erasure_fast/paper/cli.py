@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import itertools
 import os
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -24,8 +23,9 @@ from ..attribution import resolve_capture
 from ..capture import model_device
 from ..demo import PLANTED, demo_corpus, planted_model
 from ..engine import CAPTURE_MODES
-from ..loading import ModelLoadError, load_model
+from ..loading import ModelLoadError, check_device, load_model
 from ..models import UnsupportedModelError, model_spec
+from ..errors import blame
 from ..paths import check_output_dir
 from ..scanning import CorpusError, open_corpus
 from ..scanning.corpus import HUB_PREFIX
@@ -126,22 +126,6 @@ def run(args) -> int:
 # Checking the job (no forward pass, no file written)
 
 
-@contextmanager
-def blame(flag: str):
-    """Re-raise a ValueError / TypeError from the block as one line that starts with ``flag``."""
-    try:
-        yield
-    except (ValueError, TypeError) as e:
-        message = " ".join(str(e).split())
-        if message.startswith("--"):
-            raise
-        try:
-            flagged = type(e)(f"{flag}: {message}")
-        except Exception:  # an exception type that takes other arguments (e.g. JSONDecodeError)
-            flagged = ValueError(f"{flag}: {message}")
-        raise flagged from None
-
-
 def _int_option(value, flag: str, least: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{flag}: expected an integer, got {value!r}")
@@ -153,15 +137,6 @@ def _int_option(value, flag: str, least: int) -> int:
 def _check_out(out) -> str:
     """``out`` as a directory that exists or can be created (nothing is created yet)."""
     return check_output_dir(out, "--out", create=False)
-
-
-def _check_device(device) -> None:
-    if device is None:
-        return
-    try:
-        torch.empty(0, device=torch.device(device))  # parses the name and reaches the device
-    except (RuntimeError, AssertionError, TypeError, ValueError) as e:
-        raise ValueError(f"--device: cannot use {device!r} here ({' '.join(str(e).split())[:200]})") from None
 
 
 def _head_label(text, flag: str) -> str:
@@ -304,7 +279,7 @@ def plan_job(args) -> PaperJob:
     samples = _int_option(args.samples, "--samples", 1)
     bos = None if args.prepend_bos is None else _int_option(args.prepend_bos, "--prepend-bos", 0)
     out = _check_out(args.out)
-    _check_device(args.device)
+    check_device(args.device, "--device")
     writer = _head_label(args.writer, "--writer")
     erasers = None
     if args.erasers is not None:

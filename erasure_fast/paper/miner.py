@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ..models import as_transformer_lens, model_spec
+from ..paths import expand_path
 from ..scanning import CorpusError, TokenCorpus, open_corpus
 from ..scanning.plan import model_fingerprint
 from .causal import causal_check
@@ -32,7 +33,7 @@ def read_scan_summary(scan_result) -> dict:
     path = scan_result if isinstance(scan_result, (str, os.PathLike)) else getattr(scan_result, "out_dir", None)
     if path is None:
         raise TypeError(f"scan_result must be a ScanResult or a scan output directory, got {type(scan_result).__name__}")
-    path = os.fspath(path)
+    path = expand_path(path)
     if not os.path.isdir(path):
         raise ValueError(f"{path} is not a directory (expected the output directory of an erasure-fast scan)")
     file = os.path.join(path, "summary.json")
@@ -74,6 +75,8 @@ def recorded_bin_dtype(summary: dict) -> Optional[str]:
     the record's ``dtype``, or the middle of an older 'digest:dtype:[shape]' fingerprint."""
     record = summary["meta"]["corpus"]
     names = ("uint16", "uint32", "int32", "int64")
+    if record.get("format", "bin") != "bin":  # a .npy or an array says its own dtype
+        return None
     if record.get("dtype") in names:
         return record["dtype"]
     parts = str(record.get("fingerprint", "")).split(":")

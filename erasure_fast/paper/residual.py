@@ -8,6 +8,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ..paths import expand_path
 from .common import attribute_with_hooks
 from .support import check_paper_support
 
@@ -41,7 +42,7 @@ def fig1_fig2(source, writer: str = "L0H2", *, model=None, out_dir: Optional[str
         resid_labels = res.resid_labels
     else:
         if isinstance(source, (str, os.PathLike)):
-            summary = pd.read_parquet(os.path.join(source, "summary.parquet"))
+            summary = pd.read_parquet(os.path.join(expand_path(source), "summary.parquet"))
         else:
             summary = source.summary
         resid_labels = summary[(summary.kind == "resid") & (summary.writer == writer)].node.tolist()
@@ -56,6 +57,7 @@ def fig1_fig2(source, writer: str = "L0H2", *, model=None, out_dir: Optional[str
     resid = summary[(summary.kind == "resid") & (summary.writer == writer)].reset_index(drop=True)
     nodes = summary[(summary.kind == "node") & (summary.writer == writer)].reset_index(drop=True)
     if out_dir:
+        out_dir = expand_path(out_dir)
         os.makedirs(out_dir, exist_ok=True)
         fig1_resid(summary, cfg, [writer], os.path.join(out_dir, "paper_fig1_resid_pr.png"))
         fig2_nodes(summary, cfg, writer, os.path.join(out_dir, "paper_fig2_node_pr.png"))

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from typing import Dict, Optional, Tuple
 
 import numpy as np
+
+from ..paths import atomic_write
 
 _META = "__meta_json__"
 _NARROWED = "narrowed_to_uint32"  # metadata key: arrays stored as uint32, int64 in memory
@@ -19,7 +20,8 @@ _U32_MAX = np.iinfo(np.uint32).max
 
 
 def save(path: str, arrays: Dict[str, np.ndarray], meta: dict) -> None:
-    """Write ``arrays`` + ``meta`` (JSON) to ``path`` atomically: readers see the old or the new file."""
+    """Write ``arrays`` + ``meta`` (JSON) to ``path`` atomically and durably (`erasure_fast.paths.atomic_write`,
+    through its fixed temporary file): readers see the old or the new file."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     payload, narrowed = {}, []
     for name, arr in arrays.items():
@@ -31,37 +33,12 @@ def save(path: str, arrays: Dict[str, np.ndarray], meta: dict) -> None:
         raise ValueError(f"checkpoint metadata may not use the key {_NARROWED!r}")
     meta = dict(meta, **{_NARROWED: narrowed})
     payload[_META] = np.frombuffer(json.dumps(meta, sort_keys=True).encode(), dtype=np.uint8)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=_tmp_prefix(path), suffix=".npz")
-    try:
-        with os.fdopen(fd, "wb") as f:
+
+    def write(temp):
+        with open(temp, "wb") as f:
             np.savez(f, **payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dfd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
-        try:
-            os.fsync(dfd)  # make the rename itself durable
-        finally:
-            os.close(dfd)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
-
-def _tmp_prefix(path: str) -> str:
-    return f".tmp-{os.path.basename(path)}-"
-
-
-def remove_stale_temporaries(path: str) -> int:
-    """Delete temp files a killed writer of ``path`` left behind (only this path's own); returns how many."""
-    folder = os.path.dirname(path) or "."
-    if not os.path.isdir(folder):
-        return 0
-    stale = [f for f in os.listdir(folder) if f.startswith(_tmp_prefix(path))]
-    for f in stale:
-        os.unlink(os.path.join(folder, f))
-    return len(stale)
+    atomic_write(path, write, durable=True)
 
 
 def load(path: str) -> Optional[Tuple[Dict[str, np.ndarray], dict]]:

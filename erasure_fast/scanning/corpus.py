@@ -30,6 +30,9 @@ from typing import Callable, Iterator, Optional, Tuple
 
 import numpy as np
 
+from ..optional_deps import import_optional
+from ..paths import expand_path
+
 BIN_DTYPES = {"uint16": np.uint16, "uint32": np.uint32, "int32": np.int32, "int64": np.int64}
 HUB_PREFIX = "hf:"  # "hf:owner/name": a dataset on the Hugging Face hub, read in streaming mode
 _CHECK_BLOCK = 1 << 22  # tokens per block of the vectorised id check
@@ -153,29 +156,29 @@ def _check_array(path: str, a: np.ndarray) -> None:
         raise CorpusError(f"{path}: token array is empty")
 
 
-def _check_seq_len(where: str, seq_len: Optional[int]) -> None:
+def _check_seq_len(seq_len: Optional[int]) -> None:
     if seq_len is not None and (not isinstance(seq_len, (int, np.integer)) or isinstance(seq_len, bool) or seq_len < 2):
-        raise CorpusError(f"{where}: seq_len must be an int >= 2 (next-token targets), got {seq_len!r}")
+        raise CorpusError(f"seq_len must be an int >= 2 (next-token targets), got {seq_len!r}")
 
 
 def _from_array(path: str, a: np.ndarray, seq_len: Optional[int], identity: dict) -> TokenCorpus:
     _check_array(path, a)
-    _check_seq_len(path, seq_len)
+    _check_seq_len(seq_len)
     if a.ndim == 2:
         R = a.shape[1]
         seq_len = R if seq_len is None else seq_len
         if seq_len > R:
-            raise CorpusError(f"{path}: seq_len {seq_len} is longer than the stored rows ({R} tokens)")
+            raise CorpusError(f"seq_len {seq_len} is longer than the stored rows of {path} ({R} tokens)")
         n_rows = a.shape[0] * (R // seq_len)
         dropped = a.shape[0] * (R % seq_len)
     else:
         if seq_len is None:
-            raise CorpusError(f"{path}: a 1-D token stream needs seq_len to cut it into rows")
+            raise CorpusError(f"seq_len is needed to cut the 1-D token stream {path} into rows")
         n_rows = a.shape[0] // seq_len
         dropped = a.shape[0] % seq_len
         if n_rows == 0:
             raise CorpusError(f"{path}: {a.shape[0]} tokens is less than one row of seq_len {seq_len}")
-    _check_seq_len(path, seq_len)
+    _check_seq_len(seq_len)
     identity = dict(identity, dtype=str(a.dtype), shape=list(a.shape))
     return TokenCorpus(source=path, kind="array", seq_len=int(seq_len), n_rows=int(n_rows), identity=identity,
                        dropped_tokens=int(dropped), _array=a)
@@ -255,11 +258,10 @@ def open_hf_dataset(name_or_path: str, *, column: str = "tokens", split: str = "
     """A Hugging Face dataset with a token column (e.g. NeelNanda/c4-code-tokenized-2b): a local
     ``save_to_disk`` directory, or ``hf:owner/name`` on the hub, read in streaming mode (needs network
     access or the local HF cache). Each example is cut into seq_len rows of its own."""
-    _check_seq_len(name_or_path, seq_len)
-    try:
-        import datasets
-    except ImportError:
-        raise CorpusError(f"{name_or_path}: reading a Hugging Face dataset needs the `datasets` package") from None
+    _check_seq_len(seq_len)
+    datasets = import_optional("datasets")  # installed but broken: raises, saying why
+    if datasets is None:
+        raise CorpusError(f"{name_or_path}: reading a Hugging Face dataset needs the `datasets` package")
     if name_or_path.startswith(HUB_PREFIX):
         name = name_or_path[len(HUB_PREFIX):]
         if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name):
@@ -283,9 +285,11 @@ def open_hf_dataset(name_or_path: str, *, column: str = "tokens", split: str = "
         kind, identity = "dataset", {"dataset_fingerprint": ds._fingerprint, "split": split, "column": column}
     if column not in (ds.column_names or []):
         raise CorpusError(f"{name_or_path}: dataset has no column {column!r} (columns: {ds.column_names})")
+    _check_token_feature(name_or_path, column, (ds.features or {}).get(column))
 
     def stream(start):
-        return _windows((ex[column] for ex in ds), seq_len, start, pack=False)
+        where = f"{name_or_path}: column {column!r}"
+        return _windows((example_token_ids(ex[column], where, i) for i, ex in enumerate(ds)), seq_len, start, pack=False)
 
     source = name_or_path if kind == "hub" else os.path.abspath(name_or_path)
     corpus = TokenCorpus(source=source, kind=kind, seq_len=seq_len, n_rows=None, identity=identity, _stream=stream)
@@ -294,45 +298,95 @@ def open_hf_dataset(name_or_path: str, *, column: str = "tokens", split: str = "
     return corpus
 
 
+def _check_token_feature(name: str, column: str, feature) -> None:
+    """Refuse, before any work, a dataset column whose declared type is not one list of integer ids
+    per example (a streamed dataset may declare none: its examples are checked as they are read)."""
+    if feature is None:
+        return
+    inner = getattr(feature, "feature", None)
+    if inner is None or getattr(inner, "feature", None) is not None:
+        kind = "one value" if inner is None else "lists of lists"
+        raise CorpusError(f"{name}: column {column!r} holds {kind} per example ({feature}), not a list of token ids")
+    dtype = getattr(inner, "dtype", None)
+    if not isinstance(dtype, str) or not dtype.startswith(("int", "uint")):
+        raise CorpusError(f"{name}: column {column!r} holds {dtype} values, not integer token ids ({feature})")
+
+
+def example_token_ids(values, where: str, index: int) -> np.ndarray:
+    """One example's token ids as int64, refusing anything but a flat list of integers (floats are
+    never truncated into ids)."""
+    ids = np.asarray(values)
+    if ids.size == 0:
+        return np.empty(0, dtype=np.int64)
+    if ids.ndim != 1 or ids.dtype.kind not in "iu":
+        raise CorpusError(f"{where}: example {index} holds {ids.dtype} values of shape {list(ids.shape)} (e.g. "
+                          f"{ids.reshape(-1)[0].item()!r}), "
+                          "not a list of integer token ids")
+    return ids.astype(np.int64)
+
+
+def _text_lines(path: str) -> Iterator[Tuple[int, str]]:
+    """(line number, line) of a UTF-8 text file, newlines normalised to "\n"; a line that is not UTF-8
+    is a CorpusError naming its line and byte offset."""
+    offset = 0
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise CorpusError(f"{path}: line {lineno} (byte offset {offset + e.start}) is not UTF-8 text "
+                                  f"({e.reason}: {raw[e.start:e.start + 4]!r})") from None
+            yield lineno, text.replace("\r\n", "\n").replace("\r", "\n")
+            offset += len(raw)
+
+
+def _jsonl_field(path: str, lineno: int, line: str, field: str) -> str:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise CorpusError(f"{path}: line {lineno} is not JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(record, dict):
+        raise CorpusError(f"{path}: line {lineno} is a JSON {type(record).__name__}, not an object with field {field!r}")
+    if field not in record:
+        raise CorpusError(f"{path}: line {lineno} has no field {field!r} (fields: {sorted(record)[:5]})")
+    value = record[field]
+    if not isinstance(value, str):
+        kind = "null" if value is None else f"a JSON {type(value).__name__}"
+        raise CorpusError(f"{path}: line {lineno}: field {field!r} is {kind}, not a string")
+    return value
+
+
 def open_text(path: str, tokenizer, *, seq_len: int = 1024, field: str = "text") -> TokenCorpus:
     """Plain text (one document per blank-line-separated block) or jsonl (``field`` per line),
     tokenised with ``tokenizer`` (a Hugging Face tokenizer), EOS between documents, packed into
     seq_len rows."""
-    _check_seq_len(path, seq_len)
+    _check_seq_len(seq_len)
     _require_file(path, ".jsonl text" if path.endswith(".jsonl") else ".txt text")
     if tokenizer is None:
         raise CorpusError(f"{path}: text corpora need the model's tokenizer, and this model has none")
     is_jsonl = path.endswith(".jsonl")
 
     def docs():
-        with open(path, encoding="utf-8") as f:
-            if is_jsonl:
-                for lineno, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        yield json.loads(line)[field]
-                    except (json.JSONDecodeError, KeyError, TypeError) as e:
-                        raise CorpusError(f"{path}: line {lineno} is not a JSON object with field {field!r} ({e})") from None
-            else:
-                block = []
-                for line in f:
-                    if line.strip():
-                        block.append(line)
-                    elif block:
-                        yield "".join(block)
-                        block = []
-                if block:
+        if is_jsonl:
+            for lineno, line in _text_lines(path):
+                if line.strip():
+                    yield _jsonl_field(path, lineno, line, field)
+        else:
+            block = []
+            for _, line in _text_lines(path):
+                if line.strip():
+                    block.append(line)
+                elif block:
                     yield "".join(block)
+                    block = []
+            if block:
+                yield "".join(block)
 
     eos = getattr(tokenizer, "eos_token_id", None)
 
     def token_lists():
-        try:
-            for doc in docs():
-                yield list(tokenizer(doc)["input_ids"]) + ([eos] if eos is not None else [])
-        except UnicodeDecodeError as e:
-            raise CorpusError(f"{path}: not UTF-8 text ({e})") from None
+        for doc in docs():
+            yield list(tokenizer(doc)["input_ids"]) + ([eos] if eos is not None else [])
 
     def stream(start):
         return _windows(token_lists(), seq_len, start, pack=True)
@@ -346,14 +400,32 @@ def open_text(path: str, tokenizer, *, seq_len: int = 1024, field: str = "text")
 
 
 def open_corpus(spec, *, seq_len: Optional[int] = None, tokenizer=None, bin_dtype: Optional[str] = None,
-                column: str = "tokens") -> TokenCorpus:
-    """Open ``spec``: a TokenCorpus, a numpy array (1-D stream or 2-D rows), or a path: ``.npy``,
-    ``.bin`` (``bin_dtype`` required), ``.txt`` / ``.jsonl`` (needs ``tokenizer``), a Hugging Face
-    ``save_to_disk`` directory, or ``hf:owner/name`` (hub, streamed). ``seq_len`` defaults to a 2-D
-    array's row length, else 1024 for datasets and text; 1-D arrays need it."""
+                column: Optional[str] = None) -> TokenCorpus:
+    """Open ``spec``: a TokenCorpus, a numpy array (1-D stream or 2-D rows), or a path (``~`` and
+    ``$VARS`` expanded): ``.npy``, ``.bin`` (``bin_dtype`` required, and only there), ``.txt`` /
+    ``.jsonl`` (needs ``tokenizer``), a Hugging Face ``save_to_disk`` directory, or ``hf:owner/name``
+    (hub, streamed) -- for datasets ``column`` names the token column (default "tokens", and only
+    there). ``seq_len`` defaults to a 2-D array's row length, else 1024 for datasets and text; 1-D
+    arrays need it."""
     if isinstance(spec, TokenCorpus):
-        return spec
-    _check_seq_len("<corpus>", seq_len)
+        corpus = spec
+    else:
+        _check_seq_len(seq_len)
+        corpus = _open(spec, seq_len, tokenizer, bin_dtype, column or "tokens")
+    if bin_dtype is not None and corpus.identity.get("format") != "bin":
+        raise CorpusError(f"bin_dtype is only for raw .bin token files; {corpus.source} is a {_kind_name(corpus)}")
+    if column is not None and corpus.kind not in ("dataset", "hub"):
+        raise CorpusError(f"column is only for Hugging Face datasets; {corpus.source} is a {_kind_name(corpus)}")
+    return corpus
+
+
+def _kind_name(corpus: TokenCorpus) -> str:
+    fmt = corpus.identity.get("format")
+    return {"npy": ".npy token array (its header says its dtype)", "array": "token array",
+            "txt": ".txt text file", "jsonl": ".jsonl text file"}.get(fmt, f"{corpus.kind} corpus")
+
+
+def _open(spec, seq_len: Optional[int], tokenizer, bin_dtype: Optional[str], column: str) -> TokenCorpus:
     if isinstance(spec, np.ndarray):
         import hashlib
 
@@ -362,7 +434,9 @@ def open_corpus(spec, *, seq_len: Optional[int] = None, tokenizer=None, bin_dtyp
         return _from_array("<array>", spec, seq_len, {"format": "array", "content": digest})
     if not isinstance(spec, (str, os.PathLike)):
         raise TypeError(f"corpus must be a path, a numpy array of token ids or a TokenCorpus, got {type(spec).__name__}")
-    path = os.fspath(spec)
+    path = expand_path(spec)
+    if not path:
+        raise CorpusError("corpus: the path is empty")
     if path.startswith(HUB_PREFIX):
         return open_hf_dataset(path, column=column, seq_len=seq_len or 1024)
     if path.endswith(".npy"):

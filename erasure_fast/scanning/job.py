@@ -1,11 +1,15 @@
 """Stages 2 and 3 of a scan: run the planned batches with checkpoints, then reduce and report.
 
-`ScanJob` (a context manager) locks the output folder, resumes from this rank's checkpoint when its
-configuration matches (refusing otherwise, naming what differs), re-reads the corpus part already
-aggregated to check that it is unchanged (see `state.chain_hash`), and streams the remaining batches
-through the model. SIGINT / SIGTERM stop it cleanly after the current batch: the checkpoint is saved
-and `ScanInterrupted` says to rerun to resume (a second Ctrl-C stops at once). ``run(max_batches=k)``
-stops after k batches of this call the same way, which is how resume is tested.
+`ScanJob` (a context manager) locks the output folder, lists the files it may write in the folder's
+manifest (outdir.py), resumes from this rank's checkpoint when its configuration matches (refusing
+otherwise, naming each field that differs and both values), re-reads the corpus part already aggregated
+to check that it is unchanged (see `state.chain_rows`; the refusal names the first rows that differ),
+and streams the remaining batches through the model. SIGINT / SIGTERM stop it cleanly after the current
+batch: the checkpoint is saved and `ScanInterrupted` says to rerun to resume (a second Ctrl-C stops at
+once, saving what is consistent). An error after some batches -- a bad line late in a text corpus, an id
+outside the vocabulary in a stream -- saves the checkpoint first and says so, so fixing the cause and
+rerunning resumes. ``run(max_batches=k)`` stops after k batches of this call the same way, which is how
+resume is tested.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import platform
 import signal
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Dict, Optional
 
@@ -22,15 +27,16 @@ import numpy as np
 import torch
 
 from ..attribution import run_attribution
+from ..errors import reworded
 from ..version import __version__
 from . import checkpoint as ckpt
 from .distributed import all_gather, all_reduce_sum, all_true, rank_and_world
-from .outdir import CHECKPOINT_DIR, OutputLock, clear_previous_outputs
+from .outdir import OutputLock, checkpoint_file, clear_previous_outputs, scan_files, write_manifest
 from .pair_stats import NullReference
 from .plan import DLA_BINS, DLA_RANGE, PR_BINS, PR_RANGE, ScanPlan
 from .ranking import ranking_meta
 from .report import summarize, write_report
-from .state import EMPTY_HASH, Aggregates, chain_hash, update
+from .state import EMPTY_HASH, Aggregates, chain_hash, chain_rows, update
 
 
 class ScanInterrupted(KeyboardInterrupt):
@@ -46,6 +52,60 @@ class ScanInterrupted(KeyboardInterrupt):
 
 class CorpusChanged(ValueError):
     """The corpus part a checkpoint aggregated is no longer what it was."""
+
+
+# Checkpoints of this format hash the corpus row by row and keep a mark per chunk (`Aggregates.hash_marks`).
+CHECKPOINT_FORMAT = 2
+
+
+class _PrefixCheck:
+    """Re-reads the rows a checkpoint aggregated, in the chunks it hashed them in, and compares each
+    chunk's chained hash with the checkpoint's mark: the first chunk that differs is named."""
+
+    def __init__(self, job: "ScanJob"):
+        self.job = job
+        self.marks = list(job.agg.hash_marks)
+        self.total = job.agg.rows
+        self.read = 0  # rows re-read so far
+        self.checked = 0  # marks compared so far
+        self.hash = EMPTY_HASH
+        self.pending = []  # (row ids, tokens) of the chunk being re-read
+        self.last_row = -1  # the largest corpus row id in the prefix
+
+    @property
+    def done(self) -> bool:
+        return self.read >= self.total
+
+    def take(self, row_ids: np.ndarray, toks: np.ndarray):
+        """Re-read this rank's next batch; returns (row ids, tokens) of its rows after the prefix."""
+        k = min(len(toks), self.total - self.read)
+        pos = 0
+        while pos < k:
+            end, want = self.marks[self.checked]
+            n = min(k - pos, end - self.read)
+            self.pending.append((row_ids[pos:pos + n], toks[pos:pos + n]))
+            self.read += n
+            pos += n
+            if self.read == end:
+                self._compare(want)
+        if k:
+            self.last_row = max(self.last_row, int(row_ids[k - 1]))
+        return row_ids[k:], toks[k:]
+
+    def _compare(self, want: str) -> None:
+        ids = np.concatenate([i for i, _ in self.pending])
+        self.hash = chain_rows(self.hash, np.concatenate([t for _, t in self.pending]))
+        self.pending = []
+        self.checked += 1
+        if self.hash != want:
+            raise self.job.corpus_changed(f"rows {int(ids[0]):,}-{int(ids[-1]):,} no longer hold the tokens it read",
+                                          int(ids[0]))
+
+    def finish(self) -> None:
+        """The corpus ended: every row of the prefix must have been re-read."""
+        if not self.done:
+            raise self.job.corpus_changed(f"it now ends after {self.read:,} of the {self.total:,} rows this process "
+                                          "had read", None)
 
 
 @dataclass
@@ -93,9 +153,11 @@ class ScanJob:
         self.agg = Aggregates(plan.cfg)
         self.null = NullReference.for_scan(plan.spec.W_O, plan.cfg.null_seed, len(plan.cfg.writers))
         self.digest = plan.cfg.digest()
-        self.ck_path = os.path.join(plan.out_dir, CHECKPOINT_DIR, f"rank{self.rank}-of-{self.world}.npz")
+        self.ck_path = os.path.join(plan.out_dir, checkpoint_file(self.rank, self.world))
         self.elapsed_before = 0.0
         self.resumed_from = 0
+        self._saved_tokens = 0  # tokens in the checkpoint on disk (what an error would lose beyond it)
+        self._folding = False  # a batch is being folded into the aggregates (they are half-updated)
         self._lock: Optional[OutputLock] = None
         self._t_start = None
 
@@ -117,7 +179,10 @@ class ScanJob:
 
     def _lock_output(self) -> None:
         if self.rank == 0:
+            os.makedirs(self.plan.out_dir, exist_ok=True)
             self._lock = OutputLock(self.plan.out_dir).acquire()
+            # listed before any of them is written: a scan killed at any moment leaves no file it does not own
+            write_manifest(self.plan.out_dir, self.plan.owned_files | set(scan_files(self.world)))
 
     def __exit__(self, *exc) -> None:
         self._release()
@@ -128,62 +193,68 @@ class ScanJob:
             self._lock = None
 
     def _start_or_resume(self) -> None:
-        ckpt.remove_stale_temporaries(self.ck_path)  # a run killed mid-write leaves its temp file behind
         found = ckpt.load(self.ck_path) if self.plan.resume else None
         if found is None:
-            clear_previous_outputs(self.plan.out_dir, self.rank, self.world)
+            clear_previous_outputs(self.plan.out_dir, self.plan.owned_files, self.rank, self.world)
             return
         arrays, meta = found
+        again = "use another output folder or resume=False (--no-resume)"
+        if meta.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{self.ck_path} was written by an earlier erasure_fast (checkpoint format "
+                             f"{meta.get('format', 1)}, this one reads {CHECKPOINT_FORMAT}); {again}")
         if meta.get("config_digest") != self.digest:
             diff = self.plan.cfg.differences(meta.get("config", {}))
-            raise ValueError(
-                f"{self.ck_path} was written by a scan with a different configuration (differs in: "
-                f"{', '.join(diff) or 'unknown'}); use another output folder or resume=False (--no-resume)"
-            )
+            raise ValueError(f"{self.ck_path} was written by a scan with a different configuration (differs in: "
+                             f"{'; '.join(diff) or 'unknown'}); {again}")
         self.agg.load(arrays)
-        self.agg.load_counters(meta)
+        self.agg.load_counters(meta, arrays)
         self.elapsed_before = meta.get("elapsed", 0.0)
         self.resumed_from = self.agg.batches
+        self._saved_tokens = self.agg.tokens
 
     # -- the batches ---------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
-        meta = dict(config_digest=self.digest, config=self.plan.cfg.as_json(), elapsed=self.elapsed(),
-                    **self.agg.counters())
-        ckpt.save(self.ck_path, self.agg.state(), meta)
+        meta = dict(format=CHECKPOINT_FORMAT, config_digest=self.digest, config=self.plan.cfg.as_json(),
+                    elapsed=self.elapsed(), **self.agg.counters())
+        ckpt.save(self.ck_path, dict(self.agg.state(), **self.agg.mark_arrays()), meta)
+        self._saved_tokens = self.agg.tokens
 
     def elapsed(self) -> float:
         return self.elapsed_before + (time.perf_counter() - self._t_start if self._t_start is not None else 0.0)
 
-    def _check_prefix(self, prefix_hash: str) -> None:
-        if prefix_hash != self.agg.content_hash:
-            raise CorpusChanged(
-                f"{self.plan.corpus.source}: the corpus changed since {self.ck_path} was written (its first "
-                f"{self.agg.rows:,} rows read by this process no longer hash to the checkpoint's value); "
-                "scan it afresh with resume=False (--no-resume) or into another output folder"
-            )
+    def corpus_changed(self, what: str, row: Optional[int]) -> CorpusChanged:
+        where = None if row is None else self.plan.corpus.byte_offset(row)
+        return CorpusChanged(
+            f"{self.plan.corpus.source}: the corpus changed since {self.ck_path} was written: {what}"
+            f"{'' if where is None else f' (byte offset {where})'}; scan it afresh with resume=False (--no-resume) "
+            "or into another output folder")
 
     def run(self, max_batches: Optional[int] = None) -> bool:
         """Scan this rank's remaining batches. Returns True when they are all done, False when it
         stopped after ``max_batches`` batches of this call (checkpoint saved). Raises
-        ScanInterrupted after a SIGINT / SIGTERM (checkpoint saved)."""
+        ScanInterrupted after a SIGINT / SIGTERM (checkpoint saved); any other error after new
+        batches saves the checkpoint first and says so."""
         p, agg = self.plan, self.agg
-        spec, corpus, edges = p.spec, p.corpus, p.cfg.position_edges
+        # A checkpoint of a larger max_tokens is re-read whole (to verify it) and reported as it is.
+        covered = agg.batches * p.cfg.batch_size  # corpus rows in the batches before the checkpoint
+        limit = None if p.max_rows is None else max(p.max_rows, covered)
+        prefix = _PrefixCheck(self) if agg.rows else None
         bar = self._progress_bar()
         self._t_start = time.perf_counter()
         done_here = 0
-        prefix_hash, prefix_checked = EMPTY_HASH, agg.batches == 0
         try:
             with _StopSignals() as stop:
-                for b, row_ids, toks in corpus.batches(p.cfg.batch_size, p.max_rows):
+                for b, row_ids, toks in p.corpus.batches(p.cfg.batch_size, limit):
                     if b % self.world != self.rank:
                         continue
-                    if b < agg.batches:  # aggregated before the checkpoint: re-read only to verify it
-                        prefix_hash = chain_hash(prefix_hash, toks)
+                    if prefix is not None and not prefix.done:  # aggregated before the checkpoint: verify it
+                        row_ids, toks = prefix.take(row_ids, toks)
+                    if p.max_rows is not None:
+                        keep = int(np.searchsorted(row_ids, p.max_rows))
+                        row_ids, toks = row_ids[:keep], toks[:keep]
+                    if not len(toks):
                         continue
-                    if not prefix_checked:
-                        self._check_prefix(prefix_hash)
-                        prefix_checked = True
-                    self._scan_batch(b, row_ids, toks, spec, edges)
+                    self._scan_batch(b, row_ids, toks)
                     done_here += 1
                     if bar is not None:
                         bar.update(toks.size)
@@ -198,16 +269,36 @@ class ScanJob:
                         return False
                     if done_here % p.checkpoint_every == 0:
                         self.save_checkpoint()
-                if not prefix_checked:
-                    self._check_prefix(prefix_hash)
+                if prefix is not None:
+                    prefix.finish()
+                    if p.max_rows is not None and prefix.last_row >= p.max_rows and self.rank == 0:
+                        warnings.warn(f"{self.ck_path} already holds a scan of {agg.tokens:,} tokens, beyond max_tokens "
+                                      f"({p.max_rows * p.cfg.seq_len:,} tokens); the report covers all of them "
+                                      "(resume=False / --no-resume scans only max_tokens)", stacklevel=2)
                 self.save_checkpoint()
                 return True
+        except ScanInterrupted:
+            raise
+        except (Exception, KeyboardInterrupt) as e:
+            # save what is consistent (never aggregates half-updated by a failing batch), then say so
+            saved_now = not self._folding and agg.tokens > self._saved_tokens
+            if saved_now:
+                self.save_checkpoint()
+            if isinstance(e, KeyboardInterrupt):
+                kept = (f"the checkpoint in {p.out_dir} holds {self._saved_tokens:,} tokens" if self._saved_tokens
+                        else "no checkpoint was saved")
+                raise ScanInterrupted(f"scan stopped at once (a second SIGINT); {kept}; run the same scan again "
+                                      "to resume") from None
+            if saved_now:
+                raise reworded(e, f"{e}; the {agg.tokens:,} tokens scanned before it are saved in {self.ck_path}; fix "
+                                  "the cause and run the same scan again to resume") from None
+            raise
         finally:
             if bar is not None:
                 bar.close()
 
-    def _scan_batch(self, b: int, row_ids: np.ndarray, toks: np.ndarray, spec, edges) -> None:
-        p, agg = self.plan, self.agg
+    def _scan_batch(self, b: int, row_ids: np.ndarray, toks: np.ndarray) -> None:
+        p, agg, spec = self.plan, self.agg, self.plan.spec
         if p.corpus.kind != "array":  # array corpora were checked whole by plan_scan
             bad = (toks < 0) | (toks >= spec.d_vocab)
             if bad.any():
@@ -220,11 +311,11 @@ class ScanJob:
         ids[:, :-1] = tokens[:, 1:]
         res = run_attribution(p.model, spec, tokens, p.wr, ids, None, include_mlps=True, impl=p.impl, keep_mlp_out=True,
                               capture_mode=p.capture)
-        update(agg, res, torch.from_numpy(row_ids), edges, self.null)
-        agg.tokens += tokens.numel()
-        agg.rows += tokens.shape[0]
+        self._folding = True  # from here to the end the aggregates are half-updated if anything fails
+        update(agg, res, torch.from_numpy(row_ids), p.cfg.position_edges, self.null)
         agg.batches = b + 1
-        agg.content_hash = chain_hash(agg.content_hash, toks)
+        agg.read_chunk(toks)
+        self._folding = False
 
     def _progress_bar(self):
         p = self.plan

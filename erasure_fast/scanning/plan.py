@@ -1,18 +1,22 @@
 """Stage 1 of a scan: check the whole job before any work and fix its configuration.
 
-`plan_scan` validates every argument -- numbers, the output folder, the model, the corpus (it exists,
-is readable, has at least one row, every id of an array corpus lies in the vocabulary), seq_len
-against the model's context, the BOS id, the writers (each head once), the backend -- and returns a
-`ScanPlan`. Nothing is run and nothing but the (empty) output folder is created before that.
+`plan_scan` validates every argument -- numbers and flags by kind, the output folder (writable, holding
+no file a scan did not write there unless ``overwrite``; outdir.py), the model (and hooks attached to it),
+the corpus (it exists, is readable, has at least one row, every id of an array corpus lies in the
+vocabulary, it is not where the scan writes), seq_len against the model's context, the BOS id, the
+writers (each head once), the backend -- and returns a `ScanPlan`. Nothing is run and nothing is
+created before that.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import numbers
 from dataclasses import asdict, dataclass
-from typing import List, Optional, Sequence
+from typing import FrozenSet, List, Optional, Sequence
 
+import numpy as np
 import torch
 import xxhash
 
@@ -21,7 +25,7 @@ from ..backends import get_backend
 from ..capture import model_device
 from ..models import ModelSpec, as_transformer_lens, model_spec
 from .corpus import TokenCorpus, open_corpus
-from .outdir import check_output_dir
+from .outdir import check_corpus_outside, check_scan_dir
 from .ranking import DEFAULT_RANK, RANK_STATISTICS
 
 PR_RANGE = (-3.0, 3.0)  # projection ratios: 0.005-wide bins
@@ -55,13 +59,25 @@ class ScanConfig:
     def as_json(self) -> dict:
         return json.loads(json.dumps(asdict(self), default=list))
 
+    def resume_fields(self) -> dict:
+        """What a checkpoint must match to be resumed: every field but the corpus's description (its
+        path, size, length...), since what matters of the corpus is the tokens already read, which a
+        resumed scan re-reads and compares (`ScanJob`): a corpus that grew, was moved or was fixed
+        after the part already scanned resumes."""
+        return {k: v for k, v in self.as_json().items() if k != "corpus"}
+
     def digest(self) -> str:
-        return hashlib.sha256(json.dumps(self.as_json(), sort_keys=True).encode()).hexdigest()[:20]
+        return hashlib.sha256(json.dumps(self.resume_fields(), sort_keys=True).encode()).hexdigest()[:20]
 
     def differences(self, other: dict) -> List[str]:
-        """Fields whose value differs from ``other`` (a checkpoint's saved config)."""
-        mine = self.as_json()
-        return [k for k in mine if other.get(k) != mine[k]]
+        """What differs from ``other`` (a checkpoint's saved config), one "field (checkpoint: ..., now:
+        ...)" each."""
+        def short(value) -> str:
+            text = json.dumps(value)
+            return text if len(text) <= 60 else text[:57] + "..."
+
+        return [f"{k} (checkpoint: {short(other.get(k))}, now: {short(v)})"
+                for k, v in self.resume_fields().items() if other.get(k) != v]
 
 
 @dataclass
@@ -82,6 +98,7 @@ class ScanPlan:
     progress: bool
     report: bool
     notes: Optional[str]
+    owned_files: FrozenSet[str] = frozenset()  # the files the output folder's manifest lists (outdir.py)
     rank_by: str = "es"  # the report's ranking statistic (ranking.py); not part of the config
     capture: str = "hooks"  # `erasure_fast.attribution.resolve_capture`'s answer; not part of the config
 
@@ -104,11 +121,35 @@ def model_fingerprint(model) -> str:
 def _positive_int(name: str, value, allow_none: bool = False) -> Optional[int]:
     if value is None and allow_none:
         return None
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int >= 1{' or None' if allow_none else ''}, got {value!r}")
     if value < 1:
         raise ValueError(f"{name} must be >= 1, got {value}")
-    return value
+    return int(value)
+
+
+def _flag(name: str, value) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
+# Bytes per kept example of the top-k tables: score, row, position and three payload values (8 bytes
+# each), two tables, and the candidates each update concatenates beside them.
+_TOPK_BYTES = 48 * 2 * 2
+
+
+def _check_top_k_fits(top_k: int, n_writers: int) -> None:
+    """Refuse a top_k whose example tables alone would not fit in this machine's free memory."""
+    import psutil
+
+    need = _TOPK_BYTES * top_k * n_writers
+    free = psutil.virtual_memory().available
+    if need > free // 2:
+        fits = max(1, free // 2 // (_TOPK_BYTES * n_writers))
+        raise ValueError(f"top_k {top_k:,} keeps {top_k * n_writers:,} example positions ({need / 2**30:,.1f} GiB for "
+                         f"{n_writers} writer(s)), more than half of this machine's free memory "
+                         f"({free / 2**30:,.1f} GiB); at most {fits:,} fit")
 
 
 def plan_scan(model, corpus, *, writers="all", seq_len: Optional[int] = None, batch_size: int = 8,
@@ -116,7 +157,8 @@ def plan_scan(model, corpus, *, writers="all", seq_len: Optional[int] = None, ba
               prepend_bos: Optional[int] = None, checkpoint_every: int = 20, top_k: int = 20,
               position_edges: Sequence[int] = POSITION_EDGES, progress: bool = True, report: bool = True,
               tokenizer=None, notes: Optional[str] = None, bin_dtype: Optional[str] = None,
-              column: str = "tokens", rank_by: str = DEFAULT_RANK, capture: str = "auto") -> ScanPlan:
+              column: Optional[str] = None, rank_by: str = DEFAULT_RANK, capture: str = "auto",
+              overwrite: bool = False) -> ScanPlan:
     """Validate a scan (arguments as `erasure_fast.scan`) and return its `ScanPlan`. Raises
     ValueError / TypeError (CorpusError and OutputDirError are ValueErrors) naming the argument."""
     model = as_transformer_lens(model)
@@ -126,19 +168,32 @@ def plan_scan(model, corpus, *, writers="all", seq_len: Optional[int] = None, ba
     checkpoint_every = _positive_int("checkpoint_every", checkpoint_every)
     top_k = _positive_int("top_k", top_k)
     max_tokens = _positive_int("max_tokens", max_tokens, allow_none=True)
-    edges = list(position_edges)
-    if not edges or any(isinstance(e, bool) or not isinstance(e, int) or e < 1 for e in edges) or edges != sorted(set(edges)):
-        raise ValueError(f"position_edges must be increasing ints >= 1, got {list(position_edges)}")
+    resume, progress, report, overwrite = (_flag(n, v) for n, v in (("resume", resume), ("progress", progress),
+                                                                    ("report", report), ("overwrite", overwrite)))
+    if notes is not None and not isinstance(notes, str):
+        raise TypeError(f"notes must be a str or None, got {type(notes).__name__}")
+    try:
+        edges = list(position_edges)
+    except TypeError:
+        edges = None
+    if not edges or any(isinstance(e, bool) or not isinstance(e, numbers.Integral) or e < 1 for e in edges) \
+            or edges != sorted(set(edges)):
+        raise ValueError(f"position_edges must be increasing ints >= 1, got {position_edges!r}")
+    edges = [int(e) for e in edges]
     spec = model_spec(model)  # an unsupported model is refused before the output folder is touched
-    out_dir = check_output_dir(out_dir)
+    out_dir, owned = check_scan_dir(out_dir, overwrite=overwrite, create=False)  # made by the job, under its lock
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     corpus = open_corpus(corpus, seq_len=seq_len, tokenizer=tokenizer, bin_dtype=bin_dtype, column=column)
+    check_corpus_outside(out_dir, corpus.source)
     if spec.n_ctx is not None and corpus.seq_len > spec.n_ctx:
         raise ValueError(f"seq_len {corpus.seq_len} exceeds the model's n_ctx {spec.n_ctx}")
     if prepend_bos is not None:
-        if isinstance(prepend_bos, bool) or not isinstance(prepend_bos, int) or not 0 <= prepend_bos < spec.d_vocab:
+        if isinstance(prepend_bos, (bool, np.bool_)) or not isinstance(prepend_bos, numbers.Integral) \
+                or not 0 <= prepend_bos < spec.d_vocab:
             raise ValueError(f"prepend_bos must be a token id in [0, {spec.d_vocab}), got {prepend_bos!r}")
+        prepend_bos = int(prepend_bos)
     wr = resolve_writers(writers, spec)
+    _check_top_k_fits(top_k, len(wr))
     capture_mode = resolve_capture(capture, model, spec)
     dev = model_device(model)
     impl = get_backend(backend, dev, spec.W_O.dtype)
@@ -154,5 +209,5 @@ def plan_scan(model, corpus, *, writers="all", seq_len: Optional[int] = None, ba
         corpus=corpus.describe(),
     )
     return ScanPlan(model=model, spec=spec, corpus=corpus, cfg=cfg, impl=impl, device=dev, wr=wr, out_dir=out_dir,
-                    resume=bool(resume), max_rows=max_rows, checkpoint_every=checkpoint_every,
-                    progress=bool(progress), report=bool(report), notes=notes, rank_by=rank_by, capture=capture_mode)
+                    resume=resume, max_rows=max_rows, checkpoint_every=checkpoint_every, progress=progress,
+                    report=report, notes=notes, owned_files=owned, rank_by=rank_by, capture=capture_mode)

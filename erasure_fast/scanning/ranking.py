@@ -3,10 +3,12 @@
 Pairs are ranked by the median over tokens of one statistic (`RANK_STATISTICS`, default "es", the
 erasure score PR * |cos| * |w| / |x|; formulas and the measurements behind the choice in
 pair_stats.py and docs/math.md), most negative first (strongest erasure). Each statistic has a null: the same statistic against a
-random direction of the writer's norm. A pair is **above the null** when its median is more negative
-than the most negative null median of every downstream pair of the scan -- beyond anything the
-scan's nodes show against directions nothing in the model relates to. The threshold is fixed by
-that rule, not tuned.
+random direction of the writer's norm. A pair is **above the null** when its median is negative and
+more negative than the most negative null median of every downstream pair of the scan, which must
+itself be negative -- beyond any erasure the scan's nodes show against directions nothing in the model
+relates to. A threshold that is not negative (every null median positive) or undefined (no downstream
+pair) gives no erasure level to beat: then no pair is above the null, and the report says why. The
+threshold is fixed by that rule, not tuned.
 """
 
 from __future__ import annotations
@@ -43,6 +45,26 @@ def null_threshold(summary, by: str = DEFAULT_RANK) -> float:
     return float(min(values)) if len(values) else float("nan")
 
 
+def above_null(medians, threshold: float):
+    """Whether each median is erasure beyond the null: negative and below a negative ``threshold``;
+    nothing is, when the threshold is not negative or NaN (NaN medians never are)."""
+    return medians < threshold if threshold < 0 else medians < -math.inf
+
+
+def null_verdict(meta: dict) -> str:
+    """The ranking's outcome in words: how many pairs are above the null, or why none is."""
+    threshold, n = meta["null_threshold"], meta["downstream_pairs"]
+    if meta["pairs_above_null"]:
+        return f"{meta['pairs_above_null']:,} of {n:,} downstream pairs above the null"
+    if n == 0 or math.isnan(threshold):
+        return ("no erasure above the null: no node reads these writers downstream, so nothing can erase them"
+                if n == 0 else "no erasure above the null: no downstream pair has a null median (no tokens)")
+    if threshold >= 0:
+        return (f"no erasure above the null: the null threshold {threshold:+.4g} is not negative (the random "
+                f"directions show no erasure among these {n:,} downstream pairs to measure against)")
+    return f"no erasure above the null: no downstream pair's median is below the null threshold {threshold:+.4g}"
+
+
 def rank_pairs(summary, by: str = DEFAULT_RANK, n: int = None):
     """Downstream (node, writer) pairs sorted by the median of ``by`` (most negative first), with
     columns ``rank_statistic`` (that median), ``null_threshold`` and ``above_null``."""
@@ -51,7 +73,7 @@ def rank_pairs(summary, by: str = DEFAULT_RANK, n: int = None):
     threshold = null_threshold(summary, by)
     pairs["rank_statistic"] = pairs[col]
     pairs["null_threshold"] = threshold
-    pairs["above_null"] = pairs[col] < threshold if not math.isnan(threshold) else False
+    pairs["above_null"] = above_null(pairs[col], threshold)
     pairs = pairs.sort_values(["rank_statistic", "node", "writer"], na_position="last")
     return pairs if n is None else pairs.head(n)
 

@@ -9,8 +9,9 @@ from typing import Dict
 
 import numpy as np
 
+from ..paths import atomic_write
 from .plots import all_plots
-from .ranking import STATISTIC_NAMES, rank_pairs, ranking_meta
+from .ranking import STATISTIC_NAMES, null_verdict, rank_pairs, ranking_meta
 
 QS = (0.125, 0.25, 0.5, 0.75, 0.875)
 
@@ -94,20 +95,6 @@ def _top_table(top, cfg, writer_index: int, corpus_rows=None) -> list:
     return out
 
 
-def _atomic(path: str, write) -> str:
-    """Call ``write(tmp_path)`` and rename the result to ``path``: readers see the old file or the new
-    one, never half of one."""
-    folder, name = os.path.split(path)
-    tmp = os.path.join(folder, f".tmp-{os.getpid()}-{name}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
 def write_report(out_dir: str, summary, agg, cfg, meta: dict, make_plots: bool = True) -> Dict[str, str]:
     """summary.parquet / .csv / .json, the plots and report.md in ``out_dir``, pairs ranked as
     ``meta`` says (`ranking.ranking_meta`; default statistic when absent). A plot that fails is
@@ -117,8 +104,8 @@ def write_report(out_dir: str, summary, agg, cfg, meta: dict, make_plots: bool =
     rank_by = meta["rank_by"]
     os.makedirs(out_dir, exist_ok=True)
     files = {}
-    files["summary.parquet"] = _atomic(os.path.join(out_dir, "summary.parquet"), lambda p: summary.to_parquet(p, index=False))
-    files["summary.csv"] = _atomic(os.path.join(out_dir, "summary.csv"), lambda p: summary.to_csv(p, index=False))
+    files["summary.parquet"] = atomic_write(os.path.join(out_dir, "summary.parquet"), lambda p: summary.to_parquet(p, index=False))
+    files["summary.csv"] = atomic_write(os.path.join(out_dir, "summary.csv"), lambda p: summary.to_csv(p, index=False))
     pairs = rank_pairs(summary, rank_by, 15)
     focus = pairs.writer.iloc[0] if len(pairs) else cfg.writer_labels[0]
     wi = cfg.writer_labels.index(focus)
@@ -141,14 +128,14 @@ def write_report(out_dir: str, summary, agg, cfg, meta: dict, make_plots: bool =
         with open(path, "w") as f:
             json.dump(payload, f, indent=1)
 
-    files["summary.json"] = _atomic(os.path.join(out_dir, "summary.json"), dump_json)
+    files["summary.json"] = atomic_write(os.path.join(out_dir, "summary.json"), dump_json)
     md = _markdown(summary, pairs, tops, cfg, meta, focus, files)
 
     def dump_md(path):
         with open(path, "w") as f:
             f.write(md)
 
-    files["report.md"] = _atomic(os.path.join(out_dir, "report.md"), dump_md)
+    files["report.md"] = atomic_write(os.path.join(out_dir, "report.md"), dump_md)
     return files
 
 
@@ -165,14 +152,13 @@ def _ranking_section(pairs, meta) -> list:
         f"Ranked by the median over tokens of the {meta['rank_formula']} (a = node output, w = writer output; "
         "most negative = strongest erasure; `--rank-by` / `rank_by=` picks another statistic, and summary.* has "
         "every statistic as a column). **Null**: the same statistic against a random direction of the writer's "
-        f"norm; a pair is above the null when its median is below the most negative null median of all "
-        f"{meta['downstream_pairs']:,} downstream pairs ({_fmt(threshold)}).",
+        f"norm; a pair is above the null when its median is negative and below the most negative null median of "
+        f"all {meta['downstream_pairs']:,} downstream pairs ({'none' if np.isnan(threshold) else _fmt(threshold)}), "
+        "which must itself be negative.",
         "",
     ]
-    if meta["pairs_above_null"] == 0:
-        lines += [f"**No erasure above the null**: no downstream pair's median {name} is below {_fmt(threshold)}.", ""]
-    else:
-        lines += [f"{meta['pairs_above_null']:,} of {meta['downstream_pairs']:,} downstream pairs are above the null.", ""]
+    verdict = null_verdict(meta)
+    lines += [f"**{verdict[0].upper()}{verdict[1:]}.**" if not meta["pairs_above_null"] else f"{verdict}.", ""]
     lines += [
         f"| node | writer | median {name} | 25 % | 75 % | null median | above null | median PR | median cos | median PV | "
         "median ES | PR at BOS | PR elsewhere | tokens |",

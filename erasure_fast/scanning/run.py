@@ -33,9 +33,10 @@ def scan(
     tokenizer=None,
     notes: Optional[str] = None,
     bin_dtype: Optional[str] = None,
-    column: str = "tokens",
+    column: Optional[str] = None,
     rank_by: str = "es",
     capture: str = "auto",
+    overwrite: bool = False,
 ) -> Optional[ScanResult]:
     """Erasure scan of ``corpus`` through ``model``.
 
@@ -49,10 +50,13 @@ def scan(
         seq_len: row length (needed for 1-D streams; defaults to a 2-D array's row length, else 1024).
             Stored rows longer than seq_len are cut into several windows.
         batch_size: rows per forward pass.
-        out_dir: where checkpoints and the report go; locked while the scan runs.
+        out_dir: where checkpoints and the report go; locked while the scan runs. A folder holding
+            files no scan wrote there is refused (see ``overwrite``). ``~`` and ``$VARS`` are expanded
+            in every path argument.
         resume: continue from ``out_dir``'s checkpoint when its configuration matches and the corpus
-            part it aggregated is unchanged; False starts afresh (removing the folder's previous
-            scan outputs).
+            part it aggregated is unchanged (a corpus that grew, moved or changed after that part
+            resumes; a smaller ``max_tokens`` reports the checkpoint's larger scan, with a warning);
+            False starts afresh (removing the files a previous scan wrote there).
         backend: "auto", "torch", "cpp" or "triton".
         max_tokens: stop after this many tokens (whole rows).
         prepend_bos: a token id to put at position 0 of every row (the row keeps seq_len tokens).
@@ -64,7 +68,7 @@ def scan(
         tokenizer: for text corpora (default: the model's own).
         notes: a line for the top of the report (e.g. that the model is synthetic).
         bin_dtype: the dtype of a raw ``.bin`` corpus (uint16, uint32, int32, int64); required for .bin.
-        column: the token column of a Hugging Face dataset.
+        column: the token column of a Hugging Face dataset (default "tokens"; only for datasets).
         rank_by: the report's ranking statistic: "es" (erasure score PR * |cos| * |w| / |x|, the
             default), "apr", "pr", "pv" or "cos"
             (`erasure_fast.scanning.ranking`); the report can be re-ranked by running the finished scan
@@ -72,7 +76,11 @@ def scan(
         capture: "auto" (the capture engine where it covers the model, else TransformerLens hooks),
             "engine" or "hooks" (`erasure_fast.engine`); the report records which was used and why.
             Not part of the configuration: a scan may resume under the other (same numbers to
-            rounding).
+            rounding). A model with hooks attached (TransformerLens hook points, torch forward hooks)
+            is run through them ("hooks"), or refused where it cannot be (`erasure_fast.models.hooks`).
+        overwrite: scan into ``out_dir`` although it holds files no scan wrote there. The scan still
+            writes only its own file names (replacing files of those names) and removes only files
+            a scan wrote (listed in the folder's manifest); the corpus is never written or removed.
 
     Returns:
         `ScanResult` on rank 0 (None on other ranks). Under torch.distributed (torchrun) every rank
@@ -88,7 +96,7 @@ def scan(
                      resume=resume, backend=backend, max_tokens=max_tokens, prepend_bos=prepend_bos,
                      checkpoint_every=checkpoint_every, top_k=top_k, position_edges=position_edges,
                      progress=progress, report=report, tokenizer=tokenizer, notes=notes, bin_dtype=bin_dtype,
-                     column=column, rank_by=rank_by, capture=capture)
+                     column=column, rank_by=rank_by, capture=capture, overwrite=overwrite)
     with ScanJob(plan) as job:
         job.run()
         return job.finish()

@@ -4,7 +4,7 @@ the tokens read so far, with their update from one batch's attribution."""
 from __future__ import annotations
 
 import hashlib
-from typing import Dict, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -20,12 +20,21 @@ EMPTY_HASH = "0" * 32
 
 
 def chain_hash(previous: str, tokens: np.ndarray) -> str:
-    """Hash of the tokens read so far: blake2b(previous hash, this batch's int64 ids). A checkpoint
-    stores it; a resumed scan re-reads the batches before its checkpoint and must arrive at the same
-    value, so a corpus changed anywhere in the part already aggregated refuses to resume."""
+    """blake2b(previous hash, these int64 ids): one link of a hash chain."""
     h = hashlib.blake2b(bytes.fromhex(previous), digest_size=16)
     h.update(np.ascontiguousarray(tokens, dtype="<i8").tobytes())
     return h.hexdigest()
+
+
+def chain_rows(previous: str, rows: np.ndarray) -> str:
+    """The hash of the rows read so far, one link per row of ``rows`` [n, seq_len]: it depends on the
+    tokens and their order only, not on how they were batched. A checkpoint stores it after every
+    chunk it aggregated (`Aggregates.hash_marks`); a resumed scan re-reads those rows and must arrive
+    at the same values, so a corpus changed anywhere in the part already aggregated refuses to
+    resume, naming the first chunk that differs."""
+    for row in rows:
+        previous = chain_hash(previous, row)
+    return previous
 
 
 class Aggregates:
@@ -49,6 +58,16 @@ class Aggregates:
         self.rows = 0
         self.batches = 0  # next batch index for this rank
         self.content_hash = EMPTY_HASH
+        # (rows read so far, content_hash) after each chunk this rank hashed -- a batch, or the rest
+        # of one that an earlier, smaller max_tokens cut short -- so a resume re-reads the same chunks
+        self.hash_marks: List[Tuple[int, str]] = []
+
+    def read_chunk(self, tokens: np.ndarray) -> None:
+        """Count and hash a chunk of rows [n, seq_len] that has been aggregated."""
+        self.tokens += tokens.size
+        self.rows += tokens.shape[0]
+        self.content_hash = chain_rows(self.content_hash, tokens)
+        self.hash_marks.append((self.rows, self.content_hash))
 
     def parts(self):
         return {"pr": self.pr, "dla": self.dla, "top_erasure": self.top_erasure, "top_adversarial": self.top_adversarial,
@@ -72,9 +91,20 @@ class Aggregates:
     def counters(self) -> dict:
         return dict(tokens=self.tokens, rows=self.rows, next_batch=self.batches, content_hash=self.content_hash)
 
-    def load_counters(self, meta: dict) -> None:
+    def mark_arrays(self) -> Dict[str, np.ndarray]:
+        """`hash_marks` as checkpoint arrays: rows [n] int64, hashes [n, 16] uint8."""
+        rows = np.array([r for r, _ in self.hash_marks], dtype=np.int64)
+        digests = b"".join(bytes.fromhex(h) for _, h in self.hash_marks)
+        return {"prefix.rows": rows, "prefix.hashes": np.frombuffer(digests, dtype=np.uint8).reshape(-1, 16).copy()}
+
+    def load_counters(self, meta: dict, arrays: Dict[str, np.ndarray]) -> None:
         self.tokens, self.rows, self.batches = meta["tokens"], meta["rows"], meta["next_batch"]
-        self.content_hash = meta.get("content_hash", EMPTY_HASH)
+        self.content_hash = meta["content_hash"]
+        self.hash_marks = [(int(r), bytes(h).hex()) for r, h in zip(arrays["prefix.rows"], arrays["prefix.hashes"])]
+        last = self.hash_marks[-1] if self.hash_marks else (0, EMPTY_HASH)
+        if last != (self.rows, self.content_hash):
+            raise ValueError(f"checkpoint: its last hash mark {last} is not its row count and hash "
+                             f"{(self.rows, self.content_hash)}")
 
 
 def downstream_pairs(cfg: ScanConfig) -> np.ndarray:
