@@ -22,6 +22,14 @@ ADVERSARIAL_PROMPTS = [
 DEFAULT_ERASERS = ("L2H2", "L2H3", "L2H4", "L2H5", "L2H6", "L2H7")
 
 
+def check_method(method, methods: dict) -> str:
+    """``method`` when it is a key of ``methods`` (an analysis's {method: what it does}), else a
+    ValueError naming them; "paper" is always the authors' computation."""
+    if not isinstance(method, str) or method not in methods:
+        raise ValueError(f"method must be one of {', '.join(map(repr, methods))}, got {method!r}")
+    return method
+
+
 def head_indices(model, heads, name: str = "heads") -> List[int]:
     """Flat indices of ``heads`` (a label, or a list of labels / indices / (layer, head) pairs)."""
     return resolve_writers(list(heads) if not isinstance(heads, str) else [heads], model_spec(model), name).tolist()
