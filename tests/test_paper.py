@@ -143,8 +143,11 @@ def test_fig4_paper_method_is_the_heads_own_input_resampled_at_the_last_position
                 return t
 
             z = {}
-            model.run_with_hooks(prompts, fwd_hooks=[(n, take) for n in names] + [
-                (f"blocks.{layer}.attn.hook_z", lambda t, hook=None: z.setdefault("z", t.clone()))])
+
+            def keep(t, hook=None):
+                z["z"] = t.clone()
+
+            model.run_with_hooks(prompts, fwd_hooks=[(n, take) for n in names] + [(f"blocks.{layer}.attn.hook_z", keep)])
             r = z["z"][:, -1, head].double() @ model.W_O[layer, head].detach().double()
             ref = ((r - r.mean(-1, keepdim=True)) * d).sum(-1) / s
             np.testing.assert_allclose(samples[:, i].numpy(), ref.numpy(), rtol=1e-5, atol=1e-6)
