@@ -40,8 +40,9 @@ def resampled_dla(model, prompts: torch.Tensor, correct, incorrect, head: str, c
     rows of token ids [rows, >= P]. ``method`` (`METHODS`): "paper" -- the donors are the first P tokens
     of the first ``n_samples`` corpus rows (all rows by default), the same donors for every prompt, and
     each replaces the layer's input at the last position only (``blocks.l.hook_resid_pre[:, -1]``: the
-    head's ln1-normalised q/k/v input there becomes the donor's; the head's output at the last position
-    depends on nothing else of that position, so this is the authors' per-head patch, in every layout);
+    head's ln1-normalised input there -- for its query, key, value and any output gate -- becomes the
+    donor's; only that head's output at the last position is read, and nothing else of that position
+    reaches it, so this is the authors' per-head patch, in every layout);
     "z_swap" -- ``n_samples`` random windows of ``corpus`` (``seed``), the head's hook_z taken from the
     donor run at every position. Both use the clean final-LN scale. ``capture`` ("auto", "engine",
     "hooks", as in `erasure_fast.attribute`) is for the clean run and z_swap's donor runs; the runs
