@@ -104,13 +104,15 @@ def bos_split(model, tokens: torch.Tensor, writer: str = "L0H2", erasers: Sequen
     table.attrs["statistics"] = CONVENTION
     table.attrs["heads"] = v["heads"]
     if out_path:
-        fig, axes = new_figure((6, 5), 2, 1)
+        heads = v["heads"]
+        summed = ", ".join(heads) if len(heads) <= 3 else f"{heads[0]} .. {heads[-1]}"
+        fig, axes = new_figure((7, 5), 2, 1)
         for ax, part, words in ((axes[0], "bos", "BOS part"), (axes[1], "rest", "non-BOS part")):
             ax.plot(table.position, table[f"pr_{part}_median"], color="tab:blue")
             ax.fill_between(table.position, table[f"pr_{part}_q0.125"], table[f"pr_{part}_q0.875"], color="tab:blue", alpha=0.2)
             ax.axhline(0, color="grey", lw=0.8)
             ax.set_ylabel("PR (median, 12.5-87.5 %)")
-            ax.set_title(f"PR of sum({', '.join(v['heads'])}) onto {writer}'s {words}", fontsize=9)
+            ax.set_title(f"PR of sum({summed}) onto {writer}'s {words}", fontsize=9)
         axes[1].set_xlabel("position")
         save(fig, out_path)
     return table

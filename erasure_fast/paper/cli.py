@@ -562,7 +562,7 @@ def _report_fig8(job: PaperJob, md: list) -> None:
     rows = job.batch.shape[0]
     none_rest = t8.position[t8.rest_zero_rows == rows].tolist()
     later = t8[t8.position >= 1]
-    md += [f"## Fig. 8: erasure of the writer's BOS and non-BOS parts (PR of sum({', '.join(t8.attrs['heads'])}))", "",
+    md += [f"## Fig. 8: erasure of the writer's BOS and non-BOS parts (PR of the sum of {', '.join(t8.attrs['heads'])})", "",
            "![fig8](fig8_bos_split.png)", "",
            "Each part computed directly (pattern at position 0 times its value, and pattern at positions >= 1 times "
            "theirs); the last position dropped, as the authors do. Median over positions >= 1 of the per-position "
