@@ -254,8 +254,12 @@ def test_fig4_runs_the_paper_prompts_with_a_tokenizer_that_has_them(files, tmp_p
                       "--seq-len", files["root"])
     assert f">= {longest}" in message
     assert run(paper_args(*base_args(files, out, "fig4", "model_paper_tok"))) == 0
-    assert "Prompts: the paper's four adversarial prompts." in (out / "paper_fig4.md").read_text()
+    report = (out / "paper_fig4.md").read_text()
+    assert "Prompts: the paper's four adversarial prompts." in report
     assert len(pd.read_csv(out / "fig4_resample_ablation.csv")) == 4
+    # fig 4b: each prompt with the head the authors resample on it
+    assert "### Fig. 4b" in report and (out / "fig4b_resample_ablation.png").stat().st_size > 0
+    assert [p.split(":")[0] for p in pd.read_csv(out / "fig4b_resample_ablation.csv").prompt] == ["L3H1", "L2H1", "L3H5", "L2H2"]
 
 
 def test_mine_reopens_the_corpus_the_scan_read(files, tmp_path):

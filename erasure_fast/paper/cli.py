@@ -32,7 +32,7 @@ from ..scanning.corpus import HUB_PREFIX
 from ..tl_models import PROCESSING, PROCESSING_WORDS
 from .bos_split import bos_split
 from .causal import causal_check
-from .common import DEFAULT_ERASERS, eraser_layer, head_indices
+from .common import DEFAULT_ERASERS, FIG4B_HEADS, eraser_layer, head_indices
 from .support import paper_support_problem
 from .miner import check_scan_model, mine_adversarial, open_scanned_corpus, read_scan_summary, scan_candidate_rows
 from .resample import paper_prompts, paper_prompts_unavailable, plot_resample_ablation, resample_ablation
@@ -534,9 +534,22 @@ def _report_fig4(job: PaperJob, md: list) -> None:
     md += [f"## Fig. 4: {job.writer}'s DLA vs resample ablation of its input at the last position", "",
            f"Prompts: {source}. Donors: the first {job.samples} corpus rows, cut to the prompt's length; the head's "
            "q/k/v input at the last position is the donor's, earlier positions keep their clean input; clean final "
-           "LN scale.", "", "![fig4](fig4_resample_ablation.png)", "",
-           "| prompt | clean DLA | resampled DLA: median [12.5 %, 87.5 %] |", "|---|---|---|"]
-    md += [f"| {_cell(r['prompt'])} | {r['clean_dla']:+.3f} | {_band(r, 'resampled_')} |" for r in t4.to_dict("records")] + [""]
+           "LN scale.", "", "![fig4](fig4_resample_ablation.png)", ""] + _fig4_rows(t4)
+    spec = model_spec(job.model)
+    if job.prompts and spec.n_layers >= 4 and spec.n_heads >= 8:  # the heads of the authors' fig 4b exist
+        t4b = pd.concat([resample_ablation(job.model, ids[None].to(dev), [good], [bad], head, job.donor_rows,
+                                           n_samples=job.samples, labels=[f"{head}: {text}"], capture=job.capture)
+                         for (text, ids, good, bad), head in zip(job.prompts, FIG4B_HEADS)], ignore_index=True)
+        t4b.to_csv(_out(job, "fig4b_resample_ablation.csv"), index=False)
+        plot_resample_ablation(t4b, "each prompt's head", _out(job, "fig4b_resample_ablation.png"))
+        md += ["### Fig. 4b: the head the authors resample on each prompt", "",
+               "![fig4b](fig4b_resample_ablation.png)", ""] + _fig4_rows(t4b)
+
+
+def _fig4_rows(table) -> list:
+    return (["| prompt | clean DLA | resampled DLA: median [12.5 %, 87.5 %] |", "|---|---|---|"]
+            + [f"| {_cell(r['prompt'])} | {r['clean_dla']:+.3f} | {_band(r, 'resampled_')} |" for r in table.to_dict("records")]
+            + [""])
 
 
 def _report_fig5(job: PaperJob, md: list, results: dict) -> None:

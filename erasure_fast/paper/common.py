@@ -20,6 +20,8 @@ ADVERSARIAL_PROMPTS = [
     ("The church I go to is the Seventh-day Adventist", " Church", " church"),
 ]
 DEFAULT_ERASERS = ("L2H2", "L2H3", "L2H4", "L2H5", "L2H6", "L2H7")
+# Fig 4b: the head the authors resample on each adversarial prompt (one with a large DLA there)
+FIG4B_HEADS = ("L3H1", "L2H1", "L3H5", "L2H2")
 
 
 def check_method(method, methods: dict) -> str:
