@@ -170,6 +170,9 @@ def test_all_figures_on_a_file_corpus(files, tmp_path):
     assert "capture: engine for runs without interventions" in report
     # a batch of fewer than 4 rows: fig 4's fallback uses as many prompts as there are rows
     assert len(pd.read_csv(out / "fig4_resample_ablation.csv")) == 2
+    fig5 = pd.read_csv(out / "fig5_v_composition.csv")  # the authors' positions: 32 .. seq_len - 2
+    assert len(fig5) == 2 * (40 - 1 - 32) and fig5.position.min() == 32 and fig5.position.max() == 38
+    assert "slope" in report and "± 2 standard errors as the paper prints them" in report
 
 
 def test_weights_are_processed_as_from_pretrained_unless_raw_is_asked_for(files, tmp_path):
