@@ -20,12 +20,12 @@ from ..plotting import new_figure, save
 from .common import DEFAULT_ERASERS, attribute_with_hooks, check_method, eraser_layer, head_indices
 from .stats import CONVENTION, band_row
 from .support import check_paper_support
+from .value_path import ValuePath, kv_group, value_path, value_weights
 
 METHODS = {  # method -> whose value input the writer's clean output is removed from
     "paper": "every head of the erasers' layer (the authors' hook_v_input patch)",
     "erasers": "the erasers only (the other heads of their layer keep their clean values)",
 }
-from .value_path import ValuePath, kv_group, value_path, value_weights
 
 
 def value_patch_hooks(model, spec, clean, writer: int, erasers: Sequence[int], layer: int, path: ValuePath) -> list:
@@ -86,12 +86,12 @@ def causal_runs(model, tokens: torch.Tensor, writer: str = "L0H2", erasers: Sequ
     model = as_transformer_lens(model)
     spec = model_spec(model)
     w = head_indices(model, [writer], "writer")[0]
-    patched_ = patched_heads(model, writer, erasers, method)
-    layer = patched_[0] // spec.n_heads
+    heads = patched_heads(model, writer, erasers, method)
+    layer = heads[0] // spec.n_heads
     check_paper_support(model, analysis, writer, erasers)
     path = value_path(model, w // spec.n_heads, layer)
     clean = attribute_with_hooks(model, tokens, [writer], backend=backend, keep_hooks=path.scale_hooks)
-    hooks = value_patch_hooks(model, spec, clean, w, patched_, layer, path)
+    hooks = value_patch_hooks(model, spec, clean, w, heads, layer, path)
     patched = attribute_with_hooks(model, tokens, [writer], backend=backend, extra_hooks=hooks)
     return clean, patched
 

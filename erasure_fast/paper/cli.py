@@ -23,7 +23,7 @@ from ..attribution import resolve_capture
 from ..capture import model_device
 from ..demo import PLANTED, demo_corpus, planted_model
 from ..engine import CAPTURE_MODES
-from ..loading import ALIASES, GELU_4L_REPO, ModelLoadError, check_device, load_model, locate_model
+from ..loading import GELU_4L_REPO, ModelLoadError, check_device, load_model, locate_model
 from ..models import UnsupportedModelError, model_spec
 from ..errors import blame
 from ..paths import check_output_dir
@@ -49,7 +49,7 @@ DEMO_SCAN_ROWS = 64  # `erasure-fast demo` scans demo_corpus(64, seq_len)
 MINE_TOP = 10  # candidates the miner shows (mine_adversarial's default)
 WEIGHTS = ("auto",) + PROCESSING
 # What the paper reports for GELU-4L (writer L0H2, erasers L2H2-L2H7, weights as from_pretrained loads
-# them): (figure, quantity, value, where this run's number is in `_Results`).
+# them): (figure, quantity, value, this run's number's key in `run_job`'s results).
 PUBLISHED = [
     ("Fig. 1", "median PR of resid_mid0 onto L0H2", 0.96, ("resid", "resid_mid0")),
     ("Fig. 1", "median PR of resid_post1 onto L0H2", 1.02, ("resid", "resid_post1")),
@@ -124,7 +124,6 @@ class PaperJob:
     analyses: List[str]
     report_name: str
     out: str
-    model: object
     opened: PaperModel  # the model and what the report says about it
     writer: str
     erasers: List[str]
@@ -140,6 +139,10 @@ class PaperJob:
     scan_corpus: object = None  # mine: the opened corpus the scan read
     scan_corpus_label: Optional[str] = None
     not_run: Optional[dict] = None  # 'all': {analysis: why the model cannot run it}, left out of the job
+
+    @property
+    def model(self):
+        return self.opened.model
 
 
 def run(args) -> int:
@@ -382,7 +385,7 @@ def plan_job(args) -> PaperJob:
     wanted, not_run = _supported(model, args.analysis, wanted, writer, erasers)
     figures = [a for a in wanted if a in FIGURES]
     job = PaperJob(analyses=wanted, report_name="paper_report.md" if args.analysis == "all" else f"paper_{args.analysis}.md",
-                   out=out, model=model, opened=opened, writer=writer, erasers=list(erasers),
+                   out=out, opened=opened, writer=writer, erasers=list(erasers),
                    samples=samples, capture=capture, capture_used=capture_used, scan_dir=args.scan_dir if summary is not None else None, not_run=not_run)
     if figures:
         _plan_figures(job, args, figures, rows, seq_len, bos)
