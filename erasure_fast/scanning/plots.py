@@ -19,32 +19,39 @@ def _node_order(label: str):
     return int(layer), 0, int(head)
 
 
-def fig1_resid(summary, cfg, writers, path: str) -> str:
-    """Median residual-stream PR onto each writer across resid points, 25-75 % band (paper Fig. 1)."""
+def _band_words(band: Tuple[str, str]) -> str:
+    """("q0.25", "q0.75") -> "25-75 %"."""
+    return "-".join(f"{100 * float(c[1:]):g}" for c in band) + " %"
+
+
+def fig1_resid(summary, cfg, writers, path: str, band: Tuple[str, str] = ("q0.25", "q0.75")) -> str:
+    """Median residual-stream PR onto each writer across resid points, with the band between the
+    summary's quantile columns ``band`` (paper Fig. 1)."""
     fig, ax = new_figure((7, 3.6))
     x = np.arange(len(cfg.resid_labels))
     for w in writers:
         r = summary[(summary.kind == "resid") & (summary.writer == w)].set_index("node").loc[cfg.resid_labels]
         ax.plot(x, r["median"], marker="o", label=w)
-        ax.fill_between(x, r["q0.25"], r["q0.75"], alpha=0.2)
+        ax.fill_between(x, r[band[0]], r[band[1]], alpha=0.2)
     ax.axhline(0, color="grey", lw=0.8)
     ax.axhline(1, color="grey", lw=0.8, ls=":")
     ax.set_xticks(x, cfg.resid_labels, rotation=45, ha="right")
     ax.set_ylabel("projection ratio onto writer")
-    ax.set_title("Residual stream PR onto writer (median, 25-75 %)")
+    ax.set_title(f"Residual stream PR onto writer (median, {_band_words(band)})")
     ax.legend(fontsize=8)
     return save(fig, path)
 
 
-def fig2_nodes(summary, cfg, writer: str, path: str) -> str:
-    """Median PR of every downstream head and MLP onto one writer, layers separated (paper Fig. 2)."""
+def fig2_nodes(summary, cfg, writer: str, path: str, band: Tuple[str, str] = ("q0.25", "q0.75")) -> str:
+    """Median PR of every downstream head and MLP onto one writer, layers separated, whiskers at the
+    summary's quantile columns ``band`` (paper Fig. 2)."""
     rows = summary[(summary.kind == "node") & (summary.writer == writer) & summary.downstream]
     rows = rows.iloc[sorted(range(len(rows)), key=lambda i: _node_order(rows.node.iloc[i]))]
     fig, ax = new_figure((max(6, 0.28 * len(rows)), 3.8))
     x = np.arange(len(rows))
     med = rows["median"].to_numpy()
-    lo = med - rows["q0.25"].to_numpy()
-    hi = rows["q0.75"].to_numpy() - med
+    lo = med - rows[band[0]].to_numpy()
+    hi = rows[band[1]].to_numpy() - med
     colors = ["tab:red" if m < 0 else "tab:blue" for m in med]
     ax.bar(x, med, color=colors, alpha=0.8)
     ax.errorbar(x, med, yerr=np.vstack([np.abs(lo), np.abs(hi)]), fmt="none", ecolor="black", lw=0.8, capsize=2)
@@ -58,7 +65,7 @@ def fig2_nodes(summary, cfg, writer: str, path: str) -> str:
     ax.axhline(0, color="grey", lw=0.8)
     ax.set_xticks(x, labels, rotation=90, fontsize=7)
     ax.set_ylabel(f"PR onto {writer}")
-    ax.set_title(f"PR of downstream heads and MLPs onto {writer} (median, 25-75 %)", fontsize=9)
+    ax.set_title(f"PR of downstream heads and MLPs onto {writer} (median, {_band_words(band)})", fontsize=9)
     return save(fig, path)
 
 
