@@ -8,6 +8,7 @@ interrupted scan (Ctrl-C, SIGTERM) saves its checkpoint, says how to resume and 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import re
@@ -333,10 +334,50 @@ def _dispatch(args, argv) -> int:
     return 0
 
 
+# What each command imports before it starts work (torch comes with the parser).
+_START_UP_IMPORTS = {"scan": ("erasure_fast.loading", "erasure_fast.scanning.job", "erasure_fast.scanning.ranking"),
+                     "demo": ("erasure_fast.demo", "erasure_fast.scanning.job", "erasure_fast.scanning.ranking"),
+                     "paper": ("erasure_fast.paper.cli",), "bench": ("erasure_fast.bench",)}
+
+
+@contextlib.contextmanager
+def _interrupts_held():
+    """Ctrl-C is held while the command imports torch and its own modules, and raised as
+    KeyboardInterrupt once they have loaded. A KeyboardInterrupt raised inside a C extension's import
+    can abort the process (pybind11's error_already_set thrown where C++ cannot propagate it:
+    "terminate called ...", exit -6) or leave the interpreter marked to die by SIGINT at exit however
+    it is caught; held here, it is raised in Python, between imports, and answered in one line."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield  # not ours to change (an embedding application's handler, or not the main thread)
+        return
+    held = []
+    signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if held:
+        raise KeyboardInterrupt
+
+
+def _parse_and_import(argv):
+    """The parsed arguments, with the command's modules imported (Ctrl-C held meanwhile)."""
+    import importlib
+
+    with _interrupts_held():
+        args = build_parser().parse_args(argv)  # the parser imports torch (the paper's options): a long start-up
+        for module in _START_UP_IMPORTS.get(args.command, ()):
+            importlib.import_module(module)
+    return args
+
+
 def main(argv=None) -> int:
     args = None
     try:
-        args = build_parser().parse_args(argv)  # the parser imports torch (the paper's options): a long start-up
+        args = _parse_and_import(argv)
         with warnings.catch_warnings():
             warnings.showwarning = _one_line_warning
             return _dispatch(args, argv)

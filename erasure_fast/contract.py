@@ -42,6 +42,8 @@ from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 
+from . import mkl_dispatch  # noqa: F401 (on import: oneMKL dispatch resolved before any parallel call)
+
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 

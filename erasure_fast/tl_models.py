@@ -8,6 +8,7 @@ from importlib import metadata
 
 import torch
 
+from . import mkl_dispatch  # noqa: F401 (on import: oneMKL dispatch resolved before any parallel call)
 
 class ModelLoadError(ValueError):
     """A model that cannot be loaded; the message says why and what to do."""

@@ -13,6 +13,8 @@ from typing import Dict, NamedTuple
 
 import torch
 
+from .. import mkl_dispatch  # noqa: F401 (on import: oneMKL dispatch resolved before any parallel call)
+
 _MODULES = {"torch": "torch_ref", "cpp": "cpp", "triton": "triton"}
 _cache: Dict[str, ModuleType] = {}
 _warned_missing: set = set()

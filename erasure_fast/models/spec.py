@@ -9,6 +9,8 @@ from typing import List, Optional
 
 import torch
 
+from .. import mkl_dispatch  # noqa: F401 (on import: oneMKL dispatch resolved before any parallel call)
+
 CENTERING_NORMS = ("LN", "LNPre")  # final-norm families that centre before scaling
 _SCALED_NORMS = ("LN", "LNPre", "RMS", "RMSPre")
 
