@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import os
-from typing import Dict, Tuple
+import re
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 
 from ..plotting import colormap, new_figure, save
-from .ranking import DEFAULT_RANK, top_pairs
+from .ranking import DEFAULT_RANK, featured_writers
 
 
-def _node_order(label: str):
+def node_order(label: str):
     """Sort key putting each layer's heads, then its MLP: (layer, 0, head) or (layer, 1, 0)."""
     if label.startswith("MLP"):
         return int(label[3:]), 1, 0
@@ -19,19 +20,35 @@ def _node_order(label: str):
     return int(layer), 0, int(head)
 
 
-def fig1_resid(summary, cfg, writers, path: str) -> str:
-    """Median residual-stream PR onto each writer across resid points, 25-75 % band (paper Fig. 1)."""
+def written(resid_labels, writer: str) -> np.ndarray:
+    """[len(resid_labels)] bool: the residual points the writer head ``writer`` ("L2H3") has written
+    to -- resid_mid / resid_post of its own layer on, resid_pre of later layers. Before them its
+    output is not in the stream: a PR onto it there is about a direction nothing has written yet."""
+    layer = node_order(writer)[0]
+    out = []
+    for label in resid_labels:
+        kind, at = re.fullmatch(r"resid_(pre|mid|post)(\d+)", label).groups()
+        out.append(int(at) > layer if kind == "pre" else int(at) >= layer)
+    return np.array(out, dtype=bool)
+
+
+def fig1_resid(summary, cfg, writers, path: str, labels: Optional[Dict[str, str]] = None,
+               title: str = "Residual stream PR onto writer (median, 25-75 %)", from_writer: bool = False) -> str:
+    """Median residual-stream PR onto each writer across resid points, 25-75 % band (paper Fig. 1).
+    ``labels``: legend text per writer; ``from_writer``: draw each writer from the points it has
+    written to on (`written`)."""
     fig, ax = new_figure((7, 3.6))
     x = np.arange(len(cfg.resid_labels))
     for w in writers:
         r = summary[(summary.kind == "resid") & (summary.writer == w)].set_index("node").loc[cfg.resid_labels]
-        ax.plot(x, r["median"], marker="o", label=w)
-        ax.fill_between(x, r["q0.25"], r["q0.75"], alpha=0.2)
+        keep = written(cfg.resid_labels, w) if from_writer else np.ones(len(x), dtype=bool)
+        ax.plot(x[keep], r["median"][keep], marker="o", label=(labels or {}).get(w, w))
+        ax.fill_between(x[keep], r["q0.25"][keep], r["q0.75"][keep], alpha=0.2)
     ax.axhline(0, color="grey", lw=0.8)
     ax.axhline(1, color="grey", lw=0.8, ls=":")
     ax.set_xticks(x, cfg.resid_labels, rotation=45, ha="right")
     ax.set_ylabel("projection ratio onto writer")
-    ax.set_title("Residual stream PR onto writer (median, 25-75 %)")
+    ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     return save(fig, path)
 
@@ -39,7 +56,7 @@ def fig1_resid(summary, cfg, writers, path: str) -> str:
 def fig2_nodes(summary, cfg, writer: str, path: str) -> str:
     """Median PR of every downstream head and MLP onto one writer, layers separated (paper Fig. 2)."""
     rows = summary[(summary.kind == "node") & (summary.writer == writer) & summary.downstream]
-    rows = rows.iloc[sorted(range(len(rows)), key=lambda i: _node_order(rows.node.iloc[i]))]
+    rows = rows.iloc[sorted(range(len(rows)), key=lambda i: node_order(rows.node.iloc[i]))]
     fig, ax = new_figure((max(6, 0.28 * len(rows)), 3.8))
     x = np.arange(len(rows))
     med = rows["median"].to_numpy()
@@ -51,7 +68,7 @@ def fig2_nodes(summary, cfg, writer: str, path: str) -> str:
     labels = rows.node.tolist()
     prev = None
     for i, lab in enumerate(labels):
-        layer = _node_order(lab)[0]
+        layer = node_order(lab)[0]
         if prev is not None and layer != prev:
             ax.axvline(i - 0.5, color="grey", lw=0.6, ls=":")
         prev = layer
@@ -83,11 +100,15 @@ def heatmap(summary, cfg, path: str) -> str:
 
 def all_plots(out_dir: str, summary, cfg, focus: str, rank_by: str = DEFAULT_RANK) -> Tuple[Dict[str, str], Dict[str, str]]:
     """Every plot of the report: ({file name: path} of those drawn, {file name: error} of those that
-    failed). One plot failing does not stop the others. Fig 1 shows the focus writer and the writers
-    of the top pairs by ``rank_by``; the plots themselves show PR, as the paper does."""
-    writers = list(dict.fromkeys([focus] + top_pairs(summary, 40, rank_by).writer.tolist()))[:4]
+    failed). One plot failing does not stop the others. Fig 1 shows the writers that
+    `ranking.featured_writers` picks by ``rank_by`` (its title says which), each from the points it has
+    written to on; fig 2 the ``focus`` writer. The plots themselves show PR, as the paper does."""
+    featured, reason = featured_writers(summary, rank_by)
+    writers = [w for w, _ in featured]
+    labels = {w: f"{w} (erased by {', '.join(nodes[:3])}{', ...' if len(nodes) > 3 else ''})" for w, nodes in featured}
+    title = f"Residual stream PR onto the {reason}\n(median, 25-75 %; from where each writer has written on)"
     jobs = {
-        "fig1_resid_pr.png": lambda path: fig1_resid(summary, cfg, writers, path),
+        "fig1_resid_pr.png": lambda path: fig1_resid(summary, cfg, writers, path, labels, title, from_writer=True),
         "fig2_node_pr.png": lambda path: fig2_nodes(summary, cfg, focus, path),
         "heatmap_pr.png": lambda path: heatmap(summary, cfg, path),
     }
