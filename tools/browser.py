@@ -165,13 +165,12 @@ class Page:
             raise RuntimeError(f"{expression!r} threw: {result['exceptionDetails'].get('exception', {}).get('description')}")
         return result["result"].get("value")
 
-    def wait_for(self, condition: str, timeout: float = 10.0):
-        """Wait until the JavaScript expression ``condition`` is truthy; returns its value."""
+    def wait_for(self, condition: str, timeout: float = 10.0) -> None:
+        """Wait until the JavaScript expression ``condition`` is truthy (in JavaScript: an element is)."""
         deadline = time.monotonic() + timeout
         while True:
-            value = self.evaluate(condition)
-            if value:
-                return value
+            if self.evaluate(f"Boolean({condition})"):
+                return
             if time.monotonic() > deadline:
                 raise TimeoutError(f"still false after {timeout} s: {condition}")
             self.browser.pump(0.05)

@@ -37,6 +37,7 @@ from .miner import check_scan_model, mine_adversarial, open_scanned_corpus, read
 from .resample import paper_prompts, paper_prompts_unavailable, plot_resample_ablation, resample_ablation
 from .residual import fig1_fig2
 from .v_composition import v_composition
+from ..webpage import markdown_page, write_page
 
 ANALYSES = ("all", "fig1", "fig2", "fig3", "fig4", "fig5", "fig8", "mine")
 FIGURES = ("fig1", "fig2", "fig3", "fig4", "fig5", "fig8")  # what "all" runs: the miner needs a scan
@@ -366,6 +367,7 @@ def run_job(job: PaperJob) -> int:
         _report_mine(job, md)
     with open(os.path.join(job.out, job.report_name), "w") as f:
         f.write("\n".join(md))
+    write_page(_out(job, job.report_name[:-3] + ".html"), markdown_page("\n".join(md), job.out))  # the same, one file
     print("\n".join(md))
     print(f"\nwrote {job.out}/{job.report_name} and its figures")
     return 0
