@@ -35,7 +35,7 @@ DISPLAY_BINS = 40  # bars per histogram in the page
 DIST_PAIRS = 1000  # pairs whose distributions the page embeds
 PAGE_EXAMPLES = 50  # examples per writer and kind in the page
 QUANTILES = (0.125, 0.25, 0.5, 0.75, 0.875)
-_SIGNIFICANT = 6  # digits kept of every float in the page
+_SIGNIFICANT = 5  # digits kept of every float in the page (its statistics are shown to their bins' resolution)
 
 
 def _number(x):
@@ -61,21 +61,23 @@ def _column(by: str, key: str) -> str:
 
 def _display_histogram(hist: np.ndarray, lo: float, width: float):
     """hist [B, n_bins + 2] (underflow, bins, overflow) of one series -> (display lo, display width,
-    counts [B, <= DISPLAY_BINS], below [B], above [B]): whole fine bins merged into display bins over
-    the range holding the middle 99 % of all buckets' tokens; below / above count the rest."""
-    total = hist.sum(axis=0)
-    n = int(total.sum())
-    if n == 0:
+    counts [B, <= DISPLAY_BINS], below [B], above [B]), or None without values: whole fine bins
+    merged into display bins over the range that holds the middle 99 % of every bucket's tokens (a
+    bucket as small as BOS keeps its own place in it); below / above count the rest."""
+    firsts, lasts = [], []
+    for h in hist:
+        n = int(h.sum())
+        if n:
+            cum = np.cumsum(h)
+            firsts.append(int(np.searchsorted(cum, 0.005 * n, side="right")))  # fine bin index (0 = underflow)
+            lasts.append(int(np.searchsorted(cum, 0.995 * n, side="left")))
+    if not firsts:
         return None
-    cum = np.cumsum(total)
-    first = int(np.searchsorted(cum, 0.005 * n, side="right"))  # fine bin index (0 = underflow)
-    last = int(np.searchsorted(cum, 0.995 * n, side="left"))
-    first, last = max(first, 1), min(max(last, first), hist.shape[1] - 2)
-    if first > last:  # everything under- or overflowed: one bar at the edge
-        first = last = 1 if total[0] else hist.shape[1] - 2
+    inner = hist.shape[1] - 2
+    first, last = min(max(min(firsts), 1), inner), max(min(max(lasts), inner), 1)
+    first = min(first, last)  # everything under- or overflowed: one bar at the edge
     group = -(-(last - first + 1) // DISPLAY_BINS)
-    edges = np.arange(first, last + 1 + group, group)
-    edges[-1] = min(edges[-1], hist.shape[1] - 1)
+    edges = np.minimum(np.arange(first, last + 1 + group, group), inner + 1)
     cums = np.concatenate([np.zeros((hist.shape[0], 1), hist.dtype), np.cumsum(hist, axis=1)], axis=1)
     counts = cums[:, edges[1:]] - cums[:, edges[:-1]]
     below = cums[:, first]
@@ -94,7 +96,7 @@ def _quantile_rows(stats, series: np.ndarray) -> list:
             continue
         s = stats.summary(g, QUANTILES)
         tables.append(np.stack([s["count"], s["mean"]] + [s[f"q{q:g}"] for q in QUANTILES], axis=1)[series])
-    return [[None if t is None else _numbers(t[i]) for t in tables] for i in range(len(series))]
+    return [[None if t is None else [int(t[i][0])] + _numbers(t[i][1:]) for t in tables] for i in range(len(series))]
 
 
 def _distributions(agg, cfg, chosen: np.ndarray) -> Dict[str, dict]:

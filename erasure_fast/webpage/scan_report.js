@@ -331,6 +331,16 @@
     return out;
   }
 
+  // about five round values between lo and hi, 0 and 1 among them when they are inside
+  function niceTicks(lo, hi) {
+    const raw = (hi - lo) / 5, mag = Math.pow(10, Math.floor(Math.log10(raw)));
+    const step = [1, 2, 5, 10].map((f) => f * mag).find((st) => st >= raw);
+    const out = [];
+    for (let v = Math.ceil(lo / step) * step; v <= hi; v += step) out.push(Math.round(v / step) * step);
+    for (const v of [0, 1]) if (v > lo && v < hi && !out.some((t) => Math.abs(t - v) < step / 2)) out.push(v);
+    return out;
+  }
+
   // ---- view: residual stream PR onto a writer (fig 1)
   function residView(args) {
     const featured = D.featured.map((f) => f.writer);
@@ -340,13 +350,14 @@
     const vals = idx.flatMap((i) => [r["q0.125"][i], r["q0.875"][i], 0, 1].map(num)).filter((v) => Number.isFinite(v));
     let ymin = Math.min(...vals), ymax = Math.max(...vals);
     if (!(ymax > ymin)) { ymin -= 1; ymax += 1; }
+    const pad = 0.05 * (ymax - ymin);
+    ymin -= pad; ymax += pad;
     const Wd = Math.max(420, 70 * idx.length + 90), Hd = 300, left = 56, right = 20, top = 14, bottom = 76;
     const x = (j) => left + (idx.length > 1 ? (j / (idx.length - 1)) * (Wd - left - right) : (Wd - left - right) / 2);
     const y = (v) => top + (1 - (Math.max(ymin, Math.min(ymax, num(v))) - ymin) / (ymax - ymin)) * (Hd - top - bottom);
     const g = s("svg", { id: "resid-chart", width: Wd, height: Hd });
-    for (const v of [ymin, 0, 1, ymax]) {
-      if (v < ymin || v > ymax) continue;
-      g.append(s("line", { x1: left, x2: Wd - right, y1: y(v), y2: y(v), class: v === 0 || v === 1 ? "zero" : "axis" }),
+    for (const v of niceTicks(ymin, ymax)) {
+      g.append(s("line", { x1: left, x2: Wd - right, y1: y(v), y2: y(v), class: v === 0 || v === 1 ? "zero" : "grid" }),
         s("text", { x: left - 6, y: y(v) + 4, "text-anchor": "end" }, fmt(v)));
     }
     const band = (a, b, fill) => {
