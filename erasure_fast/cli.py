@@ -91,7 +91,9 @@ def _add_scan_args(p: argparse.ArgumentParser, demo: bool) -> None:
                    help="scan into --out although it holds files no scan wrote there (the scan writes only its own "
                         "file names, replacing files of those names, and removes only files a scan wrote)")
     p.add_argument("--checkpoint-every", type=int, default=20, help="batches between checkpoints")
-    p.add_argument("--top-k", type=int, default=20, help="example positions kept per writer for the report")
+    p.add_argument("--top-k", type=int, default=20,
+                   help="example positions kept for every writer, of each kind (strongest erasure; |DLA| - |adjusted "
+                        "DLA|), with the tokens around them: all in summary.json and report.html")
     p.add_argument("--rank-by", default="es", choices=["es", "apr", "pr", "pv", "cos"],
                    help="statistic that ranks the (node, writer) pairs: es = erasure score PR * |cos| * |w| / |x|, "
                         "apr = PR * |cos|, pr = the paper's projection ratio, pv = projection value, cos; rerunning "

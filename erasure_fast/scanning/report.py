@@ -1,4 +1,5 @@
-"""Scan report: summary.parquet / .csv / .json, paper-style PNG plots, report.md."""
+"""Scan report: summary.parquet / .csv / .json, paper-style PNG plots, report.md and report.html
+(report_html.py)."""
 
 from __future__ import annotations
 
