@@ -71,6 +71,7 @@ def test_the_page_holds_the_scans_ranking_for_every_statistic(planted):
             assert medians[key] == pytest.approx(row["rank_statistic"], rel=5e-5, abs=1e-12), (by, key)  # 5 digits
             assert above[key] == bool(row["above_null"]), (by, key)
         assert data["ranking"][by]["above"] == int(ranked.above_null.sum())
+        assert [pairs[k] for k in data["ranking"][by]["order"]] == list(ranked.index)  # the order the page sorts by
     assert data["rank_by"] == "es" and [f["writer"] for f in data["featured"]] == ["L0H2"]
 
 

@@ -142,19 +142,21 @@ def report_data(summary, agg, cfg, meta: dict, tops: Dict[str, Dict[str, list]],
     pairs = dict(node=[cfg.node_labels.index(n) for n in rows.node], writer=[cfg.writer_labels.index(w) for w in rows.writer],
                  count=rows["count"].astype(int).tolist(), pr_bos=_numbers(rows["median_bos"]),
                  pr_rest=_numbers(rows["median_rest"]))
+    position = {(n, w): k for k, (n, w) in enumerate(zip(rows.node, rows.writer))}
     ranking = {}
     for by in RANK_STATISTICS:
         by_meta = ranking_meta(summary, by)
+        ranked = rank_pairs(summary, by)
         medians = rows[statistic_column(by)].to_numpy(dtype=float)
         pairs[by] = {key: _numbers(rows[_column(by, key)]) for key in ("q0.25", "q0.75", "mean", "null_median")}
         pairs[by]["median"] = _numbers(medians)
         pairs[by]["above"] = [bool(a) for a in above_null(medians, by_meta["null_threshold"])]
+        # the scan's own order (full precision, its tie-break): the page sorts a statistic's medians by it
         ranking[by] = dict(threshold=_number(by_meta["null_threshold"]), verdict=null_verdict(by_meta),
-                           formula=RANK_STATISTICS[by], above=by_meta["pairs_above_null"])
+                           formula=RANK_STATISTICS[by], above=by_meta["pairs_above_null"],
+                           order=[position[(n, w)] for n, w in zip(ranked.node, ranked.writer)])
     # distributions of the strongest pairs by the scan's statistic (every pair when there are few)
-    order = rank_pairs(summary, meta["rank_by"])
-    position = {(n, w): k for k, (n, w) in enumerate(zip(rows.node, rows.writer))}
-    strongest = [position[(n, w)] for n, w in zip(order.node, order.writer)]
+    strongest = ranking[meta["rank_by"]]["order"]
     ranked = set(strongest)
     chosen = np.array(sorted((strongest + [k for k in range(len(flat)) if k not in ranked])[:DIST_PAIRS]), dtype=np.int64)
     featured, reason = featured_writers(summary, meta["rank_by"])

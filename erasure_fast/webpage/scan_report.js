@@ -15,6 +15,8 @@
   const pairAt = new Map();
   for (let k = 0; k < N; k++) pairAt.set(nodeOf(k) + "/" + writerOf(k), k);
   const nodeRank = new Map(D.node_order.map((n, i) => [n, i]));
+  // each statistic's ranking as the scan made it (pairs without tokens are not in it)
+  const ranked = Object.fromEntries(D.stats.map((st) => [st, new Map(D.ranking[st].order.map((k, i) => [k, i]))]));
 
   function nodeOf(k) { return D.nodes[P.node[k]]; }
   function writerOf(k) { return D.writers[P.writer[k]]; }
@@ -59,7 +61,7 @@
   // ---- sorting and filtering of the pairs
   function sortValue(key, k) {
     const [what, stat] = key.split(":");
-    if (what === "median") return num(P[stat].median[k]);
+    if (what === "median") return ranked[stat].get(k);  // the scan's order; the page's medians are rounded
     if (what === "null") return num(P[stat].null_median[k]);
     if (what === "node") return nodeRank.get(P.node[k]);
     if (what === "writer") return P.writer[k];
@@ -79,14 +81,9 @@
       return wa === wb ? 0 : wa < wb ? -1 : 1;
     });
   }
-  const rankCache = {};
   function rankOf(stat, k) {
-    if (!rankCache[stat]) {
-      const r = new Map();
-      orderBy("median:" + stat, 1).forEach((p, i) => r.set(p, i + 1));
-      rankCache[stat] = r;
-    }
-    return rankCache[stat].get(k);
+    const r = ranked[stat].get(k);
+    return r === undefined ? "n/a" : r + 1;
   }
   function shownPairs() {
     return orderBy(state.sortKey, state.sortDir).filter((k) =>
@@ -266,7 +263,7 @@
       h("tbody", {}, D.stats.map((x) => h("tr", { class: x === st ? "chosen" : null },
         h("td", { title: statTitle(x) }, NAME[x]), h("td", {}, fmtStat(x, P[x].median[k])), h("td", {}, fmtStat(x, P[x]["q0.25"][k])),
         h("td", {}, fmtStat(x, P[x]["q0.75"][k])), h("td", {}, fmt(P[x].mean[k])), h("td", { class: "null" }, fmtStat(x, P[x].null_median[k])),
-        h("td", { class: P[x].above[k] ? "yes" : "" }, P[x].above[k] ? "yes" : "no"), h("td", {}, `${rankOf(x, k)} of ${N}`)))));
+        h("td", { class: P[x].above[k] ? "yes" : "" }, P[x].above[k] ? "yes" : "no"), h("td", {}, `${rankOf(x, k)} of ${D.ranking[x].order.length}`)))));
     const out = [nav, h("p", { class: "explain" }, `${nodeOf(k)} reads ${writerOf(k)}'s output; ${count(P.count[k])} tokens. ` +
       "Rank: position by the median, most negative first."), stats];
     out.push(h("h3", {}, `${NAME[st]} by position`), ...distribution(k, st));
