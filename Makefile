@@ -111,15 +111,16 @@ test-latest: chromium
 
 # The C++ kernel under AddressSanitizer + UndefinedBehaviorSanitizer (not part of `make test`): a
 # copy of the venv gets an EF_SANITIZE=ON build (own build dir), then the C++ tests run with the ASan
-# runtime preloaded into Python. Leak checks are off (CPython leaks by design); any ASan or UBSan
-# report aborts the run (UB is built without recovery), so success = no reports.
+# runtime preloaded into Python, each test on every kernel path this CPU runs (portable, avx2,
+# avx512, amx; tests/conftest.py each_cpu_path). Leak checks are off (CPython leaks by design); any
+# ASan or UBSan report aborts the run (UB is built without recovery), so success = no reports.
 ASAN_VENV ?= build/asan-venv
 asan: $(VENV)/.deps
 	rm -rf $(ASAN_VENV) && mkdir -p $(dir $(ASAN_VENV)) && cp -a $(VENV) $(ASAN_VENV)
 	$(ASAN_VENV)/bin/python -m pip install $(PIP) --no-build-isolation --no-deps --config-settings=build-dir=build/asan-{wheel_tag} --config-settings=cmake.define.EF_SANITIZE=ON .
 	cd tests && LD_PRELOAD="$$($${CXX:-c++} -print-file-name=libasan.so) $$($${CXX:-c++} -print-file-name=libubsan.so)" \
 	  ASAN_OPTIONS=detect_leaks=0:halt_on_error=1:abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
-	  $(abspath $(ASAN_VENV))/bin/python -m pytest -q -p no:cacheprovider test_backend_cpp.py test_aggregate_kernel.py
+	  $(abspath $(ASAN_VENV))/bin/python -m pytest -q -p no:cacheprovider test_backend_cpp.py test_aggregate_kernel.py test_cpu_paths.py
 
 clean:
 	rm -rf build dist $(VENV) $(VENV_TL3) .venv-latest .venv-latest-tl3

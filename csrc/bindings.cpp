@@ -12,9 +12,17 @@
 #include <string>
 #include <vector>
 
-#include "dla_only.h"
-#include "fused_attribution.h"
-#include "scan_aggregates.h"
+#include "dispatch.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#ifndef EF_CPU_ARCH_NAME
+#define EF_CPU_ARCH_NAME "unknown"
+#endif
+#ifndef EF_OPENMP_LINKED
+#define EF_OPENMP_LINKED 0
+#endif
 
 namespace py = pybind11;
 
@@ -139,7 +147,7 @@ py::tuple run(const InArr<In>& z, const InArr<In>& W_O, const InArr<In>& directi
   const int64_t* wr_p = writers.data();
   {
     py::gil_scoped_release release;
-    ef::fused_attribution<In>(z_p, wo_p, dir_p, sc_p, wr_p, extra_ptr, ids_ptr, inc_ptr, T_, N, H,
+    ef::kernels().typed<In>().fused_attribution(z_p, wo_p, dir_p, sc_p, wr_p, extra_ptr, ids_ptr, inc_ptr, T_, N, H,
                               D, K, W, M, center, dla_p, dots_p, norms_p, n_threads, tile_tokens,
                               chunk_cols);
   }
@@ -208,7 +216,7 @@ py::tuple run_dla_fixed(const InArr<In>& z, const InArr<In>& W_O, const InArr<In
   ef::DlaRunInfo info;
   {
     py::gil_scoped_release release;
-    info = ef::dla_fixed<In>(z_p, wo_p, dir_p, sc_p, d.T, d.N, d.H, d.D, d.K, center, dla_p, norms_p,
+    info = ef::kernels().typed<In>().dla_fixed(z_p, wo_p, dir_p, sc_p, d.T, d.N, d.H, d.D, d.K, center, dla_p, norms_p,
                             n_threads);
   }
   return py::make_tuple(dla, norms_obj, info_dict(info));
@@ -250,7 +258,7 @@ py::tuple run_dla_gathered(const InArr<In>& z, const InArr<In>& W_O, const InArr
   ef::DlaRunInfo info;
   {
     py::gil_scoped_release release;
-    info = ef::dla_gathered<In>(z_p, wo_p, dir_p, sc_p, ids_p, inc_p, table_p, d.T, d.N, d.H, d.D,
+    info = ef::kernels().typed<In>().dla_gathered(z_p, wo_p, dir_p, sc_p, ids_p, inc_p, table_p, d.T, d.N, d.H, d.D,
                                d.K, center, m, dla_p, norms_p, n_threads);
   }
   return py::make_tuple(dla, norms_obj, info_dict(info));
@@ -283,7 +291,7 @@ py::array_t<typename In::acc> run_build_table(const InArr<In>& W_O, const InArr<
   const S *wo_p = W_O.data(), *dir_p = directions.data();
   {
     py::gil_scoped_release release;
-    ef::build_dla_table<In>(wo_p, dir_p, N, H, D, K, center, out, n_threads);
+    ef::kernels().typed<In>().build_dla_table(wo_p, dir_p, N, H, D, K, center, out, n_threads);
   }
   return table;
 }
@@ -314,7 +322,7 @@ void run_fill_table_rows(const InArr<In>& W_O, const InArr<In>& directions, cons
   const S *wo_p = W_O.data(), *dir_p = directions.data();
   {
     py::gil_scoped_release release;
-    ef::fill_dla_table_rows<In>(wo_p, dir_p, r, R, N, H, D, center, out, n_threads);
+    ef::kernels().typed<In>().fill_dla_table_rows(wo_p, dir_p, r, R, N, H, D, center, out, n_threads);
   }
 }
 
@@ -423,7 +431,7 @@ py::tuple run_series_stats(const Arr<T>& values, const IdArr& bucket, int64_t n_
   double* m2p = out.m2.mutable_data();
   {
     py::gil_scoped_release release;
-    ef::series_stats_batch<T>(vp, bp, T_, S, n_buckets, static_cast<T>(lo), static_cast<T>(inv_width),
+    ef::kernels().scan<T>().series_stats_batch(vp, bp, T_, S, n_buckets, static_cast<T>(lo), static_cast<T>(inv_width),
                               n_bins, hp, cp, mp, m2p, n_threads);
   }
   return out.as_tuple();
@@ -474,7 +482,7 @@ py::tuple run_ratio_stats(const std::vector<py::array>& blocks, const Arr<T>& di
   double* m2p = out.m2.mutable_data();
   {
     py::gil_scoped_release release;
-    ef::ratio_stats_batch<T>(ptrs.data(), n_series.data(), strides.data(), static_cast<int>(ptrs.size()), dp, W,
+    ef::kernels().scan<T>().ratio_stats_batch(ptrs.data(), n_series.data(), strides.data(), static_cast<int>(ptrs.size()), dp, W,
                              bp, T_, n_buckets, static_cast<T>(lo), static_cast<T>(inv_width), n_bins, hp, cp,
                              mp, m2p, n_threads);
   }
@@ -555,7 +563,7 @@ py::tuple run_pair_stats(const py::array& dots, const Arr<T>& norms, const Arr<T
   double* m2p = out.m2.mutable_data();
   {
     py::gil_scoped_release release;
-    ef::pair_stats_batch<T>(dp, dots_stride, np_, ndp, rp, wp, pp, T_, Nn, W, P, lop, ivp, nbp, hist_ptrs.data(), cp, mp,
+    ef::kernels().scan<T>().pair_stats_batch(dp, dots_stride, np_, ndp, rp, wp, pp, T_, Nn, W, P, lop, ivp, nbp, hist_ptrs.data(), cp, mp,
                             m2p, n_threads);
   }
   return out.as_tuple();
@@ -594,14 +602,47 @@ PYBIND11_MODULE(_C, m) {
   def_pair_stats<double>(m, "pair_stats_batch_f64");
   m.def("dla_prefer_table", &ef::prefer_table, py::arg("n_unique"), py::arg("n_valid_tokens"),
         py::arg("d_model"), "The auto rule of dla_gathered_*: True = gather from the table.");
+  m.def("select_cpu_path", [](const std::string& name) { return std::string(ef::path_name(ef::select_path(name))); },
+        py::arg("name"),
+        "Selects the kernel path of later calls: 'auto' (the fastest this CPU runs) or a path name "
+        "(cpu_paths()). Raises ValueError for an unknown name, a path not compiled in, or one this CPU "
+        "cannot run. Returns the selected path's name.");
+  m.def("cpu_paths", []() {
+    py::dict d;
+    for (int i = 0; i < ef::kNumPaths; ++i) {
+      const auto p = static_cast<ef::CpuPath>(i);
+      const ef::Kernels* k = ef::compiled_table(p);
+      py::dict e;
+      e["compiled"] = k != nullptr;
+      e["missing"] = ef::missing_features(p);
+      e["runs_here"] = k != nullptr && ef::missing_features(p).empty();
+      e["simd"] = k ? py::object(py::str(k->simd)) : py::object(py::none());
+      d[ef::path_name(p)] = e;
+    }
+    return d;
+  }, "Every kernel path: {name: {compiled, runs_here, missing (features this CPU / OS lacks), simd}}, "
+     "from the most portable to the fastest.");
   m.def("build_info", []() {
     py::dict d;
-    d["openmp"] = ef::openmp_enabled();
-    d["max_threads"] = ef::max_threads();
-    d["cpu_arch"] = std::string(ef::cpu_arch());
-    d["simd"] = std::string(ef::simd_path());
-    d["tile_tokens"] = ef::default_tile_tokens();
-    d["chunk_cols"] = ef::default_chunk_cols();
+#if defined(_OPENMP) && EF_OPENMP_LINKED
+    d["openmp"] = true;
+    d["max_threads"] = omp_get_max_threads();
+#else
+    d["openmp"] = false;
+    d["max_threads"] = 1;
+#endif
+    d["cpu_arch"] = std::string(EF_CPU_ARCH_NAME);
+    const ef::CpuPath p = ef::selected_path();
+    const ef::Kernels& k = ef::kernels();
+    d["cpu_path"] = std::string(ef::path_name(p));
+    d["best_cpu_path"] = std::string(ef::path_name(ef::best_path()));
+    std::vector<std::string> compiled;
+    for (int i = 0; i < ef::kNumPaths; ++i)
+      if (ef::compiled_table(static_cast<ef::CpuPath>(i))) compiled.emplace_back(ef::path_name(static_cast<ef::CpuPath>(i)));
+    d["cpu_paths"] = compiled;
+    d["simd"] = std::string(k.simd);
+    d["tile_tokens"] = k.tile_tokens;
+    d["chunk_cols"] = k.chunk_cols;
 #if defined(__clang__)
     d["compiler"] = std::string("clang ") + __clang_version__;
 #elif defined(__GNUC__)
@@ -612,5 +653,6 @@ PYBIND11_MODULE(_C, m) {
     d["compiler"] = std::string("unknown");
 #endif
     return d;
-  }, "Build facts: {openmp, max_threads, cpu_arch, simd, tile_tokens, chunk_cols, compiler}.");
+  }, "Build facts and the selected kernel path: {openmp, max_threads, cpu_arch (build option), cpu_path "
+     "(selected), best_cpu_path, cpu_paths (compiled), simd, tile_tokens, chunk_cols, compiler}.");
 }

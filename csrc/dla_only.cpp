@@ -26,6 +26,7 @@
 #endif
 
 namespace ef {
+namespace EF_ISA {
 namespace {
 
 using namespace detail;
@@ -36,18 +37,16 @@ constexpr int64_t kRowsPerItem = 64; // rows of W_O per work item of the dot pat
 constexpr int64_t kTokTile = 2 * MR; // tokens per work item of the per-token stage (multiple of MR)
 constexpr int64_t kFillBlock = 1024; // table rows built per block by fill_dla_table_rows
 
-// Auto rule of dla_gathered, from measurements on the 2-core AVX2 machine (GELU-4L shape,
-// T = 8192 tokens, N = 32, d_head = 64, d_model = 512, V = 48262, fp32, 2 threads, DLA only; the
-// machine was shared with other jobs (load ~3.5), so times are +-2x and quantised to ~4 ms):
-//   table gather:     8-16 ms for any id mix (z plus one 8 KiB table row per token from DRAM);
-//   unique reduction: ~16 ms + U * ~35 us (U distinct ids: U * N*H*D FMAs on the GEMM builder):
-//     U = 1: 16 ms, 16: 24 ms, 64: 31 ms, 256: 44 ms, 1023: 59 ms, 3525: 139 ms,
-//     Zipf(1.3) ids (U = 1145): 71 ms vs table 8 ms; uniform ids (U = 7490): 295 ms vs table 16 ms.
-// The table costs one extra DRAM row per token (~ as much as reading z again); the unique build
-// costs N*H*D FMAs per distinct id. Break-even measured at U ~ 100-200 for T = 8192, i.e.
-// U * d_model ~ 8 * T: above it the table wins. Building the table itself: ~3.6 s, 377 MiB.
-constexpr int64_t kTableRatio = 8;
 
+
+// A (direction id, incorrect id) key. A type of this translation unit's own, so that the sort's
+// template code is this path's alone: with std::pair, the linker keeps one copy of std::sort's
+// out-of-line parts for every path, possibly one compiled with another path's instructions.
+struct IdPair {
+  int64_t id, inc;
+  bool operator<(const IdPair& o) const { return id < o.id || (id == o.id && inc < o.inc); }
+  bool operator==(const IdPair& o) const { return id == o.id && inc == o.inc; }
+};
 
 int thread_id() {
 #ifdef _OPENMP
@@ -100,16 +99,6 @@ inline void seg_dots(const T* __restrict a, const T* __restrict b, const T* __re
   }
 }
 
-// dst = c(dirs[id] - dirs[inc]) (inc < 0: no subtraction), exactly as the fused kernel forms it.
-template <typename In>
-inline void form_dir(const typename In::storage* dirs, int64_t D, int64_t id, int64_t inc,
-                     bool center, typename In::acc* dst) {
-  load_row<In>(dirs + id * D, D, dst);
-  if (inc >= 0)
-    for (int64_t d = 0; d < D; ++d) dst[d] -= In::load(dirs[inc * D + d]);
-  if (center) center_inplace(dst, D);
-}
-
 // A[u, :] (row stride NH) = W_O[NH, D] @ c(dirs[pid[u]] - dirs[pinc[u]]) for u < U (W_O already in
 // the accumulation type, the directions converted on load).
 template <typename In>
@@ -121,7 +110,7 @@ void build_head_dirs(const typename In::acc* W_O, int64_t NH, int64_t D,
   if (U <= 0) return;
   if (U < kSmallU && !gemm_only) {
     Buf<T> cd(static_cast<size_t>(U * D));
-    std::vector<const T*> cptr(U), rptr(NH);
+    Vec<const T*> cptr(U), rptr(NH);
     for (int64_t u = 0; u < U; ++u) {
       form_dir<In>(dirs, D, pid[u], pinc ? pinc[u] : -1, center, cd.get() + u * D);
       cptr[u] = cd.get() + u * D;
@@ -170,7 +159,7 @@ void build_head_dirs(const typename In::acc* W_O, int64_t NH, int64_t D,
   struct Scr {
     Buf<T> cp, dvec, tmp;
   };
-  std::vector<Scr> scr(nthr);
+  Vec<Scr> scr(nthr);
   for (auto& s : scr) {
     s.cp = Buf<T>(static_cast<size_t>(D * kUT));
     s.dvec = Buf<T>(static_cast<size_t>(D));
@@ -221,14 +210,14 @@ void build_gram_panels(const T* W_O, int64_t N, int64_t H, int64_t D, T* gp, int
   constexpr int64_t BW = NR * Simd<T>::L;
   const int64_t n_hb = (H + BW - 1) / BW;
   const int nthr = resolve_threads(n_threads, N);
-  std::vector<Buf<T>> g(nthr);
+  Vec<Buf<T>> g(nthr);
   for (auto& b : g) b = Buf<T>(static_cast<size_t>(H * H));
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nthr)
 #endif
   {
     T* gn = g[thread_id()].get();
-    std::vector<const T*> rows(H);
+    Vec<const T*> rows(H);
 #ifdef _OPENMP
 #pragma omp for schedule(static)
 #endif
@@ -266,7 +255,7 @@ void dla_tokens(const typename In::storage* z_in, const typename In::acc* A, int
   struct Scr {
     Buf<T> zp, y, tmp, zc;
   };
-  std::vector<Scr> scr(nthr);
+  Vec<Scr> scr(nthr);
   for (auto& s : scr) {
     if (!kNative) s.zc = Buf<T>(static_cast<size_t>(kTokTile * NH));
     if (gp) {
@@ -356,10 +345,6 @@ Buf<T> gram_if(bool want, const T* W_O, int64_t N, int64_t H, int64_t D, int n_t
 
 }  // namespace
 
-bool prefer_table(int64_t n_unique, int64_t n_valid_tokens, int64_t d_model) {
-  return n_unique * d_model > kTableRatio * n_valid_tokens;
-}
-
 template <typename In>
 DlaRunInfo dla_fixed(const typename In::storage* z, const typename In::storage* W_O_in,
                      const typename In::storage* directions, const typename In::acc* scale,
@@ -374,7 +359,7 @@ DlaRunInfo dla_fixed(const typename In::storage* z, const typename In::storage* 
   if (n_tokens <= 0 || N <= 0 || H <= 0 || D <= 0 || K <= 0) return info;
   Buf<T> wo_keep;
   const T* W_O = as_acc<In>(W_O_in, NH * D, wo_keep);
-  std::vector<int64_t> pid(K);
+  Vec<int64_t> pid(K);
   for (int64_t k = 0; k < K; ++k) pid[k] = k;
   Buf<T> A(static_cast<size_t>(K * NH));
   build_head_dirs<In>(W_O, NH, D, directions, pid.data(), nullptr, K, center, A.get(), n_threads);
@@ -400,33 +385,33 @@ DlaRunInfo dla_gathered(const typename In::storage* z, const typename In::storag
   const int64_t* inc = incorrect_ids;
 
   // distinct (id, incorrect id) pairs with a target, in increasing order; pair_of[t] (-1: none)
-  std::vector<int64_t> pair_of(T_, -1), pid, pinc;
+  Vec<int64_t> pair_of(T_, -1), pid, pinc;
   int64_t n_valid = 0;
   if (!inc && K <= 4 * T_ + 65536) {  // dense marks: O(T + K)
-    std::vector<int64_t> slot(K, -1);
+    Vec<int64_t> slot(K, -1);
     for (int64_t t = 0; t < T_; ++t)
       if (ids[t] >= 0) slot[ids[t]] = 0, ++n_valid;
     for (int64_t k = 0; k < K; ++k)
       if (slot[k] == 0) slot[k] = static_cast<int64_t>(pid.size()), pid.push_back(k);
     for (int64_t t = 0; t < T_; ++t) pair_of[t] = ids[t] >= 0 ? slot[ids[t]] : -1;
   } else {  // sort: O(T log T)
-    std::vector<std::pair<int64_t, int64_t>> keys;
+    Vec<IdPair> keys;
     keys.reserve(T_);
     for (int64_t t = 0; t < T_; ++t)
-      if (ids[t] >= 0 && (!inc || inc[t] >= 0)) keys.emplace_back(ids[t], inc ? inc[t] : -1);
+      if (ids[t] >= 0 && (!inc || inc[t] >= 0)) keys.push_back({ids[t], inc ? inc[t] : -1});
     n_valid = static_cast<int64_t>(keys.size());
     std::sort(keys.begin(), keys.end());
     keys.erase(std::unique(keys.begin(), keys.end()), keys.end());
     for (int64_t t = 0; t < T_; ++t)
       if (ids[t] >= 0 && (!inc || inc[t] >= 0)) {
-        const std::pair<int64_t, int64_t> key(ids[t], inc ? inc[t] : -1);
+        const IdPair key{ids[t], inc ? inc[t] : -1};
         pair_of[t] = std::lower_bound(keys.begin(), keys.end(), key) - keys.begin();
       }
     pid.reserve(keys.size());
-    for (const auto& k : keys) pid.push_back(k.first);
+    for (const auto& k : keys) pid.push_back(k.id);
     if (inc) {
       pinc.reserve(keys.size());
-      for (const auto& k : keys) pinc.push_back(k.second);
+      for (const auto& k : keys) pinc.push_back(k.inc);
     }
   }
   const int64_t U = static_cast<int64_t>(pid.size());
@@ -465,7 +450,7 @@ void build_dla_table(const typename In::storage* W_O_in, const typename In::stor
   if (NH <= 0 || d_model <= 0 || n_dirs <= 0) return;
   Buf<T> wo_keep;
   const T* W_O = as_acc<In>(W_O_in, NH * d_model, wo_keep);
-  std::vector<int64_t> pid(n_dirs);
+  Vec<int64_t> pid(n_dirs);
   for (int64_t k = 0; k < n_dirs; ++k) pid[k] = k;
   build_head_dirs<In>(W_O, NH, d_model, directions, pid.data(), nullptr, n_dirs, center, table,
                       n_threads, /*gemm_only=*/true);
@@ -513,4 +498,5 @@ EF_INSTANTIATE_DLA(Bf16)
 EF_INSTANTIATE_DLA(F16)
 #undef EF_INSTANTIATE_DLA
 
+}  // namespace EF_ISA
 }  // namespace ef

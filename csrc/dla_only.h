@@ -19,6 +19,7 @@
 #include <cstdint>
 
 #include "input_formats.h"
+#include "kernel_isa.h"
 
 namespace ef {
 
@@ -33,6 +34,24 @@ struct DlaRunInfo {
   int method = 0;        // DlaMethod actually used (kUnique or kTable; kUnique for fixed mode)
   int64_t n_unique = 0;  // distinct (id, incorrect id) pairs with a target (fixed mode: K)
 };
+
+// The auto rule of dla_gathered (exposed for tests / docs): true = use the table. Measured on the
+// 2-core AVX2 machine (GELU-4L shape, T = 8192 tokens, N = 32, d_head = 64, d_model = 512,
+// V = 48262, fp32, 2 threads, DLA only; the machine was shared with other jobs (load ~3.5), so
+// times are +-2x and quantised to ~4 ms):
+//   table gather:     8-16 ms for any id mix (z plus one 8 KiB table row per token from DRAM);
+//   unique reduction: ~16 ms + U * ~35 us (U distinct ids: U * N*H*D FMAs on the GEMM builder):
+//     U = 1: 16 ms, 16: 24 ms, 64: 31 ms, 256: 44 ms, 1023: 59 ms, 3525: 139 ms,
+//     Zipf(1.3) ids (U = 1145): 71 ms vs table 8 ms; uniform ids (U = 7490): 295 ms vs table 16 ms.
+// The table costs one extra DRAM row per token (~ as much as reading z again); the unique build
+// costs N*H*D FMAs per distinct id. Break-even measured at U ~ 100-200 for T = 8192, i.e.
+// U * d_model ~ 8 * T: above it the table wins. Building the table itself: ~3.6 s, 377 MiB.
+constexpr int64_t kTableRatio = 8;
+constexpr bool prefer_table(int64_t n_unique, int64_t n_valid_tokens, int64_t d_model) {
+  return n_unique * d_model > kTableRatio * n_valid_tokens;
+}
+
+namespace EF_ISA {
 
 // Input formats (`In`: Native<float>, Native<double>, Bf16, F16; see input_formats.h): floating
 // inputs are converted on load; a table and every output are in In::acc.
@@ -69,7 +88,5 @@ void fill_dla_table_rows(const typename In::storage* W_O, const typename In::sto
                          const int64_t* rows, int64_t n_rows, int64_t n_heads, int64_t d_head,
                          int64_t d_model, bool center, typename In::acc* table, int n_threads);
 
-// The auto rule of dla_gathered (exposed for tests / docs): true = use the table.
-bool prefer_table(int64_t n_unique, int64_t n_valid_tokens, int64_t d_model);
-
+}  // namespace EF_ISA
 }  // namespace ef

@@ -33,14 +33,8 @@
 #include <omp.h>
 #endif
 
-#ifndef EF_CPU_ARCH_NAME
-#define EF_CPU_ARCH_NAME "unknown"
-#endif
-#ifndef EF_OPENMP_LINKED
-#define EF_OPENMP_LINKED 0
-#endif
-
 namespace ef {
+namespace EF_ISA {
 namespace {
 
 using namespace detail;
@@ -56,11 +50,9 @@ constexpr int kDefaultChunk = 1024;
 template <typename T>
 struct Scratch {
   Buf<T> zp, rc, dv, ex;
-  std::vector<const T*> rows, cols, dir_rows;
-  std::vector<T*> out_rows;
+  Vec<const T*> rows, cols, dir_rows;
+  Vec<T*> out_rows;
 };
-
-int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 }  // namespace
 
@@ -101,18 +93,12 @@ void fused_attribution(const typename In::storage* z, const typename In::storage
       }
   const T* Wp = wpk.get();
   // Fixed mode: the K directions, converted and centred once.
-  Buf<T> fixed_dirs;
-  if (!gathered) {
-    fixed_dirs = Buf<T>(static_cast<size_t>(K * D));
-    load_row<In>(directions, K * D, fixed_dirs.get());
-    if (center)
-      for (int64_t k = 0; k < K; ++k) center_inplace(fixed_dirs.get() + k * D, D);
-  }
+  Buf<T> fixed_dirs = gathered ? Buf<T>() : fixed_directions<In>(directions, K, D, center);
 
   // Writer structure. first_pos[a]: first position of head a in `writers` (-1: not a writer).
   // Gram rows: the positions p whose head is seen there first; row p is computed for the columns
   // >= p only. Plain rows: every other node (non-writer heads, extra nodes), against all W columns.
-  std::vector<int64_t> first_pos(N, -1), gram_pos, plain_nodes;
+  Vec<int64_t> first_pos(N, -1), gram_pos, plain_nodes;
   for (int64_t p = 0; p < W; ++p)
     if (first_pos[writers[p]] < 0) {
       first_pos[writers[p]] = p;
@@ -125,7 +111,7 @@ void fused_attribution(const typename In::storage* z, const typename In::storage
   const int nthr = resolve_threads(n_threads, n_tiles);
 
   // Per-thread scratch, allocated here so no allocation (or exception) happens in the parallel region.
-  std::vector<Scratch<T>> scratch(nthr);
+  Vec<Scratch<T>> scratch(nthr);
   for (auto& s : scratch) {
     s.zp = Buf<T>(static_cast<size_t>(N * H * tile));
     s.rc = Buf<T>(static_cast<size_t>(tile * N * CW));
@@ -173,18 +159,8 @@ void fused_attribution(const typename In::storage* z, const typename In::storage
       }
       // the tile's target directions (gathered), extra nodes (converted unless native)
       if (gathered)
-        for (int64_t i = 0; i < nt; ++i) {
-          const int64_t id = direction_ids[t0 + i], inc = incorrect_ids ? incorrect_ids[t0 + i] : 0;
-          T* dv = s.dv.get() + i * D;
-          if (id < 0 || inc < 0) {  // no target: output NaN below; any finite row keeps the sums quiet
-            std::fill(dv, dv + D, T(0));
-            continue;
-          }
-          load_row<In>(directions + id * D, D, dv);
-          if (incorrect_ids)
-            for (int64_t d = 0; d < D; ++d) dv[d] -= In::load(directions[inc * D + d]);
-          if (center) center_inplace(dv, D);
-        }
+        for (int64_t i = 0; i < nt; ++i)
+          token_dir<In>(directions, D, direction_ids, incorrect_ids, t0 + i, center, s.dv.get() + i * D);
       if (!kNative && M > 0) load_row<In>(extra + t0 * M * D, nt * M * D, s.ex.get());
 
       // One pass over columns [c0, c0 + cw); the first pass writes the outputs (kAcc false: no
@@ -290,35 +266,8 @@ EF_INSTANTIATE_FUSED(Bf16)
 EF_INSTANTIATE_FUSED(F16)
 #undef EF_INSTANTIATE_FUSED
 
-bool openmp_enabled() {
-#if defined(_OPENMP) && EF_OPENMP_LINKED
-  return true;
-#else
-  return false;
-#endif
-}
-
-int max_threads() {
-#ifdef _OPENMP
-  return omp_get_max_threads();
-#else
-  return 1;
-#endif
-}
-
-const char* cpu_arch() { return EF_CPU_ARCH_NAME; }
-
-const char* simd_path() {
-#if defined(__AVX2__) && defined(__FMA__)
-  return "avx2+fma";
-#elif defined(__AVX2__)
-  return "avx2";
-#else
-  return "scalar";
-#endif
-}
-
 int default_tile_tokens() { return kDefaultTile; }
 int default_chunk_cols() { return kDefaultChunk; }
 
+}  // namespace EF_ISA
 }  // namespace ef

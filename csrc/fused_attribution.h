@@ -17,8 +17,10 @@
 #include <cstdint>
 
 #include "input_formats.h"
+#include "kernel_isa.h"
 
 namespace ef {
+namespace EF_ISA {
 
 template <typename In>
 void fused_attribution(const typename In::storage* z, const typename In::storage* W_O,
@@ -33,12 +35,23 @@ void fused_attribution(const typename In::storage* z, const typename In::storage
                        int tile_tokens = 0,    // <= 0: default tile (tokens per work item)
                        int chunk_cols = 0);    // <= 0: default d_model columns per pass
 
-// Build facts reported by _C.build_info().
-bool openmp_enabled();
-int max_threads();
-const char* cpu_arch();   // EF_CPU_ARCH the module was built with: native / avx2 / portable
-const char* simd_path();  // what the kernel actually uses: "avx2+fma", "avx2" or "scalar"
+// The defaults of tile_tokens and chunk_cols on this path (reported by _C.build_info()).
 int default_tile_tokens();
 int default_chunk_cols();
 
+// The same contract with tokens in the SIMD lanes (fused_lanes.cpp): the AVX-512 path's kernel.
+// tile_tokens: rounded up to a multiple of the lane tile; chunk_cols: d_model columns per pass.
+template <typename In>
+void fused_attribution_lanes(const typename In::storage* z, const typename In::storage* W_O,
+                             const typename In::storage* directions, const typename In::acc* scale,
+                             const int64_t* writers, const typename In::storage* extra,
+                             const int64_t* direction_ids, const int64_t* incorrect_ids,
+                             int64_t n_tokens, int64_t n_heads, int64_t d_head, int64_t d_model,
+                             int64_t n_dirs, int64_t n_writers, int64_t n_extra, bool center,
+                             typename In::acc* dla, typename In::acc* dots, typename In::acc* norms,
+                             int n_threads, int tile_tokens, int chunk_cols);
+int lanes_default_tile_tokens();
+int lanes_default_chunk_cols();
+
+}  // namespace EF_ISA
 }  // namespace ef

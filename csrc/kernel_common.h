@@ -1,7 +1,8 @@
 // SIMD helpers shared by the CPU kernels (fused_attribution.cpp, dla_only.cpp).
 //
 // Everything here reduces in an order fixed by the shapes alone (never by the thread count).
-// Internal to the extension: included only by the kernel translation units.
+// Internal to the extension: included only by the kernel translation units, so it compiles once per
+// path (kernel_isa.h) with that path's vector width: scalar, AVX2 (8 floats) or AVX-512 (16).
 #pragma once
 
 #include <algorithm>
@@ -11,8 +12,10 @@
 #include <memory>
 #include <new>
 #include <type_traits>
+#include <vector>
 
 #include "input_formats.h"
+#include "kernel_isa.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -23,9 +26,10 @@
 #endif
 
 namespace ef {
+namespace EF_ISA {
 namespace detail {
 // ---------------------------------------------------------------------------------------------
-// SIMD abstraction: scalar fallback, AVX2(+FMA) specialisations.
+// SIMD abstraction: scalar fallback, AVX2(+FMA) and AVX-512 specialisations.
 template <typename T>
 struct Simd {
   using reg = T;
@@ -40,7 +44,47 @@ struct Simd {
   static inline T hsum(reg v) { return v; }
 };
 
-#if defined(__AVX2__)
+#if defined(__AVX512F__)
+template <>
+struct Simd<float> {
+  using reg = __m512;
+  static constexpr int L = 16;
+  static inline reg zero() { return _mm512_setzero_ps(); }
+  static inline reg load(const float* p) { return _mm512_loadu_ps(p); }
+  static inline reg set1(float x) { return _mm512_set1_ps(x); }
+  static inline void store(float* p, reg v) { _mm512_storeu_ps(p, v); }
+  static inline reg fma(reg a, reg b, reg c) { return _mm512_fmadd_ps(a, b, c); }
+  static inline reg add(reg a, reg b) { return _mm512_add_ps(a, b); }
+  static inline reg sub(reg a, reg b) { return _mm512_sub_ps(a, b); }
+  // the same halving tree as the AVX2 hsum after the first 512 -> 256 step
+  static inline float hsum(reg v) {
+    const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
+    __m128 lo = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+    __m128 sh = _mm_movehdup_ps(lo);
+    __m128 s = _mm_add_ps(lo, sh);
+    sh = _mm_movehl_ps(sh, s);
+    return _mm_cvtss_f32(_mm_add_ss(s, sh));
+  }
+};
+
+template <>
+struct Simd<double> {
+  using reg = __m512d;
+  static constexpr int L = 8;
+  static inline reg zero() { return _mm512_setzero_pd(); }
+  static inline reg load(const double* p) { return _mm512_loadu_pd(p); }
+  static inline reg set1(double x) { return _mm512_set1_pd(x); }
+  static inline void store(double* p, reg v) { _mm512_storeu_pd(p, v); }
+  static inline reg fma(reg a, reg b, reg c) { return _mm512_fmadd_pd(a, b, c); }
+  static inline reg add(reg a, reg b) { return _mm512_add_pd(a, b); }
+  static inline reg sub(reg a, reg b) { return _mm512_sub_pd(a, b); }
+  static inline double hsum(reg v) {
+    const __m256d h = _mm256_add_pd(_mm512_castpd512_pd256(v), _mm512_extractf64x4_pd(v, 1));
+    __m128d lo = _mm_add_pd(_mm256_castpd256_pd128(h), _mm256_extractf128_pd(h, 1));
+    return _mm_cvtsd_f64(_mm_add_sd(lo, _mm_unpackhi_pd(lo, lo)));
+  }
+};
+#elif defined(__AVX2__)
 template <>
 struct Simd<float> {
   using reg = __m256;
@@ -94,6 +138,23 @@ inline void load_row(const typename In::storage* __restrict src, int64_t n,
   for (int64_t i = 0; i < n; ++i) dst[i] = In::load(src[i]);
 }
 
+// std::vector with an allocator type of this path's own. Kernel sources are compiled once per path,
+// and the linker keeps one copy of an out-of-line standard-library function that several of them
+// instantiate alike (std::vector<int64_t>::reserve, say), possibly the one compiled with another
+// path's instructions; with the path's allocator every instantiation is the path's alone.
+template <typename T>
+struct Alloc : std::allocator<T> {
+  template <typename U>
+  struct rebind {
+    using other = Alloc<U>;
+  };
+  Alloc() = default;
+  template <typename U>
+  Alloc(const Alloc<U>&) {}
+};
+template <typename T>
+using Vec = std::vector<T, Alloc<T>>;
+
 // 64-byte aligned scratch buffer (allocated outside the parallel region).
 template <typename T>
 struct Buf {
@@ -124,10 +185,15 @@ const typename In::acc* as_acc(const typename In::storage* p, int64_t n, Buf<typ
   }
 }
 
-// Projection micro-kernel: MR tokens x NR vectors of d_model. 12 accumulators + 2 loads + 1 broadcast
-// = 15 of the 16 ymm registers.
+// Projection micro-kernel: MR tokens x NR vectors of d_model. AVX2: 12 accumulators + 2 loads + 1
+// broadcast = 15 of the 16 ymm registers; AVX-512: 24 + 4 + 1 of the 32 zmm registers.
+#if defined(__AVX512F__)
+constexpr int MR = 6;
+constexpr int NR = 4;
+#else
 constexpr int MR = 6;
 constexpr int NR = 2;
+#endif
 
 // R[i][n][jb .. jb + NR*L) for i in [0, MR), over a block of columns jb; token i's value k is
 // zp[k * zstride + i * tstride] (packed: tstride 1; read in place: the row stride of z).
@@ -278,6 +344,40 @@ void center_inplace(T* __restrict v, int64_t len) {
   const T mean = vsum(v, len) / static_cast<T>(len);
   for (int64_t d = 0; d < len; ++d) v[d] -= mean;
 }
+// dst = c(dirs[id] - dirs[inc]) (inc < 0: no subtraction; c only when center): a DLA direction, formed
+// alike by every kernel.
+template <typename In>
+inline void form_dir(const typename In::storage* dirs, int64_t D, int64_t id, int64_t inc, bool center,
+                     typename In::acc* dst) {
+  load_row<In>(dirs + id * D, D, dst);
+  if (inc >= 0)
+    for (int64_t d = 0; d < D; ++d) dst[d] -= In::load(dirs[inc * D + d]);
+  if (center) center_inplace(dst, D);
+}
+
+// dst = the direction token t targets (gathered mode), or zeros where it has none (an id of -1): its
+// DLA is NaN, and any finite row keeps the sums quiet.
+template <typename In>
+inline void token_dir(const typename In::storage* dirs, int64_t D, const int64_t* direction_ids,
+                      const int64_t* incorrect_ids, int64_t t, bool center, typename In::acc* dst) {
+  const int64_t id = direction_ids[t], inc = incorrect_ids ? incorrect_ids[t] : -1;
+  if (id < 0 || (incorrect_ids && inc < 0))
+    std::fill(dst, dst + D, typename In::acc(0));
+  else
+    form_dir<In>(dirs, D, id, inc, center, dst);
+}
+
+// The K fixed directions (fixed-set mode), converted and centred once.
+template <typename In>
+Buf<typename In::acc> fixed_directions(const typename In::storage* dirs, int64_t K, int64_t D, bool center) {
+  Buf<typename In::acc> out(static_cast<size_t>(K * D));
+  for (int64_t k = 0; k < K; ++k) form_dir<In>(dirs, D, k, -1, center, out.get() + k * D);
+  return out;
+}
+
+// x rounded up to a multiple of m.
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
 // Threads for a parallel region over `work_items` items: the request (<= 0 = OpenMP's default),
 // never more than there are items, at least 1.
 inline int resolve_threads(int n_threads, int64_t work_items) {
@@ -291,4 +391,5 @@ inline int resolve_threads(int n_threads, int64_t work_items) {
 }
 
 }  // namespace detail
+}  // namespace EF_ISA
 }  // namespace ef

@@ -1,5 +1,6 @@
 // Histograms and moments of one scan batch; see scan_aggregates.h for the contracts.
 #include "scan_aggregates.h"
+#include "kernel_common.h"
 
 #include <algorithm>
 #include <cmath>
@@ -11,7 +12,10 @@
 #endif
 
 namespace ef {
+namespace EF_ISA {
 namespace {
+
+using namespace detail;
 
 // Series per work item: a block's histogram rows and accumulators stay with one thread, and one
 // token's values of the block (kBlock * 4 or 8 bytes) are read contiguously.
@@ -45,7 +49,7 @@ struct SeriesBlock {
 };
 
 template <typename T>
-void series_stats_blocks(const std::vector<SeriesBlock<T>>& work, int64_t n_series, const T* divisor,
+void series_stats_blocks(const Vec<SeriesBlock<T>>& work, int64_t n_series, const T* divisor,
                          int64_t n_div, const int64_t* bucket, int64_t n_tokens, int64_t n_buckets, T lo,
                          T inv_width, int64_t n_bins, int64_t* hist, int64_t* count, double* mean, double* m2,
                          int n_threads) {
@@ -62,9 +66,9 @@ void series_stats_blocks(const std::vector<SeriesBlock<T>>& work, int64_t n_seri
     // One pass: bins, counts and sums of (v - shift) and (v - shift)^2 per bucket, shift = the
     // series' value at the bucket's first token of the batch (0 if not finite); see pair_stats_batch.
     const size_t acc = static_cast<size_t>(n_buckets * kBlock);
-    std::vector<int64_t> cnt(acc, 0);
-    std::vector<double> shift(acc, 0.0), s1(acc, 0.0), s2(acc, 0.0);
-    std::vector<char> shifted(static_cast<size_t>(n_buckets), 0);
+    Vec<int64_t> cnt(acc, 0);
+    Vec<double> shift(acc, 0.0), s1(acc, 0.0), s2(acc, 0.0);
+    Vec<char> shifted(static_cast<size_t>(n_buckets), 0);
     alignas(32) int32_t bin[kBlock];  // int32: AVX2 converts to int32 only
     alignas(32) T ratio[kBlock];
     int64_t div_col[kBlock];
@@ -116,9 +120,9 @@ void series_stats_blocks(const std::vector<SeriesBlock<T>>& work, int64_t n_seri
 
 // Work items of kBlock series, cut within each input block (a work item reads one row pointer).
 template <typename T>
-std::vector<SeriesBlock<T>> cut_blocks(const T* const* blocks, const int64_t* n_series, const int64_t* token_stride,
+Vec<SeriesBlock<T>> cut_blocks(const T* const* blocks, const int64_t* n_series, const int64_t* token_stride,
                                        int n_blocks, int64_t* total) {
-  std::vector<SeriesBlock<T>> work;
+  Vec<SeriesBlock<T>> work;
   int64_t s = 0;
   for (int k = 0; k < n_blocks; ++k) {
     for (int64_t j = 0; j < n_series[k]; j += kBlock)
@@ -163,7 +167,7 @@ void pair_stats_batch(const T* dots, int64_t dots_stride, const T* norms, const 
   const int nthr = thread_count(n_threads);
   (void)nthr;
   // |node| per token, once (each is read by many pairs).
-  std::vector<double> node_norm(static_cast<size_t>(n_tokens * n_nodes));
+  Vec<double> node_norm(static_cast<size_t>(n_tokens * n_nodes));
   for (int64_t i = 0; i < n_tokens * n_nodes; ++i)
     node_norm[i] = std::sqrt(std::max(static_cast<double>(norms[i]), 0.0));
   // Local copies: the histogram writes (int64) could otherwise alias n_bins and force reloads.
@@ -259,4 +263,5 @@ template void ratio_stats_batch<double>(const double* const*, const int64_t*, co
                                         int64_t, const int64_t*, int64_t, int64_t, double, double, int64_t,
                                         int64_t*, int64_t*, double*, double*, int);
 
+}  // namespace EF_ISA
 }  // namespace ef

@@ -15,7 +15,14 @@
 
 #include <cstdint>
 
+#include "kernel_isa.h"
+
 namespace ef {
+
+// Statistics per pair of pair_stats_batch (below).
+constexpr int kPairStats = 9;
+
+namespace EF_ISA {
 
 template <typename T>
 void series_stats_batch(const T* values, const int64_t* bucket, int64_t n_tokens, int64_t n_series,
@@ -51,8 +58,6 @@ void ratio_stats_batch(const T* const* blocks, const int64_t* n_series, const in
 // and statistic k is binned as series_stats_batch does with (lo[k], inv_width[k], n_bins[k]) into
 // hists[k] [P, n_bins[k] + 2]; count / mean / m2 are [kPairStats, P]. Every pair is reduced over t in
 // token order by one thread. Arguments are NOT checked here (bindings.cpp does it).
-constexpr int kPairStats = 9;
-
 template <typename T>
 void pair_stats_batch(const T* dots, int64_t dots_stride, const T* norms, const T* null_dots, const double* resid_norm,
                       const int64_t* writers, const int64_t* pairs, int64_t n_tokens, int64_t n_nodes,
@@ -60,4 +65,5 @@ void pair_stats_batch(const T* dots, int64_t dots_stride, const T* norms, const 
                       const int64_t* n_bins, int64_t* const* hists, int64_t* count, double* mean,
                       double* m2, int n_threads);
 
+}  // namespace EF_ISA
 }  // namespace ef

@@ -248,7 +248,7 @@ def _run_bench(args, argv) -> int:
         out = bench.run(args.out, device=args.device, shapes=[s.strip() for s in args.shapes.split(",") if s.strip()],
                         sizes=ints("--sizes", args.sizes) if args.sizes else None, repeats=args.repeats,
                         budget_s=args.budget_s, round_budget_s=args.round_budget_s, s1_tokens=args.s1_tokens,
-                        s1_dtype=args.s1_dtype, c1_families=[f.strip() for f in args.c1_families.split(",") if f.strip()],
+                        s1_dtype=args.s1_dtype, dtype=args.dtype, c1_families=[f.strip() for f in args.c1_families.split(",") if f.strip()],
                         providers=[p.strip() for p in args.providers.split(",") if p.strip()] if args.providers else None,
                         command="erasure-fast " + " ".join(argv if argv is not None else sys.argv[1:]))
     except RuntimeError as e:  # the measuring child failed; its stderr has been shown as it ran
@@ -310,6 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="a provider whose first call takes longer is not timed at this or larger sizes")
     p_bench.add_argument("--round-budget-s", type=float, default=None,
                          help="wall time of one point's interleaved timing rounds; default: --budget-s")
+    p_bench.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                         help="the model's and activations' dtype in K1 / K2 (roofline: that dtype's matmul rate)")
     p_bench.add_argument("--s1-tokens", type=int, default=0, help="also run the scan workload S1 on this many tokens (0: no)")
     p_bench.add_argument("--s1-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                          help="the model's dtype in the scan workload S1 and capture workload C1 (half precision: GPU)")

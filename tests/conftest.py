@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -24,6 +25,51 @@ GELU_4L = dict(d_model=512, n_layers=4, n_heads=8, d_head=64, d_mlp=2048, d_voca
 
 # Largest observed error per (check, dtype, backend), printed at the end and written to a JSON file.
 _ERRORS: dict = {}
+
+
+def cpu_paths_here() -> list:
+    """The C++ kernel paths this CPU runs (`erasure_fast.backends.cpp.cpu_paths`), most portable
+    first; [] without the extension."""
+    from erasure_fast.backends import cpp
+
+    try:
+        return [name for name, p in cpp.cpu_paths().items() if p["runs_here"]]
+    except RuntimeError:
+        return []
+
+
+def with_cpu_paths(backends) -> list:
+    """``backends`` with "cpp" replaced by "cpp@<path>" for every kernel path this CPU runs, so a
+    parametrized test runs each path (`on_backend` selects it)."""
+    out = []
+    for b in backends:
+        out += [f"cpp@{p}" for p in cpu_paths_here()] or [b] if b == "cpp" else [b]
+    return out
+
+
+@contextlib.contextmanager
+def on_backend(name: str):
+    """Yields the backend name of ``name`` ("cpp@avx2" -> "cpp") with its kernel path selected for
+    the block (the default path again afterwards)."""
+    backend, _, path = name.partition("@")
+    if not path:
+        yield backend
+        return
+    from erasure_fast.backends import cpp
+
+    cpp.set_cpu_path(path)
+    try:
+        yield backend
+    finally:
+        cpp.set_cpu_path(None)
+
+
+@pytest.fixture(params=cpu_paths_here() or [None])
+def each_cpu_path(request):
+    """Runs a test once per C++ kernel path this CPU runs, with that path selected (the fastest
+    afterwards); use with ``pytestmark = pytest.mark.usefixtures("each_cpu_path")``."""
+    with on_backend(f"cpp@{request.param}" if request.param else "cpp"):
+        yield request.param
 
 
 def record_error(check: str, dtype, backend: str, err: float) -> None:

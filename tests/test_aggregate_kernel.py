@@ -12,6 +12,8 @@ import torch
 from erasure_fast.scanning.aggregate import SeriesStats
 
 _C = pytest.importorskip("erasure_fast._C", reason="the C++ extension is not built")
+# every test once per kernel path this CPU runs (conftest.each_cpu_path)
+pytestmark = pytest.mark.usefixtures("each_cpu_path")
 
 
 def _tricky_values(T: int, S: int, lo: float, hi: float, nb: int, dtype, seed: int) -> torch.Tensor:

@@ -12,11 +12,13 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 import erasure_fast as ef
 from erasure_fast.backends import torch_ref
 from erasure_fast.contract import validate
-from conftest import rel_err
+from conftest import on_backend, rel_err, with_cpu_paths
 
 BACKENDS = [b for b in ("torch", "cpp", "triton") if ef.available_backends()[b].available]
 if os.environ.get("EF_REQUIRE_CPP") and "cpp" not in BACKENDS:
     raise RuntimeError(f"EF_REQUIRE_CPP is set but the C++ backend is unavailable: {ef.available_backends()['cpp'].detail}")
+
+BACKENDS = with_cpu_paths(BACKENDS)  # "cpp@<path>": every C++ kernel path this CPU runs
 
 # fp32 accumulation everywhere except fp64; errors are relative to max |reference|.
 TOL = {torch.float64: 1e-12, torch.float32: 2e-5, torch.bfloat16: 2e-5, torch.float16: 2e-5}
@@ -105,6 +107,11 @@ def err_vs_scale(ours: torch.Tensor, ref: torch.Tensor, mag: torch.Tensor) -> fl
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(p=problems())
 def test_backend_matches_float64_reference(backend, p):
+    with on_backend(backend) as backend:
+        check_backend(backend, p)
+
+
+def check_backend(backend, p):
     if backend == "triton" and p["dtype"] == torch.float64:
         with pytest.raises(ValueError, match="float64"):  # Triton computes in fp32 and says so
             ef.fused_attribution(**make_inputs(p), center=p["center"], backend=backend)

@@ -173,6 +173,7 @@ BAD_ARGUMENTS = [
     ("budget_s", dict(budget_s=float("nan")), "budget_s"),
     ("s1_tokens", dict(s1_tokens=-1), "s1_tokens"),
     ("s1_dtype", dict(s1_dtype="float64"), "s1_dtype must be one of float32, bfloat16, float16"),
+    ("dtype", dict(dtype="float64"), "dtype must be one of float32, bfloat16, float16"),
     ("c1_families", dict(c1_families=["llama", "gpt3"], s1_tokens=1024), r"unknown c1_families \['gpt3'\].*gpt_neox"),
     ("c1_families", dict(c1_families=["llama"]), "c1_families .* give s1_tokens > 0"),
     ("device", dict(device="no-such-device"), r"device .*choose from \['cpu'"),
@@ -278,6 +279,22 @@ def test_roofline_reference_is_the_best_probe_and_above_100_percent_is_flagged()
                               roofline=dict(roof, copy_gbps=1.0), repeats=5, command="c", probes=[]),
                          harness.as_records([q]))
     assert ">100 %: measurement problem" in md and "200" not in md.split("| fast |")[1]
+
+
+def test_kernel_rows_in_bfloat16_use_the_bfloat16_matmul_rate():
+    """--dtype bfloat16: inputs and model in bf16, every point labelled with it, the probes counted for
+    bf16, and the roofline taken against the bf16 matmul rate."""
+    points, probes = [], []
+    harness.run_kernels(["gelu-4l"], [8], torch.device("cpu"), repeats=1, budget_s=30, providers=["erasure_fast cpp"],
+                        progress=lambda line: None, points=points, probes=probes, dtype=torch.bfloat16,
+                        round_settings=rounds.RoundSettings(min_rounds=1, max_rounds=1, budget_s=30))
+    assert points and {p.dtype for p in points} == {"bfloat16"} and all(p.status == "ok" for p in points)
+    assert {p["dtype"] for p in probes} == {"bfloat16"}
+    roof = {"matmul_gflops": {"float32": 1.0, "bfloat16": 1e-9}}
+    rates = harness.finish(points, roof, probes)
+    assert rates["bfloat16"] == max(max(p["gflops"]) for p in probes) and rates["float32"] == 1.0
+    k1 = next(p for p in points if p.workload == "K1")
+    assert k1.roofline_pct == pytest.approx(100 * workloads.flops("K1", "gelu-4l", 8) / k1.median_s / 1e9 / rates["bfloat16"])
 
 
 def test_s1_and_c1_rows_all_run_on_one_row_of_tokens():

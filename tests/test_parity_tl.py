@@ -14,9 +14,9 @@ import pytest
 import torch
 
 import erasure_fast as ef
-from conftest import GELU_4L, TL_MAJOR, build_model, record_error, rel_err
+from conftest import GELU_4L, TL_MAJOR, build_model, on_backend, record_error, rel_err, with_cpu_paths
 
-BACKENDS = ["torch", "cpp"]
+BACKENDS = with_cpu_paths(["torch", "cpp"])  # "cpp@<path>": every C++ kernel path this CPU runs
 TOL = {torch.float32: 2e-5, torch.float64: 1e-10}
 
 SHAPES = {
@@ -26,12 +26,23 @@ SHAPES = {
 }
 
 
-def need_backend(name: str) -> None:
+@pytest.fixture(autouse=True)
+def _kernel_path(request):
+    """Selects the C++ kernel path of a "cpp@<path>" backend parameter for the test."""
+    params = getattr(request.node, "callspec", None)
+    with on_backend(params.params.get("backend", "torch") if params else "torch"):
+        yield
+
+
+def need_backend(name: str) -> str:
+    """The backend name of a parameter ("cpp@avx2" -> "cpp"), skipping the test where it is unavailable."""
+    name = name.partition("@")[0]
     info = ef.available_backends()[name]
     if not info.available:
         if os.environ.get("EF_REQUIRE_CPP") and name == "cpp":
             pytest.fail(f"C++ backend required (EF_REQUIRE_CPP set) but unavailable: {info.detail}")
         pytest.skip(f"{name} backend unavailable: {info.detail}")
+    return name
 
 
 @functools.lru_cache(maxsize=None)
@@ -76,7 +87,7 @@ CASES = [(s, c, d, b) for s in SHAPES for c in (False, True) for d in (torch.flo
 
 @pytest.mark.parametrize("shape,compat,dtype,backend", CASES)
 def test_attribute_matches_transformer_lens(shape, compat, dtype, backend):
-    need_backend(backend)
+    backend = need_backend(backend)
     model = cached_model(shape, compat, dtype)
     tokens = tokens_for(model, 3, 11, seed=1)
     cache, stack, mlp, resid = tl_reference(model, tokens)
@@ -118,7 +129,7 @@ def test_attribute_matches_transformer_lens(shape, compat, dtype, backend):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fixed_token_and_logit_difference(dtype, backend):
-    need_backend(backend)
+    backend = need_backend(backend)
     model = cached_model("3x5_dh24_dm120", False, dtype)
     tokens = tokens_for(model, 2, 9, seed=2)
     cache, stack, _, _ = tl_reference(model, tokens)
@@ -145,7 +156,7 @@ TOKEN_FORMS = ["int", "batch_pos", "pos", "one_element", "batch"]
 @pytest.mark.parametrize("form", TOKEN_FORMS)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_logit_attrs_heads_is_a_drop_in(compat, form, backend):
-    need_backend(backend)
+    backend = need_backend(backend)
     if form == "batch" and TL_MAJOR < 4:
         pytest.skip("a [batch] token tensor means one token per example only in TransformerLens 4")
     model = cached_model("3x5_dh24_dm120", compat, torch.float32)
@@ -183,7 +194,7 @@ def test_logit_attrs_heads_without_batch_dim():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_zero_writer_gives_nan_everywhere(backend):
     """A head whose output is zero: its PR / PV / cos are NaN (math page), in every backend."""
-    need_backend(backend)
+    backend = need_backend(backend)
     model = build_model(**SHAPES["2x3_dh7_dm33"], dtype=torch.float64, seed=3)
     with torch.no_grad():
         model.blocks[0].attn.W_O[1].zero_() if TL_MAJOR < 4 else None
@@ -206,7 +217,7 @@ def test_zero_writer_gives_nan_everywhere(backend):
 @pytest.mark.parametrize("compat", [False, True])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gelu4l_shape(compat, backend):
-    need_backend(backend)
+    backend = need_backend(backend)
     model = cached_model("gelu4l", compat, torch.float32)
     tokens = tokens_for(model, 2, 33, seed=14)
     cache, stack, mlp, resid = tl_reference(model, tokens)

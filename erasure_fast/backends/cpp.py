@@ -9,6 +9,13 @@ threads.
 Threads: the OpenMP default unless set with `set_num_threads` or the environment variable
 ``ERASURE_FAST_NUM_THREADS`` (read when a call starts; `set_num_threads` wins).
 
+Kernel path (run-time dispatch, csrc/dispatch.h): the extension carries the kernels compiled for
+several x86-64 instruction sets -- ``portable``, ``avx2`` (AVX2 + FMA), ``avx512`` (AVX-512 F/BW/VL/DQ),
+``amx`` (AVX-512 with bfloat16 inputs on the AMX tile unit) -- and every call runs the fastest one
+this CPU executes, unless `set_cpu_path` or the environment variable ``ERASURE_FAST_CPU_PATH`` (read
+when a call starts; `set_cpu_path` wins) names another: a path the CPU cannot run is refused with
+the features it lacks. `cpu_paths()` lists them; `build_info()["cpu_path"]` is the one in use.
+
 DLA-only fast paths: when a request has no writers (W = 0) and no extra nodes (M = 0), `run` never
 forms a head's d_model output. It projects each centred direction into head space once,
 A[n] = W_O[n] @ c(d) (docs/math.md), and takes d_head-long dots with z:
@@ -43,8 +50,10 @@ from ..contract import FusedInputs, FusedOutputs, accumulation_dtype
 NAME = "cpp"
 DEVICES = ("cpu",)
 ENV_THREADS = "ERASURE_FAST_NUM_THREADS"
+ENV_CPU_PATH = "ERASURE_FAST_CPU_PATH"
 
 _n_threads: Optional[int] = None  # set_num_threads(); None = environment / OpenMP default
+_cpu_path: Optional[str] = None  # set_cpu_path(); None = environment / the fastest this CPU runs
 
 
 def _extension():
@@ -78,21 +87,62 @@ def get_num_threads() -> int:
     return 0
 
 
-def build_info() -> dict:
-    """The extension's build facts (OpenMP, threads, ISA, compiler); raises if it is not built."""
+def get_cpu_path() -> str:
+    """The kernel path the next call asks for: `set_cpu_path`'s, else ``ERASURE_FAST_CPU_PATH``'s,
+    else "auto" (the fastest this CPU runs)."""
+    if _cpu_path is not None:
+        return _cpu_path
+    return os.environ.get(ENV_CPU_PATH, "").strip() or "auto"
+
+
+def set_cpu_path(name: Optional[str]) -> str:
+    """Kernel path of later calls: a name from `cpu_paths`, or None / "auto" for the fastest this CPU
+    runs (then ``ERASURE_FAST_CPU_PATH`` applies again when set). Raises ValueError for an unknown
+    path, one not compiled in, or one this CPU cannot run (naming what it lacks). Returns the path
+    now selected."""
+    global _cpu_path
+    if name is not None and not isinstance(name, str):
+        raise ValueError(f"name must be a CPU path name or None, got {name!r}")
     _C, err = _extension()
     if _C is None:
-        raise RuntimeError(f"extension erasure_fast._C not built: {err}")
-    return dict(_C.build_info())
+        raise RuntimeError(f"the cpp backend is not available: extension erasure_fast._C not built: {err}")
+    selected = _select_cpu_path(_C, name or "auto")
+    _cpu_path = None if name in (None, "auto") else name
+    return selected
+
+
+def _select_cpu_path(_C, name: str) -> str:
+    try:
+        return _C.select_cpu_path(name)
+    except ValueError as e:
+        raise ValueError(str(e)) from None
+
+
+def cpu_paths() -> dict:
+    """Every kernel path: {name: {compiled, runs_here, missing (features this CPU / OS lacks), simd}},
+    from the most portable to the fastest."""
+    return dict(require_extension().cpu_paths())
+
+
+def build_info() -> dict:
+    """The extension's build facts (OpenMP, threads, kernel paths, compiler) with the path the next
+    call runs (``cpu_path``); raises if it is not built, or if the requested path cannot run here."""
+    return dict(require_extension().build_info())
 
 
 def available() -> tuple[bool, str]:
     _C, err = _extension()
     if _C is None:
         return False, f"extension erasure_fast._C not built: {err}"
+    try:
+        _select_cpu_path(_C, get_cpu_path())
+    except ValueError as e:
+        return False, f"{ENV_CPU_PATH}: {e}"
     info = _C.build_info()
     omp = f"OpenMP on, {info['max_threads']} threads" if info["openmp"] else "OpenMP off, 1 thread"
-    return True, f"C++ extension, {omp}, arch {info['cpu_arch']} ({info['simd']}), {info['compiler']}"
+    paths = ", ".join(info["cpu_paths"])
+    return True, (f"C++ extension, {omp}, kernel path {info['cpu_path']} ({info['simd']}; compiled: {paths}; "
+                  f"fastest here: {info['best_cpu_path']}), {info['compiler']}")
 
 
 def kernel_array(t: torch.Tensor, dtype: torch.dtype):
@@ -114,6 +164,7 @@ def scan_kernel(name: str, values: torch.Tensor):
     dtype = values.dtype
     if _C is None or values.device.type != "cpu" or dtype not in (torch.float32, torch.float64):
         return None
+    _select_cpu_path(_C, get_cpu_path())
     return functools.partial(getattr(_C, f"{name}_{_SFX[dtype]}"), n_threads=get_num_threads())
 
 
@@ -127,9 +178,11 @@ def scan_rows(block: torch.Tensor) -> torch.Tensor:
 
 
 def require_extension():
+    """The compiled module with the requested kernel path selected (`get_cpu_path`)."""
     _C, err = _extension()
     if _C is None:
         raise RuntimeError(f"the cpp backend is not available: extension erasure_fast._C not built: {err}")
+    _select_cpu_path(_C, get_cpu_path())
     return _C
 
 

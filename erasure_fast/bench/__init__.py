@@ -83,11 +83,12 @@ def _check_out_dir(out_dir) -> str:
 
 
 S1_DTYPES = ("float32", "bfloat16", "float16")
+KERNEL_DTYPES = ("float32", "bfloat16", "float16")
 
 def validate_arguments(out_dir: str = "benchmarks/results", *, device: str = None, shapes=("gelu-4l", "gpt2-small"),
                        sizes=None, repeats: int = 5, budget_s: float = 60.0, s1_tokens: int = 0, providers=None,
                        command: str = "", extra_shapes: dict = None, round_budget_s: float = None,
-                       s1_dtype: str = "float32", c1_families=()) -> dict:
+                       s1_dtype: str = "float32", c1_families=(), dtype: str = "float32") -> dict:
     """Check every argument of `run` before any work; returns the settings the child process gets
     (defaults resolved: device, sizes). Raises ValueError naming the argument and the valid choices.
     Creates nothing and starts nothing."""
@@ -112,6 +113,8 @@ def validate_arguments(out_dir: str = "benchmarks/results", *, device: str = Non
         raise ValueError(f"round_budget_s must be a finite number of seconds > 0 or None, got {round_budget_s!r}")
     if not _is_int(s1_tokens) or s1_tokens < 0:
         raise ValueError(f"s1_tokens must be an int >= 0 (0: no S1), got {s1_tokens!r}")
+    if dtype not in KERNEL_DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(KERNEL_DTYPES)}, got {dtype!r}")
     if s1_dtype not in S1_DTYPES:
         raise ValueError(f"s1_dtype must be one of {', '.join(S1_DTYPES)}, got {s1_dtype!r}")
     from .hf_capture import check_families
@@ -128,7 +131,7 @@ def validate_arguments(out_dir: str = "benchmarks/results", *, device: str = Non
         raise ValueError(f"command must be a string, got {type(command).__name__}")
     default_sizes = GPU_SIZES if dev.type == "cuda" else CPU_SIZES
     return dict(out_dir=path, device=str(dev), shapes=shapes, sizes=[int(n) for n in (sizes or default_sizes)],
-                repeats=int(repeats), budget_s=float(budget_s), s1_tokens=int(s1_tokens), s1_dtype=s1_dtype,
+                repeats=int(repeats), budget_s=float(budget_s), s1_tokens=int(s1_tokens), s1_dtype=s1_dtype, dtype=dtype,
                 c1_families=c1_families, providers=providers,
                 command=command or " ".join(sys.argv), extra_shapes=extra,
                 round_budget_s=float(budget_s if round_budget_s is None else round_budget_s), origin_cwd=os.getcwd())
@@ -181,7 +184,8 @@ def _run_child(settings: dict) -> tuple:
 
 def run(out_dir: str = "benchmarks/results", *, device: str = None, shapes=("gelu-4l", "gpt2-small"), sizes=None,
         repeats: int = 5, budget_s: float = 60.0, s1_tokens: int = 0, providers=None, command: str = "",
-        extra_shapes: dict = None, round_budget_s: float = None, s1_dtype: str = "float32", c1_families=()) -> dict:
+        extra_shapes: dict = None, round_budget_s: float = None, s1_dtype: str = "float32", c1_families=(),
+        dtype: str = "float32") -> dict:
     """Run the benchmark in a child process and write the report; returns {"meta", "results", "files"}.
 
     Args:
@@ -195,6 +199,8 @@ def run(out_dir: str = "benchmarks/results", *, device: str = None, shapes=("gel
         round_budget_s: wall time of one point's interleaved rounds (default: budget_s).
         s1_tokens: also run the scan workload S1 on this many tokens (0: not).
         s1_dtype: the model's dtype in S1 / C1: "float32", "bfloat16" or "float16" (GPU).
+        dtype: the model's and activations' dtype in K1 / K2 ("float32", "bfloat16", "float16"); the
+            roofline reference is the matmul rate of that dtype.
         c1_families: Hugging Face families (`hf_capture.HF_FAMILIES`: "llama", "gpt_neox", "gemma2")
             whose capture (bridge hooks vs the hf_modules engine) C1 also times on S1's corpus.
         providers: substrings of provider names to keep (None: all; each must match one).
@@ -206,7 +212,7 @@ def run(out_dir: str = "benchmarks/results", *, device: str = None, shapes=("gel
     its exit code and the end of its stderr)."""
     settings = validate_arguments(out_dir, device=device, shapes=shapes, sizes=sizes, repeats=repeats,
                                   budget_s=budget_s, s1_tokens=s1_tokens, providers=providers, command=command,
-                                  extra_shapes=extra_shapes, round_budget_s=round_budget_s, s1_dtype=s1_dtype,
+                                  extra_shapes=extra_shapes, round_budget_s=round_budget_s, s1_dtype=s1_dtype, dtype=dtype,
                                   c1_families=c1_families)
     with tempfile.TemporaryDirectory(prefix="erasure-fast-bench-") as tmp:
         settings["manifest"] = os.path.join(tmp, "manifest.json")

@@ -71,7 +71,8 @@ def measure_and_report(settings: dict, address_space_cap: Optional[int] = None) 
     out_dir = settings["out_dir"]
     info = machine.describe()
     before = machine.conditions(settings.get("origin_cwd"))
-    roof = machine.roofline(dev)
+    kernel_dtype = getattr(torch, settings.get("dtype", "float32"))
+    roof = machine.roofline(dev, extra_dtypes=(kernel_dtype,))
     print(f"machine: {info.get('gpu') or info['cpu']}; roofline {roof}", flush=True)
     points: list = []
     partial = os.path.join(out_dir, "partial-results.json")
@@ -87,7 +88,7 @@ def measure_and_report(settings: dict, address_space_cap: Optional[int] = None) 
                                            budget_s=settings.get("round_budget_s", settings["budget_s"]))
     harness.run_kernels(settings["shapes"], settings["sizes"], dev, settings["repeats"], settings["budget_s"],
                         providers=settings["providers"], progress=progress, points=points, probes=probes,
-                        round_settings=rounds_settings)
+                        round_settings=rounds_settings, dtype=kernel_dtype)
     if settings["s1_tokens"]:
         harness.run_s1(settings["s1_tokens"], dev, progress=progress, points=points,
                        dtype=getattr(torch, settings.get("s1_dtype", "float32")))

@@ -276,8 +276,10 @@ def _fill_from_rounds(p: Point, times: List[float], ratios: Optional[List[float]
 
 def run_kernels(shapes, sizes, device, repeats: int, budget_s: float, providers=None, progress=print,
                 points: Optional[List[Point]] = None, extra_providers: Optional[Dict[str, Callable]] = None,
-                round_settings: Optional[rounds_mod.RoundSettings] = None, probes: Optional[List[dict]] = None) -> List[Point]:
-    """K1, K2n (cold + warm), K2f for every provider (appended to ``points`` as they finish).
+                round_settings: Optional[rounds_mod.RoundSettings] = None, probes: Optional[List[dict]] = None,
+                dtype: torch.dtype = torch.float32) -> List[Point]:
+    """K1, K2n (cold + warm), K2f for every provider (appended to ``points`` as they finish), on a
+    model and activations of ``dtype``.
 
     Per (workload, shape, size) point: every provider's first call (its peak memory; for K2n the cold
     time) and its check against the float64 reference; then the providers that passed are timed in
@@ -303,9 +305,11 @@ def run_kernels(shapes, sizes, device, repeats: int, budget_s: float, providers=
         except OptionalDependencyError as e:
             points.extend(_not_timed(w, shape, n, str(e), progress) for n in sizes for w in ("K1", "K2n", "K2f"))
             continue
+        if dtype != torch.float32 and hasattr(model, "cfg"):  # a TransformerLens model (a ModelSpec is cast per call)
+            model = model.to(dtype)
         dead: Dict[tuple, str] = {}
         for n in sizes:
-            inp = make_inputs(shape, n, device)
+            inp = make_inputs(shape, n, device, dtype=dtype)
             n_check = min(inp.n_tokens, CHECK_TOKENS)
             tol = TOLERANCE[inp.z.dtype]
             for workload in ("K1", "K2n", "K2f"):
@@ -338,11 +342,12 @@ def _run_point(model, inp, shape, workload, chosen, dead, device, budget_s, sett
             ref = reference_outputs(model, inp, workload, n_check)
         first = first_call(prepared, device, _checker(prepared, ref, n_check, tol))
         first.workload, first.shape, first.provider, first.n_tokens = workload, shape, name, inp.n_tokens
+        first.dtype = str(inp.z.dtype).replace("torch.", "")
         if workload == "K2n":  # cold: the very first call on this input (tables, compilation)
             cold = Point("K2n_cold", shape, name, inp.n_tokens, status=first.status, times_s=list(first.times_s),
                          median_s=first.first_call_s, min_s=first.first_call_s, peak_extra_mib=first.peak_extra_mib,
                          rounds=1 if first.status == "ok" else 0, stop="single call", first_call_s=first.first_call_s,
-                         note=first.note)
+                         note=first.note, dtype=first.dtype)
             points.append(cold)
         if first.status == "ok" and first.first_call_s > budget_s:
             first.status, first.note = "timeout", f"first call {first.first_call_s:.1f} s > budget {budget_s:g} s"
@@ -358,7 +363,8 @@ def _run_point(model, inp, shape, workload, chosen, dead, device, budget_s, sett
     reference = next((name for name in calls if name.startswith("transformer_lens")), None)
     rr = rounds_mod.run_rounds(calls, device, _probe(device, inp.z.dtype), settings, reference)
     if probes is not None:
-        probes.append(dict(workload=workload, shape=shape, n_tokens=inp.n_tokens, gflops=rr.probes))
+        probes.append(dict(workload=workload, shape=shape, n_tokens=inp.n_tokens, gflops=rr.probes,
+                           dtype=str(inp.z.dtype).replace("torch.", "")))
     ref_times = rr.times.get(reference) if reference else None
     for name, p in timed.items():
         if name in rr.errors:
@@ -553,7 +559,8 @@ def best_rates(roof: dict, probes: Optional[List[dict]] = None) -> Dict[str, flo
     rates = dict(roof["matmul_gflops"])
     for pr in probes or []:
         if pr["gflops"]:
-            rates["float32"] = max(rates.get("float32", 0.0), max(pr["gflops"]))
+            key = pr.get("dtype", "float32")  # the points' dtype (results written before: float32)
+            rates[key] = max(rates.get(key, 0.0), max(pr["gflops"]))
     return rates
 
 

@@ -124,8 +124,9 @@ def copy_bandwidth(device: torch.device, mib: int = 256, repeats: int = 5) -> fl
     return 2 * src.numel() * 4 / statistics.median(times) / 1e9
 
 
-def roofline(device: torch.device) -> dict:
-    """Measured matmul rate per dtype (GFLOP/s) and copy bandwidth (GB/s) of ``device``.
+def roofline(device: torch.device, extra_dtypes=()) -> dict:
+    """Measured matmul rate per dtype (GFLOP/s) and copy bandwidth (GB/s) of ``device``: float32, on
+    CUDA also tf32 / bfloat16 / float16, and every dtype of ``extra_dtypes``.
 
     On CUDA the fp32 rate is measured with TF32 off and the TF32 rate with it on; the process's
     ``allow_tf32`` setting is restored afterwards (the benchmark runs this in its own process, but
@@ -142,6 +143,10 @@ def roofline(device: torch.device) -> dict:
             torch.backends.cuda.matmul.allow_tf32 = before
         rates["bfloat16"] = matmul_rate(device, torch.bfloat16, n=8192)
         rates["float16"] = matmul_rate(device, torch.float16, n=8192)
+    for dtype in extra_dtypes:
+        key = str(dtype).replace("torch.", "")
+        if key not in rates:
+            rates[key] = matmul_rate(device, dtype)
     return {"matmul_gflops": rates, "copy_gbps": copy_bandwidth(device, 1024 if device.type == "cuda" else 256)}
 
 

@@ -1,0 +1,83 @@
+// Run-time dispatch of the CPU kernels: one table of entry points per compiled path (cpu_features.h),
+// the selected path's table used by every call (bindings.cpp).
+//
+// Selection: the fastest compiled path this CPU runs, unless select_path() names another (the
+// Python backend forwards ERASURE_FAST_CPU_PATH / cpp.set_cpu_path there). A path the CPU cannot
+// run, or one not compiled into this build, is refused with the reason.
+#pragma once
+
+#include <string>
+
+#include "cpu_features.h"
+#include "dla_only.h"
+#include "fused_attribution.h"
+#include "input_formats.h"
+#include "scan_aggregates.h"
+
+namespace ef {
+
+// One path's entry points for one input format (signatures: fused_attribution.h, dla_only.h).
+template <typename In>
+struct TypedKernels {
+  decltype(&EF_ISA::fused_attribution<In>) fused_attribution;
+  decltype(&EF_ISA::dla_fixed<In>) dla_fixed;
+  decltype(&EF_ISA::dla_gathered<In>) dla_gathered;
+  decltype(&EF_ISA::build_dla_table<In>) build_dla_table;
+  decltype(&EF_ISA::fill_dla_table_rows<In>) fill_dla_table_rows;
+};
+
+// One path's scan-aggregation entry points (scan_aggregates.h) for values of type T.
+template <typename T>
+struct ScanKernels {
+  decltype(&EF_ISA::series_stats_batch<T>) series_stats_batch;
+  decltype(&EF_ISA::ratio_stats_batch<T>) ratio_stats_batch;
+  decltype(&EF_ISA::pair_stats_batch<T>) pair_stats_batch;
+};
+
+struct Kernels {
+  const char* simd;  // what the path's kernels execute, e.g. "avx512 (16 x fp32)"
+  int tile_tokens;   // fused_attribution's default tile_tokens / chunk_cols on this path
+  int chunk_cols;
+  TypedKernels<Native<float>> f32;
+  TypedKernels<Native<double>> f64;
+  TypedKernels<Bf16> bf16;
+  TypedKernels<F16> f16;
+  ScanKernels<float> scan_f32;
+  ScanKernels<double> scan_f64;
+
+  template <typename In>
+  const TypedKernels<In>& typed() const {
+    if constexpr (std::is_same<In, Native<float>>::value) return f32;
+    else if constexpr (std::is_same<In, Native<double>>::value) return f64;
+    else if constexpr (std::is_same<In, Bf16>::value) return bf16;
+    else return f16;
+  }
+  template <typename T>
+  const ScanKernels<T>& scan() const {
+    if constexpr (std::is_same<T, float>::value) return scan_f32;
+    else return scan_f64;
+  }
+};
+
+// Each compiled path's table (defined by kernel_table.cpp, compiled once per path).
+namespace portable { const Kernels& kernel_table(); }
+namespace avx2 { const Kernels& kernel_table(); }
+namespace avx512 { const Kernels& kernel_table(); }
+namespace amx { const Kernels& kernel_table(); }
+
+// The table of path p, or nullptr where p is not compiled into this build.
+const Kernels* compiled_table(CpuPath p);
+
+// The fastest compiled path this CPU runs (portable at least).
+CpuPath best_path();
+
+// Selects the path of later calls: "auto" (best_path()) or a path name. Throws std::invalid_argument
+// naming the reason for an unknown name, a path not compiled in, or one this CPU cannot run.
+CpuPath select_path(const std::string& name);
+
+CpuPath selected_path();
+
+// The selected path's kernels.
+const Kernels& kernels();
+
+}  // namespace ef

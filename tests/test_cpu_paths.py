@@ -1,0 +1,270 @@
+"""Run-time dispatch of the C++ kernels (csrc/dispatch.h): the paths compiled in and the one selected,
+refusals, the environment variable, every path against the others on odd shapes (K1, the DLA-only
+paths, the scan aggregation), and the built module's instructions staying inside their path.
+
+The float64 oracle and TransformerLens comparisons run on every path through the other modules
+(conftest.each_cpu_path, conftest.with_cpu_paths)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from erasure_fast.backends import cpp, torch_ref
+from erasure_fast.backends.dla_table import build_dla_table
+from erasure_fast.contract import validate
+
+_ok, _why = cpp.available()
+pytestmark = pytest.mark.skipif(not _ok, reason=f"cpp backend unavailable: {_why}")
+
+from conftest import cpu_paths_here  # noqa: E402
+from test_backend_cpp import as_f64, magnitudes, make_case, rel_err  # noqa: E402
+
+ALL = ["portable", "avx2", "avx512", "amx"]
+PATHS = cpu_paths_here()
+# Across paths, relative to the outputs' scale (Cauchy-Schwarz magnitude): fp32 rounding of sums of
+# up to d_model terms in different orders; the amx path's bf16 kernel leaves out lo x lo (amx_kernels.cpp).
+CROSS = {torch.float32: 1e-6, torch.float64: 1e-13, torch.bfloat16: 1e-6, torch.float16: 1e-6}
+CROSS_AMX_BF16 = 2e-5
+
+
+@pytest.fixture(autouse=True)
+def _default_path_after():
+    yield
+    cpp.set_cpu_path(None)
+
+
+def test_paths_listed_in_order_and_fastest_selected(monkeypatch):
+    monkeypatch.delenv(cpp.ENV_CPU_PATH, raising=False)
+    paths = cpp.cpu_paths()
+    assert list(paths) == ALL
+    assert paths["portable"]["compiled"] and paths["portable"]["runs_here"]
+    for name, p in paths.items():
+        assert p["runs_here"] == (p["compiled"] and not p["missing"]), name
+    info = cpp.build_info()
+    assert info["cpu_path"] == info["best_cpu_path"] == PATHS[-1]
+    assert info["cpu_paths"] == [n for n in ALL if paths[n]["compiled"]]
+    assert info["simd"] == paths[PATHS[-1]]["simd"]
+    ok, detail = cpp.available()
+    assert ok and f"kernel path {PATHS[-1]}" in detail
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_set_cpu_path_selects_it(path):
+    assert cpp.set_cpu_path(path) == path
+    assert cpp.get_cpu_path() == path and cpp.build_info()["cpu_path"] == path
+    args, kw = make_case(9, 3, 5, 7, 1, 2, 4)
+    cpp.run(validate(*args, **kw))
+    assert cpp.build_info()["cpu_path"] == path
+    assert cpp.set_cpu_path(None) == cpp.build_info()["best_cpu_path"]
+
+
+def test_unknown_path_refused():
+    with pytest.raises(ValueError, match="unknown CPU path 'sse9'.*portable"):
+        cpp.set_cpu_path("sse9")
+    with pytest.raises(ValueError):
+        cpp.set_cpu_path(3)
+
+
+@pytest.mark.parametrize("path", [p for p in ALL if p not in PATHS])
+def test_path_this_cpu_cannot_run_is_refused(path):
+    why = cpp.cpu_paths()[path]
+    pattern = "lacks " + re.escape(why["missing"][0]) if why["compiled"] else "not compiled into this build"
+    with pytest.raises(ValueError, match=pattern):
+        cpp.set_cpu_path(path)
+    assert cpp.build_info()["cpu_path"] == cpp.build_info()["best_cpu_path"]  # unchanged
+
+
+def test_environment_variable_selects_and_refuses(monkeypatch):
+    monkeypatch.setenv(cpp.ENV_CPU_PATH, "portable")
+    assert cpp.get_cpu_path() == "portable"
+    assert cpp.build_info()["cpu_path"] == "portable"
+    cpp.set_cpu_path(PATHS[-1])  # the setter wins over the environment
+    assert cpp.build_info()["cpu_path"] == PATHS[-1]
+    cpp.set_cpu_path(None)
+    assert cpp.build_info()["cpu_path"] == "portable"
+    monkeypatch.setenv(cpp.ENV_CPU_PATH, "sse9")
+    ok, detail = cpp.available()
+    assert not ok and cpp.ENV_CPU_PATH in detail and "sse9" in detail
+    args, kw = make_case(4, 2, 3, 5, 0, 1, 2)
+    with pytest.raises(ValueError, match="unknown CPU path"):
+        cpp.run(validate(*args, **kw))
+
+
+def test_environment_variable_in_a_fresh_process():
+    code = ("from erasure_fast.backends import cpp; from erasure_fast import _C; "
+            "print(cpp.build_info()['cpu_path'])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, **{cpp.ENV_CPU_PATH: "portable"}))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "portable"
+
+
+def _on_every_path(fn):
+    """{path: fn()} with each path selected in turn."""
+    out = {}
+    for p in PATHS:
+        cpp.set_cpu_path(p)
+        out[p] = fn()
+    cpp.set_cpu_path(None)
+    return out
+
+
+def _cross_tol(dtype, path) -> float:
+    return CROSS_AMX_BF16 if dtype == torch.bfloat16 and path == "amx" else CROSS[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape,mode,incorrect", [
+    ((37, 5, 24, 77, 2, 3, 5), "gathered", True),
+    ((33, 7, 64, 130, 3, 7, 4), "gathered", False),  # every head a writer, a partial lane tile
+    ((70, 4, 17, 40, 1, 2, 3), "fixed", False),
+    ((1, 1, 3, 13, 0, 1, 1), "gathered", False),
+], ids=["mixed", "all-writers", "fixed", "one-token"])
+def test_fused_kernel_agrees_across_paths(dtype, shape, mode, incorrect):
+    args, kw = make_case(*shape, dtype=dtype, mode=mode, incorrect=incorrect, missing=True)
+    inp = validate(*args, **kw)
+    floor = magnitudes(inp, torch_ref.run(as_f64(inp)))
+    outs = _on_every_path(lambda: cpp.run(inp))
+    base = outs["portable"]
+    for path, got in outs.items():
+        for name in ("dla", "dots", "norms"):
+            e = rel_err(getattr(got, name), getattr(base, name), floor[name])
+            assert e <= _cross_tol(dtype, path), f"{path} {name}: {e:.3g} from portable"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_dla_only_paths_agree_across_paths(dtype):
+    args, kw = make_case(50, 6, 16, 48, 0, 0, 30, dtype=dtype, incorrect=True, missing=True)
+    z, W_O, directions, scale = args[:4]
+    ids, inc = kw["direction_ids"], kw["incorrect_ids"]
+    table = build_dla_table(W_O, directions, center=True, lazy=False)
+
+    def run():
+        return (cpp.dla_fixed(z, W_O, directions[:3], scale, norms=True)
+                + cpp.dla_gathered(None, z, scale, ids, inc, W_O=W_O, directions=directions, norms=True)
+                + (cpp.dla_gathered(table, z, scale, ids, method="table"),))
+
+    outs = _on_every_path(run)
+    for path, got in outs.items():
+        for a, b in zip(got, outs["portable"]):
+            fin = torch.isfinite(b)
+            assert torch.equal(fin, torch.isfinite(a))
+            scale_ = float(b[fin].abs().max())
+            assert float((a[fin] - b[fin]).abs().max()) <= CROSS[dtype] * scale_, path
+
+
+def test_scan_aggregation_identical_across_paths():
+    g = torch.Generator().manual_seed(3)
+    T, R, W, P = 211, 5, 4, 9
+    dots = torch.randn(T, R, W, generator=g)
+    dots[::17] = float("nan")
+    norms = torch.rand(T, R, generator=g) + 0.1
+    null = torch.randn(P, T, generator=g)
+    writers = torch.tensor([0, 2, 3, 4])
+    pairs = torch.randperm(R * W, generator=g)[:P]
+    bucket = torch.randint(0, 3, (T,), generator=g)
+
+    def run():
+        from erasure_fast import _C
+
+        hist = np.zeros((3, R * W, 52), np.int64)
+        series = _C.series_stats_batch_f32(dots.reshape(T, -1).numpy(), bucket.numpy(), 3, -2.0, 12.5, 50, hist)
+        rhist = np.zeros((3, R * W, 52), np.int64)
+        ratio = _C.ratio_stats_batch_f32([dots.numpy()], norms[:, :W].contiguous().numpy(), bucket.numpy(), 3,
+                                         -2.0, 12.5, 50, rhist)
+        phists = [np.zeros((1, P, 42), np.int64) for _ in range(9)]
+        pair = _C.pair_stats_batch_f32(dots.numpy(), norms.numpy(), null.numpy(), torch.rand(T, dtype=torch.float64).numpy(),
+                                       writers.numpy(), pairs.numpy(), np.full(9, -3.0), np.full(9, 7.0),
+                                       np.full(9, 40, np.int64), phists)
+        return [hist, *series, rhist, *ratio, *phists, *pair]
+
+    torch.manual_seed(0)
+    outs = {}
+    for p in PATHS:
+        torch.manual_seed(0)  # the resid norms drawn inside run()
+        cpp.set_cpu_path(p)
+        outs[p] = run()
+    for path, got in outs.items():
+        for a, b in zip(got, outs["portable"]):
+            np.testing.assert_array_equal(a, b, err_msg=path)
+
+
+def _path_of(symbol: str) -> str:
+    for p in ("avx2", "avx512", "amx"):
+        if f"ef::{p}::" in symbol:
+            return p
+    return "portable"
+
+
+# Registers that only the path's instruction sets use (ymm: AVX; zmm, opmask: AVX-512; tmm: AMX).
+FORBIDDEN = {"portable": re.compile(r"%[yzt]mm|%k[0-7]\b|vfmadd"), "avx2": re.compile(r"%[zt]mm|%k[0-7]\b"),
+             "avx512": re.compile(r"%tmm")}
+
+
+@pytest.mark.skipif(shutil.which("objdump") is None, reason="objdump not installed")
+def test_every_function_stays_in_its_path():
+    # Each kernel source is compiled once per path into the namespace ef::<path>. A function outside
+    # those namespaces (bindings, dispatch, and any library template the linker keeps one copy of)
+    # must run on every CPU: its instructions must be the baseline's.
+    from erasure_fast import _C
+
+    out = subprocess.run(["objdump", "-d", "--no-show-raw-insn", "-C", _C.__file__], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    fn, bad, seen = None, {}, 0
+    for line in out.stdout.splitlines():
+        m = re.match(r"^[0-9a-f]+ <(.*)>:$", line)
+        if m:
+            fn, seen = m.group(1), seen + 1
+            continue
+        if fn is not None and fn not in bad:
+            rule = FORBIDDEN.get(_path_of(fn))
+            if rule is not None and rule.search(line):
+                bad[fn] = line.strip()
+    assert seen > 100, "no symbol table: the module was stripped"
+    assert not bad, "functions with instructions beyond their path:\n" + "\n".join(f"{k}: {v}" for k, v in bad.items())
+
+
+def test_stub_matches_the_module():
+    # erasure_fast/_C.pyi: every entry of the module, with the binding's parameter names
+    import ast
+    import inspect
+
+    from erasure_fast import _C
+
+    stub_path = os.path.join(os.path.dirname(inspect.getfile(cpp)), "..", "_C.pyi")
+    stub = {n.name: [a.arg for a in n.args.args] for n in ast.parse(open(stub_path).read()).body
+            if isinstance(n, ast.FunctionDef)}
+    names = {n for n in dir(_C) if not n.startswith("_")}
+    assert set(stub) == names
+    for name in names:
+        sig = getattr(_C, name).__doc__.splitlines()[0]
+        params = re.findall(r"[(,]\s*(\w+):", sig)
+        assert params == stub[name], (name, params, stub[name])
+
+
+def test_kernel_paths_benchmark_runs(tmp_path):
+    # benchmarks/kernel_paths.py on a few tokens: a row per path and dtype plus the BLAS-tiles rows
+    import importlib.util
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    spec = importlib.util.spec_from_file_location("kernel_paths", os.path.join(here, "..", "benchmarks", "kernel_paths.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    threads = torch.get_num_threads()
+    try:
+        assert module.main(["--tokens", "64", "--repeats", "1", "--out", str(tmp_path / "t.md")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    rows = [line for line in (tmp_path / "t.md").read_text().splitlines() if line.startswith("| float32 |")
+            or line.startswith("| bfloat16 |")]
+    assert len(rows) == 2 * (len(PATHS) + 2)
+    assert cpp.build_info()["cpu_path"] == cpp.build_info()["best_cpu_path"]
