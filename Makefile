@@ -58,7 +58,7 @@ bench-quick: install
 
 # pytest runs from tests/ so the installed package (with its compiled extension) is imported.
 # $(call suite,VENV,NAME,TEST FILES,EXTRA ENV): the tests with their reports in build/<NAME>-*.json.
-TESTS_TL3 := test_parity_tl.py test_paper.py test_layouts.py test_engine.py test_engine_families.py test_environment.py
+TESTS_TL3 := test_parity_tl.py test_paper.py test_paper_reference.py test_layouts.py test_engine.py test_engine_families.py test_environment.py
 define suite
 	(cd tests && EF_REQUIRE_CPP=1 EF_ERROR_REPORT=../build/$(2)-parity-errors.json EF_FAMILY_REPORT=../build/$(2)-families.json \
 	  EF_ENGINE_REPORT=../build/$(2)-engine.json $(4) ../$(1)/bin/python -m pytest -q -p no:cacheprovider $(3))

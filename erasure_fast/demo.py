@@ -49,13 +49,14 @@ def random_tl_state_dict(dims: dict, seed: int = 0) -> dict:
     return sd
 
 
-def model_from_state_dict(dims: dict, sd: dict, name: str = "native"):
+def model_from_state_dict(dims: dict, sd: dict, name: str = "native", processing: str = "raw"):
     """TL 4 bridge (TL 3: HookedTransformer) with GELU / LayerNorm config ``dims`` and
-    HookedTransformer-named weights ``sd``."""
+    HookedTransformer-named weights ``sd``, raw or processed as ``from_pretrained`` does (``processing``,
+    `erasure_fast.tl_models.from_pretrained_processing`)."""
     from .tl_models import model_from_tl_state_dict
 
     cfg = dict(dims, act_fn="gelu", normalization_type="LN", attn_only=False)
-    return model_from_tl_state_dict(cfg, sd, name=name)
+    return model_from_tl_state_dict(cfg, sd, name=name, processing=processing)
 
 
 PLANTED = {"writer": "L0H2", "erasers": {"L2H3": -0.8, "L2H6": -0.4}, "bos": 0, "writer_norm": 4.0}
@@ -158,8 +159,22 @@ def random_model(seed: int = 0, dims: dict = None):
     return model_from_state_dict(dims, sd, name="random-gelu4l")
 
 
-def planted_model(seed: int = 0, dims: dict = None, planted: dict = None):
-    """GELU-4L-shaped bridge with a planted erasure circuit; returns (model, description).
+def planted_model(seed: int = 0, dims: dict = None, planted: dict = None, processing: str = "raw"):
+    """GELU-4L-shaped bridge with a planted erasure circuit (`planted_weights`); returns (model,
+    description). ``processing="from_pretrained"`` processes the planted weights as TransformerLens's
+    ``from_pretrained`` would (`erasure_fast.tl_models.from_pretrained_processing`), as the paper's
+    authors loaded GELU-4L: the same model, with the writer's and erasers' outputs centred."""
+    from .tl_models import check_processing
+
+    check_processing(processing)
+    dims = dict(dims or GELU_4L_SHAPE)
+    sd, info = planted_weights(seed, dims, planted)
+    return model_from_state_dict(dims, sd, name="demo-planted-gelu4l", processing=processing), info
+
+
+def planted_weights(seed: int = 0, dims: dict = None, planted: dict = None):
+    """The raw weights (HookedTransformer naming) of `planted_model` and its description: (state dict,
+    info). The circuit is planted and calibrated in these weights.
 
     On top of random weights (`random_tl_state_dict`, MLP output weights scaled by 0.1 so that MLPs
     do not dwarf the heads as they do at random initialisation):
@@ -243,10 +258,9 @@ def planted_model(seed: int = 0, dims: dict = None, planted: dict = None):
         for label, nl, nh in noisy:
             sd[f"blocks.{nl}.attn.W_O"][nh][0] = -noisy_gains[label] * u
         gains.update(noisy_gains)
-    model = model_from_state_dict(dims, sd, name="demo-planted-gelu4l")
     info = dict(planted, gains=gains, seed=seed, note=(
         f"Synthetic model: GELU-4L shape, random weights (seed {seed}), planted erasure circuit: writer "
         f"{planted['writer']} (attends to BOS, token id {bos}), erasers "
         + ", ".join(f"{k} (target median PR {v})" for k, v in planted["erasers"].items())
         + f", gains calibrated on a fixed 2x{dims['n_ctx']} batch. Real GELU-4L weights were not available."))
-    return model, info
+    return sd, info

@@ -15,12 +15,12 @@ import glob
 import json
 import os
 import re
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
 from .paths import expand_path
-from .tl_models import ModelLoadError, model_from_tl_state_dict
+from .tl_models import ModelLoadError, check_processing, model_from_tl_state_dict
 
 GELU_4L_REPO = "NeelNanda/GELU_4L512W_C4_Code"
 ALIASES = {"gelu-4l": GELU_4L_REPO, GELU_4L_REPO.lower(): GELU_4L_REPO}
@@ -183,43 +183,67 @@ def load_hf_checkpoint(path: str, *, device=None, dtype: torch.dtype = torch.flo
     return model.eval()
 
 
-def load_tl_checkpoint(path: str, *, device=None, dtype: torch.dtype = torch.float32, name: Optional[str] = None):
+def load_tl_checkpoint(path: str, *, device=None, dtype: torch.dtype = torch.float32, name: Optional[str] = None,
+                       processing: str = "raw"):
     """A TransformerLens-style checkpoint directory -> TL 4 ``TransformerBridge`` (TL 3:
-    ``HookedTransformer``), weights loaded strictly."""
+    ``HookedTransformer``), weights loaded strictly, raw or processed as ``from_pretrained`` does
+    (``processing``, see `erasure_fast.tl_models.from_pretrained_processing`)."""
     cfg = read_tl_config(path)
     tok = _tokenizer(cfg.get("tokenizer_name"))
     model = model_from_tl_state_dict(cfg, read_tl_weights(path), tokenizer=tok, dtype=dtype,
-                                     name=name or os.path.basename(path.rstrip("/")), path=path)
+                                     name=name or os.path.basename(path.rstrip("/")), path=path, processing=processing)
     return model.to(device) if device is not None else model
 
 
-def load_model(name: str, *, device=None, dtype: torch.dtype = torch.float32, cache_dir: Optional[str] = None):
+def locate_model(name: str, *, cache_dir: Optional[str] = None) -> Tuple[str, Optional[str], Optional[str]]:
+    """Where ``name`` (as `load_model` takes it) is, without loading it: (kind, path, repo) with kind
+    "demo" (path None), "hf" (a Hugging Face checkpoint directory) or "tl" (a TransformerLens-style
+    one); repo the Hugging Face repo it came from, else None. ModelLoadError when there is none."""
+    if not isinstance(name, (str, os.PathLike)) or not os.fspath(name):
+        raise TypeError(f"model: expected a model name or directory, got {name!r}")
+    if name == "demo":
+        return "demo", None, None
+    name = expand_path(name)
+    repo = None
+    if os.path.isdir(name):
+        path = name
+    else:
+        repo = ALIASES.get(name.lower(), name)
+        if not _REPO_ID.fullmatch(repo):
+            if os.path.lexists(name):
+                raise ModelLoadError(f"{name}: not a directory; a model is a checkpoint directory (config.json and "
+                                     "weights), 'demo', 'gelu-4l' or a cached owner/name repo")
+            if os.sep in name or name.startswith((".", "~")):
+                raise ModelLoadError(f"{name}: no such directory")
+            raise ModelLoadError(f"unknown model {name!r}: use 'demo', 'gelu-4l', a cached owner/name repo or a directory")
+        path = hf_snapshot_dir(repo, expand_path(cache_dir))
+    return ("hf" if is_hf_checkpoint(path) else "tl"), path, repo
+
+
+def load_model(name: str, *, device=None, dtype: torch.dtype = torch.float32, cache_dir: Optional[str] = None,
+               processing: str = "raw"):
     """``demo`` (planted GELU-4L-shaped model), ``gelu-4l`` / ``NeelNanda/GELU_4L512W_C4_Code`` (local HF
     cache only), another cached ``owner/name`` repo, or a checkpoint directory (``~`` and ``$VARS``
     expanded, in ``cache_dir`` too) -- TransformerLens-style, or a Hugging Face checkpoint of a family TransformerLens 4
-    bridges. ``device`` is checked first (`check_device`)."""
+    bridges. ``device`` is checked first (`check_device`).
+
+    ``processing`` (TransformerLens-style checkpoints and the demo model): "raw", the weights as stored,
+    or "from_pretrained", processed as TransformerLens's ``HookedTransformer.from_pretrained`` does by
+    default (fold_ln, center_writing_weights, center_unembed, fold_value_biases) -- how the paper's
+    authors loaded GELU-4L. A Hugging Face checkpoint is bridged as stored, so it takes "raw" only."""
     if not isinstance(name, (str, os.PathLike)) or not os.fspath(name):
         raise TypeError(f"model: expected a model name or directory, got {name!r}")
+    check_processing(processing)
     check_device(device)
-    if name == "demo":
+    kind, path, repo = locate_model(name, cache_dir=cache_dir)
+    if kind == "demo":
         from .demo import planted_model
 
-        model, _ = planted_model()
+        model, _ = planted_model(processing=processing)
         return model.to(device) if device is not None else model
-    name = expand_path(name)
-    if os.path.isdir(name):
-        if is_hf_checkpoint(name):
-            return load_hf_checkpoint(name, device=device, dtype=dtype)
-        return load_tl_checkpoint(name, device=device, dtype=dtype)
-    repo = ALIASES.get(name.lower(), name)
-    if not _REPO_ID.fullmatch(repo):
-        if os.path.lexists(name):
-            raise ModelLoadError(f"{name}: not a directory; a model is a checkpoint directory (config.json and "
-                                 "weights), 'demo', 'gelu-4l' or a cached owner/name repo")
-        if os.sep in name or name.startswith((".", "~")):
-            raise ModelLoadError(f"{name}: no such directory")
-        raise ModelLoadError(f"unknown model {name!r}: use 'demo', 'gelu-4l', a cached owner/name repo or a directory")
-    path = hf_snapshot_dir(repo, expand_path(cache_dir))
-    if is_hf_checkpoint(path):
+    if kind == "hf":
+        if processing != "raw":
+            raise ModelLoadError(f"{path}: a Hugging Face checkpoint is bridged as stored; processing={processing!r} "
+                                 "applies to TransformerLens-style checkpoints (use processing='raw')")
         return load_hf_checkpoint(path, device=device, dtype=dtype)
-    return load_tl_checkpoint(path, device=device, dtype=dtype, name=repo)
+    return load_tl_checkpoint(path, device=device, dtype=dtype, name=repo, processing=processing)

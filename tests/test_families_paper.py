@@ -6,17 +6,22 @@ backend, writer L0H1 and erasers L1H0 + L1H2 on 2 x 9 tokens. Each analysis eith
   passes and cache of the same family:
     fig 1 / 2  residual and node PR  vs the cached hook_resid_* / head results / hook_mlp_out;
     fig 3      the patched run       vs TransformerLens's forward with the writer's share of the stream
-               removed from the erasers' value input (attn.v.hook_in) and every other head's output
-               kept clean; the share measured (the stream after the writer's attention with K more of
+               removed from the value input of every head of the erasers' layer (attn.v.hook_in; the
+               authors' patch) -- and, for ``method="erasers"``, with every other head's output kept
+               clean; the share measured (the stream after the writer's attention with K more of
                the writer, a post-norm's scale frozen), mapped through ln1 with its scale frozen (its
                weight fitted from the cache: hook_out on hook_normalized) and the measured ratio of
                the value input to ln1's output (Falcon-H1's attention_in_multiplier);
-    fig 4      resample ablation     vs ``logit_attrs`` of the head's output on the donor window under the
-               clean final scale (a one-row corpus makes the donor known);
+    fig 4      resample ablation     vs ``logit_attrs``, under the clean final scale, of the head's output
+               at the last position with the input of the q/k/v projections (and of an output gate)
+               there (attn.{q,k,v,gate}.hook_in) taken from the donor run (the authors' method; a
+               one-row corpus makes the donor known),
+               and for ``method="z_swap"`` of the head's output on the donor;
     fig 5      V-composition DLA     vs ``logit_attrs`` of the change in the erasers' values (same
                position) / outputs (attention-aware) in that fig 3 reference run (patch K-fold, / K);
-    fig 8      BOS split             vs the cached pattern at position 0 times the cached values (times
-               the head's output gate where it has one);
+    fig 8      BOS split             vs the cached pattern at position 0 times the value there, and at
+               positions >= 1 times theirs (times the head's output gate where it has one), PR of the
+               sum of every head of the erasers' layer, last position dropped;
 - or is refused with `erasure_fast.UnsupportedModelError` before any forward pass, with the message
   `erasure_fast.paper.support.paper_support_problem` gives (naming the family and why). The facts behind
   the refusals are checked here too: the families listed as having a head output other than pattern x
@@ -114,6 +119,15 @@ def _run(model, tokens, hooks, keep=()):
 
 def _replace(value):
     return lambda t, hook=None: value.to(t).clone()
+
+
+def _last_position_from(donor: torch.Tensor):
+    """A hook putting ``donor``'s last position into the activation's."""
+    def hook(t, hook=None):
+        t = t.clone()
+        t[:, -1] = donor[:, -1].to(t)
+        return t
+    return hook
 
 
 def _groups(cache, spec, layer: int):
@@ -218,23 +232,24 @@ def _fig3_reference(model, spec, tokens, cache, w: int, es: list, scale: float =
 
 
 def _fig8_reference(spec, cache, w: int, n_kv: int, gated: bool):
-    """The writer's BOS part from the cache: its pattern at key 0 times its key/value head's value at 0
-    (times its output gate, z / (pattern x values), where it has one)."""
+    """The writer's BOS part and the rest from the cache, each summed directly: its pattern at key 0
+    times its key/value head's value at 0, and at keys >= 1 times theirs (times its output gate,
+    z / (pattern x values), where it has one)."""
     wl, wh = divmod(w, spec.n_heads)
     A = cache[f"blocks.{wl}.attn.hook_pattern"][:, wh].double()  # [B, Pq, Pk]
     v = cache[f"blocks.{wl}.attn.hook_v"][:, :, kv_group(spec, wh, n_kv)].double()  # [B, Pk, dh]
-    bos = A[:, :, :1] * v[:, None, 0]
+    bos, rest = A[:, :, :1] @ v[:, :1], A[:, :, 1:] @ v[:, 1:]
     if gated:
-        z = cache[f"blocks.{wl}.attn.hook_z"][:, :, wh].double()
-        bos = bos * z / torch.einsum("bqp,bpd->bqd", A, v)
-    return bos
+        gate = cache[f"blocks.{wl}.attn.hook_z"][:, :, wh].double() / (A @ v)
+        bos, rest = bos * gate, rest * gate
+    return bos, rest
 
 
 def _table_stats(values: torch.Tensor):
-    """(median, 25 %, 75 %) of the finite values, as fig1_fig2 takes them (numpy)."""
+    """(median, 12.5 %, 87.5 %) of the values, NaN skipped (the authors' pandas / seaborn statistics)."""
     v = values.detach().reshape(-1).double().numpy()
-    v = v[np.isfinite(v)]
-    return [np.median(v), np.quantile(v, 0.25), np.quantile(v, 0.75)]
+    v = v[~np.isnan(v)]
+    return [np.median(v), np.quantile(v, 0.125), np.quantile(v, 0.875)]
 
 
 def _analyse(model, arch: str, keys=tuple(KEYS)):
@@ -247,10 +262,13 @@ def _analyse(model, arch: str, keys=tuple(KEYS)):
     calls = forward_calls(model)  # the embedding runs in every forward pass, not in a norm probe
     runs = {
         "fig1_2": lambda: paper.fig1_fig2(tokens, WRITER, model=model),
-        "fig3": lambda: causal_runs(model, tokens, WRITER, ERASERS),
-        "fig4": lambda: paper.resample_ablation(model, tokens, correct, incorrect, WRITER, corpus, n_samples=2),
-        "fig5": lambda: (paper.v_composition(model, tokens, WRITER, ERASERS),
-                         paper.v_composition(model, tokens, WRITER, ERASERS, attention_aware=True)),
+        "fig3": lambda: (causal_runs(model, tokens, WRITER, ERASERS),
+                         causal_runs(model, tokens, WRITER, ERASERS, method="erasers")),
+        "fig4": lambda: (paper.resample_ablation(model, tokens, correct, incorrect, WRITER, corpus),
+                         paper.resample_ablation(model, tokens, correct, incorrect, WRITER, corpus, method="z_swap",
+                                                 n_samples=2)),
+        "fig5": lambda: (paper.v_composition(model, tokens, WRITER, ERASERS, start_pos=0),
+                         paper.v_composition(model, tokens, WRITER, ERASERS, start_pos=0, attention_aware=True)),
         "fig8": lambda: paper.bos_split(model, tokens, WRITER, ERASERS),
     }
     runs = {k: v for k, v in runs.items() if k in keys}
@@ -301,35 +319,46 @@ def _analyse(model, arch: str, keys=tuple(KEYS)):
     if "fig1_2" in runs and "fig1_2" not in status:
         resid, nodes = runs["fig1_2"]()
         ref = [_table_stats(_pr(cache[points[n]], r_w)) for n in resid.node]
-        _check("fig1 resid PR", resid[["median", "q0.25", "q0.75"]].to_numpy(), ref, worst)
+        _check("fig1 resid PR", resid[["median", "q0.125", "q0.875"]].to_numpy(), ref, worst)
         vectors = {spec.head_label(i): stack[i] for i in range(spec.n_heads_total)}
         vectors.update({f"MLP{l}": cache[f"blocks.{l}.hook_mlp_out"] for l in range(spec.n_layers)})
         ref = [_table_stats(_pr(vectors[n], r_w)) for n in nodes.node]
-        _check("fig2 node PR", nodes[["median", "q0.25", "q0.75"]].to_numpy(), ref, worst)
+        _check("fig2 node PR", nodes[["median", "q0.125", "q0.875"]].to_numpy(), ref, worst)
         status["fig1_2"] = "pass"
     layer, wl = es[0] // H, w // H
     if "fig3" in runs and "fig3" not in status:
-        clean, patched = runs["fig3"]()
-        ref = _fig3_reference(model, spec, tokens, cache, w, es)
         raw_w = cache[f"blocks.{wl}.attn.hook_z"][:, :, w % H] @ model.W_O[wl, w % H]  # PR: any common scale
-        for e in es:
-            _check("fig3 eraser PR clean", clean.pr[..., e, 0], _pr(stack[e], r_w), worst)
-            z_e = ref[f"blocks.{layer}.attn.hook_z"][:, :, e - layer * H]
-            _check("fig3 eraser PR patched", patched.pr[..., e, 0], _pr(z_e @ model.W_O[layer, e - layer * H], raw_w), worst)
-        _check("fig3 resid PR patched", patched.resid_pr[..., 0].permute(2, 0, 1),
-               torch.stack([_pr(ref[points[n]], r_w) for n in patched.resid_labels]), worst)
+        layer_heads = list(range(layer * H, (layer + 1) * H))
+        for (clean, patched), patched_heads in zip(runs["fig3"](), (layer_heads, es)):
+            ref = _fig3_reference(model, spec, tokens, cache, w, patched_heads)
+            for e in patched_heads:
+                _check("fig3 head PR clean", clean.pr[..., e, 0], _pr(stack[e], r_w), worst)
+                z_e = ref[f"blocks.{layer}.attn.hook_z"][:, :, e - layer * H]
+                _check("fig3 head PR patched", patched.pr[..., e, 0], _pr(z_e @ model.W_O[layer, e - layer * H], raw_w), worst)
+            _check("fig3 resid PR patched", patched.resid_pr[..., 0].permute(2, 0, 1),
+                   torch.stack([_pr(ref[points[n]], r_w) for n in patched.resid_labels]), worst)
         status["fig3"] = "pass"
     if "fig4" in runs and "fig4" not in status:
-        table = runs["fig4"]()
+        at_last, swapped = runs["fig4"]()
         grid = lambda ids: torch.tensor(ids)[:, None].expand(tokens.shape)  # noqa: E731
         clean_ref = _logit_attrs(model, cache, r_w[None], grid(correct), grid(incorrect))[0, :, -1]
+        donor_tokens = torch.from_numpy(corpus).long()
         with torch.no_grad():
-            _, donor = model.run_with_cache(torch.from_numpy(corpus).long())
+            _, donor = model.run_with_cache(donor_tokens)
+        # the authors': the head's q/k/v input (and an output gate's) at the last position is the donor's
+        # (every head's here; only this head's output is read), its output there under the clean final scale
+        qkv_in = [f"blocks.{wl}.attn.{k}.hook_in" for k in ("q", "k", "v", "gate")
+                  if f"blocks.{wl}.attn.{k}.hook_in" in model.hook_dict]
+        ref_z = _run(model, tokens, [(n, _last_position_from(donor[n])) for n in qkv_in], [f"blocks.{wl}.attn.hook_z"])
+        per_z = _ratio(stack[w], cache[f"blocks.{wl}.attn.hook_z"][:, :, w % H] @ model.W_O[wl, w % H])  # multipliers
+        r_last = per_z * ref_z[f"blocks.{wl}.attn.hook_z"][:, :, w % H].double() @ model.W_O[wl, w % H].double()
+        at_last_ref = _logit_attrs(model, cache, r_last[None].to(r_w), grid(correct), grid(incorrect))[0, :, -1]
         r_donor = donor.stack_head_results(layer=-1, apply_ln=False)[w].expand_as(r_w)
-        resampled_ref = _logit_attrs(model, cache, r_donor[None], grid(correct), grid(incorrect))[0, :, -1]
-        _check("fig4 clean DLA", table.clean_dla.to_numpy(), clean_ref, worst)
-        _check("fig4 resampled DLA", table[["resampled_median", "resampled_q25", "resampled_q75"]].to_numpy(),
-               resampled_ref[:, None].expand(-1, 3), worst)
+        swapped_ref = _logit_attrs(model, cache, r_donor[None], grid(correct), grid(incorrect))[0, :, -1]
+        for label, table, ref in (("fig4", at_last, at_last_ref), ("fig4 z_swap", swapped, swapped_ref)):
+            _check(f"{label} clean DLA", table.clean_dla.to_numpy(), clean_ref, worst)
+            _check(f"{label} resampled DLA", table[["resampled_median", "resampled_q0.125", "resampled_q0.875"]].to_numpy(),
+                   ref[:, None].expand(-1, 3), worst)
         status["fig4"] = "pass"
     if "fig5" in runs and "fig5" not in status:
         (same, _), (aware, _) = runs["fig5"]()
@@ -350,16 +379,16 @@ def _analyse(model, arch: str, keys=tuple(KEYS)):
         status["fig5"] = "pass"
     if "fig8" in runs and "fig8" not in status:
         table = runs["fig8"]()
-        z_bos = _fig8_reference(spec, cache, w, n_kv, gated=listed is not None)
-        W_O = model.W_O.double()  # PR and shares: any common scale of the heads' outputs
-        r_bos = z_bos @ W_O[wl, w % H]
+        z_bos, z_rest = _fig8_reference(spec, cache, w, n_kv, gated=listed is not None)
+        W_O = model.W_O.detach().double()  # PR and shares: any common scale of the heads' outputs
+        r_bos, r_rest = z_bos @ W_O[wl, w % H], z_rest @ W_O[wl, w % H]
         r_all = cache[f"blocks.{wl}.attn.hook_z"][:, :, w % H].double() @ W_O[wl, w % H]
-        r_erase = sum(cache[f"blocks.{layer}.attn.hook_z"][:, :, e % H].double() @ W_O[layer, e % H] for e in es)
-        r_rest = r_all - r_bos
-        r_rest[:, 0] = 0  # position 0 sees only itself: no rest
-        for column, ref_pt in (("pr_bos_median", _pr(r_erase, r_bos)), ("pr_rest_median", _pr(r_erase, r_rest)),
+        r_sum = sum(cache[f"blocks.{layer}.attn.hook_z"][:, :, h].double() @ W_O[layer, h] for h in range(H))
+        pr_rest = _pr(r_sum, r_rest)
+        pr_rest[:, 0] = 0  # position 0 sees only itself: no rest, PR 0 as in the authors' sum
+        for column, ref_pt in (("pr_bos_median", _pr(r_sum, r_bos)), ("pr_rest_median", pr_rest),
                                ("bos_share_median", (r_bos * r_all).sum(-1) / (r_all * r_all).sum(-1))):
-            _check(f"fig8 {column}", table[column].to_numpy(), ref_pt.nanmedian(0).values, worst)
+            _check(f"fig8 {column}", table[column].to_numpy(), np.median(ref_pt[:, :-1].detach().numpy(), axis=0), worst)
         status["fig8"] = "pass"
     assert set(status) == set(runs), status
     return {k: status[k] for k in runs}, worst
@@ -425,7 +454,8 @@ def test_cli_refuses_an_analysis_the_family_cannot_run_before_any_work(tmp_path,
     model = boot_bridge(save_family(arch, str(tmp_path / "model")))
     calls = forward_calls(model)  # the embedding runs in every forward pass, not in a norm probe
     capsys.readouterr()  # the fixture's progress bars
-    monkeypatch.setattr(paper_cli, "open_paper_model", lambda name, device=None: (model, f"tiny {arch}", ERASERS, None))
+    monkeypatch.setattr(paper_cli, "open_paper_model", lambda name, device=None, weights="auto", analysis="all":
+                        paper_cli.PaperModel(model, f"tiny {arch}", ERASERS, None, "raw", gelu_4l=False))
     base = ["paper", "--model", "x", "--writer", WRITER, "--erasers", ",".join(ERASERS), "--rows", "2", "--seq-len", "16",
             "--samples", "2", "--corpus", "demo"]
     for analysis in ("fig3", "fig5", "fig8"):

@@ -99,3 +99,49 @@ def test_model_paths_expand_and_a_missing_directory_is_not_a_repo(tmp_path, monk
         load_model("m.bin")
     with pytest.raises(ValueError, match=r"device: the meta device holds no values to analyse"):
         load_model("~/m", device="meta")
+
+
+def test_from_pretrained_processing_keeps_the_model_and_centres_its_outputs(tmp_path):
+    """processing="from_pretrained" (TransformerLens's from_pretrained defaults): the same logits up to
+    a constant per position, norms with weight 1 and bias 0 (LNPre's computation), value biases folded
+    into b_O, writing weights and W_U centred. tests/test_paper_reference.py compares the weights with
+    TransformerLens's own processing."""
+    from erasure_fast.demo import random_tl_state_dict
+    from erasure_fast.tl_models import from_pretrained_processing, model_from_tl_state_dict
+
+    sd = random_tl_state_dict(DIMS, seed=5)
+    g = torch.Generator().manual_seed(6)
+    for key in sd:  # random norms and biases, so that every step has something to do
+        if sd[key].ndim <= 2 and (".ln" in key or key.startswith("ln") or ".b_" in key):
+            sd[key] = sd[key] + 0.3 * torch.randn(sd[key].shape, generator=g)
+    cfg = dict(DIMS, act_fn="gelu", normalization_type="LN", attn_only=False)
+    raw, done = (model_from_tl_state_dict(cfg, sd, processing=p) for p in ("raw", "from_pretrained"))
+    tokens = torch.randint(0, DIMS["d_vocab"], (2, 9), generator=g)
+    with torch.no_grad():
+        a, b = raw(tokens).double(), done(tokens).double()
+    assert torch.allclose(a - a.mean(-1, keepdim=True), b - b.mean(-1, keepdim=True), atol=1e-5)
+    assert not torch.allclose(a, b, atol=1e-3)  # center_unembed moved the logits
+    p = from_pretrained_processing(cfg, sd)
+    for l in range(DIMS["n_layers"]):
+        for norm in ("ln1", "ln2"):
+            assert torch.equal(p[f"blocks.{l}.{norm}.w"], torch.ones(DIMS["d_model"]))
+            assert torch.equal(p[f"blocks.{l}.{norm}.b"], torch.zeros(DIMS["d_model"]))
+        assert torch.equal(p[f"blocks.{l}.attn.b_V"], torch.zeros_like(sd[f"blocks.{l}.attn.b_V"]))
+        for key in ("attn.W_O", "attn.b_O", "mlp.W_out", "mlp.b_out"):
+            assert float(p[f"blocks.{l}.{key}"].mean(-1).abs().max()) < 1e-6, key
+        assert float(p[f"blocks.{l}.attn.W_V"].mean(1).abs().max()) < 1e-6  # reads a centred input
+    assert float(p["unembed.W_U"].mean(-1).abs().max()) < 1e-6 and float(p["unembed.W_U"].mean(0).abs().max()) < 1e-6
+    assert torch.equal(sd["unembed.W_U"], random_tl_state_dict(DIMS, seed=5)["unembed.W_U"])  # the input is left alone
+
+
+def test_processing_is_checked_first_and_hugging_face_checkpoints_load_raw(tmp_path):
+    from hf_families import save_family
+
+    write_tl_checkpoint(tmp_path / "tl", DIMS)
+    with pytest.raises(ValueError, match="processing must be one of 'raw', 'from_pretrained', got 'folded'"):
+        load_model(str(tmp_path / "no_such_dir"), processing="folded")  # before the path is looked at
+    model = load_model(str(tmp_path / "tl"), processing="from_pretrained")
+    assert float(model.W_O.detach().mean(-1).abs().max()) < 1e-6
+    hf = save_family("GPT2LMHeadModel", str(tmp_path / "hf"))
+    with pytest.raises(ModelLoadError, match="a Hugging Face checkpoint is bridged as stored; processing='from_pretrained'"):
+        load_model(hf, processing="from_pretrained")

@@ -113,7 +113,7 @@ def test_help_documents_every_option_and_its_default():
     options = [a for a in parser._actions if not isinstance(a, argparse._HelpAction)]
     assert {o for a in options for o in a.option_strings} >= {
         "--scan-dir", "--model", "--corpus", "--out", "--writer", "--erasers", "--rows", "--seq-len", "--samples",
-        "--prepend-bos", "--device", "--capture"}
+        "--prepend-bos", "--device", "--capture", "--weights"}
     assert all(a.help for a in options)
     text = " ".join(parser.format_help().split())
     assert text.count("(default: ") == len(options)
@@ -143,6 +143,8 @@ CASES = [  # (analysis, extra options, the flag the message must start with)
     ("fig1", ["--device", "nonsense"], "--device"),
     ("fig1", ["--model", "{root}/no_such_model"], "--model"),
     ("fig5", ["--rows", 1, "--seq-len", 3], "--rows"),  # 2 points: too few for the fit
+    ("fig5", ["--rows", 1, "--seq-len", 35], "--rows"),  # the fit starts at position 32, as the paper's: 2 points
+    ("fig4", ["--samples", 100, "--corpus", "{corpus}"], "--corpus"),  # fewer rows than donors asked for
     ("mine", [], "--scan-dir"),
     ("mine", ["--scan-dir", "{empty_dir}"], "--scan-dir"),
 ]
@@ -168,6 +170,55 @@ def test_all_figures_on_a_file_corpus(files, tmp_path):
     assert "capture: engine for runs without interventions" in report
     # a batch of fewer than 4 rows: fig 4's fallback uses as many prompts as there are rows
     assert len(pd.read_csv(out / "fig4_resample_ablation.csv")) == 2
+    fig5 = pd.read_csv(out / "fig5_v_composition.csv")  # the authors' positions: 32 .. seq_len - 2
+    assert len(fig5) == 2 * (40 - 1 - 32) and fig5.position.min() == 32 and fig5.position.max() == 38
+    assert "slope" in report and "± 2 standard errors as the paper prints them" in report
+
+
+def test_weights_are_processed_as_from_pretrained_unless_raw_is_asked_for(files, tmp_path):
+    """--weights: the figures load a TransformerLens-style checkpoint as the authors' from_pretrained
+    does by default, as stored with --weights raw; the report says which, and PR is not invariant to it."""
+    medians = {}
+    for weights, words in (("auto", "weights: processed as TransformerLens's HookedTransformer.from_pretrained"),
+                           ("from_pretrained", "weights: processed as"), ("raw", "weights: raw (the checkpoint's")):
+        out = tmp_path / weights
+        assert run(paper_args(*base_args(files, out, "fig1"), "--weights", weights)) == 0
+        assert words in (out / "paper_fig1.md").read_text()
+        medians[weights] = pd.read_csv(out / "fig1_resid_pr.csv")["median"].to_numpy()
+    np.testing.assert_array_equal(medians["auto"], medians["from_pretrained"])
+    assert not np.allclose(medians["raw"], medians["from_pretrained"], rtol=1e-3)
+    args = paper_args(*base_args(files, tmp_path / "bad", "fig1"))
+    args.weights = "folded"
+    assert "--weights: must be one of auto, raw, from_pretrained" in refused(args, "--weights", files["root"])
+
+
+def test_report_sets_the_paper_numbers_beside_a_gelu_4l_run_only(files, tmp_path, monkeypatch):
+    """GELU-4L in the local Hugging Face cache (a small stand-in with its layout): the report fills this
+    run's column next to the published numbers; without it, 'auto' runs on the demo model and the report
+    says plainly that it is not a reproduction and why."""
+    import huggingface_hub
+
+    from erasure_fast.loading import GELU_4L_REPO
+    from test_loading import fake_hf_cache
+
+    cache = tmp_path / "hub"
+    fake_hf_cache(cache, GELU_4L_REPO, DIMS)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    out = tmp_path / "gelu"
+    assert run(paper_args("fig1", "--model", "gelu-4l", "--rows", 2, "--seq-len", 40, "--out", out)) == 0
+    report = (out / "paper_fig1.md").read_text()
+    resid = pd.read_csv(out / "fig1_resid_pr.csv").set_index("node")["median"]
+    assert f"| Fig. 1 | median PR of resid_mid2 onto L0H2 | +0.100 | {resid['resid_mid2']:+.3f} | " in report
+    assert "Not a reproduction" not in report
+    assert "| Fig. 3 | median PR of resid_post3 onto L0H2, patched | +0.480 | n/a |" in report  # fig 3 not run
+    assert "statistics, in every table: median = mean of the two middle values" in report
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty"))
+    out = tmp_path / "auto"
+    assert run(paper_args("fig1", "--model", "auto", "--rows", 1, "--seq-len", 40, "--out", out)) == 0
+    report = (out / "paper_fig1.md").read_text()
+    assert "**Not a reproduction:** GELU-4L (NeelNanda/GELU_4L512W_C4_Code) is not in the local Hugging Face cache" in report
+    assert "| Fig. 1 | median PR of resid_mid0 onto L0H2 | +0.960 | n/a |" in report
 
 
 def test_figures_without_corpus_use_the_demo_corpus_and_say_so(files, tmp_path):
@@ -206,8 +257,12 @@ def test_fig4_runs_the_paper_prompts_with_a_tokenizer_that_has_them(files, tmp_p
                       "--seq-len", files["root"])
     assert f">= {longest}" in message
     assert run(paper_args(*base_args(files, out, "fig4", "model_paper_tok"))) == 0
-    assert "Prompts: the paper's four adversarial prompts." in (out / "paper_fig4.md").read_text()
+    report = (out / "paper_fig4.md").read_text()
+    assert "Prompts: the paper's four adversarial prompts." in report
     assert len(pd.read_csv(out / "fig4_resample_ablation.csv")) == 4
+    # fig 4b: each prompt with the head the authors resample on it
+    assert "### Fig. 4b" in report and (out / "fig4b_resample_ablation.png").stat().st_size > 0
+    assert [p.split(":")[0] for p in pd.read_csv(out / "fig4b_resample_ablation.csv").prompt] == ["L3H1", "L2H1", "L3H5", "L2H2"]
 
 
 def test_mine_reopens_the_corpus_the_scan_read(files, tmp_path):

@@ -190,8 +190,7 @@ def test_fig1_plots_the_featured_writers_from_where_they_have_written(planted, m
 
     _, _, _, res = planted
     drawn = {}
-    monkeypatch.setattr(plots, "fig1_resid", lambda summary, cfg, writers, path, labels, title, from_writer:
-                        drawn.update(writers=writers, labels=labels, title=title, from_writer=from_writer))
+    monkeypatch.setattr(plots, "fig1_resid", lambda summary, cfg, writers, path, **kw: drawn.update(writers=writers, **kw))
 
     class Cfg:
         resid_labels = ["resid_pre0"] + [f"resid_{k}{l}" for l in range(4) for k in ("mid", "post")]

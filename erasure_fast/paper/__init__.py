@@ -2,12 +2,23 @@
 pandas DataFrame and writing a PNG in the paper's style. Definitions: docs/math.md, "The paper's
 experiments". Works on TransformerLens 4.x bridges and 3.x HookedTransformers.
 
+Each analysis computes by default (``method="paper"``) what the authors' code computes
+(canrager/cleanup_nodes, figure_recreation/fig*.py) and reports the authors' statistics (`stats`:
+median = mean of the two middle values, band = 12.5-87.5 %); this project's variants are named options.
+The authors loaded GELU-4L with ``HookedTransformer.from_pretrained``'s processing: load models with
+``erasure_fast.load_model(..., processing="from_pretrained")`` to match (``erasure-fast paper`` does).
+
 fig1_fig2         residual-stream PR and per-node PR onto a writer (from a scan or a batch)
-causal_check      fig 3: remove the writer's clean output from the erasers' value input (ln1 scale frozen)
-resample_ablation fig 4: a head's logit-difference DLA, clean vs its input resampled from corpus prompts
-                  (on the paper's prompts, `paper_prompts`, when the model has GELU-4L's tokenizer)
-v_composition     fig 5: writer DLA vs the DLA of the erasers' OV image of the writer's output (+ fit)
-bos_split         fig 8: PR of the erasers' sum onto the writer's BOS part and its remaining part
+causal_check      fig 3: remove the writer's clean output from the value input of every head of the
+                  erasers' layer (ln1 scale frozen); method="erasers": the erasers' only
+resample_ablation fig 4: a head's logit-difference DLA, clean vs its q/k/v input at the last position
+                  taken from donor rows (`resampled_dla`: per donor; on the paper's prompts,
+                  `paper_prompts`, when the model has GELU-4L's tokenizer); method="z_swap": the
+                  head's hook_z swapped in from donor windows at every position
+v_composition     fig 5: writer DLA vs the DLA of the erasers' OV image of the writer's output, positions
+                  32 .. P-2, with a fit (start_pos=0: every position; attention_aware=True)
+bos_split         fig 8: PR of every layer-2 head's sum onto the writer's BOS part and its remaining
+                  part, each computed directly (`bos_split_values`: per token); method="erasers"
 mine_adversarial  positions where |DLA_w| - |adjusted DLA_w| is largest, re-checked with the patch
 
 Block layouts other than GPT-2's (docs/math.md): the norms between a writer and the erasers' value
@@ -23,17 +34,19 @@ attention-weighted values times W_O (output gates: AFMoE, Laguna).
 on one model and writes a report.
 """
 
-from .bos_split import bos_split
+from .bos_split import bos_split, bos_split_values
 from .causal import causal_check
 from .common import ADVERSARIAL_PROMPTS, DEFAULT_ERASERS
 from .support import check_paper_support, paper_support_problem
 from .miner import mine_adversarial
-from .resample import paper_prompts, paper_prompts_unavailable, plot_resample_ablation, resample_ablation
+from .resample import paper_prompts, paper_prompts_unavailable, plot_resample_ablation, resample_ablation, resampled_dla
 from .residual import fig1_fig2
+from .stats import CONVENTION, median_band
 from .v_composition import linear_fit, v_composition
 
 __all__ = [
-    "ADVERSARIAL_PROMPTS", "DEFAULT_ERASERS", "bos_split", "causal_check", "check_paper_support", "fig1_fig2", "linear_fit",
-    "mine_adversarial", "paper_prompts", "paper_prompts_unavailable", "paper_support_problem", "plot_resample_ablation",
-    "resample_ablation", "v_composition",
+    "ADVERSARIAL_PROMPTS", "CONVENTION", "DEFAULT_ERASERS", "bos_split", "bos_split_values", "causal_check",
+    "check_paper_support", "fig1_fig2", "linear_fit", "median_band", "mine_adversarial", "paper_prompts",
+    "paper_prompts_unavailable", "paper_support_problem", "plot_resample_ablation", "resample_ablation",
+    "resampled_dla", "v_composition",
 ]

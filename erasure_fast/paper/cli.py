@@ -23,20 +23,22 @@ from ..attribution import resolve_capture
 from ..capture import model_device
 from ..demo import PLANTED, demo_corpus, planted_model
 from ..engine import CAPTURE_MODES
-from ..loading import ModelLoadError, check_device, load_model
+from ..loading import GELU_4L_REPO, ModelLoadError, check_device, load_model, locate_model
 from ..models import UnsupportedModelError, model_spec
 from ..errors import blame
 from ..paths import check_output_dir
 from ..scanning import CorpusError, open_corpus
 from ..scanning.corpus import HUB_PREFIX
+from ..tl_models import PROCESSING, PROCESSING_WORDS
 from .bos_split import bos_split
 from .causal import causal_check
-from .common import DEFAULT_ERASERS, eraser_layer, head_indices
+from .common import DEFAULT_ERASERS, FIG4B_HEADS, eraser_layer, head_indices
 from .support import paper_support_problem
 from .miner import check_scan_model, mine_adversarial, open_scanned_corpus, read_scan_summary, scan_candidate_rows
 from .resample import paper_prompts, paper_prompts_unavailable, plot_resample_ablation, resample_ablation
 from .residual import fig1_fig2
-from .v_composition import v_composition
+from .stats import CONVENTION
+from .v_composition import PAPER_START_POS, v_composition
 from ..webpage import markdown_page, write_page
 
 ANALYSES = ("all", "fig1", "fig2", "fig3", "fig4", "fig5", "fig8", "mine")
@@ -45,8 +47,23 @@ USES_ERASERS = {"fig3", "fig5", "fig8", "mine"}
 NEEDS_ERASER_LAYER = {"fig3", "fig5", "mine"}  # they patch or read the erasers' (single) layer's value input
 DEMO_CORPUS = "demo"
 DEMO_SCAN_ROWS = 64  # `erasure-fast demo` scans demo_corpus(64, seq_len)
-DONOR_ROWS = 16  # corpus rows fig 4 draws its resampled inputs from (at least --rows)
 MINE_TOP = 10  # candidates the miner shows (mine_adversarial's default)
+WEIGHTS = ("auto",) + PROCESSING
+# What the paper reports for GELU-4L (writer L0H2, erasers L2H2-L2H7, weights as from_pretrained loads
+# them): (figure, quantity, value, this run's number's key in `run_job`'s results).
+PUBLISHED = [
+    ("Fig. 1", "median PR of resid_mid0 onto L0H2", 0.96, ("resid", "resid_mid0")),
+    ("Fig. 1", "median PR of resid_post1 onto L0H2", 1.02, ("resid", "resid_post1")),
+    ("Fig. 1", "median PR of resid_mid2 onto L0H2", 0.10, ("resid", "resid_mid2")),
+    ("Fig. 1", "median PR of resid_post3 onto L0H2", 0.055, ("resid", "resid_post3")),
+] + [("Fig. 2", f"median PR of {h} onto L0H2", v, ("node", h))
+     for h, v in zip(DEFAULT_ERASERS, (-0.145, -0.035, -0.12, -0.26, -0.175, -0.14))] + [
+    ("Fig. 3", "median PR of resid_post3 onto L0H2, patched", 0.48, ("fig3", "resid_post3")),
+    ("Fig. 5", "slope of the fit (± 2 standard errors)", (-0.723, 0.013), ("fig5", "slope")),
+]
+AUTHORS_SIZES = ("300 corpus rows of 1024 tokens (240 C4, 60 code) for figs 1-3 and 8, and as fig 4's donors; "
+                 "the first 10 of them for fig 5, positions 32-1022")
+FIG5_ROWS = 10  # fig 5 fits the first 10 rows of the batch, as the authors do
 
 
 def add_arguments(parser):
@@ -75,10 +92,19 @@ def add_arguments(parser):
     parser.add_argument("--erasers", default=None,
                         help="comma-separated eraser heads, all in one layer after the writer's, e.g. L2H3,L2H6. "
                              "Not given: the planted erasers on the demo model, else the paper's L2H2-L2H7")
-    parser.add_argument("--rows", type=int, default=4, help="corpus rows in the figures' batch (>= 1)")
+    parser.add_argument("--weights", default="auto", choices=list(WEIGHTS),
+                        help="how gelu-4l, the demo model or a TransformerLens-style checkpoint is loaded: from_pretrained = "
+                             "processed as TransformerLens's HookedTransformer.from_pretrained does by default (fold_ln, "
+                             "center_writing_weights, center_unembed, fold_value_biases), as the paper's authors loaded GELU-4L; "
+                             "raw = as stored; auto = from_pretrained for the figures, raw for 'mine' (a scan reads raw "
+                             "weights) and for Hugging Face checkpoints (bridged as stored)")
+    parser.add_argument("--rows", type=int, default=4,
+                        help="corpus rows in the figures' batch (>= 1; the authors used 300 rows of 1024 tokens); fig 5 "
+                             f"takes the first {FIG5_ROWS} of them, as the authors do")
     parser.add_argument("--seq-len", type=int, default=256,
                         help="tokens per row for the figures (from 2 to the model's n_ctx); 'mine' uses the scan's rows")
-    parser.add_argument("--samples", type=int, default=10, help="resampled inputs per prompt for fig 4 (>= 1)")
+    parser.add_argument("--samples", type=int, default=10,
+                        help="fig 4's donors per prompt: the first SAMPLES corpus rows (>= 1; the authors used 300)")
     parser.add_argument("--prepend-bos", type=int, default=None, metavar="ID",
                         help="token ID put at position 0 of every row, the row shifted right as the scan does. Not "
                              "given: the planted BOS (0) on the synthetic demo corpus, nothing on other corpora; "
@@ -99,9 +125,7 @@ class PaperJob:
     analyses: List[str]
     report_name: str
     out: str
-    model: object
-    model_label: str
-    model_note: Optional[str]
+    opened: PaperModel  # the model and what the report says about it
     writer: str
     erasers: List[str]
     samples: int
@@ -109,13 +133,17 @@ class PaperJob:
     capture_used: str = "hooks"  # what it resolved to on this model (with why, for hooks under auto)
     corpus_label: Optional[str] = None  # the figures' corpus, in words
     batch: Optional[torch.Tensor] = None  # the figures' token batch [rows, seq_len]
-    donor_rows: Optional[np.ndarray] = None  # fig 4: rows its resampled inputs come from
+    donor_rows: Optional[np.ndarray] = None  # fig 4: its donors, the first --samples rows (BOS as in the batch)
     prompts: Optional[list] = None  # fig 4: the paper's prompts, when the model can run them
     prompts_unavailable: Optional[str] = None  # ... and why not, when it cannot
     scan_dir: Optional[str] = None  # mine
     scan_corpus: object = None  # mine: the opened corpus the scan read
     scan_corpus_label: Optional[str] = None
     not_run: Optional[dict] = None  # 'all': {analysis: why the model cannot run it}, left out of the job
+
+    @property
+    def model(self):
+        return self.opened.model
 
 
 def run(args) -> int:
@@ -146,25 +174,54 @@ def _head_label(text, flag: str) -> str:
     return text.strip().upper()
 
 
-def open_paper_model(name: str, device=None):
-    """(model, label, default erasers, note) for --model: 'auto' = the real GELU-4L when cached, else
-    the planted demo model; 'demo'; 'gelu-4l'; or anything `erasure_fast.load_model` takes."""
+def paper_weights(weights: str, kind: str, analysis: str) -> str:
+    """The processing --weights (one of `WEIGHTS`) means for a model of ``kind``
+    (`erasure_fast.loading.locate_model`) running ``analysis``: 'auto' is from_pretrained, except raw for
+    'mine' and for Hugging Face checkpoints."""
+    if weights == "auto":
+        return "raw" if kind == "hf" or analysis == "mine" else "from_pretrained"
+    return weights
+
+
+@dataclass
+class PaperModel:
+    """The model `open_paper_model` opened for --model, and what the report says about it."""
+
+    model: object
+    label: str
+    default_erasers: List[str]
+    note: Optional[str]  # the planted model's description
+    weights: str  # the processing it was loaded with (a key of PROCESSING_WORDS)
+    gelu_4l: bool  # the real GELU-4L: the report compares with the paper's numbers
+    gelu_4l_missing: bool = False  # 'auto' found no GELU-4L in the local cache and fell back to the demo model
+
+
+def open_paper_model(name: str, device=None, weights: str = "auto", analysis: str = "all") -> PaperModel:
+    """The `PaperModel` for --model: 'auto' = the real GELU-4L when cached, else the planted demo model;
+    'demo'; 'gelu-4l'; or anything `erasure_fast.load_model` takes; loaded as --weights says (`paper_weights`)."""
     if not isinstance(name, str) or not name:
         raise TypeError(f"--model: expected a model name or directory, got {name!r}")
     with blame("--model"):
         if name in ("auto", "gelu-4l"):
             try:
-                model = load_model("gelu-4l", device=device)
-                return model, "gelu-4l (NeelNanda/GELU_4L512W_C4_Code, local cache)", list(DEFAULT_ERASERS), None
+                processing = paper_weights(weights, "tl", analysis)
+                model = load_model("gelu-4l", device=device, processing=processing)
+                return PaperModel(model, f"gelu-4l ({GELU_4L_REPO}, local cache)", list(DEFAULT_ERASERS), None,
+                                  processing, gelu_4l=True)
             except ModelLoadError as e:
                 if name == "gelu-4l":
                     raise
                 print(f"GELU-4L is not cached here ({str(e).splitlines()[0][:80]}...); running on the planted demo model")
         if name in ("auto", "demo"):
-            model, info = planted_model()
+            processing = paper_weights(weights, "demo", analysis)
+            model, info = planted_model(processing=processing)
             model = model.to(device) if device else model
-            return model, "demo (planted GELU-4L-shaped model)", list(PLANTED["erasers"]), info["note"]
-        return load_model(name, device=device), name, list(DEFAULT_ERASERS), None
+            return PaperModel(model, "demo (planted GELU-4L-shaped model)", list(PLANTED["erasers"]), info["note"],
+                              processing, gelu_4l=False, gelu_4l_missing=name == "auto")
+        kind, _, repo = locate_model(name)
+        processing = paper_weights(weights, kind, analysis)
+        return PaperModel(load_model(name, device=device, processing=processing), name, list(DEFAULT_ERASERS), None,
+                          processing, gelu_4l=repo == GELU_4L_REPO)
 
 
 def _check_ids(rows: np.ndarray, d_vocab: int, source: str) -> None:
@@ -173,21 +230,21 @@ def _check_ids(rows: np.ndarray, d_vocab: int, source: str) -> None:
         raise CorpusError(f"{source}: row {int(bad[0])} has token ids outside the model's vocabulary [0, {d_vocab})")
 
 
-def _figure_rows(corpus, model, rows: int, seq_len: int, bin_dtype: Optional[str]):
-    """(token rows [>= rows, seq_len], words for the report): the synthetic demo corpus when ``corpus`` is
+def _figure_rows(corpus, model, n_rows: int, seq_len: int, bin_dtype: Optional[str]):
+    """(token rows [n_rows, seq_len], words for the report): the synthetic demo corpus when ``corpus`` is
     None or 'demo', else the first rows of the corpus file or dataset."""
     spec = model_spec(model)
     if corpus is None or corpus == DEMO_CORPUS:
         label = "the synthetic demo corpus (Zipf-distributed token ids" + (", --corpus not given)" if corpus is None else ")")
-        return demo_corpus(max(rows, DONOR_ROWS), seq_len, spec.d_vocab, seed=5), label
+        return demo_corpus(n_rows, seq_len, spec.d_vocab, seed=5), label
     with blame("--corpus"):
         try:
             opened = open_corpus(corpus, seq_len=seq_len, tokenizer=getattr(model, "tokenizer", None), bin_dtype=bin_dtype)
-            read = [r for _, r in itertools.islice(opened.rows(), max(rows, DONOR_ROWS))]
+            read = [r for _, r in itertools.islice(opened.rows(), n_rows)]
         except OSError as e:  # a missing or unreadable file (or an unreachable dataset)
             raise CorpusError(f"{corpus}: cannot be read ({e.strerror or e})") from None
-        if len(read) < rows:
-            raise CorpusError(f"{opened.source} has {len(read)} rows of {seq_len} tokens; --rows asks for {rows}")
+        if len(read) < n_rows:
+            raise CorpusError(f"{opened.source} has {len(read)} rows of {seq_len} tokens; --rows / --samples ask for {n_rows}")
         table = np.stack(read)
         _check_ids(table, spec.d_vocab, opened.source)
     return table, f"{opened.source} (rows of {seq_len} tokens)"
@@ -198,25 +255,28 @@ def _plan_figures(job: PaperJob, args, figures, rows: int, seq_len: int, bos: Op
     spec = model_spec(model)
     if spec.n_ctx is not None and seq_len > spec.n_ctx:
         raise ValueError(f"--seq-len: {seq_len} exceeds the model's n_ctx {spec.n_ctx}")
-    if "fig5" in figures and rows * (seq_len - 1) < 3:
-        raise ValueError(f"--rows / --seq-len: fig 5's fit needs >= 3 next-token points, {rows} rows of {seq_len} "
-                         f"tokens give {rows * (seq_len - 1)}")
-    donors, job.corpus_label = _figure_rows(args.corpus, model, rows, seq_len, getattr(args, "bin_dtype", None))
+    points = min(rows, FIG5_ROWS) * (seq_len - 1 - PAPER_START_POS)
+    if "fig5" in figures and points < 3:
+        raise ValueError(f"--rows / --seq-len: fig 5 fits positions {PAPER_START_POS} to seq_len - 2 as the paper does and needs "
+                         f">= 3 points, {rows} rows of {seq_len} tokens give {max(points, 0)}")
+    n_rows = max(rows, job.samples) if "fig4" in figures else rows
+    table, job.corpus_label = _figure_rows(args.corpus, model, n_rows, seq_len, getattr(args, "bin_dtype", None))
     if bos is None and args.corpus in (None, DEMO_CORPUS):
         bos = PLANTED["bos"]  # the demo model's writer reads BOS
-    batch = torch.from_numpy(donors[:rows].astype(np.int64))
+    table = torch.from_numpy(table.astype(np.int64))
     if bos is not None:  # prepended as the scan does: the row keeps seq_len tokens
-        batch = torch.cat([torch.full((rows, 1), bos, dtype=torch.int64), batch[:, :-1]], dim=1)
+        table = torch.cat([torch.full((len(table), 1), bos, dtype=torch.int64), table[:, :-1]], dim=1)
         job.corpus_label += f", BOS {bos} prepended"
-    job.batch, job.donor_rows = batch.to(model_device(model)), donors
+    job.batch = table[:rows].to(model_device(model))
     if "fig4" in figures:
+        job.donor_rows = table[:job.samples].numpy()
         job.prompts_unavailable = paper_prompts_unavailable(model)
         if job.prompts_unavailable is None:
             job.prompts = paper_prompts(model)
             longest = max(len(ids) for _, ids, _, _ in job.prompts)
-            if longest > seq_len:  # the resampled inputs are corpus windows as long as the prompt
-                raise ValueError(f"--seq-len: fig 4 resamples corpus windows as long as the paper's prompts "
-                                 f"({longest} tokens); use --seq-len >= {longest}")
+            if longest > seq_len:  # each donor is the first tokens of a row, as many as the prompt has
+                raise ValueError(f"--seq-len: fig 4's donors are rows' first tokens, as many as the paper's prompts have "
+                                 f"({longest}); use --seq-len >= {longest}")
 
 
 def _scan_corpus_choice(args, summary: dict):
@@ -281,6 +341,9 @@ def plan_job(args) -> PaperJob:
     bos = None if args.prepend_bos is None else _int_option(args.prepend_bos, "--prepend-bos", 0)
     out = _check_out(args.out)
     check_device(args.device, "--device")
+    weights = getattr(args, "weights", "auto")
+    if weights not in WEIGHTS:
+        raise ValueError(f"--weights: must be one of {', '.join(WEIGHTS)}, got {weights!r}")
     writer = _head_label(args.writer, "--writer")
     erasers = None
     if args.erasers is not None:
@@ -303,7 +366,8 @@ def plan_job(args) -> PaperJob:
             raise ValueError(f"--prepend-bos: the miner uses the scan's rows as scanned (BOS {scan_bos}); drop --prepend-bos")
         corpus_choice = _scan_corpus_choice(args, summary)
 
-    model, label, default_erasers, note = open_paper_model(args.model, args.device)
+    opened = open_paper_model(args.model, args.device, weights, args.analysis)
+    model, default_erasers = opened.model, opened.default_erasers
     with blame("--model"):
         spec = model_spec(model)  # a family per-head attribution cannot cover is refused here
     with blame("--writer"):
@@ -322,7 +386,7 @@ def plan_job(args) -> PaperJob:
     wanted, not_run = _supported(model, args.analysis, wanted, writer, erasers)
     figures = [a for a in wanted if a in FIGURES]
     job = PaperJob(analyses=wanted, report_name="paper_report.md" if args.analysis == "all" else f"paper_{args.analysis}.md",
-                   out=out, model=model, model_label=label, model_note=note, writer=writer, erasers=list(erasers),
+                   out=out, opened=opened, writer=writer, erasers=list(erasers),
                    samples=samples, capture=capture, capture_used=capture_used, scan_dir=args.scan_dir if summary is not None else None, not_run=not_run)
     if figures:
         _plan_figures(job, args, figures, rows, seq_len, bos)
@@ -337,10 +401,13 @@ def plan_job(args) -> PaperJob:
 
 def run_job(job: PaperJob) -> int:
     """Run the checked ``job``: each analysis writes its tables and figures into ``job.out``, then the
-    report is written and printed. Returns 0."""
-    setup = [f"model: {job.model_label}", f"writer {job.writer}; erasers {', '.join(job.erasers)}"]
+    report -- this run's numbers next to the paper's, then each figure -- is written and printed. Returns 0."""
+    setup = [f"model: {job.opened.label}", f"weights: {PROCESSING_WORDS[job.opened.weights]}",
+             f"writer {job.writer}; erasers {', '.join(job.erasers)}"]
     if job.batch is not None:
         setup.append(f"figures: batch {tuple(job.batch.shape)} from {job.corpus_label}")
+    if job.donor_rows is not None:
+        setup.append(f"fig 4 donors: the first {len(job.donor_rows)} rows of that corpus")
     setup.append(f"capture: {job.capture_used} for runs without interventions; runs with interventions use hooks")
     if job.scan_dir is not None:
         setup.append(f"miner: scan {job.scan_dir}, corpus {job.scan_corpus_label}")
@@ -348,23 +415,26 @@ def run_job(job: PaperJob) -> int:
         setup.append(f"not run: {name}, because {why}")
     print("\n".join(setup))
     os.makedirs(job.out, exist_ok=True)
-    md = [f"# The paper's analyses on {job.model_label}", ""]
-    if job.model_note:
-        md += [f"> {job.model_note}", ""]
-    md += [f"- {line}" for line in setup[1:]] + [""]
+    head = [f"# The paper's analyses on {job.opened.label}", ""]
+    if job.opened.note:
+        head += [f"> {job.opened.note}", ""]
+    head += [f"- {line}" for line in setup[1:]]
+    head += [f"- statistics, in every table: {CONVENTION}", ""]
+    md, results = [], {}
     wanted = set(job.analyses)
     if wanted & {"fig1", "fig2"}:
-        _report_fig1_fig2(job, md)
+        _report_fig1_fig2(job, md, results)
     if "fig3" in wanted:
-        _report_fig3(job, md)
+        _report_fig3(job, md, results)
     if "fig4" in wanted:
         _report_fig4(job, md)
     if "fig5" in wanted:
-        _report_fig5(job, md)
+        _report_fig5(job, md, results)
     if "fig8" in wanted:
         _report_fig8(job, md)
     if "mine" in wanted:
         _report_mine(job, md)
+    md = head + (_report_published(job, results) if wanted & set(FIGURES) else []) + md
     with open(os.path.join(job.out, job.report_name), "w") as f:
         f.write("\n".join(md))
     write_page(_out(job, job.report_name[:-3] + ".html"), markdown_page("\n".join(md), job.out))  # the same, one file
@@ -382,22 +452,69 @@ def _cell(text, width: int = 60) -> str:
     return str(text).replace("\n", "\\n").replace("\t", "\\t")[:width].replace("|", "\\|")
 
 
-def _report_fig1_fig2(job: PaperJob, md: list) -> None:
+def _band(row, prefix: str = "") -> str:
+    """A table row's median and 12.5-87.5 % band as text."""
+    return f"{row[prefix + 'median']:+.3f} [{row[prefix + 'q0.125']:+.3f}, {row[prefix + 'q0.875']:+.3f}]"
+
+
+def _report_published(job: PaperJob, results: dict) -> list:
+    """The paper's numbers for GELU-4L next to this run's: filled where this run is on GELU-4L with the
+    paper's writer, and saying plainly when it is not."""
+    comparable = job.opened.gelu_4l and job.writer == "L0H2"
+    md = ["## This run next to the paper's published numbers", ""]
+    if not job.opened.gelu_4l:
+        why = (f"GELU-4L ({GELU_4L_REPO}) is not in the local Hugging Face cache, the only place its weights are read "
+               f"from, so this run is on {job.opened.label}" if job.opened.gelu_4l_missing
+               else f"this run is on {job.opened.label}, not GELU-4L ({GELU_4L_REPO})")
+        md += [f"**Not a reproduction:** {why}. The published numbers are listed for reference only; this run's own "
+               "numbers are in the sections below.", ""]
+    elif not comparable:
+        md += [f"**Not comparable:** the paper's numbers are for the writer L0H2; this run's writer is {job.writer}.", ""]
+    if comparable and job.opened.weights != "from_pretrained":
+        md += ["The authors loaded GELU-4L with `from_pretrained`'s processing; this run's weights are "
+               f"{PROCESSING_WORDS[job.opened.weights]}, so PR between heads can differ (it is not invariant to centring "
+               "the writing weights).", ""]
+    md += [f"Sizes: the authors used {AUTHORS_SIZES}; this run: "
+           + (f"{job.batch.shape[0]} rows of {job.batch.shape[1]} tokens" if job.batch is not None else "no figure batch")
+           + (f", fig 4 with {len(job.donor_rows)} donors" if job.donor_rows is not None else "") + ".", "",
+           "| figure | quantity | paper (GELU-4L) | this run | difference |", "|---|---|---|---|---|"]
+    for figure, what, value, key in PUBLISHED:
+        published = f"{value[0]:+.3f} ± {value[1]:.3f}" if isinstance(value, tuple) else f"{value:+.3f}"
+        ours = results.get(key) if comparable else None
+        if ours is None:
+            md.append(f"| {figure} | {what} | {published} | n/a | |")
+        elif isinstance(value, tuple):
+            md.append(f"| {figure} | {what} | {published} | {ours[0]:+.3f} ± {ours[1]:.3f} | {ours[0] - value[0]:+.3f} |")
+        else:
+            md.append(f"| {figure} | {what} | {published} | {ours:+.3f} | {ours - value:+.3f} |")
+    return md + [""]
+
+
+def _report_fig1_fig2(job: PaperJob, md: list, results: dict) -> None:
     resid, nodes = fig1_fig2(job.batch, job.writer, model=job.model, out_dir=job.out, capture=job.capture)
     resid.to_csv(_out(job, "fig1_resid_pr.csv"), index=False)
     nodes.to_csv(_out(job, "fig2_node_pr.csv"), index=False)
-    down = nodes[nodes.downstream].sort_values("median").head(6)
+    results.update({("resid", r["node"]): r["median"] for r in resid.to_dict("records")})
+    results.update({("node", r["node"]): r["median"] for r in nodes.to_dict("records")})
     md += ["## Fig. 1 / 2: residual stream and node PR onto " + job.writer, "",
            "![fig1](paper_fig1_resid_pr.png)", "![fig2](paper_fig2_node_pr.png)", "",
-           "Strongest erasers: " + ", ".join(f"{r.node} ({r.median:+.3f})" for r in down.itertuples()), ""]
+           "| residual point | PR median [12.5 %, 87.5 %] |", "|---|---|"]
+    md += [f"| {r['node']} | {_band(r)} |" for r in resid.to_dict("records")] + [""]
+    down = nodes[nodes.downstream].sort_values("median").head(6)
+    md += ["| strongest erasers | PR median [12.5 %, 87.5 %] |", "|---|---|"]
+    md += [f"| {r['node']} | {_band(r)} |" for r in down.to_dict("records")] + [""]
 
 
-def _report_fig3(job: PaperJob, md: list) -> None:
+def _report_fig3(job: PaperJob, md: list, results: dict) -> None:
     t3 = causal_check(job.model, job.batch, job.writer, job.erasers, out_path=_out(job, "fig3_causal_check.png"))
     t3.to_csv(_out(job, "fig3_causal_check.csv"), index=False)
-    md += ["## Fig. 3: causal check (writer's clean output removed from the erasers' value input)", "",
-           "![fig3](fig3_causal_check.png)", "", "| node | PR clean | PR patched |", "|---|---|---|"]
-    md += [f"| {r.node} | {r.clean_median:+.3f} | {r.patched_median:+.3f} |" for r in t3.itertuples()] + [""]
+    results.update({("fig3", r["node"]): r["patched_median"] for r in t3.to_dict("records")})
+    layer = eraser_layer(job.model, job.writer, job.erasers)
+    md += [f"## Fig. 3: causal check (the writer's clean output removed from the value input of every layer-{layer} "
+           f"head, ln1 scale frozen)", "", "![fig3](fig3_causal_check.png)", "",
+           "| node | PR clean: median [12.5 %, 87.5 %] | PR patched: median [12.5 %, 87.5 %] |", "|---|---|---|"]
+    md += [f"| {r['node']}{' (eraser)' if r['eraser'] else ''} | {_band(r, 'clean_')} | {_band(r, 'patched_')} |"
+           for r in t3.to_dict("records")] + [""]
 
 
 def _report_fig4(job: PaperJob, md: list) -> None:
@@ -421,32 +538,62 @@ def _report_fig4(job: PaperJob, md: list) -> None:
                   f"{job.prompts_unavailable}")
     t4.to_csv(_out(job, "fig4_resample_ablation.csv"), index=False)
     plot_resample_ablation(t4, job.writer, _out(job, "fig4_resample_ablation.png"))
-    md += [f"## Fig. 4: {job.writer}'s DLA vs resample ablation of its input", "", f"Prompts: {source}.", "",
-           "![fig4](fig4_resample_ablation.png)", "",
-           "| prompt | clean DLA | resampled median [25 %, 75 %] |", "|---|---|---|"]
-    md += [f"| {_cell(r.prompt)} | {r.clean_dla:+.3f} | {r.resampled_median:+.3f} [{r.resampled_q25:+.3f}, {r.resampled_q75:+.3f}] |"
-           for r in t4.itertuples()] + [""]
+    md += [f"## Fig. 4: {job.writer}'s DLA vs resample ablation of its input at the last position", "",
+           f"Prompts: {source}. Donors: the first {job.samples} corpus rows, cut to the prompt's length; the head's "
+           "q/k/v input at the last position is the donor's, earlier positions keep their clean input; clean final "
+           "LN scale.", "", "![fig4](fig4_resample_ablation.png)", ""] + _fig4_rows(t4)
+    spec = model_spec(job.model)
+    if job.prompts and spec.n_layers >= 4 and spec.n_heads >= 8:  # the heads of the authors' fig 4b exist
+        t4b = pd.concat([resample_ablation(job.model, ids[None].to(dev), [good], [bad], head, job.donor_rows,
+                                           n_samples=job.samples, labels=[f"{head}: {text}"], capture=job.capture)
+                         for (text, ids, good, bad), head in zip(job.prompts, FIG4B_HEADS)], ignore_index=True)
+        t4b.to_csv(_out(job, "fig4b_resample_ablation.csv"), index=False)
+        plot_resample_ablation(t4b, "each prompt's head", _out(job, "fig4b_resample_ablation.png"))
+        md += ["### Fig. 4b: the head the authors resample on each prompt", "",
+               "![fig4b](fig4b_resample_ablation.png)", ""] + _fig4_rows(t4b)
 
 
-def _report_fig5(job: PaperJob, md: list) -> None:
-    t5, fit = v_composition(job.model, job.batch, job.writer, job.erasers, out_path=_out(job, "fig5_v_composition.png"))
-    _, fit_att = v_composition(job.model, job.batch, job.writer, job.erasers, attention_aware=True,
+def _fig4_rows(table) -> list:
+    return (["| prompt | clean DLA | resampled DLA: median [12.5 %, 87.5 %] |", "|---|---|---|"]
+            + [f"| {_cell(r['prompt'])} | {r['clean_dla']:+.3f} | {_band(r, 'resampled_')} |" for r in table.to_dict("records")]
+            + [""])
+
+
+def _report_fig5(job: PaperJob, md: list, results: dict) -> None:
+    batch = job.batch[:FIG5_ROWS]
+    t5, fit = v_composition(job.model, batch, job.writer, job.erasers, out_path=_out(job, "fig5_v_composition.png"))
+    _, fit_att = v_composition(job.model, batch, job.writer, job.erasers, attention_aware=True,
                                out_path=_out(job, "fig5_v_composition_attention.png"))
     t5.to_csv(_out(job, "fig5_v_composition.csv"), index=False)
-    md += ["## Fig. 5: writer DLA vs V-composition DLA", "", "![fig5](fig5_v_composition.png) ![fig5a](fig5_v_composition_attention.png)", "",
-           f"- same position (paper): slope {fit['slope']:.3f} ± {fit['slope_se']:.3f}, intercept {fit['intercept']:.4f} ± {fit['intercept_se']:.4f} (n={fit['n']})",
-           f"- attention-aware: slope {fit_att['slope']:.3f} ± {fit_att['slope_se']:.3f}", "- published (GELU-4L, L0H2 vs L2H2-L2H7): slope -0.723 ± 0.013", ""]
+    results[("fig5", "slope")] = (fit["slope"], 2 * fit["slope_se"])
+    md += ["## Fig. 5: writer DLA vs V-composition DLA", "",
+           f"The first {batch.shape[0]} rows of the batch, positions {fit['start_pos']} to {batch.shape[1] - 2} (each with "
+           "its next token); least-squares fit, ± 2 standard errors as the paper prints them.", "",
+           "![fig5](fig5_v_composition.png) ![fig5a](fig5_v_composition_attention.png)", "",
+           f"- same position (paper): slope {fit['slope']:.3f} ± {2 * fit['slope_se']:.3f}, intercept "
+           f"{fit['intercept']:.4f} ± {2 * fit['intercept_se']:.4f} (n={fit['n']})",
+           f"- attention-aware (this project's variant): slope {fit_att['slope']:.3f} ± {2 * fit_att['slope_se']:.3f}",
+           "- published (GELU-4L, L0H2 vs L2H2-L2H7): slope -0.723 ± 0.013", ""]
 
 
 def _report_fig8(job: PaperJob, md: list) -> None:
     t8 = bos_split(job.model, job.batch, job.writer, job.erasers, out_path=_out(job, "fig8_bos_split.png"),
                    capture=job.capture)
     t8.to_csv(_out(job, "fig8_bos_split.csv"), index=False)
-    rest = t8.pr_rest_median[1:]
-    md += ["## Fig. 8: erasure of the writer's BOS and non-BOS parts", "", "![fig8](fig8_bos_split.png)", "",
-           f"Median over positions >= 1: PR onto BOS part {np.nanmedian(t8.pr_bos_median[1:]):+.3f}, onto the rest "
-           f"{np.nanmedian(rest) if np.isfinite(rest).any() else float('nan'):+.3f}; "
-           f"BOS share of |r_w|^2 {np.nanmedian(t8.bos_share_median[1:]):.3f}", ""]
+    rows = job.batch.shape[0]
+    none_rest = t8.position[t8.rest_zero_rows == rows].tolist()
+    later = t8[t8.position >= 1]
+    md += [f"## Fig. 8: erasure of the writer's BOS and non-BOS parts (PR of the sum of {', '.join(t8.attrs['heads'])})", "",
+           "![fig8](fig8_bos_split.png)", "",
+           "Each part computed directly (pattern at position 0 times its value, and pattern at positions >= 1 times "
+           "theirs); the last position dropped, as the authors do. Median over positions >= 1 of the per-position "
+           f"medians: PR onto the BOS part {np.median(later.pr_bos_median):+.3f}, onto the rest "
+           f"{np.median(later.pr_rest_median):+.4g}; BOS share of |r_w|^2 {np.nanmedian(later.bos_share_median):.3f}.",
+           ""]
+    if none_rest:
+        md += [f"No non-BOS part (exactly zero in every row) at position(s) {', '.join(map(str, none_rest[:10]))}"
+               f"{' ...' if len(none_rest) > 10 else ''}: PR 0 there, as the authors' sum over heads gives "
+               "(position 0 attends to itself only).", ""]
 
 
 def _report_mine(job: PaperJob, md: list) -> None:

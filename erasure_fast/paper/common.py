@@ -20,6 +20,16 @@ ADVERSARIAL_PROMPTS = [
     ("The church I go to is the Seventh-day Adventist", " Church", " church"),
 ]
 DEFAULT_ERASERS = ("L2H2", "L2H3", "L2H4", "L2H5", "L2H6", "L2H7")
+# Fig 4b: the head the authors resample on each adversarial prompt (one with a large DLA there)
+FIG4B_HEADS = ("L3H1", "L2H1", "L3H5", "L2H2")
+
+
+def check_method(method, methods: dict) -> str:
+    """``method`` when it is a key of ``methods`` (an analysis's {method: what it does}), else a
+    ValueError naming them; "paper" is always the authors' computation."""
+    if not isinstance(method, str) or method not in methods:
+        raise ValueError(f"method must be one of {', '.join(map(repr, methods))}, got {method!r}")
+    return method
 
 
 def head_indices(model, heads, name: str = "heads") -> List[int]:

@@ -131,7 +131,8 @@ def mine_adversarial(model, scan_result, corpus, *, writer: str = "L0H2", eraser
                      top: int = 10, context: int = 12, recheck: int = 3):
     """Rank the scan's candidate positions by |DLA_w| - |adjusted DLA_w| (from its top-k), show their
     context (decoded with the model's tokenizer when it has one), and re-check the best ``recheck``
-    with the causal patch (the erasers' PR onto the writer before / after). ``scan_result``: a
+    with the causal patch as the authors apply it (`causal_check`, every head of the erasers' layer
+    patched; the erasers' summed median PR onto the writer before / after). ``scan_result``: a
     ScanResult or scan output directory whose focus writer is ``writer``, made with ``model``;
     ``corpus``: the scanned corpus (path, token array or TokenCorpus). Every input is checked before
     the first forward pass (ValueError / TypeError). Returns a DataFrame."""

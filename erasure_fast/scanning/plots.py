@@ -32,36 +32,46 @@ def written(resid_labels, writer: str) -> np.ndarray:
     return np.array(out, dtype=bool)
 
 
-def fig1_resid(summary, cfg, writers, path: str, labels: Optional[Dict[str, str]] = None,
-               title: str = "Residual stream PR onto writer (median, 25-75 %)", from_writer: bool = False) -> str:
-    """Median residual-stream PR onto each writer across resid points, 25-75 % band (paper Fig. 1).
-    ``labels``: legend text per writer; ``from_writer``: draw each writer from the points it has
-    written to on (`written`)."""
+def _band_words(band: Tuple[str, str]) -> str:
+    """("q0.25", "q0.75") -> "25-75 %"."""
+    return "-".join(f"{100 * float(c[1:]):g}" for c in band) + " %"
+
+
+def fig1_resid(summary, cfg, writers, path: str, band: Tuple[str, str] = ("q0.25", "q0.75"),
+               labels: Optional[Dict[str, str]] = None, title: Optional[str] = None, from_writer: bool = False) -> str:
+    """Median residual-stream PR onto each writer across resid points, with the band between the
+    summary's quantile columns ``band`` (paper Fig. 1). ``labels``: legend text per writer; ``title``:
+    the plot's (default: what it shows); ``from_writer``: each writer from the points it has written
+    to on (`written`)."""
     fig, ax = new_figure((7, 3.6))
     x = np.arange(len(cfg.resid_labels))
     for w in writers:
         r = summary[(summary.kind == "resid") & (summary.writer == w)].set_index("node").loc[cfg.resid_labels]
         keep = written(cfg.resid_labels, w) if from_writer else np.ones(len(x), dtype=bool)
         ax.plot(x[keep], r["median"][keep], marker="o", label=(labels or {}).get(w, w))
-        ax.fill_between(x[keep], r["q0.25"][keep], r["q0.75"][keep], alpha=0.2)
+        ax.fill_between(x[keep], r[band[0]][keep], r[band[1]][keep], alpha=0.2)
     ax.axhline(0, color="grey", lw=0.8)
     ax.axhline(1, color="grey", lw=0.8, ls=":")
     ax.set_xticks(x, cfg.resid_labels, rotation=45, ha="right")
     ax.set_ylabel("projection ratio onto writer")
-    ax.set_title(title, fontsize=9)
+    if title is None:
+        ax.set_title(f"Residual stream PR onto writer (median, {_band_words(band)})")
+    else:
+        ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     return save(fig, path)
 
 
-def fig2_nodes(summary, cfg, writer: str, path: str) -> str:
-    """Median PR of every downstream head and MLP onto one writer, layers separated (paper Fig. 2)."""
+def fig2_nodes(summary, cfg, writer: str, path: str, band: Tuple[str, str] = ("q0.25", "q0.75")) -> str:
+    """Median PR of every downstream head and MLP onto one writer, layers separated, whiskers at the
+    summary's quantile columns ``band`` (paper Fig. 2)."""
     rows = summary[(summary.kind == "node") & (summary.writer == writer) & summary.downstream]
     rows = rows.iloc[sorted(range(len(rows)), key=lambda i: node_order(rows.node.iloc[i]))]
     fig, ax = new_figure((max(6, 0.28 * len(rows)), 3.8))
     x = np.arange(len(rows))
     med = rows["median"].to_numpy()
-    lo = med - rows["q0.25"].to_numpy()
-    hi = rows["q0.75"].to_numpy() - med
+    lo = med - rows[band[0]].to_numpy()
+    hi = rows[band[1]].to_numpy() - med
     colors = ["tab:red" if m < 0 else "tab:blue" for m in med]
     ax.bar(x, med, color=colors, alpha=0.8)
     ax.errorbar(x, med, yerr=np.vstack([np.abs(lo), np.abs(hi)]), fmt="none", ecolor="black", lw=0.8, capsize=2)
@@ -75,7 +85,7 @@ def fig2_nodes(summary, cfg, writer: str, path: str) -> str:
     ax.axhline(0, color="grey", lw=0.8)
     ax.set_xticks(x, labels, rotation=90, fontsize=7)
     ax.set_ylabel(f"PR onto {writer}")
-    ax.set_title(f"PR of downstream heads and MLPs onto {writer} (median, 25-75 %)", fontsize=9)
+    ax.set_title(f"PR of downstream heads and MLPs onto {writer} (median, {_band_words(band)})", fontsize=9)
     return save(fig, path)
 
 
@@ -108,7 +118,7 @@ def all_plots(out_dir: str, summary, cfg, focus: str, rank_by: str = DEFAULT_RAN
     labels = {w: f"{w} (erased by {', '.join(nodes[:3])}{', ...' if len(nodes) > 3 else ''})" for w, nodes in featured}
     title = f"Residual stream PR onto the {reason}\n(median, 25-75 %; from where each writer has written on)"
     jobs = {
-        "fig1_resid_pr.png": lambda path: fig1_resid(summary, cfg, writers, path, labels, title, from_writer=True),
+        "fig1_resid_pr.png": lambda path: fig1_resid(summary, cfg, writers, path, labels=labels, title=title, from_writer=True),
         "fig2_node_pr.png": lambda path: fig2_nodes(summary, cfg, focus, path),
         "heatmap_pr.png": lambda path: heatmap(summary, cfg, path),
     }
