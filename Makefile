@@ -13,7 +13,7 @@ REQ := requirements
 LOCK_TL4 := $(REQ)/tl4.lock
 LOCK_TL3 := $(REQ)/tl3.lock
 
-.PHONY: demo paper test test-tl4 test-tl3 install install-tl3 bench bench-quick clean asan device-wheels lock test-latest
+.PHONY: demo paper test test-tl4 test-tl3 install install-tl3 bench bench-quick clean asan device-wheels lock test-latest chromium
 
 # $(call fresh_venv,DIR,REQUIREMENTS,PIP OPTIONS[,MORE OPTIONS]): a new venv at DIR (an old one is
 # removed, so nothing outside the requirements lingers) with pip itself and then REQUIREMENTS installed
@@ -64,7 +64,17 @@ define suite
 	  EF_ENGINE_REPORT=../build/$(2)-engine.json $(4) ../$(1)/bin/python -m pytest -q -p no:cacheprovider $(3))
 endef
 
-test-tl4: install
+# The report's browser test (tests/test_report_browser.py) drives Debian's chromium, installed here when
+# it is missing (apt-get, as root or through sudo); without it the test fails, saying so. CHROMIUM
+# names another Chromium or Chrome binary.
+CHROMIUM ?= chromium
+chromium:
+	@command -v $(CHROMIUM) >/dev/null 2>&1 || { \
+	  echo "installing Debian's chromium for the report's browser test"; \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+
+test-tl4: install chromium
 	$(call suite,$(VENV),tl4,.)
 
 test-tl3: install-tl3
@@ -85,7 +95,7 @@ lock:
 # build/drift/report.md: every version that differs from the lock and every upstream fact the tests
 # found changed (a refusal that can be lifted, ...). Exit status: the suites'.
 NOT_LOCKED := --deselect tests/test_environment.py::test_installed_versions_are_the_lock
-test-latest:
+test-latest: chromium
 	mkdir -p build/drift
 	$(call fresh_venv,.venv-latest,$(REQ)/tl4.in,--upgrade)
 	$(call fresh_venv,.venv-latest-tl3,$(REQ)/tl3.in,--upgrade)

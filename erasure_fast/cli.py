@@ -26,6 +26,7 @@ commands:
   paper     the paper's analyses (figs 1-5, 8, adversarial-example miner)
   bench     benchmark every provider side by side against TransformerLens (K1, K2, S1)
   backends  list the compute backends available here, and why others are not
+  view      open a scan's report.html in a browser (or print its file:// URL)
 
 Run `erasure-fast COMMAND --help` for a command's options."""
 
@@ -91,7 +92,9 @@ def _add_scan_args(p: argparse.ArgumentParser, demo: bool) -> None:
                    help="scan into --out although it holds files no scan wrote there (the scan writes only its own "
                         "file names, replacing files of those names, and removes only files a scan wrote)")
     p.add_argument("--checkpoint-every", type=int, default=20, help="batches between checkpoints")
-    p.add_argument("--top-k", type=int, default=20, help="example positions kept per writer for the report")
+    p.add_argument("--top-k", type=int, default=20,
+                   help="example positions kept for every writer, of each kind (strongest erasure; |DLA| - |adjusted "
+                        "DLA|), with the tokens around them: all in summary.json and report.html")
     p.add_argument("--rank-by", default="es", choices=["es", "apr", "pr", "pv", "cos"],
                    help="statistic that ranks the (node, writer) pairs: es = erasure score PR * |cos| * |w| / |x|, "
                         "apr = PR * |cos|, pr = the paper's projection ratio, pv = projection value, cos; rerunning "
@@ -154,6 +157,8 @@ def _print_summary(result) -> None:
               f"{r['median']:+.3f}  {r['cos_median']:+.3f}  {'yes' if r['above_null'] else 'no'}")
     print(null_verdict(meta))
     print(f"report: {result.files.get('report.md')}")
+    if result.files.get("report.html"):
+        print(f"interactive report: {result.files['report.html']} (`erasure-fast view {result.out_dir}` opens it)")
 
 
 def _init_distributed_from_env() -> bool:
@@ -289,6 +294,11 @@ def build_parser() -> argparse.ArgumentParser:
                                         "exits 1 unless the planted pairs are the top pairs.")
     _add_scan_args(p_demo, demo=True)
     sub.add_parser("backends", help="list the backends available here and why others are not", **common)
+    p_view = sub.add_parser("view", help="open a scan's report.html in a browser (or print its file:// URL)", **common,
+                            description="Open the report page of a scan's output folder (report.html; in an `erasure-fast "
+                                        "paper` folder its page) in a browser; where none can be opened (no display), "
+                                        "print its file:// URL.")
+    p_view.add_argument("out", metavar="OUT", help="a scan's --out folder (or `erasure-fast paper`'s, or an .html report)")
     p_bench = sub.add_parser("bench", help="benchmark every provider side by side (K1, K2, S1) and write a report",
                              **common)
     p_bench.add_argument("--out", default="benchmarks/results", help="folder for the JSON / CSV / markdown / PNG report")
@@ -327,6 +337,14 @@ def _dispatch(args, argv) -> int:
         return run_paper(args)
     if args.command == "bench":
         return _run_bench(args, argv)
+    if args.command == "view":
+        from .webpage.view import view
+
+        url, opened = view(args.out)
+        if not opened:
+            print("erasure-fast: no browser can be opened here (no display); open this in one:", file=sys.stderr)
+        print(url)
+        return 0
     from .backends import available_backends
 
     for name, info in available_backends().items():

@@ -123,24 +123,30 @@ def _pair_inputs(T, n_nodes, W, dtype, seed):
     return dots, norms, writers, null, resid, pairs
 
 
+@pytest.mark.parametrize("buckets", [1, 3], ids=["one bucket", "three buckets"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("T, n_nodes, W", [(203, 11, 5), (1, 3, 2), (64, 70, 3)])
-def test_compiled_pair_statistics_equal_the_reference(dtype, T, n_nodes, W):
+def test_compiled_pair_statistics_equal_the_reference(dtype, T, n_nodes, W, buckets):
+    """The ranking statistics per position bucket (their nulls over all positions, one bucket): the
+    compiled passes, one per bucket over its gathered tokens, against the torch reference."""
     from erasure_fast.scanning.pair_stats import NULL_STATISTICS, STATISTICS, fold_pair_values, pair_values
 
     dots, norms, writers, null, resid, pairs = _pair_inputs(T, n_nodes, W, dtype, seed=T * n_nodes)
-    make = lambda: {name: SeriesStats(len(pairs), 1, *rng) for name, rng in {**STATISTICS, **NULL_STATISTICS}.items()}  # noqa: E731
+    make = lambda: {name: SeriesStats(len(pairs), buckets if name in STATISTICS else 1, *rng)  # noqa: E731
+                    for name, rng in {**STATISTICS, **NULL_STATISTICS}.items()}
     fast, ref = make(), make()
     from erasure_fast.backends.cpp import scan_kernel
 
     assert scan_kernel("pair_stats_batch", dots) is not None  # so fold_pair_values runs the compiled pass
-    fold_pair_values(fast, dots, norms, writers, null, resid, pairs)
+    # rows of 16 positions: BOS, then positions 1-4, then 5-15 (as a scan's position buckets)
+    bucket = torch.bucketize(torch.arange(T) % 16, torch.tensor([1, 5]), right=True) if buckets > 1 else torch.zeros(T, dtype=torch.int64)
+    fold_pair_values(fast, dots, norms, writers, null, resid, pairs, bucket)
     values = pair_values(dots, norms, writers, null, resid, pairs)
-    bucket = torch.zeros(T, dtype=torch.int64)
     for name, stats in ref.items():
+        b = bucket if stats.B > 1 else torch.zeros(T, dtype=torch.int64)
         stats.count, stats.mean, stats.m2 = stats.count.copy(), stats.mean.copy(), stats.m2.copy()
-        counted, mean_b, m2_b = stats._batch_reference(values[name], bucket)
-        stats.fold_batch(np.array([T]), counted, mean_b, m2_b)
+        counted, mean_b, m2_b = stats._batch_reference(values[name], b)
+        stats.fold_batch(np.bincount(b.numpy(), minlength=stats.B), counted, mean_b, m2_b)
         assert counted.sum() > 0
     for name in ref:
         np.testing.assert_array_equal(fast[name].hist, ref[name].hist, err_msg=name)
@@ -149,6 +155,8 @@ def test_compiled_pair_statistics_equal_the_reference(dtype, T, n_nodes, W):
         np.testing.assert_allclose(fast[name].mean, ref[name].mean, rtol=1e-12, atol=1e-12, err_msg=name)
         np.testing.assert_allclose(fast[name].m2, ref[name].m2, rtol=1e-11, atol=1e-12, err_msg=name)
     assert fast["es"].nan.sum() > 0  # the silent nodes and the zero-norm stream were NaN, not binned
+    if buckets > 1 and T > 16:
+        assert (fast["es"].count.sum(axis=1) > 0).all()  # every bucket got its own tokens
 
 
 def test_compiled_pair_statistics_check_their_arguments():

@@ -58,7 +58,7 @@ def one_line_error(proc, pattern: str) -> None:
 def test_help_lists_every_command_and_shows_defaults():
     top = cli("--help")
     assert top.returncode == 0
-    for command in ("scan", "demo", "paper", "bench", "backends"):
+    for command in ("scan", "demo", "paper", "bench", "backends", "view"):
         assert f"\n  {command}" in top.stdout, command
     scan_help = cli("scan", "--help").stdout
     for text in ("--batch-size BATCH_SIZE\n", "(default: 8)", "--checkpoint-every", "(default: 20)", "--seq-len",
@@ -97,6 +97,25 @@ def test_user_errors_are_one_line_and_exit_2(root, tmp_path, case):
     one_line_error(cli(*base, *extra), pattern)
     assert time.time() - t0 < 60
     assert not (tmp_path / "out" / "checkpoint").exists()
+
+
+def test_view_opens_the_report_or_prints_where_it_is(root, tmp_path):
+    out = tmp_path / "out"
+    assert cli(*scan_args(root, out)).returncode == 0
+    url = (out / "report.html").resolve().as_uri()
+    headless = cli("view", out, env={"DISPLAY": "", "WAYLAND_DISPLAY": "", "BROWSER": ""})
+    assert headless.returncode == 0 and headless.stdout.strip() == url
+    assert "no browser can be opened here" in headless.stderr
+    seen = tmp_path / "seen"
+    browser = tmp_path / "browser.sh"  # stands in for a browser: $BROWSER is run with the page's URL
+    browser.write_text(f"#!/bin/sh\necho \"$1\" > {seen}\n")
+    browser.chmod(0o755)
+    opened = cli("view", out, env={"BROWSER": str(browser)})
+    assert opened.returncode == 0 and seen.read_text().strip() == url and opened.stdout.strip() == url
+    assert "no browser" not in opened.stderr
+    (tmp_path / "empty").mkdir()
+    one_line_error(cli("view", tmp_path / "empty"), r"empty: holds no report.html \(a scan writes it into its --out")
+    one_line_error(cli("view", tmp_path / "nope"), r"nope: no such folder or .html file")
 
 
 def test_debug_shows_the_traceback(root, tmp_path):

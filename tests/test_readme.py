@@ -80,7 +80,8 @@ def workdir(tmp_path_factory):
 
 
 def env_for(root: Path) -> dict:
-    env = dict(os.environ, HF_HUB_CACHE=str(root / "hf"), HF_HUB_OFFLINE="1")
+    # BROWSER: `erasure-fast view` "opens" the page with `true`, never a real browser on a desktop
+    env = dict(os.environ, HF_HUB_CACHE=str(root / "hf"), HF_HUB_OFFLINE="1", BROWSER="true")
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     return env
 

@@ -124,7 +124,8 @@ def test_max_tokens_and_progress_free_rerun(model, stream, tmp_path):
 
 def test_report_files(model, stream, tmp_path):
     res = run(model, stream, tmp_path, notes="synthetic test model")
-    for name in ("summary.parquet", "summary.csv", "summary.json", "report.md", "fig1_resid_pr.png", "fig2_node_pr.png", "heatmap_pr.png"):
+    for name in ("summary.parquet", "summary.csv", "summary.json", "report.md", "report.html", "fig1_resid_pr.png",
+                 "fig2_node_pr.png", "heatmap_pr.png"):
         assert os.path.getsize(tmp_path / name) > 0, name
     import pandas as pd
 

@@ -329,7 +329,7 @@ def test_every_path_is_expanded_once_at_the_start(model, tmp_path, monkeypatch):
     assert res.out_dir == str(home / "x") and res.meta["corpus"]["source"] == str(home / "data" / "c.npy")
     assert sorted(os.listdir(home / "x")) == sorted(
         [".erasure-fast.lock", ".erasure-fast-manifest.json", "checkpoint", "fig1_resid_pr.png", "fig2_node_pr.png",
-         "heatmap_pr.png", "report.md", "summary.csv", "summary.json", "summary.parquet"])
+         "heatmap_pr.png", "report.html", "report.md", "summary.csv", "summary.json", "summary.parquet"])
     assert not (tmp_path / "~").exists() and not [f for f in os.listdir(home) if f.startswith(".tmp-")]
 
 
@@ -431,5 +431,5 @@ def test_a_checkpoint_of_an_earlier_format_is_refused_saying_so(model, stream, t
     arrays, meta = state(out)
     del meta["format"]
     ckpt.save(str(out / "checkpoint" / "rank0-of-1.npz"), arrays, meta)
-    with pytest.raises(ValueError, match=r"written by an earlier erasure_fast \(checkpoint format 1, this one reads 2\)"):
+    with pytest.raises(ValueError, match=r"written by an earlier erasure_fast \(checkpoint format 1, this one reads 3\)"):
         scan(model, stream, out_dir=out, **kw())

@@ -39,6 +39,7 @@ from .resample import paper_prompts, paper_prompts_unavailable, plot_resample_ab
 from .residual import fig1_fig2
 from .stats import CONVENTION
 from .v_composition import PAPER_START_POS, v_composition
+from ..webpage import markdown_page, write_page
 
 ANALYSES = ("all", "fig1", "fig2", "fig3", "fig4", "fig5", "fig8", "mine")
 FIGURES = ("fig1", "fig2", "fig3", "fig4", "fig5", "fig8")  # what "all" runs: the miner needs a scan
@@ -436,6 +437,7 @@ def run_job(job: PaperJob) -> int:
     md = head + (_report_published(job, results) if wanted & set(FIGURES) else []) + md
     with open(os.path.join(job.out, job.report_name), "w") as f:
         f.write("\n".join(md))
+    write_page(_out(job, job.report_name[:-3] + ".html"), markdown_page("\n".join(md), job.out))  # the same, one file
     print("\n".join(md))
     print(f"\nwrote {job.out}/{job.report_name} and its figures")
     return 0

@@ -6,8 +6,9 @@ parallel update, which stays accurate where sum-of-squares formulas cancel), and
 overflow bin. Quantiles come from the histogram by linear interpolation inside the bin that holds
 them, so their error is at most one bin width ((hi - lo) / n_bins) when the quantile lies inside
 [lo, hi]; a quantile that falls in an overflow bin is reported as -inf / +inf and counted.
-`TopK` keeps the k largest scores per series with their (row, position) and a payload, ties broken
-by (row, position) so the result does not depend on batch boundaries or merge order.
+`TopK` keeps the k largest scores per series with their (row, position), a payload and the tokens
+around the position, ties broken by (row, position) so the result does not depend on batch
+boundaries or merge order.
 States are dicts of numpy arrays (saved as npz, reduced with torch.distributed).
 A batch on the CPU is folded in by the compiled kernel (csrc/scan_aggregates.h; one vectorised pass,
 shifted sums for the moments) where the extension is built, else by the torch reference
@@ -28,6 +29,15 @@ import torch
 
 from ..backends.cpp import scan_kernel, scan_rows
 from ..contract import safe_div
+
+
+def centred_bins(half_range: float, width: float):
+    """(lo, hi, n_bins) of a histogram of ``width``-wide bins centred on the multiples of ``width``
+    from -half_range to half_range. A value on such a multiple -- a head's PR onto itself (1), a
+    zero, a cosine of +-1 -- then sits mid-bin, so the quantiles of a series of that constant value
+    are that value; with bin edges on round numbers they were half a bin off (PR 1.0025)."""
+    n = int(round(2 * half_range / width)) + 1
+    return -half_range - width / 2, half_range + width / 2, n
 
 
 class SeriesStats:
@@ -103,6 +113,15 @@ class SeriesStats:
         self.nan += tokens[:, None] - counted
         self._merge_moments(counted, mean_b, m2_b)
         self.count += counted
+
+    def fold_bucket(self, b: int, tokens: int, counted: np.ndarray, mean_b: np.ndarray, m2_b: np.ndarray) -> None:
+        """`fold_batch` for a batch whose ``tokens`` all lie in bucket ``b``: count / mean / m2 [S]."""
+        full = [np.zeros((self.B, self.S), x.dtype) for x in (counted, mean_b, m2_b)]
+        for into, x in zip(full, (counted, mean_b, m2_b)):
+            into[b] = x
+        per_bucket = np.zeros(self.B, np.int64)
+        per_bucket[b] = tokens
+        self.fold_batch(per_bucket, *full)
 
     def _batch_reference(self, v: torch.Tensor, bucket: torch.Tensor):
         """The batch's histogram and (count, mean, m2) [B, S] (numpy) of its finite values, in torch on
@@ -205,50 +224,53 @@ class SeriesStats:
 
 
 class TopK:
-    """The k largest scores per series, with row / position and a float payload [E] per entry."""
+    """The k largest scores per series, with row / position, a float payload [E] and a token context
+    [C] (ids around the position; -1 = none) per entry."""
 
-    def __init__(self, n_series: int, k: int, payload: int = 0):
-        self.S, self.k, self.E = n_series, int(k), int(payload)
+    FIELDS = ("score", "row", "pos", "payload", "context")
+
+    def __init__(self, n_series: int, k: int, payload: int = 0, context: int = 0):
+        self.S, self.k, self.E, self.C = n_series, int(k), int(payload), int(context)
         self.score = np.full((n_series, k), -np.inf)
         self.row = np.full((n_series, k), -1, np.int64)
         self.pos = np.full((n_series, k), -1, np.int64)
         self.payload = np.full((n_series, k, max(payload, 0)), np.nan)
+        self.context = np.full((n_series, k, max(context, 0)), -1, np.int64)
 
-    def update(self, score: torch.Tensor, row: torch.Tensor, pos: torch.Tensor, payload: torch.Tensor = None) -> None:
-        """score [T, S] (NaN ignored), row / pos [T], payload [T, S, E]. The batch's top k per series
-        is taken where ``score`` is; only those k rows cross to the host."""
+    def update(self, score: torch.Tensor, row: torch.Tensor, pos: torch.Tensor, payload: torch.Tensor = None,
+               context=None) -> None:
+        """score [T, S] (NaN ignored), row / pos [T], payload [T, S, E]; ``context`` maps flat token
+        indices [kk, S] to their contexts [kk, S, C] (int ids). The batch's top k per series is taken
+        where ``score`` is; only those k rows (and their contexts) cross to the host."""
         score = score.detach().to(torch.float64)
         dev = score.device
         score = torch.where(torch.isnan(score), torch.full_like(score, -np.inf), score)
         kk = min(self.k, score.shape[0])
         top, idx = torch.topk(score, kk, dim=0)  # [kk, S]
-        top_row = row.to(dev)[idx].cpu().numpy()  # [kk, S]
-        top_pos = pos.to(dev)[idx].cpu().numpy()
+        batch = dict(score=top.cpu().numpy(), row=row.to(dev)[idx].cpu().numpy(), pos=pos.to(dev)[idx].cpu().numpy())
         if payload is None:
-            top_pay = np.full((kk, self.S, self.E), np.nan)
+            batch["payload"] = np.full((kk, self.S, self.E), np.nan)
         else:
             pay = payload.detach().to(torch.float64)
-            top_pay = torch.gather(pay, 0, idx[:, :, None].expand(kk, self.S, pay.shape[2])).cpu().numpy()
-        top = top.cpu().numpy()
+            batch["payload"] = torch.gather(pay, 0, idx[:, :, None].expand(kk, self.S, pay.shape[2])).cpu().numpy()
+        batch["context"] = (np.full((kk, self.S, self.C), -1, np.int64) if context is None
+                            else context(idx).to(torch.int64).cpu().numpy())
         for s in range(self.S):
-            cand_score = np.concatenate([self.score[s], top[:, s]])
-            cand_row = np.concatenate([self.row[s], top_row[:, s]])
-            cand_pos = np.concatenate([self.pos[s], top_pos[:, s]])
-            cand_pay = np.concatenate([self.payload[s], top_pay[:, s]])
-            self._keep(s, cand_score, cand_row, cand_pos, cand_pay)
+            self._keep(s, {f: np.concatenate([getattr(self, f)[s], batch[f][:, s]]) for f in self.FIELDS})
 
-    def _keep(self, s, score, row, pos, pay):
+    def _keep(self, s: int, cand: Dict[str, np.ndarray]) -> None:
+        score = cand["score"]
         valid = np.isfinite(score)
         # Largest score first; ties by (row, pos); invalid entries (-inf) last.
-        order = np.lexsort((pos, row, -np.where(valid, score, -np.inf)))
-        order = order[: self.k]
-        self.score[s], self.row[s], self.pos[s], self.payload[s] = score[order], row[order], pos[order], pay[order]
+        order = np.lexsort((cand["pos"], cand["row"], -np.where(valid, score, -np.inf)))[: self.k]
+        for f in self.FIELDS:
+            getattr(self, f)[s] = cand[f][order]
 
     def state(self, prefix: str) -> Dict[str, np.ndarray]:
-        return {f"{prefix}.score": self.score, f"{prefix}.row": self.row, f"{prefix}.pos": self.pos, f"{prefix}.payload": self.payload}
+        return {f"{prefix}.{f}": getattr(self, f) for f in self.FIELDS}
 
     def load(self, state: Dict[str, np.ndarray], prefix: str) -> None:
-        for k in ("score", "row", "pos", "payload"):
+        for k in self.FIELDS:
             arr = state[f"{prefix}.{k}"]
             if arr.shape != getattr(self, k).shape:
                 raise ValueError(f"checkpoint field {prefix}.{k} has shape {arr.shape}, expected {getattr(self, k).shape}")
@@ -256,10 +278,4 @@ class TopK:
 
     def merge(self, other: "TopK") -> None:
         for s in range(self.S):
-            self._keep(
-                s,
-                np.concatenate([self.score[s], other.score[s]]),
-                np.concatenate([self.row[s], other.row[s]]),
-                np.concatenate([self.pos[s], other.pos[s]]),
-                np.concatenate([self.payload[s], other.payload[s]]),
-            )
+            self._keep(s, {f: np.concatenate([getattr(self, f)[s], getattr(other, f)[s]]) for f in self.FIELDS})

@@ -54,8 +54,10 @@ class CorpusChanged(ValueError):
     """The corpus part a checkpoint aggregated is no longer what it was."""
 
 
-# Checkpoints of this format hash the corpus row by row and keep a mark per chunk (`Aggregates.hash_marks`).
-CHECKPOINT_FORMAT = 2
+# Checkpoints of this format hash the corpus row by row and keep a mark per chunk (`Aggregates.hash_marks`),
+# the ranking statistics per position bucket, top examples with their token context, and histograms
+# whose bins are centred on round values (format 2: one bucket, no context, bins edged on round values).
+CHECKPOINT_FORMAT = 3
 
 
 class _PrefixCheck:
@@ -312,7 +314,7 @@ class ScanJob:
         res = run_attribution(p.model, spec, tokens, p.wr, ids, None, include_mlps=True, impl=p.impl, keep_mlp_out=True,
                               capture_mode=p.capture)
         self._folding = True  # from here to the end the aggregates are half-updated if anything fails
-        update(agg, res, torch.from_numpy(row_ids), p.cfg.position_edges, self.null)
+        update(agg, res, torch.from_numpy(row_ids), p.cfg.position_edges, self.null, tokens)
         agg.batches = b + 1
         agg.read_chunk(toks)
         self._folding = False
@@ -366,7 +368,7 @@ class ScanJob:
         )
         summary = summarize(agg, p.cfg)
         meta.update(ranking_meta(summary, p.rank_by))
-        files = write_report(p.out_dir, summary, agg, p.cfg, meta) if p.report else {}
+        files = write_report(p.out_dir, summary, agg, p.cfg, meta, tokenizer=p.tokenizer) if p.report else {}
         return ScanResult(out_dir=p.out_dir, summary=summary, meta=meta, files=files)
 
 

@@ -29,7 +29,7 @@ LOCK_NAME = ".erasure-fast.lock"
 MANIFEST_NAME = ".erasure-fast-manifest.json"
 CHECKPOINT_DIR = "checkpoint"
 # Every file a scan's report may write (plots included).
-REPORT_FILES = ("summary.parquet", "summary.csv", "summary.json", "report.md",
+REPORT_FILES = ("summary.parquet", "summary.csv", "summary.json", "report.md", "report.html",
                 "fig1_resid_pr.png", "fig2_node_pr.png", "heatmap_pr.png")
 # Files that are the scan's by their name alone: the lock and the manifest (and the manifest's temporary).
 _OWN_BY_NAME = frozenset({LOCK_NAME, MANIFEST_NAME, os.path.basename(temp_name(MANIFEST_NAME))})

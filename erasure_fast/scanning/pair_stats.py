@@ -26,24 +26,23 @@ directly for the MLP outputs.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 
 from ..backends.cpp import scan_kernel, scan_rows
+from .aggregate import SeriesStats, centred_bins
 
-if TYPE_CHECKING:
-    from .aggregate import SeriesStats
-
-# name: (histogram lo, hi, bins) -- the quantiles' resolution is (hi - lo) / bins
+# name: (histogram lo, hi, bins) -- the quantiles' resolution is (hi - lo) / bins; bins centred on
+# round values (`centred_bins`), so cos = +-1 and 0 lie mid-bin
 STATISTICS = {
-    "es": (-1.0, 1.0, 4000),  # 0.0005-wide bins; |ES| <= |a| / |x|, below 1 unless a node outgrows the final stream
-    "apr": (-3.0, 3.0, 1200),
-    "pv": (-100.0, 100.0, 2000),
-    "cos": (-1.0, 1.002, 1001),  # 0.002-wide bins; the top bin holds cos = 1 (hi itself would overflow)
+    "es": centred_bins(1.0, 0.0005),  # |ES| <= |a| / |x|, below 1 unless a node outgrows the final stream
+    "apr": centred_bins(3.0, 0.005),
+    "pv": centred_bins(100.0, 0.1),
+    "cos": centred_bins(1.0, 0.002),
 }
-NULL_STATISTICS = {"es_null": STATISTICS["es"], "apr_null": STATISTICS["apr"], "pr_null": (-3.0, 3.0, 1200),
+NULL_STATISTICS = {"es_null": STATISTICS["es"], "apr_null": STATISTICS["apr"], "pr_null": centred_bins(3.0, 0.005),
                    "pv_null": STATISTICS["pv"], "cos_null": STATISTICS["cos"]}
 # The order of the compiled kernel's statistics (csrc/scan_aggregates.h, pair_stats_batch).
 PAIR_STATISTICS = ("es", "apr", "pv", "cos", "es_null", "apr_null", "pr_null", "pv_null", "cos_null")
@@ -106,29 +105,53 @@ def pair_values(dots: torch.Tensor, norms: torch.Tensor, writers: torch.Tensor, 
                 pv_null=nd, cos_null=cos_null)
 
 
-def fold_pair_values(stats: Dict[str, "SeriesStats"], dots: torch.Tensor, norms: torch.Tensor, writers: torch.Tensor,
-                     null_dots: torch.Tensor, resid_norm: torch.Tensor, pairs: torch.Tensor) -> None:
-    """Fold one batch's `pair_values` (arguments as there) into ``stats`` ({name: SeriesStats over the
-    pairs, one bucket}): in one compiled pass that never materialises them (csrc/scan_aggregates.h)
-    when the extension is built, else through `pair_values` and `SeriesStats.update`."""
+def fold_pair_values(stats: Dict[str, SeriesStats], dots: torch.Tensor, norms: torch.Tensor, writers: torch.Tensor,
+                     null_dots: torch.Tensor, resid_norm: torch.Tensor, pairs: torch.Tensor,
+                     bucket: torch.Tensor) -> None:
+    """Fold one batch's `pair_values` (arguments as there; bucket [T] each token's position bucket)
+    into ``stats`` ({name: SeriesStats over the pairs}: one with several buckets gets each token in
+    its bucket, one with a single bucket every token): in a compiled pass per bucket that never
+    materialises them (csrc/scan_aggregates.h) when the extension is built, else through
+    `pair_values` and `SeriesStats.update`."""
     kernel = scan_kernel("pair_stats_batch", dots)
     if kernel is None:
         values = pair_values(dots, norms, writers, null_dots, resid_norm, pairs)
-        zero = torch.zeros(dots.shape[0], dtype=torch.int64, device=dots.device)
+        bucket = bucket.to(dots.device)
+        zero = torch.zeros_like(bucket)
         for name, series in stats.items():
-            series.update(values[name], zero)
+            series.update(values[name], bucket if series.B > 1 else zero)
         return
     parts = [stats[name] for name in PAIR_STATISTICS]
+    bucket = bucket.cpu()
+    present = torch.unique(bucket).tolist()
+    if len(present) == 1:  # the tokens lie in one bucket: read in place
+        _fold_bucket(kernel, parts, present[0], dots, norms, null_dots, resid_norm, writers, pairs)
+        return
+    # Each bucket's tokens gathered once, one pass each. (A pass per run of one bucket -- a row's BOS,
+    # its positions 1-15, ... -- needs no copy but took twice as long: many small parallel passes.)
+    order = torch.argsort(bucket, stable=True)
+    ends = torch.bincount(bucket).cumsum(0).tolist()
+    start = 0
+    for b in present:
+        sel = order[start:ends[b]].to(dots.device)
+        start = ends[b]
+        _fold_bucket(kernel, parts, b, dots.index_select(0, sel), norms.index_select(0, sel),
+                     null_dots.index_select(1, sel), resid_norm.reshape(-1).index_select(0, sel), writers, pairs)
+
+
+def _fold_bucket(kernel, parts: List[SeriesStats], b: int, dots, norms, null_dots, resid_norm, writers, pairs) -> None:
+    """One compiled pass over tokens of bucket ``b`` (`fold_pair_values`)."""
     T = dots.shape[0]
     as_np = lambda t, dtype: t.detach().to(dtype).contiguous().numpy()  # noqa: E731
     dots = scan_rows(dots.detach())  # read in place: [n_nodes, W] rows contiguous, any token stride
+    where = [b if p.B > 1 else 0 for p in parts]
     counted, mean_b, m2_b = kernel(
         dots.numpy(), as_np(norms, dots.dtype), as_np(null_dots, dots.dtype),
         as_np(resid_norm.reshape(T), torch.float64), as_np(writers, torch.int64), as_np(pairs, torch.int64),
         np.array([p.lo for p in parts]), np.array([1.0 / p.bin_width for p in parts]),
-        np.array([p.nb for p in parts], np.int64), [p.hist for p in parts])
-    for k, part in enumerate(parts):
-        part.fold_batch(np.array([T]), counted[k][None], mean_b[k][None], m2_b[k][None])
+        np.array([p.nb for p in parts], np.int64), [p.hist[at:at + 1] for p, at in zip(parts, where)])
+    for k, (part, at) in enumerate(zip(parts, where)):
+        part.fold_bucket(at, T, counted[k], mean_b[k], m2_b[k])
 
 
 @dataclass(frozen=True)

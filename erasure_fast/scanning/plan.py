@@ -26,13 +26,16 @@ from ..capture import model_device
 from ..models import ModelSpec, as_transformer_lens, model_spec
 from .corpus import TokenCorpus, open_corpus
 from .outdir import check_corpus_outside, check_scan_dir
+from .aggregate import centred_bins
 from .ranking import DEFAULT_RANK, RANK_STATISTICS
 
-PR_RANGE = (-3.0, 3.0)  # projection ratios: 0.005-wide bins
-PR_BINS = 1200
-DLA_RANGE = (-10.0, 10.0)  # logits: 0.01-wide bins
-DLA_BINS = 2000
+PR_LO, PR_HI, PR_BINS = centred_bins(3.0, 0.005)  # projection ratios: 0.005-wide bins over [-3.0025, 3.0025)
+DLA_LO, DLA_HI, DLA_BINS = centred_bins(10.0, 0.01)  # logits: 0.01-wide bins over [-10.005, 10.005)
+PR_RANGE, DLA_RANGE = (PR_LO, PR_HI), (DLA_LO, DLA_HI)
 POSITION_EDGES = (1, 16, 128)  # buckets [0] (BOS), [1, 16), [16, 128), [128, n_ctx)
+# Each top example keeps the ids of the tokens around its position as the model read them: this many
+# before it, the position itself, and the rest after it (its next-token target first).
+CONTEXT_BEFORE, CONTEXT = 24, 32
 
 
 @dataclass
@@ -101,6 +104,7 @@ class ScanPlan:
     owned_files: FrozenSet[str] = frozenset()  # the files the output folder's manifest lists (outdir.py)
     rank_by: str = "es"  # the report's ranking statistic (ranking.py); not part of the config
     capture: str = "hooks"  # `erasure_fast.attribution.resolve_capture`'s answer; not part of the config
+    tokenizer: object = None  # decodes the report's token contexts (the model's own by default); may be None
 
 
 def model_fingerprint(model) -> str:
@@ -134,9 +138,9 @@ def _flag(name: str, value) -> bool:
     return bool(value)
 
 
-# Bytes per kept example of the top-k tables: score, row, position and three payload values (8 bytes
-# each), two tables, and the candidates each update concatenates beside them.
-_TOPK_BYTES = 48 * 2 * 2
+# Bytes per kept example of the top-k tables: score, row, position, three payload values and the
+# context's ids (8 bytes each), two tables, and the candidates each update concatenates beside them.
+_TOPK_BYTES = 8 * (6 + CONTEXT) * 2 * 2
 
 
 def _check_top_k_fits(top_k: int, n_writers: int) -> None:
@@ -210,4 +214,5 @@ def plan_scan(model, corpus, *, writers="all", seq_len: Optional[int] = None, ba
     )
     return ScanPlan(model=model, spec=spec, corpus=corpus, cfg=cfg, impl=impl, device=dev, wr=wr, out_dir=out_dir,
                     resume=resume, max_rows=max_rows, checkpoint_every=checkpoint_every, progress=progress,
-                    report=report, notes=notes, owned_files=owned, rank_by=rank_by, capture=capture_mode)
+                    report=report, notes=notes, owned_files=owned, rank_by=rank_by, capture=capture_mode,
+                    tokenizer=tokenizer)

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import os
-from typing import Dict, Tuple
+import re
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 
 from ..plotting import colormap, new_figure, save
-from .ranking import DEFAULT_RANK, top_pairs
+from .ranking import DEFAULT_RANK, featured_writers
 
 
-def _node_order(label: str):
+def node_order(label: str):
     """Sort key putting each layer's heads, then its MLP: (layer, 0, head) or (layer, 1, 0)."""
     if label.startswith("MLP"):
         return int(label[3:]), 1, 0
@@ -19,25 +20,44 @@ def _node_order(label: str):
     return int(layer), 0, int(head)
 
 
+def written(resid_labels, writer: str) -> np.ndarray:
+    """[len(resid_labels)] bool: the residual points the writer head ``writer`` ("L2H3") has written
+    to -- resid_mid / resid_post of its own layer on, resid_pre of later layers. Before them its
+    output is not in the stream: a PR onto it there is about a direction nothing has written yet."""
+    layer = node_order(writer)[0]
+    out = []
+    for label in resid_labels:
+        kind, at = re.fullmatch(r"resid_(pre|mid|post)(\d+)", label).groups()
+        out.append(int(at) > layer if kind == "pre" else int(at) >= layer)
+    return np.array(out, dtype=bool)
+
+
 def _band_words(band: Tuple[str, str]) -> str:
     """("q0.25", "q0.75") -> "25-75 %"."""
     return "-".join(f"{100 * float(c[1:]):g}" for c in band) + " %"
 
 
-def fig1_resid(summary, cfg, writers, path: str, band: Tuple[str, str] = ("q0.25", "q0.75")) -> str:
+def fig1_resid(summary, cfg, writers, path: str, band: Tuple[str, str] = ("q0.25", "q0.75"),
+               labels: Optional[Dict[str, str]] = None, title: Optional[str] = None, from_writer: bool = False) -> str:
     """Median residual-stream PR onto each writer across resid points, with the band between the
-    summary's quantile columns ``band`` (paper Fig. 1)."""
+    summary's quantile columns ``band`` (paper Fig. 1). ``labels``: legend text per writer; ``title``:
+    the plot's (default: what it shows); ``from_writer``: each writer from the points it has written
+    to on (`written`)."""
     fig, ax = new_figure((7, 3.6))
     x = np.arange(len(cfg.resid_labels))
     for w in writers:
         r = summary[(summary.kind == "resid") & (summary.writer == w)].set_index("node").loc[cfg.resid_labels]
-        ax.plot(x, r["median"], marker="o", label=w)
-        ax.fill_between(x, r[band[0]], r[band[1]], alpha=0.2)
+        keep = written(cfg.resid_labels, w) if from_writer else np.ones(len(x), dtype=bool)
+        ax.plot(x[keep], r["median"][keep], marker="o", label=(labels or {}).get(w, w))
+        ax.fill_between(x[keep], r[band[0]][keep], r[band[1]][keep], alpha=0.2)
     ax.axhline(0, color="grey", lw=0.8)
     ax.axhline(1, color="grey", lw=0.8, ls=":")
     ax.set_xticks(x, cfg.resid_labels, rotation=45, ha="right")
     ax.set_ylabel("projection ratio onto writer")
-    ax.set_title(f"Residual stream PR onto writer (median, {_band_words(band)})")
+    if title is None:
+        ax.set_title(f"Residual stream PR onto writer (median, {_band_words(band)})")
+    else:
+        ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     return save(fig, path)
 
@@ -46,7 +66,7 @@ def fig2_nodes(summary, cfg, writer: str, path: str, band: Tuple[str, str] = ("q
     """Median PR of every downstream head and MLP onto one writer, layers separated, whiskers at the
     summary's quantile columns ``band`` (paper Fig. 2)."""
     rows = summary[(summary.kind == "node") & (summary.writer == writer) & summary.downstream]
-    rows = rows.iloc[sorted(range(len(rows)), key=lambda i: _node_order(rows.node.iloc[i]))]
+    rows = rows.iloc[sorted(range(len(rows)), key=lambda i: node_order(rows.node.iloc[i]))]
     fig, ax = new_figure((max(6, 0.28 * len(rows)), 3.8))
     x = np.arange(len(rows))
     med = rows["median"].to_numpy()
@@ -58,7 +78,7 @@ def fig2_nodes(summary, cfg, writer: str, path: str, band: Tuple[str, str] = ("q
     labels = rows.node.tolist()
     prev = None
     for i, lab in enumerate(labels):
-        layer = _node_order(lab)[0]
+        layer = node_order(lab)[0]
         if prev is not None and layer != prev:
             ax.axvline(i - 0.5, color="grey", lw=0.6, ls=":")
         prev = layer
@@ -90,11 +110,15 @@ def heatmap(summary, cfg, path: str) -> str:
 
 def all_plots(out_dir: str, summary, cfg, focus: str, rank_by: str = DEFAULT_RANK) -> Tuple[Dict[str, str], Dict[str, str]]:
     """Every plot of the report: ({file name: path} of those drawn, {file name: error} of those that
-    failed). One plot failing does not stop the others. Fig 1 shows the focus writer and the writers
-    of the top pairs by ``rank_by``; the plots themselves show PR, as the paper does."""
-    writers = list(dict.fromkeys([focus] + top_pairs(summary, 40, rank_by).writer.tolist()))[:4]
+    failed). One plot failing does not stop the others. Fig 1 shows the writers that
+    `ranking.featured_writers` picks by ``rank_by`` (its title says which), each from the points it has
+    written to on; fig 2 the ``focus`` writer. The plots themselves show PR, as the paper does."""
+    featured, reason = featured_writers(summary, rank_by)
+    writers = [w for w, _ in featured]
+    labels = {w: f"{w} (erased by {', '.join(nodes[:3])}{', ...' if len(nodes) > 3 else ''})" for w, nodes in featured}
+    title = f"Residual stream PR onto the {reason}\n(median, 25-75 %; from where each writer has written on)"
     jobs = {
-        "fig1_resid_pr.png": lambda path: fig1_resid(summary, cfg, writers, path),
+        "fig1_resid_pr.png": lambda path: fig1_resid(summary, cfg, writers, path, labels=labels, title=title, from_writer=True),
         "fig2_node_pr.png": lambda path: fig2_nodes(summary, cfg, focus, path),
         "heatmap_pr.png": lambda path: heatmap(summary, cfg, path),
     }

@@ -89,3 +89,21 @@ def ranking_meta(summary, by: str = DEFAULT_RANK) -> dict:
     ranked = rank_pairs(summary, by)
     return dict(rank_by=by, rank_formula=RANK_STATISTICS[by], null_threshold=null_threshold(summary, by),
                 pairs_above_null=int(ranked.above_null.sum()), downstream_pairs=int(len(ranked)))
+
+
+def featured_writers(summary, by: str = DEFAULT_RANK, most: int = 4):
+    """The writers a report shows first, and why: those of the pairs above the null, in rank order,
+    each with the nodes that erase it beyond the null; when no pair is above the null, those of the
+    three top pairs (at most ``most`` writers). Returns ([(writer, [nodes])], reason in words)."""
+    ranked = rank_pairs(summary, by)
+    name = STATISTIC_NAMES[by]
+    chosen = ranked[ranked.above_null]
+    reason = f"writers of the pairs above the null by median {name}"
+    if chosen.empty:
+        chosen = ranked.head(3)
+        reason = f"writers of the top {len(chosen)} pairs by median {name} (no pair is above the null)"
+    out = {}
+    for node, writer in zip(chosen.node, chosen.writer):
+        if writer in out or len(out) < most:
+            out.setdefault(writer, []).append(node)
+    return list(out.items()), reason

@@ -61,11 +61,13 @@ def scan(
         max_tokens: stop after this many tokens (whole rows).
         prepend_bos: a token id to put at position 0 of every row (the row keeps seq_len tokens).
         checkpoint_every: batches between checkpoints.
-        top_k: positions kept per writer for the report's example tables.
+        top_k: example positions kept for every writer, of each kind (strongest erasure; |DLA| - |adjusted
+            DLA|), each with the ids of the tokens around it (summary.json, report.html, report.md).
         position_edges: position buckets for the BOS split (default: 0 | 1-15 | 16-127 | 128+).
         progress: a progress bar (rank 0).
-        report: write summary.parquet / .csv / .json, report.md and plots into ``out_dir``.
-        tokenizer: for text corpora (default: the model's own).
+        report: write summary.parquet / .csv / .json, report.md, report.html and plots into ``out_dir``.
+        tokenizer: tokenises text corpora and decodes the report's token contexts (default: the
+            model's own; without one the report shows token ids).
         notes: a line for the top of the report (e.g. that the model is synthetic).
         bin_dtype: the dtype of a raw ``.bin`` corpus (uint16, uint32, int32, int64); required for .bin.
         column: the token column of a Hugging Face dataset (default "tokens"; only for datasets).

@@ -12,7 +12,7 @@ import torch
 from ..models import downstream_mask
 from .aggregate import SeriesStats, TopK
 from .pair_stats import NULL_STATISTICS, STATISTICS, NullReference, fold_pair_values, null_dots, null_groups
-from .plan import DLA_BINS, DLA_RANGE, PR_BINS, PR_RANGE, ScanConfig
+from .plan import CONTEXT, CONTEXT_BEFORE, DLA_BINS, DLA_RANGE, PR_BINS, PR_RANGE, ScanConfig
 
 PAIR_CHUNK_BYTES = 64 << 20  # the per-pair statistics run in token chunks whose null dots ([pairs, chunk]) fit this
 
@@ -46,13 +46,14 @@ class Aggregates:
         self.n_buckets = len(cfg.position_edges) + 1
         self.pr = SeriesStats(self.n_pr_series, self.n_buckets, *PR_RANGE, PR_BINS)
         self.dla = SeriesStats(len(cfg.head_labels) + W, self.n_buckets, *DLA_RANGE, DLA_BINS)
-        # payload: [sum of downstream PR, DLA_w, adjusted DLA_w]
-        self.top_erasure = TopK(W, cfg.top_k, payload=3)
-        self.top_adversarial = TopK(W, cfg.top_k, payload=3)
-        # ranking statistics and their nulls, for the downstream (node, writer) pairs only (all positions)
+        # payload: [sum of downstream PR, DLA_w, adjusted DLA_w]; every writer keeps its own top k
+        self.top_erasure = TopK(W, cfg.top_k, payload=3, context=CONTEXT)
+        self.top_adversarial = TopK(W, cfg.top_k, payload=3, context=CONTEXT)
+        # ranking statistics for the downstream (node, writer) pairs only, per position bucket (the
+        # report's distributions by position); their nulls over all positions (the ranking's threshold)
         self.pair_index = torch.from_numpy(downstream_pairs(cfg))
         self.null_groups = null_groups(self.pair_index, W, len(cfg.head_labels))  # how `null_dots` forms them
-        self.pair_stats = {name: SeriesStats(len(self.pair_index), 1, *rng)
+        self.pair_stats = {name: SeriesStats(len(self.pair_index), self.n_buckets if name in STATISTICS else 1, *rng)
                            for name, rng in {**STATISTICS, **NULL_STATISTICS}.items()}
         self.tokens = 0
         self.rows = 0
@@ -119,7 +120,7 @@ def _bucket_of(positions: torch.Tensor, edges: Sequence[int]) -> torch.Tensor:
     return torch.bucketize(positions, torch.tensor(list(edges)), right=True)
 
 
-def _update_pair_stats(agg: Aggregates, res, T: int, null: NullReference) -> None:
+def _update_pair_stats(agg: Aggregates, res, T: int, null: NullReference, bucket: torch.Tensor) -> None:
     """Fold the batch's ranking statistics (pair_stats.py) into their histograms, in token chunks."""
     n_nodes, W = res.dots.shape[2], res.dots.shape[3]
     dots = res.dots.reshape(T, n_nodes, W)
@@ -134,12 +135,31 @@ def _update_pair_stats(agg: Aggregates, res, T: int, null: NullReference) -> Non
     for lo in range(0, T, chunk):
         hi = min(lo + chunk, T)
         nd = null_dots(z[lo:hi], None if mlp is None else mlp[lo:hi], null, agg.null_groups)
-        fold_pair_values(agg.pair_stats, dots[lo:hi], norms[lo:hi], res.writers, nd, resid_norm[lo:hi], idx)
+        fold_pair_values(agg.pair_stats, dots[lo:hi], norms[lo:hi], res.writers, nd, resid_norm[lo:hi], idx, bucket[lo:hi])
 
 
-def update(agg: Aggregates, res, rows: torch.Tensor, edges: Sequence[int], null: NullReference) -> None:
-    """Fold one batch's `AttributionResult` (kept with ``keep_mlp_out``; rows: [B] corpus row ids)
-    into the aggregates; ``null`` holds the null reference's directions."""
+def token_context(tokens: torch.Tensor):
+    """For tokens [B, P] (as the model read them): a function of flat token indices [...] to the ids
+    around each ([..., CONTEXT]: CONTEXT_BEFORE before it, the token, then those after; -1 outside
+    the row)."""
+    P = tokens.shape[1]
+
+    def context(idx: torch.Tensor) -> torch.Tensor:
+        idx = idx.to(tokens.device)
+        row, pos = idx // P, idx % P
+        at = pos[..., None] + torch.arange(-CONTEXT_BEFORE, CONTEXT - CONTEXT_BEFORE, device=tokens.device)
+        inside = (at >= 0) & (at < P)
+        ids = tokens[row[..., None].expand_as(at), at.clamp(0, P - 1)]
+        return torch.where(inside, ids, torch.full_like(ids, -1))
+
+    return context
+
+
+def update(agg: Aggregates, res, rows: torch.Tensor, edges: Sequence[int], null: NullReference,
+           tokens: torch.Tensor) -> None:
+    """Fold one batch's `AttributionResult` (kept with ``keep_mlp_out``; rows: [B] corpus row ids;
+    tokens [B, P] the ids the model read) into the aggregates; ``null`` holds the null reference's
+    directions."""
     B, P = res.dla.shape[:2]
     T = B * P
     dev = res.dla.device  # aggregated where the attribution ran (SeriesStats / TopK.update)
@@ -154,8 +174,9 @@ def update(agg: Aggregates, res, rows: torch.Tensor, edges: Sequence[int], null:
     w_dla = res.writer_dla.reshape(T, -1)
     adj = res.adjusted_dla.reshape(T, -1)
     agg.dla.update(torch.cat([head_dla, adj], dim=1), bucket)
-    _update_pair_stats(agg, res, T, null)
+    _update_pair_stats(agg, res, T, null, bucket)
     erased = res.downstream_pr_sum.reshape(T, -1)
     payload = torch.stack([erased, w_dla, adj], dim=-1)
-    agg.top_erasure.update(-erased, row, pos, payload)
-    agg.top_adversarial.update(w_dla.abs() - adj.abs(), row, pos, payload)
+    context = token_context(tokens)
+    agg.top_erasure.update(-erased, row, pos, payload, context)
+    agg.top_adversarial.update(w_dla.abs() - adj.abs(), row, pos, payload, context)
