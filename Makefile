@@ -104,7 +104,7 @@ test-tl3: install-tl3
 # The documentation site (mkdocs.yml, pages in docs/, the API reference from the docstrings, read
 # statically): every warning is an error (a broken link, a missing page, a docstring that does not parse).
 docs: $(VENV_DOCS)/.deps
-	$(VENV_DOCS)/bin/mkdocs build --strict -d build/site
+	NO_MKDOCS_2_WARNING=1 $(VENV_DOCS)/bin/mkdocs build --strict -d build/site
 
 # ruff with the rules of pyproject.toml ([tool.ruff]).
 lint: $(VENV_LINT)/.deps
