@@ -12,8 +12,13 @@ PIP ?= -q --disable-pip-version-check
 REQ := requirements
 LOCK_TL4 := $(REQ)/tl4.lock
 LOCK_TL3 := $(REQ)/tl3.lock
+# The documentation site and the linter: venvs of their own, without torch or the package.
+VENV_DOCS ?= .venv-docs
+VENV_LINT ?= .venv-lint
+LOCK_DOCS := $(REQ)/docs.lock
+LOCK_LINT := $(REQ)/lint.lock
 
-.PHONY: demo paper test test-tl4 test-tl3 install install-tl3 bench bench-quick clean asan device-wheels lock test-latest chromium
+.PHONY: demo paper test test-tl4 test-tl3 install install-tl3 bench bench-quick clean asan device-wheels lock test-latest chromium docs lint
 
 # $(call fresh_venv,DIR,REQUIREMENTS,PIP OPTIONS[,MORE OPTIONS]): a new venv at DIR (an old one is
 # removed, so nothing outside the requirements lingers) with pip itself and then REQUIREMENTS installed
@@ -25,6 +30,22 @@ define fresh_venv
 	$(1)/bin/python -m pip install $(PIP) "$(TORCH_SPEC)"
 	$(1)/bin/python -m pip install $(PIP) $(3) $(4) -r $(2)
 endef
+
+# $(call tool_venv,DIR,REQUIREMENTS,PIP OPTIONS[,MORE OPTIONS]): fresh_venv without torch, for a tool
+# that never imports the package (the docs site, the linter).
+define tool_venv
+	rm -rf $(1) && $(PYTHON) -m venv $(1)
+	$(1)/bin/python -m pip install $(PIP) $(3) pip
+	$(1)/bin/python -m pip install $(PIP) $(3) $(4) -r $(2)
+endef
+
+$(VENV_DOCS)/.deps: $(REQ)/docs.in $(LOCK_DOCS)
+	$(call tool_venv,$(VENV_DOCS),$(REQ)/docs.in,-c $(LOCK_DOCS))
+	touch $@
+
+$(VENV_LINT)/.deps: $(REQ)/lint.in $(LOCK_LINT)
+	$(call tool_venv,$(VENV_LINT),$(REQ)/lint.in,-c $(LOCK_LINT))
+	touch $@
 
 $(VENV)/.deps: $(REQ)/tl4.in $(REQ)/common.in $(LOCK_TL4)
 	$(call fresh_venv,$(VENV),$(REQ)/tl4.in,-c $(LOCK_TL4))
@@ -80,7 +101,16 @@ test-tl4: install chromium
 test-tl3: install-tl3
 	$(call suite,$(VENV_TL3),tl3,$(TESTS_TL3))
 
-test: test-tl4 test-tl3
+# The documentation site (mkdocs.yml, pages in docs/, the API reference from the docstrings, read
+# statically): every warning is an error (a broken link, a missing page, a docstring that does not parse).
+docs: $(VENV_DOCS)/.deps
+	NO_MKDOCS_2_WARNING=1 $(VENV_DOCS)/bin/mkdocs build --strict -d build/site
+
+# ruff with the rules of pyproject.toml ([tool.ruff]).
+lint: $(VENV_LINT)/.deps
+	$(VENV_LINT)/bin/ruff check .
+
+test: lint docs test-tl4 test-tl3
 
 # The locks, remade from requirements/*.in: the newest releases, or those uploaded before LOCK_BEFORE
 # (an ISO date, e.g. LOCK_BEFORE=2026-12-01T05:00:00Z). Run `make test-latest` first: lock what passed.
@@ -90,6 +120,10 @@ lock:
 	$(call fresh_venv,build/lock-tl3,$(REQ)/tl3.in,--upgrade,$(if $(LOCK_BEFORE),--uploaded-prior-to $(LOCK_BEFORE)))
 	$(PYTHON) tools/upstream.py freeze build/lock-tl4/bin/python $(REQ)/tl4.in $(LOCK_TL4) $(LOCK_BEFORE)
 	$(PYTHON) tools/upstream.py freeze build/lock-tl3/bin/python $(REQ)/tl3.in $(LOCK_TL3) $(LOCK_BEFORE)
+	$(call tool_venv,build/lock-docs,$(REQ)/docs.in,--upgrade,$(if $(LOCK_BEFORE),--uploaded-prior-to $(LOCK_BEFORE)))
+	$(call tool_venv,build/lock-lint,$(REQ)/lint.in,--upgrade,$(if $(LOCK_BEFORE),--uploaded-prior-to $(LOCK_BEFORE)))
+	$(PYTHON) tools/upstream.py freeze build/lock-docs/bin/python $(REQ)/docs.in $(LOCK_DOCS) $(LOCK_BEFORE)
+	$(PYTHON) tools/upstream.py freeze build/lock-lint/bin/python $(REQ)/lint.in $(LOCK_LINT) $(LOCK_BEFORE)
 
 # Upstream drift, on purpose: both suites on the newest releases (fresh venvs .venv-latest*), then
 # build/drift/report.md: every version that differs from the lock and every upstream fact the tests
@@ -123,7 +157,7 @@ asan: $(VENV)/.deps
 	  $(abspath $(ASAN_VENV))/bin/python -m pytest -q -p no:cacheprovider test_backend_cpp.py test_aggregate_kernel.py test_cpu_paths.py
 
 clean:
-	rm -rf build dist $(VENV) $(VENV_TL3) .venv-latest .venv-latest-tl3
+	rm -rf build dist $(VENV) $(VENV_TL3) $(VENV_DOCS) $(VENV_LINT) .venv-latest .venv-latest-tl3
 
 # Wheels for the GPU machine (Python 3.12, no internet): transformer_lens and what it imports that the
 # machine's image lacks (benchmarks/device_check.sh installs them with --no-deps for its S1 row), at

@@ -23,7 +23,7 @@ pack() { if [ -n "${PACK:-}" ]; then tar czf "$PACK" -C "$(dirname "$OUT_DIR")" 
 trap pack EXIT
 BUDGET_S="${EF_DEVICE_BUDGET_S:-450}"
 # The CLI runs from a folder outside the checkout: from its root, `python -m erasure_fast.cli` would
-# import the source tree (no compiled extension, no erasure_fast.kernels) instead of the installed package.
+# import the source tree (no compiled extension) instead of the installed package.
 RUN_DIR="$(mktemp -d)"
 ef() { (cd "$RUN_DIR" && "$PY" -m erasure_fast.cli "$@"); }
 PY="${PYTHON:-python3}"

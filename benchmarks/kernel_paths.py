@@ -1,5 +1,5 @@
 """K1 (GELU-4L shape) on every C++ kernel path this CPU runs, and through torch's BLAS, against the
-matmul rate: what chose the CPU kernels (README, CPU kernel paths).
+matmul rate: what chose the CPU kernels (docs/backends.md, CPU kernel paths).
 
 One thread, CPU time of the calling thread (a shared machine's other jobs take wall time, not this
 thread's CPU time), best of ``--repeats`` calls, against the best one-thread ``n x n`` matmul of the

@@ -72,8 +72,8 @@ def record_launches(workload: str, T: int, fused_configs) -> list:
     """Run the backend dispatch for one workload with recording kernels; return the launches."""
     import torch
 
-    import kernels.dla_table as dt
-    import kernels.fused_attribution as fa
+    import erasure_fast.kernels.dla_table as dt
+    import erasure_fast.kernels.fused_attribution as fa
     from erasure_fast.backends import triton as bt
     from erasure_fast.contract import validate
 

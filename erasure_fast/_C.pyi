@@ -3,7 +3,7 @@ erasure_fast/contract.py). Every kernel entry runs on the kernel path selected a
 (`select_cpu_path`, csrc/dispatch.h). Arrays are C-contiguous numpy arrays; bfloat16 / float16
 inputs are their uint16 bits, accumulation and outputs float32 (float64 for float64 inputs)."""
 
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 from numpy.typing import NDArray

@@ -46,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import MIN_DOT, p2 as _p2, sum_combine as _sum_combine
+from .triton_common import p2 as _p2, sum_combine as _sum_combine
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -171,7 +171,7 @@ def _gathered_launch(z, a, rid, irid, scale, g, dla, norms, nodes, with_dla, all
     block_t = 16
     # One head per program, 8 warps: the sm_90 compile report (benchmarks/triton_compile_report.py) shows
     # 4 heads x 4 warps at GELU-4L spilling 6.5 KB per thread (ptxas fell back to 32 registers), and
-    # 1 head x 8 warps 32-40 registers, no spills, 20 KiB shared memory. (GPU speed not measured.)
+    # 1 head x 8 warps 32-40 registers, no spills, 20 KiB shared memory.
     block_n = 1
     grid = (triton.cdiv(T, block_t), triton.cdiv(N, block_n))
     _dla_gathered_kernel[grid](

@@ -80,7 +80,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import MIN_DOT, p2 as _p2, sum_combine as _sum_combine
+from .triton_common import p2 as _p2, sum_combine as _sum_combine
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -119,7 +119,6 @@ def _fused_attribution_kernel(
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
     offs_m = tl.arange(0, M_P)
-    m_ok = offs_m < M
     offs_wl = tl.arange(0, WB_P)  # local writer slot
     offs_w = pid_w * WB_P + offs_wl  # writer slot in [0, W)
     w_ok = offs_w < W
@@ -262,9 +261,9 @@ def _fused_attribution_kernel(
 # (benchmarks/triton_compile_report.py -> benchmarks/results/triton-compile-sm90/, triton 3.6), not from
 # GPU timings: at the GELU-4L shape every earlier config spilled 2.5-48 KB per thread (some fell back to
 # 32 registers), three needed 256 KiB of shared memory (over sm_90's 227 KiB: they fail at launch), and
-# each took 2.5-9 s to compile (2-CPU host). These two spill least (<= 0.3 KB per thread, fp32 and
-# bf16), use 64 KiB of shared memory and compile in ~1 s; 8 or 16 warps keep the [BLOCK_T, NB_P, NB_P]
-# fp32 accumulator (16*32*32) at 64 / 32 registers per thread. The GPU session should still time them.
+# each took 2.5-9 s to compile. These two spill least (<= 0.3 KB per thread, fp32 and bf16), use
+# 64 KiB of shared memory and compile in ~1 s; 8 or 16 warps keep the [BLOCK_T, NB_P, NB_P] fp32
+# accumulator (16*32*32) at 64 / 32 registers per thread.
 _GPU_CONFIGS = [
     (16, 16, 16, 8, 1),
     (16, 16, 16, 16, 2),

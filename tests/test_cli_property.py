@@ -24,7 +24,6 @@ import io
 import json
 import os
 import shutil
-import tempfile
 
 import numpy as np
 import pytest

@@ -8,8 +8,9 @@ import torch
 import erasure_fast as ef
 import importlib
 
-backend_registry = importlib.import_module("erasure_fast.backends")
 from conftest import build_model
+
+backend_registry = importlib.import_module("erasure_fast.backends")
 
 
 @pytest.fixture
@@ -27,7 +28,8 @@ def no_backend_runs(monkeypatch):
 
 def good(T=5, N=4, H=3, D=7, K=6, M=2, dtype=torch.float32):
     g = torch.Generator().manual_seed(0)
-    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(dtype)
+    def r(*s):
+        return torch.randn(*s, generator=g, dtype=torch.float64).to(dtype)
     return dict(
         z=r(T, N, H), W_O=r(N, H, D), directions=r(K, D), scale=r(T).abs() + 0.5,
         writers=[0, 2], extra_nodes=r(T, M, D), direction_ids=torch.randint(0, K, (T,), generator=g),
@@ -157,7 +159,7 @@ MODEL_BAD = [
     # writers=(1, 2) meant head L1H2 while [1, 2] meant flat heads 1 and 2: a bare pair is now refused
     ("writers bare pair", dict(writers=(1, 2)), ValueError,
      r"writers=\(1, 2\) is ambiguous: pass \[\(1, 2\)\] for head L1H2, or \[1, 2\] for the heads with flat indices 1 and 2"),
-    ("writer float pair", dict(writers=[(1.0, 2)]), TypeError, "a head must be an int, a \(layer, head\) pair of ints"),
+    ("writer float pair", dict(writers=[(1.0, 2)]), TypeError, r"a head must be an int, a \(layer, head\) pair of ints"),
     ("writer bool", dict(writers=[True]), TypeError, "a head must be an int"),
     ("target out of range", dict(targets=23), ValueError, "targets must lie in"),
     ("target shape", dict(targets=torch.zeros(3, dtype=torch.long)), ValueError, "targets must be an int, \\[batch\\]"),

@@ -15,7 +15,7 @@ with an error naming the family and why. Checked for the torch and cpp backends 
 Outcomes per family: "pass"; "refused" (`erasure_fast.UnsupportedModelError` from `model_spec`, no
 forward pass run); "upstream" (TransformerLens's own ``run_with_cache`` fails on the family; erasure_fast
 must then fail too, never return numbers). The families the issue names must pass. Results go to
-tests/family_results.py, from which tests/test_families_table.py makes the README's model table.
+tests/family_results.py, from which tests/test_families_table.py makes the model table of docs/families.md.
 """
 
 from __future__ import annotations

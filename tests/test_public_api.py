@@ -137,8 +137,9 @@ def test_runtime_dependencies_are_declared():
 
 
 def test_a_source_checkout_reports_what_it_lacks():
-    """Without `pip install .` the Triton kernels (kernels/ -> erasure_fast.kernels) and the C++
-    extension are missing: the backends say so instead of claiming to be available."""
+    """Without `pip install .` the C++ extension is missing (unless built in place): the backend says so
+    instead of claiming to be available. The Triton kernels (kernels/ -> erasure_fast.kernels) are
+    there: under the interpreter the Triton backend runs from the checkout."""
     env = dict(os.environ, PYTHONPATH=str(REPO), TRITON_INTERPRET="1")
     proc = subprocess.run([sys.executable, "-c",
                            "import erasure_fast as ef; assert ef.__file__.startswith(%r), ef.__file__\n"
@@ -149,5 +150,6 @@ def test_a_source_checkout_reports_what_it_lacks():
     assert proc.returncode == 0, proc.stderr[-3000:]
     triton_line, cpp_line = proc.stdout.strip().splitlines()
     if "not importable" not in triton_line:  # triton itself is installed here
-        assert triton_line.startswith("False") and "pip install ." in triton_line, triton_line
-    assert cpp_line.startswith("False") and "not built" in cpp_line, cpp_line
+        assert triton_line.startswith("True") and "interpreter" in triton_line, triton_line
+    if not list((REPO / "erasure_fast").glob("_C*")):  # no extension built in place
+        assert cpp_line.startswith("False") and "not built" in cpp_line, cpp_line

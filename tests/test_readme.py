@@ -1,8 +1,10 @@
-"""The README's code runs as written: its Python blocks, in order, in one fresh interpreter, and its
-shell commands one by one, in a scratch folder with small stand-ins -- a small TransformerLens model
-for ``model``, a local Hugging Face cache holding a small ``NeelNanda/GELU_4L512W_C4_Code`` (so
-``--model gelu-4l`` resolves offline, as it would with the real weights cached) and a ``tokens.npy``.
-Commands that set up a machine or run for long are listed in NOT_RUN with the reason."""
+"""The README's and the docs pages' code runs as written: their Python blocks, in order (the README,
+then the pages of mkdocs.yml's nav; a block shown on two pages runs once), in one fresh interpreter,
+and their shell commands one by one, in a scratch folder with small stand-ins -- a small
+TransformerLens model for ``model``, a local Hugging Face cache holding a small
+``NeelNanda/GELU_4L512W_C4_Code`` (so ``--model gelu-4l`` resolves offline, as it would with the real
+weights cached) and a ``tokens.npy``. Commands that set up a machine or run for long are listed in
+NOT_RUN with the reason."""
 
 from __future__ import annotations
 
@@ -21,9 +23,9 @@ REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
 # GELU-4L's layout (4 layers x 8 heads, so the paper's L2H2-L2H7 exist), small widths.
 FAKE_GELU_4L = dict(n_layers=4, n_heads=8, d_head=8, d_model=64, d_mlp=64, d_vocab=200, n_ctx=1024)
-# Commands the README shows that this test does not run, and why (any other command is run).
+# Commands the README and the docs pages show that this test does not run, and why (any other command is run).
 NOT_RUN = {
-    "make demo": "set-up + `erasure-fast demo`, which is run here as the README shows it",
+    "make demo": "set-up + `erasure-fast demo`, which is run here as the docs show it",
     "make test": "what CI itself runs (.ci/run)",
     "make bench": "the full benchmark (an hour on 2 cores); the harness runs end to end at small sizes in test_bench.py",
     "make bench-quick": "K1/K2 at 8,192 tokens for every provider (minutes); the harness is tested in test_bench.py",
@@ -45,14 +47,27 @@ hf_tokens = torch.randint(2, VOCAB, (2, 9), generator=torch.Generator().manual_s
 """
 
 
+def pages():
+    """The README, then every page of the docs site's nav (mkdocs.yml) that is not a generated report."""
+    nav = re.findall(r"^\s*- [^:]+: (\S+\.md)\s*$", (REPO / "mkdocs.yml").read_text(), flags=re.M)
+    return [REPO / "README.md"] + [REPO / "docs" / p for p in nav if "/" not in p]
+
+
+def page_blocks(page: Path, language: str):
+    return [m.group(1) for m in re.finditer(rf"```{language}\n(.*?)```", page.read_text(), flags=re.S)]
+
+
 def blocks(language: str):
-    text = (REPO / "README.md").read_text()
-    return [m.group(1) for m in re.finditer(rf"```{language}\n(.*?)```", text, flags=re.S)]
-
-
-def all_commands():
+    """Every ``language`` block of the pages, in order; a block an earlier page showed is left out."""
     out = []
-    for block in blocks("bash"):
+    for page in pages():
+        out += [b for b in page_blocks(page, language) if b not in out]  # the README's API block is also the API page's
+    return out
+
+
+def page_commands(page: Path):
+    out = []
+    for block in page_blocks(page, "bash"):
         pending = ""
         for line in block.splitlines():
             line = re.sub(r"\s+#.*$", "", line).rstrip()
@@ -63,6 +78,15 @@ def all_commands():
             pending = ""
             if line and not line.startswith("#"):
                 out.append(line)
+    return out
+
+
+def all_commands():
+    """Every command of the pages, in order (a page may run one twice: a scan that finds itself done); a
+    command an earlier page showed is left out (`make demo` is in the README and on the install page)."""
+    out = []
+    for page in pages():
+        out += [c for c in page_commands(page) if c not in out]
     return out
 
 
@@ -87,12 +111,15 @@ def env_for(root: Path) -> dict:
 
 
 def test_readme_has_code_to_run_and_skips_only_what_is_listed():
-    assert len(blocks("python")) >= 3 and len(commands()) >= 8
+    assert len(pages()) >= 10 and all(p.is_file() for p in pages())
+    assert len(blocks("python")) >= 5 and len(commands()) >= 8
+    readme = (REPO / "README.md").read_text()
+    assert "```bash\nmake demo" in readme and "\nmake test " in readme and len(readme) <= 15000
     assert sorted(c for c in all_commands() if c in NOT_RUN) == sorted(NOT_RUN)
 
 
 def test_python_blocks_run_in_order(workdir):
-    code = PRELUDE + "\n".join(f"print('--- README python block {i}', flush=True)\n{b}" for i, b in enumerate(blocks("python")))
+    code = PRELUDE + "\n".join(f"print('--- python block {i}', flush=True)\n{b}" for i, b in enumerate(blocks("python")))
     proc = subprocess.run([sys.executable, "-c", code], cwd=workdir, env=env_for(workdir), capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]

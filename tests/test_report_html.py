@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import erasure_fast as ef
-from erasure_fast.demo import PLANTED, demo_corpus, planted_model
+from erasure_fast.demo import demo_corpus, planted_model
 from erasure_fast.scanning import scan
 from erasure_fast.scanning.plan import CONTEXT_BEFORE
 from erasure_fast.scanning.plots import written

@@ -1,4 +1,4 @@
-"""Screenshots of every view of a scan's report.html, for the README (docs/report/*.png).
+"""Screenshots of every view of a scan's report.html, for the docs (docs/report/*.png, shown in docs/scans.md).
 
     python tools/report_screenshots.py demo_out docs/report
 

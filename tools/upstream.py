@@ -76,6 +76,8 @@ def freeze(python: str, source: str, out: str, uploaded_before: str = "") -> Non
               f"# Made by `make lock` on {datetime.date.today().isoformat()}{window} with Python {version} "
               f"on {platform.system()} {platform.machine()}.",
               "# torch is not here: it comes from the Makefile's TORCH_SPEC."]
+    if not os.path.basename(source).startswith("tl"):  # a tool's environment (docs, lint): no torch at all
+        header = header[:2]
     body = [f"{name}=={pins[name]}" for name in sorted(pins)]
     tmp = out + ".tmp"
     with open(tmp, "w") as f:

@@ -2,6 +2,9 @@
 
 Each backend module exposes ``NAME``, ``available() -> (bool, reason)`` and
 ``run(FusedInputs) -> FusedOutputs``; it implements the contract and nothing more.
+Code outside this package reaches a backend only through this registry (`get_backend`,
+`backend_module`, `available_backends`) and the scan's kernels through `erasure_fast.backends.scan_kernels`;
+it never imports a backend's module itself.
 """
 
 from __future__ import annotations
@@ -29,6 +32,14 @@ def _module(name: str) -> ModuleType:
     if name not in _cache:
         _cache[name] = importlib.import_module(f".{_MODULES[name]}", __name__)
     return _cache[name]
+
+
+def backend_module(name: str) -> ModuleType:
+    """The module of backend ``name`` ("torch", "cpp", "triton"), imported on first use, whether or not
+    it can run here (see `available_backends`): e.g. ``backend_module("cpp").build_info()``."""
+    if name not in _MODULES:
+        raise ValueError(f"backend must be one of {', '.join(map(repr, _MODULES))}; got {name!r}")
+    return _module(name)
 
 
 def _info(name: str) -> BackendInfo:

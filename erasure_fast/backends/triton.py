@@ -18,8 +18,8 @@ which here is the first import of ``erasure_fast.kernels`` (the first `available
 ``TRITON_INTERPRET=1`` must be set before that; ``DEVICES`` -- ("cuda",), or ("cuda", "cpu") for
 interpreted kernels -- follows how the kernels were actually decorated, and nothing is ever reloaded.
 
-The kernels live in ``kernels/`` and are installed as ``erasure_fast.kernels`` by ``pip install .``;
-in a source checkout without that install the backend reports itself unavailable and says why.
+The kernels live in the top-level ``kernels/`` and are ``erasure_fast.kernels`` in a wheel, an editable
+install and a source checkout alike (see `erasure_fast.kernels`).
 """
 
 from __future__ import annotations
@@ -80,8 +80,7 @@ def available() -> tuple[bool, str]:
     try:
         _kernels()
     except ImportError as e:
-        return False, (f"triton {ver} installed but the kernels are not ({e}); they are installed as "
-                       "erasure_fast.kernels by `pip install .` (a source checkout alone lacks them)")
+        return False, f"triton {ver} installed but the kernels (erasure_fast.kernels) do not import: {e}"
     if _interpret():
         return True, f"triton {ver} interpreter (TRITON_INTERPRET=1, CPU, correctness only)"
     if not torch.cuda.is_available():

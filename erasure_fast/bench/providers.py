@@ -160,8 +160,9 @@ def cpp_with_table(lazy: bool):
 def torch_compile(model, inp, workload: str) -> PreparedWorkload:
     """torch.compile of the reference math (the first thing a user would try): the per-chunk function
     is compiled (the token loop stays in Python, so the graph is not unrolled over chunks)."""
-    from ..backends import torch_ref
+    from ..backends import backend_module
 
+    torch_ref = backend_module("torch")
     args = contract_args(model, inp, workload)
     inputs = validate(**args)
     # A fresh compilation per point: dynamo's recompile limit would otherwise silently fall back to

@@ -27,7 +27,7 @@ from typing import Dict, Sequence
 import numpy as np
 import torch
 
-from ..backends.cpp import scan_kernel, scan_rows
+from ..backends.scan_kernels import scan_kernel, scan_rows
 from ..contract import safe_div
 
 

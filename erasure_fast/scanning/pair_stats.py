@@ -31,7 +31,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from ..backends.cpp import scan_kernel, scan_rows
+from ..backends.scan_kernels import scan_kernel, scan_rows
 from .aggregate import SeriesStats, centred_bins
 
 # name: (histogram lo, hi, bins) -- the quantiles' resolution is (hi - lo) / bins; bins centred on
