@@ -279,7 +279,7 @@ def run_attribution(model, spec: ModelSpec, tokens: torch.Tensor, wr: torch.Tens
                     scale_override: Optional[torch.Tensor] = None, keep_mlp_out: bool = False,
                     capture_mode: str = "hooks") -> AttributionResult:
     """`attribute` after argument checking: tokens [B, P] valid ids, wr [W] head indices,
-    ids / inc [B, P] target ids (-1 = none), impl a backend module. ``extra_hooks`` are interventions
+    ids / inc [B, P] target ids (-1 = none), impl a `Backend` (`erasure_fast.backends.get_backend`). ``extra_hooks`` are interventions
     run during the forward pass, ``keep_hooks`` activations to keep (``result.extra``; with
     ``keep_mlp_out`` also ``extra["mlp_out"]`` [B, P, L, d_model], the MLP nodes' vectors) and
     ``scale_override`` [B, P] a final-LN scale to use instead of the run's own (e.g. the clean one).

@@ -45,7 +45,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ..contract import FusedInputs, FusedOutputs, accumulation_dtype
+from .base import FusedInputs, FusedOutputs, accumulation_dtype
 
 NAME = "cpp"
 DEVICES = ("cpu",)
@@ -327,3 +327,4 @@ def run(inp: FusedInputs) -> FusedOutputs:
     )
     return FusedOutputs(dla=torch.from_numpy(dla), dots=torch.from_numpy(dots),
                         norms=torch.from_numpy(norms) if inp.with_norms else None)
+

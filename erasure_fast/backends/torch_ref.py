@@ -11,7 +11,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ..contract import FusedInputs, FusedOutputs
+from .base import Backend, FusedInputs, FusedOutputs
 
 NAME = "torch"
 # Bytes of head outputs formed at once: keeps [chunk, N + M, d_model] well inside memory.
@@ -80,3 +80,15 @@ def run(inp: FusedInputs, chunk_fn: Callable = chunk_outputs) -> FusedOutputs:
         if norms is not None:
             norms[sl] = c_norms
     return FusedOutputs(dla=dla, dots=dots, norms=norms)
+
+
+class TorchBackend(Backend):
+    """The reference implementation (any device; the float64 oracle)."""
+
+    name = NAME
+
+    def available(self) -> tuple[bool, str]:
+        return available()
+
+    def run(self, inputs: FusedInputs) -> FusedOutputs:
+        return run(inputs)

@@ -142,14 +142,15 @@ def cpp_with_table(lazy: bool):
     def make(model, inp, workload: str) -> Optional[PreparedWorkload]:
         if workload != "K2n":
             return None
-        from ..backends.dla_table import build_dla_table
+        from ..backends import backend_instance
 
+        cpp = backend_instance("cpp")
         args = contract_args(model, inp, workload)
         state = {}
 
         def run():
             if "table" not in state:
-                state["table"] = build_dla_table(args["W_O"], args["directions"], args["center"], lazy=lazy)
+                state["table"] = cpp.build_dla_table(args["W_O"], args["directions"], args["center"], lazy=lazy)
             return fused_attribution(**args, backend="cpp", dla_table=state["table"])
 
         return PreparedWorkload(run, contract_canonical(workload))

@@ -22,6 +22,7 @@ import xxhash
 
 from ..attribution import resolve_capture, resolve_writers
 from ..backends import get_backend
+from ..backends.base import Backend
 from ..capture import model_device
 from ..models import ModelSpec, as_transformer_lens, model_spec
 from .corpus import TokenCorpus, open_corpus
@@ -91,7 +92,7 @@ class ScanPlan:
     spec: ModelSpec
     corpus: TokenCorpus
     cfg: ScanConfig
-    impl: object  # backend module
+    impl: Backend  # the resolved backend (erasure_fast.backends.base.Backend)
     device: torch.device
     wr: torch.Tensor  # [W] writer head indices
     out_dir: str
