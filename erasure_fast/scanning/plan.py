@@ -14,7 +14,7 @@ import hashlib
 import json
 import numbers
 from dataclasses import asdict, dataclass
-from typing import FrozenSet, List, Optional, Sequence
+from typing import FrozenSet, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -24,6 +24,7 @@ from ..attribution import resolve_capture, resolve_writers
 from ..backends import get_backend
 from ..backends.base import Backend
 from ..capture import model_device
+from ..capture_modes import CaptureChoice, CaptureMode
 from ..models import ModelSpec, as_transformer_lens, model_spec
 from .corpus import TokenCorpus, open_corpus
 from .outdir import check_corpus_outside, check_scan_dir
@@ -104,7 +105,7 @@ class ScanPlan:
     notes: Optional[str]
     owned_files: FrozenSet[str] = frozenset()  # the files the output folder's manifest lists (outdir.py)
     rank_by: str = "es"  # the report's ranking statistic (ranking.py); not part of the config
-    capture: str = "hooks"  # `erasure_fast.attribution.resolve_capture`'s answer; not part of the config
+    capture: CaptureChoice = CaptureChoice(CaptureMode.HOOKS)  # `resolve_capture`'s answer; not part of the config
     tokenizer: object = None  # decodes the report's token contexts (the model's own by default); may be None
 
 
@@ -162,7 +163,7 @@ def plan_scan(model, corpus, *, writers="all", seq_len: Optional[int] = None, ba
               prepend_bos: Optional[int] = None, checkpoint_every: int = 20, top_k: int = 20,
               position_edges: Sequence[int] = POSITION_EDGES, progress: bool = True, report: bool = True,
               tokenizer=None, notes: Optional[str] = None, bin_dtype: Optional[str] = None,
-              column: Optional[str] = None, rank_by: str = DEFAULT_RANK, capture: str = "auto",
+              column: Optional[str] = None, rank_by: str = DEFAULT_RANK, capture: Union[str, CaptureMode] = "auto",
               overwrite: bool = False) -> ScanPlan:
     """Validate a scan (arguments as `erasure_fast.scan`) and return its `ScanPlan`. Raises
     ValueError / TypeError (CorpusError and OutputDirError are ValueErrors) naming the argument."""
