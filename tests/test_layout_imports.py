@@ -76,6 +76,31 @@ def test_the_registry_hands_out_backend_instances():
         Backend()  # abstract: run and available are required
 
 
+def test_the_torch_backend_compiles_its_chunk_function_through_the_interface():
+    import pytest
+    import torch
+
+    from erasure_fast.backends import backend_instance
+    from erasure_fast.contract import validate
+
+    g = torch.Generator().manual_seed(0)
+    inputs = validate(torch.randn(5, 4, 3, generator=g), torch.randn(4, 3, 6, generator=g), torch.randn(2, 6, generator=g),
+                      torch.rand(5, generator=g) + 0.5, [0, 2])
+    calls = []
+
+    def compiler(fn):
+        calls.append(fn)
+        return fn
+
+    ref = backend_instance("torch")
+    compiled = ref.compiled(compiler)
+    assert compiled is not ref and len(calls) == 1
+    for a, b in zip(compiled.run(inputs), ref.run(inputs)):
+        assert torch.equal(a, b)
+    with pytest.raises(NotImplementedError, match="the cpp backend has no"):
+        backend_instance("cpp").compiled(compiler)
+
+
 def test_the_contract_and_the_backends_import_one_way():
     """The backends take their types from `erasure_fast.backends.base`; none imports the contract."""
     offenders = [f"{path.relative_to(REPO)}:{line}"

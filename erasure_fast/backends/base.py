@@ -97,6 +97,11 @@ class Backend(ABC):
         """A head-space DLA table for gathered DLA-only calls (the cpp backend)."""
         self._refuse("DLA table (build_dla_table)")
 
+    def compiled(self, compiler: Callable[[Callable], Callable]) -> "Backend":
+        """This backend with its torch math compiled by ``compiler`` (e.g. ``torch.compile``): the
+        torch backend has it; compiled backends refuse."""
+        self._refuse("torch math to compile (compiled)")
+
     def scan_kernel(self, name: str, values: torch.Tensor) -> Optional[Callable]:
         """The compiled scan-aggregation entry ``name`` for ``values``, or None where this backend has
         none for them (callers then fold with their torch reference, on the values' device)."""
