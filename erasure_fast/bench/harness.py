@@ -28,7 +28,7 @@ import torch
 
 from ..backends import backend_instance
 from ..contract import validate
-from ..optional_deps import OptionalDependencyError, import_optional
+from ..optional_deps import OptionalDependencyError, import_optional, require_optional
 from . import machine as mach
 from . import providers as prov
 from . import rounds as rounds_mod
@@ -84,8 +84,7 @@ class _PeakRSS:
             self.base = torch.cuda.memory_allocated()
             self.peak = self.base
             return self
-        import psutil
-
+        psutil = require_optional("psutil", "bench", "the benchmark's CPU memory sampling")
         _trim_heap()
         self.proc = psutil.Process()
         self.base = self.proc.memory_info().rss

@@ -10,6 +10,7 @@ from typing import Dict, Optional
 
 import numpy as np
 
+from ..optional_deps import require_optional
 from ..paths import atomic_write
 from .plan import CONTEXT_BEFORE
 from .plots import all_plots, written
@@ -159,6 +160,7 @@ def write_report(out_dir: str, summary, agg, cfg, meta: dict, make_plots: bool =
     rank_by = meta["rank_by"]
     os.makedirs(out_dir, exist_ok=True)
     files = {}
+    require_optional("pyarrow", "scan", "the scan's summary.parquet")
     files["summary.parquet"] = atomic_write(os.path.join(out_dir, "summary.parquet"), lambda p: summary.to_parquet(p, index=False))
     files["summary.csv"] = atomic_write(os.path.join(out_dir, "summary.csv"), lambda p: summary.to_csv(p, index=False))
     pairs = rank_pairs(summary, rank_by, 15)
