@@ -9,10 +9,12 @@ from typing import List, Optional, Union
 import torch
 
 from .backends import get_backend
-from .capture import Capture, capture, model_device, validate_tokens
+from .capture import Capture, model_device, validate_tokens
+from .capture import capture as hook_capture  # the function; `capture` is the parameter naming a CaptureMode
+from .capture_modes import CaptureChoice, CaptureMode
 from .contract import (accumulation_dtype, cosine, projection_ratio, projection_value, require_finite_outputs, safe_div,
                        validate)
-from .engine import CAPTURE_MODES, engine_for, engine_problem
+from .engine import engine_for, engine_problem
 from .models import ModelSpec, as_transformer_lens, model_spec
 from .models.hooks import describe_hooks, hooks_to_run, user_hooks
 
@@ -44,7 +46,8 @@ class AttributionResult:
     resid_labels: List[str]
     downstream: torch.Tensor
     backend: str
-    capture: str = "hooks"  # "engine", or "hooks" with why the engine was not used
+    capture: CaptureMode = CaptureMode.HOOKS  # ENGINE or HOOKS (a str enum: compares equal to "engine" / "hooks")
+    capture_reason: str = ""  # for hooks: why the engine was not used ("" when hooks were asked for)
     z: Optional[torch.Tensor] = field(default=None, repr=False)  # [B, P, L*H, d_head] captured hook_z
     final_scale: Optional[torch.Tensor] = field(default=None, repr=False)  # [B, P]
     extra: dict = field(default_factory=dict, repr=False)  # activations kept on request
@@ -54,6 +57,11 @@ class AttributionResult:
         if key not in self._cache:
             self._cache[key] = fn()
         return self._cache[key]
+
+    @property
+    def capture_description(self) -> str:
+        """How activations were captured, readable: "engine", "hooks" or "hooks (reason)"."""
+        return str(CaptureChoice(self.capture, self.capture_reason))
 
     @property
     def pr(self) -> torch.Tensor:
@@ -209,7 +217,7 @@ def attribute(
     incorrect: Union[None, int, torch.Tensor] = None,
     include_mlps: bool = True,
     backend: str = "auto",
-    capture: str = "auto",
+    capture: Union[str, CaptureMode] = "auto",
 ) -> AttributionResult:
     """DLA and erasure measures for a TransformerLens model on ``tokens``.
 
@@ -228,7 +236,7 @@ def attribute(
         backend: "auto", "torch", "cpp" or "triton".
         capture: how activations are obtained: "engine" (no hook machinery: the forward from the weights,
             or a Hugging Face model's own modules with SDPA; `erasure_fast.engine`), "hooks" (TransformerLens's hooks) or "auto" (the engine where it
-            covers the model, else hooks; ``result.capture`` says which and why). A model with hooks
+            covers the model, else hooks; ``result.capture`` says which, ``result.capture_reason`` why), or the `CaptureMode` member. A model with hooks
             attached is analysed through them on hooks (``capture="engine"`` is refused), or refused
             naming the hook where it cannot be (`erasure_fast.models.hooks`).
 
@@ -250,49 +258,51 @@ def attribute(
     return run_attribution(model, spec, tokens, wr, ids, inc, include_mlps=include_mlps, impl=impl, capture_mode=mode)
 
 
-def resolve_capture(capture: str, model, spec: ModelSpec) -> str:
-    """``capture`` ("auto", "engine", "hooks") checked against the model: "engine", or "hooks" followed
-    by why the engine is not used (auto), or by the model's own hooks that capture runs through
-    (`erasure_fast.models.hooks`). Asking for the engine where it does not cover the model or where
-    the model has hooks attached, and hooks the forward pass cannot run, are ValueErrors naming the
-    reason, before any work."""
-    if capture not in CAPTURE_MODES:
-        raise ValueError(f"capture must be one of {', '.join(map(repr, CAPTURE_MODES))}, got {capture!r}")
+def resolve_capture(capture: Union[str, CaptureMode], model, spec: ModelSpec) -> CaptureChoice:
+    """``capture`` (a `CaptureMode` or its value "auto", "engine", "hooks") checked against the model:
+    a `CaptureChoice` of ENGINE, or of HOOKS with the reason -- why the engine is not used (auto), or
+    the model's own hooks that capture runs through (`erasure_fast.models.hooks`); ``str()`` of it reads
+    "engine", "hooks" or "hooks (reason)". Asking for the engine where it does not cover the model or
+    where the model has hooks attached, and hooks the forward pass cannot run, are ValueErrors naming
+    the reason, before any work."""
+    mode = CaptureMode.parse(capture)
     hooks = hooks_to_run(model)
     if hooks:
-        if capture == "engine":
+        if mode is CaptureMode.ENGINE:
             raise ValueError(f"capture='engine': the model has hooks attached ({describe_hooks(hooks)}), which the "
                              "engine does not run; capture='hooks' (or 'auto') runs the model through them")
-        return f"hooks (through the model's own hooks: {describe_hooks(hooks)})"
-    if capture == "hooks":
-        return "hooks"
+        return CaptureChoice(CaptureMode.HOOKS, f"through the model's own hooks: {describe_hooks(hooks)}")
+    if mode is CaptureMode.HOOKS:
+        return CaptureChoice(CaptureMode.HOOKS)
     problem = engine_problem(model, spec)
     if problem is None:
-        return "engine"
-    if capture == "engine":
+        return CaptureChoice(CaptureMode.ENGINE)
+    if mode is CaptureMode.ENGINE:
         raise ValueError(f"capture='engine': {problem}")
-    return f"hooks ({problem})"
+    return CaptureChoice(CaptureMode.HOOKS, problem)
 
 
 def run_attribution(model, spec: ModelSpec, tokens: torch.Tensor, wr: torch.Tensor, ids: torch.Tensor,
                     inc: Optional[torch.Tensor], *, include_mlps: bool, impl, extra_hooks=(), keep_hooks=(),
                     scale_override: Optional[torch.Tensor] = None, keep_mlp_out: bool = False,
-                    capture_mode: str = "hooks") -> AttributionResult:
+                    capture_mode: Union[CaptureChoice, CaptureMode, str] = CaptureMode.HOOKS) -> AttributionResult:
     """`attribute` after argument checking: tokens [B, P] valid ids, wr [W] head indices,
-    ids / inc [B, P] target ids (-1 = none), impl a backend module. ``extra_hooks`` are interventions
+    ids / inc [B, P] target ids (-1 = none), impl a `Backend` (`erasure_fast.backends.get_backend`). ``extra_hooks`` are interventions
     run during the forward pass, ``keep_hooks`` activations to keep (``result.extra``; with
     ``keep_mlp_out`` also ``extra["mlp_out"]`` [B, P, L, d_model], the MLP nodes' vectors) and
     ``scale_override`` [B, P] a final-LN scale to use instead of the run's own (e.g. the clean one).
-    ``capture_mode`` is `resolve_capture`'s answer; interventions always run on hooks."""
+    ``capture_mode`` is `resolve_capture`'s answer (or a resolved mode); interventions always run on hooks."""
+    choice = CaptureChoice.of(capture_mode)
     with_mlps = include_mlps and spec.has_mlps
     with_resid = include_mlps  # every node that writes to the stream (an attention-only model has no MLPs)
-    if capture_mode == "engine" and not extra_hooks and not keep_hooks:
+    if choice.mode is CaptureMode.ENGINE and not extra_hooks and not keep_hooks:
         cap = engine_for(model, spec).capture(spec, tokens.to(model_device(model)), include_mlps=with_mlps,
                                               include_embed=with_resid)
     else:
-        capture_mode = capture_mode if capture_mode != "engine" else "hooks (interventions run on hooks)"
+        if choice.mode is CaptureMode.ENGINE:
+            choice = CaptureChoice(CaptureMode.HOOKS, "interventions run on hooks")
         # a hook of the user's may make the stream other than the sum of the nodes: read its points
-        cap = capture(model, tokens, spec, include_mlps=with_mlps, include_embed=with_resid,
+        cap = hook_capture(model, tokens, spec, include_mlps=with_mlps, include_embed=with_resid,
                       extra_hooks=extra_hooks, keep_hooks=keep_hooks, stream_points=bool(user_hooks(model)))
     if scale_override is not None:
         cap.scale = scale_override.to(cap.scale)
@@ -350,7 +360,8 @@ def run_attribution(model, spec: ModelSpec, tokens: torch.Tensor, wr: torch.Tens
         resid_labels=labels_resid,
         downstream=spec.downstream_mask(wr, n_nodes).to(dev),
         backend=impl.NAME,
-        capture=capture_mode,
+        capture=choice.mode,
+        capture_reason=choice.reason,
         z=cap.z,
         final_scale=cap.scale,
         extra=dict(cap.extra or {}, **({"mlp_out": cap.mlp_out} if keep_mlp_out and cap.mlp_out is not None else {})),

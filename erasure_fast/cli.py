@@ -15,6 +15,7 @@ import re
 import sys
 import warnings
 
+from .capture_modes import CaptureMode  # light: no torch
 from .optional_deps import OptionalDependencyError  # light: no torch
 
 DESCRIPTION = """\
@@ -79,7 +80,7 @@ def _add_scan_args(p: argparse.ArgumentParser, demo: bool) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="rows per forward pass")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "cpp", "triton"],
                    help="attribution backend (auto: cpp on CPU, triton on CUDA)")
-    p.add_argument("--capture", default="auto", choices=["auto", "engine", "hooks"],
+    p.add_argument("--capture", default="auto", choices=[m.value for m in CaptureMode],
                    help="how activations are captured: the engine (no hook machinery: the forward from the weights, or "
                         "a Hugging Face model's own modules with fused attention), "
                         "TransformerLens hooks, or auto (the engine where it covers the model)")

@@ -37,57 +37,17 @@ directions in the rows the call reads.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 
 from . import mkl_dispatch  # noqa: F401 (on import: oneMKL dispatch resolved before any parallel call)
+from .backends import get_backend
+from .backends.base import FusedInputs, FusedOutputs, accumulation_dtype  # noqa: F401 (the contract's types)
+from .finite import all_finite, require_finite  # noqa: F401 (re-exported: the contract's checks)
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
-
-
-class FusedOutputs(NamedTuple):
-    """Result of `fused_attribution` (shapes in the module docstring)."""
-
-    dla: torch.Tensor
-    dots: torch.Tensor
-    norms: Optional[torch.Tensor]
-
-
-@dataclass(frozen=True)
-class FusedInputs:
-    """Validated, contiguous inputs handed to a backend. Every field obeys the module contract."""
-
-    z: torch.Tensor  # [T, N, H], dtype in SUPPORTED_DTYPES
-    W_O: torch.Tensor  # [N, H, D], z.dtype
-    directions: torch.Tensor  # [K, D], z.dtype
-    scale: torch.Tensor  # [T], accumulation dtype
-    writers: torch.Tensor  # [W], int64, values in [0, N)
-    extra_nodes: torch.Tensor  # [T, M, D], z.dtype (M may be 0)
-    direction_ids: Optional[torch.Tensor]  # [T] int64 in [-1, K), or None (fixed-set mode)
-    incorrect_ids: Optional[torch.Tensor]  # [T] int64 in [-1, K), or None
-    center: bool
-    with_norms: bool = True  # False: backends may return norms=None
-    dla_table: Optional[object] = None  # a matching DlaTable (cpp backend; other backends ignore it)
-
-    @property
-    def n_tokens(self) -> int:
-        return self.z.shape[0]
-
-    @property
-    def n_heads(self) -> int:
-        return self.z.shape[1]
-
-    @property
-    def out_dtype(self) -> torch.dtype:
-        return accumulation_dtype(self.z.dtype)
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 for float64 inputs, float32 for everything else."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _shape(t: torch.Tensor) -> str:
@@ -105,40 +65,6 @@ def _require_float(name: str, t: torch.Tensor) -> None:
         raise TypeError(
             f"{name} must have dtype float32, float64, bfloat16 or float16, got {t.dtype}"
         )
-
-
-_FINITE_BLOCK = 1 << 20  # elements per block of the finiteness check
-
-
-def _all_finite(t: torch.Tensor) -> bool:
-    """Whether every value of ``t`` is finite. A finite sum proves it in one read without temporaries
-    (a NaN or an infinity makes any sum NaN or infinite): ~14x faster than isfinite on a K1-sized z.
-    Only a non-finite sum -- a bad value, or finite values overflowing -- leads to the exact check,
-    in blocks along dim 0 (isfinite makes temporaries as large as its input)."""
-    if t.numel() == 0:
-        return True
-    acc = torch.float64 if t.dtype == torch.float64 else torch.float32
-    if bool(torch.isfinite(t.sum(dtype=acc))):
-        return True
-    if t.numel() <= _FINITE_BLOCK or t.dim() == 0:
-        return bool(torch.isfinite(t).all())
-    if t.is_contiguous():
-        blocks = t.view(-1).split(_FINITE_BLOCK)
-    else:
-        blocks = t.split(max(1, _FINITE_BLOCK // max(1, t[0].numel())), dim=0)
-    return all(bool(torch.isfinite(b).all()) for b in blocks)
-
-
-def require_finite(name: str, t: torch.Tensor, rows: Optional[torch.Tensor] = None) -> None:
-    """ValueError naming ``name`` and the first bad index unless every value of ``t`` is finite;
-    with ``rows`` (int64 indices into dim 0), only those rows are checked. Nothing is cached: every
-    call reads the values it checks."""
-    part = t if rows is None else t.index_select(0, rows)
-    if part.numel() and not _all_finite(part):
-        bad = (~torch.isfinite(part)).nonzero()[0].tolist()
-        if rows is not None:
-            bad[0] = int(rows[bad[0]])
-        raise ValueError(f"{name} contains non-finite values (first at index {bad})")
 
 
 def _used_rows(*ids: Optional[torch.Tensor]) -> torch.Tensor:
@@ -309,7 +235,7 @@ def require_finite_outputs(inputs: FusedInputs, out: FusedOutputs) -> None:
             has_target &= inputs.incorrect_ids >= 0
         dla = dla.index_select(0, torch.nonzero(has_target).reshape(-1))
     for name, t in (("dla", dla), ("dots", out.dots), ("norms", out.norms)):
-        if t is not None and t.numel() and not _all_finite(t):
+        if t is not None and t.numel() and not all_finite(t):
             biggest = max(float(x.abs().max()) for x in (inputs.z, inputs.W_O, inputs.extra_nodes) if x.numel())
             raise ValueError(
                 f"the attribution overflowed {str(inputs.out_dtype).replace('torch.', '')}: {name} has non-finite values although every input "
@@ -370,8 +296,6 @@ def fused_attribution(
     Returns:
         FusedOutputs(dla [T, N] or [T, N, K], dots [T, N+M, W], norms [T, N+M] or None).
     """
-    from .backends import get_backend
-
     inputs = validate(
         z, W_O, directions, scale, writers, extra_nodes,
         direction_ids=direction_ids, incorrect_ids=incorrect_ids,

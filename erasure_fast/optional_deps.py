@@ -5,6 +5,10 @@ installed. Anything else that goes wrong while importing it -- a broken install,
 between two upstream packages, a module of ours shadowing one of theirs -- is not "not installed":
 it raises `OptionalDependencyError` with the original exception's type and text, so that wherever
 the problem is reported, the user reads its cause.
+
+``require_optional(name, extra, purpose)`` is the same for a feature that cannot run without it: an
+absent module raises `MissingExtraError`, which names the extra of ``pyproject.toml`` that installs it
+(``pip install 'erasure_fast[plots]'``).
 """
 
 from __future__ import annotations
@@ -18,6 +22,22 @@ class OptionalDependencyError(Exception):
     """An optional dependency is installed but fails to import (the cause is in the message and in
     ``__cause__``). Not an ImportError on purpose: code that treats ImportError as "absent" must not
     catch it."""
+
+
+class MissingExtraError(ModuleNotFoundError):
+    """A feature needs an optional dependency that is not installed; the message names the extra
+    (``erasure_fast[...]``) that installs it. A ModuleNotFoundError, with ``name`` the missing module."""
+
+
+def require_optional(name: str, extra: str, purpose: str) -> ModuleType:
+    """The module ``name``, needed for ``purpose``; `MissingExtraError` naming ``extra`` when it is not
+    installed, `OptionalDependencyError` when it is installed but broken (`import_optional`)."""
+    module = import_optional(name)
+    if module is None:
+        top = name.split(".")[0]
+        raise MissingExtraError(f"{purpose} needs {top}, which is not installed: pip install 'erasure_fast[{extra}]'",
+                                name=top)
+    return module
 
 
 def import_optional(name: str) -> Optional[ModuleType]:

@@ -7,23 +7,27 @@ from __future__ import annotations
 import os
 from typing import Optional
 
+from .optional_deps import require_optional
 from .paths import atomic_write, expand_path
+
+_PURPOSE = "plotting (figures of the scan, the paper and the benchmarks)"
+
+
+def _matplotlib(name: str = "matplotlib"):
+    """matplotlib (or its submodule ``name``), or the error naming the extra that installs it."""
+    return require_optional(name, "plots", _PURPOSE)
 
 
 def new_figure(figsize, nrows: int = 1, ncols: int = 1, **subplot_kw):
     """(figure, axes) like ``plt.subplots``, but owned by the caller (nothing registered globally)."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=figsize)
+    fig = _matplotlib("matplotlib.figure").Figure(figsize=figsize)
     axes = fig.subplots(nrows, ncols, **subplot_kw)
     return fig, axes
 
 
 def colormap(name: str):
     """A registered colormap by name (``matplotlib.colormaps``, no pyplot)."""
-    import matplotlib
-
-    return matplotlib.colormaps[name]
+    return _matplotlib().colormaps[name]
 
 
 def save(fig, path: Optional[str], dpi: int = 120) -> Optional[str]:

@@ -282,13 +282,16 @@ else:  # pragma: no cover - needs a GPU
     )(_fused_attribution_kernel)
 
 
-def plan(N: int, H: int, M: int, writers: torch.Tensor, mode: Optional[str] = None,
-         max_block: int = MAX_BLOCK) -> dict:
-    """Node/writer blocking and GRAM vs RECOMPUTE for these sizes (see the module docstring).
+def plan(N: int, H: int, M: int, writers: torch.Tensor) -> dict:
+    """Node/writer blocking and GRAM vs RECOMPUTE for these sizes (see the module docstring)."""
+    return _plan(N, H, M, writers)
 
-    ``mode``: None (cost model), "gram" or "recompute" (tests force both paths). ``max_block``:
-    largest node / writer block held by one program (tests lower it to exercise the split grid).
-    """
+
+def _plan(N: int, H: int, M: int, writers: torch.Tensor, mode: Optional[str] = None,
+          max_block: int = MAX_BLOCK) -> dict:
+    """`plan` with the test seams: ``mode`` None (cost model), "gram" or "recompute" (tests force both
+    paths); ``max_block`` the largest node / writer block held by one program (tests lower it to
+    exercise the split grid)."""
     split = min(SPLIT_BLOCK, max_block)
     W = int(writers.numel())
     N_P, W_P, M_P = _p2(N), _p2(W), _p2(M)
@@ -333,17 +336,21 @@ def fused_attribution(
     center: bool,
     *,
     allow_tf32: bool = False,
-    mode: Optional[str] = None,
-    block_sizes: Optional[dict] = None,
-    max_block: int = MAX_BLOCK,
 ) -> Tuple[Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
     """Launch the fused kernel on contract-valid, contiguous tensors (W >= 1 writers).
 
     Returns (dla [T, N] float32 in gathered mode or None in fixed mode, dots [T, N+M, W], norms [T, N+M]).
     In fixed mode the caller computes dla with `dla_table.dla_fixed` (cheaper in head space).
-    ``block_sizes`` (BLOCK_T/BLOCK_D/BLOCK_H) overrides the interpreter config; on GPU autotune picks.
-    ``mode`` / ``max_block``: see `plan` (defaults follow the cost model).
     """
+    return _launch(z, W_O, directions, scale, writers, extra_nodes, direction_ids, incorrect_ids, center,
+                   allow_tf32=allow_tf32)
+
+
+def _launch(z, W_O, directions, scale, writers, extra_nodes, direction_ids, incorrect_ids, center, *,
+            allow_tf32: bool = False, mode: Optional[str] = None, block_sizes: Optional[dict] = None,
+            max_block: int = MAX_BLOCK):
+    """`fused_attribution` with the test seams: ``mode`` / ``max_block`` as in `_plan`; ``block_sizes``
+    (BLOCK_T/BLOCK_D/BLOCK_H) overrides the interpreter config (on GPU autotune picks)."""
     if z.dtype == torch.float64:
         raise ValueError("the Triton kernels compute in float32; use backend='torch' or 'cpp' for float64 inputs")
     T, N, H = z.shape
@@ -352,7 +359,7 @@ def fused_attribution(
     W = int(writers.numel())
     if W == 0:
         raise ValueError("fused kernel needs at least one writer (DLA-only requests go to dla_table)")
-    p = plan(N, H, M, writers, mode, max_block)
+    p = _plan(N, H, M, writers, mode, max_block)
     dev = z.device
     gathered = direction_ids is not None
     dla = torch.empty((T, N), dtype=torch.float32, device=dev) if gathered else None

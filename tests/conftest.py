@@ -251,3 +251,13 @@ def run_cli(*args, env=None, **kw) -> subprocess.CompletedProcess:
     added to this process's environment)."""
     cmd = [sys.executable, "-m", "erasure_fast.cli", *map(str, args)]
     return subprocess.run(cmd, env={**os.environ, **(env or {})}, capture_output=True, text=True, **kw)
+
+
+@pytest.fixture
+def cpp_last_path():
+    """A function returning which path the C++ backend's last call on this thread took ('fused',
+    'dla_fixed', 'dla_unique (unique=n)', 'dla_table (unique=n)'): the backend's private seam
+    ``_last_path``, which no public signature carries."""
+    from erasure_fast.backends import cpp
+
+    return lambda: getattr(cpp._last_path, "value", "")

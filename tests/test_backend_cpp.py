@@ -407,28 +407,28 @@ def _dla_case(shape, dtype, mode, incorrect, missing, center=True):
      ("gathered", False, True)],
 )
 @pytest.mark.parametrize("center", [True, False])
-def test_dla_only_path_matches_oracle(dtype, shape, mode, incorrect, missing, center):
+def test_dla_only_path_matches_oracle(dtype, shape, mode, incorrect, missing, center, cpp_last_path):
     args, kw = _dla_case(shape, dtype, mode, incorrect, missing, center)
     got, _ = check_against_oracle(args, kw, dtype)
-    assert cpp.last_path().startswith("dla_fixed" if mode == "fixed" else "dla_unique")
+    assert cpp_last_path().startswith("dla_fixed" if mode == "fixed" else "dla_unique")
     assert got.dots.shape == (shape[0], shape[1], 0)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_dla_only_path_half_inputs(dtype):
+def test_dla_only_path_half_inputs(dtype, cpp_last_path):
     args, kw = _dla_case((37, 5, 24, 120, 40), dtype, "gathered", True, True)
     got, _ = check_against_oracle(args, kw, dtype)
-    assert got.dla.dtype == torch.float32 and cpp.last_path().startswith("dla_")
+    assert got.dla.dtype == torch.float32 and cpp_last_path().startswith("dla_")
 
 
-def test_small_d_model_keeps_fused_kernel():
+def test_small_d_model_keeps_fused_kernel(cpp_last_path):
     # d_model < 2 d_head: the Gram-matrix norms would lose accuracy, so the fused kernel runs
     args, kw = make_case(9, 3, 40, 30, 0, 0, 4, dtype=torch.float32)
     check_against_oracle(args, kw, torch.float32)
-    assert cpp.last_path() == "fused"
+    assert cpp_last_path() == "fused"
     args, kw = make_case(9, 3, 8, 40, 0, 1, 4, dtype=torch.float32)  # a writer: fused
     check_against_oracle(args, kw, torch.float32)
-    assert cpp.last_path() == "fused"
+    assert cpp_last_path() == "fused"
 
 
 def _fused_np(inp, fn):
@@ -443,7 +443,7 @@ def _fused_np(inp, fn):
 @pytest.mark.parametrize("shape", [(60, 4, 16, 40, 5), (120, 5, 24, 120, 300), (33, 2, 3, 21, 9)],
                          ids=lambda s: "T{}N{}H{}D{}K{}".format(*s))
 @pytest.mark.parametrize("incorrect,missing", [(False, False), (True, False), (False, True), (True, True)])
-def test_gathered_unique_table_fused_agree(dtype, shape, incorrect, missing):
+def test_gathered_unique_table_fused_agree(dtype, shape, incorrect, missing, cpp_last_path):
     args, kw = _dla_case(shape, dtype, "gathered", incorrect, missing)
     inp = validate(*args, **kw)
     want = torch_ref.run(as_f64(inp))
@@ -455,7 +455,7 @@ def test_gathered_unique_table_fused_agree(dtype, shape, incorrect, missing):
     for method in ("unique", "table", "auto"):
         dla, norms = cpp.dla_gathered(table, inp.z, inp.scale, inp.direction_ids, inp.incorrect_ids,
                                       method=method, norms=True)
-        assert cpp.last_path().startswith("dla_table" if method == "table" else "dla_")
+        assert cpp_last_path().startswith("dla_table" if method == "table" else "dla_")
         res[method] = dla
         assert rel_err(norms, want.norms) <= TOL[dtype]
     res["unique, no table"] = cpp.dla_gathered(None, inp.z, inp.scale, inp.direction_ids,
@@ -474,7 +474,7 @@ def test_gathered_unique_table_fused_agree(dtype, shape, incorrect, missing):
     assert torch.equal(torch.isnan(res["table"]).all(1), bad)
 
 
-def test_table_is_used_only_when_passed_and_invalidated_in_place():
+def test_table_is_used_only_when_passed_and_invalidated_in_place(cpp_last_path):
     T, N, H, D, K = 400, 3, 8, 64, 300
     args, kw = make_case(T, N, H, D, 0, 0, K, dtype=torch.float32, seed=5)
     z, W_O, dirs, scale, writers, _ = args
@@ -483,9 +483,9 @@ def test_table_is_used_only_when_passed_and_invalidated_in_place():
     assert cpp.prefer_table(n_unique, T, D)  # many distinct ids per token: the table wins
     # a table that was built but not passed is never consulted: no hidden state between calls
     fused_attribution(z, W_O, dirs, scale, [], backend="cpp", **kw)
-    assert cpp.last_path().startswith("dla_unique")
+    assert cpp_last_path().startswith("dla_unique")
     got = fused_attribution(z, W_O, dirs, scale, [], backend="cpp", dla_table=table, **kw)
-    assert cpp.last_path().startswith("dla_table")
+    assert cpp_last_path().startswith("dla_table")
     want = fused_attribution(z, W_O, dirs, scale, [], backend="torch", **kw)
     assert rel_err(got.dla, want.dla) < 1e-5 and rel_err(got.norms, want.norms) < 1e-5
     # other centring, other tensors, a writer, fixed mode: refused before any work
@@ -502,7 +502,7 @@ def test_table_is_used_only_when_passed_and_invalidated_in_place():
     # few distinct ids: the auto rule takes the unique reduction even with a complete table
     few = torch.zeros(T, dtype=torch.int64)
     fused_attribution(z, W_O, dirs, scale, [], backend="cpp", direction_ids=few, dla_table=table)
-    assert cpp.last_path().startswith("dla_unique")
+    assert cpp_last_path().startswith("dla_unique")
     # an in-place change of W_O (version counter) retires the table
     W_O.mul_(2.0)
     assert not table.is_current()
@@ -531,7 +531,7 @@ def test_nan_in_a_gathered_row_is_caught_and_unused_rows_are_not_read():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("incorrect", [False, True])
-def test_lazy_table_builds_rows_on_demand(dtype, incorrect):
+def test_lazy_table_builds_rows_on_demand(dtype, incorrect, cpp_last_path):
     T, N, H, D, K = 90, 3, 8, 40, 500
     args, kw = make_case(T, N, H, D, 0, 0, K, dtype=dtype, incorrect=incorrect, missing=True, seed=11)
     z, W_O, dirs, scale, _, _ = args
@@ -540,7 +540,7 @@ def test_lazy_table_builds_rows_on_demand(dtype, incorrect):
     assert lazy.lazy and lazy.n_filled == 0 and lazy.filled_nbytes == 0
     assert lazy.nbytes == full.nbytes and lazy.table.dtype == full.table.dtype
     got = fused_attribution(z, W_O, dirs, scale, [], backend="cpp", dla_table=lazy, **kw)
-    assert cpp.last_path().startswith("dla_table")
+    assert cpp_last_path().startswith("dla_table")
     ids = [kw["direction_ids"]] + ([kw["incorrect_ids"]] if incorrect else [])
     need = torch.unique(torch.cat(ids))
     need = need[need >= 0]

@@ -87,10 +87,11 @@ def compare(ours, ref, check, dtype, tol):
 
 
 def run_fused(case, center, dtype=torch.float32, **kw):
-    """The fused launcher (+ dla_fixed in fixed mode), as the backend calls it, with forced options."""
+    """The fused launcher (+ dla_fixed in fixed mode), as the backend calls it, with forced options
+    (the launcher's private test seam `_launch`; the public `fused_attribution` takes none)."""
     fa, dt = kernels()
     inp = validate(**cast(case, dtype), center=center)
-    dla, dots, norms = fa.fused_attribution(inp.z, inp.W_O, inp.directions, inp.scale, inp.writers,
+    dla, dots, norms = fa._launch(inp.z, inp.W_O, inp.directions, inp.scale, inp.writers,
                                             inp.extra_nodes, inp.direction_ids, inp.incorrect_ids, inp.center, **kw)
     if dla is None:
         dla = dt.dla_fixed(inp.z, inp.W_O, inp.directions, inp.scale, inp.center)
@@ -136,7 +137,7 @@ def test_fused_split_grid(mode):
     case = make_case(19, 19, 8, 20, 2, 18, 3, mode, mode == "gathered", seed=9)
     ref = reference(case, True)
     fa, _ = kernels()
-    p = fa.plan(19, 8, 2, case["writers"], max_block=16)
+    p = fa._plan(19, 8, 2, case["writers"], max_block=16)
     assert p["n_blocks"] == 2 and p["w_blocks"] == 2 and not p["GRAM"]
     compare(run_fused(case, True, max_block=16), ref, f"fused split grid {mode}", torch.float32, TOL32)
     compare(run_fused(case, True, block_sizes=dict(BLOCK_T=32, BLOCK_D=32, BLOCK_H=32)), ref,

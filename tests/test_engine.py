@@ -100,7 +100,7 @@ def test_models_the_engine_does_not_cover_fall_back_to_hooks_and_say_why(tmp_pat
         ef.attribute(model, tokens, capture="engine")
     assert not calls
     res = ef.attribute(model, tokens, writers=["L0H1"])
-    assert res.capture.startswith(f"hooks ({family}: ") and calls
+    assert res.capture == "hooks" and res.capture_reason.startswith(f"{family}: ") and calls
 
 
 def test_scan_records_its_capture_and_interventions_keep_hooks(tmp_path):

@@ -82,7 +82,7 @@ def test_engine_equals_hook_capture_or_says_why_not(arch, folders):
             except Exception as e:  # TransformerLens's own forward fails here (the family test's "upstream")
                 _record(arch, dtype, status="hooks (upstream fails)", reason=problem, error=type(e).__name__)
                 continue
-            assert res.capture == f"hooks ({problem})"
+            assert res.capture_description == f"hooks ({problem})"
             _record(arch, dtype, status="hooks", reason=problem)
             continue
         try:
@@ -159,7 +159,7 @@ def test_compatibility_mode_and_plain_transformers_models(folders):
     problem = engine_problem(bridge, spec)
     assert problem is not None and "compatibility mode" in problem
     tokens = _tokens(1, 6)
-    assert ef.attribute(bridge, tokens, writers=["L0H1"]).capture == f"hooks ({problem})"
+    assert ef.attribute(bridge, tokens, writers=["L0H1"]).capture_description == f"hooks ({problem})"
     hf = transformers.AutoModelForCausalLM.from_pretrained(folders["Qwen2ForCausalLM"]).eval()
     res = ef.attribute(hf, tokens, writers=["L0H1"])
     assert res.capture == "engine"

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-BACKEND_MODULES = {"cpp", "torch_ref", "triton"}
+BACKEND_MODULES = {"cpp", "cpp_backend", "torch_ref", "triton"}
 
 
 def _imported_modules(path: Path):
@@ -55,6 +55,58 @@ def test_the_scan_reaches_its_kernels_through_the_interface():
     got, want = scan_kernels.scan_kernel("series_stats_batch", values), cpp.scan_kernel("series_stats_batch", values)
     assert (got is None) == (want is None)
     assert scan_kernels.scan_kernel("series_stats_batch", values.half()) is None  # no float16 entry
+
+
+def test_the_registry_hands_out_backend_instances():
+    import pytest
+    import torch
+
+    from erasure_fast.backends import available_backends, backend_instance, get_backend
+    from erasure_fast.backends.base import Backend
+
+    for name in available_backends():
+        impl = backend_instance(name)
+        assert isinstance(impl, Backend) and impl.name == impl.NAME == name
+        assert backend_instance(name) is impl  # one instance per name
+    assert get_backend("torch", torch.device("cpu")) is backend_instance("torch")
+    with pytest.raises(NotImplementedError, match="the torch backend has no .*dla_fixed"):
+        backend_instance("torch").dla_fixed(torch.zeros(1, 1, 1), torch.zeros(1, 1, 1), torch.zeros(1, 1), torch.ones(1))
+    assert backend_instance("torch").scan_kernel("series_stats_batch", torch.zeros(3, 2, 4)) is None
+    with pytest.raises(TypeError):
+        Backend()  # abstract: run and available are required
+
+
+def test_the_torch_backend_compiles_its_chunk_function_through_the_interface():
+    import pytest
+    import torch
+
+    from erasure_fast.backends import backend_instance
+    from erasure_fast.contract import validate
+
+    g = torch.Generator().manual_seed(0)
+    inputs = validate(torch.randn(5, 4, 3, generator=g), torch.randn(4, 3, 6, generator=g), torch.randn(2, 6, generator=g),
+                      torch.rand(5, generator=g) + 0.5, [0, 2])
+    calls = []
+
+    def compiler(fn):
+        calls.append(fn)
+        return fn
+
+    ref = backend_instance("torch")
+    compiled = ref.compiled(compiler)
+    assert compiled is not ref and len(calls) == 1
+    for a, b in zip(compiled.run(inputs), ref.run(inputs)):
+        assert torch.equal(a, b)
+    with pytest.raises(NotImplementedError, match="the cpp backend has no"):
+        backend_instance("cpp").compiled(compiler)
+
+
+def test_the_contract_and_the_backends_import_one_way():
+    """The backends take their types from `erasure_fast.backends.base`; none imports the contract."""
+    offenders = [f"{path.relative_to(REPO)}:{line}"
+                 for path in sorted((REPO / "erasure_fast" / "backends").glob("*.py"))
+                 for line, name in _imported_modules(path) if name.startswith("erasure_fast.contract")]
+    assert not offenders, offenders
 
 
 # Run in a fresh interpreter: where erasure_fast and its kernels come from, and whether each kernel

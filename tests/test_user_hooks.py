@@ -44,7 +44,7 @@ def test_a_transformer_lens_hook_is_run_through(model):
     model.add_hook("blocks.0.attn.hook_z", zero_head2)
     res = ef.attribute(model, x, writers=["L0H2"])
     assert torch.equal(res.dla[:, :-1, 0, 2], torch.zeros(2, 8))
-    assert res.capture == "hooks (through the model's own hooks: forward hook zero_head2 on blocks.0.attn.hook_z)"
+    assert res.capture_description == "hooks (through the model's own hooks: forward hook zero_head2 on blocks.0.attn.hook_z)"
     check_against_cache(model, x, writer=2, label="hooked model", dtype=torch.float32, backends=("torch", "cpp"), tol=1e-5)
 
 
@@ -68,7 +68,7 @@ def test_a_torch_hook_on_a_module_of_a_transformer_lens_model_is_run_through(mod
     try:
         x = tokens()
         res = ef.attribute(model, x, writers=["L0H2"])
-        assert res.capture == "hooks (through the model's own hooks: forward hook ablate on blocks.0.attn)"
+        assert res.capture_description == "hooks (through the model's own hooks: forward hook ablate on blocks.0.attn)"
         check_against_cache(model, x, writer=2, label="module hook", dtype=torch.float32, backends=("cpp",), tol=1e-5)
     finally:
         handle.remove()
@@ -105,7 +105,7 @@ def test_a_global_module_hook_is_run_through_on_a_transformer_lens_model(model):
     try:
         x = tokens()
         res = ef.attribute(model, x, writers=["L0H2"])
-        assert res.capture == "hooks (through the model's own hooks: global forward hook scale_mlps on every module)"
+        assert res.capture_description == "hooks (through the model's own hooks: global forward hook scale_mlps on every module)"
         with pytest.raises(ValueError, match="capture='engine': the model has hooks attached"):
             ef.attribute(model, x, capture="engine")
         check_against_cache(model, x, writer=2, label="global hook", dtype=torch.float32, backends=("cpp",), tol=1e-5)
@@ -165,9 +165,11 @@ def test_a_scan_of_a_hooked_model_runs_through_the_hooks_and_says_so(model, tmp_
     rows = np.random.default_rng(1).integers(0, SMALL["d_vocab"], size=(6, 12)).astype(np.int64)
     model.add_hook("blocks.0.attn.hook_z", zero_head2)
     res = ef.scan(model, rows, writers=["L0H2"], out_dir=tmp_path / "o", progress=False)
-    why = "hooks (through the model's own hooks: forward hook zero_head2 on blocks.0.attn.hook_z)"
-    assert res.meta["capture"] == why
-    assert json.loads((tmp_path / "o" / "summary.json").read_text())["meta"]["capture"] == why
+    reason = "through the model's own hooks: forward hook zero_head2 on blocks.0.attn.hook_z"
+    why = f"hooks ({reason})"
+    assert (res.meta["capture"], res.meta["capture_reason"]) == ("hooks", reason)
+    meta = json.loads((tmp_path / "o" / "summary.json").read_text())["meta"]
+    assert (meta["capture"], meta["capture_reason"]) == ("hooks", reason)
     assert f"capture {why}" in (tmp_path / "o" / "report.md").read_text()
     dla = res.summary[(res.summary.kind == "dla") & (res.summary.node == "L0H2")].iloc[0]
     assert dla["mean"] == 0.0 and abs(dla["median"]) <= 0.01  # L0H2 zeroed by the hook: no DLA (histogram bin 0.01)

@@ -32,7 +32,7 @@ A[n] = W_O[n] @ c(d) (docs/math.md), and takes d_head-long dots with z:
   d_model >= 2 d_head (see `_GRAM_MIN_RATIO`); otherwise the fused kernel does.
 
 The rounding differs from the fused kernel (same math, other order); both stay within the
-contract's tolerances of the float64 reference. `last_path()` says which path the last call took.
+contract's tolerances of the float64 reference.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ..contract import FusedInputs, FusedOutputs, accumulation_dtype
+from .base import FusedInputs, FusedOutputs, accumulation_dtype
 
 NAME = "cpp"
 DEVICES = ("cpu",)
@@ -200,6 +200,8 @@ def dtype_suffix(dtype: torch.dtype) -> str:
 # z does not). There forming r costs at most 2 d_head^2 per head anyway, so the fused kernel runs.
 _GRAM_MIN_RATIO = 2
 
+# Which path the last `run` / `dla_gathered` / `dla_fixed` of this thread took: 'fused', 'dla_fixed',
+# 'dla_unique' or 'dla_table' (with the number of distinct ids); read by the tests (fixture cpp_last_path).
 _last_path = threading.local()
 
 
@@ -217,12 +219,6 @@ def _table_method(table, method: str, ids: torch.Tensor,
         table.ensure_rows(ids, incorrect_ids)
         return "table"
     return method
-
-
-def last_path() -> str:
-    """Which path the last `run` / `dla_gathered` of this thread took: 'fused', 'dla_fixed',
-    'dla_unique' or 'dla_table' (with the number of distinct ids where it applies)."""
-    return getattr(_last_path, "value", "")
 
 
 def dla_gathered(table, z: torch.Tensor, scale: torch.Tensor,
@@ -327,3 +323,4 @@ def run(inp: FusedInputs) -> FusedOutputs:
     )
     return FusedOutputs(dla=torch.from_numpy(dla), dots=torch.from_numpy(dots),
                         norms=torch.from_numpy(norms) if inp.with_norms else None)
+

@@ -20,7 +20,8 @@ from typing import NamedTuple, Optional
 import numpy as np
 import torch
 
-from ..contract import accumulation_dtype
+from ..finite import require_finite
+from .base import accumulation_dtype
 from .cpp import dtype_suffix, get_num_threads, kernel_array, require_extension
 
 
@@ -173,8 +174,6 @@ def build_dla_table(W_O: torch.Tensor, directions: torch.Tensor, center: bool = 
     if W_O.dim() != 3 or directions.dim() != 2 or directions.shape[1] != W_O.shape[2]:
         raise ValueError(f"W_O must have shape [N, d_head, d_model] and directions [K, d_model], got "
                          f"{list(W_O.shape)} and {list(directions.shape)}")
-    from ..contract import require_finite
-
     require_finite("W_O", W_O)
     if not lazy:  # a lazy table's rows are checked as calls gather them (the contract checks used rows)
         require_finite("directions", directions)

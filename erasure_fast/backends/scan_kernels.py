@@ -8,21 +8,24 @@ imports this module, never a backend's own).
 * `scan_rows(block)`: ``block`` [T, R, W] as those kernels read it in place (itself when its [R, W]
   rows are contiguous, else a contiguous copy).
 
-Both delegate to the C++ backend (`erasure_fast.backends.cpp`), the one implementation there is.
+Both go to the C++ backend's `Backend.scan_kernel` / `Backend.scan_rows` through the registry: it is
+the one backend with compiled scan kernels, whichever backend computed the values.
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import cpp as _cpp
+from . import backend_instance
+
+_KERNELS = "cpp"  # the backend whose scan kernels fold the aggregates
 
 
 def scan_kernel(name: str, values: torch.Tensor):
     """The compiled scan-aggregation entry ``name`` for ``values``, or None (see the module docstring)."""
-    return _cpp.scan_kernel(name, values)
+    return backend_instance(_KERNELS).scan_kernel(name, values)
 
 
 def scan_rows(block: torch.Tensor) -> torch.Tensor:
     """``block`` [T, R, W] as the scan kernels read it in place (see the module docstring)."""
-    return _cpp.scan_rows(block)
+    return backend_instance(_KERNELS).scan_rows(block)

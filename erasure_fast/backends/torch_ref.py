@@ -11,7 +11,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ..contract import FusedInputs, FusedOutputs
+from .base import Backend, FusedInputs, FusedOutputs
 
 NAME = "torch"
 # Bytes of head outputs formed at once: keeps [chunk, N + M, d_model] well inside memory.
@@ -52,8 +52,14 @@ def chunk_outputs(z: torch.Tensor, extra: torch.Tensor, scale: torch.Tensor, ids
     return dla, dots, norms
 
 
-def run(inp: FusedInputs, chunk_fn: Callable = chunk_outputs) -> FusedOutputs:
-    """Compute the contract's outputs (see `erasure_fast.contract`), chunk by chunk with ``chunk_fn``."""
+def run(inp: FusedInputs) -> FusedOutputs:
+    """Compute the contract's outputs (see `erasure_fast.contract`), chunk by chunk."""
+    return _run_chunked(inp, chunk_outputs)
+
+
+def _run_chunked(inp: FusedInputs, chunk_fn: Callable) -> FusedOutputs:
+    """`run` with each chunk computed by ``chunk_fn`` (`chunk_outputs`, or a compiled copy of it:
+    `TorchBackend.compiled`)."""
     acc = inp.out_dtype
     T, N, _ = inp.z.shape
     D = inp.W_O.shape[2]
@@ -80,3 +86,25 @@ def run(inp: FusedInputs, chunk_fn: Callable = chunk_outputs) -> FusedOutputs:
         if norms is not None:
             norms[sl] = c_norms
     return FusedOutputs(dla=dla, dots=dots, norms=norms)
+
+
+class TorchBackend(Backend):
+    """The reference implementation (any device; the float64 oracle)."""
+
+    name = NAME
+
+    def __init__(self):
+        self._chunk_fn = chunk_outputs
+
+    def available(self) -> tuple[bool, str]:
+        return available()
+
+    def run(self, inputs: FusedInputs) -> FusedOutputs:
+        return _run_chunked(inputs, self._chunk_fn)
+
+    def compiled(self, compiler: Callable[[Callable], Callable]) -> "TorchBackend":
+        """A new torch backend whose per-chunk function is ``compiler(chunk_outputs)`` (e.g.
+        ``torch.compile``; the token loop stays in Python, so the graph is not unrolled over chunks)."""
+        out = TorchBackend()
+        out._chunk_fn = compiler(chunk_outputs)
+        return out

@@ -29,7 +29,7 @@ from typing import Optional
 
 import torch
 
-from ..contract import FusedInputs, FusedOutputs
+from .base import Backend, FusedInputs, FusedOutputs
 
 NAME = "triton"
 ENV_TF32 = "ERASURE_FAST_TRITON_TF32"
@@ -53,9 +53,14 @@ def _interpret() -> bool:
     return bool(triton_common.INTERPRET)
 
 
+def _devices() -> tuple:
+    """The device types the kernels run on: ("cuda",), or ("cuda", "cpu") for interpreted kernels."""
+    return ("cuda", "cpu") if _interpret() else ("cuda",)
+
+
 def __getattr__(name: str):
     if name == "DEVICES":
-        return ("cuda", "cpu") if _interpret() else ("cuda",)
+        return _devices()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -123,3 +128,19 @@ def run(inp: FusedInputs) -> FusedOutputs:
     if dla is None:  # fixed direction set: head-space table
         dla = dt.dla_fixed(inp.z, inp.W_O, inp.directions, inp.scale, inp.center, allow_tf32=tf32)
     return FusedOutputs(dla=dla, dots=dots, norms=norms if inp.with_norms else None)
+
+
+class TritonBackend(Backend):
+    """The fused GPU kernels (CUDA; CPU under the Triton interpreter)."""
+
+    name = NAME
+
+    @property
+    def devices(self) -> tuple:
+        return _devices()
+
+    def available(self) -> tuple[bool, str]:
+        return available()
+
+    def run(self, inputs: FusedInputs) -> FusedOutputs:
+        return run(inputs)

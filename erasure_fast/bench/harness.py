@@ -26,9 +26,9 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from ..backends import backend_module
+from ..backends import backend_instance
 from ..contract import validate
-from ..optional_deps import OptionalDependencyError, import_optional
+from ..optional_deps import OptionalDependencyError, import_optional, require_optional
 from . import machine as mach
 from . import providers as prov
 from . import rounds as rounds_mod
@@ -84,8 +84,7 @@ class _PeakRSS:
             self.base = torch.cuda.memory_allocated()
             self.peak = self.base
             return self
-        import psutil
-
+        psutil = require_optional("psutil", "bench", "the benchmark's CPU memory sampling")
         _trim_heap()
         self.proc = psutil.Process()
         self.base = self.proc.memory_info().rss
@@ -139,7 +138,7 @@ def reference_outputs(model, inp, workload: str, n_tokens: int) -> Dict[str, tor
     per_token = ("z", "scale", "direction_ids", "extra_nodes")
     args = {k: v[:n_tokens] if k in per_token else v for k, v in args.items()}
     args = {k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in args.items()}
-    return prov.contract_canonical(workload)(backend_module("torch").run(validate(**args)), n_tokens)
+    return prov.contract_canonical(workload)(backend_instance("torch").run(validate(**args)), n_tokens)
 
 
 def compare_with_reference(ours: Dict[str, torch.Tensor], ref: Dict[str, torch.Tensor], tol: float) -> str:

@@ -211,10 +211,10 @@ def conditions(git_dir: Optional[str] = None) -> dict:
             pass
     threads = {"torch": torch.get_num_threads(), "ERASURE_FAST_NUM_THREADS": os.environ.get("ERASURE_FAST_NUM_THREADS"),
                "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
-    from ..backends import backend_module
+    from ..backends import backend_instance
 
     try:
-        threads["cpp"] = backend_module("cpp").build_info().get("max_threads")
+        threads["cpp"] = backend_instance("cpp").build_info().get("max_threads")
     except RuntimeError as e:  # the extension is optional: its absence is recorded with the reason
         threads["cpp"] = str(e)
     return dict(busy_fraction=busy_fraction(), loadavg=load,

@@ -142,14 +142,15 @@ def cpp_with_table(lazy: bool):
     def make(model, inp, workload: str) -> Optional[PreparedWorkload]:
         if workload != "K2n":
             return None
-        from ..backends.dla_table import build_dla_table
+        from ..backends import backend_instance
 
+        cpp = backend_instance("cpp")
         args = contract_args(model, inp, workload)
         state = {}
 
         def run():
             if "table" not in state:
-                state["table"] = build_dla_table(args["W_O"], args["directions"], args["center"], lazy=lazy)
+                state["table"] = cpp.build_dla_table(args["W_O"], args["directions"], args["center"], lazy=lazy)
             return fused_attribution(**args, backend="cpp", dla_table=state["table"])
 
         return PreparedWorkload(run, contract_canonical(workload))
@@ -160,16 +161,15 @@ def cpp_with_table(lazy: bool):
 def torch_compile(model, inp, workload: str) -> PreparedWorkload:
     """torch.compile of the reference math (the first thing a user would try): the per-chunk function
     is compiled (the token loop stays in Python, so the graph is not unrolled over chunks)."""
-    from ..backends import backend_module
+    from ..backends import backend_instance
 
-    torch_ref = backend_module("torch")
     args = contract_args(model, inp, workload)
     inputs = validate(**args)
     # A fresh compilation per point: dynamo's recompile limit would otherwise silently fall back to
     # eager after a few sizes. Compilation happens in the harness's warm-up call, not in the timing.
     torch._dynamo.reset()
-    compiled = torch.compile(torch_ref.chunk_outputs, dynamic=False)
-    return PreparedWorkload(lambda: torch_ref.run(inputs, chunk_fn=compiled), contract_canonical(workload))
+    impl = backend_instance("torch").compiled(lambda fn: torch.compile(fn, dynamic=False))
+    return PreparedWorkload(lambda: impl.run(inputs), contract_canonical(workload))
 
 
 def available_providers(device: torch.device) -> Dict[str, Callable]:

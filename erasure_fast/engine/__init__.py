@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+from ..capture_modes import CaptureMode
 from ..models import ModelSpec
 from ..models.tl import tl_kind
 from .hf_modules import HFModulesEngine, hf_engine_problem
@@ -31,7 +32,7 @@ from .weights import EngineWeights, engine_capture, weights_engine_problem
 
 __all__ = ["CAPTURE_MODES", "EngineWeights", "HFModulesEngine", "engine_capture", "engine_for", "engine_problem"]
 
-CAPTURE_MODES = ("auto", "engine", "hooks")
+CAPTURE_MODES = tuple(m.value for m in CaptureMode)  # ("auto", "engine", "hooks")
 
 
 def _hf_loaded(model) -> bool:

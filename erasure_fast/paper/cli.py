@@ -22,6 +22,7 @@ import torch
 from ..attribution import resolve_capture
 from ..capture import model_device
 from ..demo import PLANTED, demo_corpus, planted_model
+from ..capture_modes import CaptureChoice, CaptureMode
 from ..engine import CAPTURE_MODES
 from ..loading import GELU_4L_REPO, ModelLoadError, check_device, load_model, locate_model
 from ..models import UnsupportedModelError, model_spec
@@ -130,7 +131,7 @@ class PaperJob:
     erasers: List[str]
     samples: int
     capture: str = "auto"  # the --capture option
-    capture_used: str = "hooks"  # what it resolved to on this model (with why, for hooks under auto)
+    capture_used: CaptureChoice = CaptureChoice(CaptureMode.HOOKS)  # what it resolved to on this model (and why)
     corpus_label: Optional[str] = None  # the figures' corpus, in words
     batch: Optional[torch.Tensor] = None  # the figures' token batch [rows, seq_len]
     donor_rows: Optional[np.ndarray] = None  # fig 4: its donors, the first --samples rows (BOS as in the batch)

@@ -261,7 +261,8 @@ def open_hf_dataset(name_or_path: str, *, column: str = "tokens", split: str = "
     _check_seq_len(seq_len)
     datasets = import_optional("datasets")  # installed but broken: raises, saying why
     if datasets is None:
-        raise CorpusError(f"{name_or_path}: reading a Hugging Face dataset needs the `datasets` package")
+        raise CorpusError(f"{name_or_path}: reading a Hugging Face dataset needs the `datasets` package: "
+                          "pip install 'erasure_fast[hf]'")
     if name_or_path.startswith(HUB_PREFIX):
         name = name_or_path[len(HUB_PREFIX):]
         if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name):

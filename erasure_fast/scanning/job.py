@@ -358,7 +358,8 @@ class ScanJob:
         meta = dict(
             model=getattr(getattr(model, "cfg", None), "model_name", None) or type(model).__name__,
             model_fingerprint=p.cfg.model_fingerprint, corpus=dict(p.cfg.corpus, content_hash=totals["content_hash"]),
-            tokens=totals["tokens"], rows=totals["rows"], backend=p.impl.NAME, capture=p.capture, world_size=self.world,
+            tokens=totals["tokens"], rows=totals["rows"], backend=p.impl.NAME, capture=p.capture.mode.value,
+            capture_reason=p.capture.reason, world_size=self.world,
             elapsed_s=totals["elapsed"],
             tokens_per_s=totals["tokens"] / totals["elapsed"] if totals["elapsed"] > 0 else None,
             writers=p.cfg.writer_labels, seq_len=p.cfg.seq_len, batch_size=p.cfg.batch_size, prepend_bos=p.cfg.prepend_bos,

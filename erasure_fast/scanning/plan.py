@@ -14,16 +14,18 @@ import hashlib
 import json
 import numbers
 from dataclasses import asdict, dataclass
-from typing import FrozenSet, List, Optional, Sequence
+from typing import FrozenSet, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
-import xxhash
 
 from ..attribution import resolve_capture, resolve_writers
 from ..backends import get_backend
+from ..backends.base import Backend
 from ..capture import model_device
+from ..capture_modes import CaptureChoice, CaptureMode
 from ..models import ModelSpec, as_transformer_lens, model_spec
+from ..optional_deps import import_optional, require_optional
 from .corpus import TokenCorpus, open_corpus
 from .outdir import check_corpus_outside, check_scan_dir
 from .aggregate import centred_bins
@@ -91,7 +93,7 @@ class ScanPlan:
     spec: ModelSpec
     corpus: TokenCorpus
     cfg: ScanConfig
-    impl: object  # backend module
+    impl: Backend  # the resolved backend (erasure_fast.backends.base.Backend)
     device: torch.device
     wr: torch.Tensor  # [W] writer head indices
     out_dir: str
@@ -103,7 +105,7 @@ class ScanPlan:
     notes: Optional[str]
     owned_files: FrozenSet[str] = frozenset()  # the files the output folder's manifest lists (outdir.py)
     rank_by: str = "es"  # the report's ranking statistic (ranking.py); not part of the config
-    capture: str = "hooks"  # `erasure_fast.attribution.resolve_capture`'s answer; not part of the config
+    capture: CaptureChoice = CaptureChoice(CaptureMode.HOOKS)  # `resolve_capture`'s answer; not part of the config
     tokenizer: object = None  # decodes the report's token contexts (the model's own by default); may be None
 
 
@@ -111,7 +113,7 @@ def model_fingerprint(model) -> str:
     """Hash of every parameter's bytes (and names, dtypes), so a changed model refuses to resume.
     xxh3-128, not a cryptographic hash: it guards against accidents (other weights, a fine-tuned
     copy), not forgery, and reads ~30 GB/s where sha256 read 2 GB/s (0.1 s of a 64K-token scan)."""
-    h = xxhash.xxh3_128()
+    h = require_optional("xxhash", "scan", "a scan's model fingerprint").xxh3_128()
     with torch.no_grad():
         for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
             h.update(name.encode())
@@ -143,13 +145,27 @@ def _flag(name: str, value) -> bool:
 _TOPK_BYTES = 8 * (6 + CONTEXT) * 2 * 2
 
 
+def _available_memory() -> Optional[int]:
+    """Bytes of memory available to new allocations: psutil's figure where it is installed, else
+    Linux's MemAvailable; None where neither says (the check is then skipped)."""
+    psutil = import_optional("psutil")
+    if psutil is not None:
+        return int(psutil.virtual_memory().available)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def _check_top_k_fits(top_k: int, n_writers: int) -> None:
     """Refuse a top_k whose example tables alone would not fit in this machine's free memory."""
-    import psutil
-
     need = _TOPK_BYTES * top_k * n_writers
-    free = psutil.virtual_memory().available
-    if need > free // 2:
+    free = _available_memory()
+    if free is not None and need > free // 2:
         fits = max(1, free // 2 // (_TOPK_BYTES * n_writers))
         raise ValueError(f"top_k {top_k:,} keeps {top_k * n_writers:,} example positions ({need / 2**30:,.1f} GiB for "
                          f"{n_writers} writer(s)), more than half of this machine's free memory "
@@ -161,7 +177,7 @@ def plan_scan(model, corpus, *, writers="all", seq_len: Optional[int] = None, ba
               prepend_bos: Optional[int] = None, checkpoint_every: int = 20, top_k: int = 20,
               position_edges: Sequence[int] = POSITION_EDGES, progress: bool = True, report: bool = True,
               tokenizer=None, notes: Optional[str] = None, bin_dtype: Optional[str] = None,
-              column: Optional[str] = None, rank_by: str = DEFAULT_RANK, capture: str = "auto",
+              column: Optional[str] = None, rank_by: str = DEFAULT_RANK, capture: Union[str, CaptureMode] = "auto",
               overwrite: bool = False) -> ScanPlan:
     """Validate a scan (arguments as `erasure_fast.scan`) and return its `ScanPlan`. Raises
     ValueError / TypeError (CorpusError and OutputDirError are ValueErrors) naming the argument."""

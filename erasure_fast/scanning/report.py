@@ -10,6 +10,7 @@ from typing import Dict, Optional
 
 import numpy as np
 
+from ..optional_deps import require_optional
 from ..paths import atomic_write
 from .plan import CONTEXT_BEFORE
 from .plots import all_plots, written
@@ -17,6 +18,12 @@ from .ranking import RANK_STATISTICS, STATISTIC_NAMES, featured_writers, null_ve
 from .report_html import write_report_html
 
 QS = (0.125, 0.25, 0.5, 0.75, 0.875)
+
+
+def _capture_text(meta: dict) -> str:
+    """The scan's capture as the report reads it: "engine", "hooks" or "hooks (reason)"."""
+    capture, reason = meta.get("capture", "hooks"), meta.get("capture_reason")
+    return f"{capture} ({reason})" if reason else capture
 
 
 def _bucket_names(edges) -> list:
@@ -153,6 +160,7 @@ def write_report(out_dir: str, summary, agg, cfg, meta: dict, make_plots: bool =
     rank_by = meta["rank_by"]
     os.makedirs(out_dir, exist_ok=True)
     files = {}
+    require_optional("pyarrow", "scan", "the scan's summary.parquet")
     files["summary.parquet"] = atomic_write(os.path.join(out_dir, "summary.parquet"), lambda p: summary.to_parquet(p, index=False))
     files["summary.csv"] = atomic_write(os.path.join(out_dir, "summary.csv"), lambda p: summary.to_csv(p, index=False))
     pairs = rank_pairs(summary, rank_by, 15)
@@ -295,7 +303,7 @@ def _markdown(summary, pairs, tops, cfg, meta, focus, files) -> str:
         f"- corpus: {meta['corpus']['source']} (rows of {meta['seq_len']} tokens, BOS prepended: {meta['prepend_bos'] is not None}"
         + (f"; {meta['corpus']['dropped_tokens']:,} tokens in no whole row, not scanned" if meta['corpus'].get('dropped_tokens') else "")
         + f"; token hash {meta['corpus'].get('content_hash', 'n/a')})",
-        f"- tokens: {meta['tokens']:,} in {meta['rows']:,} rows; backend {meta['backend']}; capture {meta.get('capture', 'hooks')}; "
+        f"- tokens: {meta['tokens']:,} in {meta['rows']:,} rows; backend {meta['backend']}; capture {_capture_text(meta)}; "
         f"{meta['world_size']} process(es)",
         f"- time: {meta['elapsed_s']:.1f} s ({tps:,.0f} tokens/s)" if tps else "- time: n/a",
         f"- quantiles from fixed-bin histograms: PR bins of {width:g} centred on its multiples, over "

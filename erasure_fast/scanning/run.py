@@ -7,8 +7,9 @@ and report).
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
+from ..capture_modes import CaptureMode
 from .job import ScanJob, ScanResult
 from .plan import POSITION_EDGES, plan_scan
 
@@ -35,7 +36,7 @@ def scan(
     bin_dtype: Optional[str] = None,
     column: Optional[str] = None,
     rank_by: str = "es",
-    capture: str = "auto",
+    capture: Union[str, CaptureMode] = "auto",
     overwrite: bool = False,
 ) -> Optional[ScanResult]:
     """Erasure scan of ``corpus`` through ``model``.

@@ -20,6 +20,7 @@
 
   function nodeOf(k) { return D.nodes[P.node[k]]; }
   function writerOf(k) { return D.writers[P.writer[k]]; }
+  function captureText(m) { return m.capture_reason ? m.capture + " (" + m.capture_reason + ")" : m.capture; }
   function pairHash(k) { return "#pair/" + encodeURIComponent(nodeOf(k)) + "/" + encodeURIComponent(writerOf(k)); }
 
   // ---- DOM and SVG builders (text always through text nodes: token texts come from the corpus)
@@ -113,7 +114,7 @@
     h("header", {},
       h("h1", {}, "Erasure scan report"),
       h("p", { class: "sub" }, `${m.model} \u00b7 ${count(m.tokens)} tokens in ${count(m.rows)} rows of ${m.seq_len} \u00b7 ` +
-        `corpus ${m.corpus.source} \u00b7 backend ${m.backend}, capture ${m.capture}`),
+        `corpus ${m.corpus.source} \u00b7 backend ${m.backend}, capture ${captureText(m)}`),
       m.notes ? h("blockquote", {}, m.notes) : null),
     h("nav", {}, tabs.map(([v, t]) => h("a", { class: "tab", href: "#" + v, "data-view": v }, t)),
       h("label", { class: "stat" }, "Statistic ", statSelect)),
@@ -429,7 +430,7 @@
     const rows = [["model", `${m.model} (fingerprint ${m.model_fingerprint})`], ["corpus", m.corpus.source],
       ["corpus kind", m.corpus.kind], ["token hash", m.corpus.content_hash], ["tokens", `${count(m.tokens)} in ${count(m.rows)} rows of ${m.seq_len}`],
       ["BOS prepended", m.prepend_bos === null ? "no" : `token ${m.prepend_bos}`], ["writers", D.writers.join(", ")],
-      ["backend", m.backend], ["capture", m.capture], ["processes", m.world_size], ["batch size", m.batch_size],
+      ["backend", m.backend], ["capture", captureText(m)], ["processes", m.world_size], ["batch size", m.batch_size],
       ["time", `${fmt(m.elapsed_s)} s` + (m.tokens_per_s ? ` (${count(m.tokens_per_s)} tokens/s)` : "")],
       ["ranking", `${NAME[D.rank_by]}: ${D.ranking[D.rank_by].formula}`],
       ["position buckets", D.buckets.join(", ")],
