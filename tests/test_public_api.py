@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -128,12 +129,21 @@ def test_the_contract_ships_and_docstrings_point_to_it():
 
 
 def test_runtime_dependencies_are_declared():
+    """The core needs torch, numpy and transformer_lens (and what those bring); every optional package a
+    feature imports on use is declared in the extra that feature names (`optional_deps`)."""
     import tomllib
 
-    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
-    names = {d.split(";")[0].split(">")[0].split("=")[0].split("<")[0].strip().lower() for d in deps}
-    for used in ("torch", "numpy", "psutil", "pandas", "pyarrow", "matplotlib", "tqdm", "safetensors", "transformer-lens"):
-        assert used in names, used
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    name = lambda d: re.split(r"[\s;<>=!~\[]", d.strip(), maxsplit=1)[0].lower()  # noqa: E731
+    core = {name(d) for d in project["dependencies"]}
+    extras = {extra: {name(d) for d in deps} for extra, deps in project["optional-dependencies"].items()}
+    for used in ("torch", "numpy", "transformer-lens", "packaging", "pandas", "tqdm"):
+        assert used in core, used
+    for used, extra in (("psutil", "bench"), ("matplotlib", "plots"), ("pyarrow", "scan"), ("xxhash", "scan"),
+                        ("safetensors", "hf"), ("datasets", "hf"), ("triton", "gpu"), ("nnsight", "nnsight")):
+        assert used in extras[extra], (used, extra)
+    assert extras["all"] == {"erasure_fast"} and all(e in project["optional-dependencies"]["all"][0]
+                                                     for e in ("gpu", "scan", "plots", "bench", "hf", "nnsight"))
 
 
 def test_a_source_checkout_reports_what_it_lacks():
