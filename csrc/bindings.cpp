@@ -8,6 +8,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
@@ -89,17 +90,26 @@ Dims check_dla_core(const InArr<In>& z, const InArr<In>& W_O, const InArr<In>& d
   return Dims{T_, N, H, D, K};
 }
 
+// One fused_attribution call: its params (pointers into the arrays below and into the inputs) and
+// its freshly allocated outputs.
 template <typename In>
-py::tuple run(const InArr<In>& z, const InArr<In>& W_O, const InArr<In>& directions,
-              const Arr<typename In::acc>& scale, const IdArr& writers,
-              const std::optional<InArr<In>>& extra,
-              const std::optional<IdArr>& direction_ids, const std::optional<IdArr>& incorrect_ids,
-              bool center, int n_threads, int tile_tokens, int chunk_cols) {
+struct FusedCall {
+  ef::FusedParams<In> p;
+  py::array_t<typename In::acc> dla, dots, norms;
+};
+
+// Fills the params of one fused_attribution call from the numpy arguments, checking every one of
+// them (the only place they are checked), and allocates the outputs.
+template <typename In>
+FusedCall<In> fused_params(const InArr<In>& z, const InArr<In>& W_O, const InArr<In>& directions,
+                           const Arr<typename In::acc>& scale, const IdArr& writers,
+                           const std::optional<InArr<In>>& extra,
+                           const std::optional<IdArr>& direction_ids,
+                           const std::optional<IdArr>& incorrect_ids, bool center, int n_threads,
+                           int tile_tokens, int chunk_cols) {
   using T = typename In::acc;
-  using S = typename In::storage;
-  // ---- every check, in one place ----
   const Dims dims = check_dla_core<In>(z, W_O, directions, scale);
-  const int64_t T_ = dims.T, N = dims.N, H = dims.H, D = dims.D, K = dims.K;
+  const int64_t T_ = dims.T, N = dims.N, K = dims.K, D = dims.D;
   if (writers.ndim() != 1) fail("writers must have shape [W], got " + shape_of(writers));
   const int64_t W = writers.shape(0);
   {
@@ -109,49 +119,64 @@ py::tuple run(const InArr<In>& z, const InArr<In>& W_O, const InArr<In>& directi
         fail("writers must be head indices in [0, " + std::to_string(N) + "), got " +
              std::to_string(w[i]) + " at position " + std::to_string(i));
   }
-  int64_t M = 0;
-  const S* extra_ptr = nullptr;
+  FusedCall<In> c;
+  ef::FusedParams<In>& p = c.p;
   if (extra) {
     if (extra->ndim() != 3 || extra->shape(0) != T_ || extra->shape(2) != D)
       fail("extra_nodes must have shape [T, M, d_model]=[" + std::to_string(T_) + ", M, " +
            std::to_string(D) + "], got " + shape_of(*extra));
-    M = extra->shape(1);
-    extra_ptr = extra->data();
+    p.n_extra = extra->shape(1);
+    p.extra = extra->data();
   }
-  const int64_t* ids_ptr = nullptr;
-  const int64_t* inc_ptr = nullptr;
   if (direction_ids) {
     check_ids("direction_ids", *direction_ids, T_, K);
-    ids_ptr = direction_ids->data();
+    p.direction_ids = direction_ids->data();
   }
   if (incorrect_ids) {
     if (!direction_ids)
       fail("incorrect_ids needs direction_ids (logit difference is a gathered-mode option)");
     check_ids("incorrect_ids", *incorrect_ids, T_, K);
-    inc_ptr = incorrect_ids->data();
+    p.incorrect_ids = incorrect_ids->data();
   }
+  p.z = z.data();
+  p.W_O = W_O.data();
+  p.directions = directions.data();
+  p.scale = scale.data();
+  p.writers = writers.data();
+  p.n_tokens = T_;
+  p.n_heads = N;
+  p.d_head = dims.H;
+  p.d_model = D;
+  p.n_dirs = K;
+  p.n_writers = W;
+  p.center = center;
+  p.n_threads = n_threads;
+  p.tile_tokens = tile_tokens;
+  p.chunk_cols = chunk_cols;
+  const int64_t M = p.n_extra;
+  c.dla = py::array_t<T>(p.direction_ids ? std::vector<py::ssize_t>{T_, N}
+                                         : std::vector<py::ssize_t>{T_, N, K});
+  c.dots = py::array_t<T>(std::vector<py::ssize_t>{T_, N + M, W});
+  c.norms = py::array_t<T>(std::vector<py::ssize_t>{T_, N + M});
+  p.dla = c.dla.mutable_data();
+  p.dots = c.dots.mutable_data();
+  p.norms = c.norms.mutable_data();
+  return c;
+}
 
-  // ---- outputs ----
-  std::vector<py::ssize_t> dla_shape = ids_ptr ? std::vector<py::ssize_t>{T_, N}
-                                               : std::vector<py::ssize_t>{T_, N, K};
-  py::array_t<T> dla(dla_shape);
-  py::array_t<T> dots(std::vector<py::ssize_t>{T_, N + M, W});
-  py::array_t<T> norms(std::vector<py::ssize_t>{T_, N + M});
-  T* dla_p = dla.mutable_data();
-  T* dots_p = dots.mutable_data();
-  T* norms_p = norms.mutable_data();
-  const S* z_p = z.data();
-  const S* wo_p = W_O.data();
-  const S* dir_p = directions.data();
-  const T* sc_p = scale.data();
-  const int64_t* wr_p = writers.data();
+template <typename In>
+py::tuple run(const InArr<In>& z, const InArr<In>& W_O, const InArr<In>& directions,
+              const Arr<typename In::acc>& scale, const IdArr& writers,
+              const std::optional<InArr<In>>& extra,
+              const std::optional<IdArr>& direction_ids, const std::optional<IdArr>& incorrect_ids,
+              bool center, int n_threads, int tile_tokens, int chunk_cols) {
+  const FusedCall<In> c = fused_params<In>(z, W_O, directions, scale, writers, extra, direction_ids,
+                                           incorrect_ids, center, n_threads, tile_tokens, chunk_cols);
   {
     py::gil_scoped_release release;
-    ef::kernels().typed<In>().fused_attribution(z_p, wo_p, dir_p, sc_p, wr_p, extra_ptr, ids_ptr, inc_ptr, T_, N, H,
-                              D, K, W, M, center, dla_p, dots_p, norms_p, n_threads, tile_tokens,
-                              chunk_cols);
+    ef::kernels().typed<In>().fused_attribution(c.p);
   }
-  return py::make_tuple(dla, dots, norms);
+  return py::make_tuple(c.dla, c.dots, c.norms);
 }
 
 template <typename In>
@@ -512,11 +537,25 @@ void check_hist(const py::array& hist, const std::string& name, int64_t n_series
          std::to_string(n_bins + 2) + "], got " + shape_of(hist));
 }
 
+// One pair_stats_batch call: its params and what they point into that the caller does not own (the
+// histogram pointers and the outputs).
 template <typename T>
-py::tuple run_pair_stats(const py::array& dots, const Arr<T>& norms, const Arr<T>& null_dots,
-                         const Arr<double>& resid_norm, const IdArr& writers, const IdArr& pairs,
-                         const Arr<double>& lo, const Arr<double>& inv_width, const IdArr& n_bins,
-                         const std::vector<py::array>& hists, int n_threads) {
+struct PairStatsCall {
+  ef::PairStatsParams<T> p;
+  std::vector<int64_t*> hist_ptrs;
+  BatchMoments out;
+  explicit PairStatsCall(int64_t P) : hist_ptrs(ef::kPairStats), out(ef::kPairStats, P) {}
+};
+
+// Fills the params of one pair_stats_batch call, checking every argument (the only place they are
+// checked), and allocates the outputs. Returned by pointer: p points into the call's own members.
+template <typename T>
+std::unique_ptr<PairStatsCall<T>> pair_stats_params(const py::array& dots, const Arr<T>& norms,
+                                                    const Arr<T>& null_dots, const Arr<double>& resid_norm,
+                                                    const IdArr& writers, const IdArr& pairs,
+                                                    const Arr<double>& lo, const Arr<double>& inv_width,
+                                                    const IdArr& n_bins, const std::vector<py::array>& hists,
+                                                    int n_threads) {
   constexpr int K = ef::kPairStats;
   const int64_t dots_stride = rows_in_place<T>(dots, "dots", "[T, n_nodes, W]");
   const int64_t T_ = dots.shape(0), Nn = dots.shape(1), W = dots.shape(2);
@@ -545,28 +584,49 @@ py::tuple run_pair_stats(const py::array& dots, const Arr<T>& norms, const Arr<T
   if (n_bins.ndim() != 1 || n_bins.shape(0) != K) fail("n_bins must have shape [" + std::to_string(K) + "]");
   if (static_cast<int64_t>(hists.size()) != K)
     fail("hists must hold " + std::to_string(K) + " arrays, got " + std::to_string(hists.size()));
-  std::vector<int64_t*> hist_ptrs(K);
+  auto c = std::make_unique<PairStatsCall<T>>(P);
   for (int k = 0; k < K; ++k) {
     if (n_bins.data()[k] < 1) fail("n_bins must be >= 1");
     if (!std::isfinite(lo.data()[k]) || !std::isfinite(inv_width.data()[k]) || !(inv_width.data()[k] > 0))
       fail("lo must be finite and inv_width finite and > 0");
     check_hist(hists[k], "hists[" + std::to_string(k) + "]", P, n_bins.data()[k]);
-    hist_ptrs[k] = static_cast<int64_t*>(const_cast<py::array&>(hists[k]).mutable_data());
+    c->hist_ptrs[k] = static_cast<int64_t*>(const_cast<py::array&>(hists[k]).mutable_data());
   }
-  BatchMoments out(K, P);
-  const T* dp = static_cast<const T*>(dots.data());
-  const T *np_ = norms.data(), *ndp = null_dots.data();
-  const double *rp = resid_norm.data(), *lop = lo.data(), *ivp = inv_width.data();
-  const int64_t *wp = writers.data(), *pp = pairs.data(), *nbp = n_bins.data();
-  int64_t* cp = out.count.mutable_data();
-  double* mp = out.mean.mutable_data();
-  double* m2p = out.m2.mutable_data();
+  ef::PairStatsParams<T>& p = c->p;
+  p.dots = static_cast<const T*>(dots.data());
+  p.dots_stride = dots_stride;
+  p.norms = norms.data();
+  p.null_dots = null_dots.data();
+  p.resid_norm = resid_norm.data();
+  p.writers = writers.data();
+  p.pairs = pairs.data();
+  p.n_tokens = T_;
+  p.n_nodes = Nn;
+  p.n_writers = W;
+  p.n_pairs = P;
+  p.lo = lo.data();
+  p.inv_width = inv_width.data();
+  p.n_bins = n_bins.data();
+  p.hists = c->hist_ptrs.data();
+  p.count = c->out.count.mutable_data();
+  p.mean = c->out.mean.mutable_data();
+  p.m2 = c->out.m2.mutable_data();
+  p.n_threads = n_threads;
+  return c;
+}
+
+template <typename T>
+py::tuple run_pair_stats(const py::array& dots, const Arr<T>& norms, const Arr<T>& null_dots,
+                         const Arr<double>& resid_norm, const IdArr& writers, const IdArr& pairs,
+                         const Arr<double>& lo, const Arr<double>& inv_width, const IdArr& n_bins,
+                         const std::vector<py::array>& hists, int n_threads) {
+  const auto c = pair_stats_params<T>(dots, norms, null_dots, resid_norm, writers, pairs, lo, inv_width,
+                                      n_bins, hists, n_threads);
   {
     py::gil_scoped_release release;
-    ef::kernels().scan<T>().pair_stats_batch(dp, dots_stride, np_, ndp, rp, wp, pp, T_, Nn, W, P, lop, ivp, nbp, hist_ptrs.data(), cp, mp,
-                            m2p, n_threads);
+    ef::kernels().scan<T>().pair_stats_batch(c->p);
   }
-  return out.as_tuple();
+  return c->out.as_tuple();
 }
 
 template <typename T>

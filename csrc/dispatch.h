@@ -16,7 +16,8 @@
 
 namespace ef {
 
-// One path's entry points for one input format (signatures: fused_attribution.h, dla_only.h).
+// One path's entry points for one input format (signatures: fused_attribution.h, dla_only.h; the
+// fused kernel takes one FusedParams).
 template <typename In>
 struct TypedKernels {
   decltype(&EF_ISA::fused_attribution<In>) fused_attribution;

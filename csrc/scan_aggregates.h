@@ -22,6 +22,28 @@ namespace ef {
 // Statistics per pair of pair_stats_batch (below).
 constexpr int kPairStats = 9;
 
+// Everything one pair_stats_batch call needs (see pair_stats_batch below), filled and checked by
+// bindings.cpp (pair_stats_params).
+template <typename T>
+struct PairStatsParams {
+  const T* dots = nullptr;              // [T, n_nodes, W], rows dots_stride elements apart
+  int64_t dots_stride = 0;
+  const T* norms = nullptr;             // [T, n_nodes]
+  const T* null_dots = nullptr;         // [P, T]
+  const double* resid_norm = nullptr;   // [T]
+  const int64_t* writers = nullptr;     // [W] node indices
+  const int64_t* pairs = nullptr;       // [P] flat node * W + writer
+  int64_t n_tokens = 0, n_nodes = 0, n_writers = 0, n_pairs = 0;
+  const double* lo = nullptr;           // [kPairStats]
+  const double* inv_width = nullptr;    // [kPairStats]
+  const int64_t* n_bins = nullptr;      // [kPairStats]
+  int64_t* const* hists = nullptr;      // kPairStats arrays [P, n_bins[k] + 2], added in place
+  int64_t* count = nullptr;             // [kPairStats, P]
+  double* mean = nullptr;               // [kPairStats, P]
+  double* m2 = nullptr;                 // [kPairStats, P]
+  int n_threads = 0;
+};
+
 namespace EF_ISA {
 
 template <typename T>
@@ -59,11 +81,7 @@ void ratio_stats_batch(const T* const* blocks, const int64_t* n_series, const in
 // hists[k] [P, n_bins[k] + 2]; count / mean / m2 are [kPairStats, P]. Every pair is reduced over t in
 // token order by one thread. Arguments are NOT checked here (bindings.cpp does it).
 template <typename T>
-void pair_stats_batch(const T* dots, int64_t dots_stride, const T* norms, const T* null_dots, const double* resid_norm,
-                      const int64_t* writers, const int64_t* pairs, int64_t n_tokens, int64_t n_nodes,
-                      int64_t n_writers, int64_t n_pairs, const double* lo, const double* inv_width,
-                      const int64_t* n_bins, int64_t* const* hists, int64_t* count, double* mean,
-                      double* m2, int n_threads);
+void pair_stats_batch(const PairStatsParams<T>& p);
 
 }  // namespace EF_ISA
 }  // namespace ef
