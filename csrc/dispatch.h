@@ -30,8 +30,7 @@ struct TypedKernels {
 // One path's scan-aggregation entry points (scan_aggregates.h) for values of type T.
 template <typename T>
 struct ScanKernels {
-  decltype(&EF_ISA::series_stats_batch<T>) series_stats_batch;
-  decltype(&EF_ISA::ratio_stats_batch<T>) ratio_stats_batch;
+  decltype(&EF_ISA::series_stats_batch<T>) series_stats_batch;  // plain series and ratios alike
   decltype(&EF_ISA::pair_stats_batch<T>) pair_stats_batch;
 };
 

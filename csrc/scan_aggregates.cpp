@@ -136,24 +136,11 @@ Vec<SeriesBlock<T>> cut_blocks(const T* const* blocks, const int64_t* n_series, 
 }  // namespace
 
 template <typename T>
-void series_stats_batch(const T* values, const int64_t* bucket, int64_t n_tokens, int64_t n_series,
-                        int64_t n_buckets, T lo, T inv_width, int64_t n_bins, int64_t* hist,
-                        int64_t* count, double* mean, double* m2, int n_threads) {
+void series_stats_batch(const SeriesStatsParams<T>& p) {
   int64_t total = 0;
-  const auto work = cut_blocks(&values, &n_series, &n_series, 1, &total);
-  series_stats_blocks<T>(work, total, nullptr, 1, bucket, n_tokens, n_buckets, lo, inv_width, n_bins, hist, count,
-                         mean, m2, n_threads);
-}
-
-template <typename T>
-void ratio_stats_batch(const T* const* blocks, const int64_t* n_series, const int64_t* token_stride,
-                       int n_blocks, const T* divisor, int64_t n_div, const int64_t* bucket,
-                       int64_t n_tokens, int64_t n_buckets, T lo, T inv_width, int64_t n_bins,
-                       int64_t* hist, int64_t* count, double* mean, double* m2, int n_threads) {
-  int64_t total = 0;
-  const auto work = cut_blocks(blocks, n_series, token_stride, n_blocks, &total);
-  series_stats_blocks<T>(work, total, divisor, n_div, bucket, n_tokens, n_buckets, lo, inv_width, n_bins, hist,
-                         count, mean, m2, n_threads);
+  const auto work = cut_blocks(p.blocks, p.n_series, p.token_stride, p.n_blocks, &total);
+  series_stats_blocks<T>(work, total, p.divisor, p.n_div, p.bucket, p.n_tokens, p.n_buckets, p.lo, p.inv_width,
+                         p.n_bins, p.hist, p.count, p.mean, p.m2, p.n_threads);
 }
 
 template <typename T>
@@ -258,16 +245,8 @@ void pair_stats_batch(const PairStatsParams<T>& p) {
 
 template void pair_stats_batch<float>(const PairStatsParams<float>&);
 template void pair_stats_batch<double>(const PairStatsParams<double>&);
-template void series_stats_batch<float>(const float*, const int64_t*, int64_t, int64_t, int64_t, float,
-                                        float, int64_t, int64_t*, int64_t*, double*, double*, int);
-template void series_stats_batch<double>(const double*, const int64_t*, int64_t, int64_t, int64_t, double,
-                                         double, int64_t, int64_t*, int64_t*, double*, double*, int);
-template void ratio_stats_batch<float>(const float* const*, const int64_t*, const int64_t*, int, const float*,
-                                       int64_t, const int64_t*, int64_t, int64_t, float, float, int64_t, int64_t*,
-                                       int64_t*, double*, double*, int);
-template void ratio_stats_batch<double>(const double* const*, const int64_t*, const int64_t*, int, const double*,
-                                        int64_t, const int64_t*, int64_t, int64_t, double, double, int64_t,
-                                        int64_t*, int64_t*, double*, double*, int);
+template void series_stats_batch<float>(const SeriesStatsParams<float>&);
+template void series_stats_batch<double>(const SeriesStatsParams<double>&);
 
 }  // namespace EF_ISA
 }  // namespace ef

@@ -44,27 +44,39 @@ struct PairStatsParams {
   int n_threads = 0;
 };
 
+// Everything one series_stats_batch call needs, filled and checked by bindings.cpp
+// (series_params, ratio_params). The series are the columns of n_blocks blocks: block k holds
+// n_series[k] consecutive series whose values at token t start at blocks[k] + t * token_stride[k]
+// (each block's row contiguous, any token stride: a view of a larger array is read in place), all
+// series numbered block after block (values [T, S]: one block, token stride S). With a divisor
+// [T, n_div] (C-contiguous; null: none) series s of the whole is binned as
+//   v = value / divisor[t, s % n_div]   (NaN where divisor == 0, as the contract's safe_div)
+// so for blocks of dots [T, R_k, W] and divisor = the writers' squared norms [T, W], the series are
+// the projection ratios of every (row, writer), never materialised.
+template <typename T>
+struct SeriesStatsParams {
+  const T* const* blocks = nullptr;
+  const int64_t* n_series = nullptr;      // [n_blocks]
+  const int64_t* token_stride = nullptr;  // [n_blocks], in elements
+  int n_blocks = 0;
+  const T* divisor = nullptr;             // nullable: [T, n_div]
+  int64_t n_div = 1;
+  const int64_t* bucket = nullptr;        // [T] in [0, n_buckets)
+  int64_t n_tokens = 0, n_buckets = 0;
+  T lo = 0, inv_width = 0;
+  int64_t n_bins = 0;
+  int64_t* hist = nullptr;                // [B, S, n_bins + 2], added in place (S = sum n_series)
+  int64_t* count = nullptr;               // [B, S]
+  double* mean = nullptr;                 // [B, S]
+  double* m2 = nullptr;                   // [B, S]
+  int n_threads = 0;
+};
+
 namespace EF_ISA {
 
+// One batch of the statistics above over the total sum(n_series) series.
 template <typename T>
-void series_stats_batch(const T* values, const int64_t* bucket, int64_t n_tokens, int64_t n_series,
-                        int64_t n_buckets, T lo, T inv_width, int64_t n_bins, int64_t* hist,
-                        int64_t* count, double* mean, double* m2, int n_threads);
-
-// The same for ratios that are never materialised: the series are the columns of several blocks,
-// block k holding n_series[k] consecutive series whose values at token t start at
-// blocks[k] + t * token_stride[k] (each block's row contiguous, any token stride: a view of a larger
-// array is read in place), all series numbered block after block. Series s of the whole is binned as
-//   v = value / divisor[t, s % n_div]   (NaN where divisor == 0, as the contract's safe_div;
-//                                        divisor [T, n_div], C-contiguous)
-// so for blocks of dots [T, R_k, W] and divisor = the writers' squared norms [T, W], the series are
-// the projection ratios of every (row, writer). Histogram, count, mean, m2 as series_stats_batch over
-// the total sum(n_series) series.
-template <typename T>
-void ratio_stats_batch(const T* const* blocks, const int64_t* n_series, const int64_t* token_stride,
-                       int n_blocks, const T* divisor, int64_t n_div, const int64_t* bucket,
-                       int64_t n_tokens, int64_t n_buckets, T lo, T inv_width, int64_t n_bins,
-                       int64_t* hist, int64_t* count, double* mean, double* m2, int n_threads);
+void series_stats_batch(const SeriesStatsParams<T>& p);
 
 // The ranking statistics of (node, writer) pairs (erasure_fast/scanning/pair_stats.py, pair_values)
 // computed per token in double and folded straight into their histograms and moments, one bucket,
