@@ -1,7 +1,10 @@
 // pybind11 module erasure_fast._C: typed entry points of the fused attribution kernel.
 //
-// Every argument check of the C++ path lives here (defence in depth: contract.validate() checks the
-// same rules first). The kernel itself trusts its arguments.
+// Every entry fills its kernel's params struct (fused_attribution.h, dla_only.h, scan_aggregates.h)
+// from the numpy arguments in one function (fused_params, dla_fixed_params, ..., pair_stats_params),
+// which is also where every argument check of the C++ path lives (defence in depth:
+// contract.validate() checks the public API's input first, but _C can be called directly). The
+// kernels trust their params.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>

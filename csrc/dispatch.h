@@ -16,8 +16,8 @@
 
 namespace ef {
 
-// One path's entry points for one input format (signatures: fused_attribution.h, dla_only.h; the
-// fused kernel takes one FusedParams).
+// One path's entry points for one input format (fused_attribution.h, dla_only.h), each taking its
+// params struct.
 template <typename In>
 struct TypedKernels {
   decltype(&EF_ISA::fused_attribution<In>) fused_attribution;
@@ -27,7 +27,7 @@ struct TypedKernels {
   decltype(&EF_ISA::fill_dla_table_rows<In>) fill_dla_table_rows;
 };
 
-// One path's scan-aggregation entry points (scan_aggregates.h) for values of type T.
+// One path's scan-aggregation entry points (scan_aggregates.h, params structs) for values of type T.
 template <typename T>
 struct ScanKernels {
   decltype(&EF_ISA::series_stats_batch<T>) series_stats_batch;  // plain series and ratios alike

@@ -10,7 +10,7 @@
 // z^T G_n z with the per-head Gram matrix G_n = W_O[n] W_O[n]^T (d_head^2 FMAs per head per token).
 //
 // Shapes as in fused_attribution.h: z [T, N, H], W_O [N, H, D], directions [K, D], scale [T].
-// Arguments are NOT checked here (bindings.cpp does it). Accumulation in float for fp32 / bf16 /
+// Arguments (DlaParams / DlaTableParams, below) are NOT checked here (bindings.cpp does it). Accumulation in float for fp32 / bf16 /
 // fp16 inputs, double for fp64. Results are deterministic and independent of the thread count: every output element
 // is reduced in an order fixed by the shapes (and, for gathered DLA, by the set of distinct ids),
 // never by which thread computes it.

@@ -10,7 +10,7 @@
 //   m2[b, s] = sum((v - mean)^2) (double, second pass over the batch).
 // Non-finite values are skipped (the caller counts them as NaN). Every series is reduced over t in
 // token order by one thread, so results do not depend on the thread count.
-// Arguments are NOT checked here (bindings.cpp does it).
+// Arguments (one params struct per entry, below) are NOT checked here (bindings.cpp does it).
 #pragma once
 
 #include <cstdint>
