@@ -155,12 +155,22 @@ struct AmxScratch {
 };
 
 // bfloat16 inputs only (In = Bf16); signature of fused_attribution (fused_attribution.h).
-void fused_attribution_amx(const uint16_t* z, const uint16_t* W_O, const uint16_t* directions,
-                           const float* scale, const int64_t* writers, const uint16_t* extra,
-                           const int64_t* direction_ids, const int64_t* incorrect_ids, int64_t n_tokens,
-                           int64_t n_heads, int64_t d_head, int64_t d_model, int64_t n_dirs,
-                           int64_t n_writers, int64_t n_extra, bool center, float* dla, float* dots,
-                           float* norms, int n_threads, int /*tile_tokens*/, int chunk_cols) {
+void fused_attribution_amx(const FusedParams<Bf16>& p) {
+  const uint16_t* z = p.z;
+  const uint16_t* W_O = p.W_O;
+  const uint16_t* directions = p.directions;
+  const float* scale = p.scale;
+  const int64_t* writers = p.writers;
+  const uint16_t* extra = p.extra;
+  const int64_t* direction_ids = p.direction_ids;
+  const int64_t* incorrect_ids = p.incorrect_ids;
+  const int64_t n_tokens = p.n_tokens, n_heads = p.n_heads, d_head = p.d_head, d_model = p.d_model,
+                n_dirs = p.n_dirs, n_writers = p.n_writers, n_extra = p.n_extra;
+  const bool center = p.center;
+  float* dla = p.dla;
+  float* dots = p.dots;
+  float* norms = p.norms;
+  const int n_threads = p.n_threads, chunk_cols = p.chunk_cols;  // tile_tokens: not used here
   using In = Bf16;
   const int64_t T_ = n_tokens, N = n_heads, H = d_head, D = d_model, K = n_dirs, W = n_writers,
                 M = n_extra, NM = N + M;
@@ -351,16 +361,10 @@ void fused_attribution_amx(const uint16_t* z, const uint16_t* W_O, const uint16_
 // instead: the accumulators grow with their square (a fixed set of many directions).
 constexpr int64_t kMaxRows = 256;
 
-void fused_attribution_bf16(const uint16_t* z, const uint16_t* W_O, const uint16_t* directions,
-                            const float* scale, const int64_t* writers, const uint16_t* extra,
-                            const int64_t* direction_ids, const int64_t* incorrect_ids, int64_t n_tokens,
-                            int64_t n_heads, int64_t d_head, int64_t d_model, int64_t n_dirs, int64_t n_writers,
-                            int64_t n_extra, bool center, float* dla, float* dots, float* norms, int n_threads,
-                            int tile_tokens, int chunk_cols) {
-  const int64_t rows = n_heads + n_extra + (direction_ids ? 1 : n_dirs);
+void fused_attribution_bf16(const FusedParams<Bf16>& p) {
+  const int64_t rows = p.n_heads + p.n_extra + (p.direction_ids ? 1 : p.n_dirs);
   auto fn = rows <= kMaxRows ? &fused_attribution_amx : avx512::kernel_table().bf16.fused_attribution;
-  fn(z, W_O, directions, scale, writers, extra, direction_ids, incorrect_ids, n_tokens, n_heads, d_head, d_model,
-     n_dirs, n_writers, n_extra, center, dla, dots, norms, n_threads, tile_tokens, chunk_cols);
+  fn(p);
 }
 
 }  // namespace

@@ -1,13 +1,17 @@
 // pybind11 module erasure_fast._C: typed entry points of the fused attribution kernel.
 //
-// Every argument check of the C++ path lives here (defence in depth: contract.validate() checks the
-// same rules first). The kernel itself trusts its arguments.
+// Every entry fills its kernel's params struct (fused_attribution.h, dla_only.h, scan_aggregates.h)
+// from the numpy arguments in one function (fused_params, dla_fixed_params, ..., pair_stats_params),
+// which is also where every argument check of the C++ path lives (defence in depth:
+// contract.validate() checks the public API's input first, but _C can be called directly). The
+// kernels trust their params.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
 #include <cmath>
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
@@ -89,17 +93,26 @@ Dims check_dla_core(const InArr<In>& z, const InArr<In>& W_O, const InArr<In>& d
   return Dims{T_, N, H, D, K};
 }
 
+// One fused_attribution call: its params (pointers into the arrays below and into the inputs) and
+// its freshly allocated outputs.
 template <typename In>
-py::tuple run(const InArr<In>& z, const InArr<In>& W_O, const InArr<In>& directions,
-              const Arr<typename In::acc>& scale, const IdArr& writers,
-              const std::optional<InArr<In>>& extra,
-              const std::optional<IdArr>& direction_ids, const std::optional<IdArr>& incorrect_ids,
-              bool center, int n_threads, int tile_tokens, int chunk_cols) {
+struct FusedCall {
+  ef::FusedParams<In> p;
+  py::array_t<typename In::acc> dla, dots, norms;
+};
+
+// Fills the params of one fused_attribution call from the numpy arguments, checking every one of
+// them (the only place they are checked), and allocates the outputs.
+template <typename In>
+FusedCall<In> fused_params(const InArr<In>& z, const InArr<In>& W_O, const InArr<In>& directions,
+                           const Arr<typename In::acc>& scale, const IdArr& writers,
+                           const std::optional<InArr<In>>& extra,
+                           const std::optional<IdArr>& direction_ids,
+                           const std::optional<IdArr>& incorrect_ids, bool center, int n_threads,
+                           int tile_tokens, int chunk_cols) {
   using T = typename In::acc;
-  using S = typename In::storage;
-  // ---- every check, in one place ----
   const Dims dims = check_dla_core<In>(z, W_O, directions, scale);
-  const int64_t T_ = dims.T, N = dims.N, H = dims.H, D = dims.D, K = dims.K;
+  const int64_t T_ = dims.T, N = dims.N, K = dims.K, D = dims.D;
   if (writers.ndim() != 1) fail("writers must have shape [W], got " + shape_of(writers));
   const int64_t W = writers.shape(0);
   {
@@ -109,49 +122,64 @@ py::tuple run(const InArr<In>& z, const InArr<In>& W_O, const InArr<In>& directi
         fail("writers must be head indices in [0, " + std::to_string(N) + "), got " +
              std::to_string(w[i]) + " at position " + std::to_string(i));
   }
-  int64_t M = 0;
-  const S* extra_ptr = nullptr;
+  FusedCall<In> c;
+  ef::FusedParams<In>& p = c.p;
   if (extra) {
     if (extra->ndim() != 3 || extra->shape(0) != T_ || extra->shape(2) != D)
       fail("extra_nodes must have shape [T, M, d_model]=[" + std::to_string(T_) + ", M, " +
            std::to_string(D) + "], got " + shape_of(*extra));
-    M = extra->shape(1);
-    extra_ptr = extra->data();
+    p.n_extra = extra->shape(1);
+    p.extra = extra->data();
   }
-  const int64_t* ids_ptr = nullptr;
-  const int64_t* inc_ptr = nullptr;
   if (direction_ids) {
     check_ids("direction_ids", *direction_ids, T_, K);
-    ids_ptr = direction_ids->data();
+    p.direction_ids = direction_ids->data();
   }
   if (incorrect_ids) {
     if (!direction_ids)
       fail("incorrect_ids needs direction_ids (logit difference is a gathered-mode option)");
     check_ids("incorrect_ids", *incorrect_ids, T_, K);
-    inc_ptr = incorrect_ids->data();
+    p.incorrect_ids = incorrect_ids->data();
   }
+  p.z = z.data();
+  p.W_O = W_O.data();
+  p.directions = directions.data();
+  p.scale = scale.data();
+  p.writers = writers.data();
+  p.n_tokens = T_;
+  p.n_heads = N;
+  p.d_head = dims.H;
+  p.d_model = D;
+  p.n_dirs = K;
+  p.n_writers = W;
+  p.center = center;
+  p.n_threads = n_threads;
+  p.tile_tokens = tile_tokens;
+  p.chunk_cols = chunk_cols;
+  const int64_t M = p.n_extra;
+  c.dla = py::array_t<T>(p.direction_ids ? std::vector<py::ssize_t>{T_, N}
+                                         : std::vector<py::ssize_t>{T_, N, K});
+  c.dots = py::array_t<T>(std::vector<py::ssize_t>{T_, N + M, W});
+  c.norms = py::array_t<T>(std::vector<py::ssize_t>{T_, N + M});
+  p.dla = c.dla.mutable_data();
+  p.dots = c.dots.mutable_data();
+  p.norms = c.norms.mutable_data();
+  return c;
+}
 
-  // ---- outputs ----
-  std::vector<py::ssize_t> dla_shape = ids_ptr ? std::vector<py::ssize_t>{T_, N}
-                                               : std::vector<py::ssize_t>{T_, N, K};
-  py::array_t<T> dla(dla_shape);
-  py::array_t<T> dots(std::vector<py::ssize_t>{T_, N + M, W});
-  py::array_t<T> norms(std::vector<py::ssize_t>{T_, N + M});
-  T* dla_p = dla.mutable_data();
-  T* dots_p = dots.mutable_data();
-  T* norms_p = norms.mutable_data();
-  const S* z_p = z.data();
-  const S* wo_p = W_O.data();
-  const S* dir_p = directions.data();
-  const T* sc_p = scale.data();
-  const int64_t* wr_p = writers.data();
+template <typename In>
+py::tuple run(const InArr<In>& z, const InArr<In>& W_O, const InArr<In>& directions,
+              const Arr<typename In::acc>& scale, const IdArr& writers,
+              const std::optional<InArr<In>>& extra,
+              const std::optional<IdArr>& direction_ids, const std::optional<IdArr>& incorrect_ids,
+              bool center, int n_threads, int tile_tokens, int chunk_cols) {
+  const FusedCall<In> c = fused_params<In>(z, W_O, directions, scale, writers, extra, direction_ids,
+                                           incorrect_ids, center, n_threads, tile_tokens, chunk_cols);
   {
     py::gil_scoped_release release;
-    ef::kernels().typed<In>().fused_attribution(z_p, wo_p, dir_p, sc_p, wr_p, extra_ptr, ids_ptr, inc_ptr, T_, N, H,
-                              D, K, W, M, center, dla_p, dots_p, norms_p, n_threads, tile_tokens,
-                              chunk_cols);
+    ef::kernels().typed<In>().fused_attribution(c.p);
   }
-  return py::make_tuple(dla, dots, norms);
+  return py::make_tuple(c.dla, c.dots, c.norms);
 }
 
 template <typename In>
@@ -192,34 +220,90 @@ py::dict info_dict(const ef::DlaRunInfo& info) {
   return d;
 }
 
-// The DLA-only entries' norms output [T, N]: a new array when wanted (pointer in *data), else None.
-template <typename T>
-py::object optional_norms(bool want, const Dims& d, T** data) {
-  if (!want) return py::none();
-  py::array_t<T> norms(std::vector<py::ssize_t>{d.T, d.N});
-  *data = norms.mutable_data();
-  return norms;
+// One DLA-only call: its params and its freshly allocated outputs (norms: None when not wanted).
+template <typename In>
+struct DlaCall {
+  ef::DlaParams<In> p;
+  py::array_t<typename In::acc> dla;
+  py::object norms = py::none();
+};
+
+// Fills what dla_fixed and dla_gathered share (checked by check_dla_core) and allocates dla with
+// shape dla_shape and the optional norms [T, N].
+template <typename In>
+DlaCall<In> dla_core_params(const InArr<In>& z, const InArr<In>& W_O, const InArr<In>& directions,
+                            const Arr<typename In::acc>& scale, const Dims& d, bool center,
+                            bool want_norms, int n_threads, std::vector<py::ssize_t> dla_shape) {
+  using T = typename In::acc;
+  DlaCall<In> c;
+  ef::DlaParams<In>& p = c.p;
+  p.z = z.data();
+  p.W_O = W_O.data();
+  p.directions = directions.data();
+  p.scale = scale.data();
+  p.n_tokens = d.T;
+  p.n_heads = d.N;
+  p.d_head = d.H;
+  p.d_model = d.D;
+  p.n_dirs = d.K;
+  p.center = center;
+  p.n_threads = n_threads;
+  c.dla = py::array_t<T>(dla_shape);
+  p.dla = c.dla.mutable_data();
+  if (want_norms) {
+    py::array_t<T> norms(std::vector<py::ssize_t>{d.T, d.N});
+    p.norms = norms.mutable_data();
+    c.norms = norms;
+  }
+  return c;
+}
+
+// Fills and checks the params of one dla_fixed call (the only place they are checked).
+template <typename In>
+DlaCall<In> dla_fixed_params(const InArr<In>& z, const InArr<In>& W_O, const InArr<In>& directions,
+                             const Arr<typename In::acc>& scale, bool center, bool want_norms,
+                             int n_threads) {
+  const Dims d = check_dla_core<In>(z, W_O, directions, scale);
+  return dla_core_params<In>(z, W_O, directions, scale, d, center, want_norms, n_threads, {d.T, d.N, d.K});
+}
+
+// Fills and checks the params of one dla_gathered call (the only place they are checked).
+template <typename In>
+DlaCall<In> dla_gathered_params(const InArr<In>& z, const InArr<In>& W_O, const InArr<In>& directions,
+                                const Arr<typename In::acc>& scale, const IdArr& direction_ids,
+                                const std::optional<IdArr>& incorrect_ids, bool center,
+                                const std::optional<Arr<typename In::acc>>& table,
+                                const std::string& method, bool want_norms, int n_threads) {
+  const Dims d = check_dla_core<In>(z, W_O, directions, scale);
+  check_ids("direction_ids", direction_ids, d.T, d.K);
+  if (incorrect_ids) check_ids("incorrect_ids", *incorrect_ids, d.T, d.K);
+  const ef::DlaMethod m = parse_method(method);
+  if (table) {
+    if (table->ndim() != 3 || table->shape(0) != d.K || table->shape(1) != d.N ||
+        table->shape(2) != d.H)
+      fail("table must have shape [K, N, d_head]=[" + std::to_string(d.K) + ", " +
+           std::to_string(d.N) + ", " + std::to_string(d.H) + "], got " + shape_of(*table));
+  } else if (m == ef::DlaMethod::kTable) {
+    fail("method 'table' needs a table (build one with build_dla_table)");
+  }
+  DlaCall<In> c = dla_core_params<In>(z, W_O, directions, scale, d, center, want_norms, n_threads, {d.T, d.N});
+  c.p.direction_ids = direction_ids.data();
+  c.p.incorrect_ids = incorrect_ids ? incorrect_ids->data() : nullptr;
+  c.p.table = table ? table->data() : nullptr;
+  c.p.method = m;
+  return c;
 }
 
 template <typename In>
 py::tuple run_dla_fixed(const InArr<In>& z, const InArr<In>& W_O, const InArr<In>& directions,
                         const Arr<typename In::acc>& scale, bool center, bool want_norms, int n_threads) {
-  using T = typename In::acc;
-  using S = typename In::storage;
-  const Dims d = check_dla_core<In>(z, W_O, directions, scale);
-  py::array_t<T> dla(std::vector<py::ssize_t>{d.T, d.N, d.K});
-  T* norms_p = nullptr;
-  py::object norms_obj = optional_norms<T>(want_norms, d, &norms_p);
-  T* dla_p = dla.mutable_data();
-  const S *z_p = z.data(), *wo_p = W_O.data(), *dir_p = directions.data();
-  const T* sc_p = scale.data();
+  const DlaCall<In> c = dla_fixed_params<In>(z, W_O, directions, scale, center, want_norms, n_threads);
   ef::DlaRunInfo info;
   {
     py::gil_scoped_release release;
-    info = ef::kernels().typed<In>().dla_fixed(z_p, wo_p, dir_p, sc_p, d.T, d.N, d.H, d.D, d.K, center, dla_p, norms_p,
-                            n_threads);
+    info = ef::kernels().typed<In>().dla_fixed(c.p);
   }
-  return py::make_tuple(dla, norms_obj, info_dict(info));
+  return py::make_tuple(c.dla, c.norms, info_dict(info));
 }
 
 template <typename In>
@@ -228,45 +312,21 @@ py::tuple run_dla_gathered(const InArr<In>& z, const InArr<In>& W_O, const InArr
                            const std::optional<IdArr>& incorrect_ids, bool center,
                            const std::optional<Arr<typename In::acc>>& table,
                            const std::string& method, bool want_norms, int n_threads) {
-  using T = typename In::acc;
-  using S = typename In::storage;
-  const Dims d = check_dla_core<In>(z, W_O, directions, scale);
-  check_ids("direction_ids", direction_ids, d.T, d.K);
-  const int64_t* inc_p = nullptr;
-  if (incorrect_ids) {
-    check_ids("incorrect_ids", *incorrect_ids, d.T, d.K);
-    inc_p = incorrect_ids->data();
-  }
-  const ef::DlaMethod m = parse_method(method);
-  const T* table_p = nullptr;
-  if (table) {
-    if (table->ndim() != 3 || table->shape(0) != d.K || table->shape(1) != d.N ||
-        table->shape(2) != d.H)
-      fail("table must have shape [K, N, d_head]=[" + std::to_string(d.K) + ", " +
-           std::to_string(d.N) + ", " + std::to_string(d.H) + "], got " + shape_of(*table));
-    table_p = table->data();
-  } else if (m == ef::DlaMethod::kTable) {
-    fail("method 'table' needs a table (build one with build_dla_table)");
-  }
-  py::array_t<T> dla(std::vector<py::ssize_t>{d.T, d.N});
-  T* norms_p = nullptr;
-  py::object norms_obj = optional_norms<T>(want_norms, d, &norms_p);
-  T* dla_p = dla.mutable_data();
-  const S *z_p = z.data(), *wo_p = W_O.data(), *dir_p = directions.data();
-  const T* sc_p = scale.data();
-  const int64_t* ids_p = direction_ids.data();
+  const DlaCall<In> c = dla_gathered_params<In>(z, W_O, directions, scale, direction_ids, incorrect_ids,
+                                                center, table, method, want_norms, n_threads);
   ef::DlaRunInfo info;
   {
     py::gil_scoped_release release;
-    info = ef::kernels().typed<In>().dla_gathered(z_p, wo_p, dir_p, sc_p, ids_p, inc_p, table_p, d.T, d.N, d.H, d.D,
-                               d.K, center, m, dla_p, norms_p, n_threads);
+    info = ef::kernels().typed<In>().dla_gathered(c.p);
   }
-  return py::make_tuple(dla, norms_obj, info_dict(info));
+  return py::make_tuple(c.dla, c.norms, info_dict(info));
 }
 
-// The weights of a DLA table: W_O [N, d_head, d_model], directions [K >= 1, d_model].
+// The weights of a DLA table: W_O [N, d_head, d_model], directions [K >= 1, d_model]; fills and
+// checks the params both table entries share.
 template <typename In>
-Dims check_table_weights(const InArr<In>& W_O, const InArr<In>& directions) {
+ef::DlaTableParams<In> dla_table_params(const InArr<In>& W_O, const InArr<In>& directions, bool center,
+                                        int n_threads) {
   if (W_O.ndim() != 3) fail("W_O must have shape [N, d_head, d_model], got " + shape_of(W_O));
   const int64_t N = W_O.shape(0), H = W_O.shape(1), D = W_O.shape(2);
   if (N < 1 || H < 1 || D < 1)
@@ -276,33 +336,39 @@ Dims check_table_weights(const InArr<In>& W_O, const InArr<In>& directions) {
          shape_of(directions));
   const int64_t K = directions.shape(0);
   if (K < 1) fail("directions has no rows (K = 0)");
-  return Dims{0, N, H, D, K};
+  ef::DlaTableParams<In> p;
+  p.W_O = W_O.data();
+  p.directions = directions.data();
+  p.n_heads = N;
+  p.d_head = H;
+  p.d_model = D;
+  p.n_dirs = K;
+  p.center = center;
+  p.n_threads = n_threads;
+  return p;
 }
 
 template <typename In>
 py::array_t<typename In::acc> run_build_table(const InArr<In>& W_O, const InArr<In>& directions,
                                               bool center, int n_threads) {
   using T = typename In::acc;
-  using S = typename In::storage;
-  const Dims d = check_table_weights<In>(W_O, directions);
-  const int64_t N = d.N, H = d.H, D = d.D, K = d.K;
-  py::array_t<T> table(std::vector<py::ssize_t>{K, N, H});
-  T* out = table.mutable_data();
-  const S *wo_p = W_O.data(), *dir_p = directions.data();
+  ef::DlaTableParams<In> p = dla_table_params<In>(W_O, directions, center, n_threads);
+  py::array_t<T> table(std::vector<py::ssize_t>{p.n_dirs, p.n_heads, p.d_head});
+  p.table = table.mutable_data();
   {
     py::gil_scoped_release release;
-    ef::kernels().typed<In>().build_dla_table(wo_p, dir_p, N, H, D, K, center, out, n_threads);
+    ef::kernels().typed<In>().build_dla_table(p);
   }
   return table;
 }
 
+// Fills and checks the params of one fill_dla_table_rows call (the only place they are checked).
 template <typename In>
-void run_fill_table_rows(const InArr<In>& W_O, const InArr<In>& directions, const IdArr& rows,
-                         py::array table, bool center, int n_threads) {
+ef::DlaTableParams<In> fill_rows_params(const InArr<In>& W_O, const InArr<In>& directions,
+                                        const IdArr& rows, py::array& table, bool center, int n_threads) {
   using T = typename In::acc;
-  using S = typename In::storage;
-  const Dims d = check_table_weights<In>(W_O, directions);
-  const int64_t N = d.N, H = d.H, D = d.D, K = d.K;
+  ef::DlaTableParams<In> p = dla_table_params<In>(W_O, directions, center, n_threads);
+  const int64_t N = p.n_heads, H = p.d_head, K = p.n_dirs;
   // written in place: the exact dtype and layout, never a converted copy
   if (!table.dtype().is(py::dtype::of<T>()))
     fail(std::string("table must have dtype ") + (sizeof(T) == 8 ? "float64" : "float32"));
@@ -318,11 +384,19 @@ void run_fill_table_rows(const InArr<In>& W_O, const InArr<In>& directions, cons
     if (r[i] < 0 || r[i] >= K)
       fail("rows must lie in [0, " + std::to_string(K) + "), got " + std::to_string(r[i]) +
            " at position " + std::to_string(i));
-  T* out = static_cast<T*>(table.mutable_data());
-  const S *wo_p = W_O.data(), *dir_p = directions.data();
+  p.rows = r;
+  p.n_rows = R;
+  p.table = static_cast<T*>(table.mutable_data());
+  return p;
+}
+
+template <typename In>
+void run_fill_table_rows(const InArr<In>& W_O, const InArr<In>& directions, const IdArr& rows,
+                         py::array table, bool center, int n_threads) {
+  const ef::DlaTableParams<In> p = fill_rows_params<In>(W_O, directions, rows, table, center, n_threads);
   {
     py::gil_scoped_release release;
-    ef::kernels().typed<In>().fill_dla_table_rows(wo_p, dir_p, r, R, N, H, D, center, out, n_threads);
+    ef::kernels().typed<In>().fill_dla_table_rows(p);
   }
 }
 
@@ -392,10 +466,23 @@ int64_t rows_in_place(const py::array& a, const std::string& name, const std::st
   return a.strides(0) / item;
 }
 
-// The checks every series-statistics entry shares: the binning, the bucket ids [T] and the histogram
-// [B, S, n_bins + 2] updated in place (this very array, never a converted copy).
-int64_t* check_series_args(const IdArr& bucket, int64_t T_, int64_t S, int64_t n_buckets, double lo,
-                           double inv_width, int64_t n_bins, py::array& hist) {
+// One series_stats_batch call: its params, the block table they point into and the outputs.
+template <typename T>
+struct SeriesCall {
+  ef::SeriesStatsParams<T> p;
+  std::vector<const T*> blocks;
+  std::vector<int64_t> n_series, strides;
+  std::unique_ptr<BatchMoments> out;
+};
+
+// Fills the params every series-statistics entry shares and checks them: the binning, the bucket ids
+// [T] and the histogram [B, S, n_bins + 2] updated in place (this very array, never a converted
+// copy); the blocks (c.blocks, c.n_series, c.strides) are already filled. Allocates the outputs.
+template <typename T>
+void series_common_params(SeriesCall<T>& c, const IdArr& bucket, int64_t T_, int64_t n_buckets, double lo,
+                          double inv_width, int64_t n_bins, py::array& hist, int n_threads) {
+  int64_t S = 0;
+  for (int64_t n : c.n_series) S += n;
   if (n_buckets < 1) fail("n_buckets must be >= 1, got " + std::to_string(n_buckets));
   if (n_bins < 1) fail("n_bins must be >= 1, got " + std::to_string(n_bins));
   if (!std::isfinite(lo) || !std::isfinite(inv_width) || !(inv_width > 0))
@@ -414,27 +501,49 @@ int64_t* check_series_args(const IdArr& bucket, int64_t T_, int64_t S, int64_t n
   if (hist.ndim() != 3 || hist.shape(0) != n_buckets || hist.shape(1) != S || hist.shape(2) != n_bins + 2)
     fail("hist must have shape [B, S, n_bins + 2]=[" + std::to_string(n_buckets) + ", " +
          std::to_string(S) + ", " + std::to_string(n_bins + 2) + "], got " + shape_of(hist));
-  return static_cast<int64_t*>(hist.mutable_data());
+  c.out = std::make_unique<BatchMoments>(n_buckets, S);
+  ef::SeriesStatsParams<T>& p = c.p;
+  p.blocks = c.blocks.data();
+  p.n_series = c.n_series.data();
+  p.token_stride = c.strides.data();
+  p.n_blocks = static_cast<int>(c.blocks.size());
+  p.bucket = bp;
+  p.n_tokens = T_;
+  p.n_buckets = n_buckets;
+  p.lo = static_cast<T>(lo);
+  p.inv_width = static_cast<T>(inv_width);
+  p.n_bins = n_bins;
+  p.hist = static_cast<int64_t*>(hist.mutable_data());
+  p.count = c.out->count.mutable_data();
+  p.mean = c.out->mean.mutable_data();
+  p.m2 = c.out->m2.mutable_data();
+  p.n_threads = n_threads;
+}
+
+// Fills and checks the params of one series_stats_batch call on values [T, S] (one block).
+template <typename T>
+std::unique_ptr<SeriesCall<T>> series_params(const Arr<T>& values, const IdArr& bucket, int64_t n_buckets,
+                                             double lo, double inv_width, int64_t n_bins, py::array& hist,
+                                             int n_threads) {
+  if (values.ndim() != 2) fail("values must have shape [T, S], got " + shape_of(values));
+  const int64_t T_ = values.shape(0), S = values.shape(1);
+  auto c = std::make_unique<SeriesCall<T>>();
+  c->blocks = {values.data()};
+  c->n_series = {S};
+  c->strides = {S};
+  series_common_params<T>(*c, bucket, T_, n_buckets, lo, inv_width, n_bins, hist, n_threads);
+  return c;
 }
 
 template <typename T>
 py::tuple run_series_stats(const Arr<T>& values, const IdArr& bucket, int64_t n_buckets, double lo,
                            double inv_width, int64_t n_bins, py::array hist, int n_threads) {
-  if (values.ndim() != 2) fail("values must have shape [T, S], got " + shape_of(values));
-  const int64_t T_ = values.shape(0), S = values.shape(1);
-  int64_t* hp = check_series_args(bucket, T_, S, n_buckets, lo, inv_width, n_bins, hist);
-  BatchMoments out(n_buckets, S);
-  const T* vp = values.data();
-  const int64_t* bp = bucket.data();
-  int64_t* cp = out.count.mutable_data();
-  double* mp = out.mean.mutable_data();
-  double* m2p = out.m2.mutable_data();
+  const auto c = series_params<T>(values, bucket, n_buckets, lo, inv_width, n_bins, hist, n_threads);
   {
     py::gil_scoped_release release;
-    ef::kernels().scan<T>().series_stats_batch(vp, bp, T_, S, n_buckets, static_cast<T>(lo), static_cast<T>(inv_width),
-                              n_bins, hp, cp, mp, m2p, n_threads);
+    ef::kernels().scan<T>().series_stats_batch(c->p);
   }
-  return out.as_tuple();
+  return c->out->as_tuple();
 }
 
 template <typename T>
@@ -447,19 +556,20 @@ void def_series_stats(py::module_& m, const char* name) {
         "mean [B, S] float64, m2 [B, S] float64) over finite values.");
 }
 
-// Ratio statistics (scan_aggregates.h, ratio_stats_batch): the blocks are read in place, so each
+// Ratio statistics (scan_aggregates.h, series_stats_batch with a divisor): the blocks are read in place, so each
 // must already have the kernel's dtype (no silent copy) and rows [R_k, W] contiguous; only the token
 // stride is free (a view such as dots[:, :n_nodes] of a larger array).
+// Fills and checks the params of one ratio-statistics call (series_stats_batch over blocks with a
+// divisor).
 template <typename T>
-py::tuple run_ratio_stats(const std::vector<py::array>& blocks, const Arr<T>& divisor, const IdArr& bucket,
-                          int64_t n_buckets, double lo, double inv_width, int64_t n_bins, py::array hist,
-                          int n_threads) {
+std::unique_ptr<SeriesCall<T>> ratio_params(const std::vector<py::array>& blocks, const Arr<T>& divisor,
+                                            const IdArr& bucket, int64_t n_buckets, double lo, double inv_width,
+                                            int64_t n_bins, py::array& hist, int n_threads) {
   if (divisor.ndim() != 2) fail("divisor must have shape [T, W], got " + shape_of(divisor));
   const int64_t T_ = divisor.shape(0), W = divisor.shape(1);
   if (W < 1) fail("divisor must have at least one column, got " + shape_of(divisor));
   if (blocks.empty()) fail("blocks must hold at least one array");
-  std::vector<const T*> ptrs;
-  std::vector<int64_t> n_series, strides;
+  auto c = std::make_unique<SeriesCall<T>>();
   for (size_t k = 0; k < blocks.size(); ++k) {
     const py::array& a = blocks[k];
     const std::string name = "blocks[" + std::to_string(k) + "]";
@@ -467,26 +577,26 @@ py::tuple run_ratio_stats(const std::vector<py::array>& blocks, const Arr<T>& di
     if (a.shape(0) != T_ || a.shape(2) != W)
       fail(name + " must have shape [T, R, W]=[" + std::to_string(T_) + ", R, " + std::to_string(W) + "], got " +
            shape_of(a));
-    ptrs.push_back(static_cast<const T*>(a.data()));
-    n_series.push_back(a.shape(1) * W);
-    strides.push_back(stride);
+    c->blocks.push_back(static_cast<const T*>(a.data()));
+    c->n_series.push_back(a.shape(1) * W);
+    c->strides.push_back(stride);
   }
-  int64_t S = 0;
-  for (int64_t n : n_series) S += n;
-  int64_t* hp = check_series_args(bucket, T_, S, n_buckets, lo, inv_width, n_bins, hist);
-  BatchMoments out(n_buckets, S);
-  const T* dp = divisor.data();
-  const int64_t* bp = bucket.data();
-  int64_t* cp = out.count.mutable_data();
-  double* mp = out.mean.mutable_data();
-  double* m2p = out.m2.mutable_data();
+  series_common_params<T>(*c, bucket, T_, n_buckets, lo, inv_width, n_bins, hist, n_threads);
+  c->p.divisor = divisor.data();
+  c->p.n_div = W;
+  return c;
+}
+
+template <typename T>
+py::tuple run_ratio_stats(const std::vector<py::array>& blocks, const Arr<T>& divisor, const IdArr& bucket,
+                          int64_t n_buckets, double lo, double inv_width, int64_t n_bins, py::array hist,
+                          int n_threads) {
+  const auto c = ratio_params<T>(blocks, divisor, bucket, n_buckets, lo, inv_width, n_bins, hist, n_threads);
   {
     py::gil_scoped_release release;
-    ef::kernels().scan<T>().ratio_stats_batch(ptrs.data(), n_series.data(), strides.data(), static_cast<int>(ptrs.size()), dp, W,
-                             bp, T_, n_buckets, static_cast<T>(lo), static_cast<T>(inv_width), n_bins, hp, cp,
-                             mp, m2p, n_threads);
+    ef::kernels().scan<T>().series_stats_batch(c->p);
   }
-  return out.as_tuple();
+  return c->out->as_tuple();
 }
 
 template <typename T>
@@ -512,11 +622,25 @@ void check_hist(const py::array& hist, const std::string& name, int64_t n_series
          std::to_string(n_bins + 2) + "], got " + shape_of(hist));
 }
 
+// One pair_stats_batch call: its params and what they point into that the caller does not own (the
+// histogram pointers and the outputs).
 template <typename T>
-py::tuple run_pair_stats(const py::array& dots, const Arr<T>& norms, const Arr<T>& null_dots,
-                         const Arr<double>& resid_norm, const IdArr& writers, const IdArr& pairs,
-                         const Arr<double>& lo, const Arr<double>& inv_width, const IdArr& n_bins,
-                         const std::vector<py::array>& hists, int n_threads) {
+struct PairStatsCall {
+  ef::PairStatsParams<T> p;
+  std::vector<int64_t*> hist_ptrs;
+  BatchMoments out;
+  explicit PairStatsCall(int64_t P) : hist_ptrs(ef::kPairStats), out(ef::kPairStats, P) {}
+};
+
+// Fills the params of one pair_stats_batch call, checking every argument (the only place they are
+// checked), and allocates the outputs. Returned by pointer: p points into the call's own members.
+template <typename T>
+std::unique_ptr<PairStatsCall<T>> pair_stats_params(const py::array& dots, const Arr<T>& norms,
+                                                    const Arr<T>& null_dots, const Arr<double>& resid_norm,
+                                                    const IdArr& writers, const IdArr& pairs,
+                                                    const Arr<double>& lo, const Arr<double>& inv_width,
+                                                    const IdArr& n_bins, const std::vector<py::array>& hists,
+                                                    int n_threads) {
   constexpr int K = ef::kPairStats;
   const int64_t dots_stride = rows_in_place<T>(dots, "dots", "[T, n_nodes, W]");
   const int64_t T_ = dots.shape(0), Nn = dots.shape(1), W = dots.shape(2);
@@ -545,28 +669,49 @@ py::tuple run_pair_stats(const py::array& dots, const Arr<T>& norms, const Arr<T
   if (n_bins.ndim() != 1 || n_bins.shape(0) != K) fail("n_bins must have shape [" + std::to_string(K) + "]");
   if (static_cast<int64_t>(hists.size()) != K)
     fail("hists must hold " + std::to_string(K) + " arrays, got " + std::to_string(hists.size()));
-  std::vector<int64_t*> hist_ptrs(K);
+  auto c = std::make_unique<PairStatsCall<T>>(P);
   for (int k = 0; k < K; ++k) {
     if (n_bins.data()[k] < 1) fail("n_bins must be >= 1");
     if (!std::isfinite(lo.data()[k]) || !std::isfinite(inv_width.data()[k]) || !(inv_width.data()[k] > 0))
       fail("lo must be finite and inv_width finite and > 0");
     check_hist(hists[k], "hists[" + std::to_string(k) + "]", P, n_bins.data()[k]);
-    hist_ptrs[k] = static_cast<int64_t*>(const_cast<py::array&>(hists[k]).mutable_data());
+    c->hist_ptrs[k] = static_cast<int64_t*>(const_cast<py::array&>(hists[k]).mutable_data());
   }
-  BatchMoments out(K, P);
-  const T* dp = static_cast<const T*>(dots.data());
-  const T *np_ = norms.data(), *ndp = null_dots.data();
-  const double *rp = resid_norm.data(), *lop = lo.data(), *ivp = inv_width.data();
-  const int64_t *wp = writers.data(), *pp = pairs.data(), *nbp = n_bins.data();
-  int64_t* cp = out.count.mutable_data();
-  double* mp = out.mean.mutable_data();
-  double* m2p = out.m2.mutable_data();
+  ef::PairStatsParams<T>& p = c->p;
+  p.dots = static_cast<const T*>(dots.data());
+  p.dots_stride = dots_stride;
+  p.norms = norms.data();
+  p.null_dots = null_dots.data();
+  p.resid_norm = resid_norm.data();
+  p.writers = writers.data();
+  p.pairs = pairs.data();
+  p.n_tokens = T_;
+  p.n_nodes = Nn;
+  p.n_writers = W;
+  p.n_pairs = P;
+  p.lo = lo.data();
+  p.inv_width = inv_width.data();
+  p.n_bins = n_bins.data();
+  p.hists = c->hist_ptrs.data();
+  p.count = c->out.count.mutable_data();
+  p.mean = c->out.mean.mutable_data();
+  p.m2 = c->out.m2.mutable_data();
+  p.n_threads = n_threads;
+  return c;
+}
+
+template <typename T>
+py::tuple run_pair_stats(const py::array& dots, const Arr<T>& norms, const Arr<T>& null_dots,
+                         const Arr<double>& resid_norm, const IdArr& writers, const IdArr& pairs,
+                         const Arr<double>& lo, const Arr<double>& inv_width, const IdArr& n_bins,
+                         const std::vector<py::array>& hists, int n_threads) {
+  const auto c = pair_stats_params<T>(dots, norms, null_dots, resid_norm, writers, pairs, lo, inv_width,
+                                      n_bins, hists, n_threads);
   {
     py::gil_scoped_release release;
-    ef::kernels().scan<T>().pair_stats_batch(dp, dots_stride, np_, ndp, rp, wp, pp, T_, Nn, W, P, lop, ivp, nbp, hist_ptrs.data(), cp, mp,
-                            m2p, n_threads);
+    ef::kernels().scan<T>().pair_stats_batch(c->p);
   }
-  return out.as_tuple();
+  return c->out.as_tuple();
 }
 
 template <typename T>

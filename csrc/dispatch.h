@@ -16,7 +16,8 @@
 
 namespace ef {
 
-// One path's entry points for one input format (signatures: fused_attribution.h, dla_only.h).
+// One path's entry points for one input format (fused_attribution.h, dla_only.h), each taking its
+// params struct.
 template <typename In>
 struct TypedKernels {
   decltype(&EF_ISA::fused_attribution<In>) fused_attribution;
@@ -26,11 +27,10 @@ struct TypedKernels {
   decltype(&EF_ISA::fill_dla_table_rows<In>) fill_dla_table_rows;
 };
 
-// One path's scan-aggregation entry points (scan_aggregates.h) for values of type T.
+// One path's scan-aggregation entry points (scan_aggregates.h, params structs) for values of type T.
 template <typename T>
 struct ScanKernels {
-  decltype(&EF_ISA::series_stats_batch<T>) series_stats_batch;
-  decltype(&EF_ISA::ratio_stats_batch<T>) ratio_stats_batch;
+  decltype(&EF_ISA::series_stats_batch<T>) series_stats_batch;  // plain series and ratios alike
   decltype(&EF_ISA::pair_stats_batch<T>) pair_stats_batch;
 };
 

@@ -346,11 +346,17 @@ Buf<T> gram_if(bool want, const T* W_O, int64_t N, int64_t H, int64_t D, int n_t
 }  // namespace
 
 template <typename In>
-DlaRunInfo dla_fixed(const typename In::storage* z, const typename In::storage* W_O_in,
-                     const typename In::storage* directions, const typename In::acc* scale,
-                     int64_t n_tokens, int64_t n_heads, int64_t d_head, int64_t d_model,
-                     int64_t n_dirs, bool center, typename In::acc* dla, typename In::acc* norms,
-                     int n_threads) {
+DlaRunInfo dla_fixed(const DlaParams<In>& p) {
+  const auto* z = p.z;
+  const auto* W_O_in = p.W_O;
+  const auto* directions = p.directions;
+  const auto* scale = p.scale;
+  const int64_t n_tokens = p.n_tokens, n_heads = p.n_heads, d_head = p.d_head, d_model = p.d_model,
+                n_dirs = p.n_dirs;
+  const bool center = p.center;
+  auto* dla = p.dla;
+  auto* norms = p.norms;
+  const int n_threads = p.n_threads;
   using T = typename In::acc;
   DlaRunInfo info;
   info.method = static_cast<int>(DlaMethod::kUnique);
@@ -370,13 +376,21 @@ DlaRunInfo dla_fixed(const typename In::storage* z, const typename In::storage* 
 }
 
 template <typename In>
-DlaRunInfo dla_gathered(const typename In::storage* z, const typename In::storage* W_O_in,
-                        const typename In::storage* directions, const typename In::acc* scale,
-                        const int64_t* direction_ids, const int64_t* incorrect_ids,
-                        const typename In::acc* table, int64_t n_tokens, int64_t n_heads,
-                        int64_t d_head, int64_t d_model, int64_t n_dirs, bool center,
-                        DlaMethod method, typename In::acc* dla, typename In::acc* norms,
-                        int n_threads) {
+DlaRunInfo dla_gathered(const DlaParams<In>& p) {
+  const auto* z = p.z;
+  const auto* W_O_in = p.W_O;
+  const auto* directions = p.directions;
+  const auto* scale = p.scale;
+  const int64_t* direction_ids = p.direction_ids;
+  const int64_t* incorrect_ids = p.incorrect_ids;
+  const auto* table = p.table;
+  const int64_t n_tokens = p.n_tokens, n_heads = p.n_heads, d_head = p.d_head, d_model = p.d_model,
+                n_dirs = p.n_dirs;
+  const bool center = p.center;
+  const DlaMethod method = p.method;
+  auto* dla = p.dla;
+  auto* norms = p.norms;
+  const int n_threads = p.n_threads;
   using T = typename In::acc;
   DlaRunInfo info;
   const int64_t T_ = n_tokens, N = n_heads, H = d_head, D = d_model, K = n_dirs, NH = N * H;
@@ -442,9 +456,13 @@ DlaRunInfo dla_gathered(const typename In::storage* z, const typename In::storag
 }
 
 template <typename In>
-void build_dla_table(const typename In::storage* W_O_in, const typename In::storage* directions,
-                     int64_t n_heads, int64_t d_head, int64_t d_model, int64_t n_dirs, bool center,
-                     typename In::acc* table, int n_threads) {
+void build_dla_table(const DlaTableParams<In>& p) {
+  const auto* W_O_in = p.W_O;
+  const auto* directions = p.directions;
+  const int64_t n_heads = p.n_heads, d_head = p.d_head, d_model = p.d_model, n_dirs = p.n_dirs;
+  const bool center = p.center;
+  auto* table = p.table;
+  const int n_threads = p.n_threads;
   using T = typename In::acc;
   const int64_t NH = n_heads * d_head;
   if (NH <= 0 || d_model <= 0 || n_dirs <= 0) return;
@@ -457,9 +475,14 @@ void build_dla_table(const typename In::storage* W_O_in, const typename In::stor
 }
 
 template <typename In>
-void fill_dla_table_rows(const typename In::storage* W_O_in, const typename In::storage* directions,
-                         const int64_t* rows, int64_t n_rows, int64_t n_heads, int64_t d_head,
-                         int64_t d_model, bool center, typename In::acc* table, int n_threads) {
+void fill_dla_table_rows(const DlaTableParams<In>& p) {
+  const auto* W_O_in = p.W_O;
+  const auto* directions = p.directions;
+  const int64_t* rows = p.rows;
+  const int64_t n_rows = p.n_rows, n_heads = p.n_heads, d_head = p.d_head, d_model = p.d_model;
+  const bool center = p.center;
+  auto* table = p.table;
+  const int n_threads = p.n_threads;
   using T = typename In::acc;
   const int64_t NH = n_heads * d_head;
   if (NH <= 0 || d_model <= 0 || n_rows <= 0) return;
@@ -480,18 +503,10 @@ void fill_dla_table_rows(const typename In::storage* W_O_in, const typename In::
 }
 
 #define EF_INSTANTIATE_DLA(In)                                                                     \
-  template DlaRunInfo dla_fixed<In>(const In::storage*, const In::storage*, const In::storage*,    \
-                                    const In::acc*, int64_t, int64_t, int64_t, int64_t,        \
-                                    int64_t, bool, In::acc*, In::acc*, int);                       \
-  template DlaRunInfo dla_gathered<In>(const In::storage*, const In::storage*,                     \
-                                       const In::storage*, const In::acc*, const int64_t*,         \
-                                       const int64_t*, const In::acc*, int64_t, int64_t, int64_t,  \
-                                       int64_t, int64_t, bool, DlaMethod, In::acc*, In::acc*,      \
-                                       int);                                                       \
-  template void build_dla_table<In>(const In::storage*, const In::storage*, int64_t, int64_t,      \
-                                    int64_t, int64_t, bool, In::acc*, int);                        \
-  template void fill_dla_table_rows<In>(const In::storage*, const In::storage*, const int64_t*,    \
-                                        int64_t, int64_t, int64_t, int64_t, bool, In::acc*, int);
+  template DlaRunInfo dla_fixed<In>(const DlaParams<In>&);                                         \
+  template DlaRunInfo dla_gathered<In>(const DlaParams<In>&);                                      \
+  template void build_dla_table<In>(const DlaTableParams<In>&);                                    \
+  template void fill_dla_table_rows<In>(const DlaTableParams<In>&);
 EF_INSTANTIATE_DLA(Native<float>)
 EF_INSTANTIATE_DLA(Native<double>)
 EF_INSTANTIATE_DLA(Bf16)

@@ -10,7 +10,7 @@
 // z^T G_n z with the per-head Gram matrix G_n = W_O[n] W_O[n]^T (d_head^2 FMAs per head per token).
 //
 // Shapes as in fused_attribution.h: z [T, N, H], W_O [N, H, D], directions [K, D], scale [T].
-// Arguments are NOT checked here (bindings.cpp does it). Accumulation in float for fp32 / bf16 /
+// Arguments (DlaParams / DlaTableParams, below) are NOT checked here (bindings.cpp does it). Accumulation in float for fp32 / bf16 /
 // fp16 inputs, double for fp64. Results are deterministic and independent of the thread count: every output element
 // is reduced in an order fixed by the shapes (and, for gathered DLA, by the set of distinct ids),
 // never by which thread computes it.
@@ -51,6 +51,42 @@ constexpr bool prefer_table(int64_t n_unique, int64_t n_valid_tokens, int64_t d_
   return n_unique * d_model > kTableRatio * n_valid_tokens;
 }
 
+// Everything one DLA-only call needs (dla_fixed, dla_gathered), filled and checked by bindings.cpp
+// (dla_params).
+template <typename In>
+struct DlaParams {
+  using S = typename In::storage;
+  using A = typename In::acc;
+  const S* z = nullptr;                   // [T, N, H]
+  const S* W_O = nullptr;                 // [N, H, D]
+  const S* directions = nullptr;          // [K, D]
+  const A* scale = nullptr;               // [T]
+  const int64_t* direction_ids = nullptr; // gathered: [T] in [-1, K) (fixed: unused)
+  const int64_t* incorrect_ids = nullptr; // gathered, nullable: [T] in [-1, K)
+  const A* table = nullptr;               // gathered, nullable: [K, N, H] from build_dla_table
+  int64_t n_tokens = 0, n_heads = 0, d_head = 0, d_model = 0, n_dirs = 0;
+  bool center = true;
+  DlaMethod method = DlaMethod::kAuto;    // gathered only
+  A* dla = nullptr;    // fixed: [T, N, K]; gathered: [T, N]
+  A* norms = nullptr;  // nullable: [T, N]
+  int n_threads = 0;
+};
+
+// Everything one DLA-table call needs (build_dla_table, fill_dla_table_rows), filled and checked by
+// bindings.cpp (dla_table_params).
+template <typename In>
+struct DlaTableParams {
+  using S = typename In::storage;
+  const S* W_O = nullptr;           // [N, H, D]
+  const S* directions = nullptr;    // [K, D]
+  const int64_t* rows = nullptr;    // fill_dla_table_rows: [n_rows] in [0, K)
+  int64_t n_rows = 0;
+  int64_t n_heads = 0, d_head = 0, d_model = 0, n_dirs = 0;
+  bool center = true;
+  typename In::acc* table = nullptr;  // [K, N, H]
+  int n_threads = 0;
+};
+
 namespace EF_ISA {
 
 // Input formats (`In`: Native<float>, Native<double>, Bf16, F16; see input_formats.h): floating
@@ -58,35 +94,21 @@ namespace EF_ISA {
 
 // Fixed set: dla [T, N, K] = z . (W_O c(d_k)) / s. norms [T, N] (nullable: skipped).
 template <typename In>
-DlaRunInfo dla_fixed(const typename In::storage* z, const typename In::storage* W_O,
-                     const typename In::storage* directions, const typename In::acc* scale,
-                     int64_t n_tokens, int64_t n_heads, int64_t d_head, int64_t d_model,
-                     int64_t n_dirs, bool center, typename In::acc* dla, typename In::acc* norms,
-                     int n_threads);
+DlaRunInfo dla_fixed(const DlaParams<In>& p);
 
 // Gathered: dla [T, N], NaN where direction_ids[t] < 0 or incorrect_ids[t] < 0.
 // table: nullable [K, N, H] built by build_dla_table from the same W_O / directions / center.
 template <typename In>
-DlaRunInfo dla_gathered(const typename In::storage* z, const typename In::storage* W_O,
-                        const typename In::storage* directions, const typename In::acc* scale,
-                        const int64_t* direction_ids, const int64_t* incorrect_ids /* nullable */,
-                        const typename In::acc* table /* nullable */, int64_t n_tokens,
-                        int64_t n_heads, int64_t d_head, int64_t d_model, int64_t n_dirs,
-                        bool center, DlaMethod method, typename In::acc* dla,
-                        typename In::acc* norms, int n_threads);
+DlaRunInfo dla_gathered(const DlaParams<In>& p);
 
 // table [K, N, H]: table[k, n, :] = W_O[n] @ c(directions[k]) (K * N * H * D FMAs, OpenMP over k).
 template <typename In>
-void build_dla_table(const typename In::storage* W_O, const typename In::storage* directions,
-                     int64_t n_heads, int64_t d_head, int64_t d_model, int64_t n_dirs, bool center,
-                     typename In::acc* table, int n_threads);
+void build_dla_table(const DlaTableParams<In>& p);
 
 // table[rows[r], n, :] = W_O[n] @ c(directions[rows[r]]) for r < n_rows (rows in [0, K); the other
 // rows of table [K, N, H] are left as they are): fills a lazily built table on demand.
 template <typename In>
-void fill_dla_table_rows(const typename In::storage* W_O, const typename In::storage* directions,
-                         const int64_t* rows, int64_t n_rows, int64_t n_heads, int64_t d_head,
-                         int64_t d_model, bool center, typename In::acc* table, int n_threads);
+void fill_dla_table_rows(const DlaTableParams<In>& p);
 
 }  // namespace EF_ISA
 }  // namespace ef

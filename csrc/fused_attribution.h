@@ -6,7 +6,7 @@
 // Outputs (caller-allocated, C-contiguous): dla [T, N] (gathered mode, direction_ids != null) or
 // [T, N, K] (fixed mode), dots [T, N + M, W], norms [T, N + M].
 //
-// Arguments are NOT checked here: every check lives in bindings.cpp. Input formats (`In`, see
+// Arguments (one FusedParams, below) are NOT checked here: every check lives in bindings.cpp. Input formats (`In`, see
 // kernel_common.h): float32, float64, bfloat16 and float16 (the last two as raw uint16 bits); every
 // floating input is converted on load. Accumulation and outputs are in `In::acc` (float for fp32 /
 // bf16 / fp16, double for fp64). Results are deterministic and independent of the thread count:
@@ -20,20 +20,39 @@
 #include "kernel_isa.h"
 
 namespace ef {
+
+// Everything one fused_attribution call needs: inputs, sizes, flags, outputs and tuning, filled
+// and checked by bindings.cpp (fused_params) and read by every path's kernel.
+template <typename In>
+struct FusedParams {
+  using S = typename In::storage;
+  using A = typename In::acc;
+  // inputs (C-contiguous)
+  const S* z = nullptr;                   // [T, N, H]
+  const S* W_O = nullptr;                 // [N, H, D]
+  const S* directions = nullptr;          // [K, D]
+  const A* scale = nullptr;               // [T]
+  const int64_t* writers = nullptr;       // [W], values in [0, N)
+  const S* extra = nullptr;               // [T, M, D]; null when M = 0
+  const int64_t* direction_ids = nullptr; // [T] in [-1, K); null: fixed-set mode
+  const int64_t* incorrect_ids = nullptr; // [T] in [-1, K); null: no logit difference
+  // sizes
+  int64_t n_tokens = 0, n_heads = 0, d_head = 0, d_model = 0, n_dirs = 0, n_writers = 0, n_extra = 0;
+  bool center = true;
+  // outputs (caller-allocated, C-contiguous)
+  A* dla = nullptr;    // [T, N] (gathered) or [T, N, K] (fixed)
+  A* dots = nullptr;   // [T, N + M, W]
+  A* norms = nullptr;  // [T, N + M]
+  // tuning
+  int n_threads = 0;    // <= 0: OpenMP default
+  int tile_tokens = 0;  // <= 0: default tile (tokens per work item)
+  int chunk_cols = 0;   // <= 0: default d_model columns per pass
+};
+
 namespace EF_ISA {
 
 template <typename In>
-void fused_attribution(const typename In::storage* z, const typename In::storage* W_O,
-                       const typename In::storage* directions, const typename In::acc* scale,
-                       const int64_t* writers, const typename In::storage* extra,
-                       const int64_t* direction_ids,  // nullable: fixed-set mode
-                       const int64_t* incorrect_ids,  // nullable
-                       int64_t n_tokens, int64_t n_heads, int64_t d_head, int64_t d_model,
-                       int64_t n_dirs, int64_t n_writers, int64_t n_extra, bool center,
-                       typename In::acc* dla, typename In::acc* dots, typename In::acc* norms,
-                       int n_threads = 0,      // <= 0: OpenMP default
-                       int tile_tokens = 0,    // <= 0: default tile (tokens per work item)
-                       int chunk_cols = 0);    // <= 0: default d_model columns per pass
+void fused_attribution(const FusedParams<In>& p);
 
 // The defaults of tile_tokens and chunk_cols on this path (reported by _C.build_info()).
 int default_tile_tokens();
@@ -42,14 +61,7 @@ int default_chunk_cols();
 // The same contract with tokens in the SIMD lanes (fused_lanes.cpp): the AVX-512 path's kernel.
 // tile_tokens: rounded up to a multiple of the lane tile; chunk_cols: d_model columns per pass.
 template <typename In>
-void fused_attribution_lanes(const typename In::storage* z, const typename In::storage* W_O,
-                             const typename In::storage* directions, const typename In::acc* scale,
-                             const int64_t* writers, const typename In::storage* extra,
-                             const int64_t* direction_ids, const int64_t* incorrect_ids,
-                             int64_t n_tokens, int64_t n_heads, int64_t d_head, int64_t d_model,
-                             int64_t n_dirs, int64_t n_writers, int64_t n_extra, bool center,
-                             typename In::acc* dla, typename In::acc* dots, typename In::acc* norms,
-                             int n_threads, int tile_tokens, int chunk_cols);
+void fused_attribution_lanes(const FusedParams<In>& p);
 int lanes_default_tile_tokens();
 int lanes_default_chunk_cols();
 

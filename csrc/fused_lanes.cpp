@@ -212,14 +212,22 @@ struct LaneScratch {
 }  // namespace
 
 template <typename In>
-void fused_attribution_lanes(const typename In::storage* z, const typename In::storage* W_O,
-                             const typename In::storage* directions, const typename In::acc* scale,
-                             const int64_t* writers, const typename In::storage* extra,
-                             const int64_t* direction_ids, const int64_t* incorrect_ids, int64_t n_tokens,
-                             int64_t n_heads, int64_t d_head, int64_t d_model, int64_t n_dirs,
-                             int64_t n_writers, int64_t n_extra, bool center, typename In::acc* dla,
-                             typename In::acc* dots, typename In::acc* norms, int n_threads,
-                             int tile_tokens, int chunk_cols) {
+void fused_attribution_lanes(const FusedParams<In>& p) {
+  const auto* z = p.z;
+  const auto* W_O = p.W_O;
+  const auto* directions = p.directions;
+  const auto* scale = p.scale;
+  const int64_t* writers = p.writers;
+  const auto* extra = p.extra;
+  const int64_t* direction_ids = p.direction_ids;
+  const int64_t* incorrect_ids = p.incorrect_ids;
+  const int64_t n_tokens = p.n_tokens, n_heads = p.n_heads, d_head = p.d_head, d_model = p.d_model,
+                n_dirs = p.n_dirs, n_writers = p.n_writers, n_extra = p.n_extra;
+  const bool center = p.center;
+  auto* dla = p.dla;
+  auto* dots = p.dots;
+  auto* norms = p.norms;
+  const int n_threads = p.n_threads, tile_tokens = p.tile_tokens, chunk_cols = p.chunk_cols;
   using T = typename In::acc;
   using S = Simd<T>;
   constexpr int64_t L = S::L, TL = kV * L;
@@ -420,11 +428,7 @@ int lanes_default_tile_tokens() { return kSub * kV * Simd<float>::L; }
 int lanes_default_chunk_cols() { return kDefaultChunk; }
 
 #define EF_INSTANTIATE_LANES(In)                                                                   \
-  template void fused_attribution_lanes<In>(                                                       \
-      const In::storage*, const In::storage*, const In::storage*, const In::acc*,                  \
-      const int64_t*, const In::storage*, const int64_t*, const int64_t*, int64_t, int64_t,        \
-      int64_t, int64_t, int64_t, int64_t, int64_t, bool, In::acc*, In::acc*, In::acc*, int, int,   \
-      int);
+  template void fused_attribution_lanes<In>(const FusedParams<In>&);
 EF_INSTANTIATE_LANES(Native<float>)
 EF_INSTANTIATE_LANES(Native<double>)
 EF_INSTANTIATE_LANES(Bf16)

@@ -136,32 +136,31 @@ Vec<SeriesBlock<T>> cut_blocks(const T* const* blocks, const int64_t* n_series, 
 }  // namespace
 
 template <typename T>
-void series_stats_batch(const T* values, const int64_t* bucket, int64_t n_tokens, int64_t n_series,
-                        int64_t n_buckets, T lo, T inv_width, int64_t n_bins, int64_t* hist,
-                        int64_t* count, double* mean, double* m2, int n_threads) {
+void series_stats_batch(const SeriesStatsParams<T>& p) {
   int64_t total = 0;
-  const auto work = cut_blocks(&values, &n_series, &n_series, 1, &total);
-  series_stats_blocks<T>(work, total, nullptr, 1, bucket, n_tokens, n_buckets, lo, inv_width, n_bins, hist, count,
-                         mean, m2, n_threads);
+  const auto work = cut_blocks(p.blocks, p.n_series, p.token_stride, p.n_blocks, &total);
+  series_stats_blocks<T>(work, total, p.divisor, p.n_div, p.bucket, p.n_tokens, p.n_buckets, p.lo, p.inv_width,
+                         p.n_bins, p.hist, p.count, p.mean, p.m2, p.n_threads);
 }
 
 template <typename T>
-void ratio_stats_batch(const T* const* blocks, const int64_t* n_series, const int64_t* token_stride,
-                       int n_blocks, const T* divisor, int64_t n_div, const int64_t* bucket,
-                       int64_t n_tokens, int64_t n_buckets, T lo, T inv_width, int64_t n_bins,
-                       int64_t* hist, int64_t* count, double* mean, double* m2, int n_threads) {
-  int64_t total = 0;
-  const auto work = cut_blocks(blocks, n_series, token_stride, n_blocks, &total);
-  series_stats_blocks<T>(work, total, divisor, n_div, bucket, n_tokens, n_buckets, lo, inv_width, n_bins, hist,
-                         count, mean, m2, n_threads);
-}
-
-template <typename T>
-void pair_stats_batch(const T* dots, int64_t dots_stride, const T* norms, const T* null_dots, const double* resid_norm,
-                      const int64_t* writers, const int64_t* pairs, int64_t n_tokens, int64_t n_nodes,
-                      int64_t n_writers, int64_t n_pairs, const double* lo, const double* inv_width,
-                      const int64_t* n_bins, int64_t* const* hists, int64_t* count, double* mean,
-                      double* m2, int n_threads) {
+void pair_stats_batch(const PairStatsParams<T>& p) {
+  const T* dots = p.dots;
+  const int64_t dots_stride = p.dots_stride;
+  const T* norms = p.norms;
+  const T* null_dots = p.null_dots;
+  const double* resid_norm = p.resid_norm;
+  const int64_t* writers = p.writers;
+  const int64_t* pairs = p.pairs;
+  const int64_t n_tokens = p.n_tokens, n_nodes = p.n_nodes, n_writers = p.n_writers, n_pairs = p.n_pairs;
+  const double* lo = p.lo;
+  const double* inv_width = p.inv_width;
+  const int64_t* n_bins = p.n_bins;
+  int64_t* const* hists = p.hists;
+  int64_t* count = p.count;
+  double* mean = p.mean;
+  double* m2 = p.m2;
+  const int n_threads = p.n_threads;
   constexpr int K = kPairStats;
   const int64_t n_blocks = (n_pairs + kBlock - 1) / kBlock;
   const int nthr = thread_count(n_threads);
@@ -244,24 +243,10 @@ void pair_stats_batch(const T* dots, int64_t dots_stride, const T* norms, const 
   }
 }
 
-template void pair_stats_batch<float>(const float*, int64_t, const float*, const float*, const double*, const int64_t*,
-                                      const int64_t*, int64_t, int64_t, int64_t, int64_t, const double*,
-                                      const double*, const int64_t*, int64_t* const*, int64_t*, double*,
-                                      double*, int);
-template void pair_stats_batch<double>(const double*, int64_t, const double*, const double*, const double*,
-                                       const int64_t*, const int64_t*, int64_t, int64_t, int64_t, int64_t,
-                                       const double*, const double*, const int64_t*, int64_t* const*,
-                                       int64_t*, double*, double*, int);
-template void series_stats_batch<float>(const float*, const int64_t*, int64_t, int64_t, int64_t, float,
-                                        float, int64_t, int64_t*, int64_t*, double*, double*, int);
-template void series_stats_batch<double>(const double*, const int64_t*, int64_t, int64_t, int64_t, double,
-                                         double, int64_t, int64_t*, int64_t*, double*, double*, int);
-template void ratio_stats_batch<float>(const float* const*, const int64_t*, const int64_t*, int, const float*,
-                                       int64_t, const int64_t*, int64_t, int64_t, float, float, int64_t, int64_t*,
-                                       int64_t*, double*, double*, int);
-template void ratio_stats_batch<double>(const double* const*, const int64_t*, const int64_t*, int, const double*,
-                                        int64_t, const int64_t*, int64_t, int64_t, double, double, int64_t,
-                                        int64_t*, int64_t*, double*, double*, int);
+template void pair_stats_batch<float>(const PairStatsParams<float>&);
+template void pair_stats_batch<double>(const PairStatsParams<double>&);
+template void series_stats_batch<float>(const SeriesStatsParams<float>&);
+template void series_stats_batch<double>(const SeriesStatsParams<double>&);
 
 }  // namespace EF_ISA
 }  // namespace ef

@@ -10,7 +10,7 @@
 //   m2[b, s] = sum((v - mean)^2) (double, second pass over the batch).
 // Non-finite values are skipped (the caller counts them as NaN). Every series is reduced over t in
 // token order by one thread, so results do not depend on the thread count.
-// Arguments are NOT checked here (bindings.cpp does it).
+// Arguments (one params struct per entry, below) are NOT checked here (bindings.cpp does it).
 #pragma once
 
 #include <cstdint>
@@ -22,27 +22,61 @@ namespace ef {
 // Statistics per pair of pair_stats_batch (below).
 constexpr int kPairStats = 9;
 
+// Everything one pair_stats_batch call needs (see pair_stats_batch below), filled and checked by
+// bindings.cpp (pair_stats_params).
+template <typename T>
+struct PairStatsParams {
+  const T* dots = nullptr;              // [T, n_nodes, W], rows dots_stride elements apart
+  int64_t dots_stride = 0;
+  const T* norms = nullptr;             // [T, n_nodes]
+  const T* null_dots = nullptr;         // [P, T]
+  const double* resid_norm = nullptr;   // [T]
+  const int64_t* writers = nullptr;     // [W] node indices
+  const int64_t* pairs = nullptr;       // [P] flat node * W + writer
+  int64_t n_tokens = 0, n_nodes = 0, n_writers = 0, n_pairs = 0;
+  const double* lo = nullptr;           // [kPairStats]
+  const double* inv_width = nullptr;    // [kPairStats]
+  const int64_t* n_bins = nullptr;      // [kPairStats]
+  int64_t* const* hists = nullptr;      // kPairStats arrays [P, n_bins[k] + 2], added in place
+  int64_t* count = nullptr;             // [kPairStats, P]
+  double* mean = nullptr;               // [kPairStats, P]
+  double* m2 = nullptr;                 // [kPairStats, P]
+  int n_threads = 0;
+};
+
+// Everything one series_stats_batch call needs, filled and checked by bindings.cpp
+// (series_params, ratio_params). The series are the columns of n_blocks blocks: block k holds
+// n_series[k] consecutive series whose values at token t start at blocks[k] + t * token_stride[k]
+// (each block's row contiguous, any token stride: a view of a larger array is read in place), all
+// series numbered block after block (values [T, S]: one block, token stride S). With a divisor
+// [T, n_div] (C-contiguous; null: none) series s of the whole is binned as
+//   v = value / divisor[t, s % n_div]   (NaN where divisor == 0, as the contract's safe_div)
+// so for blocks of dots [T, R_k, W] and divisor = the writers' squared norms [T, W], the series are
+// the projection ratios of every (row, writer), never materialised.
+template <typename T>
+struct SeriesStatsParams {
+  const T* const* blocks = nullptr;
+  const int64_t* n_series = nullptr;      // [n_blocks]
+  const int64_t* token_stride = nullptr;  // [n_blocks], in elements
+  int n_blocks = 0;
+  const T* divisor = nullptr;             // nullable: [T, n_div]
+  int64_t n_div = 1;
+  const int64_t* bucket = nullptr;        // [T] in [0, n_buckets)
+  int64_t n_tokens = 0, n_buckets = 0;
+  T lo = 0, inv_width = 0;
+  int64_t n_bins = 0;
+  int64_t* hist = nullptr;                // [B, S, n_bins + 2], added in place (S = sum n_series)
+  int64_t* count = nullptr;               // [B, S]
+  double* mean = nullptr;                 // [B, S]
+  double* m2 = nullptr;                   // [B, S]
+  int n_threads = 0;
+};
+
 namespace EF_ISA {
 
+// One batch of the statistics above over the total sum(n_series) series.
 template <typename T>
-void series_stats_batch(const T* values, const int64_t* bucket, int64_t n_tokens, int64_t n_series,
-                        int64_t n_buckets, T lo, T inv_width, int64_t n_bins, int64_t* hist,
-                        int64_t* count, double* mean, double* m2, int n_threads);
-
-// The same for ratios that are never materialised: the series are the columns of several blocks,
-// block k holding n_series[k] consecutive series whose values at token t start at
-// blocks[k] + t * token_stride[k] (each block's row contiguous, any token stride: a view of a larger
-// array is read in place), all series numbered block after block. Series s of the whole is binned as
-//   v = value / divisor[t, s % n_div]   (NaN where divisor == 0, as the contract's safe_div;
-//                                        divisor [T, n_div], C-contiguous)
-// so for blocks of dots [T, R_k, W] and divisor = the writers' squared norms [T, W], the series are
-// the projection ratios of every (row, writer). Histogram, count, mean, m2 as series_stats_batch over
-// the total sum(n_series) series.
-template <typename T>
-void ratio_stats_batch(const T* const* blocks, const int64_t* n_series, const int64_t* token_stride,
-                       int n_blocks, const T* divisor, int64_t n_div, const int64_t* bucket,
-                       int64_t n_tokens, int64_t n_buckets, T lo, T inv_width, int64_t n_bins,
-                       int64_t* hist, int64_t* count, double* mean, double* m2, int n_threads);
+void series_stats_batch(const SeriesStatsParams<T>& p);
 
 // The ranking statistics of (node, writer) pairs (erasure_fast/scanning/pair_stats.py, pair_values)
 // computed per token in double and folded straight into their histograms and moments, one bucket,
@@ -59,11 +93,7 @@ void ratio_stats_batch(const T* const* blocks, const int64_t* n_series, const in
 // hists[k] [P, n_bins[k] + 2]; count / mean / m2 are [kPairStats, P]. Every pair is reduced over t in
 // token order by one thread. Arguments are NOT checked here (bindings.cpp does it).
 template <typename T>
-void pair_stats_batch(const T* dots, int64_t dots_stride, const T* norms, const T* null_dots, const double* resid_norm,
-                      const int64_t* writers, const int64_t* pairs, int64_t n_tokens, int64_t n_nodes,
-                      int64_t n_writers, int64_t n_pairs, const double* lo, const double* inv_width,
-                      const int64_t* n_bins, int64_t* const* hists, int64_t* count, double* mean,
-                      double* m2, int n_threads);
+void pair_stats_batch(const PairStatsParams<T>& p);
 
 }  // namespace EF_ISA
 }  // namespace ef
