@@ -117,6 +117,33 @@ def test_no_import_cycles_and_no_private_cross_module_imports():
     assert not cycles, cycles
 
 
+def test_no_parameter_shadows_an_imported_name():
+    """A function's parameter never takes the name of something its module (or the function) imports:
+    `capture` the mode is not `capture` the function (attribution.py imports that as `hook_capture`)."""
+    def imported(body) -> set:
+        return {(a.asname or a.name).split(".")[0] for n in body if isinstance(n, (ast.Import, ast.ImportFrom))
+                for a in n.names}
+
+    clashes = []
+
+    def visit(node, outer: set, path: Path):
+        for n in ast.iter_child_nodes(node):
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                a = n.args
+                params = {x.arg for x in a.posonlyargs + a.args + a.kwonlyargs + [a.vararg, a.kwarg] if x}
+                inner = outer | imported(m for m in ast.walk(n))
+                clashes.extend(f"{path.relative_to(PACKAGE.parent)}:{n.lineno} {n.name}({p})"
+                               for p in sorted(params & inner))
+                visit(n, inner, path)
+            else:
+                visit(n, outer, path)
+
+    for _, path in _modules():
+        tree = ast.parse(path.read_text())
+        visit(tree, imported(tree.body), path)
+    assert not clashes, clashes
+
+
 def test_the_contract_ships_and_docstrings_point_to_it():
     assert (REPO / "docs" / "math.md").is_file()
     text = (REPO / "docs" / "math.md").read_text()
