@@ -155,12 +155,49 @@ def test_the_contract_ships_and_docstrings_point_to_it():
 
 
 def test_runtime_dependencies_are_declared():
+    """The core's dependencies are declared as such; what one feature needs is in an extra, not the core."""
+    import re
     import tomllib
 
-    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
-    names = {d.split(";")[0].split(">")[0].split("=")[0].split("<")[0].strip().lower() for d in deps}
-    for used in ("torch", "numpy", "psutil", "pandas", "pyarrow", "matplotlib", "tqdm", "safetensors", "transformer-lens"):
-        assert used in names, used
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+
+    def names(requirements) -> set:
+        return {re.match(r"[A-Za-z0-9_.-]+", r).group(0).lower() for r in requirements}
+
+    core = names(project["dependencies"])
+    extras = set().union(*(names(reqs) for reqs in project["optional-dependencies"].values()))
+    for used in ("torch", "numpy", "transformer-lens", "packaging", "pandas", "tqdm"):
+        assert used in core, used
+    for optional in ("psutil", "pyarrow", "matplotlib", "safetensors", "xxhash", "datasets", "nnsight", "triton"):
+        assert optional in extras and optional not in core, optional
+
+
+def test_pandas_and_tqdm_are_imported_on_use():
+    """No module imports pandas or tqdm when it is imported (the scan's summary and the paper's tables,
+    the progress bar import them on use), so `import erasure_fast` and `attribute` load no pandas.
+    tqdm is not checked at run time: torch imports it itself (torch.hub); so does transformer_lens,
+    pandas too, where it is imported."""
+    def module_level_imports(node):
+        for n in ast.iter_child_nodes(node):
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+                continue
+            if isinstance(n, ast.Import):
+                yield from (a.name for a in n.names)
+            elif isinstance(n, ast.ImportFrom) and not n.level:
+                yield n.module
+            else:
+                yield from module_level_imports(n)
+
+    eager = [f"{m}: {imp}" for m, path in _modules() for imp in module_level_imports(ast.parse(path.read_text()))
+             if imp.split(".")[0] in ("pandas", "tqdm")]
+    assert not eager, eager
+    proc = fresh("import sys, erasure_fast as ef\n"
+                 "ef.attribute, ef.scan, ef.fused_attribution\n"
+                 "import erasure_fast.scanning, erasure_fast.paper, erasure_fast.cli\n"
+                 "print('transformer_lens' in sys.modules, 'pandas' in sys.modules)\n")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with_tl, with_pandas = proc.stdout.split()
+    assert with_tl == "True" or with_pandas == "False", proc.stdout
 
 
 def test_a_source_checkout_reports_what_it_lacks():
