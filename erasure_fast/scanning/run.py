@@ -23,10 +23,9 @@ def scan(model, corpus, **options) -> Optional[ScanResult]:
         corpus: a path (.npy, .bin, .txt, .jsonl, a Hugging Face ``save_to_disk`` directory, or
             ``hf:owner/name``), a numpy array of token ids ([n] stream or [rows, R]) or a TokenCorpus.
             How each kind is cut into rows: `erasure_fast.scanning.corpus`.
-        **options: keywords, each an option of `ScanOptions` (which lists them with their defaults):
-            writers, seq_len, batch_size, out_dir, resume, backend, max_tokens, prepend_bos,
-            checkpoint_every, top_k, position_edges, progress, report, tokenizer, notes, bin_dtype,
-            column, rank_by, capture, overwrite. Any other name is a TypeError naming it.
+        **options: keywords, each a field of `ScanOptions`, which lists every option with its default
+            and what it does (``writers``, ``out_dir``, ``top_k``, ``rank_by``, ``capture``...); the
+            signature names them all. Any other name is a TypeError naming it.
 
     Returns:
         `ScanResult` on rank 0 (None on other ranks). Under torch.distributed (torchrun) every rank
