@@ -201,7 +201,27 @@ def _run_scan(args, demo: bool) -> int:
             _leave_distributed(wait=ok)  # after an error the other ranks may be gone: do not wait for them
 
 
+# Scan options the scan / demo flags keep under another name; every other flag whose dest is an option's
+# name (--batch-size: batch_size) sets that option, and options without a flag keep their defaults.
+_OPTION_DESTS = {"out_dir": "out", "overwrite": "force"}
+
+
+def _scan_options(args):
+    """The `ScanOptions` the scan / demo flags give (checked there: a bad value is refused before the
+    model is loaded), less what `_open` decides (the BOS id, the report's note)."""
+    from dataclasses import fields
+
+    from .scanning import ScanOptions
+
+    given = {f.name: getattr(args, _OPTION_DESTS.get(f.name, f.name)) for f in fields(ScanOptions)
+             if hasattr(args, _OPTION_DESTS.get(f.name, f.name))}
+    given["writers"] = _writers(args.writers)
+    return ScanOptions(**given)
+
+
 def _scan(args, demo: bool) -> int:
+    from dataclasses import replace
+
     from .loading import check_device
     from .scanning import plan_scan
     from .scanning.job import ScanJob
@@ -209,13 +229,10 @@ def _scan(args, demo: bool) -> int:
 
     # the quick checks first, before a model is loaded (which can take minutes)
     check_device(args.device, "--device")
-    check_scan_dir(args.out, "--out", overwrite=args.force, create=False)
+    options = _scan_options(args)
+    check_scan_dir(options.out_dir, "--out", overwrite=options.overwrite, create=False)
     model, corpus, bos, notes = _open(args, demo)
-    plan = plan_scan(model, corpus, writers=_writers(args.writers), seq_len=args.seq_len, batch_size=args.batch_size,
-                     out_dir=args.out, resume=args.resume, backend=args.backend, capture=args.capture, max_tokens=args.max_tokens,
-                     prepend_bos=bos, checkpoint_every=args.checkpoint_every, top_k=args.top_k,
-                     progress=args.progress, notes=notes, bin_dtype=None if demo else args.bin_dtype,
-                     column=None if demo else args.column, rank_by=args.rank_by, overwrite=args.force)
+    plan = plan_scan(model, corpus, replace(options, prepend_bos=bos, notes=notes))
     with ScanJob(plan) as job:
         if job.resumed_from:
             print(f"resuming {args.out} after {job.agg.tokens:,} tokens", file=sys.stderr)

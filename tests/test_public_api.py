@@ -118,6 +118,33 @@ def test_no_import_cycles_and_no_private_cross_module_imports():
     assert not cycles, cycles
 
 
+def test_no_parameter_shadows_an_imported_name():
+    """A function's parameter never takes the name of something its module (or the function) imports:
+    `capture` the mode is not `capture` the function (attribution.py imports that as `hook_capture`)."""
+    def imported(body) -> set:
+        return {(a.asname or a.name).split(".")[0] for n in body if isinstance(n, (ast.Import, ast.ImportFrom))
+                for a in n.names}
+
+    clashes = []
+
+    def visit(node, outer: set, path: Path):
+        for n in ast.iter_child_nodes(node):
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                a = n.args
+                params = {x.arg for x in a.posonlyargs + a.args + a.kwonlyargs + [a.vararg, a.kwarg] if x}
+                inner = outer | imported(m for m in ast.walk(n))
+                clashes.extend(f"{path.relative_to(PACKAGE.parent)}:{n.lineno} {n.name}({p})"
+                               for p in sorted(params & inner))
+                visit(n, inner, path)
+            else:
+                visit(n, outer, path)
+
+    for _, path in _modules():
+        tree = ast.parse(path.read_text())
+        visit(tree, imported(tree.body), path)
+    assert not clashes, clashes
+
+
 def test_the_contract_ships_and_docstrings_point_to_it():
     assert (REPO / "docs" / "math.md").is_file()
     text = (REPO / "docs" / "math.md").read_text()
@@ -144,6 +171,34 @@ def test_runtime_dependencies_are_declared():
         assert used in extras[extra], (used, extra)
     assert extras["all"] == {"erasure_fast"} and all(e in project["optional-dependencies"]["all"][0]
                                                      for e in ("gpu", "scan", "plots", "bench", "hf", "nnsight"))
+
+
+def test_pandas_and_tqdm_are_imported_on_use():
+    """No module imports pandas or tqdm when it is imported (the scan's summary and the paper's tables,
+    the progress bar import them on use), so `import erasure_fast` and `attribute` load no pandas.
+    tqdm is not checked at run time: torch imports it itself (torch.hub); so does transformer_lens,
+    pandas too, where it is imported."""
+    def module_level_imports(node):
+        for n in ast.iter_child_nodes(node):
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+                continue
+            if isinstance(n, ast.Import):
+                yield from (a.name for a in n.names)
+            elif isinstance(n, ast.ImportFrom) and not n.level:
+                yield n.module
+            else:
+                yield from module_level_imports(n)
+
+    eager = [f"{m}: {imp}" for m, path in _modules() for imp in module_level_imports(ast.parse(path.read_text()))
+             if imp.split(".")[0] in ("pandas", "tqdm")]
+    assert not eager, eager
+    proc = fresh("import sys, erasure_fast as ef\n"
+                 "ef.attribute, ef.scan, ef.fused_attribution\n"
+                 "import erasure_fast.scanning, erasure_fast.paper, erasure_fast.cli\n"
+                 "print('transformer_lens' in sys.modules, 'pandas' in sys.modules)\n")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with_tl, with_pandas = proc.stdout.split()
+    assert with_tl == "True" or with_pandas == "False", proc.stdout
 
 
 def test_a_source_checkout_reports_what_it_lacks():

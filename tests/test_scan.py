@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import erasure_fast as ef
-from erasure_fast.scanning import CorpusError, ScanJob, open_corpus, plan_scan, scan
+from erasure_fast.scanning import CorpusError, ScanJob, ScanOptions, open_corpus, plan_scan, scan
 from erasure_fast.scanning import checkpoint as ckpt
 from erasure_fast.scanning.aggregate import SeriesStats, TopK
 from conftest import build_model
@@ -301,6 +301,32 @@ def test_bad_scan_arguments(model, stream, tmp_path):
     with pytest.raises(ValueError, match="position_edges must be increasing"):
         run(model, stream, tmp_path, position_edges=(16, 1))
     assert not os.listdir(tmp_path)  # nothing written: every check ran before any work
+
+
+def test_scan_options_are_one_definition(model, stream, tmp_path):
+    """scan and plan_scan take the options of ScanOptions as keywords (their signatures name each, with
+    its default); a mistyped one is a TypeError naming it; a ScanOptions plans the same scan."""
+    import dataclasses
+    import inspect
+
+    options = {f.name: f.default for f in dataclasses.fields(ScanOptions)}
+    for fn in (scan, plan_scan):
+        params = inspect.signature(fn).parameters
+        assert {n: p.default for n, p in params.items() if p.kind is p.KEYWORD_ONLY} == options, fn
+    for fn in (scan, plan_scan):
+        with pytest.raises(TypeError, match=rf"^{fn.__name__}\(\) got an unexpected keyword argument 'top_kk' "
+                                            r"\(did you mean 'top_k'\?\)$"):
+            fn(model, stream, out_dir=str(tmp_path / "o"), top_kk=3)
+    with pytest.raises(TypeError, match="options must be a ScanOptions"):
+        plan_scan(model, stream, {"top_k": 3})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        ScanOptions().top_k = 3
+    assert ScanOptions(position_edges=[1, 16], batch_size=np.int64(3)).position_edges == (1, 16)
+    assert not os.listdir(tmp_path)  # refused before any work
+    opts = ScanOptions(seq_len=16, batch_size=4, out_dir=str(tmp_path / "p"), top_k=3, writers=["L1H2"])
+    by_object, by_keywords = plan_scan(model, stream, opts), plan_scan(model, stream, **dataclasses.asdict(opts))
+    assert by_object.cfg == by_keywords.cfg and by_object.cfg.top_k == 3 and by_object.cfg.writers == [5]
+    assert plan_scan(model, stream, opts, top_k=4).cfg.top_k == 4  # keywords replace the object's values
 
 
 def test_scan_finds_the_planted_circuit(tmp_path):

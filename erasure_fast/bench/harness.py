@@ -32,7 +32,8 @@ from ..optional_deps import OptionalDependencyError, import_optional, require_op
 from . import machine as mach
 from . import providers as prov
 from . import rounds as rounds_mod
-from .workloads import SHAPES, flops, make_inputs
+from .workloads import SHAPES, make_inputs
+from .workloads import flops as workload_flops  # `flops` is also a Point field and a parameter
 
 # Tokens of each point compared with the reference: enough to catch a wrong kernel, cheap at 1M tokens.
 CHECK_TOKENS = 2048
@@ -579,7 +580,7 @@ def finish(points: List[Point], roof: dict, probes: Optional[List[dict]] = None)
         one_at_a_time = p.workload in ("S1", "C1", "K2n_cold") or p.rounds == 0  # no interleaved rounds to pair
         if ref is not None and p.speedup_vs_tl is None and one_at_a_time:
             p.speedup_vs_tl = ref.median_s / p.median_s
-        work = p.flops if p.flops is not None else flops(p.workload, p.shape, p.n_tokens)
+        work = p.flops if p.flops is not None else workload_flops(p.workload, p.shape, p.n_tokens)
         p.roofline_pct, p.roofline_flag = None, ""
         rate = rates.get(p.dtype, rates["float32"]) * 1e9
         if work is not None:

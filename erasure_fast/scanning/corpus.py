@@ -25,7 +25,8 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from dataclasses import field as dataclass_field  # `field` is the JSONL text field's parameter
 from typing import Callable, Iterator, Optional, Tuple
 
 import numpy as np
@@ -54,10 +55,10 @@ class TokenCorpus:
     kind: str  # "array", "dataset", "hub" or "text"
     seq_len: int
     n_rows: Optional[int]
-    identity: dict = field(default_factory=dict)
+    identity: dict = dataclass_field(default_factory=dict)
     dropped_tokens: Optional[int] = None  # tokens no row contains (array corpora)
-    _array: Optional[np.ndarray] = field(default=None, repr=False)  # memmap: 1-D stream or 2-D rows
-    _stream: Optional[Callable] = field(default=None, repr=False)  # callable(start_row) -> iterator of (i, row)
+    _array: Optional[np.ndarray] = dataclass_field(default=None, repr=False)  # memmap: 1-D stream or 2-D rows
+    _stream: Optional[Callable] = dataclass_field(default=None, repr=False)  # callable(start_row) -> iterator of (i, row)
 
     def describe(self) -> dict:
         return {"source": self.source, "kind": self.kind, "seq_len": self.seq_len, "n_rows": self.n_rows,

@@ -1,19 +1,23 @@
 """Stage 1 of a scan: check the whole job before any work and fix its configuration.
 
-`plan_scan` validates every argument -- numbers and flags by kind, the output folder (writable, holding
-no file a scan did not write there unless ``overwrite``; outdir.py), the model (and hooks attached to it),
-the corpus (it exists, is readable, has at least one row, every id of an array corpus lies in the
-vocabulary, it is not where the scan writes), seq_len against the model's context, the BOS id, the
-writers (each head once), the backend -- and returns a `ScanPlan`. Nothing is run and nothing is
+`ScanOptions` is every option of a scan, each with its default, checked by itself when made (numbers
+and flags by kind, the ranking statistic, the position buckets). `plan_scan` validates them against
+the job -- the output folder (writable, holding no file a scan did not write there unless
+``overwrite``; outdir.py), the model (and hooks attached to it), the corpus (it exists, is readable,
+has at least one row, every id of an array corpus lies in the vocabulary, it is not where the scan
+writes), seq_len against the model's context, the BOS id, the writers (each head once), the backend --
+and returns a `ScanPlan`. Nothing is run and nothing is
 created before that.
 """
 
 from __future__ import annotations
 
+import difflib
 import hashlib
+import inspect
 import json
 import numbers
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from typing import FrozenSet, List, Optional, Sequence, Union
 
 import numpy as np
@@ -172,26 +176,96 @@ def _check_top_k_fits(top_k: int, n_writers: int) -> None:
                          f"({free / 2**30:,.1f} GiB); at most {fits:,} fit")
 
 
-def plan_scan(model, corpus, *, writers="all", seq_len: Optional[int] = None, batch_size: int = 8,
-              out_dir="scan_out", resume: bool = True, backend: str = "auto", max_tokens: Optional[int] = None,
-              prepend_bos: Optional[int] = None, checkpoint_every: int = 20, top_k: int = 20,
-              position_edges: Sequence[int] = POSITION_EDGES, progress: bool = True, report: bool = True,
-              tokenizer=None, notes: Optional[str] = None, bin_dtype: Optional[str] = None,
-              column: Optional[str] = None, rank_by: str = DEFAULT_RANK, capture: Union[str, CaptureMode] = "auto",
-              overwrite: bool = False) -> ScanPlan:
-    """Validate a scan (arguments as `erasure_fast.scan`) and return its `ScanPlan`. Raises
-    ValueError / TypeError (CorpusError and OutputDirError are ValueErrors) naming the argument."""
-    model = as_transformer_lens(model)
-    if rank_by not in RANK_STATISTICS:
-        raise ValueError(f"rank_by must be one of {', '.join(RANK_STATISTICS)}, got {rank_by!r}")
-    batch_size = _positive_int("batch_size", batch_size)
-    checkpoint_every = _positive_int("checkpoint_every", checkpoint_every)
-    top_k = _positive_int("top_k", top_k)
-    max_tokens = _positive_int("max_tokens", max_tokens, allow_none=True)
-    resume, progress, report, overwrite = (_flag(n, v) for n, v in (("resume", resume), ("progress", progress),
-                                                                    ("report", report), ("overwrite", overwrite)))
-    if notes is not None and not isinstance(notes, str):
-        raise TypeError(f"notes must be a str or None, got {type(notes).__name__}")
+@dataclass(frozen=True)
+class ScanOptions:
+    """Every option of a scan, with its default: the keywords `erasure_fast.scan` and `plan_scan` take
+    (``scan(model, corpus, top_k=50)`` is ``ScanOptions(top_k=50)``), and what the command line builds
+    from its flags. Each option is checked by itself here, when the options are made (TypeError /
+    ValueError naming it); `plan_scan` then checks them against the model, the corpus and the output
+    folder. ``~`` and ``$VARS`` are expanded in every path option."""
+
+    writers: object = "all"
+    """``"all"`` or heads (index, (layer, head) or "L0H2"), each at most once."""
+    seq_len: Optional[int] = None
+    """Row length (needed for 1-D streams; defaults to a 2-D array's row length, else 1024). Stored rows
+    longer than seq_len are cut into several windows."""
+    batch_size: int = 8
+    """Rows per forward pass."""
+    out_dir: object = "scan_out"
+    """Where checkpoints and the report go; locked while the scan runs. A folder holding files no scan
+    wrote there is refused (see ``overwrite``)."""
+    resume: bool = True
+    """Continue from ``out_dir``'s checkpoint when its configuration matches and the corpus part it
+    aggregated is unchanged (a corpus that grew, moved or changed after that part resumes; a smaller
+    ``max_tokens`` reports the checkpoint's larger scan, with a warning); False starts afresh (removing
+    the files a previous scan wrote there)."""
+    backend: str = "auto"
+    """``"auto"``, "torch", "cpp" or "triton"."""
+    max_tokens: Optional[int] = None
+    """Stop after this many tokens (whole rows)."""
+    prepend_bos: Optional[int] = None
+    """A token id to put at position 0 of every row (the row keeps seq_len tokens)."""
+    checkpoint_every: int = 20
+    """Batches between checkpoints."""
+    top_k: int = 20
+    """Example positions kept for every writer, of each kind (strongest erasure; |DLA| - |adjusted DLA|),
+    each with the ids of the tokens around it (summary.json, report.html, report.md)."""
+    position_edges: Sequence[int] = POSITION_EDGES
+    """Position buckets for the BOS split (default: 0 | 1-15 | 16-127 | 128+); increasing ints >= 1."""
+    progress: bool = True
+    """A progress bar (rank 0)."""
+    report: bool = True
+    """Write summary.parquet / .csv / .json, report.md, report.html and plots into ``out_dir``."""
+    tokenizer: object = None
+    """Tokenises text corpora and decodes the report's token contexts (default: the model's own;
+    without one the report shows token ids)."""
+    notes: Optional[str] = None
+    """A line for the top of the report (e.g. that the model is synthetic)."""
+    bin_dtype: Optional[str] = None
+    """The dtype of a raw ``.bin`` corpus (uint16, uint32, int32, int64); required for .bin."""
+    column: Optional[str] = None
+    """The token column of a Hugging Face dataset (default "tokens"; only for datasets)."""
+    rank_by: str = DEFAULT_RANK
+    """The report's ranking statistic: "es" (erasure score PR * |cos| * |w| / |x|, the default), "apr",
+    "pr", "pv" or "cos" (`erasure_fast.scanning.ranking`); the report can be re-ranked by running the
+    finished scan again with another value (nothing is recomputed)."""
+    capture: Union[str, CaptureMode] = "auto"
+    """``"auto"`` (the capture engine where it covers the model, else TransformerLens hooks), "engine" or
+    "hooks" (`erasure_fast.engine`); the report records which was used and why. Not part of the
+    configuration: a scan may resume under the other (same numbers to rounding). A model with hooks
+    attached (TransformerLens hook points, torch forward hooks) is run through them ("hooks"), or
+    refused where it cannot be (`erasure_fast.models.hooks`)."""
+    overwrite: bool = False
+    """Scan into ``out_dir`` although it holds files no scan wrote there. The scan still writes only its
+    own file names (replacing files of those names) and removes only files a scan wrote (listed in the
+    folder's manifest); the corpus is never written or removed."""
+
+    def __post_init__(self):
+        if self.rank_by not in RANK_STATISTICS:
+            raise ValueError(f"rank_by must be one of {', '.join(RANK_STATISTICS)}, got {self.rank_by!r}")
+        checked = {name: _positive_int(name, getattr(self, name)) for name in ("batch_size", "checkpoint_every", "top_k")}
+        checked["max_tokens"] = _positive_int("max_tokens", self.max_tokens, allow_none=True)
+        checked.update((name, _flag(name, getattr(self, name))) for name in ("resume", "progress", "report", "overwrite"))
+        if self.notes is not None and not isinstance(self.notes, str):
+            raise TypeError(f"notes must be a str or None, got {type(self.notes).__name__}")
+        checked["position_edges"] = _position_edges(self.position_edges)
+        for name, value in checked.items():
+            object.__setattr__(self, name, value)  # the checked value (an int for a numpy int, edges as a tuple)
+
+    @classmethod
+    def from_keywords(cls, caller: str, keywords: dict, base: Optional["ScanOptions"] = None) -> "ScanOptions":
+        """The options ``caller(model, corpus, **keywords)`` names (over ``base``'s, if given); a name
+        that is not an option is a TypeError naming it, as Python's own for a mistyped keyword."""
+        names = [f.name for f in fields(cls)]
+        for key in keywords:
+            if key not in names:
+                near = difflib.get_close_matches(key, names, n=1)
+                hint = f" (did you mean {near[0]!r}?)" if near else ""
+                raise TypeError(f"{caller}() got an unexpected keyword argument {key!r}{hint}")
+        return replace(base, **keywords) if base is not None else cls(**keywords)
+
+
+def _position_edges(position_edges) -> tuple:
     try:
         edges = list(position_edges)
     except TypeError:
@@ -199,36 +273,60 @@ def plan_scan(model, corpus, *, writers="all", seq_len: Optional[int] = None, ba
     if not edges or any(isinstance(e, bool) or not isinstance(e, numbers.Integral) or e < 1 for e in edges) \
             or edges != sorted(set(edges)):
         raise ValueError(f"position_edges must be increasing ints >= 1, got {position_edges!r}")
-    edges = [int(e) for e in edges]
+    return tuple(int(e) for e in edges)
+
+
+def keyword_signature(fn):
+    """Give ``fn(model, corpus, **options)`` (a decorator) the signature naming every option with its default (what
+    ``help`` and ``inspect.signature`` show), from `ScanOptions`."""
+    head = [p for p in inspect.signature(fn).parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    options = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=f.type)
+               for f in fields(ScanOptions)]
+    fn.__signature__ = inspect.signature(fn).replace(parameters=head + options)
+    return fn
+
+
+@keyword_signature
+def plan_scan(model, corpus, options: Optional[ScanOptions] = None, **keywords) -> ScanPlan:
+    """Validate a scan and return its `ScanPlan`: the options as a `ScanOptions`, or as keywords (those
+    of `erasure_fast.scan`; with ``options`` too, they replace its values). Raises ValueError /
+    TypeError (CorpusError and OutputDirError are ValueErrors) naming the argument."""
+    if options is not None and not isinstance(options, ScanOptions):
+        raise TypeError(f"options must be a ScanOptions, got {type(options).__name__} (pass the options as keywords)")
+    o = ScanOptions.from_keywords("plan_scan", keywords, base=options) if keywords or options is None else options
+    model = as_transformer_lens(model)
     spec = model_spec(model)  # an unsupported model is refused before the output folder is touched
-    out_dir, owned = check_scan_dir(out_dir, overwrite=overwrite, create=False)  # made by the job, under its lock
-    tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
-    corpus = open_corpus(corpus, seq_len=seq_len, tokenizer=tokenizer, bin_dtype=bin_dtype, column=column)
+    out_dir, owned = check_scan_dir(o.out_dir, overwrite=o.overwrite, create=False)  # made by the job, under its lock
+    tokenizer = o.tokenizer if o.tokenizer is not None else getattr(model, "tokenizer", None)
+    corpus = open_corpus(corpus, seq_len=o.seq_len, tokenizer=tokenizer, bin_dtype=o.bin_dtype, column=o.column)
     check_corpus_outside(out_dir, corpus.source)
     if spec.n_ctx is not None and corpus.seq_len > spec.n_ctx:
         raise ValueError(f"seq_len {corpus.seq_len} exceeds the model's n_ctx {spec.n_ctx}")
+    prepend_bos = o.prepend_bos
     if prepend_bos is not None:
         if isinstance(prepend_bos, (bool, np.bool_)) or not isinstance(prepend_bos, numbers.Integral) \
                 or not 0 <= prepend_bos < spec.d_vocab:
             raise ValueError(f"prepend_bos must be a token id in [0, {spec.d_vocab}), got {prepend_bos!r}")
         prepend_bos = int(prepend_bos)
-    wr = resolve_writers(writers, spec)
-    _check_top_k_fits(top_k, len(wr))
-    capture_mode = resolve_capture(capture, model, spec)
+    wr = resolve_writers(o.writers, spec)
+    _check_top_k_fits(o.top_k, len(wr))
+    capture_mode = resolve_capture(o.capture, model, spec)
     dev = model_device(model)
-    impl = get_backend(backend, dev, spec.W_O.dtype)
-    max_rows = None if max_tokens is None else max(1, max_tokens // corpus.seq_len)
+    impl = get_backend(o.backend, dev, spec.W_O.dtype)
+    max_rows = None if o.max_tokens is None else max(1, o.max_tokens // corpus.seq_len)
     corpus.check_ids(spec.d_vocab, max_rows)  # array corpora: every id, before the first batch
     L = spec.n_layers
     cfg = ScanConfig(
         writers=wr.tolist(), writer_labels=[spec.head_label(int(w)) for w in wr],
         node_labels=spec.head_labels() + ([f"MLP{l}" for l in range(L)] if spec.has_mlps else []),
         resid_labels=spec.resid_labels(),
-        head_labels=spec.head_labels(), n_heads=spec.n_heads, parallel_blocks=spec.parallel_blocks, seq_len=corpus.seq_len, batch_size=batch_size, prepend_bos=prepend_bos,
-        position_edges=edges, top_k=top_k, backend=impl.NAME, model_fingerprint=model_fingerprint(model),
-        corpus=corpus.describe(),
+        head_labels=spec.head_labels(), n_heads=spec.n_heads, parallel_blocks=spec.parallel_blocks,
+        seq_len=corpus.seq_len, batch_size=o.batch_size, prepend_bos=prepend_bos,
+        position_edges=list(o.position_edges), top_k=o.top_k, backend=impl.NAME,
+        model_fingerprint=model_fingerprint(model), corpus=corpus.describe(),
     )
     return ScanPlan(model=model, spec=spec, corpus=corpus, cfg=cfg, impl=impl, device=dev, wr=wr, out_dir=out_dir,
-                    resume=resume, max_rows=max_rows, checkpoint_every=checkpoint_every, progress=progress,
-                    report=report, notes=notes, owned_files=owned, rank_by=rank_by, capture=capture_mode,
+                    resume=o.resume, max_rows=max_rows, checkpoint_every=o.checkpoint_every, progress=o.progress,
+                    report=o.report, notes=o.notes, owned_files=owned, rank_by=o.rank_by, capture=capture_mode,
                     tokenizer=tokenizer)
+
