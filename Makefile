@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 VENV_TL3 ?= .venv-tl3
-# The CPU build of torch lies on local disk here; override TORCH_SPEC elsewhere (e.g. "torch>=2.4").
+# The torch release the locks were made with; override TORCH_SPEC for another (e.g. "torch>=2.4" or a CUDA build).
 TORCH_SPEC ?= torch==2.13.0
 PIP ?= -q --disable-pip-version-check
 # Every other package comes at the exact version of the committed lock (requirements/*.lock, made by

@@ -1,6 +1,6 @@
 // DLA-only CPU kernels: direct logit attribution without forming any head's d_model output.
 //
-// Identities (shared/erasure-math.md): c(r) . d = r . c(d) and r . v = z . (W_O v), so
+// Identities (docs/math.md): c(r) . d = r . c(d) and r . v = z . (W_O v), so
 //   dla[t, n] = z[t, n, :] . A[n, :] / s[t],   A[n, :] = W_O[n] @ c(d)   (d_head long, per head).
 // A is formed once per distinct direction (fixed set: the K rows; gathered: the distinct
 // (direction_id, incorrect_id) pairs of the call, or a prebuilt table over all K rows), so the
