@@ -6,6 +6,7 @@ silently left out; the result and the scan's report say which capture ran and wh
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -164,7 +165,10 @@ def test_a_hooked_nnsight_model_is_refused_naming_the_hook(tmp_path):
 def test_a_scan_of_a_hooked_model_runs_through_the_hooks_and_says_so(model, tmp_path):
     rows = np.random.default_rng(1).integers(0, SMALL["d_vocab"], size=(6, 12)).astype(np.int64)
     model.add_hook("blocks.0.attn.hook_z", zero_head2)
-    res = ef.scan(model, rows, writers=["L0H2"], out_dir=tmp_path / "o", progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every ratio onto the zeroed writer is NaN: fig 1 says so, no empty legend
+        res = ef.scan(model, rows, writers=["L0H2"], out_dir=tmp_path / "o", progress=False)
+    assert (tmp_path / "o" / "fig1_resid_pr.png").is_file()
     reason = "through the model's own hooks: forward hook zero_head2 on blocks.0.attn.hook_z"
     why = f"hooks ({reason})"
     assert (res.meta["capture"], res.meta["capture_reason"]) == ("hooks", reason)

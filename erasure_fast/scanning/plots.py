@@ -58,7 +58,11 @@ def fig1_resid(summary, cfg, writers, path: str, band: Tuple[str, str] = ("q0.25
         ax.set_title(f"Residual stream PR onto writer (median, {_band_words(band)})")
     else:
         ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
+    if writers:
+        ax.legend(fontsize=8)
+    else:  # e.g. every ratio NaN (a writer whose output is zero): say so rather than draw an empty legend
+        ax.text(0.5, 0.5, "no writer to show: no ranked pair has a finite median", transform=ax.transAxes,
+                ha="center", va="center", color="grey")
     return save(fig, path)
 
 
