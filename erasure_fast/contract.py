@@ -41,7 +41,6 @@ from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 
-from . import mkl_dispatch  # noqa: F401 (on import: oneMKL dispatch resolved before any parallel call)
 from .backends import get_backend
 from .backends.base import FusedInputs, FusedOutputs, accumulation_dtype  # noqa: F401 (the contract's types)
 from .finite import all_finite, require_finite  # noqa: F401 (re-exported: the contract's checks)

@@ -19,7 +19,6 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import mkl_dispatch  # noqa: F401 (on import: oneMKL dispatch resolved before any parallel call)
 from .paths import expand_path
 from .tl_models import ModelLoadError, check_processing, model_from_tl_state_dict
 
