@@ -152,6 +152,7 @@ struct AmxScratch {
   Buf<float> q;          // per token accumulators [kTile][Rp][Rp]
   Buf<float> dir;        // per token centred direction [kTile][D] (gathered)
   Buf<float> g;          // one token's Gram (Q + Q^T) / 2 [Rp][Rp]
+  Buf<float> tok_dots;   // one token's dots [NM][W] (at most kMaxRows^2), copied out with streaming stores
 };
 
 // bfloat16 inputs only (In = Bf16); signature of fused_attribution (fused_attribution.h).
@@ -204,6 +205,8 @@ void fused_attribution_amx(const FusedParams<Bf16>& p) {
   bool in_order = true;  // writers = heads 0 .. W - 1: a dots row is a row of the Gram
   for (int64_t p = 0; p < W; ++p) in_order = in_order && writers[p] == p;
 
+  // A token's dots [NM][W] are one contiguous block of the output: built in scratch and copied with
+  // streaming stores (stream_copy).
   const int nthr = resolve_threads(n_threads, n_tiles);
   Vec<AmxScratch> scratch(nthr);
   for (auto& s : scratch) {
@@ -216,6 +219,7 @@ void fused_attribution_amx(const FusedParams<Bf16>& p) {
     if (gathered) s.dir = Buf<float>(static_cast<size_t>(kTile * D));
     s.next.spans.reserve(2 * kTile + 2);
     s.g = Buf<float>(static_cast<size_t>(Rp * Rp));
+    s.tok_dots = Buf<float>(static_cast<size_t>(NM * W));
     // rows past R (and z past H, rows past the last token) stay zero
     std::fill(s.zp.get(), s.zp.get() + N * kTile * Hp, uint16_t(0));
     std::fill(s.hi.get(), s.hi.get() + kTile * Rp * DC, uint16_t(0));
@@ -336,13 +340,14 @@ void fused_attribution_amx(const FusedParams<Bf16>& p) {
         symmetrize(Q, Rp, G);
         auto gram = [&](int64_t a, int64_t b) { return G[a * Rp + b]; };
         for (int64_t a = 0; a < NM; ++a) {
-          float* dst = dots + (t * NM + a) * W;
+          float* dst = s.tok_dots.get() + a * W;
           if (in_order)
             std::memcpy(dst, G + a * Rp, sizeof(float) * W);
           else
             for (int64_t p = 0; p < W; ++p) dst[p] = gram(a, writers[p]);
           norms[t * NM + a] = Q[a * Rp + a];
         }
+        stream_copy(s.tok_dots.get(), NM * W, dots + t * NM * W);
         const float st = scale[t];
         if (gathered) {
           const bool missing = direction_ids[t] < 0 || (incorrect_ids && incorrect_ids[t] < 0);
@@ -352,6 +357,7 @@ void fused_attribution_amx(const FusedParams<Bf16>& p) {
             for (int64_t k = 0; k < K; ++k) dla[(t * N + n) * K + k] = gram(n, dir0 + k) / st;
         }
       }
+      _mm_sfence();  // the streamed outputs are visible to every thread after the loop's barrier
     }
     _tile_release();
   }

@@ -128,6 +128,25 @@ void unpack_lanes(const T* src, int64_t n_tok, int64_t n_col, T* dst, int64_t st
   }
 }
 
+// dst[0 .. n) = src[0 .. n) with non-temporal stores for dst's whole cache lines: outputs are written
+// once and not read again here, so a store that bypasses the caches saves reading each line from memory
+// first (half the memory traffic of writing the outputs). The lines of dst that src covers only in part
+// are written with plain stores. Callers end their work with _mm_sfence() before other threads read dst.
+template <typename T>
+inline void stream_copy(const T* src, int64_t n, T* dst) {
+  static_assert(std::is_same<T, float>::value || std::is_same<T, double>::value, "float or double");
+  constexpr int64_t V = 64 / sizeof(T);
+  int64_t i = 0;
+  for (; i < n && (reinterpret_cast<uintptr_t>(dst + i) & 63); ++i) dst[i] = src[i];
+  for (; i + V <= n; i += V) {
+    if constexpr (std::is_same<T, float>::value)
+      _mm512_stream_ps(dst + i, _mm512_loadu_ps(src + i));
+    else
+      _mm512_stream_pd(dst + i, _mm512_loadu_pd(src + i));
+  }
+  for (; i < n; ++i) dst[i] = src[i];
+}
+
 // Streams a set of byte spans towards L2, a few lines per step(): the next work item's inputs are
 // prefetched while this one computes (read once from DRAM, they would otherwise stall the packing:
 // 16 KiB per token for GELU-4L).

@@ -141,6 +141,29 @@ def test_fused_kernel_agrees_across_paths(dtype, shape, mode, incorrect):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("in_order", [True, False], ids=["writers-in-order", "writers-permuted"])
+def test_fused_kernel_with_many_nodes_and_writers(dtype, in_order):
+    """100 heads, all writers, and 5 extra nodes: 106 Gram rows per token on the amx path (7 row blocks,
+    a token's dots staged and streamed out whole), 105 x 100 dots per token. Every path against the
+    float64 oracle and against the others."""
+    T, N, M = 35, 100, 5
+    args, kw = make_case(T, N, 8, 24, M, N, 3, dtype=dtype, incorrect=True, missing=True)
+    writers = torch.arange(N) if in_order else torch.randperm(N, generator=torch.Generator().manual_seed(1))
+    args = args[:4] + (writers,) + args[5:]
+    inp = validate(*args, **kw)
+    want = torch_ref.run(as_f64(inp))
+    floor = magnitudes(inp, want)
+    outs = _on_every_path(lambda: cpp.run(inp))
+    oracle_tol = 1e-12 if dtype == torch.float64 else 1e-5
+    for path, got in outs.items():
+        for name in ("dla", "dots", "norms"):
+            e = rel_err(getattr(got, name), getattr(want, name), floor[name])
+            assert e <= oracle_tol, f"{path} {name}: {e:.3g} from the float64 oracle"
+            e = rel_err(getattr(got, name), getattr(outs["portable"], name), floor[name])
+            assert e <= _cross_tol(dtype, path), f"{path} {name}: {e:.3g} from portable"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_dla_only_paths_agree_across_paths(dtype):
     args, kw = make_case(50, 6, 16, 48, 0, 0, 30, dtype=dtype, incorrect=True, missing=True)
     z, W_O, directions, scale = args[:4]
