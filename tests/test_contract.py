@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings, strategies as st
 import torch
 
 import erasure_fast as ef
@@ -112,6 +113,22 @@ def test_finite_values_whose_sum_overflows_pass_and_one_bad_value_fails(dtype, n
         u[1500, 2, 7] = bad
         with pytest.raises(ValueError, match=r"z contains non-finite values \(first at index \[1500, 2, 7\]\)"):
             require_finite("z", u)
+
+
+@settings(max_examples=60, deadline=None)
+@given(dtype=st.sampled_from([torch.float32, torch.float64, torch.float16, torch.bfloat16]),
+       shape=st.lists(st.integers(1, 40), min_size=1, max_size=3),
+       bad=st.sampled_from([float("nan"), float("inf"), float("-inf"), None]),
+       where=st.floats(0, 1, exclude_max=True), scale=st.sampled_from([1e-3, 1.0, 1e3]), seed=st.integers(0, 2**16))
+def test_all_finite_finds_any_bad_value(dtype, shape, bad, where, scale, seed):
+    """all_finite against isfinite, on every float dtype's fast path: any one NaN or infinity, anywhere
+    in a tensor of any shape and magnitude, is found; finite values pass."""
+    from erasure_fast.finite import all_finite
+
+    t = (torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * scale).to(dtype)
+    if bad is not None:
+        t.view(-1)[int(where * t.numel())] = bad
+    assert all_finite(t) == bool(torch.isfinite(t).all()) == (bad is None)
 
 
 def test_mixed_devices_are_rejected(no_backend_runs):
