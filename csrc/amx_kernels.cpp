@@ -339,15 +339,17 @@ void fused_attribution_amx(const FusedParams<Bf16>& p) {
         float* G = s.g.get();
         symmetrize(Q, Rp, G);
         auto gram = [&](int64_t a, int64_t b) { return G[a * Rp + b]; };
-        for (int64_t a = 0; a < NM; ++a) {
-          float* dst = s.tok_dots.get() + a * W;
-          if (in_order)
-            std::memcpy(dst, G + a * Rp, sizeof(float) * W);
-          else
-            for (int64_t p = 0; p < W; ++p) dst[p] = gram(a, writers[p]);
-          norms[t * NM + a] = Q[a * Rp + a];
+        for (int64_t a = 0; a < NM; ++a) norms[t * NM + a] = Q[a * Rp + a];
+        if (W > 0) {  // (no writers: no dots, and no scratch for them)
+          for (int64_t a = 0; a < NM; ++a) {
+            float* dst = s.tok_dots.get() + a * W;
+            if (in_order)
+              std::memcpy(dst, G + a * Rp, sizeof(float) * W);
+            else
+              for (int64_t p = 0; p < W; ++p) dst[p] = gram(a, writers[p]);
+          }
+          stream_copy(s.tok_dots.get(), NM * W, dots + t * NM * W);
         }
-        stream_copy(s.tok_dots.get(), NM * W, dots + t * NM * W);
         const float st = scale[t];
         if (gathered) {
           const bool missing = direction_ids[t] < 0 || (incorrect_ids && incorrect_ids[t] < 0);
