@@ -131,6 +131,32 @@ def test_all_finite_finds_any_bad_value(dtype, shape, bad, where, scale, seed):
     assert all_finite(t) == bool(torch.isfinite(t).all()) == (bad is None)
 
 
+@settings(max_examples=60, deadline=None)
+@given(dtype=st.sampled_from([torch.float32, torch.float64, torch.float16, torch.bfloat16]),
+       n_rows=st.integers(1, 30), d=st.integers(1, 20), n_used=st.integers(0, 40),
+       bad=st.sampled_from([float("nan"), float("inf"), float("-inf"), None]),
+       in_used=st.booleans(), scale=st.sampled_from([1e-3, 1.0, 1e4]), seed=st.integers(0, 2**16))
+def test_require_finite_checks_exactly_the_named_rows(dtype, n_rows, d, n_used, bad, in_used, scale, seed):
+    """Gathered directions: only the rows the ids name are checked, wherever the bad value is, and
+    the error names its row in the full tensor."""
+    from erasure_fast.finite import require_finite
+
+    g = torch.Generator().manual_seed(seed)
+    t = (torch.randn(n_rows, d, generator=g, dtype=torch.float64) * scale).to(dtype)
+    rows = torch.unique(torch.randint(0, n_rows, (n_used,), generator=g))
+    unused = [r for r in range(n_rows) if r not in set(rows.tolist())]
+    target = (rows.tolist() if in_used else unused) or None
+    if bad is not None and target is not None:
+        r = target[int(torch.randint(0, len(target), (1,), generator=g))]
+        t[r, int(torch.randint(0, d, (1,), generator=g))] = bad
+        if r in rows.tolist():
+            first = int(rows[torch.isfinite(t[rows]).all(1).logical_not().nonzero()[0, 0]])
+            with pytest.raises(ValueError, match=rf"directions contains non-finite values \(first at index \[{first}, "):
+                require_finite("directions", t, rows)
+            return
+    require_finite("directions", t, rows)
+
+
 def test_mixed_devices_are_rejected(no_backend_runs):
     meta = torch.randn(4, 3, 7, device="meta")
     with pytest.raises(ValueError, match="W_O is on meta but z is on cpu"):
