@@ -59,9 +59,11 @@ int thread_id() {
 // out[n] = a[nH : (n+1)H] . (b[...] - c[...] when kDiff, else b[...]) for n < N. Per segment the
 // order is fixed: lane-wise over full vectors, horizontal sum, scalar tail (4 segments interleaved
 // only for instruction-level parallelism).
-template <typename T, bool kDiff>
-inline void seg_dots(const T* __restrict a, const T* __restrict b, const T* __restrict c, int64_t N,
-                     int64_t H, T* __restrict out) {
+// a is read in its input format In (converted on load, as z arrives), b and c in In::acc.
+template <typename In, bool kDiff>
+inline void seg_dots(const typename In::storage* __restrict a, const typename In::acc* __restrict b,
+                     const typename In::acc* __restrict c, int64_t N, int64_t H, typename In::acc* __restrict out) {
+  using T = typename In::acc;
   using S = Simd<T>;
   using reg = typename S::reg;
   constexpr int L = S::L;
@@ -71,7 +73,7 @@ inline void seg_dots(const T* __restrict a, const T* __restrict b, const T* __re
     for (int64_t d = hv; d < H; ++d) {
       const int64_t o = n * H + d;
       const T bv = kDiff ? b[o] - c[o] : b[o];
-      s += a[o] * bv;
+      s += In::load(a[o]) * bv;
     }
     out[n] = s;
   };
@@ -83,7 +85,7 @@ inline void seg_dots(const T* __restrict a, const T* __restrict b, const T* __re
         const int64_t o = (n + j) * H + d;
         reg bv = S::load(b + o);
         if constexpr (kDiff) bv = S::sub(bv, S::load(c + o));
-        acc[j] = S::fma(S::load(a + o), bv, acc[j]);
+        acc[j] = S::fma(load_vec<In>(a + o), bv, acc[j]);
       }
     for (int j = 0; j < 4; ++j) tail(n + j, acc[j]);
   }
@@ -93,7 +95,7 @@ inline void seg_dots(const T* __restrict a, const T* __restrict b, const T* __re
       const int64_t o = n * H + d;
       reg bv = S::load(b + o);
       if constexpr (kDiff) bv = S::sub(bv, S::load(c + o));
-      acc = S::fma(S::load(a + o), bv, acc);
+      acc = S::fma(load_vec<In>(a + o), bv, acc);
     }
     tail(n, acc);
   }
@@ -257,7 +259,7 @@ void dla_tokens(const typename In::storage* z_in, const typename In::acc* A, int
   };
   Vec<Scr> scr(nthr);
   for (auto& s : scr) {
-    if (!kNative) s.zc = Buf<T>(static_cast<size_t>(kTokTile * NH));
+    if (!kNative && gp) s.zc = Buf<T>(static_cast<size_t>(kTokTile * NH));
     if (gp) {
       s.zp = Buf<T>(static_cast<size_t>(H * kTokTile));
       s.y = Buf<T>(static_cast<size_t>(kTokTile * Hp));
@@ -276,15 +278,15 @@ void dla_tokens(const typename In::storage* z_in, const typename In::acc* A, int
     for (int64_t ti = 0; ti < n_tiles; ++ti) {
       const int64_t t0 = ti * kTokTile;
       const int64_t nt = std::min<int64_t>(kTokTile, T_ - t0);
-      // z of the tile in the accumulation type: zt0[(i * N + n) * H + k] = z[t0 + i, n, k]
-      const T* zt0;
-      if constexpr (kNative) {
-        zt0 = z_in + t0 * NH;
-      } else {
-        load_row<In>(z_in + t0 * NH, nt * NH, s.zc.get());
-        zt0 = s.zc.get();
-      }
       if (gp) {
+        // z of the tile in the accumulation type: zt0[(i * N + n) * H + k] = z[t0 + i, n, k]
+        const T* zt0;
+        if constexpr (kNative) {
+          zt0 = z_in + t0 * NH;
+        } else {
+          load_row<In>(z_in + t0 * NH, nt * NH, s.zc.get());
+          zt0 = s.zc.get();
+        }
         const int64_t ntp = (nt + MR - 1) / MR * MR;
         T* zp = s.zp.get();
         T* y = s.y.get();
@@ -299,19 +301,19 @@ void dla_tokens(const typename In::storage* z_in, const typename In::acc* A, int
               project_block<T>(zp + ib, kTokTile, gp + (n * n_hb + hb) * H * BW, BW, H,
                                y + ib * Hp + hb * BW, Hp);
           for (int64_t i = 0; i < nt; ++i)
-            seg_dots<T, false>(zt0 + (i * N + n) * H, y + i * Hp, nullptr, 1, H,
+            seg_dots<Native<T>, false>(zt0 + (i * N + n) * H, y + i * Hp, nullptr, 1, H,
                                norms + (t0 + i) * N + n);
         }
       }
       T* tmp = s.tmp.get();
       for (int64_t i = 0; i < nt; ++i) {
         const int64_t t = t0 + i;
-        const T* zt = zt0 + i * NH;
+        const auto* zt = z_in + t * NH;  // converted on load
         const T st = scale[t];
         if (!row) {
           T* out = dla + t * N * K;
           for (int64_t k = 0; k < K; ++k) {
-            seg_dots<T, false>(zt, A + k * NH, nullptr, N, H, tmp);
+            seg_dots<In, false>(zt, A + k * NH, nullptr, N, H, tmp);
             for (int64_t n = 0; n < N; ++n) out[n * K + k] = tmp[n] / st;
           }
         } else {
@@ -323,9 +325,9 @@ void dla_tokens(const typename In::storage* z_in, const typename In::acc* A, int
             continue;
           }
           if (row2)
-            seg_dots<T, true>(zt, A + r * NH, A + r2 * NH, N, H, out);
+            seg_dots<In, true>(zt, A + r * NH, A + r2 * NH, N, H, out);
           else
-            seg_dots<T, false>(zt, A + r * NH, nullptr, N, H, out);
+            seg_dots<In, false>(zt, A + r * NH, nullptr, N, H, out);
           for (int64_t n = 0; n < N; ++n) out[n] = out[n] / st;
         }
       }

@@ -131,6 +131,32 @@ struct Simd<double> {
 };
 #endif
 
+// One vector of Simd<In::acc>::L values from p, converted on load (load_vec<Native<T>> = Simd<T>::load).
+template <typename In>
+inline typename Simd<typename In::acc>::reg load_vec(const typename In::storage* p) {
+  using S = Simd<typename In::acc>;
+  if constexpr (std::is_same<typename In::storage, typename In::acc>::value) {
+    return S::load(p);
+  } else {
+#if defined(__AVX512F__)
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    if constexpr (std::is_same<In, Bf16>::value)
+      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    else
+      return _mm512_cvtph_ps(h);
+#elif defined(__AVX2__) && defined(__F16C__)
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    if constexpr (std::is_same<In, Bf16>::value)
+      return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    else
+      return _mm256_cvtph_ps(h);
+#else
+    static_assert(S::L == 1, "a converting load for this vector width");
+    return In::load(*p);
+#endif
+  }
+}
+
 // dst[i] = In::load(src[i]) (a plain copy for native inputs).
 template <typename In>
 inline void load_row(const typename In::storage* __restrict src, int64_t n,
