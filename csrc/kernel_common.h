@@ -144,12 +144,19 @@ inline typename Simd<typename In::acc>::reg load_vec(const typename In::storage*
       return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
     else
       return _mm512_cvtph_ps(h);
-#elif defined(__AVX2__) && defined(__F16C__)
+#elif defined(__AVX2__)
     const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-    if constexpr (std::is_same<In, Bf16>::value)
+    if constexpr (std::is_same<In, Bf16>::value) {
       return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-    else
+    } else {
+#if defined(__F16C__) || defined(_MSC_VER)
       return _mm256_cvtph_ps(h);
+#else
+      alignas(32) float f[8];
+      for (int i = 0; i < 8; ++i) f[i] = In::load(p[i]);
+      return S::load(f);
+#endif
+    }
 #else
     static_assert(S::L == 1, "a converting load for this vector width");
     return In::load(*p);
