@@ -8,6 +8,8 @@
 //        (MR directions x NR vectors of N*H) on W_O packed once per call into column panels.
 //      Both paths reduce every output over d_model in one fixed order, so a row of A does not depend
 //      on which other rows are built with it, nor on the thread count.
+//      The amx path builds bf16 directions on the tile unit instead, for every count (build_head_dirs_amx:
+//      three bf16 parts of each direction, so the rows agree with the fp32 paths' to fp32 rounding).
 //   2. per token (OpenMP over fixed tiles of 12 tokens): dla[t, n] = z[t, n, :] . A[u(t), n, :]
 //      / s[t] (d_head FMAs per head), and on request norms[t, n] = z^T G_n z with the Gram matrix
 //      G_n = W_O[n] W_O[n]^T packed like W_O (projection micro-kernel, then a d_head dot).
@@ -20,6 +22,12 @@
 #include <vector>
 
 #include "kernel_common.h"
+
+#if defined(__AMX_BF16__)
+#include <immintrin.h>
+
+#include "lanes_common.h"
+#endif
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -101,6 +109,145 @@ inline void seg_dots(const typename In::storage* __restrict a, const typename In
   }
 }
 
+#if defined(__AMX_BF16__)
+// The amx path's head-space directions of bf16 inputs, on the tile unit: A[u, :] = W_O @ c_u with
+// c_u = c(dirs[pid[u]] - dirs[pinc[u]]) formed in fp32 and split into three bf16 parts, c_u = p0 + p1
+// + p2 + r (|r| <= 2^-25 |c_u|: as exact as fp32), and A = W_O @ p0 + W_O @ p1 + W_O @ p2: products of
+// bf16 values, exact in fp32, accumulated in fp32, so A agrees with the fp32 paths' to fp32 rounding.
+// W_O holds bf16 values (converted from the bf16 input), taken back exactly. Work items of 32
+// directions x 32 columns of NH: 2 x 2 accumulator tiles over d_model in a fixed order, so a row of
+// A depends on nothing but its own direction (the lazy table builds rows in any grouping).
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+inline __m512 widen_bf16(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
+
+// part[j][0 .. 32) for j < 3: x = src[0 .. 32) split into bf16 parts, each the rounding (to nearest
+// even) of what the ones before leave; every subtraction is exact in fp32.
+inline void split_three(const float* src, uint16_t* const part[3]) {
+  __m512 x0 = _mm512_loadu_ps(src), x1 = _mm512_loadu_ps(src + 16);
+  for (int j = 0; j < 3; ++j) {
+    const __m512i h = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(x1, x0));
+    _mm512_storeu_si512(part[j], h);
+    x0 = _mm512_sub_ps(x0, widen_bf16(_mm512_castsi512_si256(h)));
+    x1 = _mm512_sub_ps(x1, widen_bf16(_mm512_extracti64x4_epi64(h, 1)));
+  }
+}
+
+void build_head_dirs_amx(const float* W_O, int64_t NH, int64_t D, const uint16_t* dirs, const int64_t* pid,
+                         const int64_t* pinc, int64_t U, bool center, float* A, int n_threads) {
+  const int64_t Dp = round_up(D, 32), n_ks = Dp / 32, NHp = round_up(NH, 32), n_nb = NHp / 16;
+  // W_O^T in the tile unit's pair layout: bt[nb][ks] = 16 pairs (d) x 16 columns (NH) x 2, zero past
+  // NH and D: per tile, 16 rows of W_O as 16 x 16 bf16 pairs (exact: W_O holds bf16 values), transposed
+  Buf<uint16_t> bt(static_cast<size_t>(n_nb * n_ks * 512));
+  {
+    const int nthr = resolve_threads(n_threads, n_nb);
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(nthr) schedule(static)
+#endif
+    for (int64_t nb = 0; nb < n_nb; ++nb)
+      for (int64_t ks = 0; ks < n_ks; ++ks) {
+        const int64_t d0 = ks * 32, nd = std::min<int64_t>(32, D - d0);
+        const __mmask16 m0 = static_cast<__mmask16>(nd >= 16 ? 0xFFFF : (1u << nd) - 1);
+        const __mmask16 m1 = static_cast<__mmask16>(nd >= 32 ? 0xFFFF : nd > 16 ? (1u << (nd - 16)) - 1 : 0);
+        __m512 r[16];
+        for (int64_t c = 0; c < 16; ++c) {
+          const int64_t col = nb * 16 + c;
+          if (col >= NH) {
+            r[c] = _mm512_setzero_ps();
+            continue;
+          }
+          const float* src = W_O + col * D + d0;
+          r[c] = reinterpret_cast<__m512>(_mm512_cvtne2ps_pbh(_mm512_maskz_loadu_ps(m1, src + 16), _mm512_maskz_loadu_ps(m0, src)));
+        }
+        transpose_lanes(r);  // r[p] = pair p of every column
+        uint16_t* t = bt.get() + (nb * n_ks + ks) * 512;
+        for (int64_t p = 0; p < 16; ++p) _mm512_storeu_ps(reinterpret_cast<float*>(t + p * 32), r[p]);
+      }
+    (void)nthr;
+  }
+  // work items: a block of 32 directions x a range of column-block pairs (the whole width, or a part of
+  // it where there are fewer direction blocks than threads to keep busy); every item splits its own
+  // directions, and every block of A is computed by one item in one order, however the work is cut
+  const int64_t n_ub = (U + 31) / 32, n_pairs = n_nb / 2;
+  const int64_t want = std::max<int64_t>(1, resolve_threads(n_threads, n_ub * n_pairs));
+  const int64_t n_cut = std::min<int64_t>(n_pairs, (2 * want + n_ub - 1) / n_ub);
+  const int64_t per_cut = (n_pairs + n_cut - 1) / n_cut;
+  const int nthr = resolve_threads(n_threads, n_ub * n_cut);
+  struct Scr {
+    Buf<uint16_t> part[3];  // 32 directions' bf16 parts [32][Dp]
+    Buf<float> c, out;     // one direction [Dp]; a block of A past U or NH [32][32]
+  };
+  Vec<Scr> scr(nthr);
+  for (auto& s : scr) {
+    for (auto& b : s.part) b = Buf<uint16_t>(static_cast<size_t>(32 * Dp));
+    s.c = Buf<float>(static_cast<size_t>(Dp));
+    s.out = Buf<float>(32 * 32);
+  }
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nthr)
+#endif
+  {
+    Scr& s = scr[thread_id()];
+    TileConfig cfg;
+    for (int i = 0; i < 8; ++i) cfg.rows[i] = 16, cfg.colsb[i] = 64;
+    _tile_loadconfig(&cfg);
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+    for (int64_t item = 0; item < n_ub * n_cut; ++item) {
+      const int64_t ub = item / n_cut, cut = item % n_cut;
+      const int64_t u0 = ub * 32, nu = std::min<int64_t>(32, U - u0);
+      for (int64_t i = 0; i < 32; ++i) {
+        float* c = s.c.get();
+        if (i < nu)
+          form_dir<Bf16>(dirs, D, pid[u0 + i], pinc ? pinc[u0 + i] : -1, center, c);
+        std::fill(c + (i < nu ? D : 0), c + Dp, 0.f);
+        for (int64_t d = 0; d < Dp; d += 32) {
+          uint16_t* const dst[3] = {s.part[0].get() + i * Dp + d, s.part[1].get() + i * Dp + d,
+                                    s.part[2].get() + i * Dp + d};
+          split_three(c + d, dst);
+        }
+      }
+      for (int64_t nb = 2 * cut * per_cut; nb < std::min(n_nb, 2 * (cut + 1) * per_cut); nb += 2) {
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        for (int64_t ks = 0; ks < n_ks; ++ks) {
+          _tile_loadd(6, bt.get() + (nb * n_ks + ks) * 512, 64);
+          _tile_loadd(7, bt.get() + ((nb + 1) * n_ks + ks) * 512, 64);
+          for (const auto& part : s.part) {
+            _tile_loadd(4, part.get() + ks * 32, Dp * 2);
+            _tile_loadd(5, part.get() + 16 * Dp + ks * 32, Dp * 2);
+            _tile_dpbf16ps(0, 4, 6);
+            _tile_dpbf16ps(1, 4, 7);
+            _tile_dpbf16ps(2, 5, 6);
+            _tile_dpbf16ps(3, 5, 7);
+          }
+        }
+        const int64_t col0 = nb * 16;
+        const bool whole = nu == 32 && col0 + 32 <= NH;
+        float* dst = whole ? A + u0 * NH + col0 : s.out.get();
+        const int64_t ld = whole ? NH : 32;
+        _tile_stored(0, dst, ld * 4);
+        _tile_stored(1, dst + 16, ld * 4);
+        _tile_stored(2, dst + 16 * ld, ld * 4);
+        _tile_stored(3, dst + 16 * ld + 16, ld * 4);
+        if (!whole)
+          for (int64_t i = 0; i < nu; ++i)
+            for (int64_t j = 0; j < 32 && col0 + j < NH; ++j) A[(u0 + i) * NH + col0 + j] = s.out.get()[i * 32 + j];
+      }
+    }
+    _tile_release();
+  }
+}
+#endif
+
 // A[u, :] (row stride NH) = W_O[NH, D] @ c(dirs[pid[u]] - dirs[pinc[u]]) for u < U (W_O already in
 // the accumulation type, the directions converted on load).
 template <typename In>
@@ -110,6 +257,15 @@ void build_head_dirs(const typename In::acc* W_O, int64_t NH, int64_t D,
                      bool gemm_only = false) {
   using T = typename In::acc;
   if (U <= 0) return;
+#if defined(__AMX_BF16__)
+  // bf16 on the amx path: the tile unit for any number of directions (a single one costs ~0.1 ms more
+  // than the dot path), so that a row's bits never depend on how many others are built with it
+  if constexpr (std::is_same<In, Bf16>::value) {
+    (void)gemm_only;
+    build_head_dirs_amx(W_O, NH, D, dirs, pid, pinc, U, center, A, n_threads);
+    return;
+  }
+#endif
   if (U < kSmallU && !gemm_only) {
     Buf<T> cd(static_cast<size_t>(U * D));
     Vec<const T*> cptr(U), rptr(NH);

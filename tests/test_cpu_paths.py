@@ -164,8 +164,12 @@ def test_fused_kernel_with_many_nodes_and_writers(dtype, in_order):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_dla_only_paths_agree_across_paths(dtype):
-    args, kw = make_case(50, 6, 16, 48, 0, 0, 30, dtype=dtype, incorrect=True, missing=True)
+@pytest.mark.parametrize("shape", [(50, 6, 16, 48, 30), (97, 5, 13, 37, 120)], ids=["small", "odd-blocks"])
+def test_dla_only_paths_agree_across_paths(dtype, shape):
+    """fixed, gathered and table DLA on every path; "odd-blocks": N * d_head = 65 and d_model = 37 fill
+    no tile of the amx path's head-space GEMM, and more than 32 distinct targets take several."""
+    T, N, H, D, K = shape
+    args, kw = make_case(T, N, H, D, 0, 0, K, dtype=dtype, incorrect=True, missing=True)
     z, W_O, directions, scale = args[:4]
     ids, inc = kw["direction_ids"], kw["incorrect_ids"]
     table = build_dla_table(W_O, directions, center=True, lazy=False)
