@@ -110,7 +110,7 @@ docs: $(VENV_DOCS)/.deps
 lint: $(VENV_LINT)/.deps
 	$(VENV_LINT)/bin/ruff check .
 
-test: lint docs test-tl4 test-tl3
+test: lint docs test-tl4 test-tl3 asan
 
 # The locks, remade from requirements/*.in: the newest releases, or those uploaded before LOCK_BEFORE
 # (an ISO date, e.g. LOCK_BEFORE=2026-12-01T05:00:00Z). Run `make test-latest` first: lock what passed.
