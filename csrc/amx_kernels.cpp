@@ -20,6 +20,7 @@
 //
 // Reduction order fixed by the shapes (tile by tile, pass by pass), never by the thread count: a
 // token's results do not depend on which thread or work item computes it.
+#include "amx_tiles.h"
 #include "dispatch.h"
 #include "kernel_common.h"
 #include "lanes_common.h"
@@ -45,30 +46,12 @@ constexpr int kTile = 32;    // tokens per work item (two 16-row tiles)
 constexpr int kChunk = 64;   // d_model columns per pass (a multiple of 32: two Gram k-steps)
 constexpr int kGroup = 3;    // Gram accumulator tiles held at once (tmm0 .. tmm2)
 
-// Every tile register 16 rows x 64 bytes (palette 1).
-struct alignas(64) TileConfig {
-  uint8_t palette = 1, start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
-void configure_tiles() {
-  TileConfig c;
-  for (int i = 0; i < 8; ++i) c.rows[i] = 16, c.colsb[i] = 64;
-  _tile_loadconfig(&c);
-}
-
-inline __m512 from_bf16(__m256i h) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-
 // hi[0 .. 32) = bf16(x), lo2[0 .. 32) = bf16(2 (x - hi)) for x = src[0 .. 32).
 inline void split_store(const float* src, uint16_t* hi, uint16_t* lo2) {
   const __m512 x0 = _mm512_loadu_ps(src), x1 = _mm512_loadu_ps(src + 16);
   const __m512bh h = _mm512_cvtne2ps_pbh(x1, x0);  // [bf16(x0), bf16(x1)]
   const __m512i hb = reinterpret_cast<__m512i>(h);
-  const __m512 h0 = from_bf16(_mm512_castsi512_si256(hb)), h1 = from_bf16(_mm512_extracti64x4_epi64(hb, 1));
+  const __m512 h0 = widen_bf16(_mm512_castsi512_si256(hb)), h1 = widen_bf16(_mm512_extracti64x4_epi64(hb, 1));
   const __m512 r0 = _mm512_sub_ps(x0, h0), r1 = _mm512_sub_ps(x1, h1);  // exact
   _mm512_storeu_si512(hi, hb);
   _mm512_storeu_si512(lo2, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(_mm512_add_ps(r1, r1), _mm512_add_ps(r0, r0))));

@@ -24,8 +24,7 @@
 #include "kernel_common.h"
 
 #if defined(__AMX_BF16__)
-#include <immintrin.h>
-
+#include "amx_tiles.h"
 #include "lanes_common.h"
 #endif
 
@@ -117,15 +116,6 @@ inline void seg_dots(const typename In::storage* __restrict a, const typename In
 // W_O holds bf16 values (converted from the bf16 input), taken back exactly. Work items of 32
 // directions x 32 columns of NH: 2 x 2 accumulator tiles over d_model in a fixed order, so a row of
 // A depends on nothing but its own direction (the lazy table builds rows in any grouping).
-struct alignas(64) TileConfig {
-  uint8_t palette = 1, start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
-inline __m512 widen_bf16(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
-
 // part[j][0 .. 32) for j < 3: x = src[0 .. 32) split into bf16 parts, each the rounding (to nearest
 // even) of what the ones before leave; every subtraction is exact in fp32.
 inline void split_three(const float* src, uint16_t* const part[3]) {
@@ -193,9 +183,7 @@ void build_head_dirs_amx(const float* W_O, int64_t NH, int64_t D, const uint16_t
 #endif
   {
     Scr& s = scr[thread_id()];
-    TileConfig cfg;
-    for (int i = 0; i < 8; ++i) cfg.rows[i] = 16, cfg.colsb[i] = 64;
-    _tile_loadconfig(&cfg);
+    configure_tiles();
 #ifdef _OPENMP
 #pragma omp for schedule(static)
 #endif

@@ -131,6 +131,11 @@ struct Simd<double> {
 };
 #endif
 
+#if defined(__AVX512F__)
+// 16 bfloat16 values (their raw bits) as floats, exactly: a bf16 is the high half of a float.
+inline __m512 widen_bf16(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
+#endif
+
 // One vector of Simd<In::acc>::L values from p, converted on load (load_vec<Native<T>> = Simd<T>::load).
 template <typename In>
 inline typename Simd<typename In::acc>::reg load_vec(const typename In::storage* p) {
@@ -141,7 +146,7 @@ inline typename Simd<typename In::acc>::reg load_vec(const typename In::storage*
 #if defined(__AVX512F__)
     const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
     if constexpr (std::is_same<In, Bf16>::value)
-      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+      return widen_bf16(h);
     else
       return _mm512_cvtph_ps(h);
 #elif defined(__AVX2__)

@@ -40,7 +40,7 @@ inline __m256i load_u16x16(const uint16_t* p, int64_t n) {
 }
 template <>
 inline __m512 load_row_lanes<Bf16>(const uint16_t* p, int64_t n) {  // bf16 = the high half of a float
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(load_u16x16(p, n)), 16));
+  return widen_bf16(load_u16x16(p, n));
 }
 template <>
 inline __m512 load_row_lanes<F16>(const uint16_t* p, int64_t n) {  // exact (vcvtph2ps)
