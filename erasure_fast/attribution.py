@@ -14,6 +14,7 @@ from .capture import capture as hook_capture  # the function; `capture` is the p
 from .capture_modes import CaptureChoice, CaptureMode
 from .contract import (accumulation_dtype, cosine, projection_ratio, projection_value, require_finite_outputs, safe_div,
                        validate)
+from .device_sync import reads_back_freely
 from .engine import engine_for, engine_problem
 from .models import ModelSpec, as_transformer_lens, model_spec
 from .models.hooks import describe_hooks, hooks_to_run, user_hooks
@@ -107,9 +108,12 @@ def _masked_node_sums(dots: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """sum over n of dots[..., n, w] * mask[n, w]: dots [..., n_nodes, W], mask [n_nodes, W] -> [..., W].
     One GEMM against the mask laid on diagonals ([n_nodes * W, W]), reading the dots in place; where
     a dot is not finite its zero weights would carry NaN into every writer's sum, so those inputs
-    take the element-wise path, which keeps it to its own writer."""
+    take the element-wise path, which keeps it to its own writer. Where checking that would wait for
+    the device (a GPU: `reads_back_freely`), the element-wise path is the only one (memory-bound there)."""
     N, W = dots.shape[-2:]
     mask = mask.to(dots.dtype)
+    if not reads_back_freely(dots.device):
+        return (dots * mask).sum(dim=-2)
     spread = torch.diag_embed(mask).reshape(N * W, W)  # [(n, w), w'] = mask[n, w] * (w == w')
     out = (dots.reshape(-1, N * W) @ spread).reshape(*dots.shape[:-2], W)
     if not bool(torch.isfinite(out).all()):

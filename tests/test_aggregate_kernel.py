@@ -47,8 +47,9 @@ def test_compiled_batch_equals_the_reference(dtype, T, S, B, lo, hi, nb):
         if dtype == torch.float64 else \
         _C.series_stats_batch_f32(v.numpy(), bucket.numpy(), B, lo, 1.0 / fast.bin_width, nb, fast.hist)
     assert fast.hist is hist_before  # updated in place
-    r_count, r_mean, r_m2 = ref._batch_reference(v, bucket)
-    np.testing.assert_array_equal(fast.hist, ref.hist)
+    r_hist, r_count, r_mean, r_m2 = (x.numpy() for x in ref._batch_reference(v, bucket))
+    assert (ref.hist == 3).all()  # the reference only returns the batch's histogram
+    np.testing.assert_array_equal(fast.hist, ref.hist + r_hist)
     np.testing.assert_array_equal(count, r_count)
     assert count.sum() == int(torch.isfinite(v).sum()) and count.sum() < v.numel()
     assert np.isfinite(mean).all() and np.isfinite(m2).all()
@@ -58,12 +59,14 @@ def test_compiled_batch_equals_the_reference(dtype, T, S, B, lo, hi, nb):
     a, b = SeriesStats(S, B, lo, hi, nb), SeriesStats(S, B, lo, hi, nb)
     a.update(v, bucket)
     b.count, b.mean, b.m2 = b.count.copy(), b.mean.copy(), b.m2.copy()
-    counted, mean_b, m2_b = b._batch_reference(v, bucket)
+    hist_b, counted, mean_b, m2_b = (x.numpy() for x in b._batch_reference(v, bucket))
+    b.hist += hist_b
     b.nan += np.bincount(bucket.numpy(), minlength=B)[:, None] - counted
     b._merge_moments(counted, mean_b, m2_b)
     b.count += counted
     np.testing.assert_array_equal(a.nan, b.nan)
     np.testing.assert_array_equal(a.count, b.count)
+    np.testing.assert_array_equal(a.hist, b.hist)
     np.testing.assert_allclose(a.m2, b.m2, rtol=1e-12, atol=1e-12)
 
 
@@ -145,7 +148,8 @@ def test_compiled_pair_statistics_equal_the_reference(dtype, T, n_nodes, W, buck
     for name, stats in ref.items():
         b = bucket if stats.B > 1 else torch.zeros(T, dtype=torch.int64)
         stats.count, stats.mean, stats.m2 = stats.count.copy(), stats.mean.copy(), stats.m2.copy()
-        counted, mean_b, m2_b = stats._batch_reference(values[name], b)
+        hist_b, counted, mean_b, m2_b = (x.numpy() for x in stats._batch_reference(values[name], b))
+        stats.hist += hist_b
         stats.fold_batch(np.bincount(b.numpy(), minlength=stats.B), counted, mean_b, m2_b)
         assert counted.sum() > 0
     for name in ref:
@@ -218,10 +222,10 @@ def _running_state(stats: SeriesStats) -> dict:
                 hist=stats.hist.copy())
 
 
-def test_reference_path_keeps_counts_pending_until_read_and_equals_the_kernel(monkeypatch):
-    """The path a GPU batch takes (torch reference; histogram counts pending on the values' device until
-    ``hist`` is read) gives the compiled path's running state over several batches, with reads
-    (checkpoint), a load and a merge in between."""
+def test_reference_path_keeps_the_state_on_its_device_until_read_and_equals_the_kernel(monkeypatch):
+    """The path a GPU batch takes (torch reference; the whole state kept on the values' device, a
+    checkpoint copying it, a field read moving it home) gives the compiled path's running state over
+    several batches, with reads (checkpoint), a load and a merge in between."""
     import erasure_fast.scanning.aggregate as aggregate
 
     S, B, lo, hi, nb = 37, 3, -3.0, 3.0, 1200
@@ -233,10 +237,12 @@ def test_reference_path_keeps_counts_pending_until_read_and_equals_the_kernel(mo
     monkeypatch.setattr(aggregate, "scan_kernel", lambda name, dtype: None)
     ref = SeriesStats(S, B, lo, hi, nb)
     ref.update(*batches[0])
-    assert ref._pending is not None  # counted, not yet folded into the numpy histogram
-    saved = ref.state("x")  # a checkpoint reads hist: folds the pending counts
-    assert ref._pending is None and saved["x.hist"].sum() == int(torch.isfinite(batches[0][0]).sum())
+    assert ref._dev is not None  # the state is where the batch was folded
+    saved = ref.state("x")  # a checkpoint copies it and leaves it there
+    assert ref._dev is not None and saved["x.hist"].sum() == int(torch.isfinite(batches[0][0]).sum())
     ref.update(*batches[1])
+    assert ref.count.sum() == sum(int(torch.isfinite(v).sum()) for v, _ in batches[:2])
+    assert ref._dev is None  # a field read brought it home
     resumed = SeriesStats(S, B, lo, hi, nb)
     resumed.load({k: v.copy() for k, v in ref.state("x").items()}, "x")
     other = SeriesStats(S, B, lo, hi, nb)  # the last two batches on another "rank", merged in
@@ -280,8 +286,8 @@ def test_compiled_ratios_equal_the_reference_on_the_divided_values(dtype, T, row
     fast.update_ratios(blocks, divisor, bucket)
     values = torch.cat([safe_div(b, divisor[:, None, :]).reshape(T, -1) for b in blocks], dim=1)
     assert torch.isnan(values).any()
-    counted, mean_b, m2_b = ref._batch_reference(values, bucket)
-    np.testing.assert_array_equal(fast.hist, ref.hist)
+    hist_b, counted, mean_b, m2_b = (x.numpy() for x in ref._batch_reference(values, bucket))
+    np.testing.assert_array_equal(fast.hist, hist_b)
     np.testing.assert_array_equal(fast.count, counted)
     np.testing.assert_array_equal(fast.nan, np.bincount(bucket.numpy(), minlength=B)[:, None] - counted)
     np.testing.assert_allclose(fast.mean, mean_b, rtol=1e-12, atol=1e-12)

@@ -413,9 +413,12 @@ def test_torch_reference_aggregation_equals_the_compiled_one(model, stream, tmp_
     import erasure_fast.scanning.aggregate as aggregate
     import erasure_fast.scanning.pair_stats as pair_stats
 
+    import erasure_fast.attribution as attribution
+
     run(model, stream, tmp_path / "compiled", writers="all", report=False)
     monkeypatch.setattr(aggregate, "scan_kernel", lambda name, values: None)
     monkeypatch.setattr(pair_stats, "scan_kernel", lambda name, values: None)
+    monkeypatch.setattr(attribution, "reads_back_freely", lambda device: False)  # as on a GPU
     run(model, stream, tmp_path / "reference", writers="all", report=False)
     a, _ = final_state(tmp_path / "compiled")
     b, _ = final_state(tmp_path / "reference")
@@ -458,3 +461,56 @@ def test_token_ids_are_checked_by_kind(tmp_path, model):
         with pytest.raises(kind, match=rf"{name} must be"):
             run(model, str(tmp_path / "s.npy"), tmp_path / "o", seq_len=8, **{name: value})
     assert run(model, str(tmp_path / "s.npy"), tmp_path / "o", seq_len=8, batch_size=np.int64(3)).meta["rows"] == 8
+
+
+def test_the_gpu_fold_reads_nothing_back_per_batch(model, stream, tmp_path, monkeypatch):
+    """The aggregation a batch on a GPU runs (the torch path: histograms, counts, moments and top
+    examples folded into a state kept on the batch's device) reads no value back to the host and runs
+    no operation whose output size depends on the data: counted on the CPU (`host_reads`), zero in
+    every batch. Only checkpoints and the summary read the state, and they give the compiled path's
+    numbers (`test_torch_reference_aggregation_equals_the_compiled_one`)."""
+    import erasure_fast.attribution as attribution
+    import erasure_fast.scanning.aggregate as aggregate
+    import erasure_fast.scanning.job as job
+    import erasure_fast.scanning.pair_stats as pair_stats
+    from host_reads import HostReads
+
+    monkeypatch.setattr(aggregate, "scan_kernel", lambda name, values: None)
+    monkeypatch.setattr(pair_stats, "scan_kernel", lambda name, values: None)
+    monkeypatch.setattr(attribution, "reads_back_freely", lambda device: False)  # as on a GPU
+    per_batch = []
+    fold = job.update
+
+    def counted_fold(*args, **kwargs):
+        with HostReads() as reads:
+            fold(*args, **kwargs)
+        per_batch.append(dict(reads.count))
+
+    monkeypatch.setattr(job, "update", counted_fold)
+    res = run(model, stream, tmp_path / "scan", writers="all", report=False, batch_size=3)
+    assert len(per_batch) == 8 and res.meta["tokens"] == 23 * 16
+    assert per_batch == [{}] * 8, per_batch
+    # the counter sees what it must: the compiled path hands its batches to numpy
+    monkeypatch.undo()
+    monkeypatch.setattr(job, "update", counted_fold)
+    per_batch.clear()
+    run(model, stream, tmp_path / "compiled", writers="all", report=False, batch_size=3)
+    assert all(b.get("Tensor.numpy", 0) > 0 for b in per_batch), per_batch
+
+
+def test_the_gpu_fold_resumes_exactly(model, stream, tmp_path, monkeypatch):
+    """A scan folded on the torch path (a GPU's), stopped after 3 batches and resumed, ends with the
+    checkpoint of the same scan run straight: the state on the device is saved and reloaded whole."""
+    import erasure_fast.scanning.aggregate as aggregate
+    import erasure_fast.scanning.pair_stats as pair_stats
+
+    monkeypatch.setattr(aggregate, "scan_kernel", lambda name, values: None)
+    monkeypatch.setattr(pair_stats, "scan_kernel", lambda name, values: None)
+    run(model, stream, tmp_path / "straight", writers="all", report=False, checkpoint_every=2)
+    run_stopped(model, stream, tmp_path / "resumed", 3, writers="all", checkpoint_every=2)
+    run(model, stream, tmp_path / "resumed", writers="all", report=False, checkpoint_every=2)
+    a, meta_a = final_state(tmp_path / "straight")
+    b, meta_b = final_state(tmp_path / "resumed")
+    assert a.keys() == b.keys() and meta_a["tokens"] == meta_b["tokens"] == 23 * 16
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)

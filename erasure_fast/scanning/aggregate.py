@@ -15,14 +15,18 @@ shifted sums for the moments) where the extension is built, else by the torch re
 `SeriesStats._batch_reference`: identical histograms and counts, moments within 1e-12 relative.
 Ratios (the scan's projection ratios, dots / |w|^2) are folded by `SeriesStats.update_ratios`, whose
 kernel reads the dots in place and divides as it bins, so a batch's [T, series] PR is never formed.
-A batch on a GPU is folded in by the same torch reference on that device: its histogram counts
-accumulate there (``_pending``) and reach the numpy state when it is read (``hist``: checkpoint,
-summary, merge), so per batch only the [buckets, series] moments cross to the host, never the values.
+A batch on a GPU is folded on that device, into a copy of the whole state kept there while batches
+arrive (`_DeviceState`): histograms, counts, moments and top-k entries are updated there by the same
+torch code the CPU's reference path runs, with no operation that reads a value back to the host
+(no ``.item()``, no data-dependent shapes, no bincount), so a batch never waits for the GPU. The state
+crosses to the host only when it is read: `state` (a checkpoint: a copy, the device keeps folding),
+or any field, `summary`, `load` and `merge` (the state moves home). Folding on the device or on the
+host runs the same float64 operations in the same order, so where the state lives does not change it.
 """
 
 from __future__ import annotations
 
-from typing import Dict, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 import numpy as np
 import torch
@@ -40,33 +44,104 @@ def centred_bins(half_range: float, width: float):
     return -half_range - width / 2, half_range + width / 2, n
 
 
-class SeriesStats:
+def chan_merge(n_a: torch.Tensor, mean_a: torch.Tensor, m2_a: torch.Tensor, n_b: torch.Tensor,
+               mean_b: torch.Tensor, m2_b: torch.Tensor):
+    """Chan et al.'s parallel update: (mean, m2) of running (count n_a, mean_a, m2_a) combined with a
+    batch's (n_b, mean_b, m2_b); counts int64, the rest float64, all of one shape and device."""
+    n_a = n_a.to(torch.float64)
+    n = n_a + n_b
+    some = n > 0
+    delta = mean_b - mean_a
+    frac = torch.where(some, n_b / torch.where(some, n, 1.0), 0.0)
+    new = n_b > 0
+    mean = torch.where(new, mean_a + delta * frac, mean_a)
+    m2 = torch.where(new, m2_a + m2_b + delta * delta * n_a * frac, m2_a)
+    return mean, m2
+
+
+class _DeviceState:
+    """A state's arrays as torch tensors on a device: on the CPU views of the host arrays (folding
+    there updates them in place), elsewhere copies that are the state until they are brought home."""
+
+    def __init__(self, host: Dict[str, np.ndarray], device: torch.device):
+        self.device = device
+        self.t = {k: torch.from_numpy(v).to(device) for k, v in host.items()}
+        self.aliases_host = device.type == "cpu"
+
+    def write(self, name: str, value: torch.Tensor) -> None:
+        self.t[name].copy_(value)  # in place: on the CPU this is the host array
+
+    def copy_home(self) -> Dict[str, np.ndarray]:
+        return {k: v.cpu().numpy() for k, v in self.t.items()}
+
+
+class _StateOnDevice:
+    """The host arrays of a state (``_host``, the fields ``_FIELDS``) and, while batches are folded on
+    a device, their device copy: reading a field brings the state home first; `snapshot` copies it
+    without moving it."""
+
+    _FIELDS: tuple = ()
+
+    def _init_state(self, host: Dict[str, np.ndarray]) -> None:
+        self._host = host
+        self._dev: Optional[_DeviceState] = None
+
+    def _on(self, device: torch.device) -> _DeviceState:
+        """The state on ``device``, moved there if it is elsewhere."""
+        if self._dev is None or self._dev.device != device:
+            self._home()
+            self._dev = _DeviceState(self._host, device)
+        return self._dev
+
+    def _home(self) -> None:
+        if self._dev is not None:
+            if not self._dev.aliases_host:
+                for k, v in self._dev.copy_home().items():
+                    self._host[k][...] = v  # in place: arrays handed out earlier stay the state's
+            self._dev = None
+
+    def snapshot(self) -> Dict[str, np.ndarray]:
+        """Every field as numpy, without moving the state (copies where it is on a device)."""
+        if self._dev is not None and not self._dev.aliases_host:
+            return self._dev.copy_home()
+        return dict(self._host)
+
+    def state(self, prefix: str) -> Dict[str, np.ndarray]:
+        """Every field under ``prefix.`` (a copy where the state is on a device, which keeps it)."""
+        return {f"{prefix}.{k}": v for k, v in self.snapshot().items()}
+
+    def load(self, state: Dict[str, np.ndarray], prefix: str) -> None:
+        for k in self._FIELDS:
+            arr = state[f"{prefix}.{k}"]
+            if arr.shape != getattr(self, k).shape:
+                raise ValueError(f"checkpoint field {prefix}.{k} has shape {arr.shape}, expected {getattr(self, k).shape}")
+            setattr(self, k, arr.copy())
+
+
+def _field(name: str) -> property:
+    def get(self):
+        self._home()
+        return self._host[name]
+
+    def set(self, value):
+        self._home()
+        self._host[name] = value
+
+    return property(get, set, doc=f"the state's {name} array (brings the state home from a device)")
+
+
+class SeriesStats(_StateOnDevice):
+    _FIELDS = ("count", "nan", "mean", "m2", "hist")
+    count, nan, mean, m2, hist = (_field(k) for k in _FIELDS)
+
     def __init__(self, n_series: int, n_buckets: int, lo: float, hi: float, n_bins: int):
         if not hi > lo or n_bins < 1:
             raise ValueError(f"histogram range must have hi > lo and n_bins >= 1, got [{lo}, {hi}] x {n_bins}")
         self.S, self.B, self.lo, self.hi, self.nb = n_series, n_buckets, float(lo), float(hi), int(n_bins)
-        self.count = np.zeros((n_buckets, n_series), np.int64)
-        self.nan = np.zeros((n_buckets, n_series), np.int64)
-        self.mean = np.zeros((n_buckets, n_series), np.float64)
-        self.m2 = np.zeros((n_buckets, n_series), np.float64)
-        self._hist = np.zeros((n_buckets, n_series, n_bins + 2), np.int64)
-        self._pending = None  # histogram counts of batches folded on a device, not yet in _hist
-
-    @property
-    def hist(self) -> np.ndarray:
-        """[n_buckets, n_series, n_bins + 2] counts (underflow, bins, overflow), with every batch folded."""
-        self._fold_pending()
-        return self._hist
-
-    def _fold_pending(self) -> None:
-        if self._pending is not None:
-            self._hist += self._pending.cpu().numpy()
-            self._pending = None
-
-    @hist.setter
-    def hist(self, value: np.ndarray) -> None:
-        self._pending = None
-        self._hist = value
+        self._init_state(dict(
+            count=np.zeros((n_buckets, n_series), np.int64), nan=np.zeros((n_buckets, n_series), np.int64),
+            mean=np.zeros((n_buckets, n_series), np.float64), m2=np.zeros((n_buckets, n_series), np.float64),
+            hist=np.zeros((n_buckets, n_series, n_bins + 2), np.int64)))  # underflow, bins, overflow
 
     @property
     def bin_width(self) -> float:
@@ -80,12 +155,12 @@ class SeriesStats:
             v = v.float()
         bucket = bucket.detach().to(v.device, torch.int64).reshape(-1)
         kernel = scan_kernel("series_stats_batch", v)
-        if kernel is not None:
-            counted, mean_b, m2_b = kernel(v.contiguous().numpy(), bucket.contiguous().numpy(), self.B, self.lo,
-                                           1.0 / self.bin_width, self.nb, self.hist)
-        else:  # the torch reference, on the values' device
-            counted, mean_b, m2_b = self._batch_reference(v, bucket)
-        self.fold_batch(torch.bincount(bucket, minlength=self.B).cpu().numpy(), counted, mean_b, m2_b)
+        if kernel is None:  # the torch reference, on the values' device
+            self._fold(self._on(v.device), bucket, *self._batch_reference(v, bucket))
+            return
+        counted, mean_b, m2_b = kernel(v.contiguous().numpy(), bucket.contiguous().numpy(), self.B, self.lo,
+                                       1.0 / self.bin_width, self.nb, self.hist)
+        self.fold_batch(np.bincount(bucket.numpy(), minlength=self.B), counted, mean_b, m2_b)
 
     def update_ratios(self, blocks: Sequence[torch.Tensor], divisor: torch.Tensor, bucket: torch.Tensor) -> None:
         """`update` with the values ``cat([b.reshape(T, -1) for b in blocks], 1)``, each divided by
@@ -105,14 +180,16 @@ class SeriesStats:
         counted, mean_b, m2_b = kernel([scan_rows(b).numpy() for b in blocks], divisor.contiguous().numpy(),
                                        bucket.contiguous().numpy(), self.B, self.lo, 1.0 / self.bin_width, self.nb,
                                        self.hist)
-        self.fold_batch(torch.bincount(bucket, minlength=self.B).numpy(), counted, mean_b, m2_b)
+        self.fold_batch(np.bincount(bucket.numpy(), minlength=self.B), counted, mean_b, m2_b)
 
     def fold_batch(self, tokens: np.ndarray, counted: np.ndarray, mean_b: np.ndarray, m2_b: np.ndarray) -> None:
         """Fold a batch whose histogram is already added: tokens [B] per bucket, and count / mean / m2
         [B, S] of its finite values (the rest count as NaN)."""
-        self.nan += tokens[:, None] - counted
-        self._merge_moments(counted, mean_b, m2_b)
-        self.count += counted
+        self._home()
+        state = self._on(torch.device("cpu"))
+        as_t = torch.from_numpy
+        self._fold_moments(state, as_t(np.asarray(tokens, np.int64)), as_t(np.asarray(counted, np.int64)),
+                           as_t(np.asarray(mean_b, np.float64)), as_t(np.asarray(m2_b, np.float64)))
 
     def fold_bucket(self, b: int, tokens: int, counted: np.ndarray, mean_b: np.ndarray, m2_b: np.ndarray) -> None:
         """`fold_batch` for a batch whose ``tokens`` all lie in bucket ``b``: count / mean / m2 [S]."""
@@ -123,10 +200,28 @@ class SeriesStats:
         per_bucket[b] = tokens
         self.fold_batch(per_bucket, *full)
 
+    def _fold(self, state: _DeviceState, bucket: torch.Tensor, hist: torch.Tensor, counted: torch.Tensor,
+              mean_b: torch.Tensor, m2_b: torch.Tensor) -> None:
+        """Fold a batch's `_batch_reference` into ``state``, on its device."""
+        state.t["hist"] += hist
+        tokens = torch.zeros(self.B, dtype=torch.int64, device=bucket.device)
+        tokens.index_add_(0, bucket, torch.ones(1, dtype=torch.int64, device=bucket.device).expand(bucket.shape[0]))
+        self._fold_moments(state, tokens, counted, mean_b, m2_b)
+
+    @staticmethod
+    def _fold_moments(state: _DeviceState, tokens: torch.Tensor, counted: torch.Tensor, mean_b: torch.Tensor,
+                      m2_b: torch.Tensor) -> None:
+        t = state.t
+        t["nan"] += tokens[:, None] - counted
+        mean, m2 = chan_merge(t["count"], t["mean"], t["m2"], counted, mean_b, m2_b)
+        state.write("mean", mean)
+        state.write("m2", m2)
+        t["count"] += counted
+
     def _batch_reference(self, v: torch.Tensor, bucket: torch.Tensor):
-        """The batch's histogram and (count, mean, m2) [B, S] (numpy) of its finite values, in torch on
-        v's device: the reference of the compiled kernel (csrc/scan_aggregates.h), and the GPU path.
-        The histogram is added to ``_pending`` on that device (integer counts: exact, any order)."""
+        """The batch's histogram [B, S, n_bins + 2] and (count, mean, m2) [B, S] of its finite values,
+        as torch tensors on v's device: the reference of the compiled kernel (csrc/scan_aggregates.h)
+        and the GPU path. Nothing here reads a value back to the host."""
         dev_ = v.device
         finite = torch.isfinite(v)
         nb2 = self.nb + 2
@@ -136,33 +231,27 @@ class SeriesStats:
         flat += (bucket * (self.S * nb2))[:, None]
         flat += (torch.arange(self.S, device=dev_) * nb2)[None, :]
         dump = self.B * self.S * nb2
-        flat = torch.where(finite, flat, torch.full((), dump, dtype=torch.int64, device=dev_))
-        hist = torch.bincount(flat.reshape(-1), minlength=dump + 1)[:dump].reshape(self.B, self.S, nb2)
-        if self._pending is None or self._pending.device != dev_:
-            self._fold_pending()  # counts pending on another device first
-            self._pending = hist
-        else:
-            self._pending += hist
-        counted_t = hist.sum(dim=2)
+        flat = torch.where(finite, flat, torch.full((), dump, dtype=torch.int64, device=dev_)).reshape(-1)
+        # a scatter, not bincount: bincount on a GPU reads the largest index back to size its output
+        hist = torch.zeros(dump + 1, dtype=torch.int64, device=dev_)
+        hist.index_add_(0, flat, torch.ones(1, dtype=torch.int64, device=dev_).expand(flat.shape[0]))
+        hist = hist[:dump].reshape(self.B, self.S, nb2)
+        counted = hist.sum(dim=2)
         # Batch mean and squared deviations per bucket as [B, T] x [T, S] products.
         zero = torch.zeros((), dtype=torch.float64, device=dev_)
         vz = torch.where(finite, v.to(torch.float64), zero)
-        one_hot = torch.nn.functional.one_hot(bucket, self.B).to(torch.float64)  # [T, B]
-        mean_b = (one_hot.T @ vz) / counted_t.to(torch.float64).clamp(min=1)
-        dev = torch.where(finite, vz - mean_b[bucket], zero)
+        one_hot = (bucket[:, None] == torch.arange(self.B, device=dev_)).to(torch.float64)  # [T, B]
+        mean_b = (one_hot.T @ vz) / counted.to(torch.float64).clamp(min=1)
+        dev = torch.where(finite, vz - mean_b.index_select(0, bucket), zero)
         m2_b = one_hot.T @ (dev * dev)
-        return counted_t.cpu().numpy(), mean_b.cpu().numpy(), m2_b.cpu().numpy()
+        return hist, counted, mean_b, m2_b
 
     def _merge_moments(self, n_b: np.ndarray, mean_b: np.ndarray, m2_b: np.ndarray) -> None:
         """Chan et al.: combine (count, mean, M2) with a batch's; call before adding n_b to count."""
-        n_a = self.count.astype(np.float64)
-        n = n_a + n_b
-        with np.errstate(invalid="ignore", divide="ignore"):
-            delta = mean_b - self.mean
-            frac = np.where(n > 0, n_b / np.where(n > 0, n, 1), 0.0)
-            self.mean = np.where(n_b > 0, self.mean + delta * frac, self.mean)
-            self.m2 = np.where(n_b > 0, self.m2 + m2_b + delta * delta * n_a * frac, self.m2)
-
+        as_t = torch.from_numpy
+        mean, m2 = chan_merge(as_t(self.count), as_t(self.mean), as_t(self.m2), as_t(np.asarray(n_b, np.int64)),
+                              as_t(np.asarray(mean_b, np.float64)), as_t(np.asarray(m2_b, np.float64)))
+        self.mean, self.m2 = mean.numpy(), m2.numpy()
     # -- reading -----------------------------------------------------------------------------
     def _pick(self, buckets) -> Dict[str, np.ndarray]:
         idx = list(range(self.B)) if buckets is None else list(buckets)
@@ -207,75 +296,61 @@ class SeriesStats:
         return np.where(n == 0, np.nan, out)
 
     # -- persistence and merging -------------------------------------------------------------
-    def state(self, prefix: str) -> Dict[str, np.ndarray]:
-        return {f"{prefix}.{k}": getattr(self, k) for k in ("count", "nan", "mean", "m2", "hist")}
-
-    def load(self, state: Dict[str, np.ndarray], prefix: str) -> None:
-        for k in ("count", "nan", "mean", "m2", "hist"):
-            arr = state[f"{prefix}.{k}"]
-            if arr.shape != getattr(self, k).shape:
-                raise ValueError(f"checkpoint field {prefix}.{k} has shape {arr.shape}, expected {getattr(self, k).shape}")
-            setattr(self, k, arr.copy())
-
     def merge(self, other: "SeriesStats") -> None:
         self._merge_moments(other.count, other.mean, other.m2)
         for k in ("count", "nan", "hist"):
             setattr(self, k, getattr(self, k) + getattr(other, k))
 
 
-class TopK:
+def _ranked(score: torch.Tensor, row: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """[S, n] order of each series' entries: largest score first, ties by (row, pos), entries without
+    a finite score last (by row, pos); numpy's lexsort((pos, row, -score)) as stable sorts."""
+    key = torch.where(torch.isfinite(score), -score, torch.inf)
+    order = torch.argsort(pos, dim=1, stable=True)
+    order = order.gather(1, torch.argsort(row.gather(1, order), dim=1, stable=True))
+    return order.gather(1, torch.argsort(key.gather(1, order), dim=1, stable=True))
+
+
+class TopK(_StateOnDevice):
     """The k largest scores per series, with row / position, a float payload [E] and a token context
     [C] (ids around the position; -1 = none) per entry."""
 
-    FIELDS = ("score", "row", "pos", "payload", "context")
+    _FIELDS = ("score", "row", "pos", "payload", "context")
+    score, row, pos, payload, context = (_field(k) for k in _FIELDS)
 
     def __init__(self, n_series: int, k: int, payload: int = 0, context: int = 0):
         self.S, self.k, self.E, self.C = n_series, int(k), int(payload), int(context)
-        self.score = np.full((n_series, k), -np.inf)
-        self.row = np.full((n_series, k), -1, np.int64)
-        self.pos = np.full((n_series, k), -1, np.int64)
-        self.payload = np.full((n_series, k, max(payload, 0)), np.nan)
-        self.context = np.full((n_series, k, max(context, 0)), -1, np.int64)
+        self._init_state(dict(
+            score=np.full((n_series, k), -np.inf), row=np.full((n_series, k), -1, np.int64),
+            pos=np.full((n_series, k), -1, np.int64), payload=np.full((n_series, k, max(payload, 0)), np.nan),
+            context=np.full((n_series, k, max(context, 0)), -1, np.int64)))
 
     def update(self, score: torch.Tensor, row: torch.Tensor, pos: torch.Tensor, payload: torch.Tensor = None,
-               context=None) -> None:
+               context: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> None:
         """score [T, S] (NaN ignored), row / pos [T], payload [T, S, E]; ``context`` maps flat token
         indices [kk, S] to their contexts [kk, S, C] (int ids). The batch's top k per series is taken
-        where ``score`` is; only those k rows (and their contexts) cross to the host."""
+        and merged into the state where ``score`` is (see the module docstring)."""
         score = score.detach().to(torch.float64)
         dev = score.device
         score = torch.where(torch.isnan(score), torch.full_like(score, -np.inf), score)
         kk = min(self.k, score.shape[0])
         top, idx = torch.topk(score, kk, dim=0)  # [kk, S]
-        batch = dict(score=top.cpu().numpy(), row=row.to(dev)[idx].cpu().numpy(), pos=pos.to(dev)[idx].cpu().numpy())
+        batch = dict(score=top.T, row=row.to(dev)[idx].T, pos=pos.to(dev)[idx].T)
         if payload is None:
-            batch["payload"] = np.full((kk, self.S, self.E), np.nan)
+            batch["payload"] = torch.full((self.S, kk, self.E), np.nan, dtype=torch.float64, device=dev)
         else:
             pay = payload.detach().to(torch.float64)
-            batch["payload"] = torch.gather(pay, 0, idx[:, :, None].expand(kk, self.S, pay.shape[2])).cpu().numpy()
-        batch["context"] = (np.full((kk, self.S, self.C), -1, np.int64) if context is None
-                            else context(idx).to(torch.int64).cpu().numpy())
-        for s in range(self.S):
-            self._keep(s, {f: np.concatenate([getattr(self, f)[s], batch[f][:, s]]) for f in self.FIELDS})
+            batch["payload"] = torch.gather(pay, 0, idx[:, :, None].expand(kk, self.S, pay.shape[2])).transpose(0, 1)
+        batch["context"] = (torch.full((self.S, kk, self.C), -1, dtype=torch.int64, device=dev) if context is None
+                            else context(idx).to(torch.int64).transpose(0, 1))
+        self._keep(self._on(dev), batch)
 
-    def _keep(self, s: int, cand: Dict[str, np.ndarray]) -> None:
-        score = cand["score"]
-        valid = np.isfinite(score)
-        # Largest score first; ties by (row, pos); invalid entries (-inf) last.
-        order = np.lexsort((cand["pos"], cand["row"], -np.where(valid, score, -np.inf)))[: self.k]
-        for f in self.FIELDS:
-            getattr(self, f)[s] = cand[f][order]
-
-    def state(self, prefix: str) -> Dict[str, np.ndarray]:
-        return {f"{prefix}.{f}": getattr(self, f) for f in self.FIELDS}
-
-    def load(self, state: Dict[str, np.ndarray], prefix: str) -> None:
-        for k in self.FIELDS:
-            arr = state[f"{prefix}.{k}"]
-            if arr.shape != getattr(self, k).shape:
-                raise ValueError(f"checkpoint field {prefix}.{k} has shape {arr.shape}, expected {getattr(self, k).shape}")
-            setattr(self, k, arr.copy())
+    def _keep(self, state: _DeviceState, batch: Dict[str, torch.Tensor]) -> None:
+        """Keep the k best of the state's entries and ``batch``'s ({field: [S, n, ...]}) in ``state``."""
+        cand = {f: torch.cat([state.t[f], batch[f].to(state.device)], dim=1) for f in self._FIELDS}
+        order = _ranked(cand["score"], cand["row"], cand["pos"])[:, : self.k]
+        for f, c in cand.items():
+            state.write(f, c.gather(1, order if c.ndim == 2 else order[:, :, None].expand(-1, -1, c.shape[2])))
 
     def merge(self, other: "TopK") -> None:
-        for s in range(self.S):
-            self._keep(s, {f: np.concatenate([getattr(self, f)[s], getattr(other, f)[s]]) for f in self.FIELDS})
+        self._keep(self._on(torch.device("cpu")), {f: torch.from_numpy(getattr(other, f)) for f in self._FIELDS})

@@ -153,7 +153,8 @@ class ScanJob:
         self.plan = plan
         self.rank, self.world = rank_and_world()
         self.agg = Aggregates(plan.cfg)
-        self.null = NullReference.for_scan(plan.spec.W_O, plan.cfg.null_seed, len(plan.cfg.writers))
+        # on the batches' device once: a batch then copies nothing there but its tokens and row ids
+        self.null = NullReference.for_scan(plan.spec.W_O, plan.cfg.null_seed, len(plan.cfg.writers)).to(plan.device)
         self.digest = plan.cfg.digest()
         self.ck_path = os.path.join(plan.out_dir, checkpoint_file(self.rank, self.world))
         self.elapsed_before = 0.0

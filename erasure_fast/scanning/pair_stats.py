@@ -68,6 +68,12 @@ class NullReference:
     def d_model(self) -> int:
         return self.directions.shape[0]
 
+    def to(self, device) -> "NullReference":
+        """These directions on ``device`` (itself where they are there)."""
+        if self.directions.device == torch.device(device):
+            return self
+        return NullReference(self.directions.to(device), self.head_directions.to(device))
+
     @classmethod
     def for_scan(cls, W_O: torch.Tensor, seed: int, n_writers: int) -> "NullReference":
         """W_O [N, d_head, d_model]: every head's output matrix."""

@@ -4,6 +4,7 @@ the tokens read so far, with their update from one batch's attribution."""
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass, replace
 from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
@@ -11,7 +12,8 @@ import torch
 
 from ..models import downstream_mask
 from .aggregate import SeriesStats, TopK
-from .pair_stats import NULL_STATISTICS, STATISTICS, NullReference, fold_pair_values, null_dots, null_groups
+from .pair_stats import (NULL_STATISTICS, STATISTICS, NullGroup, NullReference, fold_pair_values, null_dots,
+                         null_groups)
 from .plan import CONTEXT, CONTEXT_BEFORE, DLA_BINS, DLA_RANGE, PR_BINS, PR_RANGE, ScanConfig
 
 PAIR_CHUNK_BYTES = 64 << 20  # the per-pair statistics run in token chunks whose null dots ([pairs, chunk]) fit this
@@ -37,6 +39,18 @@ def chain_rows(previous: str, rows: np.ndarray) -> str:
     return previous
 
 
+@dataclass(frozen=True)
+class BatchConstants:
+    """A batch shape's per-token positions and position buckets [T], the ranked pairs and the null's
+    groups, on the device the batches are folded on (`Aggregates.constants`): made once, so a batch
+    copies nothing to the device beyond its own row ids."""
+
+    pos: torch.Tensor
+    bucket: torch.Tensor
+    pair_index: torch.Tensor
+    null_groups: List[NullGroup]
+
+
 class Aggregates:
     """All running aggregates of a scan, plus tokens / rows / next batch / content hash."""
 
@@ -53,6 +67,7 @@ class Aggregates:
         # report's distributions by position); their nulls over all positions (the ranking's threshold)
         self.pair_index = torch.from_numpy(downstream_pairs(cfg))
         self.null_groups = null_groups(self.pair_index, W, len(cfg.head_labels))  # how `null_dots` forms them
+        self._constants: Dict[tuple, "BatchConstants"] = {}
         self.pair_stats = {name: SeriesStats(len(self.pair_index), self.n_buckets if name in STATISTICS else 1, *rng)
                            for name, rng in {**STATISTICS, **NULL_STATISTICS}.items()}
         self.tokens = 0
@@ -62,6 +77,16 @@ class Aggregates:
         # (rows read so far, content_hash) after each chunk this rank hashed -- a batch, or the rest
         # of one that an earlier, smaller max_tokens cut short -- so a resume re-reads the same chunks
         self.hash_marks: List[Tuple[int, str]] = []
+
+    def constants(self, device: torch.device, B: int, P: int, edges: Sequence[int]) -> "BatchConstants":
+        """What every batch of B rows of P positions folds with, made once on ``device``."""
+        key = (str(device), B, P, tuple(edges))
+        if key not in self._constants:
+            pos = torch.arange(P).repeat(B)
+            self._constants[key] = BatchConstants(
+                pos=pos.to(device), bucket=_bucket_of(pos, edges).to(device), pair_index=self.pair_index.to(device),
+                null_groups=[replace(g, cols=g.cols.to(device)) for g in self.null_groups])
+        return self._constants[key]
 
     def read_chunk(self, tokens: np.ndarray) -> None:
         """Count and hash a chunk of rows [n, seq_len] that has been aggregated."""
@@ -120,7 +145,7 @@ def _bucket_of(positions: torch.Tensor, edges: Sequence[int]) -> torch.Tensor:
     return torch.bucketize(positions, torch.tensor(list(edges)), right=True)
 
 
-def _update_pair_stats(agg: Aggregates, res, T: int, null: NullReference, bucket: torch.Tensor) -> None:
+def _update_pair_stats(agg: Aggregates, res, T: int, null: NullReference, const: BatchConstants) -> None:
     """Fold the batch's ranking statistics (pair_stats.py) into their histograms, in token chunks."""
     n_nodes, W = res.dots.shape[2], res.dots.shape[3]
     dots = res.dots.reshape(T, n_nodes, W)
@@ -130,11 +155,11 @@ def _update_pair_stats(agg: Aggregates, res, T: int, null: NullReference, bucket
     mlp = None if mlp is None else mlp.reshape(T, -1, mlp.shape[-1])
     d_model = null.d_model
     resid_norm = res.final_scale.reshape(T).double() * d_model ** 0.5  # |x| = sqrt(d_model) * final-norm scale
-    idx = agg.pair_index.to(dots.device)
+    idx, bucket = const.pair_index, const.bucket
     chunk = max(256, PAIR_CHUNK_BYTES // (8 * max(1, len(idx))))  # a GELU-4L batch of 8K tokens: one chunk
     for lo in range(0, T, chunk):
         hi = min(lo + chunk, T)
-        nd = null_dots(z[lo:hi], None if mlp is None else mlp[lo:hi], null, agg.null_groups)
+        nd = null_dots(z[lo:hi], None if mlp is None else mlp[lo:hi], null, const.null_groups)
         fold_pair_values(agg.pair_stats, dots[lo:hi], norms[lo:hi], res.writers, nd, resid_norm[lo:hi], idx, bucket[lo:hi])
 
 
@@ -163,10 +188,9 @@ def update(agg: Aggregates, res, rows: torch.Tensor, edges: Sequence[int], null:
     B, P = res.dla.shape[:2]
     T = B * P
     dev = res.dla.device  # aggregated where the attribution ran (SeriesStats / TopK.update)
-    pos = torch.arange(P).repeat(B)
-    row = rows.repeat_interleave(P).to(dev)
-    bucket = _bucket_of(pos, edges).to(dev)
-    pos = pos.to(dev)
+    const = agg.constants(dev, B, P, edges)
+    pos, bucket = const.pos, const.bucket
+    row = rows.to(dev)[:, None].expand(B, P).reshape(T)
     n_nodes, W = res.dots.shape[2:]
     pr_blocks = [res.dots.reshape(T, n_nodes, W)] + ([] if res.resid_dots is None else [res.resid_dots.reshape(T, -1, W)])
     agg.pr.update_ratios(pr_blocks, res.writer_sq_norms.reshape(T, W), bucket)  # PR of nodes, then residual points
@@ -174,7 +198,7 @@ def update(agg: Aggregates, res, rows: torch.Tensor, edges: Sequence[int], null:
     w_dla = res.writer_dla.reshape(T, -1)
     adj = res.adjusted_dla.reshape(T, -1)
     agg.dla.update(torch.cat([head_dla, adj], dim=1), bucket)
-    _update_pair_stats(agg, res, T, null, bucket)
+    _update_pair_stats(agg, res, T, null.to(dev), const)
     erased = res.downstream_pr_sum.reshape(T, -1)
     payload = torch.stack([erased, w_dla, adj], dim=-1)
     context = token_context(tokens)
