@@ -14,6 +14,7 @@ from .capture import capture as hook_capture  # the function; `capture` is the p
 from .capture_modes import CaptureChoice, CaptureMode
 from .contract import (accumulation_dtype, cosine, projection_ratio, projection_value, require_finite_outputs, safe_div,
                        validate)
+from .deferred_checks import DeferredChecks
 from .device_sync import reads_back_freely
 from .engine import engine_for, engine_problem
 from .models import ModelSpec, as_transformer_lens, model_spec
@@ -186,11 +187,12 @@ def target_ids(targets, tokens: torch.Tensor, spec: ModelSpec, name: str = "targ
 
 def _resid_dots(cap: Capture, spec: ModelSpec, node_dots: torch.Tensor, embed_dots: torch.Tensor,
                 writers: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
-    """Dots of the residual points (`ModelSpec.resid_labels`) with each writer, by linearity. [T, R, W]."""
+    """Dots of the residual points (`ModelSpec.resid_labels`) with each writer, by linearity. [T, R, W]
+    (``writers`` [W] head indices, read on the host)."""
     L, H = spec.n_layers, spec.n_heads
     T = node_dots.shape[0]
     # b_O[l] . r_w = z_w . (W_O[w] b_O[l]): the bias enters through head space, never as a d_model vector.
-    every_head = len(writers) == L * H and bool((writers.cpu() == torch.arange(L * H)).all())
+    every_head = writers.tolist() == list(range(L * H))
     W_Ow = spec.W_O if every_head else spec.W_O.index_select(0, writers.to(spec.W_O.device))
     u = torch.einsum("whd,ld->wlh", W_Ow.to(acc), spec.b_O.to(acc))  # [W, L, dh]
     z = cap.z.reshape(T, L * H, -1)
@@ -289,13 +291,16 @@ def resolve_capture(capture: Union[str, CaptureMode], model, spec: ModelSpec) ->
 def run_attribution(model, spec: ModelSpec, tokens: torch.Tensor, wr: torch.Tensor, ids: torch.Tensor,
                     inc: Optional[torch.Tensor], *, include_mlps: bool, impl, extra_hooks=(), keep_hooks=(),
                     scale_override: Optional[torch.Tensor] = None, keep_mlp_out: bool = False,
-                    capture_mode: Union[CaptureChoice, CaptureMode, str] = CaptureMode.HOOKS) -> AttributionResult:
+                    capture_mode: Union[CaptureChoice, CaptureMode, str] = CaptureMode.HOOKS,
+                    deferred: Optional[DeferredChecks] = None) -> AttributionResult:
     """`attribute` after argument checking: tokens [B, P] valid ids, wr [W] head indices,
     ids / inc [B, P] target ids (-1 = none), impl a `Backend` (`erasure_fast.backends.get_backend`). ``extra_hooks`` are interventions
     run during the forward pass, ``keep_hooks`` activations to keep (``result.extra``; with
     ``keep_mlp_out`` also ``extra["mlp_out"]`` [B, P, L, d_model], the MLP nodes' vectors) and
     ``scale_override`` [B, P] a final-LN scale to use instead of the run's own (e.g. the clean one).
-    ``capture_mode`` is `resolve_capture`'s answer (or a resolved mode); interventions always run on hooks."""
+    ``capture_mode`` is `resolve_capture`'s answer (or a resolved mode); interventions always run on hooks.
+    ``deferred``: the input and output checks are recorded there, not read (`erasure_fast.contract.validate`;
+    the caller has checked W_O and the directions), and with ``wr`` on the host nothing here waits for a GPU."""
     choice = CaptureChoice.of(capture_mode)
     with_mlps = include_mlps and spec.has_mlps
     with_resid = include_mlps  # every node that writes to the stream (an attention-only model has no MLPs)
@@ -337,9 +342,10 @@ def run_attribution(model, spec: ModelSpec, tokens: torch.Tensor, wr: torch.Tens
         direction_ids=ids.reshape(T).to(dev),
         incorrect_ids=None if inc is None else inc.reshape(T).to(dev),
         center=spec.center,
+        deferred=deferred,
     )
     out = impl.run(inputs)
-    require_finite_outputs(inputs, out)
+    require_finite_outputs(inputs, out, deferred)
     acc = accumulation_dtype(dtype)
     n_nodes = L * H + (L if with_mlps else 0)
     dots = out.dots[:, :n_nodes]
@@ -350,7 +356,7 @@ def run_attribution(model, spec: ModelSpec, tokens: torch.Tensor, wr: torch.Tens
         if cap.resid_points is not None:
             resid = out.dots[:, n_nodes + 1: n_nodes + 1 + len(labels_resid)]
         else:  # additive blocks: the points are sums of the nodes (and b_O), so their dots are too
-            resid = _resid_dots(cap, spec, dots, out.dots[:, n_nodes], wr.to(dev), acc)
+            resid = _resid_dots(cap, spec, dots, out.dots[:, n_nodes], wr, acc)
         resid = resid.reshape(B, P, len(labels_resid), -1)
     node_labels = spec.head_labels() + ([f"MLP{l}" for l in range(L)] if with_mlps else [])
     return AttributionResult(
@@ -359,7 +365,7 @@ def run_attribution(model, spec: ModelSpec, tokens: torch.Tensor, wr: torch.Tens
         norms=out.norms[:, :n_nodes].reshape(B, P, n_nodes),
         node_labels=node_labels,
         writers=wr.to(dev),
-        writer_labels=[spec.head_label(int(w)) for w in wr],
+        writer_labels=[spec.head_label(w) for w in wr.tolist()],
         resid_dots=resid,
         resid_labels=labels_resid,
         downstream=spec.downstream_mask(wr, n_nodes).to(dev),

@@ -43,6 +43,7 @@ import torch
 
 from .backends import get_backend
 from .backends.base import FusedInputs, FusedOutputs, accumulation_dtype  # noqa: F401 (the contract's types)
+from .deferred_checks import DeferredChecks
 from .finite import all_finite, require_finite  # noqa: F401 (re-exported: the contract's checks)
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -73,7 +74,8 @@ def _used_rows(*ids: Optional[torch.Tensor]) -> torch.Tensor:
     return used[used >= 0]
 
 
-def _as_ids(name: str, value, n_tokens: int, n_rows: int, device: torch.device) -> torch.Tensor:
+def _as_ids(name: str, value, n_tokens: int, n_rows: int, device: torch.device,
+            deferred: Optional[DeferredChecks] = None) -> torch.Tensor:
     ids = torch.as_tensor(value, device=device) if not isinstance(value, torch.Tensor) else value
     if ids.dtype not in _INT_DTYPES:
         raise TypeError(f"{name} must be an integer tensor, got {ids.dtype}")
@@ -82,7 +84,10 @@ def _as_ids(name: str, value, n_tokens: int, n_rows: int, device: torch.device) 
     if ids.shape != (n_tokens,):
         raise ValueError(f"{name} must have shape [T]=[{n_tokens}], got {_shape(ids)}")
     ids = ids.to(torch.int64).contiguous()
-    if ids.numel():
+    if deferred is not None:
+        deferred.add(((ids >= -1) & (ids < n_rows)).all(), f"{name} must lie in [-1, {n_rows}) (-1 = no target; "
+                                                           f"{n_rows} direction rows)")
+    elif ids.numel():
         lo, hi = int(ids.min()), int(ids.max())
         if lo < -1 or hi >= n_rows:
             raise ValueError(
@@ -107,6 +112,7 @@ def validate(
     with_norms: bool = True,
     dla_table=None,
     distinct_writers: bool = False,
+    deferred: Optional[DeferredChecks] = None,
 ) -> FusedInputs:
     """Check every argument of `fused_attribution` and return backend-ready `FusedInputs`.
 
@@ -114,6 +120,10 @@ def validate(
     the argument, the expected value and what was received. Nothing reaches a backend before this.
     Backends take a head as writer more than once (each occurrence its own column of ``dots``);
     ``distinct_writers`` refuses that, as the public `fused_attribution` and `attribute` do.
+    With ``deferred`` (`DeferredChecks`), the checks of values that differ from call to call -- z and
+    extra_nodes finite, scale finite and positive, ids in range -- are recorded there instead of read
+    (nothing waits for a GPU); W_O and directions, the same in every call of such a caller, are not
+    checked here: the caller checks them once (a scan does, before its first batch).
     """
     z = _require_tensor("z", z)
     W_O = _require_tensor("W_O", W_O)
@@ -159,8 +169,11 @@ def validate(
         raise ValueError(f"scale must have shape [T]=[{T}], got {_shape(scale)}")
     acc = accumulation_dtype(dtype)
     scale = scale.to(acc).contiguous()
-    if not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all()):
-        raise ValueError("scale must be finite and > 0 at every token (it divides the DLA)")
+    scale_message = "scale must be finite and > 0 at every token (it divides the DLA)"
+    if deferred is not None:
+        deferred.add((torch.isfinite(scale) & (scale > 0)).all(), scale_message)
+    elif not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all()):
+        raise ValueError(scale_message)
 
     if isinstance(writers, torch.Tensor):
         w = writers
@@ -192,16 +205,19 @@ def validate(
 
     ids = inc = None
     if direction_ids is not None:
-        ids = _as_ids("direction_ids", direction_ids, T, K, device)
+        ids = _as_ids("direction_ids", direction_ids, T, K, device, deferred)
     if incorrect_ids is not None:
         if ids is None:
             raise ValueError("incorrect_ids needs direction_ids (logit difference is a gathered-mode option)")
-        inc = _as_ids("incorrect_ids", incorrect_ids, T, K, device)
+        inc = _as_ids("incorrect_ids", incorrect_ids, T, K, device, deferred)
 
     if dla_table is not None:
         _check_dla_table(dla_table, W_O, directions, center, ids, w, extra)
 
-    if check_finite:
+    if check_finite and deferred is not None:
+        for name, t in (("z", z), ("extra_nodes", extra)):
+            deferred.add(torch.isfinite(t).all(), f"{name} contains non-finite values")
+    elif check_finite:
         for name, t in (("z", z), ("W_O", W_O), ("extra_nodes", extra)):
             require_finite(name, t)
         # gathered mode reads only the rows its ids name: those must be finite (W_U.T has 25M values)
@@ -222,11 +238,14 @@ def validate(
     )
 
 
-def require_finite_outputs(inputs: FusedInputs, out: FusedOutputs) -> None:
+def require_finite_outputs(inputs: FusedInputs, out: FusedOutputs, deferred: Optional[DeferredChecks] = None) -> None:
     """ValueError unless every output that finite inputs define is finite -- DLA where a target (and a
     wrong target, for a logit difference) exists (NaN marks "no target"), every dot and norm: values too large for the accumulation dtype (float32
     overflows near 3.4e38, and a norm squares the head outputs) would otherwise come back as inf and
-    NaN without a word."""
+    NaN without a word. With ``deferred``, the outcome is recorded there instead of read (`validate`)."""
+    if deferred is not None:
+        _defer_finite_outputs(inputs, out, deferred)
+        return
     dla = out.dla
     if inputs.direction_ids is not None:  # tokens with a target (and a wrong one, for a logit difference)
         has_target = inputs.direction_ids >= 0
@@ -239,6 +258,21 @@ def require_finite_outputs(inputs: FusedInputs, out: FusedOutputs) -> None:
             raise ValueError(
                 f"the attribution overflowed {str(inputs.out_dtype).replace('torch.', '')}: {name} has non-finite values although every input "
                 f"is finite (inputs up to {biggest:.3g} in magnitude); scale the inputs down, or use float64")
+
+
+def _defer_finite_outputs(inputs: FusedInputs, out: FusedOutputs, deferred: DeferredChecks) -> None:
+    dla = out.dla
+    if dla is not None and inputs.direction_ids is not None:  # NaN where no target is defined
+        no_target = inputs.direction_ids < 0
+        if inputs.incorrect_ids is not None:
+            no_target |= inputs.incorrect_ids < 0
+        dla = torch.where(no_target.reshape(-1, *([1] * (dla.dim() - 1))), torch.zeros((), dtype=dla.dtype,
+                                                                                       device=dla.device), dla)
+    for name, t in (("dla", dla), ("dots", out.dots), ("norms", out.norms)):
+        if t is not None and t.numel():
+            deferred.add(torch.isfinite(t).all(), f"the attribution overflowed {str(inputs.out_dtype).replace('torch.', '')}: "
+                         f"{name} has non-finite values although every input is finite; scale the inputs down, or "
+                         "use float64")
 
 
 def _check_dla_table(table, W_O, directions, center, ids, writers, extra) -> None:

@@ -14,6 +14,7 @@ from collections import Counter
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 aten = torch.ops.aten
 
@@ -30,13 +31,24 @@ def _bool_index(args) -> bool:
     return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] if len(args) > 1 else ()) or ())
 
 
-class HostReads(TorchDispatchMode):
-    """``with HostReads() as reads: ...`` then ``reads.count`` (a Counter of names) and ``reads.total``."""
+def _storage(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
 
-    def __init__(self):
+
+class HostReads(TorchDispatchMode):
+    """``with HostReads(host=...) as reads: ...`` then ``reads.count`` (a Counter of names) and
+    ``reads.total``. ``host``: tensors that live on the host even where the work runs on a GPU (a
+    scan's list of writers); reading them, or what is computed from them alone, is not counted."""
+
+    def __init__(self, host=()):
         super().__init__()
         self.count: Counter = Counter()
         self._saved = {}
+        self._host = {_storage(t) for t in host}
+        self._alive = list(host)  # kept, so that no other tensor is given their memory while counting
+
+    def _on_host(self, tensors) -> bool:
+        return bool(tensors) and all(_storage(t) in self._host for t in tensors)
 
     @property
     def total(self) -> int:
@@ -44,11 +56,20 @@ class HostReads(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in _WAITING_OPS:
+        inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        on_host = self._on_host(inputs)
+        if on_host:
+            pass
+        elif func in _WAITING_OPS:
             self.count[str(func)] += 1
         elif func in (aten.index.Tensor, aten.index_put.default, aten.index_put_.default) and _bool_index(args):
             self.count[f"{func} with a boolean mask"] += 1
-        return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        if on_host:  # computed from host tensors alone: on the host too
+            made = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+            self._host.update(_storage(t) for t in made)
+            self._alive.extend(made)
+        return out
 
     def __enter__(self):
         for name in ("numpy", "tolist", "__array__"):
@@ -56,7 +77,8 @@ class HostReads(TorchDispatchMode):
             self._saved[name] = original
 
             def counted(t, *a, _name=name, _original=original, **k):
-                self.count[f"Tensor.{_name}"] += 1
+                if not self._on_host([t]):
+                    self.count[f"Tensor.{_name}"] += 1
                 return _original(t, *a, **k)
 
             setattr(torch.Tensor, name, counted)

@@ -498,6 +498,89 @@ def test_the_gpu_fold_reads_nothing_back_per_batch(model, stream, tmp_path, monk
     assert all(b.get("Tensor.numpy", 0) > 0 for b in per_batch), per_batch
 
 
+def _as_on_a_gpu(monkeypatch) -> None:
+    """Make a scan on the CPU take every path it takes on a GPU: the torch aggregation, the element-wise
+    node sums and the checks deferred to checkpoints."""
+    import erasure_fast.attribution as attribution
+    import erasure_fast.scanning.aggregate as aggregate
+    import erasure_fast.scanning.job as job
+    import erasure_fast.scanning.pair_stats as pair_stats
+
+    monkeypatch.setattr(aggregate, "scan_kernel", lambda name, values: None)
+    monkeypatch.setattr(pair_stats, "scan_kernel", lambda name, values: None)
+    monkeypatch.setattr(attribution, "reads_back_freely", lambda device: False)
+    monkeypatch.setattr(job, "reads_back_freely", lambda device: False)
+
+
+def test_a_scan_batch_on_the_gpu_path_reads_nothing_back(model, stream, tmp_path, monkeypatch):
+    """A whole batch of a scan taking a GPU's paths -- capture, validation (its checks deferred to the
+    checkpoint), the attribution, the aggregation -- reads no value back to the host and runs no
+    operation whose output size depends on the data (counted on the CPU, `host_reads`); the
+    writers' list, which lives on the host, may be read. The torch backend, which runs on a GPU (the
+    Triton one cannot run here but in its interpreter, which computes on the host). The scan's results
+    are the CPU path's."""
+    import erasure_fast.scanning.job as job
+    from host_reads import HostReads
+
+    _as_on_a_gpu(monkeypatch)
+    per_batch = []
+    scan_batch = job.ScanJob._scan_batch
+
+    def counted(self, *args):
+        with HostReads(host=[self.plan.wr]) as reads:
+            scan_batch(self, *args)
+        per_batch.append(dict(reads.count))
+
+    monkeypatch.setattr(job.ScanJob, "_scan_batch", counted)
+    res = run(model, stream, tmp_path / "gpu-path", writers="all", report=False, backend="torch")
+    assert len(per_batch) == 6 and per_batch == [{}] * 6, per_batch
+    monkeypatch.undo()
+    ref = run(model, stream, tmp_path / "cpu-path", writers="all", report=False, backend="torch")
+    a, b = final_state(tmp_path / "gpu-path")[0], final_state(tmp_path / "cpu-path")[0]
+    for key in a:
+        if key.endswith((".hist", ".count", ".nan", ".row", ".pos")):
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+        else:
+            np.testing.assert_allclose(a[key], b[key], rtol=1e-9, atol=1e-12, err_msg=key)
+    assert res.meta["tokens"] == ref.meta["tokens"] == 23 * 16
+
+
+def test_a_bad_batch_on_the_gpu_path_is_refused_at_the_checkpoint(model, stream, tmp_path, monkeypatch):
+    """With its checks deferred (a GPU's path), a batch whose activations are not finite is named at
+    the next checkpoint, and the aggregates that hold it are not saved: the checkpoint on disk keeps
+    the batches before it, and the scan resumes from there once the cause is gone."""
+    import erasure_fast.scanning.job as job
+
+    _as_on_a_gpu(monkeypatch)
+    run_stopped(model, stream, tmp_path / "scan", 2, checkpoint_every=2, backend="torch")
+    saved = final_state(tmp_path / "scan")[0]
+    original = job.run_attribution
+    capture = job.ScanJob._scan_batch
+
+    def bad_z(self, b, row_ids, toks):
+        if b == 3:  # NaN activations in batch 3: poison the model's output of that batch only
+            monkeypatch.setattr(job, "run_attribution", lambda *a, **k: original(*a, **{**k, "scale_override": torch.full(
+                (toks.shape[0], toks.shape[1]), float("nan"))}))
+        else:
+            monkeypatch.setattr(job, "run_attribution", original)
+        capture(self, b, row_ids, toks)
+
+    monkeypatch.setattr(job.ScanJob, "_scan_batch", bad_z)
+    with pytest.raises(ValueError, match=r"batch 3 \(corpus rows 12-15\): scale must be finite and > 0 at every "
+                                         r"token.*not saved \(the checkpoint in .* keeps the 128 tokens before it\)"):
+        run(model, stream, tmp_path / "scan", checkpoint_every=2, backend="torch")
+    after = final_state(tmp_path / "scan")[0]
+    for key in saved:
+        np.testing.assert_array_equal(saved[key], after[key], err_msg=key)
+    monkeypatch.setattr(job.ScanJob, "_scan_batch", capture)  # the cause gone
+    monkeypatch.setattr(job, "run_attribution", original)
+    run(model, stream, tmp_path / "scan", checkpoint_every=2, backend="torch")
+    run(model, stream, tmp_path / "straight", checkpoint_every=2, backend="torch")
+    a, b = final_state(tmp_path / "scan")[0], final_state(tmp_path / "straight")[0]
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
 def test_the_gpu_fold_resumes_exactly(model, stream, tmp_path, monkeypatch):
     """A scan folded on the torch path (a GPU's), stopped after 3 batches and resumed, ends with the
     checkpoint of the same scan run straight: the state on the device is saved and reloaded whole."""

@@ -27,6 +27,9 @@ import numpy as np
 import torch
 
 from ..attribution import run_attribution
+from ..deferred_checks import DeferredChecks
+from ..device_sync import reads_back_freely
+from ..finite import require_finite
 from ..errors import reworded
 from ..version import __version__
 from . import checkpoint as ckpt
@@ -163,6 +166,13 @@ class ScanJob:
         self._folding = False  # a batch is being folded into the aggregates (they are half-updated)
         self._lock: Optional[OutputLock] = None
         self._t_start = None
+        # On a GPU the batches' checks are read at checkpoints, not per batch (deferred_checks.py); a
+        # failed one means the aggregates since the last checkpoint must not be saved
+        self.checks = None if reads_back_freely(plan.device) else DeferredChecks()
+        self._unsaveable: Optional[str] = None
+        if self.checks is not None:  # what validate then leaves to its caller: the weights, once
+            require_finite("W_O", plan.spec.W_O)
+            require_finite("directions", plan.spec.directions)
 
     # -- set-up ------------------------------------------------------------------------------
     def __enter__(self) -> "ScanJob":
@@ -216,7 +226,23 @@ class ScanJob:
         self._saved_tokens = self.agg.tokens
 
     # -- the batches ---------------------------------------------------------------------------
+    def _read_checks(self) -> None:
+        """Read the deferred checks of the batches since the last checkpoint (one transfer); if one
+        failed, the aggregates hold its batch: refuse to save them, saying what the checkpoint keeps."""
+        if self.checks is None or self._unsaveable is not None:
+            return
+        try:
+            self.checks.raise_first()
+        except ValueError as e:
+            kept = (f"the checkpoint in {self.plan.out_dir} keeps the {self._saved_tokens:,} tokens before it" if
+                    self._saved_tokens else "no checkpoint was saved")
+            self._unsaveable = f"{e}; the aggregates since the last checkpoint include that batch, so they are not saved ({kept})"
+            raise ValueError(self._unsaveable) from None
+
     def save_checkpoint(self) -> None:
+        self._read_checks()
+        if self._unsaveable is not None:
+            raise ValueError(self._unsaveable)
         meta = dict(format=CHECKPOINT_FORMAT, config_digest=self.digest, config=self.plan.cfg.as_json(),
                     elapsed=self.elapsed(), **self.agg.counters())
         ckpt.save(self.ck_path, dict(self.agg.state(), **self.agg.mark_arrays()), meta)
@@ -284,7 +310,7 @@ class ScanJob:
             raise
         except (Exception, KeyboardInterrupt) as e:
             # save what is consistent (never aggregates half-updated by a failing batch), then say so
-            saved_now = not self._folding and agg.tokens > self._saved_tokens
+            saved_now = not self._folding and self._unsaveable is None and agg.tokens > self._saved_tokens
             if saved_now:
                 self.save_checkpoint()
             if isinstance(e, KeyboardInterrupt):
@@ -312,8 +338,10 @@ class ScanJob:
         tokens = tokens.to(p.device)
         ids = torch.full_like(tokens, -1)
         ids[:, :-1] = tokens[:, 1:]
+        if self.checks is not None:
+            self.checks.where = f"batch {b} (corpus rows {int(row_ids[0]):,}-{int(row_ids[-1]):,})"
         res = run_attribution(p.model, spec, tokens, p.wr, ids, None, include_mlps=True, impl=p.impl, keep_mlp_out=True,
-                              capture_mode=p.capture)
+                              capture_mode=p.capture, deferred=self.checks)
         self._folding = True  # from here to the end the aggregates are half-updated if anything fails
         update(agg, res, torch.from_numpy(row_ids), p.cfg.position_edges, self.null, tokens)
         agg.batches = b + 1
