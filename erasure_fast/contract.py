@@ -193,7 +193,7 @@ def validate(
         if bool((counts > 1).any()):
             raise ValueError(f"writers names head {int(values[counts > 1][0])} more than once ({w.tolist()}); list each "
                              "head once")
-    w = w.to(device)
+    w_host, w = w, w.to(device)
 
     if extra_nodes is None:
         extra = z.new_zeros((T, 0, D))
@@ -235,6 +235,7 @@ def validate(
         center=bool(center),
         with_norms=bool(with_norms),
         dla_table=dla_table,
+        writers_host=w_host,
     )
 
 

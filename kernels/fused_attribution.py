@@ -315,7 +315,7 @@ def _plan(N: int, H: int, M: int, writers: torch.Tensor, mode: Optional[str] = N
         raise ValueError(f"mode must be None, 'gram' or 'recompute', got {mode!r}")
     if gram:
         wb_p, w_blocks = W_P, 1
-        identity = W == N and bool(torch.equal(writers.cpu(), torch.arange(N)))
+        identity = W == N and writers.tolist() == list(range(N))
     else:
         wb_p = W_P if W_P <= max_block else split
         w_blocks = triton.cdiv(W, wb_p)
@@ -336,19 +336,21 @@ def fused_attribution(
     center: bool,
     *,
     allow_tf32: bool = False,
+    writers_host: Optional[torch.Tensor] = None,
 ) -> Tuple[Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
-    """Launch the fused kernel on contract-valid, contiguous tensors (W >= 1 writers).
+    """Launch the fused kernel on contract-valid, contiguous tensors (W >= 1 writers); ``writers_host``,
+    the writers on the host, spares the plan reading them back from the GPU.
 
     Returns (dla [T, N] float32 in gathered mode or None in fixed mode, dots [T, N+M, W], norms [T, N+M]).
     In fixed mode the caller computes dla with `dla_table.dla_fixed` (cheaper in head space).
     """
     return _launch(z, W_O, directions, scale, writers, extra_nodes, direction_ids, incorrect_ids, center,
-                   allow_tf32=allow_tf32)
+                   allow_tf32=allow_tf32, writers_host=writers_host)
 
 
 def _launch(z, W_O, directions, scale, writers, extra_nodes, direction_ids, incorrect_ids, center, *,
             allow_tf32: bool = False, mode: Optional[str] = None, block_sizes: Optional[dict] = None,
-            max_block: int = MAX_BLOCK):
+            max_block: int = MAX_BLOCK, writers_host: Optional[torch.Tensor] = None):
     """`fused_attribution` with the test seams: ``mode`` / ``max_block`` as in `_plan`; ``block_sizes``
     (BLOCK_T/BLOCK_D/BLOCK_H) overrides the interpreter config (on GPU autotune picks)."""
     if z.dtype == torch.float64:
@@ -359,7 +361,7 @@ def _launch(z, W_O, directions, scale, writers, extra_nodes, direction_ids, inco
     W = int(writers.numel())
     if W == 0:
         raise ValueError("fused kernel needs at least one writer (DLA-only requests go to dla_table)")
-    p = _plan(N, H, M, writers, mode, max_block)
+    p = _plan(N, H, M, writers if writers_host is None else writers_host, mode, max_block)
     dev = z.device
     gathered = direction_ids is not None
     dla = torch.empty((T, N), dtype=torch.float32, device=dev) if gathered else None

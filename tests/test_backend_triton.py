@@ -262,3 +262,25 @@ def test_attribute_matches_transformer_lens(compat):
         err = rel_err(a, b)
         record_error(f"TL parity {name} ({tag})", torch.float32, "triton", err)
         assert err < tol, (name, err)
+
+
+def test_the_plan_reads_the_writers_on_the_host():
+    """The contract hands the backend the writers on the host too (`FusedInputs.writers_host`): the
+    launcher plans from them (every head as writers in order: the GRAM identity), never from the
+    device copy, which on a GPU it would have to read back at every call."""
+    from host_reads import HostReads
+
+    fa, _ = kernels()
+    case = make_case(7, 5, 8, 12, 2, 5, 3, "gathered", False, seed=4, writers=list(range(5)))
+    inp = validate(**case_f32(case), center=True)
+    assert inp.writers_host is not None and inp.writers_host.device.type == "cpu"
+    assert torch.equal(inp.writers_host, inp.writers.cpu())
+    with HostReads(host=[inp.writers_host]) as reads:
+        plan = fa._plan(5, 8, 2, inp.writers_host)
+    assert plan["WR_IDENTITY"] and reads.total == 0, reads.count
+    on_device = inp.writers.clone()  # a copy, as on a GPU: planning from it reads it back
+    with HostReads(host=[inp.writers_host]) as reads:
+        fa._plan(5, 8, 2, on_device)
+    assert reads.total > 0
+    ours = fused_attribution(**case_f32(case), center=True, backend="triton")
+    compare(ours, reference(case, True), "fused, writers planned on the host", torch.float32, TOL32)

@@ -41,6 +41,7 @@ class FusedInputs:
     center: bool
     with_norms: bool = True  # False: backends may return norms=None
     dla_table: Optional[object] = None  # a matching DlaTable (cpp backend; other backends ignore it)
+    writers_host: Optional[torch.Tensor] = None  # writers on the host, where plans read them (no device read-back)
 
     @property
     def n_tokens(self) -> int:

@@ -123,7 +123,7 @@ def run(inp: FusedInputs) -> FusedOutputs:
         return FusedOutputs(dla=dla, dots=dots, norms=norms if inp.with_norms else None)
     dla, dots, norms = fa.fused_attribution(
         inp.z, inp.W_O, inp.directions, inp.scale, inp.writers, inp.extra_nodes,
-        inp.direction_ids, inp.incorrect_ids, inp.center, allow_tf32=tf32,
+        inp.direction_ids, inp.incorrect_ids, inp.center, allow_tf32=tf32, writers_host=inp.writers_host,
     )
     if dla is None:  # fixed direction set: head-space table
         dla = dt.dla_fixed(inp.z, inp.W_O, inp.directions, inp.scale, inp.center, allow_tf32=tf32)

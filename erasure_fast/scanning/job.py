@@ -335,7 +335,7 @@ class ScanJob:
         tokens = torch.from_numpy(toks)
         if p.cfg.prepend_bos is not None:
             tokens = torch.cat([torch.full((tokens.shape[0], 1), p.cfg.prepend_bos), tokens[:, :-1]], dim=1)
-        tokens = tokens.to(p.device)
+        tokens = _to_device(tokens, p.device)
         ids = torch.full_like(tokens, -1)
         ids[:, :-1] = tokens[:, 1:]
         if self.checks is not None:
@@ -343,7 +343,7 @@ class ScanJob:
         res = run_attribution(p.model, spec, tokens, p.wr, ids, None, include_mlps=True, impl=p.impl, keep_mlp_out=True,
                               capture_mode=p.capture, deferred=self.checks)
         self._folding = True  # from here to the end the aggregates are half-updated if anything fails
-        update(agg, res, torch.from_numpy(row_ids), p.cfg.position_edges, self.null, tokens)
+        update(agg, res, _to_device(torch.from_numpy(row_ids), p.device), p.cfg.position_edges, self.null, tokens)
         agg.batches = b + 1
         agg.read_chunk(toks)
         self._folding = False
@@ -400,6 +400,15 @@ class ScanJob:
         meta.update(ranking_meta(summary, p.rank_by))
         files = write_report(p.out_dir, summary, agg, p.cfg, meta, tokenizer=p.tokenizer) if p.report else {}
         return ScanResult(out_dir=p.out_dir, summary=summary, meta=meta, files=files)
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A batch's host tensor on ``device``; to a GPU through pinned memory without waiting (a copy from
+    pageable memory waits for the GPU to finish what is queued; the pinned buffer is kept by torch
+    until the copy is done)."""
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def _versions() -> dict:
