@@ -332,3 +332,32 @@ def test_a_summary_is_not_changed_by_later_batches():
     for k, v in kept.items():
         np.testing.assert_array_equal(before[k], v, err_msg=k)
     assert (stats.summary([0])["overflow"] == 7).all() and (before["overflow"] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_a_group_folds_like_its_members_alone(dtype):
+    """SeriesGroup (the torch path's one pass over several statistics of the same series, each with its
+    own range, bins and buckets) leaves every member in the state the compiled kernel leaves it in,
+    over batches of tricky values: histograms, counts and NaN counts exactly, moments to 1e-12."""
+    from erasure_fast.scanning.aggregate import SeriesGroup
+
+    S, B = 23, 3
+    shapes = [(B, -3.0, 3.0, 1200), (1, -1.0, 1.002, 1001), (B, -10.0, 10.0, 2000), (1, -100.05, 100.05, 2001)]
+    grouped = [SeriesStats(S, b, lo, hi, nb) for b, lo, hi, nb in shapes]
+    alone = [SeriesStats(S, b, lo, hi, nb) for b, lo, hi, nb in shapes]
+    group = SeriesGroup(grouped)
+    for T in (301, 1, 64):
+        bucket = torch.randint(0, B, (T,), generator=torch.Generator().manual_seed(T))
+        values = [_tricky_values(T, S, lo, hi, nb, dtype, seed=T + i) for i, (_, lo, hi, nb) in enumerate(shapes)]
+        group.update(values, bucket)
+        for st, v in zip(alone, values):  # the compiled kernel, one statistic at a time
+            st.update(v, bucket if st.B > 1 else torch.zeros_like(bucket))
+    for g, a in zip(grouped, alone):
+        got, want = _running_state(g), _running_state(a)
+        for k in ("count", "nan", "hist"):
+            np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+        np.testing.assert_allclose(got["mean"], want["mean"], rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(got["m2"], want["m2"], rtol=1e-12, atol=1e-9)
+        assert got["count"].sum() > 0 and got["nan"].sum() > 0
+    with pytest.raises(ValueError, match="same series"):
+        SeriesGroup([SeriesStats(3, 1, -1.0, 1.0, 10), SeriesStats(4, 1, -1.0, 1.0, 10)])

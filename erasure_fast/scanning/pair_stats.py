@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from ..backends.scan_kernels import scan_kernel, scan_rows
-from .aggregate import SeriesStats, centred_bins
+from .aggregate import SeriesGroup, SeriesStats, centred_bins
 
 # name: (histogram lo, hi, bins) -- the quantiles' resolution is (hi - lo) / bins; bins centred on
 # round values (`centred_bins`), so cos = +-1 and 0 lie mid-bin
@@ -113,19 +113,19 @@ def pair_values(dots: torch.Tensor, norms: torch.Tensor, writers: torch.Tensor, 
 
 def fold_pair_values(stats: Dict[str, SeriesStats], dots: torch.Tensor, norms: torch.Tensor, writers: torch.Tensor,
                      null_dots: torch.Tensor, resid_norm: torch.Tensor, pairs: torch.Tensor,
-                     bucket: torch.Tensor) -> None:
+                     bucket: torch.Tensor, group: Optional[SeriesGroup] = None) -> None:
     """Fold one batch's `pair_values` (arguments as there; bucket [T] each token's position bucket)
     into ``stats`` ({name: SeriesStats over the pairs}: one with several buckets gets each token in
     its bucket, one with a single bucket every token): in a compiled pass per bucket that never
     materialises them (csrc/scan_aggregates.h) when the extension is built, else through
-    `pair_values` and `SeriesStats.update`."""
+    `pair_values` and one `SeriesGroup` pass (``group``: the group of ``stats`` in `PAIR_STATISTICS`
+    order, kept by the caller so that its constants are made once; formed here when not given)."""
     kernel = scan_kernel("pair_stats_batch", dots)
     if kernel is None:
         values = pair_values(dots, norms, writers, null_dots, resid_norm, pairs)
-        bucket = bucket.to(dots.device)
-        zero = torch.zeros_like(bucket)
-        for name, series in stats.items():
-            series.update(values[name], bucket if series.B > 1 else zero)
+        if group is None:
+            group = pair_group(stats)
+        group.update([values[name] for name in PAIR_STATISTICS], bucket.to(dots.device))
         return
     parts = [stats[name] for name in PAIR_STATISTICS]
     bucket = bucket.cpu()
@@ -143,6 +143,11 @@ def fold_pair_values(stats: Dict[str, SeriesStats], dots: torch.Tensor, norms: t
         start = ends[b]
         _fold_bucket(kernel, parts, b, dots.index_select(0, sel), norms.index_select(0, sel),
                      null_dots.index_select(1, sel), resid_norm.reshape(-1).index_select(0, sel), writers, pairs)
+
+
+def pair_group(stats: Dict[str, SeriesStats]) -> SeriesGroup:
+    """The ranking statistics ``stats`` ({name: SeriesStats}) as one `SeriesGroup`, in `PAIR_STATISTICS` order."""
+    return SeriesGroup([stats[name] for name in PAIR_STATISTICS])
 
 
 def _fold_bucket(kernel, parts: List[SeriesStats], b: int, dots, norms, null_dots, resid_norm, writers, pairs) -> None:

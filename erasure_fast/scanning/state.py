@@ -13,7 +13,7 @@ import torch
 from ..models import downstream_mask
 from .aggregate import SeriesStats, TopK
 from .pair_stats import (NULL_STATISTICS, STATISTICS, NullGroup, NullReference, fold_pair_values, null_dots,
-                         null_groups)
+                         null_groups, pair_group)
 from .plan import CONTEXT, CONTEXT_BEFORE, DLA_BINS, DLA_RANGE, PR_BINS, PR_RANGE, ScanConfig
 
 PAIR_CHUNK_BYTES = 64 << 20  # the per-pair statistics run in token chunks whose null dots ([pairs, chunk]) fit this
@@ -70,6 +70,7 @@ class Aggregates:
         self._constants: Dict[tuple, "BatchConstants"] = {}
         self.pair_stats = {name: SeriesStats(len(self.pair_index), self.n_buckets if name in STATISTICS else 1, *rng)
                            for name, rng in {**STATISTICS, **NULL_STATISTICS}.items()}
+        self.pair_group = pair_group(self.pair_stats)  # folded together on the torch path
         self.tokens = 0
         self.rows = 0
         self.batches = 0  # next batch index for this rank
@@ -160,7 +161,8 @@ def _update_pair_stats(agg: Aggregates, res, T: int, null: NullReference, const:
     for lo in range(0, T, chunk):
         hi = min(lo + chunk, T)
         nd = null_dots(z[lo:hi], None if mlp is None else mlp[lo:hi], null, const.null_groups)
-        fold_pair_values(agg.pair_stats, dots[lo:hi], norms[lo:hi], res.writers, nd, resid_norm[lo:hi], idx, bucket[lo:hi])
+        fold_pair_values(agg.pair_stats, dots[lo:hi], norms[lo:hi], res.writers, nd, resid_norm[lo:hi], idx, bucket[lo:hi],
+                         agg.pair_group)
 
 
 def token_context(tokens: torch.Tensor):
