@@ -203,6 +203,46 @@ def test_fig1_plots_the_featured_writers_from_where_they_have_written(planted, m
     assert written(["resid_pre0", "resid_post0", "resid_post1"], "L1H0").tolist() == [False, False, True]  # parallel blocks
 
 
+def test_figures_mark_quantiles_beyond_the_histogram_instead_of_dropping_them(planted, monkeypatch, tmp_path):
+    """A quantile or median beyond the PR histogram's range is +-inf in the summary. Figs 1 and 2 draw
+    it at the range's edge with a triangle and say so; they do not turn it into a NaN whisker or band
+    that matplotlib leaves out without a word (no invalid-value warning either)."""
+    import warnings
+
+    import erasure_fast.scanning.plots as plots
+    from erasure_fast.scanning.plan import PR_HI, PR_LO
+
+    _, _, _, res = planted
+    summary = res.summary.copy()
+    node = (summary.kind == "node") & (summary.writer == "L0H2") & summary.downstream
+    resid = (summary.kind == "resid") & (summary.writer == "L0H2")
+    first_node, first_resid = summary.index[node][0], summary.index[resid][-1]
+    summary.loc[first_node, "q0.75"] = np.inf
+    summary.loc[first_node, "q0.25"] = -np.inf
+    summary.loc[first_resid, "q0.75"] = np.inf
+    figs = []
+    monkeypatch.setattr(plots, "save", lambda fig, path: figs.append(fig) or path)
+
+    class Cfg:
+        resid_labels = ["resid_pre0"] + [f"resid_{k}{l}" for l in range(4) for k in ("mid", "post")]
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plots.fig2_nodes(summary, Cfg, "L0H2", str(tmp_path / "f2.png"))
+        plots.fig1_resid(summary, Cfg, ["L0H2"], str(tmp_path / "f1.png"))
+    for fig, n_marks in zip(figs, (2, 1)):
+        ax = fig.axes[0]
+        assert any("beyond the histogram's range" in t.get_text() for t in ax.texts)
+        marks = [(m, y) for line in ax.lines if line.get_marker() in ("^", "v")
+                 for m, y in zip([line.get_marker()] * len(line.get_ydata()), line.get_ydata())]
+        assert len(marks) == n_marks and all(y == (PR_HI if m == "^" else PR_LO) for m, y in marks), marks
+    monkeypatch.undo()
+    figs.clear()
+    monkeypatch.setattr(plots, "save", lambda fig, path: figs.append(fig) or path)
+    plots.fig2_nodes(res.summary, Cfg, "L0H2", str(tmp_path / "f2.png"))  # nothing beyond: no note
+    assert not figs[0].axes[0].texts
+
+
 def test_the_paper_writes_its_report_as_one_page(tmp_path):
     from conftest import run_cli
 

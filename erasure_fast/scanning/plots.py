@@ -9,6 +9,7 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 
 from ..plotting import colormap, new_figure, save
+from .plan import PR_HI, PR_LO
 from .ranking import DEFAULT_RANK, featured_writers
 
 
@@ -32,6 +33,25 @@ def written(resid_labels, writer: str) -> np.ndarray:
     return np.array(out, dtype=bool)
 
 
+def _at_range_edge(values) -> Tuple[np.ndarray, np.ndarray]:
+    """``values`` with each +-inf (a scan summary's quantile or median beyond its histogram's range)
+    placed at that range's edge, so it can be drawn, and the mask of those: the figures mark them
+    instead of dropping a NaN whisker or band without a word. Finite values are left as they are."""
+    v = np.asarray(values, dtype=float)
+    return np.where(v == np.inf, PR_HI, np.where(v == -np.inf, PR_LO, v)), np.isinf(v)
+
+
+def _mark_beyond(ax, x, y, beyond) -> None:
+    """Triangles at the range's edge where a value was beyond it, and a note saying what they are."""
+    if not beyond.any():
+        return
+    up = beyond & (y >= PR_HI)
+    ax.plot(x[up], y[up], "^", color="black", ms=5, ls="none")
+    ax.plot(x[beyond & ~up], y[beyond & ~up], "v", color="black", ms=5, ls="none")
+    ax.text(0.99, 0.02, f"triangles: beyond the histogram's range [{PR_LO:g}, {PR_HI:g}]", transform=ax.transAxes,
+            ha="right", va="bottom", fontsize=7, color="black")
+
+
 def _band_words(band: Tuple[str, str]) -> str:
     """("q0.25", "q0.75") -> "25-75 %"."""
     return "-".join(f"{100 * float(c[1:]):g}" for c in band) + " %"
@@ -48,8 +68,13 @@ def fig1_resid(summary, cfg, writers, path: str, band: Tuple[str, str] = ("q0.25
     for w in writers:
         r = summary[(summary.kind == "resid") & (summary.writer == w)].set_index("node").loc[cfg.resid_labels]
         keep = written(cfg.resid_labels, w) if from_writer else np.ones(len(x), dtype=bool)
-        ax.plot(x[keep], r["median"][keep], marker="o", label=(labels or {}).get(w, w))
-        ax.fill_between(x[keep], r[band[0]][keep], r[band[1]][keep], alpha=0.2)
+        med, med_beyond = _at_range_edge(r["median"].to_numpy()[keep])
+        lo, lo_beyond = _at_range_edge(r[band[0]].to_numpy()[keep])
+        hi, hi_beyond = _at_range_edge(r[band[1]].to_numpy()[keep])
+        ax.plot(x[keep], med, marker="o", label=(labels or {}).get(w, w))
+        ax.fill_between(x[keep], lo, hi, alpha=0.2)
+        _mark_beyond(ax, np.concatenate([x[keep]] * 3), np.concatenate([med, lo, hi]),
+                     np.concatenate([med_beyond, lo_beyond, hi_beyond]))
     ax.axhline(0, color="grey", lw=0.8)
     ax.axhline(1, color="grey", lw=0.8, ls=":")
     ax.set_xticks(x, cfg.resid_labels, rotation=45, ha="right")
@@ -73,12 +98,15 @@ def fig2_nodes(summary, cfg, writer: str, path: str, band: Tuple[str, str] = ("q
     rows = rows.iloc[sorted(range(len(rows)), key=lambda i: node_order(rows.node.iloc[i]))]
     fig, ax = new_figure((max(6, 0.28 * len(rows)), 3.8))
     x = np.arange(len(rows))
-    med = rows["median"].to_numpy()
-    lo = med - rows[band[0]].to_numpy()
-    hi = rows[band[1]].to_numpy() - med
+    med, med_beyond = _at_range_edge(rows["median"].to_numpy())
+    q_lo, lo_beyond = _at_range_edge(rows[band[0]].to_numpy())
+    q_hi, hi_beyond = _at_range_edge(rows[band[1]].to_numpy())
     colors = ["tab:red" if m < 0 else "tab:blue" for m in med]
     ax.bar(x, med, color=colors, alpha=0.8)
-    ax.errorbar(x, med, yerr=np.vstack([np.abs(lo), np.abs(hi)]), fmt="none", ecolor="black", lw=0.8, capsize=2)
+    ax.errorbar(x, med, yerr=np.vstack([np.abs(med - q_lo), np.abs(q_hi - med)]), fmt="none", ecolor="black", lw=0.8,
+                capsize=2)
+    _mark_beyond(ax, np.concatenate([x] * 3), np.concatenate([med, q_lo, q_hi]),
+                 np.concatenate([med_beyond, lo_beyond, hi_beyond]))
     labels = rows.node.tolist()
     prev = None
     for i, lab in enumerate(labels):
