@@ -244,36 +244,26 @@ def require_finite_outputs(inputs: FusedInputs, out: FusedOutputs, deferred: Opt
     wrong target, for a logit difference) exists (NaN marks "no target"), every dot and norm: values too large for the accumulation dtype (float32
     overflows near 3.4e38, and a norm squares the head outputs) would otherwise come back as inf and
     NaN without a word. With ``deferred``, the outcome is recorded there instead of read (`validate`)."""
-    if deferred is not None:
-        _defer_finite_outputs(inputs, out, deferred)
-        return
     dla = out.dla
     if inputs.direction_ids is not None:  # tokens with a target (and a wrong one, for a logit difference)
         has_target = inputs.direction_ids >= 0
         if inputs.incorrect_ids is not None:
             has_target &= inputs.incorrect_ids >= 0
-        dla = dla.index_select(0, torch.nonzero(has_target).reshape(-1))
+        if deferred is None:
+            dla = dla.index_select(0, torch.nonzero(has_target).reshape(-1))
+        else:  # no output sized by the data: the rows without a target count as finite
+            dla = torch.where(has_target.reshape(-1, *([1] * (dla.dim() - 1))), dla,
+                              torch.zeros((), dtype=dla.dtype, device=dla.device))
+    dtype = str(inputs.out_dtype).replace("torch.", "")
     for name, t in (("dla", dla), ("dots", out.dots), ("norms", out.norms)):
-        if t is not None and t.numel() and not all_finite(t):
+        if t is None or not t.numel():
+            continue
+        overflowed = f"the attribution overflowed {dtype}: {name} has non-finite values although every input is finite"
+        if deferred is not None:
+            deferred.add(torch.isfinite(t).all(), f"{overflowed}; scale the inputs down, or use float64")
+        elif not all_finite(t):
             biggest = max(float(x.abs().max()) for x in (inputs.z, inputs.W_O, inputs.extra_nodes) if x.numel())
-            raise ValueError(
-                f"the attribution overflowed {str(inputs.out_dtype).replace('torch.', '')}: {name} has non-finite values although every input "
-                f"is finite (inputs up to {biggest:.3g} in magnitude); scale the inputs down, or use float64")
-
-
-def _defer_finite_outputs(inputs: FusedInputs, out: FusedOutputs, deferred: DeferredChecks) -> None:
-    dla = out.dla
-    if dla is not None and inputs.direction_ids is not None:  # NaN where no target is defined
-        no_target = inputs.direction_ids < 0
-        if inputs.incorrect_ids is not None:
-            no_target |= inputs.incorrect_ids < 0
-        dla = torch.where(no_target.reshape(-1, *([1] * (dla.dim() - 1))), torch.zeros((), dtype=dla.dtype,
-                                                                                       device=dla.device), dla)
-    for name, t in (("dla", dla), ("dots", out.dots), ("norms", out.norms)):
-        if t is not None and t.numel():
-            deferred.add(torch.isfinite(t).all(), f"the attribution overflowed {str(inputs.out_dtype).replace('torch.', '')}: "
-                         f"{name} has non-finite values although every input is finite; scale the inputs down, or "
-                         "use float64")
+            raise ValueError(f"{overflowed} (inputs up to {biggest:.3g} in magnitude); scale the inputs down, or use float64")
 
 
 def _check_dla_table(table, W_O, directions, center, ids, writers, extra) -> None:

@@ -23,9 +23,6 @@ class DeferredChecks:
         self.where = ""  # what the checks added next are about (a scan sets the batch and its rows)
         self._checks: List[Tuple[torch.Tensor, str, str]] = []
 
-    def __len__(self) -> int:
-        return len(self._checks)
-
     def add(self, ok: torch.Tensor, message: str) -> None:
         self._checks.append((ok.reshape(()), message, self.where))
 

@@ -186,11 +186,10 @@ class SeriesStats(_StateOnDevice):
     def fold_batch(self, tokens: np.ndarray, counted: np.ndarray, mean_b: np.ndarray, m2_b: np.ndarray) -> None:
         """Fold a batch whose histogram is already added: tokens [B] per bucket, and count / mean / m2
         [B, S] of its finite values (the rest count as NaN)."""
-        self._home()
-        state = self._on(torch.device("cpu"))
         as_t = torch.from_numpy
-        self._fold_moments(state, as_t(np.asarray(tokens, np.int64)), as_t(np.asarray(counted, np.int64)),
-                           as_t(np.asarray(mean_b, np.float64)), as_t(np.asarray(m2_b, np.float64)))
+        self._alone().fold(torch.device("cpu"), as_t(np.asarray(tokens, np.int64)),
+                           [(as_t(np.asarray(counted, np.int64)), as_t(np.asarray(mean_b, np.float64)),
+                             as_t(np.asarray(m2_b, np.float64)))])
 
     def fold_bucket(self, b: int, tokens: int, counted: np.ndarray, mean_b: np.ndarray, m2_b: np.ndarray) -> None:
         """`fold_batch` for a batch whose ``tokens`` all lie in bucket ``b``: count / mean / m2 [S]."""
@@ -205,16 +204,6 @@ class SeriesStats(_StateOnDevice):
         if self._group is None:
             self._group = SeriesGroup([self])
         return self._group
-
-    @staticmethod
-    def _fold_moments(state: _DeviceState, tokens: torch.Tensor, counted: torch.Tensor, mean_b: torch.Tensor,
-                      m2_b: torch.Tensor) -> None:
-        t = state.t
-        t["nan"] += tokens[:, None] - counted
-        mean, m2 = chan_merge(t["count"], t["mean"], t["m2"], counted, mean_b, m2_b)
-        state.write("mean", mean)
-        state.write("m2", m2)
-        t["count"] += counted
 
     def _batch_reference(self, v: torch.Tensor, bucket: torch.Tensor):
         """The batch's histogram [B, S, n_bins + 2] and (count, mean, m2) [B, S] of its finite values,
@@ -360,18 +349,24 @@ class SeriesGroup:
         dev = bucket.device
         tokens = torch.zeros(self.B, dtype=torch.int64, device=dev)
         tokens.index_add_(0, bucket, torch.ones(1, dtype=torch.int64, device=dev).expand(bucket.shape[0]))
-        every = tokens.sum(0, keepdim=True)
         parts = self.batch(values, bucket)
-        states = [st._on(dev).t for st in self.stats]
-        # every member's state updated by one operation per field (foreach), its moments merged as
-        # one flat vector: the same element-wise float64 operations as member by member
-        torch._foreach_add_([t["hist"] for t in states], [h for h, _, _, _ in parts])
-        flat = lambda xs: torch.cat([x.reshape(-1) for x in xs])  # noqa: E731
-        counted = [c for _, c, _, _ in parts]
+        torch._foreach_add_([st._on(dev).t["hist"] for st in self.stats], [h for h, _, _, _ in parts])
+        self.fold(dev, tokens, [p[1:] for p in parts])
+
+    def fold(self, device: torch.device, tokens: torch.Tensor, parts) -> None:
+        """Fold a batch whose histograms are already added into every member's state on ``device``:
+        tokens [B] per bucket, and for each member (count, mean, m2) [its B, S] of its finite values
+        (the rest count as NaN). Each state field is updated by one operation for all members
+        (foreach) and the moments merged as one flat vector: the same element-wise float64 operations
+        as member by member."""
+        states = [st._on(device).t for st in self.stats]
+        every = tokens.sum(0, keepdim=True)
+        flat = lambda xs: xs[0].reshape(-1) if len(xs) == 1 else torch.cat([x.reshape(-1) for x in xs])  # noqa: E731
+        counted = [c for c, _, _ in parts]
         n_tok = flat([(tokens if st.B > 1 else every)[:, None].expand(st.B, self.S) for st in self.stats])
         count, n_b = flat([t["count"] for t in states]), flat(counted)
         mean, m2 = chan_merge(count, flat([t["mean"] for t in states]), flat([t["m2"] for t in states]), n_b,
-                              flat([m for _, _, m, _ in parts]), flat([m for _, _, _, m in parts]))
+                              flat([m for _, m, _ in parts]), flat([m for _, _, m in parts]))
         sizes = [st.B * self.S for st in self.stats]
         torch._foreach_add_([t["nan"] for t in states], [x.view_as(c) for x, c in zip((n_tok - n_b).split(sizes), counted)])
         torch._foreach_copy_([t["mean"] for t in states], [x.view_as(c) for x, c in zip(mean.split(sizes), counted)])
