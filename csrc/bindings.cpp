@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "dispatch.h"
+#include "output_buffers.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -157,10 +158,10 @@ FusedCall<In> fused_params(const InArr<In>& z, const InArr<In>& W_O, const InArr
   p.tile_tokens = tile_tokens;
   p.chunk_cols = chunk_cols;
   const int64_t M = p.n_extra;
-  c.dla = py::array_t<T>(p.direction_ids ? std::vector<py::ssize_t>{T_, N}
-                                         : std::vector<py::ssize_t>{T_, N, K});
-  c.dots = py::array_t<T>(std::vector<py::ssize_t>{T_, N + M, W});
-  c.norms = py::array_t<T>(std::vector<py::ssize_t>{T_, N + M});
+  c.dla = ef::mapped_output<T>(p.direction_ids ? std::vector<py::ssize_t>{T_, N}
+                                               : std::vector<py::ssize_t>{T_, N, K}, n_threads);
+  c.dots = ef::mapped_output<T>({T_, N + M, W}, n_threads);
+  c.norms = ef::mapped_output<T>({T_, N + M}, n_threads);
   p.dla = c.dla.mutable_data();
   p.dots = c.dots.mutable_data();
   p.norms = c.norms.mutable_data();
@@ -248,10 +249,10 @@ DlaCall<In> dla_core_params(const InArr<In>& z, const InArr<In>& W_O, const InAr
   p.n_dirs = d.K;
   p.center = center;
   p.n_threads = n_threads;
-  c.dla = py::array_t<T>(dla_shape);
+  c.dla = ef::mapped_output<T>(dla_shape, n_threads);
   p.dla = c.dla.mutable_data();
   if (want_norms) {
-    py::array_t<T> norms(std::vector<py::ssize_t>{d.T, d.N});
+    py::array_t<T> norms = ef::mapped_output<T>({d.T, d.N}, n_threads);
     p.norms = norms.mutable_data();
     c.norms = norms;
   }
@@ -353,7 +354,7 @@ py::array_t<typename In::acc> run_build_table(const InArr<In>& W_O, const InArr<
                                               bool center, int n_threads) {
   using T = typename In::acc;
   ef::DlaTableParams<In> p = dla_table_params<In>(W_O, directions, center, n_threads);
-  py::array_t<T> table(std::vector<py::ssize_t>{p.n_dirs, p.n_heads, p.d_head});
+  py::array_t<T> table = ef::mapped_output<T>({p.n_dirs, p.n_heads, p.d_head}, n_threads);
   p.table = table.mutable_data();
   {
     py::gil_scoped_release release;
@@ -788,6 +789,8 @@ PYBIND11_MODULE(_C, m) {
     d["simd"] = std::string(k.simd);
     d["tile_tokens"] = k.tile_tokens;
     d["chunk_cols"] = k.chunk_cols;
+    const size_t mapped = ef::mapped_output_bytes();
+    d["mapped_output_bytes"] = mapped ? py::object(py::int_(mapped)) : py::object(py::none());
 #if defined(__clang__)
     d["compiler"] = std::string("clang ") + __clang_version__;
 #elif defined(__GNUC__)

@@ -101,4 +101,5 @@ def cpu_paths() -> Dict[str, Dict[str, Any]]:
     """{path: {compiled, runs_here, missing, simd}}, most portable first."""
 def build_info() -> Dict[str, Any]:
     """{openmp, max_threads, cpu_arch, cpu_path, best_cpu_path, cpu_paths, simd, tile_tokens,
-    chunk_cols, compiler}."""
+    chunk_cols, mapped_output_bytes (outputs from this size have their pages mapped before the kernel
+    writes them; None: never), compiler}."""

@@ -313,10 +313,67 @@ def test_env_var_threads(monkeypatch):
 def test_build_info():
     info = _C.build_info()
     assert set(info) >= {"openmp", "max_threads", "cpu_arch", "cpu_path", "best_cpu_path", "cpu_paths", "simd",
-                         "compiler"}
+                         "compiler", "mapped_output_bytes"}
     assert info["cpu_arch"] in ("dispatch", "portable")
     assert info["cpu_path"] in info["cpu_paths"] and "portable" in info["cpu_paths"]
     assert isinstance(info["openmp"], bool) and info["max_threads"] >= 1
+
+
+# ---------------------------------------------------------------------------------------------
+# large outputs: mapped up front (csrc/output_buffers.h)
+def _mapped_from():
+    mapped = _C.build_info()["mapped_output_bytes"]
+    if mapped is None:
+        pytest.skip("this build never maps outputs up front (AddressSanitizer)")
+    return mapped
+
+
+def _is_mapped(a: np.ndarray) -> bool:
+    """Memory numpy does not own and whose owner is a capsule: the mapped allocation."""
+    return not a.flags.owndata and type(a.base).__name__ == "PyCapsule"
+
+
+@pytest.mark.parametrize("mode", ["gathered", "fixed"])
+def test_outputs_from_the_mapped_size_match_oracle(mode):
+    mapped = _mapped_from()
+    # dots [T, N + M, W] float32 just above the size, dla and norms below it; odd sizes throughout
+    T, N, H, D, M, W, K = 1031, 33, 8, 21, 3, 31, 5
+    assert T * (N + M) * W * 4 >= mapped > T * (N + M) * 4
+    args, kw = make_case(T, N, H, D, M, W, K, mode=mode, incorrect=mode == "gathered", missing=True)
+    check_against_oracle(args, kw, torch.float32)
+    inp = validate(*args, **kw)
+    dla, dots, norms = _C.fused_attribution_f32(
+        inp.z.numpy(), inp.W_O.numpy(), inp.directions.numpy(), inp.scale.numpy(), inp.writers.numpy(),
+        inp.extra_nodes.numpy(), direction_ids=None if inp.direction_ids is None else inp.direction_ids.numpy())
+    assert _is_mapped(dots) and not _is_mapped(norms)
+
+
+def test_mapped_outputs_live_with_their_arrays_and_are_released():
+    mapped = _mapped_from()
+    T = mapped // (5 * 4 * 4) + 7  # dots [T, 5, 4] float32 just above the size
+    args = _good(T=T, N=4, H=3, D=5, K=3, M=1, W=4)
+    dots = _C.fused_attribution_f32(**args)[1]
+    assert _is_mapped(dots)
+    t = torch.from_numpy(dots)
+    want = dots.copy()
+    del dots
+    import gc
+
+    gc.collect()
+    assert np.array_equal(t.numpy(), want)  # the tensor keeps the mapping alive
+    del t
+    gc.collect()
+
+    def address_space() -> int:  # bytes (VmSize: mapped, whether touched or not)
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+
+    before = address_space()
+    for _ in range(20):
+        out = _C.fused_attribution_f32(**args)
+        assert _is_mapped(out[1])
+        del out
+    assert address_space() - before < 4 * mapped  # each call's mapping went with its array, not 20 of them
 
 
 # ---------------------------------------------------------------------------------------------
