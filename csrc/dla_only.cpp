@@ -9,7 +9,8 @@
 //      Both paths reduce every output over d_model in one fixed order, so a row of A does not depend
 //      on which other rows are built with it, nor on the thread count.
 //      The amx path builds bf16 directions on the tile unit instead, for every count (build_head_dirs_amx:
-//      three bf16 parts of each direction, so the rows agree with the fp32 paths' to fp32 rounding).
+//      the uncentred bf16 rows and a rank-one centring correction, so the rows agree with the fp32
+//      paths' to fp32 rounding).
 //   2. per token (OpenMP over fixed tiles of 12 tokens): dla[t, n] = z[t, n, :] . A[u(t), n, :]
 //      / s[t] (d_head FMAs per head), and on request norms[t, n] = z^T G_n z with the Gram matrix
 //      G_n = W_O[n] W_O[n]^T packed like W_O (projection micro-kernel, then a d_head dot).
@@ -109,13 +110,23 @@ inline void seg_dots(const typename In::storage* __restrict a, const typename In
 }
 
 #if defined(__AMX_BF16__)
-// The amx path's head-space directions of bf16 inputs, on the tile unit: A[u, :] = W_O @ c_u with
-// c_u = c(dirs[pid[u]] - dirs[pinc[u]]) formed in fp32 and split into three bf16 parts, c_u = p0 + p1
-// + p2 + r (|r| <= 2^-25 |c_u|: as exact as fp32), and A = W_O @ p0 + W_O @ p1 + W_O @ p2: products of
-// bf16 values, exact in fp32, accumulated in fp32, so A agrees with the fp32 paths' to fp32 rounding.
-// W_O holds bf16 values (converted from the bf16 input), taken back exactly. Work items of 32
-// directions x 32 columns of NH: 2 x 2 accumulator tiles over d_model in a fixed order, so a row of
+// The amx path's head-space directions of bf16 inputs, on the tile unit: A[u, :] = W_O @ c(x_u) with
+// x_u = d_u - e_u, d_u = dirs[pid[u]], e_u = dirs[pinc[u]] (absent without a logit difference).
+// Centring is linear, so A[u, :] = W_O @ d_u - W_O @ e_u - mean(x_u) (W_O @ 1): the tile unit
+// multiplies W_O by the rows as they are (bf16 values; -e_u by a flipped sign bit), one product per
+// row. Products of bf16 values are exact in fp32 and accumulate in fp32; the row sums W_O @ 1 and the
+// means are taken in float64 and the correction applied in float64 before rounding. The fp32
+// accumulation then rounds at the scale of |W_O[n]| |x_u| where the result's is |W_O[n]| |c(x_u)|, so
+// the error grows with mean(x_u) / RMS(c(x_u)) (measured against float64, in units of the outputs'
+// largest value: 1.3e-7 at 0, 2.4e-7 at 3, 8.5e-7 at 10, 2.5e-6 at 30; the fp32 paths 4-6e-7). A
+// direction whose mean exceeds kExactMeanRatio times its centred RMS is centred in fp32 and split into
+// three bf16 parts instead, c = p0 + p1 + p2 + r (|r| <= 2^-25 |c|), three products. A block of 32
+// directions takes as many products as its costliest row; the others' extra parts are zero rows, which
+// add exact zeros. W_O holds bf16 values (converted from the bf16 input), taken back exactly. Blocks of
+// 32 directions x 32 columns of NH: 2 x 2 accumulator tiles over d_model in a fixed order, so a row of
 // A depends on nothing but its own direction (the lazy table builds rows in any grouping).
+constexpr double kExactMeanRatio = 3.0;
+
 // part[j][0 .. 32) for j < 3: x = src[0 .. 32) split into bf16 parts, each the rounding (to nearest
 // even) of what the ones before leave; every subtraction is exact in fp32.
 inline void split_three(const float* src, uint16_t* const part[3]) {
@@ -128,18 +139,59 @@ inline void split_three(const float* src, uint16_t* const part[3]) {
   }
 }
 
+// sum_{d < n} x[d] in float64, in one fixed order (8 lanes, then the lanes in order).
+inline double sum_f64(const float* x, int64_t n) {
+  __m512d acc = _mm512_setzero_pd();
+  int64_t d = 0;
+  for (; d + 8 <= n; d += 8) acc = _mm512_add_pd(acc, _mm512_cvtps_pd(_mm256_loadu_ps(x + d)));
+  alignas(64) double lanes[8];
+  _mm512_store_pd(lanes, acc);
+  double s = 0;
+  for (double v : lanes) s += v;
+  for (; d < n; ++d) s += x[d];
+  return s;
+}
+
+// The sum and the sum of squares of x = d - e (e null: x = d) over n bf16 values, in float64 (8 lanes,
+// then the lanes in order: one fixed order).
+inline __m512d load_bf16_f64(const uint16_t* p) {  // 8 bf16 values, exactly
+  return _mm512_cvtps_pd(_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16)));
+}
+inline void moments_f64(const uint16_t* d, const uint16_t* e, int64_t n, double& sum, double& sumsq) {
+  __m512d s1 = _mm512_setzero_pd(), s2 = _mm512_setzero_pd();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    __m512d x = load_bf16_f64(d + i);
+    if (e) x = _mm512_sub_pd(x, load_bf16_f64(e + i));
+    s1 = _mm512_add_pd(s1, x);
+    s2 = _mm512_fmadd_pd(x, x, s2);
+  }
+  alignas(64) double l1[8], l2[8];
+  _mm512_store_pd(l1, s1);
+  _mm512_store_pd(l2, s2);
+  sum = sumsq = 0;
+  for (int k = 0; k < 8; ++k) sum += l1[k], sumsq += l2[k];
+  for (; i < n; ++i) {
+    const double x = static_cast<double>(Bf16::load(d[i])) - (e ? static_cast<double>(Bf16::load(e[i])) : 0.0);
+    sum += x;
+    sumsq += x * x;
+  }
+}
+
 void build_head_dirs_amx(const float* W_O, int64_t NH, int64_t D, const uint16_t* dirs, const int64_t* pid,
                          const int64_t* pinc, int64_t U, bool center, float* A, int n_threads) {
   const int64_t Dp = round_up(D, 32), n_ks = Dp / 32, NHp = round_up(NH, 32), n_nb = NHp / 16;
   // W_O^T in the tile unit's pair layout: bt[nb][ks] = 16 pairs (d) x 16 columns (NH) x 2, zero past
   // NH and D: per tile, 16 rows of W_O as 16 x 16 bf16 pairs (exact: W_O holds bf16 values), transposed
   Buf<uint16_t> bt(static_cast<size_t>(n_nb * n_ks * 512));
+  Buf<double> rowsum(static_cast<size_t>(NHp));  // W_O @ 1, for the centring
   {
     const int nthr = resolve_threads(n_threads, n_nb);
 #ifdef _OPENMP
 #pragma omp parallel for num_threads(nthr) schedule(static)
 #endif
-    for (int64_t nb = 0; nb < n_nb; ++nb)
+    for (int64_t nb = 0; nb < n_nb; ++nb) {
+      for (int64_t c = nb * 16; c < nb * 16 + 16; ++c) rowsum.get()[c] = c < NH && center ? sum_f64(W_O + c * D, D) : 0.0;
       for (int64_t ks = 0; ks < n_ks; ++ks) {
         const int64_t d0 = ks * 32, nd = std::min<int64_t>(32, D - d0);
         const __mmask16 m0 = static_cast<__mmask16>(nd >= 16 ? 0xFFFF : (1u << nd) - 1);
@@ -158,78 +210,109 @@ void build_head_dirs_amx(const float* W_O, int64_t NH, int64_t D, const uint16_t
         uint16_t* t = bt.get() + (nb * n_ks + ks) * 512;
         for (int64_t p = 0; p < 16; ++p) _mm512_storeu_ps(reinterpret_cast<float*>(t + p * 32), r[p]);
       }
+    }
     (void)nthr;
   }
-  // work items: a block of 32 directions x a range of column-block pairs (the whole width, or a part of
-  // it where there are fewer direction blocks than threads to keep busy); every item splits its own
-  // directions, and every block of A is computed by one item in one order, however the work is cut
-  const int64_t n_ub = (U + 31) / 32, n_pairs = n_nb / 2;
-  const int64_t want = std::max<int64_t>(1, resolve_threads(n_threads, n_ub * n_pairs));
-  const int64_t n_cut = std::min<int64_t>(n_pairs, (2 * want + n_ub - 1) / n_ub);
-  const int64_t per_cut = (n_pairs + n_cut - 1) / n_cut;
-  const int nthr = resolve_threads(n_threads, n_ub * n_cut);
-  struct Scr {
-    Buf<uint16_t> part[3];  // 32 directions' bf16 parts [32][Dp]
-    Buf<float> c, out;     // one direction [Dp]; a block of A past U or NH [32][32]
-  };
-  Vec<Scr> scr(nthr);
-  for (auto& s : scr) {
-    for (auto& b : s.part) b = Buf<uint16_t>(static_cast<size_t>(32 * Dp));
-    s.c = Buf<float>(static_cast<size_t>(Dp));
-    s.out = Buf<float>(32 * 32);
+  // Directions in super-blocks of kDirsAtOnce: their bf16 rows are formed first (rows split among the
+  // threads), then every (block of 32 directions, pair of 16-column blocks) product, blocks outermost
+  // (a block's rows of A are written whole; pairs outermost measured slower for a whole table and no
+  // faster for 1,300 directions). Every block of A is computed by one thread in one order, however
+  // the work is cut.
+  constexpr int64_t kDirsAtOnce = 512;
+  const int64_t SB = std::min<int64_t>(kDirsAtOnce, round_up(U, 32)), n_pairs = n_nb / 2;
+  const int nthr = resolve_threads(n_threads, (SB / 32) * n_pairs);
+  Buf<uint16_t> part[3];  // the super-block's rows [SB][Dp] as bf16: d_u, -e_u, 0; or c(x_u)'s three parts
+  for (auto& b : part) b = Buf<uint16_t>(static_cast<size_t>(SB * Dp));
+  Buf<double> mean(static_cast<size_t>(SB));  // the correction means (0: none)
+  Buf<int> parts_of(static_cast<size_t>(SB));  // products a row needs
+  Vec<Buf<float>> cbuf(nthr), obuf(nthr);     // per thread: a centred direction [Dp], a block of A [32][32]
+  for (int i = 0; i < nthr; ++i) {
+    cbuf[i] = Buf<float>(static_cast<size_t>(Dp));
+    obuf[i] = Buf<float>(32 * 32);
   }
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nthr)
 #endif
   {
-    Scr& s = scr[thread_id()];
+    float* c = cbuf[thread_id()].get();
+    float* out = obuf[thread_id()].get();
     configure_tiles();
+    for (int64_t s0 = 0; s0 < U; s0 += SB) {
+      const int64_t ns = std::min(SB, U - s0), n_blk = (ns + 31) / 32;
 #ifdef _OPENMP
 #pragma omp for schedule(static)
 #endif
-    for (int64_t item = 0; item < n_ub * n_cut; ++item) {
-      const int64_t ub = item / n_cut, cut = item % n_cut;
-      const int64_t u0 = ub * 32, nu = std::min<int64_t>(32, U - u0);
-      for (int64_t i = 0; i < 32; ++i) {
-        float* c = s.c.get();
-        if (i < nu)
-          form_dir<Bf16>(dirs, D, pid[u0 + i], pinc ? pinc[u0 + i] : -1, center, c);
-        std::fill(c + (i < nu ? D : 0), c + Dp, 0.f);
-        for (int64_t d = 0; d < Dp; d += 32) {
-          uint16_t* const dst[3] = {s.part[0].get() + i * Dp + d, s.part[1].get() + i * Dp + d,
-                                    s.part[2].get() + i * Dp + d};
-          split_three(c + d, dst);
+      for (int64_t i = 0; i < n_blk * 32; ++i) {
+        uint16_t* row[3] = {part[0].get() + i * Dp, part[1].get() + i * Dp, part[2].get() + i * Dp};
+        mean.get()[i] = 0;
+        parts_of.get()[i] = 1;
+        if (i >= ns) {
+          for (uint16_t* r : row) std::fill(r, r + Dp, uint16_t(0));
+          continue;
+        }
+        const int64_t u = s0 + i;
+        const uint16_t* d = dirs + pid[u] * D;
+        const uint16_t* e = pinc && pinc[u] >= 0 ? dirs + pinc[u] * D : nullptr;
+        double sum = 0, sumsq = 0;
+        if (center) moments_f64(d, e, D, sum, sumsq);
+        const double m = sum / static_cast<double>(D), var = std::max(0.0, sumsq / static_cast<double>(D) - m * m);
+        if (m * m <= kExactMeanRatio * kExactMeanRatio * var) {  // the rows as they are
+          for (int64_t k = 0; k < D; ++k) row[0][k] = d[k];
+          for (int64_t k = 0; k < D; ++k) row[1][k] = e ? static_cast<uint16_t>(e[k] ^ 0x8000) : uint16_t(0);
+          std::fill(row[0] + D, row[0] + Dp, uint16_t(0));
+          std::fill(row[1] + D, row[1] + Dp, uint16_t(0));
+          std::fill(row[2], row[2] + Dp, uint16_t(0));
+          mean.get()[i] = m;
+          parts_of.get()[i] = e ? 2 : 1;
+        } else {  // centred in fp32, three parts
+          form_dir<Bf16>(dirs, D, pid[u], e ? pinc[u] : -1, center, c);
+          std::fill(c + D, c + Dp, 0.f);
+          for (int64_t k = 0; k < Dp; k += 32) {
+            uint16_t* const dst[3] = {row[0] + k, row[1] + k, row[2] + k};
+            split_three(c + k, dst);
+          }
+          parts_of.get()[i] = 3;
         }
       }
-      for (int64_t nb = 2 * cut * per_cut; nb < std::min(n_nb, 2 * (cut + 1) * per_cut); nb += 2) {
-        _tile_zero(0);
-        _tile_zero(1);
-        _tile_zero(2);
-        _tile_zero(3);
-        for (int64_t ks = 0; ks < n_ks; ++ks) {
-          _tile_loadd(6, bt.get() + (nb * n_ks + ks) * 512, 64);
-          _tile_loadd(7, bt.get() + ((nb + 1) * n_ks + ks) * 512, 64);
-          for (const auto& part : s.part) {
-            _tile_loadd(4, part.get() + ks * 32, Dp * 2);
-            _tile_loadd(5, part.get() + 16 * Dp + ks * 32, Dp * 2);
-            _tile_dpbf16ps(0, 4, 6);
-            _tile_dpbf16ps(1, 4, 7);
-            _tile_dpbf16ps(2, 5, 6);
-            _tile_dpbf16ps(3, 5, 7);
+#ifdef _OPENMP
+#pragma omp for collapse(2) schedule(static)
+#endif
+      for (int64_t blk = 0; blk < n_blk; ++blk)
+        for (int64_t pr = 0; pr < n_pairs; ++pr) {
+          const int64_t nb = 2 * pr, r0 = blk * 32, nu = std::min<int64_t>(32, ns - r0);
+          const int n_parts = *std::max_element(parts_of.get() + r0, parts_of.get() + r0 + 32);
+          _tile_zero(0);
+          _tile_zero(1);
+          _tile_zero(2);
+          _tile_zero(3);
+          for (int64_t ks = 0; ks < n_ks; ++ks) {
+            _tile_loadd(6, bt.get() + (nb * n_ks + ks) * 512, 64);
+            _tile_loadd(7, bt.get() + ((nb + 1) * n_ks + ks) * 512, 64);
+            for (int j = 0; j < n_parts; ++j) {
+              const uint16_t* a = part[j].get() + r0 * Dp + ks * 32;
+              _tile_loadd(4, a, Dp * 2);
+              _tile_loadd(5, a + 16 * Dp, Dp * 2);
+              _tile_dpbf16ps(0, 4, 6);
+              _tile_dpbf16ps(1, 4, 7);
+              _tile_dpbf16ps(2, 5, 6);
+              _tile_dpbf16ps(3, 5, 7);
+            }
+          }
+          const int64_t col0 = nb * 16, ncol = std::min<int64_t>(32, NH - col0);
+          _tile_stored(0, out, 32 * 4);
+          _tile_stored(1, out + 16, 32 * 4);
+          _tile_stored(2, out + 16 * 32, 32 * 4);
+          _tile_stored(3, out + 16 * 32 + 16, 32 * 4);
+          for (int64_t i = 0; i < nu; ++i) {
+            float* dst = A + (s0 + r0 + i) * NH + col0;
+            const float* o = out + i * 32;
+            const double m = mean.get()[r0 + i];
+            if (m == 0)
+              std::memcpy(dst, o, sizeof(float) * ncol);
+            else
+              for (int64_t j = 0; j < ncol; ++j) dst[j] = static_cast<float>(o[j] - m * rowsum.get()[col0 + j]);
           }
         }
-        const int64_t col0 = nb * 16;
-        const bool whole = nu == 32 && col0 + 32 <= NH;
-        float* dst = whole ? A + u0 * NH + col0 : s.out.get();
-        const int64_t ld = whole ? NH : 32;
-        _tile_stored(0, dst, ld * 4);
-        _tile_stored(1, dst + 16, ld * 4);
-        _tile_stored(2, dst + 16 * ld, ld * 4);
-        _tile_stored(3, dst + 16 * ld + 16, ld * 4);
-        if (!whole)
-          for (int64_t i = 0; i < nu; ++i)
-            for (int64_t j = 0; j < 32 && col0 + j < NH; ++j) A[(u0 + i) * NH + col0 + j] = s.out.get()[i * 32 + j];
-      }
     }
     _tile_release();
   }
