@@ -332,3 +332,29 @@ def test_kernel_paths_benchmark_runs(tmp_path):
             or line.startswith("| bfloat16 |")]
     assert len(rows) == 2 * (len(PATHS) + 2)
     assert cpp.build_info()["cpu_path"] == cpp.build_info()["best_cpu_path"]
+
+
+def test_ab_builds_benchmark_runs(tmp_path):
+    # benchmarks/ab_builds.py against a copy of this very build: a row per workload, dtype and cache state
+    import importlib.util
+
+    from erasure_fast import _C
+
+    other = tmp_path / "other" / "erasure_fast"
+    other.mkdir(parents=True)
+    shutil.copy(_C.__file__, other / os.path.basename(_C.__file__))
+    here = os.path.dirname(os.path.abspath(__file__))
+    spec = importlib.util.spec_from_file_location("ab_builds", os.path.join(here, "..", "benchmarks", "ab_builds.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(["--other", str(tmp_path / "other"), "--other-label", "copy", "--tokens", "70", "--rounds", "2",
+                 "--flush-mib", "8", "--out", str(tmp_path / "ab.md")])
+    rows = [line.split("|") for line in (tmp_path / "ab.md").read_text().splitlines()
+            if line.startswith("| K")]
+    assert [(r[1].strip(), r[2].strip(), r[3].strip()) for r in rows] == [
+        (w, d, c) for w in ("K1", "K2n", "K2f") for d in ("float32", "bfloat16") for c in ("warm", "cold")]
+    assert all(float(r[6]) > 0 for r in rows)
+    with pytest.raises(SystemExit, match="unknown"):
+        module.main(["--other", str(tmp_path / "other"), "--workloads", "K3"])
+    with pytest.raises(SystemExit, match="expected one"):
+        module.main(["--other", str(tmp_path)])
