@@ -365,11 +365,15 @@ const Kernels& kernel_table() {
     Kernels t = avx512::kernel_table();
     t.simd = "avx512 + amx-bf16";
     t.bf16.fused_attribution = &fused_attribution_bf16;
-    // the DLA-only kernels compiled for this path: bf16 head-space directions on the tile unit
+    // the DLA-only kernels compiled for this path: bf16 and fp32 head-space directions on the tile unit
     t.bf16.dla_fixed = &dla_fixed<Bf16>;
     t.bf16.dla_gathered = &dla_gathered<Bf16>;
     t.bf16.build_dla_table = &build_dla_table<Bf16>;
     t.bf16.fill_dla_table_rows = &fill_dla_table_rows<Bf16>;
+    t.f32.dla_fixed = &dla_fixed<Native<float>>;
+    t.f32.dla_gathered = &dla_gathered<Native<float>>;
+    t.f32.build_dla_table = &build_dla_table<Native<float>>;
+    t.f32.fill_dla_table_rows = &fill_dla_table_rows<Native<float>>;
     return t;
   }();
   return k;

@@ -8,8 +8,9 @@
 //        (MR directions x NR vectors of N*H) on W_O packed once per call into column panels.
 //      Both paths reduce every output over d_model in one fixed order, so a row of A does not depend
 //      on which other rows are built with it, nor on the thread count.
-//      The amx path builds bf16 directions on the tile unit instead, for every count (build_head_dirs_amx:
-//      the uncentred bf16 rows and a rank-one centring correction, so the rows agree with the fp32
+//      The amx path builds bf16 directions on the tile unit instead, for every count, and fp32 ones
+//      where the others take the GEMM (build_head_dirs_amx: bf16 rows uncentred with a rank-one
+//      centring correction, fp32 ones as six products of bf16 parts; the rows agree with the fp32
 //      paths' to fp32 rounding).
 //   2. per token (OpenMP over fixed tiles of 12 tokens): dla[t, n] = z[t, n, :] . A[u(t), n, :]
 //      / s[t] (d_head FMAs per head), and on request norms[t, n] = z^T G_n z with the Gram matrix
@@ -110,9 +111,9 @@ inline void seg_dots(const typename In::storage* __restrict a, const typename In
 }
 
 #if defined(__AMX_BF16__)
-// The amx path's head-space directions of bf16 inputs, on the tile unit: A[u, :] = W_O @ c(x_u) with
+// The amx path's head-space directions on the tile unit: A[u, :] = W_O @ c(x_u) with
 // x_u = d_u - e_u, d_u = dirs[pid[u]], e_u = dirs[pinc[u]] (absent without a logit difference).
-// Centring is linear, so A[u, :] = W_O @ d_u - W_O @ e_u - mean(x_u) (W_O @ 1): the tile unit
+// bf16 inputs: centring is linear, so A[u, :] = W_O @ d_u - W_O @ e_u - mean(x_u) (W_O @ 1): the tile unit
 // multiplies W_O by the rows as they are (bf16 values; -e_u by a flipped sign bit), one product per
 // row. Products of bf16 values are exact in fp32 and accumulate in fp32; the row sums W_O @ 1 and the
 // means are taken in float64 and the correction applied in float64 before rounding. The fp32
@@ -122,9 +123,13 @@ inline void seg_dots(const typename In::storage* __restrict a, const typename In
 // direction whose mean exceeds kExactMeanRatio times its centred RMS is centred in fp32 and split into
 // three bf16 parts instead, c = p0 + p1 + p2 + r (|r| <= 2^-25 |c|), three products. A block of 32
 // directions takes as many products as its costliest row; the others' extra parts are zero rows, which
-// add exact zeros. W_O holds bf16 values (converted from the bf16 input), taken back exactly. Blocks of
-// 32 directions x 32 columns of NH: 2 x 2 accumulator tiles over d_model in a fixed order, so a row of
-// A depends on nothing but its own direction (the lazy table builds rows in any grouping).
+// add exact zeros. W_O holds bf16 values (converted from the bf16 input), taken back exactly.
+// fp32 inputs: W_O and every centred direction are split into three bf16 parts each, and the tile unit
+// sums the six products of parts (w, j) with w + j <= 2: what is left out is below 2^-24 of |W_O[n]|
+// |c(x_u)| (against float64, in units of the outputs' largest value: 2.2e-7 where the fp32 paths
+// measure 4-6e-7), for about 60 % of the fp32 GEMM's time on a Sapphire Rapids core.
+// Blocks of 32 directions x 32 columns of NH: 2 x 2 accumulator tiles over d_model in a fixed order, so
+// a row of A depends on nothing but its own direction (the lazy table builds rows in any grouping).
 constexpr double kExactMeanRatio = 3.0;
 
 // part[j][0 .. 32) for j < 3: x = src[0 .. 32) split into bf16 parts, each the rounding (to nearest
@@ -178,37 +183,51 @@ inline void moments_f64(const uint16_t* d, const uint16_t* e, int64_t n, double&
   }
 }
 
-void build_head_dirs_amx(const float* W_O, int64_t NH, int64_t D, const uint16_t* dirs, const int64_t* pid,
-                         const int64_t* pinc, int64_t U, bool center, float* A, int n_threads) {
+template <typename In>
+void build_head_dirs_amx(const float* W_O, int64_t NH, int64_t D, const typename In::storage* dirs,
+                         const int64_t* pid, const int64_t* pinc, int64_t U, bool center, float* A, int n_threads) {
+  constexpr bool kF32 = std::is_same<In, Native<float>>::value;
+  static_assert(kF32 || std::is_same<In, Bf16>::value, "bf16 or fp32 inputs");
+  constexpr int kWParts = kF32 ? 3 : 1;  // bf16 parts of W_O: fp32 values split in three, bf16 ones as they are
   const int64_t Dp = round_up(D, 32), n_ks = Dp / 32, NHp = round_up(NH, 32), n_nb = NHp / 16;
-  // W_O^T in the tile unit's pair layout: bt[nb][ks] = 16 pairs (d) x 16 columns (NH) x 2, zero past
-  // NH and D: per tile, 16 rows of W_O as 16 x 16 bf16 pairs (exact: W_O holds bf16 values), transposed
-  Buf<uint16_t> bt(static_cast<size_t>(n_nb * n_ks * 512));
-  Buf<double> rowsum(static_cast<size_t>(NHp));  // W_O @ 1, for the centring
+  // W_O^T in the tile unit's pair layout: bt[w][nb][ks] = 16 pairs (d) x 16 columns (NH) x 2, zero past
+  // NH and D: per tile, 16 rows of W_O's part w as 16 x 16 bf16 pairs, transposed
+  Buf<uint16_t> bt[kWParts];
+  for (auto& b : bt) b = Buf<uint16_t>(static_cast<size_t>(n_nb * n_ks * 512));
+  Buf<double> rowsum(static_cast<size_t>(NHp));  // W_O @ 1, for the centring of bf16 rows
   {
     const int nthr = resolve_threads(n_threads, n_nb);
 #ifdef _OPENMP
 #pragma omp parallel for num_threads(nthr) schedule(static)
 #endif
     for (int64_t nb = 0; nb < n_nb; ++nb) {
-      for (int64_t c = nb * 16; c < nb * 16 + 16; ++c) rowsum.get()[c] = c < NH && center ? sum_f64(W_O + c * D, D) : 0.0;
+      for (int64_t c = nb * 16; c < nb * 16 + 16; ++c)
+        rowsum.get()[c] = !kF32 && c < NH && center ? sum_f64(W_O + c * D, D) : 0.0;
       for (int64_t ks = 0; ks < n_ks; ++ks) {
         const int64_t d0 = ks * 32, nd = std::min<int64_t>(32, D - d0);
         const __mmask16 m0 = static_cast<__mmask16>(nd >= 16 ? 0xFFFF : (1u << nd) - 1);
         const __mmask16 m1 = static_cast<__mmask16>(nd >= 32 ? 0xFFFF : nd > 16 ? (1u << (nd - 16)) - 1 : 0);
-        __m512 r[16];
+        __m512 x0[16], x1[16];  // what is left of each column's 32 values
         for (int64_t c = 0; c < 16; ++c) {
           const int64_t col = nb * 16 + c;
-          if (col >= NH) {
-            r[c] = _mm512_setzero_ps();
-            continue;
-          }
           const float* src = W_O + col * D + d0;
-          r[c] = reinterpret_cast<__m512>(_mm512_cvtne2ps_pbh(_mm512_maskz_loadu_ps(m1, src + 16), _mm512_maskz_loadu_ps(m0, src)));
+          x0[c] = col < NH ? _mm512_maskz_loadu_ps(m0, src) : _mm512_setzero_ps();
+          x1[c] = col < NH ? _mm512_maskz_loadu_ps(m1, src + 16) : _mm512_setzero_ps();
         }
-        transpose_lanes(r);  // r[p] = pair p of every column
-        uint16_t* t = bt.get() + (nb * n_ks + ks) * 512;
-        for (int64_t p = 0; p < 16; ++p) _mm512_storeu_ps(reinterpret_cast<float*>(t + p * 32), r[p]);
+        for (int w = 0; w < kWParts; ++w) {
+          __m512 r[16];
+          for (int64_t c = 0; c < 16; ++c) {
+            const __m512i h = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(x1[c], x0[c]));
+            r[c] = _mm512_castsi512_ps(h);
+            if (w + 1 < kWParts) {  // the rest, exact in fp32
+              x0[c] = _mm512_sub_ps(x0[c], widen_bf16(_mm512_castsi512_si256(h)));
+              x1[c] = _mm512_sub_ps(x1[c], widen_bf16(_mm512_extracti64x4_epi64(h, 1)));
+            }
+          }
+          transpose_lanes(r);  // r[p] = pair p of every column
+          uint16_t* t = bt[w].get() + (nb * n_ks + ks) * 512;
+          for (int64_t p = 0; p < 16; ++p) _mm512_storeu_ps(reinterpret_cast<float*>(t + p * 32), r[p]);
+        }
       }
     }
     (void)nthr;
@@ -251,21 +270,26 @@ void build_head_dirs_amx(const float* W_O, int64_t NH, int64_t D, const uint16_t
           continue;
         }
         const int64_t u = s0 + i;
-        const uint16_t* d = dirs + pid[u] * D;
-        const uint16_t* e = pinc && pinc[u] >= 0 ? dirs + pinc[u] * D : nullptr;
-        double sum = 0, sumsq = 0;
-        if (center) moments_f64(d, e, D, sum, sumsq);
-        const double m = sum / static_cast<double>(D), var = std::max(0.0, sumsq / static_cast<double>(D) - m * m);
-        if (m * m <= kExactMeanRatio * kExactMeanRatio * var) {  // the rows as they are
-          for (int64_t k = 0; k < D; ++k) row[0][k] = d[k];
-          for (int64_t k = 0; k < D; ++k) row[1][k] = e ? static_cast<uint16_t>(e[k] ^ 0x8000) : uint16_t(0);
-          std::fill(row[0] + D, row[0] + Dp, uint16_t(0));
-          std::fill(row[1] + D, row[1] + Dp, uint16_t(0));
-          std::fill(row[2], row[2] + Dp, uint16_t(0));
-          mean.get()[i] = m;
-          parts_of.get()[i] = e ? 2 : 1;
-        } else {  // centred in fp32, three parts
-          form_dir<Bf16>(dirs, D, pid[u], e ? pinc[u] : -1, center, c);
+        const auto* d = dirs + pid[u] * D;
+        const auto* e = pinc && pinc[u] >= 0 ? dirs + pinc[u] * D : nullptr;
+        bool exact = false;  // bf16 rows as they are, centred by the correction
+        if constexpr (!kF32) {
+          double sum = 0, sumsq = 0;
+          if (center) moments_f64(d, e, D, sum, sumsq);
+          const double m = sum / static_cast<double>(D), var = std::max(0.0, sumsq / static_cast<double>(D) - m * m);
+          exact = m * m <= kExactMeanRatio * kExactMeanRatio * var;
+          if (exact) {
+            for (int64_t k = 0; k < D; ++k) row[0][k] = d[k];
+            for (int64_t k = 0; k < D; ++k) row[1][k] = e ? static_cast<uint16_t>(e[k] ^ 0x8000) : uint16_t(0);
+            std::fill(row[0] + D, row[0] + Dp, uint16_t(0));
+            std::fill(row[1] + D, row[1] + Dp, uint16_t(0));
+            std::fill(row[2], row[2] + Dp, uint16_t(0));
+            mean.get()[i] = m;
+            parts_of.get()[i] = e ? 2 : 1;
+          }
+        }
+        if (!exact) {  // centred in fp32, three parts
+          form_dir<In>(dirs, D, pid[u], e ? pinc[u] : -1, center, c);
           std::fill(c + D, c + Dp, 0.f);
           for (int64_t k = 0; k < Dp; k += 32) {
             uint16_t* const dst[3] = {row[0] + k, row[1] + k, row[2] + k};
@@ -285,19 +309,20 @@ void build_head_dirs_amx(const float* W_O, int64_t NH, int64_t D, const uint16_t
           _tile_zero(1);
           _tile_zero(2);
           _tile_zero(3);
-          for (int64_t ks = 0; ks < n_ks; ++ks) {
-            _tile_loadd(6, bt.get() + (nb * n_ks + ks) * 512, 64);
-            _tile_loadd(7, bt.get() + ((nb + 1) * n_ks + ks) * 512, 64);
-            for (int j = 0; j < n_parts; ++j) {
-              const uint16_t* a = part[j].get() + r0 * Dp + ks * 32;
-              _tile_loadd(4, a, Dp * 2);
-              _tile_loadd(5, a + 16 * Dp, Dp * 2);
-              _tile_dpbf16ps(0, 4, 6);
-              _tile_dpbf16ps(1, 4, 7);
-              _tile_dpbf16ps(2, 5, 6);
-              _tile_dpbf16ps(3, 5, 7);
+          for (int64_t ks = 0; ks < n_ks; ++ks)
+            for (int w = 0; w < kWParts; ++w) {  // parts (w, j) with w + j <= 2: 2^-24 of a product left
+              _tile_loadd(6, bt[w].get() + (nb * n_ks + ks) * 512, 64);
+              _tile_loadd(7, bt[w].get() + ((nb + 1) * n_ks + ks) * 512, 64);
+              for (int j = 0; j < (kF32 ? 3 - w : n_parts); ++j) {
+                const uint16_t* a = part[j].get() + r0 * Dp + ks * 32;
+                _tile_loadd(4, a, Dp * 2);
+                _tile_loadd(5, a + 16 * Dp, Dp * 2);
+                _tile_dpbf16ps(0, 4, 6);
+                _tile_dpbf16ps(1, 4, 7);
+                _tile_dpbf16ps(2, 5, 6);
+                _tile_dpbf16ps(3, 5, 7);
+              }
             }
-          }
           const int64_t col0 = nb * 16, ncol = std::min<int64_t>(32, NH - col0);
           _tile_stored(0, out, 32 * 4);
           _tile_stored(1, out + 16, 32 * 4);
@@ -333,8 +358,16 @@ void build_head_dirs(const typename In::acc* W_O, int64_t NH, int64_t D,
   // than the dot path), so that a row's bits never depend on how many others are built with it
   if constexpr (std::is_same<In, Bf16>::value) {
     (void)gemm_only;
-    build_head_dirs_amx(W_O, NH, D, dirs, pid, pinc, U, center, A, n_threads);
+    build_head_dirs_amx<In>(W_O, NH, D, dirs, pid, pinc, U, center, A, n_threads);
     return;
+  }
+  // fp32 on the amx path: the tile unit where the other paths take their GEMM (six products of bf16
+  // parts cost less than the fp32 GEMM from ~8 directions on; fewer take the dot path, as elsewhere)
+  if constexpr (std::is_same<In, Native<float>>::value) {
+    if (U >= kSmallU || gemm_only) {
+      build_head_dirs_amx<In>(W_O, NH, D, dirs, pid, pinc, U, center, A, n_threads);
+      return;
+    }
   }
 #endif
   if (U < kSmallU && !gemm_only) {
