@@ -6,14 +6,15 @@
 // d_model:
 //   project  R[t][n][pass] = z[t][n][:] @ W_O[n][:, pass] in fp32 (tiles: 16 tokens x 16 columns,
 //            z read as it is, W_O packed once per call in the tile unit's pair-interleaved layout);
-//   split    every token's rows into bf16 parts, R = hi + lo (|R - hi - lo| <= 2^-16 |R|), with the
+//   split    every token's rows into bf16 parts, R = hi + lo + e (bf16 keeps 8 significant bits:
+//            |lo| <= 2^-8 |R|, |e| = |R - hi - lo| <= 2^-16 |R|), with the
 //            nodes that are not head outputs as further rows: extra nodes (bf16 inputs: hi only)
 //            and the DLA directions (centred in fp32, split the same way);
 //   Gram     per token, Q += Hi @ Hi^T + (2 Lo) @ Hi^T over the pass (Hi^T in the tile layout by
 //            16 x 16 register transposes); the accumulators Q [R x R] stay in memory between passes.
-// Then Gram = (Q + Q^T) / 2 = Hi Hi^T + Lo Hi^T + Hi Lo^T: every dot of two rows with only the
-// lo x lo term (<= 2^-16 of each product) left out, so the results agree with the fp32 paths to
-// about 1e-6 of the outputs' scale. dots, norms (the diagonal) and the DLA (a head row against the
+// Then Gram = (Q + Q^T) / 2 = Hi Hi^T + Lo Hi^T + Hi Lo^T: every dot of two rows with lo x lo and
+// the e terms left out, at most 3 x 2^-16 (4.6e-5) of |a| |b| for rows a, b (observed up to 2.3e-5
+// of the outputs' scale). dots, norms (the diagonal) and the DLA (a head row against the
 // direction row, / scale) are read from it. Products of bf16 values are exact in fp32 and the tile
 // unit accumulates in fp32; its inputs and outputs are flushed to zero below 1.2e-38 (bf16 / fp32
 // subnormals), values far below any activation's scale.

@@ -22,6 +22,9 @@ BACKENDS = with_cpu_paths(BACKENDS)  # "cpp@<path>": every C++ kernel path this 
 
 # fp32 accumulation everywhere except fp64; errors are relative to max |reference|.
 TOL = {torch.float64: 1e-12, torch.float32: 2e-5, torch.bfloat16: 2e-5, torch.float16: 2e-5}
+# The amx path's bfloat16 kernel keeps two bf16 parts of every row: up to 3 x 2^-16 of each product
+# (csrc/amx_kernels.cpp; tests/test_backend_cpp.py TOL_AMX_BF16).
+TOL_AMX_BF16 = 5e-5
 DTYPES = list(TOL)
 
 
@@ -107,11 +110,12 @@ def err_vs_scale(ours: torch.Tensor, ref: torch.Tensor, mag: torch.Tensor) -> fl
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(p=problems())
 def test_backend_matches_float64_reference(backend, p):
+    tol = TOL_AMX_BF16 if backend.endswith("@amx") and p["dtype"] == torch.bfloat16 else TOL[p["dtype"]]
     with on_backend(backend) as backend:
-        check_backend(backend, p)
+        check_backend(backend, p, tol)
 
 
-def check_backend(backend, p):
+def check_backend(backend, p, tol):
     if backend == "triton" and p["dtype"] == torch.float64:
         with pytest.raises(ValueError, match="float64"):  # Triton computes in fp32 and says so
             ef.fused_attribution(**make_inputs(p), center=p["center"], backend=backend)
@@ -125,11 +129,11 @@ def check_backend(backend, p):
         ours, theirs = getattr(out, name), getattr(ref, name)
         assert ours.dtype == expect_dtype, (name, ours.dtype)
         assert ours.shape == theirs.shape, (name, ours.shape, theirs.shape)
-        assert err_vs_scale(ours, theirs, getattr(mag, name)) <= TOL[p["dtype"]], (name, p)
+        assert err_vs_scale(ours, theirs, getattr(mag, name)) <= tol, (name, p)
     if p["W"] == 0 and p["M"] == 0:  # DLA-only requests may skip the norms (the head-space fast paths)
         lean = ef.fused_attribution(**args, center=p["center"], backend=backend, with_norms=False)
         assert lean.norms is None
-        assert err_vs_scale(lean.dla, ref.dla, mag.dla) <= TOL[p["dtype"]], p
+        assert err_vs_scale(lean.dla, ref.dla, mag.dla) <= tol, p
     if p["mode"] != "fixed":  # -1 ids mean "no target": NaN exactly there
         assert torch.equal(torch.isnan(out.dla).all(dim=1), args["direction_ids"] < 0)
     else:

@@ -32,7 +32,7 @@ PATHS = cpu_paths_here()
 # Across paths, relative to the outputs' scale (Cauchy-Schwarz magnitude): fp32 rounding of sums of
 # up to d_model terms in different orders; the amx path's bf16 kernel leaves out lo x lo (amx_kernels.cpp).
 CROSS = {torch.float32: 1e-6, torch.float64: 1e-13, torch.bfloat16: 1e-6, torch.float16: 1e-6}
-CROSS_AMX_BF16 = 2e-5
+CROSS_AMX_BF16 = 5e-5  # the amx bf16 kernel against the fp32 paths (test_backend_cpp.TOL_AMX_BF16)
 
 
 @pytest.fixture(autouse=True)
