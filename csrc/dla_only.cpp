@@ -240,8 +240,13 @@ void build_head_dirs_amx(const float* W_O, int64_t NH, int64_t D, const typename
   constexpr int64_t kDirsAtOnce = 512;
   const int64_t SB = std::min<int64_t>(kDirsAtOnce, round_up(U, 32)), n_pairs = n_nb / 2;
   const int nthr = resolve_threads(n_threads, (SB / 32) * n_pairs);
-  Buf<uint16_t> part[3];  // the super-block's rows [SB][Dp] as bf16: d_u, -e_u, 0; or c(x_u)'s three parts
+  // the super-block's rows as bf16 (d_u, -e_u, 0; or c(x_u)'s three parts), packed as the tile unit
+  // reads them: part[j][block of 32 rows][k-step of 32 columns][32 rows][32], two 1 KiB tiles per step
+  Buf<uint16_t> part[3];
   for (auto& b : part) b = Buf<uint16_t>(static_cast<size_t>(SB * Dp));
+  auto seg = [&](int j, int64_t i, int64_t ks) {  // row i's 32 values of k-step ks in part j
+    return part[j].get() + (((i / 32) * n_ks + ks) * 32 + i % 32) * 32;
+  };
   Buf<double> mean(static_cast<size_t>(SB));  // the correction means (0: none)
   Buf<int> parts_of(static_cast<size_t>(SB));  // products a row needs
   Vec<Buf<float>> cbuf(nthr), obuf(nthr);     // per thread: a centred direction [Dp], a block of A [32][32]
@@ -262,11 +267,11 @@ void build_head_dirs_amx(const float* W_O, int64_t NH, int64_t D, const typename
 #pragma omp for schedule(static)
 #endif
       for (int64_t i = 0; i < n_blk * 32; ++i) {
-        uint16_t* row[3] = {part[0].get() + i * Dp, part[1].get() + i * Dp, part[2].get() + i * Dp};
         mean.get()[i] = 0;
         parts_of.get()[i] = 1;
         if (i >= ns) {
-          for (uint16_t* r : row) std::fill(r, r + Dp, uint16_t(0));
+          for (int j = 0; j < 3; ++j)
+            for (int64_t ks = 0; ks < n_ks; ++ks) std::fill(seg(j, i, ks), seg(j, i, ks) + 32, uint16_t(0));
           continue;
         }
         const int64_t u = s0 + i;
@@ -279,11 +284,15 @@ void build_head_dirs_amx(const float* W_O, int64_t NH, int64_t D, const typename
           const double m = sum / static_cast<double>(D), var = std::max(0.0, sumsq / static_cast<double>(D) - m * m);
           exact = m * m <= kExactMeanRatio * kExactMeanRatio * var;
           if (exact) {
-            for (int64_t k = 0; k < D; ++k) row[0][k] = d[k];
-            for (int64_t k = 0; k < D; ++k) row[1][k] = e ? static_cast<uint16_t>(e[k] ^ 0x8000) : uint16_t(0);
-            std::fill(row[0] + D, row[0] + Dp, uint16_t(0));
-            std::fill(row[1] + D, row[1] + Dp, uint16_t(0));
-            std::fill(row[2], row[2] + Dp, uint16_t(0));
+            for (int64_t ks = 0; ks < n_ks; ++ks) {  // 32 values a step: one masked 64-byte load each
+              const int64_t k0 = ks * 32, n = std::min<int64_t>(32, D - k0);
+              const __mmask32 m = n >= 32 ? ~__mmask32(0) : (__mmask32(1) << n) - 1;
+              _mm512_storeu_si512(seg(0, i, ks), _mm512_maskz_loadu_epi16(m, d + k0));
+              _mm512_storeu_si512(seg(1, i, ks), e ? _mm512_xor_si512(_mm512_maskz_loadu_epi16(m, e + k0),
+                                                                      _mm512_maskz_set1_epi16(m, -32768))
+                                                   : _mm512_setzero_si512());
+              _mm512_storeu_si512(seg(2, i, ks), _mm512_setzero_si512());
+            }
             mean.get()[i] = m;
             parts_of.get()[i] = e ? 2 : 1;
           }
@@ -291,9 +300,9 @@ void build_head_dirs_amx(const float* W_O, int64_t NH, int64_t D, const typename
         if (!exact) {  // centred in fp32, three parts
           form_dir<In>(dirs, D, pid[u], e ? pinc[u] : -1, center, c);
           std::fill(c + D, c + Dp, 0.f);
-          for (int64_t k = 0; k < Dp; k += 32) {
-            uint16_t* const dst[3] = {row[0] + k, row[1] + k, row[2] + k};
-            split_three(c + k, dst);
+          for (int64_t ks = 0; ks < n_ks; ++ks) {
+            uint16_t* const dst[3] = {seg(0, i, ks), seg(1, i, ks), seg(2, i, ks)};
+            split_three(c + ks * 32, dst);
           }
           parts_of.get()[i] = 3;
         }
@@ -314,9 +323,9 @@ void build_head_dirs_amx(const float* W_O, int64_t NH, int64_t D, const typename
               _tile_loadd(6, bt[w].get() + (nb * n_ks + ks) * 512, 64);
               _tile_loadd(7, bt[w].get() + ((nb + 1) * n_ks + ks) * 512, 64);
               for (int j = 0; j < (kF32 ? 3 - w : n_parts); ++j) {
-                const uint16_t* a = part[j].get() + r0 * Dp + ks * 32;
-                _tile_loadd(4, a, Dp * 2);
-                _tile_loadd(5, a + 16 * Dp, Dp * 2);
+                const uint16_t* a = part[j].get() + (blk * n_ks + ks) * 1024;
+                _tile_loadd(4, a, 64);
+                _tile_loadd(5, a + 512, 64);
                 _tile_dpbf16ps(0, 4, 6);
                 _tile_dpbf16ps(1, 4, 7);
                 _tile_dpbf16ps(2, 5, 6);
