@@ -117,6 +117,17 @@ def _on_every_path(fn):
     return out
 
 
+def _agree_with_portable(outs: dict, tol: float) -> None:
+    """Every path's outputs (tuples of tensors) have portable's NaN pattern and lie within ``tol`` of
+    its largest finite value."""
+    for path, got in outs.items():
+        for a, b in zip(got, outs["portable"]):
+            fin = torch.isfinite(b)
+            assert torch.equal(fin, torch.isfinite(a)), path
+            scale_ = float(b[fin].abs().max())
+            assert float((a[fin] - b[fin]).abs().max()) <= tol * scale_, path
+
+
 def _cross_tol(dtype, path) -> float:
     return CROSS_AMX_BF16 if dtype == torch.bfloat16 and path == "amx" else CROSS[dtype]
 
@@ -179,13 +190,7 @@ def test_dla_only_paths_agree_across_paths(dtype, shape):
                 + cpp.dla_gathered(None, z, scale, ids, inc, W_O=W_O, directions=directions, norms=True)
                 + (cpp.dla_gathered(table, z, scale, ids, method="table"),))
 
-    outs = _on_every_path(run)
-    for path, got in outs.items():
-        for a, b in zip(got, outs["portable"]):
-            fin = torch.isfinite(b)
-            assert torch.equal(fin, torch.isfinite(a))
-            scale_ = float(b[fin].abs().max())
-            assert float((a[fin] - b[fin]).abs().max()) <= CROSS[dtype] * scale_, path
+    _agree_with_portable(_on_every_path(run), CROSS[dtype])
 
 
 @pytest.mark.parametrize("incorrect", [False, True])
@@ -216,13 +221,7 @@ def test_dla_only_paths_agree_for_bf16_directions_dominated_by_their_mean(incorr
         return (cpp.dla_gathered(None, z, scale, ids, inc, W_O=W_O, directions=directions, center=center),
                 cpp.dla_fixed(z, W_O, directions[:6], scale, center=center))
 
-    outs = _on_every_path(run)
-    for path, got in outs.items():
-        for a, b in zip(got, outs["portable"]):
-            fin = torch.isfinite(b)
-            assert torch.equal(fin, torch.isfinite(a))
-            scale_ = float(b[fin].abs().max())
-            assert float((a[fin] - b[fin]).abs().max()) <= CROSS[dtype] * scale_, path
+    _agree_with_portable(_on_every_path(run), CROSS[dtype])
 
 
 def test_scan_aggregation_identical_across_paths():
