@@ -123,7 +123,7 @@ inline void seg_dots(const typename In::storage* __restrict a, const typename In
 // direction whose mean exceeds kExactMeanRatio times its centred RMS is centred in fp32 and split into
 // three bf16 parts instead, c = p0 + p1 + p2 + r (|r| <= 2^-25 |c|), three products. A block of 32
 // directions takes as many products as its costliest row; the others' extra parts are zero rows, which
-// add exact zeros. W_O holds bf16 values (converted from the bf16 input), taken back exactly.
+// add exact zeros. W_O is read as its bf16 values.
 // fp32 inputs: W_O and every centred direction are split into three bf16 parts each, and the tile unit
 // sums the six products of parts (w, j) with w + j <= 2: what is left out is below 2^-24 of |W_O[n]|
 // |c(x_u)| (against float64, in units of the outputs' largest value: 2.2e-7 where the fp32 paths
@@ -142,19 +142,6 @@ inline void split_three(const float* src, uint16_t* const part[3]) {
     x0 = _mm512_sub_ps(x0, widen_bf16(_mm512_castsi512_si256(h)));
     x1 = _mm512_sub_ps(x1, widen_bf16(_mm512_extracti64x4_epi64(h, 1)));
   }
-}
-
-// sum_{d < n} x[d] in float64, in one fixed order (8 lanes, then the lanes in order).
-inline double sum_f64(const float* x, int64_t n) {
-  __m512d acc = _mm512_setzero_pd();
-  int64_t d = 0;
-  for (; d + 8 <= n; d += 8) acc = _mm512_add_pd(acc, _mm512_cvtps_pd(_mm256_loadu_ps(x + d)));
-  alignas(64) double lanes[8];
-  _mm512_store_pd(lanes, acc);
-  double s = 0;
-  for (double v : lanes) s += v;
-  for (; d < n; ++d) s += x[d];
-  return s;
 }
 
 // The sum and the sum of squares of x = d - e (e null: x = d) over n bf16 values, in float64 (8 lanes,
@@ -184,7 +171,7 @@ inline void moments_f64(const uint16_t* d, const uint16_t* e, int64_t n, double&
 }
 
 template <typename In>
-void build_head_dirs_amx(const float* W_O, int64_t NH, int64_t D, const typename In::storage* dirs,
+void build_head_dirs_amx(const typename In::storage* W_O, int64_t NH, int64_t D, const typename In::storage* dirs,
                          const int64_t* pid, const int64_t* pinc, int64_t U, bool center, float* A, int n_threads) {
   constexpr bool kF32 = std::is_same<In, Native<float>>::value;
   static_assert(kF32 || std::is_same<In, Bf16>::value, "bf16 or fp32 inputs");
@@ -201,27 +188,41 @@ void build_head_dirs_amx(const float* W_O, int64_t NH, int64_t D, const typename
 #pragma omp parallel for num_threads(nthr) schedule(static)
 #endif
     for (int64_t nb = 0; nb < n_nb; ++nb) {
-      for (int64_t c = nb * 16; c < nb * 16 + 16; ++c)
-        rowsum.get()[c] = !kF32 && c < NH && center ? sum_f64(W_O + c * D, D) : 0.0;
+      for (int64_t c = nb * 16; c < nb * 16 + 16; ++c) {
+        double sum = 0, sumsq = 0;
+        if constexpr (!kF32)
+          if (c < NH && center) moments_f64(W_O + c * D, nullptr, D, sum, sumsq);
+        rowsum.get()[c] = sum;
+      }
       for (int64_t ks = 0; ks < n_ks; ++ks) {
         const int64_t d0 = ks * 32, nd = std::min<int64_t>(32, D - d0);
         const __mmask16 m0 = static_cast<__mmask16>(nd >= 16 ? 0xFFFF : (1u << nd) - 1);
         const __mmask16 m1 = static_cast<__mmask16>(nd >= 32 ? 0xFFFF : nd > 16 ? (1u << (nd - 16)) - 1 : 0);
-        __m512 x0[16], x1[16];  // what is left of each column's 32 values
+        __m512 x0[16], x1[16];  // fp32: what is left of each column's 32 values
+        __m512i raw[16];        // bf16: the column's 32 values as they are
         for (int64_t c = 0; c < 16; ++c) {
           const int64_t col = nb * 16 + c;
-          const float* src = W_O + col * D + d0;
-          x0[c] = col < NH ? _mm512_maskz_loadu_ps(m0, src) : _mm512_setzero_ps();
-          x1[c] = col < NH ? _mm512_maskz_loadu_ps(m1, src + 16) : _mm512_setzero_ps();
+          if constexpr (kF32) {
+            const float* src = W_O + col * D + d0;
+            x0[c] = col < NH ? _mm512_maskz_loadu_ps(m0, src) : _mm512_setzero_ps();
+            x1[c] = col < NH ? _mm512_maskz_loadu_ps(m1, src + 16) : _mm512_setzero_ps();
+          } else {
+            const __mmask32 m = static_cast<__mmask32>(m0) | (static_cast<__mmask32>(m1) << 16);
+            raw[c] = col < NH ? _mm512_maskz_loadu_epi16(m, W_O + col * D + d0) : _mm512_setzero_si512();
+          }
         }
         for (int w = 0; w < kWParts; ++w) {
           __m512 r[16];
           for (int64_t c = 0; c < 16; ++c) {
-            const __m512i h = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(x1[c], x0[c]));
-            r[c] = _mm512_castsi512_ps(h);
-            if (w + 1 < kWParts) {  // the rest, exact in fp32
-              x0[c] = _mm512_sub_ps(x0[c], widen_bf16(_mm512_castsi512_si256(h)));
-              x1[c] = _mm512_sub_ps(x1[c], widen_bf16(_mm512_extracti64x4_epi64(h, 1)));
+            if constexpr (kF32) {
+              const __m512i h = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(x1[c], x0[c]));
+              r[c] = _mm512_castsi512_ps(h);
+              if (w + 1 < kWParts) {  // the rest, exact in fp32
+                x0[c] = _mm512_sub_ps(x0[c], widen_bf16(_mm512_castsi512_si256(h)));
+                x1[c] = _mm512_sub_ps(x1[c], widen_bf16(_mm512_extracti64x4_epi64(h, 1)));
+              }
+            } else {
+              r[c] = _mm512_castsi512_ps(raw[c]);
             }
           }
           transpose_lanes(r);  // r[p] = pair p of every column
@@ -355,19 +356,31 @@ void build_head_dirs_amx(const float* W_O, int64_t NH, int64_t D, const typename
 
 // A[u, :] (row stride NH) = W_O[NH, D] @ c(dirs[pid[u]] - dirs[pinc[u]]) for u < U (W_O already in
 // the accumulation type, the directions converted on load).
+// Whether build_head_dirs reads W_O only in its input format (W_O_in; W_O may then be null): bf16 on
+// the amx path, whose tile unit takes the bf16 values as they are.
 template <typename In>
-void build_head_dirs(const typename In::acc* W_O, int64_t NH, int64_t D,
+constexpr bool head_dirs_read_input_only() {
+#if defined(__AMX_BF16__)
+  return std::is_same<In, Bf16>::value;
+#else
+  return false;
+#endif
+}
+
+template <typename In>
+void build_head_dirs(const typename In::acc* W_O, const typename In::storage* W_O_in, int64_t NH, int64_t D,
                      const typename In::storage* dirs, const int64_t* pid, const int64_t* pinc,
                      int64_t U, bool center, typename In::acc* A, int n_threads,
                      bool gemm_only = false) {
   using T = typename In::acc;
   if (U <= 0) return;
+  (void)W_O_in;
 #if defined(__AMX_BF16__)
   // bf16 on the amx path: the tile unit for any number of directions (a single one costs ~0.1 ms more
   // than the dot path), so that a row's bits never depend on how many others are built with it
   if constexpr (std::is_same<In, Bf16>::value) {
     (void)gemm_only;
-    build_head_dirs_amx<In>(W_O, NH, D, dirs, pid, pinc, U, center, A, n_threads);
+    build_head_dirs_amx<In>(W_O_in, NH, D, dirs, pid, pinc, U, center, A, n_threads);
     return;
   }
   // fp32 on the amx path: the tile unit where the other paths take their GEMM (six products of bf16
@@ -634,12 +647,12 @@ DlaRunInfo dla_fixed(const DlaParams<In>& p) {
   info.n_unique = n_dirs;
   const int64_t N = n_heads, H = d_head, D = d_model, K = n_dirs, NH = N * H;
   if (n_tokens <= 0 || N <= 0 || H <= 0 || D <= 0 || K <= 0) return info;
-  Buf<T> wo_keep;
-  const T* W_O = as_acc<In>(W_O_in, NH * D, wo_keep);
+  Buf<T> wo_keep;  // W_O in the accumulation type only where it is read (Gram panels, head-space directions)
+  const T* W_O = norms != nullptr || !head_dirs_read_input_only<In>() ? as_acc<In>(W_O_in, NH * D, wo_keep) : nullptr;
   Vec<int64_t> pid(K);
   for (int64_t k = 0; k < K; ++k) pid[k] = k;
   Buf<T> A(static_cast<size_t>(K * NH));
-  build_head_dirs<In>(W_O, NH, D, directions, pid.data(), nullptr, K, center, A.get(), n_threads);
+  build_head_dirs<In>(W_O, W_O_in, NH, D, directions, pid.data(), nullptr, K, center, A.get(), n_threads);
   Buf<T> gp = gram_if<T>(norms != nullptr, W_O, N, H, D, n_threads);
   dla_tokens<In>(z, A.get(), K, nullptr, nullptr, gp.get(), scale, n_tokens, N, H, dla, norms,
                  n_threads);
@@ -712,13 +725,15 @@ DlaRunInfo dla_gathered(const DlaParams<In>& p) {
   info.method = static_cast<int>(use_table ? DlaMethod::kTable : DlaMethod::kUnique);
   // W_O in the accumulation type only where it is read (Gram panels, head-space directions)
   Buf<T> wo_keep;
-  const T* W_O = (norms != nullptr || !use_table) ? as_acc<In>(W_O_in, NH * D, wo_keep) : nullptr;
+  const T* W_O = norms != nullptr || (!use_table && !head_dirs_read_input_only<In>())
+                     ? as_acc<In>(W_O_in, NH * D, wo_keep)
+                     : nullptr;
   Buf<T> gp = gram_if<T>(norms != nullptr, W_O, N, H, D, n_threads);
   if (use_table) {
     dla_tokens<In>(z, table, 0, ids, inc, gp.get(), scale, T_, N, H, dla, norms, n_threads);
   } else {
     Buf<T> A(static_cast<size_t>(std::max<int64_t>(U, 1) * NH));
-    build_head_dirs<In>(W_O, NH, D, directions, pid.data(), inc ? pinc.data() : nullptr, U, center,
+    build_head_dirs<In>(W_O, W_O_in, NH, D, directions, pid.data(), inc ? pinc.data() : nullptr, U, center,
                        A.get(), n_threads);
     dla_tokens<In>(z, A.get(), 0, pair_of.data(), nullptr, gp.get(), scale, T_, N, H, dla, norms,
                   n_threads);
@@ -738,10 +753,10 @@ void build_dla_table(const DlaTableParams<In>& p) {
   const int64_t NH = n_heads * d_head;
   if (NH <= 0 || d_model <= 0 || n_dirs <= 0) return;
   Buf<T> wo_keep;
-  const T* W_O = as_acc<In>(W_O_in, NH * d_model, wo_keep);
+  const T* W_O = head_dirs_read_input_only<In>() ? nullptr : as_acc<In>(W_O_in, NH * d_model, wo_keep);
   Vec<int64_t> pid(n_dirs);
   for (int64_t k = 0; k < n_dirs; ++k) pid[k] = k;
-  build_head_dirs<In>(W_O, NH, d_model, directions, pid.data(), nullptr, n_dirs, center, table,
+  build_head_dirs<In>(W_O, W_O_in, NH, d_model, directions, pid.data(), nullptr, n_dirs, center, table,
                       n_threads, /*gemm_only=*/true);
 }
 
@@ -758,7 +773,7 @@ void fill_dla_table_rows(const DlaTableParams<In>& p) {
   const int64_t NH = n_heads * d_head;
   if (NH <= 0 || d_model <= 0 || n_rows <= 0) return;
   Buf<T> wo_keep;
-  const T* W_O = as_acc<In>(W_O_in, NH * d_model, wo_keep);
+  const T* W_O = head_dirs_read_input_only<In>() ? nullptr : as_acc<In>(W_O_in, NH * d_model, wo_keep);
   // in blocks, so the scratch stays small however many rows are asked for
   const int64_t block = std::min<int64_t>(n_rows, kFillBlock);
   Buf<T> A(static_cast<size_t>(block * NH));
@@ -766,7 +781,7 @@ void fill_dla_table_rows(const DlaTableParams<In>& p) {
     const int64_t nr = std::min(block, n_rows - r0);
     // GEMM path for any count (as build_dla_table): a row's bits match the prebuilt table's and
     // do not depend on which rows were filled together
-    build_head_dirs<In>(W_O, NH, d_model, directions, rows + r0, nullptr, nr, center, A.get(),
+    build_head_dirs<In>(W_O, W_O_in, NH, d_model, directions, rows + r0, nullptr, nr, center, A.get(),
                         n_threads, /*gemm_only=*/true);
     for (int64_t r = 0; r < nr; ++r)
       std::memcpy(table + rows[r0 + r] * NH, A.get() + r * NH, sizeof(T) * NH);
