@@ -1,6 +1,11 @@
 #include "output_buffers.h"
 
+#if defined(__unix__) || defined(__APPLE__)
+#define EF_MAPPED_OUTPUTS 1
 #include <sys/mman.h>
+#else
+#define EF_MAPPED_OUTPUTS 0  // no mmap / madvise: plain allocations
+#endif
 
 #include <algorithm>
 #include <memory>
@@ -19,6 +24,7 @@ namespace py = pybind11;
 namespace ef {
 namespace {
 
+#if EF_MAPPED_OUTPUTS
 constexpr size_t kPage = 4096;
 
 struct Mapping {  // what the array's owner releases
@@ -31,11 +37,12 @@ struct Mapping {  // what the array's owner releases
 void populate(char* p, size_t bytes) {
   if (bytes) (void)madvise(p, bytes, MADV_POPULATE_WRITE);
 }
+#endif
 
 }  // namespace
 
 size_t mapped_output_bytes() {
-#if defined(__SANITIZE_ADDRESS__)
+#if defined(__SANITIZE_ADDRESS__) || !EF_MAPPED_OUTPUTS
   return 0;
 #else
   return size_t(4) << 20;
@@ -49,6 +56,7 @@ py::array_t<T> mapped_output(const std::vector<py::ssize_t>& shape, int n_thread
   const size_t bytes = n * sizeof(T);
   const size_t from = mapped_output_bytes();
   if (from == 0 || bytes < from) return py::array_t<T>(shape);
+#if EF_MAPPED_OUTPUTS
   void* mem = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   if (mem == MAP_FAILED) throw std::bad_alloc();
   char* base = static_cast<char*>(mem);
@@ -81,6 +89,10 @@ py::array_t<T> mapped_output(const std::vector<py::ssize_t>& shape, int n_thread
     throw;
   }
   return py::array_t<T>(shape, static_cast<T*>(mem), owner);
+#else
+  (void)n_threads;
+  return py::array_t<T>(shape);  // (not reached: mapped_output_bytes() is 0 without mmap)
+#endif
 }
 
 template py::array_t<float> mapped_output<float>(const std::vector<py::ssize_t>&, int);

@@ -21,7 +21,7 @@ template <typename T>
 pybind11::array_t<T> mapped_output(const std::vector<pybind11::ssize_t>& shape, int n_threads);
 
 // The size from which outputs are mapped up front (0: never, in builds with AddressSanitizer, which
-// checks accesses to heap blocks but not to raw mappings).
+// checks accesses to heap blocks but not to raw mappings, and where there is no mmap).
 size_t mapped_output_bytes();
 
 }  // namespace ef
