@@ -144,6 +144,9 @@ inline void split_three(const float* src, uint16_t* const part[3]) {
   }
 }
 
+// The first n (<= 32) of 32 lanes: a masked load of a row's last, partial 32 values.
+inline __mmask32 first_lanes32(int64_t n) { return n >= 32 ? ~__mmask32(0) : (__mmask32(1) << n) - 1; }
+
 // The sum and the sum of squares of x = d - e (e null: x = d) over n bf16 values, in float64 (8 lanes,
 // then the lanes in order: one fixed order).
 inline __m512d load_bf16_f64(const uint16_t* p) {  // 8 bf16 values, exactly
@@ -196,8 +199,8 @@ void build_head_dirs_amx(const typename In::storage* W_O, int64_t NH, int64_t D,
       }
       for (int64_t ks = 0; ks < n_ks; ++ks) {
         const int64_t d0 = ks * 32, nd = std::min<int64_t>(32, D - d0);
-        const __mmask16 m0 = static_cast<__mmask16>(nd >= 16 ? 0xFFFF : (1u << nd) - 1);
-        const __mmask16 m1 = static_cast<__mmask16>(nd >= 32 ? 0xFFFF : nd > 16 ? (1u << (nd - 16)) - 1 : 0);
+        const __mmask32 lanes = first_lanes32(nd);
+        const __mmask16 m0 = static_cast<__mmask16>(lanes), m1 = static_cast<__mmask16>(lanes >> 16);
         __m512 x0[16], x1[16];  // fp32: what is left of each column's 32 values
         __m512i raw[16];        // bf16: the column's 32 values as they are
         for (int64_t c = 0; c < 16; ++c) {
@@ -207,8 +210,7 @@ void build_head_dirs_amx(const typename In::storage* W_O, int64_t NH, int64_t D,
             x0[c] = col < NH ? _mm512_maskz_loadu_ps(m0, src) : _mm512_setzero_ps();
             x1[c] = col < NH ? _mm512_maskz_loadu_ps(m1, src + 16) : _mm512_setzero_ps();
           } else {
-            const __mmask32 m = static_cast<__mmask32>(m0) | (static_cast<__mmask32>(m1) << 16);
-            raw[c] = col < NH ? _mm512_maskz_loadu_epi16(m, W_O + col * D + d0) : _mm512_setzero_si512();
+            raw[c] = col < NH ? _mm512_maskz_loadu_epi16(lanes, W_O + col * D + d0) : _mm512_setzero_si512();
           }
         }
         for (int w = 0; w < kWParts; ++w) {
@@ -286,11 +288,11 @@ void build_head_dirs_amx(const typename In::storage* W_O, int64_t NH, int64_t D,
           exact = m * m <= kExactMeanRatio * kExactMeanRatio * var;
           if (exact) {
             for (int64_t ks = 0; ks < n_ks; ++ks) {  // 32 values a step: one masked 64-byte load each
-              const int64_t k0 = ks * 32, n = std::min<int64_t>(32, D - k0);
-              const __mmask32 m = n >= 32 ? ~__mmask32(0) : (__mmask32(1) << n) - 1;
-              _mm512_storeu_si512(seg(0, i, ks), _mm512_maskz_loadu_epi16(m, d + k0));
-              _mm512_storeu_si512(seg(1, i, ks), e ? _mm512_xor_si512(_mm512_maskz_loadu_epi16(m, e + k0),
-                                                                      _mm512_maskz_set1_epi16(m, -32768))
+              const int64_t k0 = ks * 32;
+              const __mmask32 lanes = first_lanes32(D - k0);
+              _mm512_storeu_si512(seg(0, i, ks), _mm512_maskz_loadu_epi16(lanes, d + k0));
+              _mm512_storeu_si512(seg(1, i, ks), e ? _mm512_xor_si512(_mm512_maskz_loadu_epi16(lanes, e + k0),
+                                                                      _mm512_maskz_set1_epi16(lanes, -32768))
                                                    : _mm512_setzero_si512());
               _mm512_storeu_si512(seg(2, i, ks), _mm512_setzero_si512());
             }
@@ -354,8 +356,6 @@ void build_head_dirs_amx(const typename In::storage* W_O, int64_t NH, int64_t D,
 }
 #endif
 
-// A[u, :] (row stride NH) = W_O[NH, D] @ c(dirs[pid[u]] - dirs[pinc[u]]) for u < U (W_O already in
-// the accumulation type, the directions converted on load).
 // Whether build_head_dirs reads W_O only in its input format (W_O_in; W_O may then be null): bf16 on
 // the amx path, whose tile unit takes the bf16 values as they are.
 template <typename In>
@@ -367,6 +367,8 @@ constexpr bool head_dirs_read_input_only() {
 #endif
 }
 
+// A[u, :] (row stride NH) = W_O[NH, D] @ c(dirs[pid[u]] - dirs[pinc[u]]) for u < U (W_O in the
+// accumulation type, W_O_in the same values in the input format; the directions converted on load).
 template <typename In>
 void build_head_dirs(const typename In::acc* W_O, const typename In::storage* W_O_in, int64_t NH, int64_t D,
                      const typename In::storage* dirs, const int64_t* pid, const int64_t* pinc,
