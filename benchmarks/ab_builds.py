@@ -7,7 +7,9 @@ of the per-round ratios. Kernel calls only (the arguments validated once, as the
 K1 (fused, every head a writer, the MLP outputs as extra nodes, next-token DLA), K2n (next-token DLA,
 distinct targets reduced in head space, no table) and K2f (one fixed logit-difference direction), on
 the GELU-4L shape, in float32 and bfloat16. "warm": the same call just before; "cold": a 512 MiB write
-(--flush-mib) before each call, as the bench's rounds leave the caches.
+(--flush-mib) before each call, as the bench's rounds leave the caches; "trimmed": that write, then
+glibc's malloc_trim(0), which gives the heap's free pages back to the system as other work's freed
+memory is given back (a fresh allocation faults its pages in again).
 
 The other build is an installed copy of the package (its `_C` extension is loaded under another name):
 
@@ -19,6 +21,7 @@ The other build is an installed copy of the package (its `_C` extension is loade
 from __future__ import annotations
 
 import argparse
+import ctypes
 import glob
 import importlib.util
 import os
@@ -78,20 +81,34 @@ def kernel_call(workload: str, dtype: torch.dtype, n_tokens: int):
     return lambda m: getattr(m, f"dla_fixed_{sfx}")(*arrays, center=True, norms=False, n_threads=0)
 
 
+CONDITIONS = ("warm", "cold", "trimmed")
+
+
+def _trim_heap() -> None:
+    """glibc's malloc_trim(0) (nothing elsewhere)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def interleaved(call, builds: dict, rounds: int, flush: torch.Tensor) -> dict:
-    """{(build, "warm" | "cold"): [seconds per round]}, the builds' order alternating by round."""
+    """{(build, condition): [seconds per round]} for each of CONDITIONS, the builds' order alternating by
+    round."""
     names = list(builds)
-    times = {(b, c): [] for b in names for c in ("warm", "cold")}
+    times = {(b, c): [] for b in names for c in CONDITIONS}
     for b in names:  # first calls (allocations, thread pools) out of the timing
         call(builds[b])
     for r in range(rounds):
         order = names if r % 2 == 0 else names[::-1]
-        for cond in ("cold", "warm"):
+        for cond in ("cold", "trimmed", "warm"):
             for b in order:
-                if cond == "cold":
-                    flush.fill_(1.0)
-                else:
+                if cond == "warm":
                     call(builds[b])
+                else:
+                    flush.fill_(1.0)
+                    if cond == "trimmed":
+                        _trim_heap()
                 t0 = time.perf_counter()
                 out = call(builds[b])
                 times[(b, cond)].append(time.perf_counter() - t0)
@@ -126,11 +143,11 @@ def main(argv=None) -> str:
     for w in wanted:
         for dname in a.dtypes.split(","):
             t = interleaved(kernel_call(w, DTYPES[dname], a.tokens), builds, a.rounds, flush)
-            for cond in ("warm", "cold"):
+            for cond in CONDITIONS:
                 o, n = np.array(t[(a.other_label, cond)]), np.array(t[("this build", cond)])
                 lines.append(f"| {w} | {dname} | {cond} | {np.median(o) * 1e3:.2f} | {np.median(n) * 1e3:.2f} |"
                              f" {np.median(n / o):.3f} |")
-            print(lines[-2], lines[-1], sep="\n", flush=True)
+            print(*lines[-len(CONDITIONS):], sep="\n", flush=True)
     text = "\n".join(lines) + "\n"
     if a.out:
         os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)

@@ -18,6 +18,7 @@
 
 #include "dispatch.h"
 #include "output_buffers.h"
+#include "scratch_pool.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -768,6 +769,22 @@ PYBIND11_MODULE(_C, m) {
     return d;
   }, "Every kernel path: {name: {compiled, runs_here, missing (features this CPU / OS lacks), simd}}, "
      "from the most portable to the fastest.");
+  m.def("scratch_info", []() {
+    py::dict d;
+    const size_t from = ef::scratch_min_bytes();
+    d["min_bytes"] = from ? py::object(py::int_(from)) : py::object(py::none());
+    d["keep_bytes"] = ef::scratch_keep_bytes();
+    d["kept_bytes"] = ef::scratch_kept_bytes();
+    d["kept_blocks"] = ef::scratch_kept_blocks();
+    return d;
+  }, "The pool of large scratch buffers kept between calls: {min_bytes (scratch from this size comes from "
+     "the pool; None: never), keep_bytes (the most it keeps), kept_bytes, kept_blocks (now)}.");
+  m.def("release_scratch", []() { ef::scratch_trim(); },
+        "Releases every scratch buffer the pool keeps to the system (later calls map new ones).");
+  m.def("_fill_kept_scratch", [](int byte) {
+    if (byte < 0 || byte > 255) throw py::value_error("byte must be in [0, 255]");
+    ef::scratch_fill_kept(static_cast<unsigned char>(byte));
+  }, py::arg("byte"), "Tests: overwrites every kept scratch buffer with `byte`.");
   m.def("build_info", []() {
     py::dict d;
 #if defined(_OPENMP) && EF_OPENMP_LINKED

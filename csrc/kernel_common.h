@@ -16,6 +16,7 @@
 
 #include "input_formats.h"
 #include "kernel_isa.h"
+#include "scratch_pool.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -193,19 +194,27 @@ struct Alloc : std::allocator<T> {
 template <typename T>
 using Vec = std::vector<T, Alloc<T>>;
 
-// 64-byte aligned scratch buffer (allocated outside the parallel region).
+// 64-byte aligned scratch buffer (allocated outside the parallel region); large ones come from the
+// pool of kept mappings (scratch_pool.h). Contents unspecified.
 template <typename T>
 struct Buf {
-  struct Del {
-    void operator()(T* p) const { ::operator delete[](p, std::align_val_t(64)); }
-  };
-  std::unique_ptr<T[], Del> p;
+  ScratchBlock b;
   size_t n = 0;
   Buf() = default;
-  explicit Buf(size_t count) : n(count) {
-    if (count) p.reset(static_cast<T*>(::operator new[](count * sizeof(T), std::align_val_t(64))));
+  explicit Buf(size_t count) : b(scratch_acquire(count * sizeof(T))), n(count) {}
+  Buf(Buf&& o) noexcept : b(o.b), n(o.n) { o.b = ScratchBlock(), o.n = 0; }
+  Buf& operator=(Buf&& o) noexcept {
+    if (this != &o) {
+      scratch_release(b);
+      b = o.b, n = o.n;
+      o.b = ScratchBlock(), o.n = 0;
+    }
+    return *this;
   }
-  T* get() const { return p.get(); }
+  Buf(const Buf&) = delete;
+  Buf& operator=(const Buf&) = delete;
+  ~Buf() { scratch_release(b); }
+  T* get() const { return static_cast<T*>(b.p); }
 };
 
 // p[0 .. n) in the accumulation type: p itself for native inputs, else a converted copy in `keep`

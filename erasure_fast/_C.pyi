@@ -103,3 +103,8 @@ def build_info() -> Dict[str, Any]:
     """{openmp, max_threads, cpu_arch, cpu_path, best_cpu_path, cpu_paths, simd, tile_tokens,
     chunk_cols, mapped_output_bytes (outputs from this size have their pages mapped before the kernel
     writes them; None: never), compiler}."""
+def scratch_info() -> Dict[str, Any]:
+    """{min_bytes (scratch from this size comes from the pool of kept mappings; None: never),
+    keep_bytes (the most the pool keeps between calls), kept_bytes, kept_blocks (now)}."""
+def release_scratch() -> None:
+    """Releases every scratch buffer the pool keeps to the system."""

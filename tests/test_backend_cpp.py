@@ -321,7 +321,7 @@ def test_build_info():
 
 
 # ---------------------------------------------------------------------------------------------
-# large outputs: mapped up front (csrc/output_buffers.h)
+# large outputs: blocks of the scratch pool, mapped up front (csrc/output_buffers.h, csrc/scratch_pool.h)
 def _mapped_from():
     mapped = _C.build_info()["mapped_output_bytes"]
     if mapped is None:
@@ -349,21 +349,25 @@ def test_outputs_from_the_mapped_size_match_oracle(mode):
     assert _is_mapped(dots) and not _is_mapped(norms)
 
 
-def test_mapped_outputs_live_with_their_arrays_and_are_released():
+def test_mapped_outputs_live_with_their_arrays_and_go_back_to_the_pool():
+    import gc
+
     mapped = _mapped_from()
     T = mapped // (5 * 4 * 4) + 7  # dots [T, 5, 4] float32 just above the size
     args = _good(T=T, N=4, H=3, D=5, K=3, M=1, W=4)
+    _C.release_scratch()
     dots = _C.fused_attribution_f32(**args)[1]
-    assert _is_mapped(dots)
+    assert _is_mapped(dots) and _C.scratch_info()["kept_blocks"] == 0  # the block is the array's
     t = torch.from_numpy(dots)
     want = dots.copy()
     del dots
-    import gc
-
     gc.collect()
-    assert np.array_equal(t.numpy(), want)  # the tensor keeps the mapping alive
+    assert np.array_equal(t.numpy(), want)  # the tensor keeps the block
+    assert _C.scratch_info()["kept_blocks"] == 0
     del t
     gc.collect()
+    kept = _C.scratch_info()
+    assert kept["kept_blocks"] == 1 and kept["kept_bytes"] >= T * 5 * 4 * 4  # back in the pool
 
     def address_space() -> int:  # bytes (VmSize: mapped, whether touched or not)
         with open("/proc/self/status") as f:
@@ -374,7 +378,11 @@ def test_mapped_outputs_live_with_their_arrays_and_are_released():
         out = _C.fused_attribution_f32(**args)
         assert _is_mapped(out[1])
         del out
-    assert address_space() - before < 4 * mapped  # each call's mapping went with its array, not 20 of them
+    assert address_space() - before < kept["kept_bytes"]  # every call took the kept block, and gave it back
+    assert _C.scratch_info() == kept
+    _C.release_scratch()
+    assert _C.scratch_info()["kept_bytes"] == 0
+    assert before - address_space() >= kept["kept_bytes"]  # unmapped
 
 
 # ---------------------------------------------------------------------------------------------

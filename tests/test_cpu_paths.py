@@ -224,6 +224,50 @@ def test_dla_only_paths_agree_for_bf16_directions_dominated_by_their_mean(incorr
     _agree_with_portable(_on_every_path(run), CROSS[dtype])
 
 
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(-1).view(torch.uint8),
+                                                                      b.view(-1).view(torch.uint8))
+
+
+@pytest.mark.skipif(not _ok or cpp.scratch_info()["min_bytes"] is None,
+                    reason="this build keeps no scratch (AddressSanitizer)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_results_do_not_depend_on_what_kept_scratch_holds(dtype):
+    """Large scratch and outputs are blocks of a pool kept between calls (csrc/scratch_pool.h): every
+    kernel on every path, run once on fresh (zero-filled) blocks, then again after every kept block was
+    overwritten with 0xFF bytes (NaN in every float type), gives the same bits. Shapes large enough
+    that the outputs, the head-space directions and the table come from the pool."""
+    T, N, H, D, M, W, K = 601, 20, 16, 70, 3, 20, 400
+    args, kw = make_case(T, N, H, D, M, W, K, dtype=dtype, incorrect=True, missing=True)
+    z, W_O, directions, scale = args[:4]
+    ids, inc = kw["direction_ids"], kw["incorrect_ids"]
+    inp = validate(*args, **kw)
+
+    def run():
+        table = build_dla_table(W_O, directions, center=True, lazy=False)
+        lazy = build_dla_table(W_O, directions, center=True, lazy=True)
+        lazy.ensure_rows(torch.arange(K - 1, -1, -3))
+        full = cpp.run(inp)
+        outs = (full.dla, full.dots, full.norms, table.table, lazy.table[lazy.filled_rows],
+                *cpp.dla_gathered(None, z, scale, ids, inc, W_O=W_O, directions=directions, norms=True),
+                cpp.dla_gathered(table, z, scale, ids, method="table"),
+                *cpp.dla_fixed(z, W_O, directions[:3], scale, norms=True))
+        return tuple(o.clone() for o in outs)  # copies: the kernels' own blocks go back to the pool
+
+    for path in PATHS:
+        cpp.set_cpu_path(path)
+        cpp.release_scratch()
+        first = run()
+        kept = cpp.scratch_info()
+        assert kept["kept_bytes"] >= K * N * H * 4 and kept["kept_blocks"] >= 2, (path, kept)  # the pool was used
+        cpp.require_extension()._fill_kept_scratch(0xFF)
+        second = run()
+        for i, (a, b) in enumerate(zip(first, second)):
+            assert _same_bits(a, b), f"{path}: output {i} changed with what the kept scratch held"
+    cpp.release_scratch()
+    assert cpp.scratch_info()["kept_bytes"] == 0
+
+
 def test_scan_aggregation_identical_across_paths():
     g = torch.Generator().manual_seed(3)
     T, R, W, P = 211, 5, 4, 9
@@ -351,7 +395,7 @@ def test_ab_builds_benchmark_runs(tmp_path):
     rows = [line.split("|") for line in (tmp_path / "ab.md").read_text().splitlines()
             if line.startswith("| K")]
     assert [(r[1].strip(), r[2].strip(), r[3].strip()) for r in rows] == [
-        (w, d, c) for w in ("K1", "K2n", "K2f") for d in ("float32", "bfloat16") for c in ("warm", "cold")]
+        (w, d, c) for w in ("K1", "K2n", "K2f") for d in ("float32", "bfloat16") for c in ("warm", "cold", "trimmed")]
     assert all(float(r[6]) > 0 for r in rows)
     with pytest.raises(SystemExit, match="unknown"):
         module.main(["--other", str(tmp_path / "other"), "--workloads", "K3"])

@@ -31,6 +31,11 @@ A[n] = W_O[n] @ c(d) (docs/math.md), and takes d_head-long dots with z:
   The norms [T, N] = |r_n|^2 are taken as z^T (W_O W_O^T) z, so this path runs only where
   d_model >= 2 d_head (see `_GRAM_MIN_RATIO`); otherwise the fused kernel does.
 
+Memory: outputs and scratch buffers of at least `scratch_info()["min_bytes"]` (256 KiB) are blocks of a
+pool of mappings with transparent huge pages, kept between calls up to ``keep_bytes`` (128 MiB): a
+call's large buffers then need no page faults (a fresh 4 KiB page costs ~1 us to fault in), and a
+returned array gives its block back when it goes. `release_scratch` empties the pool.
+
 The rounding differs from the fused kernel (same math, other order); both stay within the
 contract's tolerances of the float64 reference.
 """
@@ -128,6 +133,19 @@ def build_info() -> dict:
     """The extension's build facts (OpenMP, threads, kernel paths, compiler) with the path the next
     call runs (``cpu_path``); raises if it is not built, or if the requested path cannot run here."""
     return dict(require_extension().build_info())
+
+
+def scratch_info() -> dict:
+    """The pool of large scratch buffers and outputs kept between calls (csrc/scratch_pool.h):
+    {min_bytes (buffers from this size come from the pool; None: never, e.g. in AddressSanitizer
+    builds), keep_bytes (the most it keeps between calls), kept_bytes, kept_blocks (now)}."""
+    return dict(require_extension().scratch_info())
+
+
+def release_scratch() -> None:
+    """Give every buffer the pool keeps back to the system; later calls map new ones (their pages
+    fault in again). Results never depend on the pool."""
+    require_extension().release_scratch()
 
 
 def available() -> tuple[bool, str]:
