@@ -110,6 +110,108 @@ inline void seg_dots(const typename In::storage* __restrict a, const typename In
   }
 }
 
+// seg_dots for float with H a multiple of the vector width L (every d_head of the models studied): the
+// same per-segment lane-wise FMA chain over its H / L vectors, then L segments' lane vectors reduced
+// together by one transpose-add tree (a fixed tree per segment: lanes j and j + L/2, then j and
+// j + L/4, ...) instead of one horizontal sum each, and the L sums divided by `st` in one vector
+// division. out[n * stride] = (a . b or a . (b - c)) / st for n < N. Segments past N in the last group
+// are zero vectors, whose sums are discarded.
+#if defined(__AVX512F__)
+// Lane n of the result = the lane sum of v[n] (v[16]), through the tree above.
+inline __m512 reduce16(__m512* v) {
+  __m512 s[8], u[4], w[2];
+  for (int k = 0; k < 8; ++k)  // lanes j + (j + 8): [v[2k] half sums | v[2k + 1] half sums]
+    s[k] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * k], v[2 * k + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_f32x4(v[2 * k], v[2 * k + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  for (int k = 0; k < 4; ++k)  // + 4: one segment per 128-bit quarter
+    u[k] = _mm512_add_ps(_mm512_shuffle_f32x4(s[2 * k], s[2 * k + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(s[2 * k], s[2 * k + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+  for (int k = 0; k < 2; ++k)  // + 2
+    w[k] = _mm512_add_ps(_mm512_shuffle_ps(u[2 * k], u[2 * k + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_ps(u[2 * k], u[2 * k + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m512 y = _mm512_add_ps(_mm512_shuffle_ps(w[0], w[1], _MM_SHUFFLE(2, 0, 2, 0)),  // + 1
+                                 _mm512_shuffle_ps(w[0], w[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  // y's lane 4q + i holds segment 4i + q: back into segment order
+  const __m512i order = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
+  return _mm512_permutexvar_ps(order, y);
+}
+#elif defined(__AVX2__)
+inline __m256 reduce8(__m256* v) {
+  __m256 s[4], w[2];
+  for (int k = 0; k < 4; ++k)  // lanes j + (j + 4): [v[2k] half sums | v[2k + 1] half sums]
+    s[k] = _mm256_add_ps(_mm256_permute2f128_ps(v[2 * k], v[2 * k + 1], 0x20),
+                         _mm256_permute2f128_ps(v[2 * k], v[2 * k + 1], 0x31));
+  for (int k = 0; k < 2; ++k)  // + 2
+    w[k] = _mm256_add_ps(_mm256_shuffle_ps(s[2 * k], s[2 * k + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm256_shuffle_ps(s[2 * k], s[2 * k + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m256 y = _mm256_add_ps(_mm256_shuffle_ps(w[0], w[1], _MM_SHUFFLE(2, 0, 2, 0)),  // + 1
+                                 _mm256_shuffle_ps(w[0], w[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  // y's lane 4l + i holds segment 2i + l: back into segment order
+  const __m256i order = _mm256_set_epi32(7, 3, 6, 2, 5, 1, 4, 0);
+  return _mm256_permutevar8x32_ps(y, order);
+}
+#endif
+
+#if defined(__AVX512F__) || defined(__AVX2__)
+template <typename In, bool kDiff>
+inline void seg_dots_grouped(const typename In::storage* __restrict a, const float* __restrict b,
+                             const float* __restrict c, int64_t N, int64_t H, float st, float* __restrict out,
+                             int64_t stride) {
+  using S = Simd<float>;
+  using reg = typename S::reg;
+  constexpr int L = S::L;
+  const int64_t nv = H / L;
+  const reg sv = S::set1(st);
+  for (int64_t n0 = 0; n0 < N; n0 += L) {
+    const int64_t ng = std::min<int64_t>(L, N - n0);
+    reg v[L];
+    for (int j = 0; j < L; ++j) {
+      reg acc = S::zero();
+      if (j < ng) {
+        const int64_t o = (n0 + j) * H;
+        for (int64_t d = 0; d < nv; ++d) {
+          reg bv = S::load(b + o + d * L);
+          if constexpr (kDiff) bv = S::sub(bv, S::load(c + o + d * L));
+          acc = S::fma(load_vec<In>(a + o + d * L), bv, acc);
+        }
+      }
+      v[j] = acc;
+    }
+#if defined(__AVX512F__)
+    const reg q = _mm512_div_ps(reduce16(v), sv);
+#else
+    const reg q = _mm256_div_ps(reduce8(v), sv);
+#endif
+    if (stride == 1 && ng == L) {
+      S::store(out + n0, q);
+    } else {
+      alignas(64) float tmp[L];
+      S::store(tmp, q);
+      for (int64_t j = 0; j < ng; ++j) out[(n0 + j) * stride] = tmp[j];
+    }
+  }
+}
+#endif
+
+// out[n * stride] = (a . b or a . (b - c)) / st over the N segments of H: seg_dots_grouped where it
+// applies (float, H a multiple of the vector width), else seg_dots and a division per output.
+template <typename In, bool kDiff>
+inline void head_dla(const typename In::storage* __restrict a, const typename In::acc* __restrict b,
+                     const typename In::acc* __restrict c, int64_t N, int64_t H, typename In::acc st,
+                     typename In::acc* __restrict out, int64_t stride, typename In::acc* __restrict tmp) {
+  using T = typename In::acc;
+#if defined(__AVX512F__) || defined(__AVX2__)
+  if constexpr (std::is_same<T, float>::value) {
+    if (H % Simd<float>::L == 0) {
+      seg_dots_grouped<In, kDiff>(a, b, c, N, H, st, out, stride);
+      return;
+    }
+  }
+#endif
+  seg_dots<In, kDiff>(a, b, c, N, H, tmp);
+  for (int64_t n = 0; n < N; ++n) out[n * stride] = tmp[n] / st;
+}
+
 #if defined(__AMX_BF16__)
 // The amx path's head-space directions on the tile unit: A[u, :] = W_O @ c(x_u) with
 // x_u = d_u - e_u, d_u = dirs[pid[u]], e_u = dirs[pinc[u]] (absent without a logit difference).
@@ -596,10 +698,7 @@ void dla_tokens(const typename In::storage* z_in, const typename In::acc* A, int
         const T st = scale[t];
         if (!row) {
           T* out = dla + t * N * K;
-          for (int64_t k = 0; k < K; ++k) {
-            seg_dots<In, false>(zt, A + k * NH, nullptr, N, H, tmp);
-            for (int64_t n = 0; n < N; ++n) out[n * K + k] = tmp[n] / st;
-          }
+          for (int64_t k = 0; k < K; ++k) head_dla<In, false>(zt, A + k * NH, nullptr, N, H, st, out + k, K, tmp);
         } else {
           T* out = dla + t * N;
           const int64_t r = row[t];
@@ -609,10 +708,9 @@ void dla_tokens(const typename In::storage* z_in, const typename In::acc* A, int
             continue;
           }
           if (row2)
-            seg_dots<In, true>(zt, A + r * NH, A + r2 * NH, N, H, out);
+            head_dla<In, true>(zt, A + r * NH, A + r2 * NH, N, H, st, out, 1, tmp);
           else
-            seg_dots<In, false>(zt, A + r * NH, nullptr, N, H, out);
-          for (int64_t n = 0; n < N; ++n) out[n] = out[n] / st;
+            head_dla<In, false>(zt, A + r * NH, nullptr, N, H, st, out, 1, tmp);
         }
       }
     }

@@ -175,10 +175,13 @@ def test_fused_kernel_with_many_nodes_and_writers(dtype, in_order):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(50, 6, 16, 48, 30), (97, 5, 13, 37, 120)], ids=["small", "odd-blocks"])
+@pytest.mark.parametrize("shape", [(50, 6, 16, 48, 30), (97, 5, 13, 37, 120), (61, 21, 32, 40, 50)],
+                         ids=["small", "odd-blocks", "head-groups"])
 def test_dla_only_paths_agree_across_paths(dtype, shape):
     """fixed, gathered and table DLA on every path; "odd-blocks": N * d_head = 65 and d_model = 37 fill
-    no tile of the amx path's head-space GEMM, and more than 32 distinct targets take several."""
+    no tile of the amx path's head-space GEMM, and more than 32 distinct targets take several;
+    "head-groups": 21 heads of d_head 32, reduced in groups of a vector's width (16 + 5 on avx512,
+    8 + 8 + 5 on avx2)."""
     T, N, H, D, K = shape
     args, kw = make_case(T, N, H, D, 0, 0, K, dtype=dtype, incorrect=True, missing=True)
     z, W_O, directions, scale = args[:4]
