@@ -5,6 +5,10 @@
 #include <mutex>
 #include <new>
 
+#if defined(__unix__) || defined(__APPLE__)
+#include <pthread.h>
+#endif
+
 #include "mapped_memory.h"
 
 namespace ef {
@@ -19,9 +23,24 @@ struct Pool {
   size_t kept_bytes = 0;
 };
 
+Pool* make_pool();
+
 Pool& pool() {
-  static Pool* p = new Pool;  // never destroyed: blocks may be released during interpreter shutdown
+  static Pool* p = make_pool();  // never destroyed: blocks may be released during interpreter shutdown
   return *p;
+}
+
+#if defined(__unix__) || defined(__APPLE__)
+// A child forked while another thread of the parent held the lock would wait on it forever: the
+// child starts with a new lock (its kept blocks are its own copies, as all its memory).
+void reset_lock_in_child() { new (&pool().m) std::mutex(); }
+#endif
+
+Pool* make_pool() {
+#if defined(__unix__) || defined(__APPLE__)
+  pthread_atfork(nullptr, nullptr, &reset_lock_in_child);
+#endif
+  return new Pool;
 }
 
 }  // namespace

@@ -6,6 +6,7 @@ Skipped as a whole only when the extension is not built (e.g. running from a sou
 
 from __future__ import annotations
 
+import os
 import zlib
 
 import numpy as np
@@ -383,6 +384,58 @@ def test_mapped_outputs_live_with_their_arrays_and_go_back_to_the_pool():
     _C.release_scratch()
     assert _C.scratch_info()["kept_bytes"] == 0
     assert before - address_space() >= kept["kept_bytes"]  # unmapped
+
+
+def test_kernels_in_several_python_threads_share_the_pool():
+    # the kernels release the GIL: calls from several threads take and give back pool blocks at once
+    # (dots [T, 11, 5] float32: 330 KiB and more, from the pool)
+    import threading
+
+    _mapped_from()
+    cases = [make_case(1501 + 17 * i, 9, 16, 40, 2, 5, 300, incorrect=bool(i % 2), missing=True, seed=i)
+             for i in range(4)]
+    inputs = [validate(*args, **kw) for args, kw in cases]
+    want = [cpp.run(inp) for inp in inputs]
+    got, errors = {}, []
+
+    def work(i):
+        try:
+            for r in range(6):
+                got[(i, r)] = cpp.run(inputs[i])
+        except BaseException as e:  # reported below, in the test's thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for (i, r), out in got.items():
+        for name in ("dla", "dots", "norms"):
+            a, b = getattr(out, name), getattr(want[i], name)
+            assert torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0)) and torch.equal(a.isnan(), b.isnan()), (i, r, name)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_forked_child_uses_its_own_pool():
+    _mapped_from()
+    args = _good(T=_mapped_from() // (5 * 4 * 4) + 7, N=4, H=3, D=5, K=3, M=1, W=4)
+    out = _C.fused_attribution_f32(**args)
+    kept = _C.scratch_info()
+    pid = os.fork()
+    if pid == 0:  # the child: the pool's lock and its kept blocks are usable
+        code = 1
+        try:
+            info = _C.scratch_info()
+            _C.release_scratch()
+            code = 0 if info == kept and _C.scratch_info()["kept_bytes"] == 0 else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.WEXITSTATUS(status) == 0
+    assert _C.scratch_info() == kept  # the parent's pool is untouched
+    del out
 
 
 # ---------------------------------------------------------------------------------------------
