@@ -21,7 +21,6 @@ The other build is an installed copy of the package (its `_C` extension is loade
 from __future__ import annotations
 
 import argparse
-import ctypes
 import glob
 import importlib.util
 import os
@@ -32,6 +31,7 @@ import torch
 
 from erasure_fast.backends import cpp
 from erasure_fast.bench import machine, workloads
+from erasure_fast.bench.harness import trim_heap
 from erasure_fast.contract import validate
 
 SHAPE = "gelu-4l"
@@ -84,14 +84,6 @@ def kernel_call(workload: str, dtype: torch.dtype, n_tokens: int):
 CONDITIONS = ("warm", "cold", "trimmed")
 
 
-def _trim_heap() -> None:
-    """glibc's malloc_trim(0) (nothing elsewhere)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def interleaved(call, builds: dict, rounds: int, flush: torch.Tensor) -> dict:
     """{(build, condition): [seconds per round]} for each of CONDITIONS, the builds' order alternating by
     round."""
@@ -108,7 +100,7 @@ def interleaved(call, builds: dict, rounds: int, flush: torch.Tensor) -> dict:
                 else:
                     flush.fill_(1.0)
                     if cond == "trimmed":
-                        _trim_heap()
+                        trim_heap()
                 t0 = time.perf_counter()
                 out = call(builds[b])
                 times[(b, cond)].append(time.perf_counter() - t0)

@@ -16,6 +16,7 @@ import torch
 from erasure_fast.backends import cpp, torch_ref
 from erasure_fast.backends.dla_table import build_dla_table
 from erasure_fast.contract import FusedInputs, fused_attribution, validate
+from conftest import TOL_AMX_BF16
 
 _ok, _why = cpp.available()
 # every test once per kernel path this CPU runs (conftest.each_cpu_path)
@@ -30,10 +31,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 # norm-relative tolerances: max|a - b| / max(max|b|, Cauchy-Schwarz magnitude), see rel_err
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-5, torch.float16: 1e-5}
-# The amx path's bfloat16 kernel splits head outputs into two bf16 parts, x = hi + lo + e: bf16 keeps 8
-# significant bits, so |lo| <= 2^-8 |x| and |e| <= 2^-16 |x|, and a product keeps hi hi + hi lo + lo hi,
-# leaving out up to 3 x 2^-16 (4.6e-5) of |a| |b| (csrc/amx_kernels.cpp; 2.3e-5 observed).
-TOL_AMX_BF16 = 5e-5
+# (the amx path's bfloat16 kernel: conftest.TOL_AMX_BF16)
 
 
 def tol(dtype) -> float:

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 import erasure_fast as ef
 from erasure_fast.backends import torch_ref
 from erasure_fast.contract import validate
-from conftest import on_backend, rel_err, with_cpu_paths
+from conftest import TOL_AMX_BF16, on_backend, rel_err, with_cpu_paths
 
 BACKENDS = [b for b in ("torch", "cpp", "triton") if ef.available_backends()[b].available]
 if os.environ.get("EF_REQUIRE_CPP") and "cpp" not in BACKENDS:
@@ -22,9 +22,7 @@ BACKENDS = with_cpu_paths(BACKENDS)  # "cpp@<path>": every C++ kernel path this 
 
 # fp32 accumulation everywhere except fp64; errors are relative to max |reference|.
 TOL = {torch.float64: 1e-12, torch.float32: 2e-5, torch.bfloat16: 2e-5, torch.float16: 2e-5}
-# The amx path's bfloat16 kernel keeps two bf16 parts of every row: up to 3 x 2^-16 of each product
-# (csrc/amx_kernels.cpp; tests/test_backend_cpp.py TOL_AMX_BF16).
-TOL_AMX_BF16 = 5e-5
+# (the amx path's bfloat16 kernel: conftest.TOL_AMX_BF16)
 DTYPES = list(TOL)
 
 

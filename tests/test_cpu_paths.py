@@ -24,7 +24,7 @@ from erasure_fast.contract import validate
 _ok, _why = cpp.available()
 pytestmark = pytest.mark.skipif(not _ok, reason=f"cpp backend unavailable: {_why}")
 
-from conftest import cpu_paths_here  # noqa: E402
+from conftest import TOL_AMX_BF16, cpu_paths_here  # noqa: E402
 from test_backend_cpp import as_f64, magnitudes, make_case, rel_err  # noqa: E402
 
 ALL = ["portable", "avx2", "avx512", "amx"]
@@ -32,7 +32,6 @@ PATHS = cpu_paths_here()
 # Across paths, relative to the outputs' scale (Cauchy-Schwarz magnitude): fp32 rounding of sums of
 # up to d_model terms in different orders; the amx path's bf16 kernel leaves out lo x lo (amx_kernels.cpp).
 CROSS = {torch.float32: 1e-6, torch.float64: 1e-13, torch.bfloat16: 1e-6, torch.float16: 1e-6}
-CROSS_AMX_BF16 = 5e-5  # the amx bf16 kernel against the fp32 paths (test_backend_cpp.TOL_AMX_BF16)
 
 
 @pytest.fixture(autouse=True)
@@ -129,7 +128,7 @@ def _agree_with_portable(outs: dict, tol: float) -> None:
 
 
 def _cross_tol(dtype, path) -> float:
-    return CROSS_AMX_BF16 if dtype == torch.bfloat16 and path == "amx" else CROSS[dtype]
+    return TOL_AMX_BF16 if dtype == torch.bfloat16 and path == "amx" else CROSS[dtype]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])

@@ -86,7 +86,7 @@ class _PeakRSS:
             self.peak = self.base
             return self
         psutil = require_optional("psutil", "bench", "the benchmark's CPU memory sampling")
-        _trim_heap()
+        trim_heap()
         self.proc = psutil.Process()
         self.base = self.proc.memory_info().rss
         self.peak = self.base
@@ -116,7 +116,7 @@ class _PeakRSS:
 _OOM_MESSAGES = ("out of memory", "can't allocate memory", "cannot allocate memory", "bad_alloc")
 
 
-def _trim_heap() -> None:
+def trim_heap() -> None:
     """glibc's malloc_trim(0): give freed heap pages back to the system (no-op elsewhere)."""
     try:
         import ctypes
