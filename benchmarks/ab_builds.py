@@ -24,14 +24,13 @@ import argparse
 import glob
 import importlib.util
 import os
-import time
 
 import numpy as np
 import torch
 
 from erasure_fast.backends import cpp
 from erasure_fast.bench import machine, workloads
-from erasure_fast.bench.harness import trim_heap
+from erasure_fast.bench.interleave import CONDITIONS, interleaved
 from erasure_fast.contract import validate
 
 SHAPE = "gelu-4l"
@@ -52,21 +51,7 @@ def load_other(package_dir: str):
 
 def kernel_call(workload: str, dtype: torch.dtype, n_tokens: int):
     """f(module) -> the kernel's outputs, for the workload's validated inputs."""
-    d = workloads.SHAPES[SHAPE]
-    N, M = d["n_layers"] * d["n_heads"], d["n_layers"]
-    inp = workloads.make_inputs(SHAPE, n_tokens, "cpu", dtype, seed=0)
-    g = torch.Generator().manual_seed(1)
-    W_O = (torch.randn(N, d["d_head"], d["d_model"], generator=g) * d["d_head"] ** -0.5).to(dtype)
-    W_U = torch.randn(d["d_model"], d["d_vocab"], generator=g).to(dtype)
-    T = inp.n_tokens
-    z, scale, ids = inp.z.reshape(T, N, -1), inp.scale.reshape(T), inp.next_ids.reshape(T)
-    if workload == "K2f":
-        v = validate(z, W_O, (W_U[:, inp.pair[0]] - W_U[:, inp.pair[1]])[None], scale, [], with_norms=False)
-    elif workload == "K2n":
-        v = validate(z, W_O, W_U.T.contiguous(), scale, [], direction_ids=ids, with_norms=False)
-    else:
-        v = validate(z, W_O, W_U.T.contiguous(), scale, list(range(N)), inp.mlp_out.reshape(T, M, -1),
-                     direction_ids=ids)
+    v = validate(**workloads.random_weight_args(workload, SHAPE, n_tokens, dtype))
     sfx = cpp.dtype_suffix(dtype)
     arrays = [cpp.kernel_array(v.z, dtype), cpp.kernel_array(v.W_O, dtype), cpp.kernel_array(v.directions, dtype),
               cpp.kernel_array(v.scale, torch.float32)]
@@ -79,33 +64,6 @@ def kernel_call(workload: str, dtype: torch.dtype, n_tokens: int):
         return lambda m: getattr(m, f"dla_gathered_{sfx}")(*arrays, ids_np, None, center=True, table=None,
                                                            method="unique", norms=False, n_threads=0)
     return lambda m: getattr(m, f"dla_fixed_{sfx}")(*arrays, center=True, norms=False, n_threads=0)
-
-
-CONDITIONS = ("warm", "cold", "trimmed")
-
-
-def interleaved(call, builds: dict, rounds: int, flush: torch.Tensor) -> dict:
-    """{(build, condition): [seconds per round]} for each of CONDITIONS, the builds' order alternating by
-    round."""
-    names = list(builds)
-    times = {(b, c): [] for b in names for c in CONDITIONS}
-    for b in names:  # first calls (allocations, thread pools) out of the timing
-        call(builds[b])
-    for r in range(rounds):
-        order = names if r % 2 == 0 else names[::-1]
-        for cond in ("cold", "trimmed", "warm"):
-            for b in order:
-                if cond == "warm":
-                    call(builds[b])
-                else:
-                    flush.fill_(1.0)
-                    if cond == "trimmed":
-                        trim_heap()
-                t0 = time.perf_counter()
-                out = call(builds[b])
-                times[(b, cond)].append(time.perf_counter() - t0)
-                del out
-    return times
 
 
 def main(argv=None) -> str:
@@ -134,7 +92,8 @@ def main(argv=None) -> str:
              f"| workload | dtype | caches | {a.other_label} ms | this build ms | ratio |", "|---|---|---|---:|---:|---:|"]
     for w in wanted:
         for dname in a.dtypes.split(","):
-            t = interleaved(kernel_call(w, DTYPES[dname], a.tokens), builds, a.rounds, flush)
+            call = kernel_call(w, DTYPES[dname], a.tokens)
+            t = interleaved({b: (lambda m=m: call(m)) for b, m in builds.items()}, a.rounds, flush)
             for cond in CONDITIONS:
                 o, n = np.array(t[(a.other_label, cond)]), np.array(t[("this build", cond)])
                 lines.append(f"| {w} | {dname} | {cond} | {np.median(o) * 1e3:.2f} | {np.median(n) * 1e3:.2f} |"

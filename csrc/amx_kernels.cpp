@@ -224,6 +224,7 @@ void fused_attribution_amx(const FusedParams<Bf16>& p) {
 #pragma omp for schedule(dynamic, 1)
 #endif
     for (int64_t ti = 0; ti < n_tiles; ++ti) {
+      if (nonfinite_found(p.nonfinite)) continue;
       const int64_t t0 = ti * kTile, nt = std::min<int64_t>(kTile, T_ - t0);
       prefetch_tile_inputs<In>(s.next, z, extra, directions, direction_ids, incorrect_ids, t0 + nthr * kTile, kTile,
                                T_, N * H, M, D);
@@ -240,6 +241,10 @@ void fused_attribution_amx(const FusedParams<Bf16>& p) {
       if (gathered)
         for (int64_t i = 0; i < nt; ++i)
           token_dir<In>(directions, D, direction_ids, incorrect_ids, t0 + i, center, s.dir.get() + i * D);
+      if (p.nonfinite) {  // a bad value: no output is returned, so the item's work is skipped
+        report_nonfinite(p.nonfinite, nonfinite_tokens<In>(z, N * H, extra, M * D, t0, nt));
+        if (nonfinite_found(p.nonfinite)) continue;
+      }
 
       for (int64_t c0 = 0; c0 < Dp; c0 += DC) {
         const bool first = c0 == 0;

@@ -469,6 +469,15 @@ constexpr bool head_dirs_read_input_only() {
 #endif
 }
 
+// W_O [n values] in the accumulation type where a stage reads it -- the Gram panels of the norms
+// (`gram`), or head-space directions (`head_dirs`) on a path that does not read the input format
+// itself -- else null. A copy lives in `keep` unless the input already is of that type.
+template <typename In>
+const typename In::acc* wo_acc_where_read(const typename In::storage* W_O_in, int64_t n, bool gram, bool head_dirs,
+                                          Buf<typename In::acc>& keep) {
+  return gram || (head_dirs && !head_dirs_read_input_only<In>()) ? as_acc<In>(W_O_in, n, keep) : nullptr;
+}
+
 // A[u, :] (row stride NH) = W_O[NH, D] @ c(dirs[pid[u]] - dirs[pinc[u]]) for u < U (W_O in the
 // accumulation type, W_O_in the same values in the input format; the directions converted on load).
 template <typename In>
@@ -631,7 +640,7 @@ template <typename In>
 void dla_tokens(const typename In::storage* z_in, const typename In::acc* A, int64_t K,
                 const int64_t* row, const int64_t* row2, const typename In::acc* gp,
                 const typename In::acc* scale, int64_t T_, int64_t N, int64_t H,
-                typename In::acc* dla, typename In::acc* norms, int n_threads) {
+                typename In::acc* dla, typename In::acc* norms, unsigned* nonfinite, int n_threads) {
   using T = typename In::acc;
   constexpr bool kNative = std::is_same<typename In::storage, T>::value;
   constexpr int64_t BW = NR * Simd<T>::L;
@@ -662,6 +671,7 @@ void dla_tokens(const typename In::storage* z_in, const typename In::acc* A, int
 #pragma omp for schedule(static)
 #endif
     for (int64_t ti = 0; ti < n_tiles; ++ti) {
+      if (nonfinite_found(nonfinite)) continue;
       const int64_t t0 = ti * kTokTile;
       const int64_t nt = std::min<int64_t>(kTokTile, T_ - t0);
       if (gp) {
@@ -713,6 +723,8 @@ void dla_tokens(const typename In::storage* z_in, const typename In::acc* A, int
             head_dla<In, false>(zt, A + r * NH, nullptr, N, H, st, out, 1, tmp);
         }
       }
+      // after the tile's stages: its z is in cache now
+      if (nonfinite) report_nonfinite(nonfinite, nonfinite_tokens<In>(z_in, NH, nullptr, 0, t0, nt));
     }
   }
 }
@@ -747,14 +759,14 @@ DlaRunInfo dla_fixed(const DlaParams<In>& p) {
   info.n_unique = n_dirs;
   const int64_t N = n_heads, H = d_head, D = d_model, K = n_dirs, NH = N * H;
   if (n_tokens <= 0 || N <= 0 || H <= 0 || D <= 0 || K <= 0) return info;
-  Buf<T> wo_keep;  // W_O in the accumulation type only where it is read (Gram panels, head-space directions)
-  const T* W_O = norms != nullptr || !head_dirs_read_input_only<In>() ? as_acc<In>(W_O_in, NH * D, wo_keep) : nullptr;
+  Buf<T> wo_keep;
+  const T* W_O = wo_acc_where_read<In>(W_O_in, NH * D, norms != nullptr, true, wo_keep);
   Vec<int64_t> pid(K);
   for (int64_t k = 0; k < K; ++k) pid[k] = k;
   Buf<T> A(static_cast<size_t>(K * NH));
   build_head_dirs<In>(W_O, W_O_in, NH, D, directions, pid.data(), nullptr, K, center, A.get(), n_threads);
   Buf<T> gp = gram_if<T>(norms != nullptr, W_O, N, H, D, n_threads);
-  dla_tokens<In>(z, A.get(), K, nullptr, nullptr, gp.get(), scale, n_tokens, N, H, dla, norms,
+  dla_tokens<In>(z, A.get(), K, nullptr, nullptr, gp.get(), scale, n_tokens, N, H, dla, norms, p.nonfinite,
                  n_threads);
   return info;
 }
@@ -823,19 +835,16 @@ DlaRunInfo dla_gathered(const DlaParams<In>& p) {
       use_table = prefer_table(U, n_valid, D);
   }
   info.method = static_cast<int>(use_table ? DlaMethod::kTable : DlaMethod::kUnique);
-  // W_O in the accumulation type only where it is read (Gram panels, head-space directions)
   Buf<T> wo_keep;
-  const T* W_O = norms != nullptr || (!use_table && !head_dirs_read_input_only<In>())
-                     ? as_acc<In>(W_O_in, NH * D, wo_keep)
-                     : nullptr;
+  const T* W_O = wo_acc_where_read<In>(W_O_in, NH * D, norms != nullptr, !use_table, wo_keep);
   Buf<T> gp = gram_if<T>(norms != nullptr, W_O, N, H, D, n_threads);
   if (use_table) {
-    dla_tokens<In>(z, table, 0, ids, inc, gp.get(), scale, T_, N, H, dla, norms, n_threads);
+    dla_tokens<In>(z, table, 0, ids, inc, gp.get(), scale, T_, N, H, dla, norms, p.nonfinite, n_threads);
   } else {
     Buf<T> A(static_cast<size_t>(std::max<int64_t>(U, 1) * NH));
     build_head_dirs<In>(W_O, W_O_in, NH, D, directions, pid.data(), inc ? pinc.data() : nullptr, U, center,
                        A.get(), n_threads);
-    dla_tokens<In>(z, A.get(), 0, pair_of.data(), nullptr, gp.get(), scale, T_, N, H, dla, norms,
+    dla_tokens<In>(z, A.get(), 0, pair_of.data(), nullptr, gp.get(), scale, T_, N, H, dla, norms, p.nonfinite,
                   n_threads);
   }
   return info;
@@ -853,7 +862,7 @@ void build_dla_table(const DlaTableParams<In>& p) {
   const int64_t NH = n_heads * d_head;
   if (NH <= 0 || d_model <= 0 || n_dirs <= 0) return;
   Buf<T> wo_keep;
-  const T* W_O = head_dirs_read_input_only<In>() ? nullptr : as_acc<In>(W_O_in, NH * d_model, wo_keep);
+  const T* W_O = wo_acc_where_read<In>(W_O_in, NH * d_model, false, true, wo_keep);
   Vec<int64_t> pid(n_dirs);
   for (int64_t k = 0; k < n_dirs; ++k) pid[k] = k;
   build_head_dirs<In>(W_O, W_O_in, NH, d_model, directions, pid.data(), nullptr, n_dirs, center, table,
@@ -873,7 +882,7 @@ void fill_dla_table_rows(const DlaTableParams<In>& p) {
   const int64_t NH = n_heads * d_head;
   if (NH <= 0 || d_model <= 0 || n_rows <= 0) return;
   Buf<T> wo_keep;
-  const T* W_O = head_dirs_read_input_only<In>() ? nullptr : as_acc<In>(W_O_in, NH * d_model, wo_keep);
+  const T* W_O = wo_acc_where_read<In>(W_O_in, NH * d_model, false, true, wo_keep);
   // in blocks, so the scratch stays small however many rows are asked for
   const int64_t block = std::min<int64_t>(n_rows, kFillBlock);
   Buf<T> A(static_cast<size_t>(block * NH));

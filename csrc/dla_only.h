@@ -69,6 +69,9 @@ struct DlaParams {
   DlaMethod method = DlaMethod::kAuto;    // gathered only
   A* dla = nullptr;    // fixed: [T, N, K]; gathered: [T, N]
   A* norms = nullptr;  // nullable: [T, N]
+  // nullable: check z as it is read and set kNonfiniteZ here when it holds a NaN or an infinity
+  // (the outputs are then meaningless)
+  unsigned* nonfinite = nullptr;
   int n_threads = 0;
 };
 

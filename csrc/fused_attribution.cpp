@@ -138,11 +138,14 @@ void fused_attribution(const FusedParams<In>& p) {
   {
 #ifdef _OPENMP
     Scratch<T>& s = scratch[omp_get_thread_num()];
-#pragma omp for schedule(dynamic, 2)
 #else
     Scratch<T>& s = scratch[0];
 #endif
+#ifdef _OPENMP
+#pragma omp for schedule(dynamic, 2)
+#endif
     for (int64_t ti = 0; ti < n_tiles; ++ti) {
+      if (nonfinite_found(p.nonfinite)) continue;
       const int64_t t0 = ti * tile;
       const int64_t nt = std::min<int64_t>(tile, T_ - t0);
       const int64_t ntp = round_up(nt, MR);  // token rows actually projected
@@ -170,6 +173,10 @@ void fused_attribution(const FusedParams<In>& p) {
         for (int64_t i = 0; i < nt; ++i)
           token_dir<In>(directions, D, direction_ids, incorrect_ids, t0 + i, center, s.dv.get() + i * D);
       if (!kNative && M > 0) load_row<In>(extra + t0 * M * D, nt * M * D, s.ex.get());
+      if (p.nonfinite) {  // a bad value: no output is returned, so the item's work is skipped
+        report_nonfinite(p.nonfinite, nonfinite_tokens<In>(z, N * H, extra, M * D, t0, nt));
+        if (nonfinite_found(p.nonfinite)) continue;
+      }
 
       // One pass over columns [c0, c0 + cw); the first pass writes the outputs (kAcc false: no
       // zero-fill beforehand), later passes add to them. Every output element gets written in

@@ -43,6 +43,9 @@ struct FusedParams {
   A* dla = nullptr;    // [T, N] (gathered) or [T, N, K] (fixed)
   A* dots = nullptr;   // [T, N + M, W]
   A* norms = nullptr;  // [T, N + M]
+  // nullable: check the activations (z, extra) as they are read and set kNonfiniteZ /
+  // kNonfiniteExtra here when they hold a NaN or an infinity (the outputs are then meaningless)
+  unsigned* nonfinite = nullptr;
   // tuning
   int n_threads = 0;    // <= 0: OpenMP default
   int tile_tokens = 0;  // <= 0: default tile (tokens per work item)

@@ -299,11 +299,14 @@ void fused_attribution_lanes(const FusedParams<In>& p) {
   {
 #ifdef _OPENMP
     LaneScratch<T>& s = scratch[omp_get_thread_num()];
-#pragma omp for schedule(dynamic, 1)
 #else
     LaneScratch<T>& s = scratch[0];
 #endif
+#ifdef _OPENMP
+#pragma omp for schedule(dynamic, 1)
+#endif
     for (int64_t ti = 0; ti < n_tiles; ++ti) {
+      if (nonfinite_found(p.nonfinite)) continue;
       const int64_t t0 = ti * tile;
       const int64_t nt = std::min(tile, T_ - t0);
       const int64_t n_sub = (nt + TL - 1) / TL;
@@ -334,6 +337,10 @@ void fused_attribution_lanes(const FusedParams<In>& p) {
             token_dir<In>(directions, D, direction_ids, incorrect_ids, tv + i, center, dv + i * D);
           pack_lanes<Native<T>>(dv, D, nl, D, dt_of(u) + v * L, TL);
         }
+      if (p.nonfinite) {  // a bad value: no output is returned, so the item's work is skipped
+        report_nonfinite(p.nonfinite, nonfinite_tokens<In>(z, NH, extra, M * D, t0, nt));
+        if (nonfinite_found(p.nonfinite)) continue;
+      }
 
       for (int64_t c0 = 0; c0 < D; c0 += DC) {
         const bool first = c0 == 0;

@@ -52,4 +52,35 @@ struct F16 {
   }
 };
 
+// A stored value is NaN or infinite exactly when every bit of its exponent is set: the raw bits
+// (`type`) and that mask, for the kernels' finiteness check of the activations they read.
+template <typename In>
+struct ExponentBits;
+template <>
+struct ExponentBits<Native<float>> {
+  using type = uint32_t;
+  static constexpr type mask = 0x7f800000u;
+};
+template <>
+struct ExponentBits<Native<double>> {
+  using type = uint64_t;
+  static constexpr type mask = 0x7ff0000000000000ull;
+};
+template <>
+struct ExponentBits<Bf16> {
+  using type = uint16_t;
+  static constexpr type mask = 0x7f80u;
+};
+template <>
+struct ExponentBits<F16> {
+  using type = uint16_t;
+  static constexpr type mask = 0x7c00u;
+};
+
+// What a kernel asked to check its activations reports (FusedParams / DlaParams::nonfinite).
+enum NonfiniteInput : unsigned {
+  kNonfiniteZ = 1u,      // z holds a NaN or an infinity
+  kNonfiniteExtra = 2u,  // extra_nodes does
+};
+
 }  // namespace ef

@@ -422,6 +422,45 @@ Buf<typename In::acc> fixed_directions(const typename In::storage* dirs, int64_t
   return out;
 }
 
+// `bit` if x[0 .. n) holds a NaN or an infinity (ExponentBits), else 0. Reads the raw bits, so no
+// floating-point mode or conversion changes the answer; the loop vectorises at the path's width.
+// Kernels run it on a work item's activations just after reading them (in cache, not a second
+// pass over memory).
+template <typename In>
+inline unsigned nonfinite_bit(const typename In::storage* __restrict x, int64_t n, unsigned bit) {
+  using U = typename ExponentBits<In>::type;
+  static_assert(sizeof(U) == sizeof(typename In::storage), "bits of one stored value");
+  constexpr U mask = ExponentBits<In>::mask;
+  U found = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    U b;
+    std::memcpy(&b, x + i, sizeof b);
+    found |= static_cast<U>((b & mask) == mask);
+  }
+  return found ? bit : 0u;
+}
+
+// The check of one work item's activations, tokens [t0, t0 + nt) of z [T, NH] and extra [T, MD]
+// (MD = 0: none): kNonfiniteZ | kNonfiniteExtra as found.
+template <typename In>
+inline unsigned nonfinite_tokens(const typename In::storage* z, int64_t NH, const typename In::storage* extra,
+                                 int64_t MD, int64_t t0, int64_t nt) {
+  unsigned found = nonfinite_bit<In>(z + t0 * NH, nt * NH, kNonfiniteZ);
+  if (MD > 0) found |= nonfinite_bit<In>(extra + t0 * MD, nt * MD, kNonfiniteExtra);
+  return found;
+}
+
+// Adds what a thread found to the call's report at once, so that every thread stops early.
+inline void report_nonfinite(unsigned* report, unsigned found) {
+  if (report && found) __atomic_fetch_or(report, found, __ATOMIC_RELAXED);
+}
+
+// Whether the call's check found a bad value already: the remaining work items are skipped (the call
+// raises instead of returning outputs, so a bad token early in a long call does not wait for the rest).
+inline bool nonfinite_found(const unsigned* report) {
+  return report && __atomic_load_n(report, __ATOMIC_RELAXED) != 0;
+}
+
 // x rounded up to a multiple of m.
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 

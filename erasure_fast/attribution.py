@@ -12,8 +12,8 @@ from .backends import get_backend
 from .capture import Capture, model_device, validate_tokens
 from .capture import capture as hook_capture  # the function; `capture` is the parameter naming a CaptureMode
 from .capture_modes import CaptureChoice, CaptureMode
-from .contract import (accumulation_dtype, cosine, projection_ratio, projection_value, require_finite_outputs, safe_div,
-                       validate)
+from .contract import (accumulation_dtype, cosine, projection_ratio, projection_value, require_finite_outputs,
+                       run_backend, safe_div, validate)
 from .deferred_checks import DeferredChecks
 from .device_sync import reads_back_freely
 from .engine import engine_for, engine_problem
@@ -343,8 +343,9 @@ def run_attribution(model, spec: ModelSpec, tokens: torch.Tensor, wr: torch.Tens
         incorrect_ids=None if inc is None else inc.reshape(T).to(dev),
         center=spec.center,
         deferred=deferred,
+        activations_later=True,
     )
-    out = impl.run(inputs)
+    out = run_backend(impl, inputs)
     require_finite_outputs(inputs, out, deferred)
     acc = accumulation_dtype(dtype)
     n_nodes = L * H + (L if with_mlps else 0)

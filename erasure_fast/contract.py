@@ -31,12 +31,16 @@ Outputs (float64 when z is float64, else float32; fp32 accumulation for bf16/fp1
 
 Projection ratio, projection value and cosine follow (`derive_measures`). NaN policy: where a
 writer's squared norm is 0, its PR / PV / cosine are NaN in every backend; non-finite inputs are
-rejected here (``check_finite``) rather than propagated silently: z, W_O and extra_nodes entirely,
-directions in the rows the call reads.
+rejected (``check_finite``) rather than propagated silently: z, W_O and extra_nodes entirely,
+directions in the rows the call reads. Every check runs before any work, except that of z and
+extra_nodes on the cpp backend: its kernels check each value as they read it (one read of the
+activations instead of two) and raise the same error, naming the first bad index, before any output
+is returned (`run_backend`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
@@ -113,6 +117,7 @@ def validate(
     dla_table=None,
     distinct_writers: bool = False,
     deferred: Optional[DeferredChecks] = None,
+    activations_later: bool = False,
 ) -> FusedInputs:
     """Check every argument of `fused_attribution` and return backend-ready `FusedInputs`.
 
@@ -124,6 +129,10 @@ def validate(
     extra_nodes finite, scale finite and positive, ids in range -- are recorded there instead of read
     (nothing waits for a GPU); W_O and directions, the same in every call of such a caller, are not
     checked here: the caller checks them once (a scan does, before its first batch).
+    With ``activations_later`` (and no ``deferred``), the finiteness of z and extra_nodes is left to
+    `run_backend`, which has a backend that `checks_activations` check them as its kernels read them:
+    one read of the activations instead of two, and the same error, raised before any output is
+    returned. Everything else is still checked here, before any work.
     """
     z = _require_tensor("z", z)
     W_O = _require_tensor("W_O", W_O)
@@ -218,7 +227,7 @@ def validate(
         for name, t in (("z", z), ("extra_nodes", extra)):
             deferred.add(torch.isfinite(t).all(), f"{name} contains non-finite values")
     elif check_finite:
-        for name, t in (("z", z), ("W_O", W_O), ("extra_nodes", extra)):
+        for name, t in ((("W_O", W_O),) if activations_later else (("z", z), ("W_O", W_O), ("extra_nodes", extra))):
             require_finite(name, t)
         # gathered mode reads only the rows its ids name: those must be finite (W_U.T has 25M values)
         require_finite("directions", directions, None if ids is None else _used_rows(ids, inc))
@@ -236,7 +245,20 @@ def validate(
         with_norms=bool(with_norms),
         dla_table=dla_table,
         writers_host=w_host,
+        check_activations=check_finite and activations_later and deferred is None,
     )
+
+
+def run_backend(impl, inputs: FusedInputs) -> FusedOutputs:
+    """``impl.run(inputs)`` (``impl`` a `erasure_fast.backends.base.Backend`). Where ``inputs`` still
+    need z and extra_nodes checked for NaN / infinity (`validate`'s ``activations_later``), a backend
+    that `checks_activations` checks them as its kernels read them; for any other they are checked
+    here first."""
+    if inputs.check_activations and not impl.checks_activations:
+        require_finite("z", inputs.z)
+        require_finite("extra_nodes", inputs.extra_nodes)
+        inputs = dataclasses.replace(inputs, check_activations=False)
+    return impl.run(inputs)
 
 
 def require_finite_outputs(inputs: FusedInputs, out: FusedOutputs, deferred: Optional[DeferredChecks] = None) -> None:
@@ -312,6 +334,8 @@ def fused_attribution(
         backend: "auto", "torch", "cpp" or "triton" (see `erasure_fast.available_backends()`).
         check_finite: reject non-finite z / W_O / extra_nodes and non-finite rows of directions that
             the call reads (every row in fixed-set mode, the rows named by the ids when gathered).
+            The cpp backend checks z and extra_nodes in its kernels as it reads them (the same
+            error, raised before anything is returned); every other check comes before any work.
         with_norms: False skips the squared norms (``norms`` is then None) -- for DLA-only calls.
         dla_table: a `DlaTable` built from these very W_O / directions tensors with this ``center``
             (`erasure_fast.build_dla_table`): gathered DLA-only calls on the cpp backend gather from
@@ -324,8 +348,9 @@ def fused_attribution(
         z, W_O, directions, scale, writers, extra_nodes,
         direction_ids=direction_ids, incorrect_ids=incorrect_ids,
         center=center, check_finite=check_finite, with_norms=with_norms, dla_table=dla_table, distinct_writers=True,
+        activations_later=True,
     )
-    out = get_backend(backend, inputs.z.device, inputs.z.dtype).run(inputs)
+    out = run_backend(get_backend(backend, inputs.z.device, inputs.z.dtype), inputs)
     if check_finite:
         require_finite_outputs(inputs, out)
     return out

@@ -99,7 +99,9 @@ def test_triton_kernels_are_never_reloaded(monkeypatch):
     assert (f2, d2, c2) == before and sys.modules["erasure_fast.kernels.fused_attribution"] is before[0]
 
 
-def test_a_nan_tensor_at_a_reused_address_is_still_caught():
+@pytest.mark.parametrize("backend", ["torch", pytest.param("cpp", marks=pytest.mark.skipif(
+    not ef.available_backends()["cpp"].available, reason="C++ extension not built"))])
+def test_a_nan_tensor_at_a_reused_address_is_still_caught(backend):
     """The finiteness check used to cache "finite" by (data_ptr, version, shape, ...) for large tensors
     without holding them, so a NaN tensor allocated where a checked one had been skipped the check."""
     T, N, H, D = 4096, 4, 64, 32  # z: 1M values, the size the old cache applied to
@@ -108,14 +110,14 @@ def test_a_nan_tensor_at_a_reused_address_is_still_caught():
     addresses = set()
     for attempt in range(4):
         z = torch.from_numpy(np.random.default_rng(attempt).standard_normal((T, N, H)).astype(np.float32))
-        ef.fused_attribution(z, W_O, dirs, scale, [], direction_ids=ids, backend="torch")
+        ef.fused_attribution(z, W_O, dirs, scale, [], direction_ids=ids, backend=backend)
         addresses.add(z.data_ptr())
         del z
         bad = np.random.default_rng(10 + attempt).standard_normal((T, N, H)).astype(np.float32)
         bad[T - 1, N - 1, H - 1] = np.nan
         z = torch.from_numpy(bad)  # often at the address just freed
         with pytest.raises(ValueError, match=r"z contains non-finite values \(first at index \[4095, 3, 63\]\)"):
-            ef.fused_attribution(z, W_O, dirs, scale, [], direction_ids=ids, backend="torch")
+            ef.fused_attribution(z, W_O, dirs, scale, [], direction_ids=ids, backend=backend)
         del z, bad
 
 

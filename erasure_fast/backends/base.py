@@ -42,6 +42,9 @@ class FusedInputs:
     with_norms: bool = True  # False: backends may return norms=None
     dla_table: Optional[object] = None  # a matching DlaTable (cpp backend; other backends ignore it)
     writers_host: Optional[torch.Tensor] = None  # writers on the host, where plans read them (no device read-back)
+    # z and extra_nodes not yet checked for NaN / infinity: a backend that `checks_activations` checks
+    # them as its kernels read them (`erasure_fast.contract.run_backend` checks them first for the others)
+    check_activations: bool = False
 
     @property
     def n_tokens(self) -> int:
@@ -71,6 +74,10 @@ class Backend(ABC):
     name: str = ""
     #: device types the backend runs on; None = any device
     devices: Optional[Tuple[str, ...]] = None
+    #: whether `run` honours `FusedInputs.check_activations`: its kernels check z and extra_nodes for
+    #: NaN / infinity as they read them, and a bad value raises the contract's ValueError (naming the
+    #: input and the first bad index) instead of returning outputs
+    checks_activations: bool = False
 
     @abstractmethod
     def available(self) -> Tuple[bool, str]:

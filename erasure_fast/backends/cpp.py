@@ -51,6 +51,7 @@ import numpy as np
 import torch
 
 from .base import FusedInputs, FusedOutputs, accumulation_dtype
+from ..finite import require_finite
 
 NAME = "cpp"
 DEVICES = ("cpu",)
@@ -291,19 +292,34 @@ def dla_fixed(z: torch.Tensor, W_O: torch.Tensor, directions: torch.Tensor, scal
     return (dla, torch.from_numpy(nrm)) if norms else dla
 
 
+def _checked_call(_C, inp: FusedInputs, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)``, a kernel entry of ``_C``; with ``inp.check_activations`` the kernel
+    checks z and extra_nodes as it reads them, and a NaN or an infinity raises the contract's error,
+    which names the input and the first bad index (`require_finite`; the outputs are dropped)."""
+    try:
+        return fn(*args, check_finite=inp.check_activations, **kwargs)
+    except _C.NonFiniteInput:
+        pass
+    require_finite("z", inp.z)
+    require_finite("extra_nodes", inp.extra_nodes)
+    raise RuntimeError("the C++ kernel reported a NaN or an infinity in z or extra_nodes that a second "
+                       "read does not find")
+
+
 def _run_dla_only(_C, inp: FusedInputs, acc: torch.dtype) -> FusedOutputs:
     T, N = inp.z.shape[0], inp.z.shape[1]
     dt = inp.z.dtype
     args = (kernel_array(inp.z, dt), kernel_array(inp.W_O, dt), kernel_array(inp.directions, dt), kernel_array(inp.scale, acc))
     if inp.direction_ids is None:
-        dla, norms, _ = getattr(_C, f"dla_fixed_{dtype_suffix(dt)}")(
-            *args, center=bool(inp.center), norms=inp.with_norms, n_threads=get_num_threads())
+        dla, norms, _ = _checked_call(_C, inp, getattr(_C, f"dla_fixed_{dtype_suffix(dt)}"),
+                                      *args, center=bool(inp.center), norms=inp.with_norms,
+                                      n_threads=get_num_threads())
         _last_path.value = "dla_fixed"
     else:
         table = inp.dla_table
         method = _table_method(table, "auto", inp.direction_ids, inp.incorrect_ids)
-        dla, norms, info = getattr(_C, f"dla_gathered_{dtype_suffix(dt)}")(
-            *args, kernel_array(inp.direction_ids, torch.int64),
+        dla, norms, info = _checked_call(
+            _C, inp, getattr(_C, f"dla_gathered_{dtype_suffix(dt)}"), *args, kernel_array(inp.direction_ids, torch.int64),
             None if inp.incorrect_ids is None else kernel_array(inp.incorrect_ids, torch.int64),
             center=bool(inp.center), table=None if table is None else table.table.numpy(),
             method=method, norms=inp.with_norms, n_threads=get_num_threads())
@@ -327,7 +343,8 @@ def run(inp: FusedInputs) -> FusedOutputs:
     fn = getattr(_C, f"fused_attribution_{dtype_suffix(dt)}")
     ids = inp.direction_ids
     inc = inp.incorrect_ids
-    dla, dots, norms = fn(
+    dla, dots, norms = _checked_call(
+        _C, inp, fn,
         kernel_array(inp.z, dt),
         kernel_array(inp.W_O, dt),
         kernel_array(inp.directions, dt),

@@ -16,6 +16,7 @@ class CppBackend(Backend):
 
     name = cpp.NAME
     devices = cpp.DEVICES
+    checks_activations = True
 
     def available(self) -> tuple[bool, str]:
         return cpp.available()

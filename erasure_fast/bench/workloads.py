@@ -56,6 +56,30 @@ def make_inputs(shape: str, n_tokens: int, device, dtype=torch.float32, seed: in
     return KernelInputs(shape, z, mlp, scale, tokens, nxt, (int(perm[0]), int(perm[1])))
 
 
+def random_weight_args(workload: str, shape: str, n_tokens: int, dtype=torch.float32, seed: int = 0) -> dict:
+    """`fused_attribution` keyword arguments of K1 / K2n / K2f on random weights of ``shape`` (W_O
+    scaled by d_head^-1/2, a normal W_U) and `make_inputs`' activations, on the CPU: for timing the
+    kernels and the public call without a model."""
+    d = SHAPES[shape]
+    N, M = d["n_layers"] * d["n_heads"], d["n_layers"]
+    inp = make_inputs(shape, n_tokens, "cpu", dtype, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    W_O = (torch.randn(N, d["d_head"], d["d_model"], generator=g) * d["d_head"] ** -0.5).to(dtype)
+    W_U = torch.randn(d["d_model"], d["d_vocab"], generator=g).to(dtype)
+    T = inp.n_tokens
+    z, scale, ids = inp.z.reshape(T, N, -1), inp.scale.reshape(T), inp.next_ids.reshape(T)
+    if workload == "K2f":
+        return dict(z=z, W_O=W_O, directions=(W_U[:, inp.pair[0]] - W_U[:, inp.pair[1]])[None], scale=scale,
+                    writers=[], with_norms=False)
+    if workload == "K2n":
+        return dict(z=z, W_O=W_O, directions=W_U.T.contiguous(), scale=scale, writers=[], direction_ids=ids,
+                    with_norms=False)
+    if workload == "K1":
+        return dict(z=z, W_O=W_O, directions=W_U.T.contiguous(), scale=scale, writers=list(range(N)),
+                    extra_nodes=inp.mlp_out.reshape(T, M, -1), direction_ids=ids)
+    raise ValueError(f"workload must be K1, K2n or K2f, got {workload!r}")
+
+
 def flops(workload: str, shape: str, n_tokens: int):
     """Nominal FLOPs of the fused formulation (what the math page counts), or None where the work
     depends on the method: next-token DLA in head space costs per distinct target, not per token

@@ -1,0 +1,162 @@
+"""The C++ kernels' own finiteness check of the activations (csrc/kernel_common.h, nonfinite_bit):
+with check_finite=True every fused and DLA-only kernel, on every path this CPU runs and in every
+dtype, checks z and extra_nodes as it reads them and raises `_C.NonFiniteInput` for any NaN or
+infinity, anywhere; finite values (the largest included) pass and leave the outputs bitwise as they
+are without the check. The public calls then raise the contract's error, word for word what the
+torch backend raises before it runs."""
+
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import erasure_fast as ef
+from erasure_fast.backends import cpp
+
+_ok, _why = cpp.available()
+pytestmark = pytest.mark.skipif(not _ok, reason=f"cpp backend unavailable: {_why}")
+
+from conftest import cpu_paths_here  # noqa: E402
+
+PATHS = cpu_paths_here()
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+# fused K1-like (writers, extra nodes), fused fixed set, DLA-only fixed (with norms: the Gram stage),
+# DLA-only gathered by unique reduction and from a table
+ENTRIES = ["fused gathered", "fused fixed", "dla fixed", "dla gathered", "dla table"]
+BAD_VALUES = [float("nan"), float("inf"), float("-inf")]
+
+
+@pytest.fixture(autouse=True)
+def _default_path_after():
+    yield
+    cpp.set_cpu_path(None)
+
+
+def _bitwise_equal(x, y) -> bool:
+    return all(np.array_equal(np.asarray(p).view(np.uint8), np.asarray(q).view(np.uint8))
+               for p, q in zip(x, y) if p is not None)
+
+
+@pytest.mark.parametrize("entry", ENTRIES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("path", PATHS)
+@settings(max_examples=12, deadline=None)
+@given(T=st.integers(1, 70), N=st.integers(1, 9), H=st.integers(1, 40), D=st.integers(1, 50), M=st.integers(0, 3),
+       K=st.integers(1, 5), bad=st.sampled_from(BAD_VALUES + ["largest", None]), in_extra=st.booleans(),
+       where=st.floats(0, 1, exclude_max=True), seed=st.integers(0, 2**16))
+def test_kernel_finds_any_nonfinite_activation(path, dtype, entry, T, N, H, D, M, K, bad, in_extra, where, seed):
+    cpp.set_cpu_path(path)
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*s):
+        return torch.randn(*s, generator=g, dtype=torch.float64).to(dtype)
+
+    z, W_O, dirs = rnd(T, N, H), rnd(N, H, D), rnd(K, D)
+    extra = rnd(T, M, D) if entry == "fused gathered" and M else None
+    target_is_extra = in_extra and extra is not None
+    if bad is not None:
+        t = extra if target_is_extra else z
+        t.view(-1)[int(where * t.numel())] = torch.finfo(dtype).max if bad == "largest" else bad
+    scale = torch.rand(T, generator=g, dtype=torch.float64) + 0.5
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    ids = torch.randint(-1, K, (T,), generator=g)  # tokens without a target: their z is checked too
+    a = lambda t: cpp.kernel_array(t, dtype)  # noqa: E731
+    arr = [a(z), a(W_O), a(dirs), cpp.kernel_array(scale.to(acc), acc)]
+    ids_np = cpp.kernel_array(ids, torch.int64)
+    _C, sfx = cpp.require_extension(), cpp.dtype_suffix(dtype)
+    if entry == "fused gathered":
+        writers = cpp.kernel_array(torch.randint(0, N, (min(N, 3),), generator=g), torch.int64)
+        def run(c):
+            return getattr(_C, f"fused_attribution_{sfx}")(
+                *arr, writers, None if extra is None else a(extra), direction_ids=ids_np, check_finite=c)
+    elif entry == "fused fixed":
+        def run(c):
+            return getattr(_C, f"fused_attribution_{sfx}")(*arr, cpp.kernel_array(torch.arange(N), torch.int64),
+                                                          check_finite=c)
+    elif entry == "dla fixed":
+        def run(c):
+            return getattr(_C, f"dla_fixed_{sfx}")(*arr, norms=True, check_finite=c)[:2]
+    else:
+        table = getattr(_C, f"build_dla_table_{sfx}")(arr[1], arr[2]) if entry == "dla table" else None
+        def run(c):
+            return getattr(_C, f"dla_gathered_{sfx}")(*arr, ids_np, table=table, method="table" if entry == "dla table" else "unique",
+                                                     norms=False, check_finite=c)[:1]
+
+    unchecked = run(False)  # without the check, a kernel computes whatever it reads
+    if bad in BAD_VALUES:
+        name = "extra_nodes" if target_is_extra else "z"
+        with pytest.raises(_C.NonFiniteInput, match=f"^{name} contains non-finite values$"):
+            run(True)
+    else:
+        assert _bitwise_equal(run(True), unchecked)
+
+
+def _public_case(workload, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    T, N, H, D, M, K = 61, 7, 24, 40, 3, 9
+
+    def rnd(*s):
+        return torch.randn(*s, generator=g, dtype=torch.float64).to(dtype)
+
+    kw = dict(z=rnd(T, N, H), W_O=rnd(N, H, D), directions=rnd(K, D),
+              scale=torch.rand(T, generator=g, dtype=torch.float64).to(dtype) + 0.5)
+    if workload == "K1":
+        kw.update(writers=list(range(N)), extra_nodes=rnd(T, M, D), direction_ids=torch.randint(-1, K, (T,), generator=g))
+    elif workload == "K2n":
+        kw.update(writers=[], direction_ids=torch.randint(-1, K, (T,), generator=g), with_norms=False)
+    else:
+        kw.update(writers=[], with_norms=False)
+    return kw
+
+
+@pytest.mark.parametrize("workload,where", [("K1", "z"), ("K1", "extra_nodes"), ("K2n", "z"), ("K2f", "z")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_public_error_is_the_contracts(workload, where, dtype, monkeypatch):
+    """fused_attribution on the cpp backend raises what the torch backend raises before it runs: the
+    input's name and its first bad index (two bad values: the first one is named)."""
+    kw = _public_case(workload, dtype, seed=3)
+    t = kw[where]
+    t[t.shape[0] // 2, 1, 5] = float("nan")
+    t[t.shape[0] - 1, 0, 0] = float("inf")
+    expected = rf"^{where} contains non-finite values \(first at index \[{t.shape[0] // 2}, 1, 5\]\)$"
+    with pytest.raises(ValueError, match=expected):
+        ef.fused_attribution(**kw, backend="cpp")
+    torch_module = importlib.import_module("erasure_fast.backends")._module("torch")
+
+    def boom(_inputs):
+        raise AssertionError("the torch backend ran on non-finite activations")
+
+    monkeypatch.setattr(torch_module, "run", boom)
+    with pytest.raises(ValueError, match=expected):
+        ef.fused_attribution(**kw, backend="torch")
+
+
+def test_check_finite_false_leaves_the_activations_unchecked():
+    """check_finite=False asks for no check anywhere: the cpp kernels compute with the NaN."""
+    kw = _public_case("K2f", torch.float32, seed=4)
+    kw["z"][3, 2, 1] = float("nan")
+    out = ef.fused_attribution(**kw, backend="cpp", check_finite=False)
+    assert torch.isnan(out.dla[3, 2]).all() and torch.isfinite(out.dla[4:]).all()
+
+
+def test_activation_checks_benchmark_runs(tmp_path):
+    # benchmarks/activation_checks.py on a few tokens: a row per workload, dtype and cache state
+    import importlib.util
+    import os
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    spec = importlib.util.spec_from_file_location("activation_checks",
+                                                  os.path.join(here, "..", "benchmarks", "activation_checks.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(["--tokens", "70", "--rounds", "2", "--flush-mib", "8", "--out", str(tmp_path / "a.md")])
+    rows = [line.split("|") for line in (tmp_path / "a.md").read_text().splitlines() if line.startswith("| K")]
+    assert [(r[1].strip(), r[2].strip(), r[3].strip()) for r in rows] == [
+        (w, d, c) for w in ("K1", "K2n", "K2f") for d in ("float32", "bfloat16") for c in ("warm", "cold", "trimmed")]
+    assert all(float(r[4]) > 0 and float(r[5]) > 0 for r in rows)
+    with pytest.raises(SystemExit, match="unknown"):
+        module.main(["--workloads", "K3"])
