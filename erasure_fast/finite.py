@@ -51,6 +51,22 @@ def _rows_finite(t: torch.Tensor, rows: torch.Tensor) -> bool:
     return all_finite(t.index_select(0, rows))
 
 
+def _first_nonfinite(t: torch.Tensor) -> list:
+    """The index of ``t``'s first NaN or infinity in row-major order (there is one), found block by
+    block along dim 0 as `all_finite` reads them: no temporary as large as ``t``, and a value near the
+    start is found without reading the rest."""
+    if t.dim() == 0:
+        return []
+    step = max(1, _FINITE_BLOCK // max(1, t[0].numel()))
+    for i0 in range(0, t.shape[0], step):
+        hits = (~torch.isfinite(t[i0:i0 + step])).nonzero()
+        if hits.numel():
+            first = hits[0].tolist()
+            first[0] += i0
+            return first
+    raise AssertionError("no non-finite value found")  # callers pass tensors that hold one
+
+
 def require_finite(name: str, t: torch.Tensor, rows: Optional[torch.Tensor] = None) -> None:
     """ValueError naming ``name`` and the first bad index unless every value of ``t`` is finite;
     with ``rows`` (int64 indices into dim 0), only those rows are checked. Nothing is cached: every
@@ -58,7 +74,7 @@ def require_finite(name: str, t: torch.Tensor, rows: Optional[torch.Tensor] = No
     if t.numel() == 0 or (all_finite(t) if rows is None else rows.numel() == 0 or _rows_finite(t, rows)):
         return
     part = t if rows is None else t.index_select(0, rows)
-    bad = (~torch.isfinite(part)).nonzero()[0].tolist()
+    bad = _first_nonfinite(part)
     if rows is not None:
         bad[0] = int(rows[bad[0]])
     raise ValueError(f"{name} contains non-finite values (first at index {bad})")

@@ -134,6 +134,26 @@ def test_all_finite_finds_any_bad_value(dtype, shape, bad, where, scale, seed):
     assert all_finite(t) == bool(torch.isfinite(t).all()) == (bad is None)
 
 
+@settings(max_examples=80, deadline=None)
+@given(rows=st.integers(1, 60), cols=st.integers(1, 40), n_bad=st.integers(1, 4),
+       block=st.sampled_from([1, 7, 64, 1 << 20]), seed=st.integers(0, 2**16))
+def test_require_finite_names_the_first_bad_value(rows, cols, n_bad, block, seed):
+    """The error's index is the first NaN / infinity in row-major order, also when the tensor spans
+    several blocks of the check (made small here) and holds bad values in more than one of them."""
+    from erasure_fast import finite
+    from erasure_fast.finite import require_finite
+
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randn(rows, cols, generator=g)
+    flat = torch.randint(0, t.numel(), (n_bad,), generator=g)
+    t.view(-1)[flat] = torch.tensor([float("nan"), float("inf"), float("-inf"), float("nan")])[:n_bad]
+    first = int(flat.min())
+    with pytest.MonkeyPatch.context() as mp, \
+            pytest.raises(ValueError, match=rf"\(first at index \[{first // cols}, {first % cols}\]\)$"):
+        mp.setattr(finite, "_FINITE_BLOCK", block)
+        require_finite("z", t)
+
+
 @settings(max_examples=60, deadline=None)
 @given(dtype=st.sampled_from([torch.float32, torch.float64, torch.float16, torch.bfloat16]),
        n_rows=st.integers(1, 30), d=st.integers(1, 20), n_used=st.integers(0, 40),
