@@ -138,11 +138,9 @@ void fused_attribution(const FusedParams<In>& p) {
   {
 #ifdef _OPENMP
     Scratch<T>& s = scratch[omp_get_thread_num()];
+#pragma omp for schedule(dynamic, 2)
 #else
     Scratch<T>& s = scratch[0];
-#endif
-#ifdef _OPENMP
-#pragma omp for schedule(dynamic, 2)
 #endif
     for (int64_t ti = 0; ti < n_tiles; ++ti) {
       if (nonfinite_found(p.nonfinite)) continue;

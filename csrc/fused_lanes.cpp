@@ -299,11 +299,9 @@ void fused_attribution_lanes(const FusedParams<In>& p) {
   {
 #ifdef _OPENMP
     LaneScratch<T>& s = scratch[omp_get_thread_num()];
+#pragma omp for schedule(dynamic, 1)
 #else
     LaneScratch<T>& s = scratch[0];
-#endif
-#ifdef _OPENMP
-#pragma omp for schedule(dynamic, 1)
 #endif
     for (int64_t ti = 0; ti < n_tiles; ++ti) {
       if (nonfinite_found(p.nonfinite)) continue;
