@@ -25,17 +25,14 @@ import glob
 import importlib.util
 import os
 
-import numpy as np
 import torch
 
 from erasure_fast.backends import cpp
-from erasure_fast.bench import machine, workloads
-from erasure_fast.bench.interleave import CONDITIONS, interleaved
+from erasure_fast.bench import workloads
+from erasure_fast.bench.interleave import add_ab_arguments, run_ab
 from erasure_fast.contract import validate
 
 SHAPE = "gelu-4l"
-WORKLOADS = ("K1", "K2n", "K2f")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def load_other(package_dir: str):
@@ -70,41 +67,17 @@ def main(argv=None) -> str:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--other", required=True, help="folder the other build's package was installed into (--target)")
     p.add_argument("--other-label", default="other", help="its name in the table (e.g. its commit)")
-    p.add_argument("--tokens", type=int, default=8192)
-    p.add_argument("--rounds", type=int, default=10)
-    p.add_argument("--workloads", default=",".join(WORKLOADS))
-    p.add_argument("--dtypes", default=",".join(DTYPES))
-    p.add_argument("--flush-mib", type=int, default=512, help="written before each cold call (more than the caches)")
-    p.add_argument("--out", default=None, help="markdown file for the table (default: print only)")
+    add_ab_arguments(p)
     a = p.parse_args(argv)
-    wanted = a.workloads.split(",")
-    bad = [w for w in wanted if w not in WORKLOADS] + [d for d in a.dtypes.split(",") if d not in DTYPES]
-    if bad:
-        raise SystemExit(f"--workloads / --dtypes: unknown {bad} (workloads {list(WORKLOADS)}, dtypes {list(DTYPES)})")
     builds = {a.other_label: load_other(a.other), "this build": cpp.require_extension()}
-    flush = torch.empty(a.flush_mib * 2**20 // 4)
-    info = machine.describe()
-    lines = [f"# Two builds of the C++ kernels, interleaved ({info['cpu']})", "",
-             f"{machine.cpu_line(info)}; GELU-4L shape, {a.tokens:,} tokens, {a.rounds} rounds (the builds' order"
-             " alternating); time = median; ratio = median of the per-round ratios this build / the other.", "",
-             f"Command: `python benchmarks/ab_builds.py --other-label {a.other_label} --tokens {a.tokens}"
-             f" --rounds {a.rounds} --flush-mib {a.flush_mib}`", "",
-             f"| workload | dtype | caches | {a.other_label} ms | this build ms | ratio |", "|---|---|---|---:|---:|---:|"]
-    for w in wanted:
-        for dname in a.dtypes.split(","):
-            call = kernel_call(w, DTYPES[dname], a.tokens)
-            t = interleaved({b: (lambda m=m: call(m)) for b, m in builds.items()}, a.rounds, flush)
-            for cond in CONDITIONS:
-                o, n = np.array(t[(a.other_label, cond)]), np.array(t[("this build", cond)])
-                lines.append(f"| {w} | {dname} | {cond} | {np.median(o) * 1e3:.2f} | {np.median(n) * 1e3:.2f} |"
-                             f" {np.median(n / o):.3f} |")
-            print(*lines[-len(CONDITIONS):], sep="\n", flush=True)
-    text = "\n".join(lines) + "\n"
-    if a.out:
-        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-        with open(a.out, "w") as f:
-            f.write(text)
-    return text
+
+    def calls_for(workload: str, dtype: torch.dtype) -> dict:
+        call = kernel_call(workload, dtype, a.tokens)
+        return {b: (lambda m=m: call(m)) for b, m in builds.items()}
+
+    return run_ab(a, heading="Two builds of the C++ kernels, interleaved", what="this build / the other",
+                  command=f"python benchmarks/ab_builds.py --other-label {a.other_label}",
+                  labels=(a.other_label, "this build"), calls_for=calls_for)
 
 
 if __name__ == "__main__":

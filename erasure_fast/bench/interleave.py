@@ -42,3 +42,59 @@ def interleaved(calls: Dict[str, Callable[[], object]], rounds: int,
                 times[(b, cond)].append(time.perf_counter() - t0)
                 del out
     return times
+
+
+#: the workloads and dtypes of the A/B scripts (GELU-4L shape, `workloads.random_weight_args`)
+AB_WORKLOADS = ("K1", "K2n", "K2f")
+AB_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def add_ab_arguments(parser) -> None:
+    """The options every A/B script takes: tokens, rounds, workloads, dtypes, flush size, output file."""
+    parser.add_argument("--tokens", type=int, default=8192)
+    parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--workloads", default=",".join(AB_WORKLOADS))
+    parser.add_argument("--dtypes", default=",".join(AB_DTYPES))
+    parser.add_argument("--flush-mib", type=int, default=512, help="written before each cold call (more than the caches)")
+    parser.add_argument("--out", default=None, help="markdown file for the table (default: print only)")
+
+
+def run_ab(args, *, heading: str, what: str, command: str, labels: Tuple[str, str],
+           calls_for: Callable[[str, torch.dtype], Dict[str, Callable[[], object]]]) -> str:
+    """The A/B table of an A/B script: for each workload and dtype of ``args`` (`add_ab_arguments`),
+    the two variants ``calls_for(workload, dtype)`` (keyed by ``labels``: before, after) timed by
+    `interleaved`; time = median, ratio = median of the per-round ratios after / before. Printed row
+    by row, written to ``args.out`` when given, and returned. ``what`` says what the ratio compares."""
+    import os
+
+    import numpy as np
+
+    from . import machine
+
+    wanted, dtypes = args.workloads.split(","), args.dtypes.split(",")
+    bad = [w for w in wanted if w not in AB_WORKLOADS] + [d for d in dtypes if d not in AB_DTYPES]
+    if bad:
+        raise SystemExit(f"--workloads / --dtypes: unknown {bad} (workloads {list(AB_WORKLOADS)}, "
+                         f"dtypes {list(AB_DTYPES)})")
+    flush = torch.empty(args.flush_mib * 2**20 // 4)
+    info = machine.describe()
+    before, after = labels
+    lines = [f"# {heading} ({info['cpu']})", "",
+             f"{machine.cpu_line(info)}; GELU-4L shape, {args.tokens:,} tokens, {args.rounds} rounds (the variants'"
+             f" order alternating); time = median; ratio = median of the per-round ratios {what}.", "",
+             f"Command: `{command} --tokens {args.tokens} --rounds {args.rounds} --flush-mib {args.flush_mib}`", "",
+             f"| workload | dtype | caches | {before} ms | {after} ms | ratio |", "|---|---|---|---:|---:|---:|"]
+    for w in wanted:
+        for dname in dtypes:
+            t = interleaved(calls_for(w, AB_DTYPES[dname]), args.rounds, flush)
+            for cond in CONDITIONS:
+                o, n = np.array(t[(before, cond)]), np.array(t[(after, cond)])
+                lines.append(f"| {w} | {dname} | {cond} | {np.median(o) * 1e3:.2f} | {np.median(n) * 1e3:.2f} |"
+                             f" {np.median(n / o):.3f} |")
+            print(*lines[-len(CONDITIONS):], sep="\n", flush=True)
+    text = "\n".join(lines) + "\n"
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            f.write(text)
+    return text
