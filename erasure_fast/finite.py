@@ -10,33 +10,59 @@ import torch
 _FINITE_BLOCK = 1 << 20  # elements per block of the finiteness check
 
 
-def all_finite(t: torch.Tensor) -> bool:
-    """Whether every value of ``t`` is finite. A finite sum proves it in one read without temporaries
-    (a NaN or an infinity makes any sum NaN or infinite): ~14x faster than isfinite on a K1-sized z.
-    Half types are not summed into float32, which torch does only through a converted copy (19 ms
-    against 0.7 ms on a K1-sized z, 2 threads): bfloat16 is summed in its own type (float32's range),
-    float16, whose sums overflow at 65504, by its smallest and largest value (aminmax propagates NaN;
-    an infinity is one of them). Only a non-finite result -- a bad value, or finite values overflowing
-    the sum -- leads to the exact check, in blocks along dim 0 (isfinite makes temporaries as large
-    as its input)."""
-    if t.numel() == 0:
-        return True
+def _sum_finite(t: torch.Tensor) -> bool:
+    """True proves every value of ``t`` finite, in one read without temporaries (a NaN or an infinity
+    makes any sum NaN or infinite); False may also mean finite values overflowing the sum."""
     if t.dtype == torch.float16:
         lo, hi = torch.aminmax(t)
-        finite = torch.isfinite(lo) & torch.isfinite(hi)
-    elif t.dtype == torch.bfloat16:
-        finite = torch.isfinite(t.sum())
-    else:
-        finite = torch.isfinite(t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32))
-    if bool(finite):
-        return True
-    if t.numel() <= _FINITE_BLOCK or t.dim() == 0:
-        return bool(torch.isfinite(t).all())
+        return bool(torch.isfinite(lo) & torch.isfinite(hi))
+    if t.dtype == torch.bfloat16:
+        return bool(torch.isfinite(t.sum()))
+    return bool(torch.isfinite(t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)))
+
+
+def _unravel(i: int, shape) -> list:
+    """The multi-index of flat (row-major) index ``i`` in ``shape``."""
+    index = []
+    for n in reversed(shape):
+        i, r = divmod(i, n)
+        index.append(r)
+    return index[::-1]
+
+
+def _first_nonfinite(t: torch.Tensor) -> Optional[list]:
+    """The index of ``t``'s first NaN or infinity in row-major order, or None when every value is
+    finite. Read in blocks (isfinite makes temporaries as large as its input) -- a contiguous tensor's
+    flat view in blocks of _FINITE_BLOCK values, any other along dim 0 -- so a value near the start
+    is found without reading the rest."""
+    if t.dim() == 0:
+        return None if bool(torch.isfinite(t)) else []
     if t.is_contiguous():
-        blocks = t.view(-1).split(_FINITE_BLOCK)
-    else:
-        blocks = t.split(max(1, _FINITE_BLOCK // max(1, t[0].numel())), dim=0)
-    return all(bool(torch.isfinite(b).all()) for b in blocks)
+        flat = t.view(-1)
+        for i0 in range(0, flat.numel(), _FINITE_BLOCK):
+            bad = ~torch.isfinite(flat[i0:i0 + _FINITE_BLOCK])
+            if bool(bad.any()):
+                return _unravel(i0 + int(bad.nonzero()[0, 0]), t.shape)
+        return None
+    step = max(1, _FINITE_BLOCK // max(1, t[0].numel()))
+    for i0 in range(0, t.shape[0], step):
+        bad = ~torch.isfinite(t[i0:i0 + step])
+        if bool(bad.any()):
+            first = bad.nonzero()[0].tolist()
+            first[0] += i0
+            return first
+    return None
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether every value of ``t`` is finite. A finite sum proves it in one read without temporaries:
+    ~14x faster than isfinite on a K1-sized z. Half types are not summed into float32, which torch
+    does only through a converted copy (19 ms against 0.7 ms on a K1-sized z, 2 threads): bfloat16 is
+    summed in its own type (float32's range), float16, whose sums overflow at 65504, by its smallest
+    and largest value (aminmax propagates NaN; an infinity is one of them). Only a non-finite result
+    -- a bad value, or finite values overflowing the sum -- leads to the exact check, block by block
+    (`_first_nonfinite`)."""
+    return t.numel() == 0 or _sum_finite(t) or _first_nonfinite(t) is None
 
 
 def _rows_finite(t: torch.Tensor, rows: torch.Tensor) -> bool:
@@ -51,30 +77,15 @@ def _rows_finite(t: torch.Tensor, rows: torch.Tensor) -> bool:
     return all_finite(t.index_select(0, rows))
 
 
-def _first_nonfinite(t: torch.Tensor) -> list:
-    """The index of ``t``'s first NaN or infinity in row-major order (there is one), found block by
-    block along dim 0 as `all_finite` reads them: no temporary as large as ``t``, and a value near the
-    start is found without reading the rest."""
-    if t.dim() == 0:
-        return []
-    step = max(1, _FINITE_BLOCK // max(1, t[0].numel()))
-    for i0 in range(0, t.shape[0], step):
-        hits = (~torch.isfinite(t[i0:i0 + step])).nonzero()
-        if hits.numel():
-            first = hits[0].tolist()
-            first[0] += i0
-            return first
-    raise AssertionError("no non-finite value found")  # callers pass tensors that hold one
-
-
 def require_finite(name: str, t: torch.Tensor, rows: Optional[torch.Tensor] = None) -> None:
     """ValueError naming ``name`` and the first bad index unless every value of ``t`` is finite;
     with ``rows`` (int64 indices into dim 0), only those rows are checked. Nothing is cached: every
     call reads the values it checks."""
-    if t.numel() == 0 or (all_finite(t) if rows is None else rows.numel() == 0 or _rows_finite(t, rows)):
+    if t.numel() == 0 or (_sum_finite(t) if rows is None else rows.numel() == 0 or _rows_finite(t, rows)):
         return
-    part = t if rows is None else t.index_select(0, rows)
-    bad = _first_nonfinite(part)
+    bad = _first_nonfinite(t if rows is None else t.index_select(0, rows))  # one exact read
+    if bad is None:  # finite values whose sum overflowed
+        return
     if rows is not None:
         bad[0] = int(rows[bad[0]])
     raise ValueError(f"{name} contains non-finite values (first at index {bad})")

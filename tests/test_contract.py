@@ -136,10 +136,11 @@ def test_all_finite_finds_any_bad_value(dtype, shape, bad, where, scale, seed):
 
 @settings(max_examples=80, deadline=None)
 @given(rows=st.integers(1, 60), cols=st.integers(1, 40), n_bad=st.integers(1, 4),
-       block=st.sampled_from([1, 7, 64, 1 << 20]), seed=st.integers(0, 2**16))
-def test_require_finite_names_the_first_bad_value(rows, cols, n_bad, block, seed):
+       block=st.sampled_from([1, 7, 64, 1 << 20]), contiguous=st.booleans(), seed=st.integers(0, 2**16))
+def test_require_finite_names_the_first_bad_value(rows, cols, n_bad, block, contiguous, seed):
     """The error's index is the first NaN / infinity in row-major order, also when the tensor spans
-    several blocks of the check (made small here) and holds bad values in more than one of them."""
+    several blocks of the check (made small here; a contiguous tensor's flat view, any other along
+    dim 0) and holds bad values in more than one of them."""
     from erasure_fast import finite
     from erasure_fast.finite import require_finite
 
@@ -148,6 +149,8 @@ def test_require_finite_names_the_first_bad_value(rows, cols, n_bad, block, seed
     flat = torch.randint(0, t.numel(), (n_bad,), generator=g)
     t.view(-1)[flat] = torch.tensor([float("nan"), float("inf"), float("-inf"), float("nan")])[:n_bad]
     first = int(flat.min())
+    if not contiguous:  # the same values, columns contiguous
+        t = t.T.contiguous().T
     with pytest.MonkeyPatch.context() as mp, \
             pytest.raises(ValueError, match=rf"\(first at index \[{first // cols}, {first % cols}\]\)$"):
         mp.setattr(finite, "_FINITE_BLOCK", block)
