@@ -48,7 +48,7 @@ import torch
 from .backends import get_backend
 from .backends.base import FusedInputs, FusedOutputs, accumulation_dtype  # noqa: F401 (the contract's types)
 from .deferred_checks import DeferredChecks
-from .finite import all_finite, require_finite  # noqa: F401 (re-exported: the contract's checks)
+from .finite import all_finite, require_finite, require_finite_activations  # noqa: F401 (re-exported: the contract's checks)
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
@@ -255,8 +255,7 @@ def run_backend(impl, inputs: FusedInputs) -> FusedOutputs:
     that `checks_activations` checks them as its kernels read them; for any other they are checked
     here first."""
     if inputs.check_activations and not impl.checks_activations:
-        require_finite("z", inputs.z)
-        require_finite("extra_nodes", inputs.extra_nodes)
+        require_finite_activations(inputs.z, inputs.extra_nodes)
         inputs = dataclasses.replace(inputs, check_activations=False)
     return impl.run(inputs)
 

@@ -89,3 +89,10 @@ def require_finite(name: str, t: torch.Tensor, rows: Optional[torch.Tensor] = No
     if rows is not None:
         bad[0] = int(rows[bad[0]])
     raise ValueError(f"{name} contains non-finite values (first at index {bad})")
+
+
+def require_finite_activations(z: torch.Tensor, extra_nodes: torch.Tensor) -> None:
+    """`require_finite` of the contract's activations in its order: z, then extra_nodes (the error
+    names the first input with a bad value)."""
+    require_finite("z", z)
+    require_finite("extra_nodes", extra_nodes)

@@ -51,7 +51,7 @@ import numpy as np
 import torch
 
 from .base import FusedInputs, FusedOutputs, accumulation_dtype
-from ..finite import require_finite
+from ..finite import require_finite_activations
 
 NAME = "cpp"
 DEVICES = ("cpu",)
@@ -295,13 +295,12 @@ def dla_fixed(z: torch.Tensor, W_O: torch.Tensor, directions: torch.Tensor, scal
 def _checked_call(_C, inp: FusedInputs, fn, *args, **kwargs):
     """``fn(*args, **kwargs)``, a kernel entry of ``_C``; with ``inp.check_activations`` the kernel
     checks z and extra_nodes as it reads them, and a NaN or an infinity raises the contract's error,
-    which names the input and the first bad index (`require_finite`; the outputs are dropped)."""
+    which names the input and the first bad index (`require_finite_activations`; the outputs are dropped)."""
     try:
         return fn(*args, check_finite=inp.check_activations, **kwargs)
     except _C.NonFiniteInput:
         pass
-    require_finite("z", inp.z)
-    require_finite("extra_nodes", inp.extra_nodes)
+    require_finite_activations(inp.z, inp.extra_nodes)
     raise RuntimeError("the C++ kernel reported a NaN or an infinity in z or extra_nodes that a second "
                        "read does not find")
 
