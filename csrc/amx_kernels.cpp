@@ -241,10 +241,8 @@ void fused_attribution_amx(const FusedParams<Bf16>& p) {
       if (gathered)
         for (int64_t i = 0; i < nt; ++i)
           token_dir<In>(directions, D, direction_ids, incorrect_ids, t0 + i, center, s.dir.get() + i * D);
-      if (p.nonfinite) {  // a bad value: no output is returned, so the item's work is skipped
-        report_nonfinite(p.nonfinite, nonfinite_tokens<In>(z, N * H, extra, M * D, t0, nt));
-        if (nonfinite_found(p.nonfinite)) continue;
-      }
+      // a bad value: no output is returned, so the item's work is skipped
+      if (nonfinite_item<In>(p.nonfinite, z, N * H, extra, M * D, t0, nt)) continue;
 
       for (int64_t c0 = 0; c0 < Dp; c0 += DC) {
         const bool first = c0 == 0;

@@ -724,7 +724,7 @@ void dla_tokens(const typename In::storage* z_in, const typename In::acc* A, int
         }
       }
       // after the tile's stages: its z is in cache now
-      if (nonfinite) report_nonfinite(nonfinite, nonfinite_tokens<In>(z_in, NH, nullptr, 0, t0, nt));
+      nonfinite_item<In>(nonfinite, z_in, NH, nullptr, 0, t0, nt);
     }
   }
 }

@@ -171,10 +171,8 @@ void fused_attribution(const FusedParams<In>& p) {
         for (int64_t i = 0; i < nt; ++i)
           token_dir<In>(directions, D, direction_ids, incorrect_ids, t0 + i, center, s.dv.get() + i * D);
       if (!kNative && M > 0) load_row<In>(extra + t0 * M * D, nt * M * D, s.ex.get());
-      if (p.nonfinite) {  // a bad value: no output is returned, so the item's work is skipped
-        report_nonfinite(p.nonfinite, nonfinite_tokens<In>(z, N * H, extra, M * D, t0, nt));
-        if (nonfinite_found(p.nonfinite)) continue;
-      }
+      // a bad value: no output is returned, so the item's work is skipped
+      if (nonfinite_item<In>(p.nonfinite, z, N * H, extra, M * D, t0, nt)) continue;
 
       // One pass over columns [c0, c0 + cw); the first pass writes the outputs (kAcc false: no
       // zero-fill beforehand), later passes add to them. Every output element gets written in

@@ -335,10 +335,8 @@ void fused_attribution_lanes(const FusedParams<In>& p) {
             token_dir<In>(directions, D, direction_ids, incorrect_ids, tv + i, center, dv + i * D);
           pack_lanes<Native<T>>(dv, D, nl, D, dt_of(u) + v * L, TL);
         }
-      if (p.nonfinite) {  // a bad value: no output is returned, so the item's work is skipped
-        report_nonfinite(p.nonfinite, nonfinite_tokens<In>(z, NH, extra, M * D, t0, nt));
-        if (nonfinite_found(p.nonfinite)) continue;
-      }
+      // a bad value: no output is returned, so the item's work is skipped
+      if (nonfinite_item<In>(p.nonfinite, z, NH, extra, M * D, t0, nt)) continue;
 
       for (int64_t c0 = 0; c0 < D; c0 += DC) {
         const bool first = c0 == 0;

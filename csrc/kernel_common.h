@@ -440,16 +440,6 @@ inline unsigned nonfinite_bit(const typename In::storage* __restrict x, int64_t 
   return found ? bit : 0u;
 }
 
-// The check of one work item's activations, tokens [t0, t0 + nt) of z [T, NH] and extra [T, MD]
-// (MD = 0: none): kNonfiniteZ | kNonfiniteExtra as found.
-template <typename In>
-inline unsigned nonfinite_tokens(const typename In::storage* z, int64_t NH, const typename In::storage* extra,
-                                 int64_t MD, int64_t t0, int64_t nt) {
-  unsigned found = nonfinite_bit<In>(z + t0 * NH, nt * NH, kNonfiniteZ);
-  if (MD > 0) found |= nonfinite_bit<In>(extra + t0 * MD, nt * MD, kNonfiniteExtra);
-  return found;
-}
-
 // Adds what a thread found to the call's report at once, so that every thread stops early.
 inline void report_nonfinite(unsigned* report, unsigned found) {
   if (report && found) __atomic_fetch_or(report, found, __ATOMIC_RELAXED);
@@ -459,6 +449,20 @@ inline void report_nonfinite(unsigned* report, unsigned found) {
 // raises instead of returning outputs, so a bad token early in a long call does not wait for the rest).
 inline bool nonfinite_found(const unsigned* report) {
   return report && __atomic_load_n(report, __ATOMIC_RELAXED) != 0;
+}
+
+// The check of one work item's activations, tokens [t0, t0 + nt) of z [T, NH] and extra [T, MD]
+// (MD = 0: none), where the call asked for it (report non-null): reports kNonfiniteZ /
+// kNonfiniteExtra as found, and says whether the call has found a bad value -- here or in another
+// thread -- so that the caller skips the item's work.
+template <typename In>
+inline bool nonfinite_item(unsigned* report, const typename In::storage* z, int64_t NH,
+                           const typename In::storage* extra, int64_t MD, int64_t t0, int64_t nt) {
+  if (!report) return false;
+  unsigned found = nonfinite_bit<In>(z + t0 * NH, nt * NH, kNonfiniteZ);
+  if (MD > 0) found |= nonfinite_bit<In>(extra + t0 * MD, nt * MD, kNonfiniteExtra);
+  report_nonfinite(report, found);
+  return nonfinite_found(report);
 }
 
 // x rounded up to a multiple of m.
