@@ -21,6 +21,7 @@ import torch
 
 from ..contract import FusedOutputs, fused_attribution, projection_ratio, validate
 from ..models import model_spec
+from .workloads import kernel_args
 
 
 @dataclass(frozen=True)
@@ -92,22 +93,7 @@ def transformer_lens(model, inp, workload: str) -> PreparedWorkload:
 def contract_args(model, inp, workload: str) -> dict:
     """The `fused_attribution` keyword arguments of a workload (also what the reference is run on)."""
     spec = model_spec(model)
-    B, P, L, H, dh = inp.z.shape
-    T = B * P
-    z = inp.z.reshape(T, L * H, dh)
-    W_O = spec.W_O.to(z.device, z.dtype)
-    scale = inp.scale.reshape(T)
-    if workload == "K2f":
-        c, i = inp.pair
-        d = (spec.W_U[:, c] - spec.W_U[:, i]).to(z.device, z.dtype)[None]
-        return dict(z=z, W_O=W_O, directions=d, scale=scale, writers=[], center=spec.center, with_norms=False)
-    args = dict(z=z, W_O=W_O, directions=spec.directions.to(z.device, z.dtype), scale=scale,
-                direction_ids=inp.next_ids.reshape(T), center=spec.center)
-    if workload == "K1":
-        args.update(writers=list(range(L * H)), extra_nodes=inp.mlp_out.reshape(T, L, -1))
-    else:
-        args.update(writers=[], with_norms=False)
-    return args
+    return kernel_args(inp, workload, spec.W_O, spec.W_U, spec.directions, spec.center)
 
 
 def contract_canonical(workload: str):

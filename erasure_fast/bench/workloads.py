@@ -12,6 +12,7 @@ C1  capture: the forward pass without unembedding, keeping z, MLP outputs, embed
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -56,28 +57,41 @@ def make_inputs(shape: str, n_tokens: int, device, dtype=torch.float32, seed: in
     return KernelInputs(shape, z, mlp, scale, tokens, nxt, (int(perm[0]), int(perm[1])))
 
 
+def kernel_args(inp: KernelInputs, workload: str, W_O: torch.Tensor, W_U: torch.Tensor,
+                directions: Optional[torch.Tensor] = None, center: bool = True) -> dict:
+    """The `fused_attribution` keyword arguments of K1 / K2n / K2f for the activations ``inp`` and the
+    weights W_O [N, d_head, d_model] and W_U [d_model, d_vocab] (next-token ``directions``: W_U's
+    columns as rows, W_U.T unless given), moved to z's device and dtype."""
+    B, P, L, H, dh = inp.z.shape
+    T = B * P
+    z = inp.z.reshape(T, L * H, dh)
+    W_O = W_O.to(z.device, z.dtype)
+    scale = inp.scale.reshape(T)
+    if workload == "K2f":
+        c, i = inp.pair
+        d = (W_U[:, c] - W_U[:, i]).to(z.device, z.dtype)[None]
+        return dict(z=z, W_O=W_O, directions=d, scale=scale, writers=[], center=center, with_norms=False)
+    if workload not in ("K1", "K2n"):
+        raise ValueError(f"workload must be K1, K2n or K2f, got {workload!r}")
+    directions = W_U.T.contiguous() if directions is None else directions
+    args = dict(z=z, W_O=W_O, directions=directions.to(z.device, z.dtype), scale=scale,
+                direction_ids=inp.next_ids.reshape(T), center=center)
+    if workload == "K1":
+        args.update(writers=list(range(L * H)), extra_nodes=inp.mlp_out.reshape(T, L, -1))
+    else:
+        args.update(writers=[], with_norms=False)
+    return args
+
+
 def random_weight_args(workload: str, shape: str, n_tokens: int, dtype=torch.float32, seed: int = 0) -> dict:
-    """`fused_attribution` keyword arguments of K1 / K2n / K2f on random weights of ``shape`` (W_O
-    scaled by d_head^-1/2, a normal W_U) and `make_inputs`' activations, on the CPU: for timing the
-    kernels and the public call without a model."""
+    """`kernel_args` on random weights of ``shape`` (W_O scaled by d_head^-1/2, a normal W_U) and
+    `make_inputs`' activations, on the CPU: for timing the kernels and the public call without a model."""
     d = SHAPES[shape]
-    N, M = d["n_layers"] * d["n_heads"], d["n_layers"]
-    inp = make_inputs(shape, n_tokens, "cpu", dtype, seed=seed)
+    N = d["n_layers"] * d["n_heads"]
     g = torch.Generator().manual_seed(seed + 1)
     W_O = (torch.randn(N, d["d_head"], d["d_model"], generator=g) * d["d_head"] ** -0.5).to(dtype)
     W_U = torch.randn(d["d_model"], d["d_vocab"], generator=g).to(dtype)
-    T = inp.n_tokens
-    z, scale, ids = inp.z.reshape(T, N, -1), inp.scale.reshape(T), inp.next_ids.reshape(T)
-    if workload == "K2f":
-        return dict(z=z, W_O=W_O, directions=(W_U[:, inp.pair[0]] - W_U[:, inp.pair[1]])[None], scale=scale,
-                    writers=[], with_norms=False)
-    if workload == "K2n":
-        return dict(z=z, W_O=W_O, directions=W_U.T.contiguous(), scale=scale, writers=[], direction_ids=ids,
-                    with_norms=False)
-    if workload == "K1":
-        return dict(z=z, W_O=W_O, directions=W_U.T.contiguous(), scale=scale, writers=list(range(N)),
-                    extra_nodes=inp.mlp_out.reshape(T, M, -1), direction_ids=ids)
-    raise ValueError(f"workload must be K1, K2n or K2f, got {workload!r}")
+    return kernel_args(make_inputs(shape, n_tokens, "cpu", dtype, seed=seed), workload, W_O, W_U)
 
 
 def flops(workload: str, shape: str, n_tokens: int):
