@@ -6,16 +6,18 @@
 // d_model:
 //   project  R[t][n][pass] = z[t][n][:] @ W_O[n][:, pass] in fp32 (tiles: 16 tokens x 16 columns,
 //            z read as it is, W_O packed once per call in the tile unit's pair-interleaved layout);
-//   split    every token's rows into bf16 parts, R = hi + lo + e (bf16 keeps 8 significant bits:
-//            |lo| <= 2^-8 |R|, |e| = |R - hi - lo| <= 2^-16 |R|), with the
-//            nodes that are not head outputs as further rows: extra nodes (bf16 inputs: hi only)
-//            and the DLA directions (centred in fp32, split the same way);
+//   split    every token's head rows into bf16 parts, R = hi + lo + e (bf16 keeps 8 significant bits:
+//            |lo| <= 2^-8 |R|, |e| = |R - hi - lo| <= 2^-16 |R|); the other rows are exact in bf16:
+//            the extra nodes (bf16 inputs) and each DLA direction (centred in fp32) as two rows, its
+//            parts hi and lo;
 //   Gram     per token, Q += Hi @ Hi^T + (2 Lo) @ Hi^T over the pass (Hi^T in the tile layout by
-//            16 x 16 register transposes); the accumulators Q [R x R] stay in memory between passes.
-// Then Gram = (Q + Q^T) / 2 = Hi Hi^T + Lo Hi^T + Hi Lo^T: every dot of two rows with lo x lo and
+//            16 x 16 register transposes; the exact rows have no lo, so a block of them takes only
+//            the first product); the accumulators Q [R x R] stay in memory between passes.
+// Then Gram = (Q + Q^T) / 2 = Hi Hi^T + Lo Hi^T + Hi Lo^T: every dot of two head rows with lo x lo and
 // the e terms left out, at most 3 x 2^-16 (4.6e-5) of |a| |b| for rows a, b (observed up to 2.3e-5
-// of the outputs' scale). dots, norms (the diagonal) and the DLA (a head row against the
-// direction row, / scale) are read from it. Products of bf16 values are exact in fp32 and the tile
+// of the outputs' scale); a head row against an exact row x is (hi + lo) . x. dots, norms (the
+// diagonal) and the DLA (a head row against the direction's two rows, / scale) are read from it;
+// blocks of exact rows against each other are left out, but for the diagonal (the extra nodes' norms). Products of bf16 values are exact in fp32 and the tile
 // unit accumulates in fp32; its inputs and outputs are flushed to zero below 1.2e-38 (bf16 / fp32
 // subnormals), values far below any activation's scale.
 //
@@ -58,15 +60,36 @@ inline void split_store(const float* src, uint16_t* hi, uint16_t* lo2) {
   _mm512_storeu_si512(lo2, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(_mm512_add_ps(r1, r1), _mm512_add_ps(r0, r0))));
 }
 
+// hi[0 .. n) = bf16(x), lo[0 .. n) = bf16(x - hi) for x = src[0 .. n), zero up to 32.
+inline void split_exact_rows(const float* src, int64_t n, uint16_t* hi, uint16_t* lo) {
+  const __mmask16 m0 = n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << std::max<int64_t>(n, 0)) - 1);
+  const __mmask16 m1 = n >= 32 ? 0xFFFF : n <= 16 ? 0 : static_cast<__mmask16>((1u << (n - 16)) - 1);
+  const __m512 x0 = _mm512_maskz_loadu_ps(m0, src), x1 = _mm512_maskz_loadu_ps(m1, src + 16);
+  const __m512i hb = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(x1, x0));
+  const __m512 h0 = widen_bf16(_mm512_castsi512_si256(hb)), h1 = widen_bf16(_mm512_extracti64x4_epi64(hb, 1));
+  _mm512_storeu_si512(hi, hb);
+  _mm512_storeu_si512(lo, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(_mm512_sub_ps(x1, h1), _mm512_sub_ps(x0, h0))));
+}
+
+// dst[0 .. n) = src[0 .. n), dst[n .. n_pad) = 0 (16-bit values; n_pad a multiple of 32).
+inline void copy_pad_u16(const uint16_t* src, int64_t n, int64_t n_pad, uint16_t* dst) {
+  for (int64_t i = 0; i < n_pad; i += 32) {
+    const int64_t k = std::max<int64_t>(0, std::min<int64_t>(32, n - i));
+    const __mmask32 m = k == 32 ? 0xFFFFFFFFu : static_cast<__mmask32>((1u << k) - 1);
+    _mm512_storeu_si512(dst + i, _mm512_maskz_loadu_epi16(m, src + i));
+  }
+}
+
 // Q[rb*16 .., cb*16 ..] += [Hi | 2 Lo][rb] @ [Hi^T ; Hi^T][cb] for the row blocks rb0 .. rb0 + nr
-// (nr <= kGroup): A = hi and 2 lo rows [Rp][DC] bf16, B = Hi^T pairs [DC / 2][Rp] u32 (n_ks k-steps
-// of 32 columns, run twice: hi rows, then 2 lo rows), Q [Rp][Rp] fp32. Accumulator r of the group
+// (nr <= kGroup), the 2 Lo product only for the first nr_lo of them (the others have no lo): A = hi
+// and 2 lo rows [Rp][DC] bf16, B = Hi^T pairs [DC / 2][Rp] u32 (n_ks k-steps of 32 columns, run
+// twice: hi rows, then 2 lo rows), Q [Rp][Rp] fp32. Accumulator r of the group
 // lives in tile register r, its A tile in 3 + r; B alternates between tmm6 and tmm7, so a k-step's B
 // loads while the previous one is still read. Each accumulator takes a product every kGroup
 // products, which covers the tile unit's latency. (The tile intrinsics take literal registers,
 // hence the macros.)
 void gram_group(const uint16_t* hi, const uint16_t* lo2, const uint32_t* bt, float* Q, int64_t Rp, int64_t cb,
-                int64_t rb0, int nr, int64_t n_ks, int64_t DC, bool first) {
+                int64_t rb0, int nr, int nr_lo, int64_t n_ks, int64_t DC, bool first) {
   auto q = [&](int r) { return Q + ((rb0 + r) * 16) * Rp + cb * 16; };
 #define EF_Q_LOAD(I)                \
   if (nr > I) {                     \
@@ -78,14 +101,16 @@ void gram_group(const uint16_t* hi, const uint16_t* lo2, const uint32_t* bt, flo
   EF_Q_LOAD(0) EF_Q_LOAD(1) EF_Q_LOAD(2)
 #undef EF_Q_LOAD
 #define EF_GRAM_ROW(I, A, B)                                   \
-  if (nr > I) {                                                \
+  if (rows > I) {                                              \
     _tile_loadd(A, a + (rb0 + I) * 16 * DC + ks * 32, DC * 2); \
     _tile_dpbf16ps(I, A, B);                                   \
   }
-  for (int64_t step = 0; step < 2 * n_ks; step += 2)
-    for (int h = 0; h < 2; ++h) {
+  const int64_t n_steps = nr_lo > 0 ? 2 * n_ks : n_ks;
+  for (int64_t step = 0; step < n_steps; step += 2)
+    for (int h = 0; h < 2 && step + h < n_steps; ++h) {
       const int64_t s = step + h, ks = s % n_ks;
       const uint16_t* a = s < n_ks ? hi : lo2;
+      const int rows = s < n_ks ? nr : nr_lo;
       if (h == 0) {
         _tile_loadd(6, bt + (ks * 16) * Rp + cb * 16, Rp * 4);
         EF_GRAM_ROW(0, 3, 6) EF_GRAM_ROW(1, 4, 6) EF_GRAM_ROW(2, 5, 6)
@@ -101,12 +126,14 @@ void gram_group(const uint16_t* hi, const uint16_t* lo2, const uint32_t* bt, flo
 #undef EF_Q_STORE
 }
 
-// G = (Q + Q^T) / 2 for Q [Rp][Rp] (Rp a multiple of 16), block by block through register transposes.
-void symmetrize(const float* Q, int64_t Rp, float* G) {
+// G = (Q + Q^T) / 2 for Q [Rp][Rp] (Rp a multiple of 16), block by block through register transposes,
+// but for the blocks of two exact-row blocks (from row Ph on), which are not computed.
+void symmetrize(const float* Q, int64_t Rp, int64_t Ph, float* G) {
   __m512 t[16];
   const __m512 half = _mm512_set1_ps(0.5f);
   for (int64_t rb = 0; rb < Rp; rb += 16)
     for (int64_t cb = 0; cb < Rp; cb += 16) {
+      if (rb >= Ph && cb >= Ph) continue;
       for (int i = 0; i < 16; ++i) t[i] = _mm512_loadu_ps(Q + (cb + i) * Rp + rb);  // block (cb, rb)
       transpose_lanes(t);                                                            // -> (rb, cb) of Q^T
       for (int i = 0; i < 16; ++i)
@@ -161,14 +188,15 @@ void fused_attribution_amx(const FusedParams<Bf16>& p) {
                 M = n_extra, NM = N + M;
   if (T_ <= 0 || N <= 0 || H <= 0 || D <= 0) return;
   const bool gathered = direction_ids != nullptr;
-  const int64_t Kd = gathered ? 1 : K;  // direction rows per token
-  const int64_t R = NM + Kd, Rp = round_up(R, 16);
+  const int64_t Kd = gathered ? 1 : K;  // directions per token, two rows each (hi, lo)
+  const int64_t R = NM + 2 * Kd, Rp = round_up(R, 16);
+  const int64_t Ph = round_up(N, 16);   // rows from Ph on are exact in bf16 (no lo)
   const int64_t Hp = round_up(H, 32), n_ks_h = Hp / 32;
   const int64_t Dp = round_up(D, 32);
   const int64_t DC = std::min(Dp, round_up(chunk_cols > 0 ? chunk_cols : kChunk, 32));
   const int64_t n_jb = Dp / 16;  // 16-column blocks of the projection
   const int64_t n_tiles = (T_ + kTile - 1) / kTile;
-  const int64_t dir0 = NM;       // first direction row
+  const int64_t dir0 = NM;       // first direction row: direction k's parts are rows dir0 + 2k, + 1
 
   // W_O in the tile layout: Wv[n][jb][ks] = 16 pairs x 16 columns x 2 (zero past H and D).
   Buf<uint16_t> wv(static_cast<size_t>(N * n_jb * n_ks_h * 512));
@@ -233,10 +261,7 @@ void fused_attribution_amx(const FusedParams<Bf16>& p) {
       for (int64_t n = 0; n < N; ++n)
         for (int64_t i = 0; i < kTile; ++i) {
           uint16_t* dst = zp + (n * kTile + i) * Hp;
-          if (i < nt)
-            std::memcpy(dst, z + ((t0 + i) * N + n) * H, sizeof(uint16_t) * H);
-          else
-            std::fill(dst, dst + H, uint16_t(0));
+          copy_pad_u16(z + ((t0 + i) * N + n) * H, i < nt ? H : 0, Hp, dst);
         }
       if (gathered)
         for (int64_t i = 0; i < nt; ++i)
@@ -287,35 +312,42 @@ void fused_attribution_amx(const FusedParams<Bf16>& p) {
         // the other rows of the pass: extra nodes (exact in bf16) and the directions
         for (int64_t i = 0; i < nt; ++i) {
           uint16_t* hbase = s.hi.get() + i * Rp * DC;
-          uint16_t* lbase = s.lo2.get() + i * Rp * DC;
-          for (int64_t m = 0; m < M; ++m) {
-            uint16_t* h = hbase + (N + m) * DC;
-            std::memcpy(h, extra + ((t0 + i) * M + m) * D + c0, sizeof(uint16_t) * len);
-            std::fill(h + len, h + dc, uint16_t(0));
-          }
+          for (int64_t m = 0; m < M; ++m)
+            copy_pad_u16(extra + ((t0 + i) * M + m) * D + c0, len, dc, hbase + (N + m) * DC);
           for (int64_t k = 0; k < Kd; ++k) {
-            const float* src = gathered ? s.dir.get() + i * D : fixed.get() + k * D;
-            uint16_t* h = hbase + (dir0 + k) * DC;
-            uint16_t* l = lbase + (dir0 + k) * DC;
-            for (int64_t d = 0; d < dc; d += 32) {
-              const int64_t n_real = std::max<int64_t>(0, std::min<int64_t>(32, len - d));
-              alignas(64) float tmp[32] = {};
-              std::memcpy(tmp, src + c0 + d, sizeof(float) * n_real);
-              split_store(tmp, h + d, l + d);
-            }
+            const float* src = (gathered ? s.dir.get() + i * D : fixed.get() + k * D) + c0;
+            uint16_t* h = hbase + (dir0 + 2 * k) * DC;
+            for (int64_t d = 0; d < dc; d += 32) split_exact_rows(src + d, len - d, h + d, h + DC + d);
           }
         }
         // Gram per token: Q += Hi Hi^T + 2 Lo Hi^T over the pass
-        const int64_t nrb = Rp / 16;
+        const int64_t nrb = Rp / 16, nhb = Ph / 16;
         for (int64_t i = 0; i < nt; ++i) {
           const uint16_t* hi = s.hi.get() + i * Rp * DC;
           const uint16_t* lo2 = s.lo2.get() + i * Rp * DC;
           transpose_pairs(hi, Rp, DC, dc / 2, s.bt.get());
           float* Q = s.q.get() + i * Rp * Rp;
-          for (int64_t cb = 0; cb < nrb; ++cb)
-            for (int64_t rb0 = 0; rb0 < nrb; rb0 += kGroup)
-              gram_group(hi, lo2, s.bt.get(), Q, Rp, cb, rb0, static_cast<int>(std::min<int64_t>(kGroup, nrb - rb0)),
-                         dc / 32, DC, first);
+          auto gram_rows = [&](int64_t cb, int64_t rb0, int64_t nr, int64_t nr_lo) {
+            gram_group(hi, lo2, s.bt.get(), Q, Rp, cb, rb0, static_cast<int>(nr), static_cast<int>(nr_lo), dc / 32, DC,
+                       first);
+          };
+          for (int64_t cb = 0; cb < nrb; ++cb) {
+            if (cb < nhb) {  // a column block of heads: every row block
+              for (int64_t rb0 = 0; rb0 < nrb; rb0 += kGroup) {
+                const int64_t nr = std::min<int64_t>(kGroup, nrb - rb0);
+                gram_rows(cb, rb0, nr, std::max<int64_t>(0, std::min(nr, nhb - rb0)));
+              }
+              continue;
+            }
+            // exact columns: the head row blocks, and the diagonal block (the exact rows' norms), in
+            // the last group of heads where it follows it and there is room
+            const bool joined = cb == nhb && nhb % kGroup != 0;
+            for (int64_t rb0 = 0; rb0 < nhb; rb0 += kGroup) {
+              const int64_t nr = std::min<int64_t>(kGroup, nhb - rb0);
+              gram_rows(cb, rb0, nr + (joined && rb0 + nr == nhb ? 1 : 0), nr);
+            }
+            if (!joined) gram_rows(cb, cb, 1, 0);
+          }
         }
       }
 
@@ -324,7 +356,7 @@ void fused_attribution_amx(const FusedParams<Bf16>& p) {
         const int64_t t = t0 + i;
         const float* Q = s.q.get() + i * Rp * Rp;
         float* G = s.g.get();
-        symmetrize(Q, Rp, G);
+        symmetrize(Q, Rp, Ph, G);
         auto gram = [&](int64_t a, int64_t b) { return G[a * Rp + b]; };
         for (int64_t a = 0; a < NM; ++a) norms[t * NM + a] = Q[a * Rp + a];
         if (W > 0) {  // (no writers: no dots, and no scratch for them)
@@ -340,10 +372,11 @@ void fused_attribution_amx(const FusedParams<Bf16>& p) {
         const float st = scale[t];
         if (gathered) {
           const bool missing = direction_ids[t] < 0 || (incorrect_ids && incorrect_ids[t] < 0);
-          for (int64_t n = 0; n < N; ++n) dla[t * N + n] = missing ? nan : gram(n, dir0) / st;
+          for (int64_t n = 0; n < N; ++n) dla[t * N + n] = missing ? nan : (gram(n, dir0) + gram(n, dir0 + 1)) / st;
         } else {
           for (int64_t n = 0; n < N; ++n)
-            for (int64_t k = 0; k < K; ++k) dla[(t * N + n) * K + k] = gram(n, dir0 + k) / st;
+            for (int64_t k = 0; k < K; ++k)
+              dla[(t * N + n) * K + k] = (gram(n, dir0 + 2 * k) + gram(n, dir0 + 2 * k + 1)) / st;
         }
       }
       _mm_sfence();  // the streamed outputs are visible to every thread after the loop's barrier
@@ -357,7 +390,7 @@ void fused_attribution_amx(const FusedParams<Bf16>& p) {
 constexpr int64_t kMaxRows = 256;
 
 void fused_attribution_bf16(const FusedParams<Bf16>& p) {
-  const int64_t rows = p.n_heads + p.n_extra + (p.direction_ids ? 1 : p.n_dirs);
+  const int64_t rows = p.n_heads + p.n_extra + 2 * (p.direction_ids ? 1 : p.n_dirs);
   auto fn = rows <= kMaxRows ? &fused_attribution_amx : avx512::kernel_table().bf16.fused_attribution;
   fn(p);
 }
