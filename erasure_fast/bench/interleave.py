@@ -82,7 +82,8 @@ def run_ab(args, *, heading: str, what: str, command: str, labels: Tuple[str, st
     lines = [f"# {heading} ({info['cpu']})", "",
              f"{machine.cpu_line(info)}; GELU-4L shape, {args.tokens:,} tokens, {args.rounds} rounds (the variants'"
              f" order alternating); time = median; ratio = median of the per-round ratios {what}.", "",
-             f"Command: `{command} --tokens {args.tokens} --rounds {args.rounds} --flush-mib {args.flush_mib}`", "",
+             f"Command: `{command} --tokens {args.tokens} --rounds {args.rounds} --workloads {args.workloads}"
+             f" --dtypes {args.dtypes} --flush-mib {args.flush_mib}`", "",
              f"| workload | dtype | caches | {before} ms | {after} ms | ratio |", "|---|---|---|---:|---:|---:|"]
     for w in wanted:
         for dname in dtypes:
