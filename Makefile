@@ -155,7 +155,7 @@ asan: $(VENV)/.deps
 	cd tests && LD_PRELOAD="$$($${CXX:-c++} -print-file-name=libasan.so) $$($${CXX:-c++} -print-file-name=libubsan.so)" \
 	  ASAN_OPTIONS=detect_leaks=0:halt_on_error=1:abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
 	  $(abspath $(ASAN_VENV))/bin/python -m pytest -q -p no:cacheprovider test_backend_cpp.py test_aggregate_kernel.py test_cpu_paths.py \
-	  test_activation_checks.py
+	  test_activation_checks.py test_output_checks.py
 
 clean:
 	rm -rf build dist $(VENV) $(VENV_TL3) $(VENV_DOCS) $(VENV_LINT) .venv-latest .venv-latest-tl3

@@ -367,16 +367,20 @@ void fused_attribution_amx(const FusedParams<Bf16>& p) {
             else
               for (int64_t p = 0; p < W; ++p) dst[p] = gram(a, writers[p]);
           }
+          check_outputs(p.out_nonfinite, s.tok_dots.get(), NM * W, kNonfiniteDots);
           stream_copy(s.tok_dots.get(), NM * W, dots + t * NM * W);
         }
+        check_outputs(p.out_nonfinite, norms + t * NM, NM, kNonfiniteNorms);
         const float st = scale[t];
         if (gathered) {
           const bool missing = direction_ids[t] < 0 || (incorrect_ids && incorrect_ids[t] < 0);
           for (int64_t n = 0; n < N; ++n) dla[t * N + n] = missing ? nan : (gram(n, dir0) + gram(n, dir0 + 1)) / st;
+          if (!missing) check_outputs(p.out_nonfinite, dla + t * N, N, kNonfiniteDla);
         } else {
           for (int64_t n = 0; n < N; ++n)
             for (int64_t k = 0; k < K; ++k)
               dla[(t * N + n) * K + k] = (gram(n, dir0 + 2 * k) + gram(n, dir0 + 2 * k + 1)) / st;
+          check_outputs(p.out_nonfinite, dla + t * N * K, N * K, kNonfiniteDla);
         }
       }
       _mm_sfence();  // the streamed outputs are visible to every thread after the loop's barrier

@@ -56,10 +56,20 @@ struct NonFiniteInput : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
-// Raises NonFiniteInput for what a kernel reported (p.nonfinite), if anything.
-void raise_if_nonfinite(unsigned found) {
+// erasure_fast._C.NonFiniteOutput (a ValueError): a kernel called with check_outputs=True wrote a NaN
+// or an infinity where its finite inputs define the value (the accumulation type overflowed). The
+// message is the first such output of dla, dots, norms; the outputs are dropped.
+struct NonFiniteOutput : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+// What a kernel reported: its activations (p.nonfinite) first, then its outputs (p.out_nonfinite).
+void raise_if_nonfinite(unsigned found, unsigned out_found = 0) {
   if (found & ef::kNonfiniteZ) throw NonFiniteInput("z contains non-finite values");
   if (found & ef::kNonfiniteExtra) throw NonFiniteInput("extra_nodes contains non-finite values");
+  if (out_found & ef::kNonfiniteDla) throw NonFiniteOutput("dla");
+  if (out_found & ef::kNonfiniteDots) throw NonFiniteOutput("dots");
+  if (out_found & ef::kNonfiniteNorms) throw NonFiniteOutput("norms");
 }
 
 void check_ids(const char* name, const IdArr& ids, int64_t T, int64_t K) {
@@ -187,16 +197,17 @@ py::tuple run(const InArr<In>& z, const InArr<In>& W_O, const InArr<In>& directi
               const Arr<typename In::acc>& scale, const IdArr& writers,
               const std::optional<InArr<In>>& extra,
               const std::optional<IdArr>& direction_ids, const std::optional<IdArr>& incorrect_ids,
-              bool center, bool check_finite, int n_threads, int tile_tokens, int chunk_cols) {
+              bool center, bool check_finite, bool check_outputs, int n_threads, int tile_tokens, int chunk_cols) {
   FusedCall<In> c = fused_params<In>(z, W_O, directions, scale, writers, extra, direction_ids,
                                      incorrect_ids, center, n_threads, tile_tokens, chunk_cols);
-  unsigned found = 0;
+  unsigned found = 0, out_found = 0;
   c.p.nonfinite = check_finite ? &found : nullptr;
+  c.p.out_nonfinite = check_outputs ? &out_found : nullptr;
   {
     py::gil_scoped_release release;
     ef::kernels().typed<In>().fused_attribution(c.p);
   }
-  raise_if_nonfinite(found);
+  raise_if_nonfinite(found, out_found);
   return py::make_tuple(c.dla, c.dots, c.norms);
 }
 
@@ -205,14 +216,17 @@ void def_entry(py::module_& m, const char* name, const char* dtype) {
   m.def(name, &run<In>, py::arg("z"), py::arg("W_O"), py::arg("directions"), py::arg("scale"),
         py::arg("writers"), py::arg("extra_nodes") = py::none(), py::arg("direction_ids") = py::none(),
         py::arg("incorrect_ids") = py::none(), py::arg("center") = true, py::arg("check_finite") = false,
-        py::arg("n_threads") = 0, py::arg("tile_tokens") = 0, py::arg("chunk_cols") = 0,
+        py::arg("check_outputs") = false, py::arg("n_threads") = 0, py::arg("tile_tokens") = 0,
+        py::arg("chunk_cols") = 0,
         (std::string("Fused DLA + erasure dots on ") + dtype +
          " C-contiguous numpy arrays (bfloat16 / float16 as their uint16 bits, converted on load; "
          "accumulation and outputs in float64 for float64, else float32).\n\nz [T, N, H], W_O [N, H, D], directions [K, D], scale [T], writers [W] int64, "
          "extra_nodes [T, M, D] or None, direction_ids / incorrect_ids [T] int64 in [-1, K) or None "
          "(None = fixed-set mode). check_finite: the kernel checks z and extra_nodes as it reads them "
-         "and raises NonFiniteInput (a ValueError) for a NaN or an infinity. n_threads <= 0: OpenMP "
-         "default; tile_tokens / chunk_cols <= 0: default tile (tokens per work item) / d_model columns "
+         "and raises NonFiniteInput (a ValueError) for a NaN or an infinity. check_outputs: the kernel "
+         "checks its outputs as it writes them and raises NonFiniteOutput (a ValueError; the message names "
+         "the first of dla, dots, norms) where one is a NaN or an infinity, but for the DLA of a token "
+         "without a target. n_threads <= 0: OpenMP default; tile_tokens / chunk_cols <= 0: default tile (tokens per work item) / d_model columns "
          "per pass.\n"
          "Returns (dla [T, N] or [T, N, K], dots [T, N + M, W], norms [T, N + M]).")
             .c_str());
@@ -317,16 +331,17 @@ DlaCall<In> dla_gathered_params(const InArr<In>& z, const InArr<In>& W_O, const 
 template <typename In>
 py::tuple run_dla_fixed(const InArr<In>& z, const InArr<In>& W_O, const InArr<In>& directions,
                         const Arr<typename In::acc>& scale, bool center, bool want_norms, bool check_finite,
-                        int n_threads) {
+                        bool check_outputs, int n_threads) {
   DlaCall<In> c = dla_fixed_params<In>(z, W_O, directions, scale, center, want_norms, n_threads);
-  unsigned found = 0;
+  unsigned found = 0, out_found = 0;
   c.p.nonfinite = check_finite ? &found : nullptr;
+  c.p.out_nonfinite = check_outputs ? &out_found : nullptr;
   ef::DlaRunInfo info;
   {
     py::gil_scoped_release release;
     info = ef::kernels().typed<In>().dla_fixed(c.p);
   }
-  raise_if_nonfinite(found);
+  raise_if_nonfinite(found, out_found);
   return py::make_tuple(c.dla, c.norms, info_dict(info));
 }
 
@@ -335,17 +350,19 @@ py::tuple run_dla_gathered(const InArr<In>& z, const InArr<In>& W_O, const InArr
                            const Arr<typename In::acc>& scale, const IdArr& direction_ids,
                            const std::optional<IdArr>& incorrect_ids, bool center,
                            const std::optional<Arr<typename In::acc>>& table,
-                           const std::string& method, bool want_norms, bool check_finite, int n_threads) {
+                           const std::string& method, bool want_norms, bool check_finite, bool check_outputs,
+                           int n_threads) {
   DlaCall<In> c = dla_gathered_params<In>(z, W_O, directions, scale, direction_ids, incorrect_ids,
                                           center, table, method, want_norms, n_threads);
-  unsigned found = 0;
+  unsigned found = 0, out_found = 0;
   c.p.nonfinite = check_finite ? &found : nullptr;
+  c.p.out_nonfinite = check_outputs ? &out_found : nullptr;
   ef::DlaRunInfo info;
   {
     py::gil_scoped_release release;
     info = ef::kernels().typed<In>().dla_gathered(c.p);
   }
-  raise_if_nonfinite(found);
+  raise_if_nonfinite(found, out_found);
   return py::make_tuple(c.dla, c.norms, info_dict(info));
 }
 
@@ -432,23 +449,27 @@ void def_dla(py::module_& m, const std::string& sfx, const char* dtype) {
   const std::string dt(dtype);
   m.def(("dla_fixed_" + sfx).c_str(), &run_dla_fixed<In>, py::arg("z"), py::arg("W_O"),
         py::arg("directions"), py::arg("scale"), py::arg("center") = true,
-        py::arg("norms") = true, py::arg("check_finite") = false, py::arg("n_threads") = 0,
+        py::arg("norms") = true, py::arg("check_finite") = false, py::arg("check_outputs") = false,
+        py::arg("n_threads") = 0,
         ("DLA-only, fixed directions, on " + dt +
          " arrays: dla [T, N, K] = z . (W_O c(d_k)) / s, never forming a head's d_model output.\n"
          "norms=True also returns |r_n|^2 [T, N] (as z^T W_O W_O^T z). check_finite: the kernel checks "
-         "z as it reads it and raises NonFiniteInput (a ValueError) for a NaN or an infinity. Returns "
+         "z as it reads it and raises NonFiniteInput (a ValueError) for a NaN or an infinity. "
+         "check_outputs: the kernel checks dla and norms as it writes them and raises NonFiniteOutput "
+         "(a ValueError naming the first of dla, norms) for a NaN or an infinity. Returns "
          "(dla, norms or None, {'method', 'n_unique'}).")
             .c_str());
   m.def(("dla_gathered_" + sfx).c_str(), &run_dla_gathered<In>, py::arg("z"), py::arg("W_O"),
         py::arg("directions"), py::arg("scale"), py::arg("direction_ids"),
         py::arg("incorrect_ids") = py::none(), py::arg("center") = true,
         py::arg("table") = py::none(), py::arg("method") = "auto", py::arg("norms") = true,
-        py::arg("check_finite") = false, py::arg("n_threads") = 0,
+        py::arg("check_finite") = false, py::arg("check_outputs") = false, py::arg("n_threads") = 0,
         ("DLA-only, gathered directions, on " + dt +
          " arrays: dla [T, N] (NaN where an id is -1) via the distinct (id, incorrect id) pairs "
          "of the call ('unique') or a prebuilt table [K, N, d_head] from build_dla_table "
          "('table'); 'auto' picks the table when one is given and the cost model prefers it. "
-         "check_finite: as dla_fixed_*.\n"
+         "check_finite, check_outputs: as dla_fixed_* (the DLA of a token without a target is NaN, "
+         "and not an error).\n"
          "Returns (dla, norms [T, N] or None, {'method', 'n_unique'}).")
             .c_str());
   m.def(("fill_dla_table_rows_" + sfx).c_str(), &run_fill_table_rows<In>, py::arg("W_O"),
@@ -761,6 +782,7 @@ void def_pair_stats(py::module_& m, const char* name) {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "erasure_fast C++/OpenMP CPU kernel (see erasure_fast/contract.py for the contract)";
   py::register_exception<NonFiniteInput>(m, "NonFiniteInput", PyExc_ValueError);
+  py::register_exception<NonFiniteOutput>(m, "NonFiniteOutput", PyExc_ValueError);
   def_entry<ef::Native<float>>(m, "fused_attribution_f32", "float32");
   def_entry<ef::Native<double>>(m, "fused_attribution_f64", "float64");
   def_entry<ef::Bf16>(m, "fused_attribution_bf16", "bfloat16");

@@ -640,7 +640,8 @@ template <typename In>
 void dla_tokens(const typename In::storage* z_in, const typename In::acc* A, int64_t K,
                 const int64_t* row, const int64_t* row2, const typename In::acc* gp,
                 const typename In::acc* scale, int64_t T_, int64_t N, int64_t H,
-                typename In::acc* dla, typename In::acc* norms, unsigned* nonfinite, int n_threads) {
+                typename In::acc* dla, typename In::acc* norms, unsigned* nonfinite, unsigned* out_nonfinite,
+                int n_threads) {
   using T = typename In::acc;
   constexpr bool kNative = std::is_same<typename In::storage, T>::value;
   constexpr int64_t BW = NR * Simd<T>::L;
@@ -723,8 +724,15 @@ void dla_tokens(const typename In::storage* z_in, const typename In::acc* A, int
             head_dla<In, false>(zt, A + r * NH, nullptr, N, H, st, out, 1, tmp);
         }
       }
-      // after the tile's stages: its z is in cache now
+      // after the tile's stages: its z and its outputs are in cache now
       nonfinite_item<In>(nonfinite, z_in, NH, nullptr, 0, t0, nt);
+      if (out_nonfinite) {
+        if (norms) check_outputs(out_nonfinite, norms + t0 * N, nt * N, kNonfiniteNorms);
+        if (!row) check_outputs(out_nonfinite, dla + t0 * N * K, nt * N * K, kNonfiniteDla);
+        for (int64_t i = 0; row && i < nt; ++i)
+          if (row[t0 + i] >= 0 && !(row2 && row2[t0 + i] < 0))
+            check_outputs(out_nonfinite, dla + (t0 + i) * N, N, kNonfiniteDla);
+      }
     }
   }
 }
@@ -767,7 +775,7 @@ DlaRunInfo dla_fixed(const DlaParams<In>& p) {
   build_head_dirs<In>(W_O, W_O_in, NH, D, directions, pid.data(), nullptr, K, center, A.get(), n_threads);
   Buf<T> gp = gram_if<T>(norms != nullptr, W_O, N, H, D, n_threads);
   dla_tokens<In>(z, A.get(), K, nullptr, nullptr, gp.get(), scale, n_tokens, N, H, dla, norms, p.nonfinite,
-                 n_threads);
+                 p.out_nonfinite, n_threads);
   return info;
 }
 
@@ -839,13 +847,14 @@ DlaRunInfo dla_gathered(const DlaParams<In>& p) {
   const T* W_O = wo_acc_where_read<In>(W_O_in, NH * D, norms != nullptr, !use_table, wo_keep);
   Buf<T> gp = gram_if<T>(norms != nullptr, W_O, N, H, D, n_threads);
   if (use_table) {
-    dla_tokens<In>(z, table, 0, ids, inc, gp.get(), scale, T_, N, H, dla, norms, p.nonfinite, n_threads);
+    dla_tokens<In>(z, table, 0, ids, inc, gp.get(), scale, T_, N, H, dla, norms, p.nonfinite, p.out_nonfinite,
+                   n_threads);
   } else {
     Buf<T> A(static_cast<size_t>(std::max<int64_t>(U, 1) * NH));
     build_head_dirs<In>(W_O, W_O_in, NH, D, directions, pid.data(), inc ? pinc.data() : nullptr, U, center,
                        A.get(), n_threads);
     dla_tokens<In>(z, A.get(), 0, pair_of.data(), nullptr, gp.get(), scale, T_, N, H, dla, norms, p.nonfinite,
-                  n_threads);
+                   p.out_nonfinite, n_threads);
   }
   return info;
 }

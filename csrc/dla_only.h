@@ -72,6 +72,9 @@ struct DlaParams {
   // nullable: check z as it is read and set kNonfiniteZ here when it holds a NaN or an infinity
   // (the outputs are then meaningless)
   unsigned* nonfinite = nullptr;
+  // nullable: check dla (where a token has a target) and norms as they are written and set
+  // kNonfiniteDla / kNonfiniteNorms here for a NaN or an infinity (an overflow of the accumulation type)
+  unsigned* out_nonfinite = nullptr;
   int n_threads = 0;
 };
 

@@ -46,6 +46,10 @@ struct FusedParams {
   // nullable: check the activations (z, extra) as they are read and set kNonfiniteZ /
   // kNonfiniteExtra here when they hold a NaN or an infinity (the outputs are then meaningless)
   unsigned* nonfinite = nullptr;
+  // nullable: check the outputs as they are written (still in cache) and set kNonfiniteDla /
+  // kNonfiniteDots / kNonfiniteNorms here for those with a NaN or an infinity where finite inputs
+  // define them (an overflow of the accumulation type)
+  unsigned* out_nonfinite = nullptr;
   // tuning
   int n_threads = 0;    // <= 0: OpenMP default
   int tile_tokens = 0;  // <= 0: default tile (tokens per work item)

@@ -422,6 +422,17 @@ void fused_attribution_lanes(const FusedParams<In>& p) {
             }
           }
         }
+        // the lane tile's outputs, just written (in cache)
+        if (p.out_nonfinite) {
+          check_outputs(p.out_nonfinite, dots + tu * NM * W, nl * NM * W, kNonfiniteDots);
+          check_outputs(p.out_nonfinite, norms + tu * NM, nl * NM, kNonfiniteNorms);
+          if (!gathered) check_outputs(p.out_nonfinite, dla + tu * N * K, nl * N * K, kNonfiniteDla);
+          for (int64_t i = 0; gathered && i < nl; ++i) {
+            const int64_t t = tu + i;
+            if (direction_ids[t] >= 0 && !(incorrect_ids && incorrect_ids[t] < 0))
+              check_outputs(p.out_nonfinite, dla + t * N, N, kNonfiniteDla);
+          }
+        }
       }
     }
   }

@@ -83,4 +83,13 @@ enum NonfiniteInput : unsigned {
   kNonfiniteExtra = 2u,  // extra_nodes does
 };
 
+// What a kernel asked to check its outputs reports (FusedParams / DlaParams::out_nonfinite): an output
+// with a NaN or an infinity where finite inputs define it (every value but the DLA of a token
+// without a target, which is NaN by the contract).
+enum NonfiniteOutput : unsigned {
+  kNonfiniteDla = 1u,
+  kNonfiniteDots = 2u,
+  kNonfiniteNorms = 4u,
+};
+
 }  // namespace ef

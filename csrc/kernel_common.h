@@ -465,6 +465,13 @@ inline bool nonfinite_item(unsigned* report, const typename In::storage* z, int6
   return nonfinite_found(report);
 }
 
+// The check of outputs x[0 .. n) as a kernel writes them (T the accumulation type), where the call
+// asked for it (report non-null): reports `bit` (NonfiniteOutput) if one is a NaN or an infinity.
+template <typename T>
+inline void check_outputs(unsigned* report, const T* x, int64_t n, unsigned bit) {
+  if (report) report_nonfinite(report, nonfinite_bit<Native<T>>(x, n, bit));
+}
+
 // x rounded up to a multiple of m.
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 

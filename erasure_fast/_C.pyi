@@ -13,16 +13,20 @@ _I64 = NDArray[np.int64]
 class NonFiniteInput(ValueError):
     """A kernel called with check_finite=True read a NaN or an infinity in z or extra_nodes."""
 
+class NonFiniteOutput(ValueError):
+    """A kernel called with check_outputs=True wrote a NaN or an infinity where its finite inputs define
+    the value (the message: the first of dla, dots, norms)."""
+
 # ---- float32 inputs
 def fused_attribution_f32(z: NDArray[np.float32], W_O: NDArray[np.float32], directions: NDArray[np.float32], scale: NDArray[np.float32], writers: _I64,
                           extra_nodes: Optional[NDArray[np.float32]] = None, direction_ids: Optional[_I64] = None,
-                          incorrect_ids: Optional[_I64] = None, center: bool = True, check_finite: bool = False, n_threads: int = 0,
+                          incorrect_ids: Optional[_I64] = None, center: bool = True, check_finite: bool = False, check_outputs: bool = False, n_threads: int = 0,
                           tile_tokens: int = 0, chunk_cols: int = 0) -> Tuple[NDArray[np.float32], NDArray[np.float32], NDArray[np.float32]]: ...
 def dla_fixed_f32(z: NDArray[np.float32], W_O: NDArray[np.float32], directions: NDArray[np.float32], scale: NDArray[np.float32], center: bool = True, norms: bool = True,
-                  check_finite: bool = False, n_threads: int = 0) -> Tuple[NDArray[np.float32], Optional[NDArray[np.float32]], Dict[str, Any]]: ...
+                  check_finite: bool = False, check_outputs: bool = False, n_threads: int = 0) -> Tuple[NDArray[np.float32], Optional[NDArray[np.float32]], Dict[str, Any]]: ...
 def dla_gathered_f32(z: NDArray[np.float32], W_O: NDArray[np.float32], directions: NDArray[np.float32], scale: NDArray[np.float32], direction_ids: _I64,
                      incorrect_ids: Optional[_I64] = None, center: bool = True, table: Optional[NDArray[np.float32]] = None,
-                     method: str = "auto", norms: bool = True, check_finite: bool = False, n_threads: int = 0
+                     method: str = "auto", norms: bool = True, check_finite: bool = False, check_outputs: bool = False, n_threads: int = 0
                      ) -> Tuple[NDArray[np.float32], Optional[NDArray[np.float32]], Dict[str, Any]]: ...
 def fill_dla_table_rows_f32(W_O: NDArray[np.float32], directions: NDArray[np.float32], rows: _I64, table: NDArray[np.float32], center: bool = True,
                             n_threads: int = 0) -> None: ...
@@ -31,13 +35,13 @@ def build_dla_table_f32(W_O: NDArray[np.float32], directions: NDArray[np.float32
 # ---- float64 inputs
 def fused_attribution_f64(z: NDArray[np.float64], W_O: NDArray[np.float64], directions: NDArray[np.float64], scale: NDArray[np.float64], writers: _I64,
                           extra_nodes: Optional[NDArray[np.float64]] = None, direction_ids: Optional[_I64] = None,
-                          incorrect_ids: Optional[_I64] = None, center: bool = True, check_finite: bool = False, n_threads: int = 0,
+                          incorrect_ids: Optional[_I64] = None, center: bool = True, check_finite: bool = False, check_outputs: bool = False, n_threads: int = 0,
                           tile_tokens: int = 0, chunk_cols: int = 0) -> Tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]]: ...
 def dla_fixed_f64(z: NDArray[np.float64], W_O: NDArray[np.float64], directions: NDArray[np.float64], scale: NDArray[np.float64], center: bool = True, norms: bool = True,
-                  check_finite: bool = False, n_threads: int = 0) -> Tuple[NDArray[np.float64], Optional[NDArray[np.float64]], Dict[str, Any]]: ...
+                  check_finite: bool = False, check_outputs: bool = False, n_threads: int = 0) -> Tuple[NDArray[np.float64], Optional[NDArray[np.float64]], Dict[str, Any]]: ...
 def dla_gathered_f64(z: NDArray[np.float64], W_O: NDArray[np.float64], directions: NDArray[np.float64], scale: NDArray[np.float64], direction_ids: _I64,
                      incorrect_ids: Optional[_I64] = None, center: bool = True, table: Optional[NDArray[np.float64]] = None,
-                     method: str = "auto", norms: bool = True, check_finite: bool = False, n_threads: int = 0
+                     method: str = "auto", norms: bool = True, check_finite: bool = False, check_outputs: bool = False, n_threads: int = 0
                      ) -> Tuple[NDArray[np.float64], Optional[NDArray[np.float64]], Dict[str, Any]]: ...
 def fill_dla_table_rows_f64(W_O: NDArray[np.float64], directions: NDArray[np.float64], rows: _I64, table: NDArray[np.float64], center: bool = True,
                             n_threads: int = 0) -> None: ...
@@ -46,13 +50,13 @@ def build_dla_table_f64(W_O: NDArray[np.float64], directions: NDArray[np.float64
 # ---- bfloat16 (uint16 bits) inputs
 def fused_attribution_bf16(z: NDArray[np.uint16], W_O: NDArray[np.uint16], directions: NDArray[np.uint16], scale: NDArray[np.float32], writers: _I64,
                           extra_nodes: Optional[NDArray[np.uint16]] = None, direction_ids: Optional[_I64] = None,
-                          incorrect_ids: Optional[_I64] = None, center: bool = True, check_finite: bool = False, n_threads: int = 0,
+                          incorrect_ids: Optional[_I64] = None, center: bool = True, check_finite: bool = False, check_outputs: bool = False, n_threads: int = 0,
                           tile_tokens: int = 0, chunk_cols: int = 0) -> Tuple[NDArray[np.float32], NDArray[np.float32], NDArray[np.float32]]: ...
 def dla_fixed_bf16(z: NDArray[np.uint16], W_O: NDArray[np.uint16], directions: NDArray[np.uint16], scale: NDArray[np.float32], center: bool = True, norms: bool = True,
-                  check_finite: bool = False, n_threads: int = 0) -> Tuple[NDArray[np.float32], Optional[NDArray[np.float32]], Dict[str, Any]]: ...
+                  check_finite: bool = False, check_outputs: bool = False, n_threads: int = 0) -> Tuple[NDArray[np.float32], Optional[NDArray[np.float32]], Dict[str, Any]]: ...
 def dla_gathered_bf16(z: NDArray[np.uint16], W_O: NDArray[np.uint16], directions: NDArray[np.uint16], scale: NDArray[np.float32], direction_ids: _I64,
                      incorrect_ids: Optional[_I64] = None, center: bool = True, table: Optional[NDArray[np.float32]] = None,
-                     method: str = "auto", norms: bool = True, check_finite: bool = False, n_threads: int = 0
+                     method: str = "auto", norms: bool = True, check_finite: bool = False, check_outputs: bool = False, n_threads: int = 0
                      ) -> Tuple[NDArray[np.float32], Optional[NDArray[np.float32]], Dict[str, Any]]: ...
 def fill_dla_table_rows_bf16(W_O: NDArray[np.uint16], directions: NDArray[np.uint16], rows: _I64, table: NDArray[np.float32], center: bool = True,
                             n_threads: int = 0) -> None: ...
@@ -61,13 +65,13 @@ def build_dla_table_bf16(W_O: NDArray[np.uint16], directions: NDArray[np.uint16]
 # ---- float16 (uint16 bits) inputs
 def fused_attribution_f16(z: NDArray[np.uint16], W_O: NDArray[np.uint16], directions: NDArray[np.uint16], scale: NDArray[np.float32], writers: _I64,
                           extra_nodes: Optional[NDArray[np.uint16]] = None, direction_ids: Optional[_I64] = None,
-                          incorrect_ids: Optional[_I64] = None, center: bool = True, check_finite: bool = False, n_threads: int = 0,
+                          incorrect_ids: Optional[_I64] = None, center: bool = True, check_finite: bool = False, check_outputs: bool = False, n_threads: int = 0,
                           tile_tokens: int = 0, chunk_cols: int = 0) -> Tuple[NDArray[np.float32], NDArray[np.float32], NDArray[np.float32]]: ...
 def dla_fixed_f16(z: NDArray[np.uint16], W_O: NDArray[np.uint16], directions: NDArray[np.uint16], scale: NDArray[np.float32], center: bool = True, norms: bool = True,
-                  check_finite: bool = False, n_threads: int = 0) -> Tuple[NDArray[np.float32], Optional[NDArray[np.float32]], Dict[str, Any]]: ...
+                  check_finite: bool = False, check_outputs: bool = False, n_threads: int = 0) -> Tuple[NDArray[np.float32], Optional[NDArray[np.float32]], Dict[str, Any]]: ...
 def dla_gathered_f16(z: NDArray[np.uint16], W_O: NDArray[np.uint16], directions: NDArray[np.uint16], scale: NDArray[np.float32], direction_ids: _I64,
                      incorrect_ids: Optional[_I64] = None, center: bool = True, table: Optional[NDArray[np.float32]] = None,
-                     method: str = "auto", norms: bool = True, check_finite: bool = False, n_threads: int = 0
+                     method: str = "auto", norms: bool = True, check_finite: bool = False, check_outputs: bool = False, n_threads: int = 0
                      ) -> Tuple[NDArray[np.float32], Optional[NDArray[np.float32]], Dict[str, Any]]: ...
 def fill_dla_table_rows_f16(W_O: NDArray[np.uint16], directions: NDArray[np.uint16], rows: _I64, table: NDArray[np.float32], center: bool = True,
                             n_threads: int = 0) -> None: ...

@@ -343,10 +343,11 @@ def run_attribution(model, spec: ModelSpec, tokens: torch.Tensor, wr: torch.Tens
         incorrect_ids=None if inc is None else inc.reshape(T).to(dev),
         center=spec.center,
         deferred=deferred,
-        activations_later=True,
+        checks_in_run=True,
     )
-    out = run_backend(impl, inputs)
-    require_finite_outputs(inputs, out, deferred)
+    out = run_backend(impl, inputs)  # with deferred checks, the outputs' are recorded here
+    if deferred is not None:
+        require_finite_outputs(inputs, out, deferred)
     acc = accumulation_dtype(dtype)
     n_nodes = L * H + (L if with_mlps else 0)
     dots = out.dots[:, :n_nodes]

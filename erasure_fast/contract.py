@@ -48,7 +48,8 @@ import torch
 from .backends import get_backend
 from .backends.base import FusedInputs, FusedOutputs, accumulation_dtype  # noqa: F401 (the contract's types)
 from .deferred_checks import DeferredChecks
-from .finite import all_finite, require_finite, require_finite_activations  # noqa: F401 (re-exported: the contract's checks)
+from .finite import (all_finite, output_overflow, overflow_message, require_finite,  # noqa: F401 (re-exported:
+                     require_finite_activations)  # the contract's checks)
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
@@ -117,7 +118,7 @@ def validate(
     dla_table=None,
     distinct_writers: bool = False,
     deferred: Optional[DeferredChecks] = None,
-    activations_later: bool = False,
+    checks_in_run: bool = False,
 ) -> FusedInputs:
     """Check every argument of `fused_attribution` and return backend-ready `FusedInputs`.
 
@@ -129,9 +130,10 @@ def validate(
     extra_nodes finite, scale finite and positive, ids in range -- are recorded there instead of read
     (nothing waits for a GPU); W_O and directions, the same in every call of such a caller, are not
     checked here: the caller checks them once (a scan does, before its first batch).
-    With ``activations_later`` (and no ``deferred``), the finiteness of z and extra_nodes is left to
-    `run_backend`, which has a backend that `checks_activations` check them as its kernels read them:
-    one read of the activations instead of two, and the same error, raised before any output is
+    With ``checks_in_run`` (and no ``deferred``), the finiteness of z and extra_nodes, and that of the
+    outputs (`require_finite_outputs`), are left to `run_backend`, which has a backend that
+    `checks_activations` / `checks_outputs` do them in its kernels, as they read the activations and
+    write the outputs: no second read of either, and the same errors, raised before any output is
     returned. Everything else is still checked here, before any work.
     """
     z = _require_tensor("z", z)
@@ -227,7 +229,7 @@ def validate(
         for name, t in (("z", z), ("extra_nodes", extra)):
             deferred.add(torch.isfinite(t).all(), f"{name} contains non-finite values")
     elif check_finite:
-        for name, t in ((("W_O", W_O),) if activations_later else (("z", z), ("W_O", W_O), ("extra_nodes", extra))):
+        for name, t in ((("W_O", W_O),) if checks_in_run else (("z", z), ("W_O", W_O), ("extra_nodes", extra))):
             require_finite(name, t)
         # gathered mode reads only the rows its ids name: those must be finite (W_U.T has 25M values)
         require_finite("directions", directions, None if ids is None else _used_rows(ids, inc))
@@ -245,19 +247,27 @@ def validate(
         with_norms=bool(with_norms),
         dla_table=dla_table,
         writers_host=w_host,
-        check_activations=check_finite and activations_later and deferred is None,
+        check_activations=check_finite and checks_in_run and deferred is None,
+        check_outputs=check_finite and checks_in_run and deferred is None,
     )
 
 
 def run_backend(impl, inputs: FusedInputs) -> FusedOutputs:
     """``impl.run(inputs)`` (``impl`` a `erasure_fast.backends.base.Backend`). Where ``inputs`` still
-    need z and extra_nodes checked for NaN / infinity (`validate`'s ``activations_later``), a backend
+    need z and extra_nodes checked for NaN / infinity (`validate`'s ``checks_in_run``), a backend
     that `checks_activations` checks them as its kernels read them; for any other they are checked
-    here first."""
+    here first. Likewise the outputs (`require_finite_outputs`): checked as the kernels write them,
+    or here after the run."""
     if inputs.check_activations and not impl.checks_activations:
         require_finite_activations(inputs.z, inputs.extra_nodes)
         inputs = dataclasses.replace(inputs, check_activations=False)
-    return impl.run(inputs)
+    check_here = inputs.check_outputs and not impl.checks_outputs
+    if check_here:
+        inputs = dataclasses.replace(inputs, check_outputs=False)
+    out = impl.run(inputs)
+    if check_here:
+        require_finite_outputs(inputs, out)
+    return out
 
 
 def require_finite_outputs(inputs: FusedInputs, out: FusedOutputs, deferred: Optional[DeferredChecks] = None) -> None:
@@ -275,16 +285,14 @@ def require_finite_outputs(inputs: FusedInputs, out: FusedOutputs, deferred: Opt
         else:  # no output sized by the data: the rows without a target count as finite
             dla = torch.where(has_target.reshape(-1, *([1] * (dla.dim() - 1))), dla,
                               torch.zeros((), dtype=dla.dtype, device=dla.device))
-    dtype = str(inputs.out_dtype).replace("torch.", "")
     for name, t in (("dla", dla), ("dots", out.dots), ("norms", out.norms)):
         if t is None or not t.numel():
             continue
-        overflowed = f"the attribution overflowed {dtype}: {name} has non-finite values although every input is finite"
         if deferred is not None:
-            deferred.add(torch.isfinite(t).all(), f"{overflowed}; scale the inputs down, or use float64")
+            deferred.add(torch.isfinite(t).all(),
+                         f"{overflow_message(name, inputs.out_dtype)}; scale the inputs down, or use float64")
         elif not all_finite(t):
-            biggest = max(float(x.abs().max()) for x in (inputs.z, inputs.W_O, inputs.extra_nodes) if x.numel())
-            raise ValueError(f"{overflowed} (inputs up to {biggest:.3g} in magnitude); scale the inputs down, or use float64")
+            raise output_overflow(name, inputs.out_dtype, inputs.z, inputs.W_O, inputs.extra_nodes)
 
 
 def _check_dla_table(table, W_O, directions, center, ids, writers, extra) -> None:
@@ -347,12 +355,9 @@ def fused_attribution(
         z, W_O, directions, scale, writers, extra_nodes,
         direction_ids=direction_ids, incorrect_ids=incorrect_ids,
         center=center, check_finite=check_finite, with_norms=with_norms, dla_table=dla_table, distinct_writers=True,
-        activations_later=True,
+        checks_in_run=True,
     )
-    out = run_backend(get_backend(backend, inputs.z.device, inputs.z.dtype), inputs)
-    if check_finite:
-        require_finite_outputs(inputs, out)
-    return out
+    return run_backend(get_backend(backend, inputs.z.device, inputs.z.dtype), inputs)
 
 
 class Measures(NamedTuple):

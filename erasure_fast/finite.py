@@ -91,6 +91,21 @@ def require_finite(name: str, t: torch.Tensor, rows: Optional[torch.Tensor] = No
     raise ValueError(f"{name} contains non-finite values (first at index {bad})")
 
 
+def overflow_message(name: str, out_dtype: torch.dtype) -> str:
+    """What the contract says of an output (``name``: dla, dots or norms) with a NaN or an infinity
+    although every input is finite: the accumulation dtype ``out_dtype`` overflowed."""
+    return (f"the attribution overflowed {str(out_dtype).replace('torch.', '')}: {name} has non-finite "
+            "values although every input is finite")
+
+
+def output_overflow(name: str, out_dtype: torch.dtype, *inputs: torch.Tensor) -> ValueError:
+    """The contract's error for an overflowed output (`overflow_message`), with the largest magnitude of
+    the ``inputs`` (z, W_O, extra_nodes) and what to do."""
+    biggest = max(float(x.abs().max()) for x in inputs if x.numel())
+    return ValueError(f"{overflow_message(name, out_dtype)} (inputs up to {biggest:.3g} in magnitude); "
+                      "scale the inputs down, or use float64")
+
+
 def require_finite_activations(z: torch.Tensor, extra_nodes: torch.Tensor) -> None:
     """`require_finite` of the contract's activations in its order: z, then extra_nodes (the error
     names the first input with a bad value)."""

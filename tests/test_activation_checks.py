@@ -158,5 +158,9 @@ def test_activation_checks_benchmark_runs(tmp_path):
     assert [(r[1].strip(), r[2].strip(), r[3].strip()) for r in rows] == [
         (w, d, c) for w in ("K1", "K2n", "K2f") for d in ("float32", "bfloat16") for c in ("warm", "cold", "trimmed")]
     assert all(float(r[4]) > 0 and float(r[5]) > 0 for r in rows)
+    text = module.main(["--outputs-only", "--tokens", "40", "--rounds", "2", "--flush-mib", "8", "--workloads", "K1",
+                        "--dtypes", "bfloat16"])
+    assert "with its outputs checked outside the kernel or in it" in text and "--outputs-only" in text
+    assert len([line for line in text.splitlines() if line.startswith("| K1 | bfloat16 |")]) == 3
     with pytest.raises(SystemExit, match="unknown"):
         module.main(["--workloads", "K3"])

@@ -45,6 +45,10 @@ class FusedInputs:
     # z and extra_nodes not yet checked for NaN / infinity: a backend that `checks_activations` checks
     # them as its kernels read them (`erasure_fast.contract.run_backend` checks them first for the others)
     check_activations: bool = False
+    # the outputs not yet checked for NaN / infinity (`erasure_fast.contract.require_finite_outputs`):
+    # a backend that `checks_outputs` checks them as its kernels write them (`run_backend` checks them
+    # after the run for the others)
+    check_outputs: bool = False
 
     @property
     def n_tokens(self) -> int:
@@ -78,6 +82,9 @@ class Backend(ABC):
     #: NaN / infinity as they read them, and a bad value raises the contract's ValueError (naming the
     #: input and the first bad index) instead of returning outputs
     checks_activations: bool = False
+    #: whether `run` honours `FusedInputs.check_outputs`: its kernels check the outputs as they write
+    #: them, and an overflow raises the contract's ValueError instead of returning outputs
+    checks_outputs: bool = False
 
     @abstractmethod
     def available(self) -> Tuple[bool, str]:

@@ -17,6 +17,7 @@ class CppBackend(Backend):
     name = cpp.NAME
     devices = cpp.DEVICES
     checks_activations = True
+    checks_outputs = True
 
     def available(self) -> tuple[bool, str]:
         return cpp.available()
