@@ -79,6 +79,34 @@ def each_cpu_path(request):
 TOL_AMX_BF16 = 5e-5
 
 
+def bitwise_equal(x, y) -> bool:
+    """Whether the arrays of x and y (None entries skipped) hold the same bytes."""
+    import numpy as np
+
+    return all(np.array_equal(np.asarray(p).view(np.uint8), np.asarray(q).view(np.uint8))
+               for p, q in zip(x, y) if p is not None)
+
+
+def small_public_case(workload: str, dtype, seed: int) -> dict:
+    """`fused_attribution` keyword arguments of a small random K1 / K2n / K2f call (61 tokens, 7 heads,
+    tokens without a target among the gathered ones), for the kernels' checks against the contract."""
+    g = torch.Generator().manual_seed(seed)
+    T, N, H, D, M, K = 61, 7, 24, 40, 3, 9
+
+    def rnd(*s):
+        return torch.randn(*s, generator=g, dtype=torch.float64).to(dtype)
+
+    kw = dict(z=rnd(T, N, H), W_O=rnd(N, H, D), directions=rnd(K, D),
+              scale=torch.rand(T, generator=g, dtype=torch.float64).to(dtype) + 0.5)
+    if workload == "K1":
+        kw.update(writers=list(range(N)), extra_nodes=rnd(T, M, D), direction_ids=torch.randint(-1, K, (T,), generator=g))
+    elif workload == "K2n":
+        kw.update(writers=[], direction_ids=torch.randint(-1, K, (T,), generator=g), with_norms=False)
+    else:
+        kw.update(writers=[], with_norms=False)
+    return kw
+
+
 def record_error(check: str, dtype, backend: str, err: float) -> None:
     key = f"{check} | {str(dtype).replace('torch.', '')} | {backend}"
     _ERRORS[key] = max(_ERRORS.get(key, 0.0), float(err))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib
 
-import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
@@ -20,7 +19,7 @@ from erasure_fast.backends import cpp
 _ok, _why = cpp.available()
 pytestmark = pytest.mark.skipif(not _ok, reason=f"cpp backend unavailable: {_why}")
 
-from conftest import cpu_paths_here  # noqa: E402
+from conftest import bitwise_equal, cpu_paths_here, small_public_case  # noqa: E402
 
 PATHS = cpu_paths_here()
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
@@ -34,11 +33,6 @@ BAD_VALUES = [float("nan"), float("inf"), float("-inf")]
 def _default_path_after():
     yield
     cpp.set_cpu_path(None)
-
-
-def _bitwise_equal(x, y) -> bool:
-    return all(np.array_equal(np.asarray(p).view(np.uint8), np.asarray(q).view(np.uint8))
-               for p, q in zip(x, y) if p is not None)
 
 
 @pytest.mark.parametrize("entry", ENTRIES)
@@ -92,25 +86,7 @@ def test_kernel_finds_any_nonfinite_activation(path, dtype, entry, T, N, H, D, M
         with pytest.raises(_C.NonFiniteInput, match=f"^{name} contains non-finite values$"):
             run(True)
     else:
-        assert _bitwise_equal(run(True), unchecked)
-
-
-def _public_case(workload, dtype, seed):
-    g = torch.Generator().manual_seed(seed)
-    T, N, H, D, M, K = 61, 7, 24, 40, 3, 9
-
-    def rnd(*s):
-        return torch.randn(*s, generator=g, dtype=torch.float64).to(dtype)
-
-    kw = dict(z=rnd(T, N, H), W_O=rnd(N, H, D), directions=rnd(K, D),
-              scale=torch.rand(T, generator=g, dtype=torch.float64).to(dtype) + 0.5)
-    if workload == "K1":
-        kw.update(writers=list(range(N)), extra_nodes=rnd(T, M, D), direction_ids=torch.randint(-1, K, (T,), generator=g))
-    elif workload == "K2n":
-        kw.update(writers=[], direction_ids=torch.randint(-1, K, (T,), generator=g), with_norms=False)
-    else:
-        kw.update(writers=[], with_norms=False)
-    return kw
+        assert bitwise_equal(run(True), unchecked)
 
 
 @pytest.mark.parametrize("workload,where", [("K1", "z"), ("K1", "extra_nodes"), ("K2n", "z"), ("K2f", "z")])
@@ -118,7 +94,7 @@ def _public_case(workload, dtype, seed):
 def test_public_error_is_the_contracts(workload, where, dtype, monkeypatch):
     """fused_attribution on the cpp backend raises what the torch backend raises before it runs: the
     input's name and its first bad index (two bad values: the first one is named)."""
-    kw = _public_case(workload, dtype, seed=3)
+    kw = small_public_case(workload, dtype, seed=3)
     t = kw[where]
     t[t.shape[0] // 2, 1, 5] = float("nan")
     t[t.shape[0] - 1, 0, 0] = float("inf")
@@ -137,7 +113,7 @@ def test_public_error_is_the_contracts(workload, where, dtype, monkeypatch):
 
 def test_check_finite_false_leaves_the_activations_unchecked():
     """check_finite=False asks for no check anywhere: the cpp kernels compute with the NaN."""
-    kw = _public_case("K2f", torch.float32, seed=4)
+    kw = small_public_case("K2f", torch.float32, seed=4)
     kw["z"][3, 2, 1] = float("nan")
     out = ef.fused_attribution(**kw, backend="cpp", check_finite=False)
     assert torch.isnan(out.dla[3, 2]).all() and torch.isfinite(out.dla[4:]).all()

@@ -21,7 +21,7 @@ from erasure_fast.backends import cpp
 _ok, _why = cpp.available()
 pytestmark = pytest.mark.skipif(not _ok, reason=f"cpp backend unavailable: {_why}")
 
-from conftest import cpu_paths_here  # noqa: E402
+from conftest import bitwise_equal, cpu_paths_here, small_public_case  # noqa: E402
 
 PATHS = cpu_paths_here()
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
@@ -34,11 +34,6 @@ ENTRIES = ["fused gathered", "fused fixed", "dla fixed", "dla gathered", "dla ta
 def _default_path_after():
     yield
     cpp.set_cpu_path(None)
-
-
-def _bitwise_equal(x, y) -> bool:
-    return all(np.array_equal(np.asarray(p).view(np.uint8), np.asarray(q).view(np.uint8))
-               for p, q in zip(x, y) if p is not None)
 
 
 def _first_nonfinite_output(named: dict, has_target) -> str | None:
@@ -113,7 +108,7 @@ def test_kernel_reports_the_first_nonfinite_output(path, dtype, entry, T, N, H, 
     unchecked = run(False)  # without the check, a kernel returns whatever it computed
     first = _first_nonfinite_output(dict(zip(names, unchecked)), has_target)
     if first is None:
-        assert _bitwise_equal(run(True), unchecked)
+        assert bitwise_equal(run(True), unchecked)
     else:
         with pytest.raises(_C.NonFiniteOutput, match=f"^{first}$"):
             run(True)
@@ -133,31 +128,13 @@ def test_an_input_error_comes_before_an_output_error():
         _C.fused_attribution_f32(*arr, cpp.kernel_array(torch.arange(3), torch.int64), check_outputs=True)
 
 
-def _public_case(workload, dtype, seed):
-    g = torch.Generator().manual_seed(seed)
-    T, N, H, D, M, K = 61, 7, 24, 40, 3, 9
-
-    def rnd(*s):
-        return torch.randn(*s, generator=g, dtype=torch.float64).to(dtype)
-
-    kw = dict(z=rnd(T, N, H), W_O=rnd(N, H, D), directions=rnd(K, D),
-              scale=torch.rand(T, generator=g, dtype=torch.float64).to(dtype) + 0.5)
-    if workload == "K1":
-        kw.update(writers=list(range(N)), extra_nodes=rnd(T, M, D), direction_ids=torch.randint(-1, K, (T,), generator=g))
-    elif workload == "K2n":
-        kw.update(writers=[], direction_ids=torch.randint(-1, K, (T,), generator=g), with_norms=False)
-    else:
-        kw.update(writers=[], with_norms=False)
-    return kw
-
-
 @pytest.mark.parametrize("workload,overflow", [("K1", "dots"), ("K1", "dla"), ("K2n", "dla"), ("K2f", "dla")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_public_error_is_the_contracts(workload, overflow, dtype, monkeypatch):
     """fused_attribution on the cpp backend raises what the torch backend raises after its run: the
     first overflowed output, the inputs' largest magnitude and what to do -- and, with check_finite=False,
     returns the overflowed values instead."""
-    kw = _public_case(workload, dtype, seed=5)
+    kw = small_public_case(workload, dtype, seed=5)
     if overflow == "dots":
         kw["z"] = kw["z"] * 1e25  # dots ~ 1e50; the DLA ~ 1e25 fits
     else:
