@@ -17,8 +17,8 @@
 // the e terms left out, at most 3 x 2^-16 (4.6e-5) of |a| |b| for rows a, b (observed up to 2.3e-5
 // of the outputs' scale); a head row against an exact row x is (hi + lo) . x. dots, norms (the
 // diagonal) and the DLA (a head row against the direction's two rows, / scale) are read from it;
-// blocks of exact rows against each other are left out, but for the diagonal (the extra nodes' norms). Products of bf16 values are exact in fp32 and the tile
-// unit accumulates in fp32; its inputs and outputs are flushed to zero below 1.2e-38 (bf16 / fp32
+// blocks of exact rows against each other are left out, but for the diagonal (the extra nodes'
+// norms). Products of bf16 values are exact in fp32 and the tile unit accumulates in fp32; its inputs and outputs are flushed to zero below 1.2e-38 (bf16 / fp32
 // subnormals), values far below any activation's scale.
 //
 // Reduction order fixed by the shapes (tile by tile, pass by pass), never by the thread count: a
@@ -60,23 +60,25 @@ inline void split_store(const float* src, uint16_t* hi, uint16_t* lo2) {
   _mm512_storeu_si512(lo2, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(_mm512_add_ps(r1, r1), _mm512_add_ps(r0, r0))));
 }
 
-// hi[0 .. n) = bf16(x), lo[0 .. n) = bf16(x - hi) for x = src[0 .. n), zero up to 32.
+// hi[0 .. n) = bf16(x), lo[0 .. n) = bf16(x - hi) for x = src[0 .. n), zero up to 32 (n <= 0: all zero;
+// no address past src + n is formed).
 inline void split_exact_rows(const float* src, int64_t n, uint16_t* hi, uint16_t* lo) {
   const __mmask16 m0 = n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << std::max<int64_t>(n, 0)) - 1);
   const __mmask16 m1 = n >= 32 ? 0xFFFF : n <= 16 ? 0 : static_cast<__mmask16>((1u << (n - 16)) - 1);
-  const __m512 x0 = _mm512_maskz_loadu_ps(m0, src), x1 = _mm512_maskz_loadu_ps(m1, src + 16);
+  const __m512 x0 = _mm512_maskz_loadu_ps(m0, src), x1 = _mm512_maskz_loadu_ps(m1, n > 16 ? src + 16 : src);
   const __m512i hb = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(x1, x0));
   const __m512 h0 = widen_bf16(_mm512_castsi512_si256(hb)), h1 = widen_bf16(_mm512_extracti64x4_epi64(hb, 1));
   _mm512_storeu_si512(hi, hb);
   _mm512_storeu_si512(lo, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(_mm512_sub_ps(x1, h1), _mm512_sub_ps(x0, h0))));
 }
 
-// dst[0 .. n) = src[0 .. n), dst[n .. n_pad) = 0 (16-bit values; n_pad a multiple of 32).
+// dst[0 .. n) = src[0 .. n), dst[n .. n_pad) = 0 (16-bit values; n_pad a multiple of 32; src may be
+// null where n = 0).
 inline void copy_pad_u16(const uint16_t* src, int64_t n, int64_t n_pad, uint16_t* dst) {
   for (int64_t i = 0; i < n_pad; i += 32) {
     const int64_t k = std::max<int64_t>(0, std::min<int64_t>(32, n - i));
     const __mmask32 m = k == 32 ? 0xFFFFFFFFu : static_cast<__mmask32>((1u << k) - 1);
-    _mm512_storeu_si512(dst + i, _mm512_maskz_loadu_epi16(m, src + i));
+    _mm512_storeu_si512(dst + i, k > 0 ? _mm512_maskz_loadu_epi16(m, src + i) : _mm512_setzero_si512());
   }
 }
 
@@ -261,7 +263,7 @@ void fused_attribution_amx(const FusedParams<Bf16>& p) {
       for (int64_t n = 0; n < N; ++n)
         for (int64_t i = 0; i < kTile; ++i) {
           uint16_t* dst = zp + (n * kTile + i) * Hp;
-          copy_pad_u16(z + ((t0 + i) * N + n) * H, i < nt ? H : 0, Hp, dst);
+          copy_pad_u16(i < nt ? z + ((t0 + i) * N + n) * H : nullptr, i < nt ? H : 0, Hp, dst);
         }
       if (gathered)
         for (int64_t i = 0; i < nt; ++i)
@@ -317,7 +319,8 @@ void fused_attribution_amx(const FusedParams<Bf16>& p) {
           for (int64_t k = 0; k < Kd; ++k) {
             const float* src = (gathered ? s.dir.get() + i * D : fixed.get() + k * D) + c0;
             uint16_t* h = hbase + (dir0 + 2 * k) * DC;
-            for (int64_t d = 0; d < dc; d += 32) split_exact_rows(src + d, len - d, h + d, h + DC + d);
+            for (int64_t d = 0; d < dc; d += 32)
+              split_exact_rows(src + std::min(d, len), len - d, h + d, h + DC + d);
           }
         }
         // Gram per token: Q += Hi Hi^T + 2 Lo Hi^T over the pass
