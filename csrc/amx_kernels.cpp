@@ -376,15 +376,14 @@ void fused_attribution_amx(const FusedParams<Bf16>& p) {
         check_outputs(p.out_nonfinite, norms + t * NM, NM, kNonfiniteNorms);
         const float st = scale[t];
         if (gathered) {
-          const bool missing = direction_ids[t] < 0 || (incorrect_ids && incorrect_ids[t] < 0);
+          const bool missing = no_target(direction_ids, incorrect_ids, t);
           for (int64_t n = 0; n < N; ++n) dla[t * N + n] = missing ? nan : (gram(n, dir0) + gram(n, dir0 + 1)) / st;
-          if (!missing) check_outputs(p.out_nonfinite, dla + t * N, N, kNonfiniteDla);
         } else {
           for (int64_t n = 0; n < N; ++n)
             for (int64_t k = 0; k < K; ++k)
               dla[(t * N + n) * K + k] = (gram(n, dir0 + 2 * k) + gram(n, dir0 + 2 * k + 1)) / st;
-          check_outputs(p.out_nonfinite, dla + t * N * K, N * K, kNonfiniteDla);
         }
+        check_dla_outputs(p.out_nonfinite, dla, gathered ? N : N * K, t, 1, direction_ids, incorrect_ids);
       }
       _mm_sfence();  // the streamed outputs are visible to every thread after the loop's barrier
     }

@@ -726,13 +726,8 @@ void dla_tokens(const typename In::storage* z_in, const typename In::acc* A, int
       }
       // after the tile's stages: its z and its outputs are in cache now
       nonfinite_item<In>(nonfinite, z_in, NH, nullptr, 0, t0, nt);
-      if (out_nonfinite) {
-        if (norms) check_outputs(out_nonfinite, norms + t0 * N, nt * N, kNonfiniteNorms);
-        if (!row) check_outputs(out_nonfinite, dla + t0 * N * K, nt * N * K, kNonfiniteDla);
-        for (int64_t i = 0; row && i < nt; ++i)
-          if (row[t0 + i] >= 0 && !(row2 && row2[t0 + i] < 0))
-            check_outputs(out_nonfinite, dla + (t0 + i) * N, N, kNonfiniteDla);
-      }
+      if (norms) check_outputs(out_nonfinite, norms + t0 * N, nt * N, kNonfiniteNorms);
+      check_dla_outputs(out_nonfinite, dla, row ? N : N * K, t0, nt, row, row2);
     }
   }
 }

@@ -254,14 +254,13 @@ void fused_attribution(const FusedParams<In>& p) {
         const T st = scale[t];
         if (gathered) {
           T* out = dla + t * N;
-          const bool missing = direction_ids[t] < 0 || (incorrect_ids && incorrect_ids[t] < 0);
+          const bool missing = no_target(direction_ids, incorrect_ids, t);
           for (int64_t n = 0; n < N; ++n) out[n] = missing ? nan : out[n] / st;
-          if (!missing) check_outputs(p.out_nonfinite, out, N, kNonfiniteDla);
         } else {
           T* out = dla + t * N * K;
           for (int64_t e = 0; e < N * K; ++e) out[e] = out[e] / st;
-          check_outputs(p.out_nonfinite, out, N * K, kNonfiniteDla);
         }
+        check_dla_outputs(p.out_nonfinite, dla, gathered ? N : N * K, t, 1, direction_ids, incorrect_ids);
         check_outputs(p.out_nonfinite, dots_t, NM * W, kNonfiniteDots);
         check_outputs(p.out_nonfinite, nrm, NM, kNonfiniteNorms);
       }

@@ -415,7 +415,7 @@ void fused_attribution_lanes(const FusedParams<In>& p) {
             if (a >= N) continue;
             const T st = scale[t];
             if (gathered) {
-              const bool missing = direction_ids[t] < 0 || (incorrect_ids && incorrect_ids[t] < 0);
+              const bool missing = no_target(direction_ids, incorrect_ids, t);
               dla[t * N + a] = missing ? nan : si[G + 1] / st;
             } else {
               for (int64_t k = 0; k < K; ++k) dla[(t * N + a) * K + k] = si[G + 1 + k] / st;
@@ -423,16 +423,9 @@ void fused_attribution_lanes(const FusedParams<In>& p) {
           }
         }
         // the lane tile's outputs, just written (in cache)
-        if (p.out_nonfinite) {
-          check_outputs(p.out_nonfinite, dots + tu * NM * W, nl * NM * W, kNonfiniteDots);
-          check_outputs(p.out_nonfinite, norms + tu * NM, nl * NM, kNonfiniteNorms);
-          if (!gathered) check_outputs(p.out_nonfinite, dla + tu * N * K, nl * N * K, kNonfiniteDla);
-          for (int64_t i = 0; gathered && i < nl; ++i) {
-            const int64_t t = tu + i;
-            if (direction_ids[t] >= 0 && !(incorrect_ids && incorrect_ids[t] < 0))
-              check_outputs(p.out_nonfinite, dla + t * N, N, kNonfiniteDla);
-          }
-        }
+        check_outputs(p.out_nonfinite, dots + tu * NM * W, nl * NM * W, kNonfiniteDots);
+        check_outputs(p.out_nonfinite, norms + tu * NM, nl * NM, kNonfiniteNorms);
+        check_dla_outputs(p.out_nonfinite, dla, gathered ? N : N * K, tu, nl, direction_ids, incorrect_ids);
       }
     }
   }

@@ -472,6 +472,21 @@ inline void check_outputs(unsigned* report, const T* x, int64_t n, unsigned bit)
   if (report) report_nonfinite(report, nonfinite_bit<Native<T>>(x, n, bit));
 }
 
+// Whether token t has no target, so that its DLA is NaN by the contract: no direction id, or a logit
+// difference (inc non-null) without its wrong id.
+inline bool no_target(const int64_t* ids, const int64_t* inc, int64_t t) { return ids[t] < 0 || (inc && inc[t] < 0); }
+
+// check_outputs of the DLA [T, width] of tokens [t0, t0 + nt): every token for fixed directions (ids
+// null), else the tokens with a target.
+template <typename T>
+inline void check_dla_outputs(unsigned* report, const T* dla, int64_t width, int64_t t0, int64_t nt,
+                              const int64_t* ids, const int64_t* inc) {
+  if (!report) return;
+  if (!ids) return check_outputs(report, dla + t0 * width, nt * width, kNonfiniteDla);
+  for (int64_t t = t0; t < t0 + nt; ++t)
+    if (!no_target(ids, inc, t)) check_outputs(report, dla + t * width, width, kNonfiniteDla);
+}
+
 // x rounded up to a multiple of m.
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
