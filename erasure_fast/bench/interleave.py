@@ -1,6 +1,6 @@
 """Interleaved timing of a few variants of one call under three cache states, for A/B benchmarks
 (benchmarks/ab_builds.py: two builds of the kernels; benchmarks/activation_checks.py: where the public
-call checks its activations). A shared machine's speed drifts by tens of percent between runs, so
+call checks its activations and outputs). A shared machine's speed drifts by tens of percent between runs, so
 variants are compared within one run, their order alternating by round, by the median of the
 per-round ratios."""
 
