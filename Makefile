@@ -146,7 +146,7 @@ test-latest: chromium
 # The C++ kernel under AddressSanitizer + UndefinedBehaviorSanitizer (not part of `make test`): a
 # copy of the venv gets an EF_SANITIZE=ON build (own build dir), then the C++ tests run with the ASan
 # runtime preloaded into Python, each test on every kernel path this CPU runs (portable, avx2,
-# avx512, amx; tests/conftest.py each_cpu_path). Leak checks are off (CPython leaks by design); any
+# avx512, avx512_bf16, amx; tests/conftest.py each_cpu_path). Leak checks are off (CPython leaks by design); any
 # ASan or UBSan report aborts the run (UB is built without recovery), so success = no reports.
 ASAN_VENV ?= build/asan-venv
 asan: $(VENV)/.deps

@@ -1,4 +1,4 @@
-// AMX path: the AVX-512 kernels, with the fused attribution of bfloat16 inputs on the tile unit
+// AMX path: the avx512_bf16 path's kernels, with the fused attribution of bfloat16 inputs on the tile unit
 // (contract: fused_attribution.h). Compiled for the amx path only (AVX-512 + AVX512-BF16 + AMX-BF16).
 //
 // One TDPBF16PS multiplies a 16 x 32 bf16 tile by a 32 x 16 one into 16 x 16 fp32 accumulators:
@@ -397,7 +397,7 @@ constexpr int64_t kMaxRows = 256;
 
 void fused_attribution_bf16(const FusedParams<Bf16>& p) {
   const int64_t rows = p.n_heads + p.n_extra + 2 * (p.direction_ids ? 1 : p.n_dirs);
-  auto fn = rows <= kMaxRows ? &fused_attribution_amx : avx512::kernel_table().bf16.fused_attribution;
+  auto fn = rows <= kMaxRows ? &fused_attribution_amx : avx512_bf16::kernel_table().bf16.fused_attribution;
   fn(p);
 }
 
@@ -405,7 +405,7 @@ void fused_attribution_bf16(const FusedParams<Bf16>& p) {
 
 const Kernels& kernel_table() {
   static const Kernels k = [] {
-    Kernels t = avx512::kernel_table();
+    Kernels t = avx512_bf16::kernel_table();
     t.simd = "avx512 + amx-bf16";
     t.bf16.fused_attribution = &fused_attribution_bf16;
     // the DLA-only kernels compiled for this path: bf16 and fp32 head-space directions on the tile unit

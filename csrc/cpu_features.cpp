@@ -111,6 +111,7 @@ const char* path_name(CpuPath p) {
     case CpuPath::kPortable: return "portable";
     case CpuPath::kAvx2: return "avx2";
     case CpuPath::kAvx512: return "avx512";
+    case CpuPath::kAvx512Bf16: return "avx512_bf16";
     case CpuPath::kAmx: return "amx";
   }
   return "unknown";
@@ -129,9 +130,10 @@ std::vector<std::string> missing_features(CpuPath p) {
                              {"avx512vl", f.avx512vl}, {"avx512dq", f.avx512dq},
                              {"OS support for AVX-512 state (XCR0)", f.os_zmm}});
   }
-  if (level >= 3) {
-    need.insert(need.end(), {{"avx512_bf16", f.avx512bf16}, {"amx_tile", f.amx_tile},
-                             {"amx_bf16", f.amx_bf16}, {"OS support for AMX state (XCR0)", f.os_amx}});
+  if (level >= 3) need.push_back({"avx512_bf16", f.avx512bf16});
+  if (level >= 4) {
+    need.insert(need.end(), {{"amx_tile", f.amx_tile}, {"amx_bf16", f.amx_bf16},
+                             {"OS support for AMX state (XCR0)", f.os_amx}});
     if (f.amx_tile && f.amx_bf16 && f.os_amx)
       need.push_back({"AMX tile-data permission (Linux arch_prctl)", f.amx_permitted});
   }

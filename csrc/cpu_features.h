@@ -16,9 +16,10 @@ enum class CpuPath : int {
   kPortable = 0,  // the compiler's baseline (x86-64: SSE2), scalar kernels
   kAvx2 = 1,      // AVX2 + FMA + F16C
   kAvx512 = 2,    // AVX-512 F / BW / VL / DQ
-  kAmx = 3,       // kAvx512 + AVX512-BF16 + AMX-BF16: bfloat16 inputs on the tile unit
+  kAvx512Bf16 = 3,  // kAvx512 + AVX512-BF16: bfloat16 inputs multiplied in pairs (VDPBF16PS)
+  kAmx = 4,       // kAvx512Bf16 + AMX-BF16: bfloat16 inputs on the tile unit
 };
-constexpr int kNumPaths = 4;
+constexpr int kNumPaths = 5;
 
 const char* path_name(CpuPath p);
 

@@ -43,6 +43,9 @@ const Kernels* compiled_table(CpuPath p) {
 #if EF_HAVE_AVX512
     case CpuPath::kAvx512: return &avx512::kernel_table();
 #endif
+#if EF_HAVE_AVX512_BF16
+    case CpuPath::kAvx512Bf16: return &avx512_bf16::kernel_table();
+#endif
 #if EF_HAVE_AMX
     case CpuPath::kAmx: return &amx::kernel_table();
 #endif

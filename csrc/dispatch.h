@@ -63,6 +63,7 @@ struct Kernels {
 namespace portable { const Kernels& kernel_table(); }
 namespace avx2 { const Kernels& kernel_table(); }
 namespace avx512 { const Kernels& kernel_table(); }
+namespace avx512_bf16 { const Kernels& kernel_table(); }
 namespace amx { const Kernels& kernel_table(); }
 
 // The table of path p, or nullptr where p is not compiled into this build.

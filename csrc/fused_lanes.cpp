@@ -89,6 +89,33 @@ inline void project_lanes(const T* __restrict zt, const T* __restrict wp, int64_
     for (int v = 0; v < kV; ++v) S::store(rc + j * TL + v * L, acc[j][v]);
 }
 
+#if defined(__AVX512BF16__)
+// The projection of bfloat16 inputs from pairs (the avx512_bf16 path): rc[dd][0 .. TL) = sum_k
+// W_O[k][dd] * z[k][lanes] for dd < kMD, where zp[j][lane] holds the lane's (z[2j], z[2j + 1]) and
+// wp[j][dd] the pair (W_O[2j][dd], W_O[2j + 1][dd]) of one packed panel [H / 2][kMD]. One VDPBF16PS per
+// pair and vector: the two products are exact in fp32 and are added to the accumulator in turn, as two
+// FMAs would (the odd k first); inputs and results below 2^-126 count as zero (bf16 / fp32
+// subnormals). Twice the fp32 FMA's multiply-adds per instruction, and half the bytes of z per token.
+inline void project_lanes_pairs(const float* __restrict zp, const uint32_t* __restrict wp, int64_t Hp,
+                                float* __restrict rc) {
+  constexpr int L = 16, TL = kV * L;
+  __m512 acc[kMD][kV];
+  for (int j = 0; j < kMD; ++j)
+    for (int v = 0; v < kV; ++v) acc[j][v] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < Hp; ++k) {
+    __m512bh zv[kV];
+    for (int v = 0; v < kV; ++v) zv[v] = reinterpret_cast<__m512bh>(_mm512_load_ps(zp + k * TL + v * L));
+    const uint32_t* w = wp + k * kMD;
+    for (int j = 0; j < kMD; ++j) {
+      const __m512bh wb = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(w[j])));
+      for (int v = 0; v < kV; ++v) acc[j][v] = _mm512_dpbf16_ps(acc[j][v], wb, zv[v]);
+    }
+  }
+  for (int j = 0; j < kMD; ++j)
+    for (int v = 0; v < kV; ++v) _mm512_store_ps(rc + j * TL + v * L, acc[j][v]);
+}
+#endif
+
 // out[i * RB + j][0 .. L) (=, or += unless first) sum_{dd < len} A[i][dd * TL + 0 .. L) *
 // B[j][dd * TL + 0 .. L): one lane vector of a lane tile (pointers offset to it), one sequential FMA
 // chain per lane. A vector of B is used RA times and one of A RB times, so a block costs
@@ -241,9 +268,32 @@ void fused_attribution_lanes(const FusedParams<In>& p) {
   const int64_t tile = sub * TL;
   const int64_t n_tiles = (T_ + tile - 1) / tile;
 
-  // W_O in panels Wpk[n][db][k][0 .. kMD) (columns db * kMD ..., zero past D), converted once.
-  Buf<T> wpk(static_cast<size_t>(N * n_db * H * kMD));
-  for (int64_t n = 0; n < N; ++n)
+  // bf16 inputs on the avx512_bf16 path (an even d_head): the projection multiplies pairs of bf16
+  // values (project_lanes_pairs); z's lane tiles and W_O's panels then hold pairs along k.
+#if defined(__AVX512BF16__)
+  const bool pairs = std::is_same<In, Bf16>::value && H % 2 == 0;
+#else
+  const bool pairs = false;
+#endif
+  const int64_t Hp = H / 2, NHp = NH / 2;
+  // W_O in panels Wpk[n][db][k][0 .. kMD) (columns db * kMD ..., zero past D), converted once; for
+  // pairs Wpp[n][db][j][0 .. kMD) = (W_O[n][2j][d], W_O[n][2j + 1][d]) as they are.
+  Buf<T> wpk = pairs ? Buf<T>() : Buf<T>(static_cast<size_t>(N * n_db * H * kMD));
+  Buf<uint32_t> wpp = pairs ? Buf<uint32_t>(static_cast<size_t>(N * n_db * Hp * kMD)) : Buf<uint32_t>();
+  if constexpr (std::is_same<In, Bf16>::value) {
+    if (pairs)
+      for (int64_t n = 0; n < N; ++n)
+        for (int64_t db = 0; db < n_db; ++db)
+          for (int64_t j = 0; j < Hp; ++j) {
+            uint32_t* dst = wpp.get() + ((n * n_db + db) * Hp + j) * kMD;
+            const uint16_t* w0 = W_O + (n * H + 2 * j) * D;
+            for (int64_t jj = 0; jj < kMD; ++jj) {
+              const int64_t d = db * kMD + jj;
+              dst[jj] = d < D ? static_cast<uint32_t>(w0[d]) | static_cast<uint32_t>(w0[D + d]) << 16 : 0u;
+            }
+          }
+  }
+  for (int64_t n = 0; n < N && !pairs; ++n)
     for (int64_t db = 0; db < n_db; ++db)
       for (int64_t k = 0; k < H; ++k) {
         T* dst = wpk.get() + ((n * n_db + db) * H + k) * kMD;
@@ -324,7 +374,15 @@ void fused_attribution_lanes(const FusedParams<In>& p) {
         for (int v = 0; v < kV; ++v) {
           const int64_t tv = t0 + u * TL + v * L, nl = lanes_in(u, v);
           // z, lanes minor: Zt[n * H + k][lane] (zero lanes past the last token)
-          pack_lanes<In>(z + std::min(tv, T_ - 1) * NH, NH, nl, NH, zt_of(u) + v * L, TL);
+          // (pairs: the rows' bf16 pairs moved as 32-bit values, Zp[n * H / 2 + j][lane])
+          bool packed = false;
+          if constexpr (std::is_same<In, Bf16>::value)
+            if (pairs) {
+              pack_lanes<Native<float>>(reinterpret_cast<const float*>(z + std::min(tv, T_ - 1) * NH), NHp, nl,
+                                        NHp, zt_of(u) + v * L, TL);
+              packed = true;
+            }
+          if (!packed) pack_lanes<In>(z + std::min(tv, T_ - 1) * NH, NH, nl, NH, zt_of(u) + v * L, TL);
           // extra nodes, lanes minor: Ec[m][d][lane]
           for (int64_t m = 0; m < M; ++m)
             pack_lanes<In>(extra + (std::min(tv, T_ - 1) * M + m) * D, M * D, nl, D, ec_of(u) + m * D * TL + v * L, TL);
@@ -346,9 +404,18 @@ void fused_attribution_lanes(const FusedParams<In>& p) {
         for (int64_t n = 0; n < N; ++n) {
           s.next.step();
           for (int64_t b = 0; b < nb; ++b) {
-            const T* wp = Wp + (n * n_db + c0 / kMD + b) * H * kMD;
+            const int64_t panel = n * n_db + c0 / kMD + b;
+#if defined(__AVX512BF16__)
+            if constexpr (std::is_same<In, Bf16>::value)
+              if (pairs) {
+                for (int64_t u = 0; u < n_sub; ++u)
+                  project_lanes_pairs(zt_of(u) + n * Hp * TL, wpp.get() + panel * Hp * kMD, Hp,
+                                      rc_of(u) + (n * DC + b * kMD) * TL);
+                continue;
+              }
+#endif
             for (int64_t u = 0; u < n_sub; ++u)
-              project_lanes<T>(zt_of(u) + n * H * TL, wp, H, rc_of(u) + (n * DC + b * kMD) * TL);
+              project_lanes<T>(zt_of(u) + n * H * TL, Wp + panel * H * kMD, H, rc_of(u) + (n * DC + b * kMD) * TL);
           }
         }
         for (int64_t u = 0; u < n_sub; ++u) {

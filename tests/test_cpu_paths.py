@@ -27,7 +27,7 @@ pytestmark = pytest.mark.skipif(not _ok, reason=f"cpp backend unavailable: {_why
 from conftest import TOL_AMX_BF16, cpu_paths_here  # noqa: E402
 from test_backend_cpp import as_f64, magnitudes, make_case, rel_err  # noqa: E402
 
-ALL = ["portable", "avx2", "avx512", "amx"]
+ALL = ["portable", "avx2", "avx512", "avx512_bf16", "amx"]
 PATHS = cpu_paths_here()
 # Across paths, relative to the outputs' scale (Cauchy-Schwarz magnitude): fp32 rounding of sums of
 # up to d_model terms in different orders; the amx path's bf16 kernel leaves out lo x lo (amx_kernels.cpp).
@@ -307,15 +307,18 @@ def test_scan_aggregation_identical_across_paths():
 
 
 def _path_of(symbol: str) -> str:
-    for p in ("avx2", "avx512", "amx"):
+    for p in ("avx2", "avx512", "avx512_bf16", "amx"):
         if f"ef::{p}::" in symbol:
             return p
     return "portable"
 
 
-# Registers that only the path's instruction sets use (ymm: AVX; zmm, opmask: AVX-512; tmm: AMX).
-FORBIDDEN = {"portable": re.compile(r"%[yzt]mm|%k[0-7]\b|vfmadd"), "avx2": re.compile(r"%[zt]mm|%k[0-7]\b"),
-             "avx512": re.compile(r"%tmm")}
+# Registers and instructions that only the path's instruction sets have (ymm: AVX; zmm, opmask:
+# AVX-512; bf16 conversions and dot products: AVX512-BF16; tmm: AMX).
+_BF16 = r"|vdpbf16ps|vcvtne2?ps2bf16"
+FORBIDDEN = {"portable": re.compile(r"%[yzt]mm|%k[0-7]\b|vfmadd" + _BF16),
+             "avx2": re.compile(r"%[zt]mm|%k[0-7]\b" + _BF16), "avx512": re.compile(r"%tmm" + _BF16),
+             "avx512_bf16": re.compile(r"%tmm")}
 
 
 @pytest.mark.skipif(shutil.which("objdump") is None, reason="objdump not installed")

@@ -11,7 +11,8 @@ Threads: the OpenMP default unless set with `set_num_threads` or the environment
 
 Kernel path (run-time dispatch, csrc/dispatch.h): the extension carries the kernels compiled for
 several x86-64 instruction sets -- ``portable``, ``avx2`` (AVX2 + FMA), ``avx512`` (AVX-512 F/BW/VL/DQ),
-``amx`` (AVX-512 with bfloat16 inputs on the AMX tile unit) -- and every call runs the fastest one
+``avx512_bf16`` (AVX-512 multiplying bfloat16 inputs in pairs, AVX512-BF16), ``amx`` (that, with
+bfloat16 inputs on the AMX tile unit) -- and every call runs the fastest one
 this CPU executes, unless `set_cpu_path` or the environment variable ``ERASURE_FAST_CPU_PATH`` (read
 when a call starts; `set_cpu_path` wins) names another: a path the CPU cannot run is refused with
 the features it lacks. `cpu_paths()` lists them; `build_info()["cpu_path"]` is the one in use.
