@@ -27,6 +27,8 @@
 
 #if defined(__AMX_BF16__)
 #include "amx_tiles.h"
+#endif
+#if defined(__AVX512BF16__)
 #include "lanes_common.h"
 #endif
 
@@ -212,8 +214,9 @@ inline void head_dla(const typename In::storage* __restrict a, const typename In
   for (int64_t n = 0; n < N; ++n) out[n * stride] = tmp[n] / st;
 }
 
-#if defined(__AMX_BF16__)
-// The amx path's head-space directions on the tile unit: A[u, :] = W_O @ c(x_u) with
+#if defined(__AVX512BF16__)
+// The head-space directions of the amx and avx512_bf16 paths, from products of bf16 values.
+// The amx path's, on the tile unit: A[u, :] = W_O @ c(x_u) with
 // x_u = d_u - e_u, d_u = dirs[pid[u]], e_u = dirs[pinc[u]] (absent without a logit difference).
 // bf16 inputs: centring is linear, so A[u, :] = W_O @ d_u - W_O @ e_u - mean(x_u) (W_O @ 1): the tile unit
 // multiplies W_O by the rows as they are (bf16 values; -e_u by a flipped sign bit), one product per
@@ -275,6 +278,49 @@ inline void moments_f64(const uint16_t* d, const uint16_t* e, int64_t n, double&
   }
 }
 
+// Direction x = dirs[id] - dirs[inc] (inc < 0: x = dirs[id]) as rows of bf16 values whose products with
+// W_O's bf16 values sum to W_O @ c(x) (see above). seg(j, ks) is where part j's 32 values of k-step ks
+// go (ks < Dp / 32, Dp = D rounded up to 32; parts a direction does not use, and values past D, are
+// zero); c is scratch of Dp floats. bf16 inputs whose mean is at most kExactMeanRatio times their
+// centred RMS: the rows as they are, d and -e (a flipped sign bit), and `mean` = mean(x) for the
+// rank-one correction; otherwise (and for every fp32 direction) c(x) centred in fp32 and split into
+// three parts, `mean` = 0. Returns the number of parts used.
+template <typename In, typename Seg>
+int direction_parts(const typename In::storage* dirs, int64_t D, int64_t Dp, int64_t id, int64_t inc, bool center,
+                    float* c, Seg seg, double& mean) {
+  const int64_t n_ks = Dp / 32;
+  const auto* d = dirs + id * D;
+  const auto* e = inc >= 0 ? dirs + inc * D : nullptr;
+  mean = 0;
+  if constexpr (std::is_same<In, Bf16>::value) {
+    double sum = 0, sumsq = 0;
+    if (center) moments_f64(d, e, D, sum, sumsq);
+    const double m = sum / static_cast<double>(D), var = std::max(0.0, sumsq / static_cast<double>(D) - m * m);
+    if (m * m <= kExactMeanRatio * kExactMeanRatio * var) {
+      for (int64_t ks = 0; ks < n_ks; ++ks) {  // 32 values a step: one masked 64-byte load each
+        const int64_t k0 = ks * 32;
+        const __mmask32 lanes = first_lanes32(D - k0);
+        _mm512_storeu_si512(seg(0, ks), _mm512_maskz_loadu_epi16(lanes, d + k0));
+        _mm512_storeu_si512(seg(1, ks), e ? _mm512_xor_si512(_mm512_maskz_loadu_epi16(lanes, e + k0),
+                                                             _mm512_maskz_set1_epi16(lanes, -32768))
+                                          : _mm512_setzero_si512());
+        _mm512_storeu_si512(seg(2, ks), _mm512_setzero_si512());
+      }
+      mean = m;
+      return e ? 2 : 1;
+    }
+  }
+  form_dir<In>(dirs, D, id, inc, center, c);
+  std::fill(c + D, c + Dp, 0.f);
+  for (int64_t ks = 0; ks < n_ks; ++ks) {
+    uint16_t* const dst[3] = {seg(0, ks), seg(1, ks), seg(2, ks)};
+    split_three(c + ks * 32, dst);
+  }
+  return 3;
+}
+#endif
+
+#if defined(__AMX_BF16__)
 template <typename In>
 void build_head_dirs_amx(const typename In::storage* W_O, int64_t NH, int64_t D, const typename In::storage* dirs,
                          const int64_t* pid, const int64_t* pinc, int64_t U, bool center, float* A, int n_threads) {
@@ -372,45 +418,16 @@ void build_head_dirs_amx(const typename In::storage* W_O, int64_t NH, int64_t D,
 #pragma omp for schedule(static)
 #endif
       for (int64_t i = 0; i < n_blk * 32; ++i) {
-        mean.get()[i] = 0;
-        parts_of.get()[i] = 1;
         if (i >= ns) {
+          mean.get()[i] = 0;
+          parts_of.get()[i] = 1;
           for (int j = 0; j < 3; ++j)
             for (int64_t ks = 0; ks < n_ks; ++ks) std::fill(seg(j, i, ks), seg(j, i, ks) + 32, uint16_t(0));
           continue;
         }
         const int64_t u = s0 + i;
-        const auto* d = dirs + pid[u] * D;
-        const auto* e = pinc && pinc[u] >= 0 ? dirs + pinc[u] * D : nullptr;
-        bool exact = false;  // bf16 rows as they are, centred by the correction
-        if constexpr (!kF32) {
-          double sum = 0, sumsq = 0;
-          if (center) moments_f64(d, e, D, sum, sumsq);
-          const double m = sum / static_cast<double>(D), var = std::max(0.0, sumsq / static_cast<double>(D) - m * m);
-          exact = m * m <= kExactMeanRatio * kExactMeanRatio * var;
-          if (exact) {
-            for (int64_t ks = 0; ks < n_ks; ++ks) {  // 32 values a step: one masked 64-byte load each
-              const int64_t k0 = ks * 32;
-              const __mmask32 lanes = first_lanes32(D - k0);
-              _mm512_storeu_si512(seg(0, i, ks), _mm512_maskz_loadu_epi16(lanes, d + k0));
-              _mm512_storeu_si512(seg(1, i, ks), e ? _mm512_xor_si512(_mm512_maskz_loadu_epi16(lanes, e + k0),
-                                                                      _mm512_maskz_set1_epi16(lanes, -32768))
-                                                   : _mm512_setzero_si512());
-              _mm512_storeu_si512(seg(2, i, ks), _mm512_setzero_si512());
-            }
-            mean.get()[i] = m;
-            parts_of.get()[i] = e ? 2 : 1;
-          }
-        }
-        if (!exact) {  // centred in fp32, three parts
-          form_dir<In>(dirs, D, pid[u], e ? pinc[u] : -1, center, c);
-          std::fill(c + D, c + Dp, 0.f);
-          for (int64_t ks = 0; ks < n_ks; ++ks) {
-            uint16_t* const dst[3] = {seg(0, i, ks), seg(1, i, ks), seg(2, i, ks)};
-            split_three(c + ks * 32, dst);
-          }
-          parts_of.get()[i] = 3;
-        }
+        parts_of.get()[i] = direction_parts<In>(dirs, D, Dp, pid[u], pinc ? pinc[u] : -1, center, c,
+                                                [&](int j, int64_t ks) { return seg(j, i, ks); }, mean.get()[i]);
       }
 #ifdef _OPENMP
 #pragma omp for collapse(2) schedule(static)
@@ -458,11 +475,148 @@ void build_head_dirs_amx(const typename In::storage* W_O, int64_t NH, int64_t D,
 }
 #endif
 
+#if defined(__AVX512BF16__) && !defined(__AMX_BF16__)
+// The avx512_bf16 path's head-space directions of bf16 inputs: the rows of direction_parts and the
+// rank-one centring of build_head_dirs_amx (the same math and error bounds), multiplied with VDPBF16PS:
+// 16 columns of NH in the lanes, pairs of d_model values in each, W_O^T packed once per call in panels
+// of kPairCols columns. A block is kPairRows directions x kPairCols columns over every pair of d_model
+// in order, the parts of each pair in order; a part a direction lacks is a zero row, whose products add
+// exact zeros, so a row of A depends on nothing but its own direction (the lazy table builds rows in
+// any grouping).
+constexpr int kPairRows = 6, kPairVecs = 4;          // 24 accumulators
+constexpr int64_t kPairCols = kPairVecs * 16;        // columns of NH per W_O panel
+constexpr int64_t kPairDirs = 8 * kPairRows;         // directions per work item
+
+// A pair of bf16 values read as one 32-bit value from rows written as 16-bit ones.
+typedef uint32_t pair_bits __attribute__((may_alias));
+
+// out[i][0 .. kPairCols) = sum over pairs j, parts p < P of rows[3 i + p][j] . wp[j][0 .. kPairCols) for
+// i < kPairRows; rows[3 i + p] is part p of direction i (Dh pairs), wp a packed panel [Dh][kPairCols].
+template <int P>
+void pair_block(const pair_bits* const* rows, const uint32_t* __restrict wp, int64_t Dh, float* __restrict out) {
+  __m512 acc[kPairRows][kPairVecs];
+#pragma GCC unroll 8
+  for (int i = 0; i < kPairRows; ++i)
+#pragma GCC unroll 8
+    for (int r = 0; r < kPairVecs; ++r) acc[i][r] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < Dh; ++j) {
+    __m512bh w[kPairVecs];
+#pragma GCC unroll 8
+    for (int r = 0; r < kPairVecs; ++r) w[r] = reinterpret_cast<__m512bh>(_mm512_load_si512(wp + j * kPairCols + r * 16));
+#pragma GCC unroll 4
+    for (int p = 0; p < P; ++p)
+#pragma GCC unroll 8
+      for (int i = 0; i < kPairRows; ++i) {
+        const __m512bh b = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(rows[3 * i + p][j])));
+#pragma GCC unroll 8
+        for (int r = 0; r < kPairVecs; ++r) acc[i][r] = _mm512_dpbf16_ps(acc[i][r], b, w[r]);
+      }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < kPairRows; ++i)
+#pragma GCC unroll 8
+    for (int r = 0; r < kPairVecs; ++r) _mm512_store_ps(out + i * kPairCols + r * 16, acc[i][r]);
+}
+
+void build_head_dirs_pairs(const uint16_t* W_O, int64_t NH, int64_t D, const uint16_t* dirs, const int64_t* pid,
+                           const int64_t* pinc, int64_t U, bool center, float* A, int n_threads) {
+  const int64_t Dp = round_up(D, 32), Dh = Dp / 2, n_jb = (NH + kPairCols - 1) / kPairCols;
+  // W_O^T in pairs: wt[jb][j][c] = (W_O[col][2j], W_O[col][2j + 1]) for col = jb * kPairCols + c (zero
+  // past NH and D); rowsum = W_O @ 1 in float64 for the centring
+  Buf<uint32_t> wt(static_cast<size_t>(n_jb * Dh * kPairCols));
+  Buf<double> rowsum(static_cast<size_t>(n_jb * kPairCols));
+  {
+    const int nthr = resolve_threads(n_threads, n_jb);
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(nthr) schedule(static)
+#endif
+    for (int64_t jb = 0; jb < n_jb; ++jb) {
+      uint32_t* panel = wt.get() + jb * Dh * kPairCols;
+      for (int64_t c = 0; c < kPairCols; ++c) {
+        const int64_t col = jb * kPairCols + c;
+        double sum = 0, sumsq = 0;
+        if (col < NH && center) moments_f64(W_O + col * D, nullptr, D, sum, sumsq);
+        rowsum.get()[col] = sum;
+        for (int64_t j = 0; j < Dh; ++j) {
+          const int64_t d = 2 * j;
+          const uint32_t lo = col < NH && d < D ? W_O[col * D + d] : 0u;
+          const uint32_t hi = col < NH && d + 1 < D ? W_O[col * D + d + 1] : 0u;
+          panel[j * kPairCols + c] = lo | hi << 16;
+        }
+      }
+    }
+    (void)nthr;
+  }
+  const int64_t n_items = (U + kPairDirs - 1) / kPairDirs;
+  const int nthr = resolve_threads(n_threads, n_items);
+  struct Scr {
+    Buf<uint16_t> part;  // [kPairDirs][3][Dp]
+    Buf<float> c, out;   // a centred direction [Dp]; a block of A [kPairRows][kPairCols]
+  };
+  Vec<Scr> scr(nthr);
+  for (auto& s : scr) {
+    s.part = Buf<uint16_t>(static_cast<size_t>(kPairDirs * 3 * Dp));
+    s.c = Buf<float>(static_cast<size_t>(Dp));
+    s.out = Buf<float>(static_cast<size_t>(kPairRows * kPairCols));
+  }
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nthr)
+#endif
+  {
+    Scr& s = scr[thread_id()];
+    double mean[kPairDirs];
+    int parts[kPairDirs];
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+    for (int64_t it = 0; it < n_items; ++it) {
+      const int64_t u0 = it * kPairDirs, nu = std::min<int64_t>(kPairDirs, U - u0);
+      auto row = [&](int64_t i, int p) { return s.part.get() + (i * 3 + p) * Dp; };
+      for (int64_t i = 0; i < kPairDirs; ++i) {
+        if (i >= nu) {  // rows past the last direction: zero
+          std::fill(row(i, 0), row(i, 0) + 3 * Dp, uint16_t(0));
+          mean[i] = 0, parts[i] = 1;
+          continue;
+        }
+        parts[i] = direction_parts<Bf16>(dirs, D, Dp, pid[u0 + i], pinc ? pinc[u0 + i] : -1, center, s.c.get(),
+                                         [&](int p, int64_t ks) { return row(i, p) + ks * 32; }, mean[i]);
+      }
+      for (int64_t ib = 0; ib < nu; ib += kPairRows) {
+        const pair_bits* rows[3 * kPairRows];
+        int P = 1;
+        for (int i = 0; i < kPairRows; ++i) {
+          for (int p = 0; p < 3; ++p) rows[3 * i + p] = reinterpret_cast<const pair_bits*>(row(ib + i, p));
+          P = std::max(P, parts[ib + i]);
+        }
+        const int64_t nrow = std::min<int64_t>(kPairRows, nu - ib);
+        for (int64_t jb = 0; jb < n_jb; ++jb) {
+          const uint32_t* wp = wt.get() + jb * Dh * kPairCols;
+          float* out = s.out.get();
+          if (P == 1) pair_block<1>(rows, wp, Dh, out);
+          else if (P == 2) pair_block<2>(rows, wp, Dh, out);
+          else pair_block<3>(rows, wp, Dh, out);
+          const int64_t col0 = jb * kPairCols, ncol = std::min<int64_t>(kPairCols, NH - col0);
+          for (int64_t i = 0; i < nrow; ++i) {
+            float* dst = A + (u0 + ib + i) * NH + col0;
+            const float* o = out + i * kPairCols;
+            const double m = mean[ib + i];
+            if (m == 0)
+              std::memcpy(dst, o, sizeof(float) * ncol);
+            else
+              for (int64_t j = 0; j < ncol; ++j) dst[j] = static_cast<float>(o[j] - m * rowsum.get()[col0 + j]);
+          }
+        }
+      }
+    }
+  }
+}
+#endif
+
 // Whether build_head_dirs reads W_O only in its input format (W_O_in; W_O may then be null): bf16 on
 // the amx path, whose tile unit takes the bf16 values as they are.
 template <typename In>
 constexpr bool head_dirs_read_input_only() {
-#if defined(__AMX_BF16__)
+#if defined(__AVX512BF16__)
   return std::is_same<In, Bf16>::value;
 #else
   return false;
@@ -488,6 +642,14 @@ void build_head_dirs(const typename In::acc* W_O, const typename In::storage* W_
   using T = typename In::acc;
   if (U <= 0) return;
   (void)W_O_in;
+#if defined(__AVX512BF16__) && !defined(__AMX_BF16__)
+  // bf16 on the avx512_bf16 path: products of pairs for any number of directions (see the amx path)
+  if constexpr (std::is_same<In, Bf16>::value) {
+    (void)gemm_only;
+    build_head_dirs_pairs(W_O_in, NH, D, dirs, pid, pinc, U, center, A, n_threads);
+    return;
+  }
+#endif
 #if defined(__AMX_BF16__)
   // bf16 on the amx path: the tile unit for any number of directions (a single one costs ~0.1 ms more
   // than the dot path), so that a row's bits never depend on how many others are built with it

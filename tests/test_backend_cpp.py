@@ -536,6 +536,21 @@ def test_dla_only_path_half_inputs(dtype, cpp_last_path):
     assert got.dla.dtype == torch.float32 and cpp_last_path().startswith("dla_")
 
 
+@pytest.mark.parametrize("mode,incorrect", [("gathered", True), ("gathered", False), ("fixed", False)])
+@pytest.mark.parametrize("D", [77, 128])
+def test_dla_only_bf16_directions_far_from_zero_mean(mode, incorrect, D, cpp_last_path):
+    # bf16 head-space directions from products of bf16 values (amx, avx512_bf16) take a direction whose
+    # mean is large against its spread centred in fp32 and split in three parts, the others as they are
+    # with a rank-one centring: both kinds, in blocks together, against float64
+    args, kw = _dla_case((45, 3, 24, D, 12), torch.bfloat16, mode, incorrect, True)
+    z, W_O, directions, scale, writers, extra = args
+    directions = directions.clone()
+    directions[::3] += 10.0  # mean 10.3 against a spread of 1: past the exact-rows bound (3)
+    got, _ = check_against_oracle((z, W_O, directions, scale, writers, extra), kw, torch.bfloat16)
+    assert cpp_last_path().startswith("dla_fixed" if mode == "fixed" else "dla_unique")
+    assert bool(torch.isfinite(got.dla).any())
+
+
 def test_small_d_model_keeps_fused_kernel(cpp_last_path):
     # d_model < 2 d_head: the Gram-matrix norms would lose accuracy, so the fused kernel runs
     args, kw = make_case(9, 3, 40, 30, 0, 0, 4, dtype=torch.float32)
