@@ -537,13 +537,21 @@ void build_head_dirs_pairs(const uint16_t* W_O, int64_t NH, int64_t D, const uin
         double sum = 0, sumsq = 0;
         if (col < NH && center) moments_f64(W_O + col * D, nullptr, D, sum, sumsq);
         rowsum.get()[col] = sum;
-        for (int64_t j = 0; j < Dh; ++j) {
-          const int64_t d = 2 * j;
-          const uint32_t lo = col < NH && d < D ? W_O[col * D + d] : 0u;
-          const uint32_t hi = col < NH && d + 1 < D ? W_O[col * D + d + 1] : 0u;
-          panel[j * kPairCols + c] = lo | hi << 16;
-        }
       }
+      // 16 columns x 16 pairs at a time: each column's 32 values (a masked load, zero past D) as 16
+      // pairs, transposed to 16 vectors of one pair of the 16 columns
+      for (int64_t c0 = 0; c0 < kPairCols; c0 += 16)
+        for (int64_t j0 = 0; j0 < Dh; j0 += 16) {
+          const __mmask32 lanes = first_lanes32(D - 2 * j0);  // 2 j0 < D: k-steps start below D
+          __m512 r[16];
+          for (int64_t c = 0; c < 16; ++c) {
+            const int64_t col = jb * kPairCols + c0 + c;
+            r[c] = col < NH ? _mm512_castsi512_ps(_mm512_maskz_loadu_epi16(lanes, W_O + col * D + 2 * j0))
+                            : _mm512_setzero_ps();
+          }
+          transpose_lanes(r);
+          for (int64_t q = 0; q < 16; ++q) _mm512_store_ps(reinterpret_cast<float*>(panel + (j0 + q) * kPairCols + c0), r[q]);
+        }
     }
     (void)nthr;
   }
