@@ -102,7 +102,7 @@ def pair_stats_batch_f64(dots: NDArray[np.float64], norms: NDArray[np.float64], 
 # ---- dispatch and build facts
 def dla_prefer_table(n_unique: int, n_valid_tokens: int, d_model: int) -> bool: ...
 def select_cpu_path(name: str) -> str:
-    """'auto' or a path name (portable, avx2, avx512, amx); ValueError for an unknown path, one not
+    """'auto' or a path name (portable, avx2, avx512, avx512_bf16, amx); ValueError for an unknown path, one not
     compiled in or one this CPU cannot run. Returns the selected path."""
 def cpu_paths() -> Dict[str, Dict[str, Any]]:
     """{path: {compiled, runs_here, missing, simd}}, most portable first."""
