@@ -11,7 +11,8 @@
 //      The amx path builds bf16 directions on the tile unit instead, for every count, and fp32 ones
 //      where the others take the GEMM (build_head_dirs_amx: bf16 rows uncentred with a rank-one
 //      centring correction, fp32 ones as six products of bf16 parts; the rows agree with the fp32
-//      paths' to fp32 rounding).
+//      paths' to fp32 rounding); the avx512_bf16 path builds bf16 directions from the same rows with
+//      VDPBF16PS (build_head_dirs_pairs).
 //   2. per token (OpenMP over fixed tiles of 12 tokens): dla[t, n] = z[t, n, :] . A[u(t), n, :]
 //      / s[t] (d_head FMAs per head), and on request norms[t, n] = z^T G_n z with the Gram matrix
 //      G_n = W_O[n] W_O[n]^T packed like W_O (projection micro-kernel, then a d_head dot).

@@ -1,5 +1,6 @@
 // Fused attribution with tokens in the SIMD lanes: the AVX-512 path's kernel (contract and
-// signature: fused_attribution.h). Compiled for the avx512 path only.
+// signature: fused_attribution.h). Compiled for the avx512 and avx512_bf16 paths (the latter multiplies
+// bf16 inputs in pairs in the projection: project_lanes_pairs).
 //
 // Why a second layout: with 16-float vectors the row layout of fused_attribution.cpp (vectors over
 // d_model, one token at a time) spends its time outside the FMAs: every dot ends in a horizontal
