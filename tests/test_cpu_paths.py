@@ -331,18 +331,25 @@ def test_every_function_stays_in_its_path():
     out = subprocess.run(["objdump", "-d", "--no-show-raw-insn", "-C", _C.__file__], capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stderr
-    fn, bad, seen = None, {}, 0
+    fn, bad, seen, pairs = None, {}, 0, set()
     for line in out.stdout.splitlines():
         m = re.match(r"^[0-9a-f]+ <(.*)>:$", line)
         if m:
             fn, seen = m.group(1), seen + 1
             continue
+        if fn is not None and "vdpbf16ps" in line:
+            pairs.add(fn)
         if fn is not None and fn not in bad:
             rule = FORBIDDEN.get(_path_of(fn))
             if rule is not None and rule.search(line):
                 bad[fn] = line.strip()
     assert seen > 100, "no symbol table: the module was stripped"
     assert not bad, "functions with instructions beyond their path:\n" + "\n".join(f"{k}: {v}" for k, v in bad.items())
+    if cpp.cpu_paths()["avx512_bf16"]["compiled"]:
+        # its bf16 kernels multiply pairs: K1's projection and the DLA-only head-space directions
+        for kernel in ("ef::avx512_bf16::fused_attribution_lanes<ef::Bf16>",
+                       "ef::avx512_bf16::(anonymous namespace)::build_head_dirs_pairs"):
+            assert any(kernel in f for f in pairs), (kernel, sorted(pairs))
 
 
 def test_stub_matches_the_module():
