@@ -18,8 +18,9 @@
 // of the outputs' scale); a head row against an exact row x is (hi + lo) . x. dots, norms (the
 // diagonal) and the DLA (a head row against the direction's two rows, / scale) are read from it;
 // blocks of exact rows against each other are left out, but for the diagonal (the extra nodes'
-// norms). Products of bf16 values are exact in fp32 and the tile unit accumulates in fp32; its inputs and outputs are flushed to zero below 1.2e-38 (bf16 / fp32
-// subnormals), values far below any activation's scale.
+// norms). Products of bf16 values are exact in fp32 and the tile unit accumulates in fp32; its inputs
+// and outputs are flushed to zero below 1.2e-38 (bf16 / fp32 subnormals), values far below any
+// activation's scale.
 //
 // Reduction order fixed by the shapes (tile by tile, pass by pass), never by the thread count: a
 // token's results do not depend on which thread or work item computes it.

@@ -503,7 +503,8 @@ void pair_block(const pair_bits* const* rows, const uint32_t* __restrict wp, int
   for (int64_t j = 0; j < Dh; ++j) {
     __m512bh w[kPairVecs];
 #pragma GCC unroll 8
-    for (int r = 0; r < kPairVecs; ++r) w[r] = reinterpret_cast<__m512bh>(_mm512_load_si512(wp + j * kPairCols + r * 16));
+    for (int r = 0; r < kPairVecs; ++r)
+      w[r] = reinterpret_cast<__m512bh>(_mm512_load_si512(wp + j * kPairCols + r * 16));
 #pragma GCC unroll 4
     for (int p = 0; p < P; ++p)
 #pragma GCC unroll 8
@@ -551,7 +552,8 @@ void build_head_dirs_pairs(const uint16_t* W_O, int64_t NH, int64_t D, const uin
                             : _mm512_setzero_ps();
           }
           transpose_lanes(r);
-          for (int64_t q = 0; q < 16; ++q) _mm512_store_ps(reinterpret_cast<float*>(panel + (j0 + q) * kPairCols + c0), r[q]);
+          for (int64_t q = 0; q < 16; ++q)
+            _mm512_store_ps(reinterpret_cast<float*>(panel + (j0 + q) * kPairCols + c0), r[q]);
         }
     }
     (void)nthr;
