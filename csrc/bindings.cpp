@@ -414,7 +414,7 @@ ef::DlaTableParams<In> fill_rows_params(const InArr<In>& W_O, const InArr<In>& d
   ef::DlaTableParams<In> p = dla_table_params<In>(W_O, directions, center, n_threads);
   const int64_t N = p.n_heads, H = p.d_head, K = p.n_dirs;
   // written in place: the exact dtype and layout, never a converted copy
-  if (!table.dtype().is(py::dtype::of<T>()))
+  if (!table.dtype().equal(py::dtype::of<T>()))
     fail(std::string("table must have dtype ") + (sizeof(T) == 8 ? "float64" : "float32"));
   if (!(table.flags() & py::array::c_style) || !table.writeable())
     fail("table must be a writable C-contiguous array");
@@ -505,7 +505,7 @@ struct BatchMoments {
 // as dots[:, :n_nodes] of a larger array). Returns the token stride in elements.
 template <typename T>
 int64_t rows_in_place(const py::array& a, const std::string& name, const std::string& shape) {
-  if (!a.dtype().is(py::dtype::of<T>()))
+  if (!a.dtype().equal(py::dtype::of<T>()))
     fail(name + " must have dtype " + std::string(py::str(py::dtype::of<T>())) + ", got " + std::string(py::str(a.dtype())));
   if (a.ndim() != 3) fail(name + " must have shape " + shape + ", got " + shape_of(a));
   const py::ssize_t item = static_cast<py::ssize_t>(sizeof(T));
@@ -545,7 +545,7 @@ void series_common_params(SeriesCall<T>& c, const IdArr& bucket, int64_t T_, int
     if (bp[t] < 0 || bp[t] >= n_buckets)
       fail("bucket must lie in [0, " + std::to_string(n_buckets) + "), got " + std::to_string(bp[t]) +
            " at token " + std::to_string(t));
-  if (!hist.dtype().is(py::dtype::of<int64_t>()) || !(hist.flags() & py::array::c_style) ||
+  if (!hist.dtype().equal(py::dtype::of<int64_t>()) || !(hist.flags() & py::array::c_style) ||
       !hist.writeable())
     fail("hist must be a writeable C-contiguous int64 array");
   if (hist.ndim() != 3 || hist.shape(0) != n_buckets || hist.shape(1) != S || hist.shape(2) != n_bins + 2)
@@ -664,7 +664,7 @@ void def_ratio_stats(py::module_& m, const char* name) {
 // The per-pair ranking statistics (scan_aggregates.h, pair_stats_batch): histograms of the
 // kPairStats statistics (SeriesStats with one bucket, hist [1, P, n_bins + 2]) updated in place.
 void check_hist(const py::array& hist, const std::string& name, int64_t n_series, int64_t n_bins) {
-  if (!hist.dtype().is(py::dtype::of<int64_t>()) || !(hist.flags() & py::array::c_style) ||
+  if (!hist.dtype().equal(py::dtype::of<int64_t>()) || !(hist.flags() & py::array::c_style) ||
       !hist.writeable())
     fail(name + " must be a writeable C-contiguous int64 array");
   if (hist.ndim() != 3 || hist.shape(0) != 1 || hist.shape(1) != n_series || hist.shape(2) != n_bins + 2)

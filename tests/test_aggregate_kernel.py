@@ -271,6 +271,30 @@ def _ratio_inputs(T, rows, W, dtype, seed):
     return blocks, divisor
 
 
+def test_arrays_read_in_place_are_taken_by_dtype_equality_not_identity():
+    """An array whose dtype equals the kernel's but is another dtype object (an unpickled array, one
+    with metadata) is read as such; a byte-swapped one is refused before any work."""
+    import pickle
+
+    blocks, divisor = _ratio_inputs(19, (5,), 3, torch.float32, seed=1)
+    dots, div = blocks[0].contiguous().numpy(), divisor.numpy()
+    bucket = np.zeros(19, np.int64)
+    run = lambda d, hist: _C.ratio_stats_batch_f32([d], div, bucket, 1, -3.0, 200.0, 1200, hist)  # noqa: E731
+    want_hist = np.zeros((1, 15, 1202), np.int64)
+    want = run(dots, want_hist)
+    for d, hist in [(pickle.loads(pickle.dumps(dots)), pickle.loads(pickle.dumps(np.zeros((1, 15, 1202), np.int64)))),
+                    (dots.view(np.dtype(np.float32, metadata={"unit": "residual"})), np.zeros((1, 15, 1202), np.int64))]:
+        assert d.dtype is not dots.dtype and d.dtype == dots.dtype
+        got = run(d, hist)
+        np.testing.assert_array_equal(hist, want_hist)
+        for x, y in zip(got, want):
+            np.testing.assert_array_equal(x, y)
+    swapped = np.zeros((1, 15, 1202), np.int64)
+    with pytest.raises(ValueError, match=r"blocks\[0\] must have dtype float32, got >f4"):
+        run(dots.astype(">f4"), swapped)
+    assert not swapped.any()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("T, rows, W, B", [(517, (37, 9), 32, 4), (3, (1,), 5, 1), (64, (70, 2, 1), 3, 2)])
 def test_compiled_ratios_equal_the_reference_on_the_divided_values(dtype, T, rows, W, B):
