@@ -20,6 +20,19 @@ using namespace detail;
 // Series per work item: a block's histogram rows and accumulators stay with one thread, and one
 // token's values of the block (kBlock * 4 or 8 bytes) are read contiguously.
 constexpr int64_t kBlock = 64;
+// Tokens ahead whose values are prefetched: a work item reads a few lines of each token's row, rows
+// a page or more apart (a view of the fused kernel's dots), which the hardware prefetchers do not
+// follow across pages; without it every row is a DRAM miss (half of the ratio statistics' time).
+constexpr int64_t kAhead = 8;
+// Tokens per tile of pair_stats_batch's null dots (one cache line of float32 per pair).
+constexpr int64_t kChunk = 16;
+
+// Prefetch bytes [p, p + n) into L1.
+inline void prefetch_span(const void* p, int64_t n) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t off = 0; off < n; off += 64) __builtin_prefetch(c + off, 0, 3);
+  __builtin_prefetch(c + n - 1, 0, 3);
+}
 
 int thread_count(int n_threads) {
 #ifdef _OPENMP
@@ -69,17 +82,24 @@ void series_stats_blocks(const Vec<SeriesBlock<T>>& work, int64_t n_series, cons
     Vec<int64_t> cnt(acc, 0);
     Vec<double> shift(acc, 0.0), s1(acc, 0.0), s2(acc, 0.0);
     Vec<char> shifted(static_cast<size_t>(n_buckets), 0);
-    alignas(32) int32_t bin[kBlock];  // int32: AVX2 converts to int32 only
     alignas(64) T ratio[kBlock], den_j[kBlock];
-    int64_t div_col[kBlock];
-    for (int64_t j = 0; j < ns; ++j) div_col[j] = divisor != nullptr ? (s0 + j) % n_div : 0;
+    // Increments as offsets from the block's first row and 0/1 amounts: a not-finite value adds 0 to
+    // its row's first bin, so the increment loop has no branch (one load pair and one add to memory).
+    alignas(64) int64_t row_off[kBlock], off[kBlock], inc[kBlock];
+    for (int64_t j = 0; j < ns; ++j) row_off[j] = j * nb2;
+    const int64_t c0 = divisor != nullptr ? s0 % n_div : 0;
     for (int64_t t = 0; t < n_tokens; ++t) {
       const T* row = blk.values + t * blk.stride;
+      if (t + kAhead < n_tokens) prefetch_span(row + kAhead * blk.stride, ns * static_cast<int64_t>(sizeof(T)));
       if (divisor != nullptr) {
-        // the divisors gathered first, so that the divisions are one vectorised loop (gathering
-        // inside it kept every division scalar: 60 % of the ratio statistics' time)
+        // the divisors of series s0 + j are den[(c0 + j) % n_div]: copied as runs, then one
+        // vectorised division loop (a gather inside it kept every division scalar)
         const T* den = divisor + t * n_div;
-        for (int64_t j = 0; j < ns; ++j) den_j[j] = den[div_col[j]];
+        for (int64_t j = 0, c = c0; j < ns; c = 0) {
+          const int64_t run = std::min(ns - j, n_div - c);
+          for (int64_t i = 0; i < run; ++i) den_j[j + i] = den[c + i];
+          j += run;
+        }
         for (int64_t j = 0; j < ns; ++j) {
           const T d = den_j[j];
           const T q = row[j] / d;
@@ -101,15 +121,16 @@ void series_stats_blocks(const Vec<SeriesBlock<T>>& work, int64_t n_series, cons
         const bool finite = std::isfinite(v);
         T f = std::floor((v - lo) * inv_width);
         f = f < T(-1) ? T(-1) : (f > top ? top : f);
-        bin[j] = finite ? static_cast<int32_t>(finite ? f : T(0)) + 1 : -1;
+        // int32 first: AVX2 converts floating point to int32 only
+        off[j] = row_off[j] + static_cast<int32_t>(finite ? f : T(-1)) + 1;
+        inc[j] = finite ? 1 : 0;
         const double dv = finite ? static_cast<double>(v) - sh[j] : 0.0;
-        c[j] += finite ? 1 : 0;
+        c[j] += inc[j];
         a1[j] += dv;
         a2[j] += dv * dv;
       }
       int64_t* h = hist + (b * n_series + s0) * nb2;
-      for (int64_t j = 0; j < ns; ++j)
-        if (bin[j] >= 0) ++h[j * nb2 + bin[j]];
+      for (int64_t j = 0; j < ns; ++j) h[off[j]] += inc[j];
     }
     for (int64_t b = 0; b < n_buckets; ++b)
       for (int64_t j = 0; j < ns; ++j) {
@@ -185,55 +206,72 @@ void pair_stats_batch(const PairStatsParams<T>& p) {
     // One pass: bins, counts and sums of (v - shift) and (v - shift)^2, shift = the pair's value at
     // the batch's first token (0 if not finite), so the variance does not cancel: its error grows
     // only with ((mean - shift) / std)^2, and one sample lies within a few std of the mean.
-    alignas(32) int64_t cnt[K][kBlock] = {};
-    alignas(32) double shift[K][kBlock], s1[K][kBlock] = {}, s2[K][kBlock] = {};
-    alignas(32) double d[kBlock], nd[kBlock], a[kBlock], w[kBlock], v[K][kBlock];
-    alignas(32) int32_t bin[kBlock];  // int32: AVX2 converts doubles to int32 only
-    for (int64_t t = 0; t < n_tokens; ++t) {
-      const double* nn = node_norm.data() + t * n_nodes;
-      const double x = resid_norm[t];
-      const T* nd_col = null_dots + p0 * n_tokens + t;  // pair-major: one row of T per pair
-      for (int64_t j = 0; j < np; ++j) {
-        d[j] = static_cast<double>(dots[t * dots_stride + pairs[p0 + j]]);
-        nd[j] = static_cast<double>(nd_col[j * n_tokens]);
-        a[j] = nn[node[j]];
-        w[j] = nn[writer[j]];
-      }
-      // Element-wise over the block (vectorised): the statistics of scan_aggregates.h.
-      for (int64_t j = 0; j < np; ++j) {
-        const double pr = nan_div(d[j], w[j] * w[j]), pv = nan_div(d[j], w[j]);
-        const double cos = clamp_unit(nan_div(d[j], a[j] * w[j]));
-        const double pr0 = nan_div(nd[j], w[j]), cos0 = clamp_unit(nan_div(nd[j], a[j]));
-        v[0][j] = nan_div(pv * std::fabs(cos), x);
-        v[1][j] = pr * std::fabs(cos);
-        v[2][j] = pv;
-        v[3][j] = cos;
-        v[4][j] = nan_div(nd[j] * std::fabs(cos0), x);
-        v[5][j] = pr0 * std::fabs(cos0);
-        v[6][j] = pr0;
-        v[7][j] = nd[j];
-        v[8][j] = cos0;
-      }
-      if (t == 0)
-        for (int k = 0; k < K; ++k)
-          for (int64_t j = 0; j < np; ++j) shift[k][j] = std::isfinite(v[k][j]) ? v[k][j] : 0.0;
-      for (int k = 0; k < K; ++k) {
-        // Bins and moments element-wise (vectorised; bin -1 = not finite), then the increments.
-        const double inv_ = inv_k[k], top_ = top_k[k];
+    alignas(64) int64_t cnt[K][kBlock] = {};
+    alignas(64) double shift[K][kBlock], s1[K][kBlock] = {}, s2[K][kBlock] = {};
+    alignas(64) double d[kBlock], nd[kBlock], a[kBlock], w[kBlock], v[K][kBlock];
+    alignas(64) int64_t row_off[K][kBlock], off[kBlock], inc[kBlock];
+    for (int k = 0; k < K; ++k)
+      for (int64_t j = 0; j < np; ++j) row_off[k][j] = j * stride_k[k];
+    // The null dots of kChunk tokens, token-major: null_dots is pair-major, and its rows lie a multiple
+    // of 4 KiB apart for many batch sizes, so reading one token's column thrashed one L1 set.
+    alignas(64) T nd_tile[kChunk][kBlock];
+    const T* nd_rows = null_dots + p0 * n_tokens;
+    // the block's part of a dots row, prefetched kAhead tokens ahead
+    const int64_t first = *std::min_element(pairs + p0, pairs + p0 + np);
+    const int64_t span = *std::max_element(pairs + p0, pairs + p0 + np) - first + 1;
+    for (int64_t t0 = 0; t0 < n_tokens; t0 += kChunk) {
+      const int64_t nt = std::min(kChunk, n_tokens - t0);
+      for (int64_t j = 0; j < np; ++j)
+        for (int64_t i = 0; i < nt; ++i) nd_tile[i][j] = nd_rows[j * n_tokens + t0 + i];
+      for (int64_t i = 0; i < nt; ++i) {
+        const int64_t t = t0 + i;
+        if (t + kAhead < n_tokens) prefetch_span(dots + (t + kAhead) * dots_stride + first, span * static_cast<int64_t>(sizeof(T)));
+        const double* nn = node_norm.data() + t * n_nodes;
+        const double x = resid_norm[t];
+        const T* drow = dots + t * dots_stride;
         for (int64_t j = 0; j < np; ++j) {
-          const double vk = v[k][j];
-          const bool finite = std::isfinite(vk);
-          double f = std::floor((vk - lo_k[k]) * inv_);
-          f = f < -1.0 ? -1.0 : (f > top_ ? top_ : f);
-          bin[j] = finite ? static_cast<int32_t>(finite ? f : 0.0) + 1 : -1;
-          const double dv = finite ? vk - shift[k][j] : 0.0;
-          cnt[k][j] += finite ? 1 : 0;
-          s1[k][j] += dv;
-          s2[k][j] += dv * dv;
+          d[j] = static_cast<double>(drow[pairs[p0 + j]]);
+          nd[j] = static_cast<double>(nd_tile[i][j]);
+          a[j] = nn[node[j]];
+          w[j] = nn[writer[j]];
         }
-        int64_t* h = hists[k] + p0 * stride_k[k];
-        for (int64_t j = 0; j < np; ++j)
-          if (bin[j] >= 0) ++h[j * stride_k[k] + bin[j]];
+        // Element-wise over the block (vectorised): the statistics of scan_aggregates.h.
+        for (int64_t j = 0; j < np; ++j) {
+          const double pr = nan_div(d[j], w[j] * w[j]), pv = nan_div(d[j], w[j]);
+          const double cos = clamp_unit(nan_div(d[j], a[j] * w[j]));
+          const double pr0 = nan_div(nd[j], w[j]), cos0 = clamp_unit(nan_div(nd[j], a[j]));
+          v[0][j] = nan_div(pv * std::fabs(cos), x);
+          v[1][j] = pr * std::fabs(cos);
+          v[2][j] = pv;
+          v[3][j] = cos;
+          v[4][j] = nan_div(nd[j] * std::fabs(cos0), x);
+          v[5][j] = pr0 * std::fabs(cos0);
+          v[6][j] = pr0;
+          v[7][j] = nd[j];
+          v[8][j] = cos0;
+        }
+        if (t == 0)
+          for (int k = 0; k < K; ++k)
+            for (int64_t j = 0; j < np; ++j) shift[k][j] = std::isfinite(v[k][j]) ? v[k][j] : 0.0;
+        for (int k = 0; k < K; ++k) {
+          // Bins and moments element-wise (vectorised; a not-finite value adds 0 to its row's first
+          // bin, as in series_stats_blocks), then the increments, without a branch.
+          const double inv_ = inv_k[k], top_ = top_k[k];
+          for (int64_t j = 0; j < np; ++j) {
+            const double vk = v[k][j];
+            const bool finite = std::isfinite(vk);
+            double f = std::floor((vk - lo_k[k]) * inv_);
+            f = f < -1.0 ? -1.0 : (f > top_ ? top_ : f);
+            off[j] = row_off[k][j] + static_cast<int32_t>(finite ? f : -1.0) + 1;  // int32: as AVX2 converts
+            inc[j] = finite ? 1 : 0;
+            const double dv = finite ? vk - shift[k][j] : 0.0;
+            cnt[k][j] += inc[j];
+            s1[k][j] += dv;
+            s2[k][j] += dv * dv;
+          }
+          int64_t* h = hists[k] + p0 * stride_k[k];
+          for (int64_t j = 0; j < np; ++j) h[off[j]] += inc[j];
+        }
       }
     }
     for (int k = 0; k < K; ++k)
