@@ -1,7 +1,8 @@
 """The scan's compiled aggregation kernels on one real batch, per kernel path (and against another
 build): the projection-ratio histograms (`ratio_stats_batch`), the DLA histograms
-(`series_stats_batch`) and the ranking statistics of the (node, writer) pairs (`pair_stats_batch`,
-one call per position bucket).
+(`series_stats_batch`), the ranking statistics of the (node, writer) pairs (`pair_stats_batch`,
+one call per position bucket) and their null dots (`null_dots`, also against the torch products a
+scan runs where there is no kernel).
 
 One scan batch of the GELU-4L-shaped demo model (8 x 1024 tokens of the demo corpus) runs with the
 extension's entries wrapped, so each kernel's arguments are recorded exactly as the scan passed them
@@ -28,18 +29,23 @@ import numpy as np
 import torch
 
 #: the kernels timed, as the extension names their float32 entries
-KERNELS = ("ratio_stats_batch_f32", "series_stats_batch_f32", "pair_stats_batch_f32")
+KERNELS = ("ratio_stats_batch_f32", "series_stats_batch_f32", "pair_stats_batch_f32", "null_dots_f32")
+#: the torch products `null_dots` runs where there is no kernel, timed beside it
+TORCH_NULL_DOTS = "null_dots (torch products)"
 
 
 def record_batch(n_rows: int) -> Dict[str, List[Tuple[list, dict]]]:
-    """{entry: [(args, kwargs) of each call]} of one scan batch of ``n_rows`` x 1024 tokens."""
+    """{entry: [(args, kwargs) of each call]} of one scan batch of ``n_rows`` x 1024 tokens, and under
+    TORCH_NULL_DOTS the arguments of the scan's `null_dots` calls."""
     import erasure_fast._C as C
+    import erasure_fast.scanning.state as state
     from erasure_fast.bench.workloads import SHAPES
     from erasure_fast.demo import demo_corpus, gelu4l_shaped_bridge
     from erasure_fast.scanning import scan
 
-    calls: Dict[str, List[Tuple[list, dict]]] = {name: [] for name in KERNELS}
+    calls: Dict[str, List[Tuple[list, dict]]] = {name: [] for name in (*KERNELS, TORCH_NULL_DOTS)}
     originals = {name: getattr(C, name) for name in KERNELS}
+    null_dots = state.null_dots
 
     def recorder(name):
         def call(*args, **kwargs):
@@ -47,16 +53,22 @@ def record_batch(n_rows: int) -> Dict[str, List[Tuple[list, dict]]]:
             return originals[name](*args, **kwargs)
         return call
 
+    def null_recorder(*args):
+        calls[TORCH_NULL_DOTS].append((list(args), {}))
+        return null_dots(*args)
+
     model = gelu4l_shaped_bridge(seed=0, **SHAPES["gelu-4l"])
     try:
         for name in KERNELS:
             setattr(C, name, recorder(name))
+        state.null_dots = null_recorder
         with tempfile.TemporaryDirectory() as tmp:
             scan(model, demo_corpus(n_rows, 1024), batch_size=n_rows, out_dir=tmp, resume=False, progress=False,
                  report=False)
     finally:
         for name, fn in originals.items():
             setattr(C, name, fn)
+        state.null_dots = null_dots
     missing = [name for name, got in calls.items() if not got]
     if missing:
         raise SystemExit(f"the scan called no {missing}: update KERNELS")
@@ -69,7 +81,24 @@ def values_per_batch(name: str, calls: List[Tuple[list, dict]]) -> int:
         return sum(args[0].shape[0] * args[5].shape[0] * 9 for args, _ in calls)
     if name == "ratio_stats_batch_f32":
         return sum(sum(b.shape[1] * b.shape[2] for b in args[0]) * args[0][0].shape[0] for args, _ in calls)
+    if name == "null_dots_f32":  # one multiply-add per activation and column
+        return sum(sum(x.size * d.shape[1] for x, d in zip(args[0], args[1])) for args, _ in calls)
     return sum(args[0].size for args, _ in calls)
+
+
+def torch_null_dots(calls: List[Tuple[list, dict]]) -> Callable[[], object]:
+    """The recorded `null_dots` calls as a scan without the kernel runs them (torch products)."""
+    import erasure_fast.scanning.pair_stats as pair_stats
+
+    def run():
+        kernel = pair_stats.scan_kernel
+        pair_stats.scan_kernel = lambda name, values: None
+        try:
+            for args, _ in calls:
+                pair_stats.null_dots(*args)
+        finally:
+            pair_stats.scan_kernel = kernel
+    return run
 
 
 def main(argv=None) -> str:
@@ -110,14 +139,17 @@ def main(argv=None) -> str:
              f" ratio = median of the per-round ratios to the first variant.", "",
              f"Command: `python benchmarks/scan_aggregates.py --rows {args.rows} --paths {args.paths} --rounds {args.rounds}"
              f"{' --other DIR' if args.other else ''} --flush-mib {args.flush_mib}`", "",
+             "M values/s: values binned per second (null dots: multiply-adds).", "",
              "| kernel | variant | caches | ms per batch | M values/s | ratio |", "|---|---|---|---:|---:|---:|"]
     for name in KERNELS:
         n_values = values_per_batch(name, calls[name])
         variants: Dict[str, Callable[[], object]] = {}
+        if name == "null_dots_f32":
+            variants[TORCH_NULL_DOTS] = torch_null_dots(calls[TORCH_NULL_DOTS])
         for label, module in builds.items():
             for path in paths:
                 chosen = auto if path == "auto" else path
-                if chosen not in runs_here(module):
+                if chosen not in runs_here(module) or not hasattr(module, name):
                     continue
 
                 def run(module=module, chosen=chosen, entry=name):

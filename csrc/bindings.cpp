@@ -9,6 +9,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <memory>
@@ -777,6 +778,90 @@ void def_pair_stats(py::module_& m, const char* name) {
         "hists: 9 int64 arrays [1, P, n_bins + 2] (added in place). Returns (count, mean, m2) [9, P].");
 }
 
+// The null dots of the ranked pairs (null_dots.h). Task k: activations x[k] [T, depth_k] (read in place:
+// rows contiguous, any token stride), directions dirs[k] [depth_k, n_cols_k] (C-contiguous) and the
+// first output row offsets[k]; the tasks' rows must tile [0, n_rows) exactly (every output row written
+// once). Returns out [n_rows, T].
+template <typename T>
+py::array_t<T> run_null_dots(const std::vector<py::array>& x, const std::vector<py::array>& dirs,
+                             const IdArr& offsets, int64_t n_rows, int n_threads) {
+  const std::string dtype = std::string(py::str(py::dtype::of<T>()));
+  const size_t n = x.size();
+  if (dirs.size() != n || offsets.ndim() != 1 || static_cast<size_t>(offsets.shape(0)) != n)
+    fail("x, dirs and offsets must hold one entry per task, got " + std::to_string(n) + ", " +
+         std::to_string(dirs.size()) + " and " + shape_of(offsets));
+  if (n_rows < 0) fail("n_rows must be >= 0, got " + std::to_string(n_rows));
+  const py::ssize_t item = static_cast<py::ssize_t>(sizeof(T));
+  const int64_t T_ = n > 0 ? x[0].ndim() == 2 ? x[0].shape(0) : -1 : 0;
+  ef::NullDotsParams<T> p;
+  std::vector<const T*> xs(n), ds(n);
+  std::vector<int64_t> stride(n), depth(n), cols(n), order(n);
+  for (size_t k = 0; k < n; ++k) {
+    const std::string at = "[" + std::to_string(k) + "]";
+    const py::array& a = x[k];
+    const py::array& d = dirs[k];
+    if (!a.dtype().equal(py::dtype::of<T>()) || !d.dtype().equal(py::dtype::of<T>()))
+      fail("x" + at + " and dirs" + at + " must have dtype " + dtype + ", got " + std::string(py::str(a.dtype())) +
+           " and " + std::string(py::str(d.dtype())));
+    if (a.ndim() != 2 || a.shape(0) != T_ || a.shape(1) < 1)
+      fail("x" + at + " must have shape [T, depth] with T = " + std::to_string(T_) + " (x[0]'s) and depth >= 1, got " +
+           shape_of(a));
+    if ((a.shape(1) > 1 && a.strides(1) != item) || a.strides(0) < 0 || a.strides(0) % item != 0 ||
+        (a.shape(0) > 1 && a.strides(0) < a.shape(1) * item))
+      fail("x" + at + " must have contiguous rows (any token stride), got strides " + std::to_string(a.strides(0)) +
+           ", " + std::to_string(a.strides(1)));
+    if (d.ndim() != 2 || d.shape(0) != a.shape(1) || d.shape(1) < 1 || !(d.flags() & py::array::c_style))
+      fail("dirs" + at + " must be C-contiguous with shape [depth, n_cols] = [" + std::to_string(a.shape(1)) +
+           ", >= 1], got " + shape_of(d));
+    xs[k] = static_cast<const T*>(a.data());
+    ds[k] = static_cast<const T*>(d.data());
+    stride[k] = a.strides(0) / item;
+    depth[k] = a.shape(1);
+    cols[k] = d.shape(1);
+    order[k] = static_cast<int64_t>(k);
+  }
+  // the tasks' rows tile [0, n_rows): sorted by offset, each starts where the one before ends
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int64_t a, int64_t b) { return offsets.data()[a] < offsets.data()[b]; });
+  int64_t next = 0;
+  for (int64_t k : order) {
+    if (offsets.data()[k] != next)
+      fail("the tasks' rows must tile [0, n_rows) exactly: task " + std::to_string(k) + " starts at row " +
+           std::to_string(offsets.data()[k]) + ", the rows before it end at row " + std::to_string(next));
+    next += cols[k];
+  }
+  if (next != n_rows)
+    fail("the tasks' rows must tile [0, n_rows) exactly: they end at row " + std::to_string(next) + ", n_rows = " +
+         std::to_string(n_rows));
+  py::array_t<T> out({n_rows, T_});
+  p.x = xs.data();
+  p.x_stride = stride.data();
+  p.depth = depth.data();
+  p.dirs = ds.data();
+  p.n_cols = cols.data();
+  p.offset = offsets.data();
+  p.n_tasks = static_cast<int>(n);
+  p.n_tokens = T_;
+  p.n_rows = n_rows;
+  p.out = out.mutable_data();
+  p.n_threads = n_threads;
+  if (n > 0 && T_ > 0) {
+    py::gil_scoped_release release;
+    ef::kernels().scan<T>().null_dots(p);
+  }
+  return out;
+}
+
+template <typename T>
+void def_null_dots(py::module_& m, const char* name) {
+  m.def(name, &run_null_dots<T>, py::arg("x"), py::arg("dirs"), py::arg("offsets"), py::arg("n_rows"),
+        py::arg("n_threads") = 0,
+        "The null dots of a scan's ranked pairs (see erasure_fast/scanning/pair_stats.py, null_dots): for "
+        "every task k, out[offsets[k] + c, t] = sum_i x[k][t, i] dirs[k][i, c], x[k] [T, depth_k] (read in "
+        "place: rows contiguous, any token stride), dirs[k] [depth_k, n_cols_k] C-contiguous; the tasks' rows "
+        "must tile [0, n_rows) exactly. Returns out [n_rows, T].");
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -797,6 +882,8 @@ PYBIND11_MODULE(_C, m) {
   def_ratio_stats<double>(m, "ratio_stats_batch_f64");
   def_pair_stats<float>(m, "pair_stats_batch_f32");
   def_pair_stats<double>(m, "pair_stats_batch_f64");
+  def_null_dots<float>(m, "null_dots_f32");
+  def_null_dots<double>(m, "null_dots_f64");
   m.def("dla_prefer_table", &ef::prefer_table, py::arg("n_unique"), py::arg("n_valid_tokens"),
         py::arg("d_model"), "The auto rule of dla_gathered_*: True = gather from the table.");
   m.def("select_cpu_path", [](const std::string& name) { return std::string(ef::path_name(ef::select_path(name))); },

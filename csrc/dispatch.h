@@ -12,6 +12,7 @@
 #include "dla_only.h"
 #include "fused_attribution.h"
 #include "input_formats.h"
+#include "null_dots.h"
 #include "scan_aggregates.h"
 
 namespace ef {
@@ -27,11 +28,12 @@ struct TypedKernels {
   decltype(&EF_ISA::fill_dla_table_rows<In>) fill_dla_table_rows;
 };
 
-// One path's scan-aggregation entry points (scan_aggregates.h, params structs) for values of type T.
+// One path's scan-aggregation entry points (scan_aggregates.h, null_dots.h; params structs) for values of type T.
 template <typename T>
 struct ScanKernels {
   decltype(&EF_ISA::series_stats_batch<T>) series_stats_batch;  // plain series and ratios alike
   decltype(&EF_ISA::pair_stats_batch<T>) pair_stats_batch;
+  decltype(&EF_ISA::null_dots<T>) null_dots;  // null_dots.h
 };
 
 struct Kernels {

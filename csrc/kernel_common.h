@@ -137,6 +137,19 @@ struct Simd<double> {
 inline __m512 widen_bf16(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
 #endif
 
+// Prefetch bytes [p, p + n) (n >= 1), one request per cache line (a no-op where the compiler has no
+// portable prefetch builtin).
+inline void prefetch_span(const void* p, int64_t n) {
+#if defined(__GNUC__) || defined(__clang__)
+  const char* c = static_cast<const char*>(p);
+  for (int64_t off = 0; off < n; off += 64) __builtin_prefetch(c + off, 0, 3);
+  __builtin_prefetch(c + n - 1, 0, 3);
+#else
+  (void)p;
+  (void)n;
+#endif
+}
+
 // One vector of Simd<In::acc>::L values from p, converted on load (load_vec<Native<T>> = Simd<T>::load).
 template <typename In>
 inline typename Simd<typename In::acc>::reg load_vec(const typename In::storage* p) {

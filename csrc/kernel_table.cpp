@@ -19,7 +19,7 @@ TypedKernels<In> typed() {
 
 template <typename T>
 ScanKernels<T> scan() {
-  return {&series_stats_batch<T>, &pair_stats_batch<T>};
+  return {&series_stats_batch<T>, &pair_stats_batch<T>, &null_dots<T>};
 }
 
 #if defined(__AVX512F__)

@@ -27,13 +27,6 @@ constexpr int64_t kAhead = 8;
 // Tokens per tile of pair_stats_batch's null dots (one cache line of float32 per pair).
 constexpr int64_t kChunk = 16;
 
-// Prefetch bytes [p, p + n) into L1.
-inline void prefetch_span(const void* p, int64_t n) {
-  const char* c = static_cast<const char*>(p);
-  for (int64_t off = 0; off < n; off += 64) __builtin_prefetch(c + off, 0, 3);
-  __builtin_prefetch(c + n - 1, 0, 3);
-}
-
 int thread_count(int n_threads) {
 #ifdef _OPENMP
   return n_threads > 0 ? n_threads : omp_get_max_threads();

@@ -87,6 +87,10 @@ def pair_stats_batch_f32(dots: NDArray[np.float32], norms: NDArray[np.float32], 
                          pairs: _I64, lo: NDArray[np.float64], inv_width: NDArray[np.float64], n_bins: _I64,
                          hists: Sequence[_I64], n_threads: int = 0
                          ) -> Tuple[_I64, NDArray[np.float64], NDArray[np.float64]]: ...
+def null_dots_f32(x: Sequence[NDArray[np.float32]], dirs: Sequence[NDArray[np.float32]], offsets: _I64, n_rows: int,
+                  n_threads: int = 0) -> NDArray[np.float32]:
+    """out [n_rows, T]: out[offsets[k] + c, t] = sum_i x[k][t, i] dirs[k][i, c] (x[k] [T, depth_k] read in place,
+    rows contiguous; dirs[k] [depth_k, n_cols_k]); the tasks' rows must tile [0, n_rows) exactly."""
 
 # ---- scan aggregation, float64 values
 def series_stats_batch_f64(values: NDArray[np.float64], bucket: _I64, n_buckets: int, lo: float, inv_width: float, n_bins: int,
@@ -98,6 +102,8 @@ def pair_stats_batch_f64(dots: NDArray[np.float64], norms: NDArray[np.float64], 
                          pairs: _I64, lo: NDArray[np.float64], inv_width: NDArray[np.float64], n_bins: _I64,
                          hists: Sequence[_I64], n_threads: int = 0
                          ) -> Tuple[_I64, NDArray[np.float64], NDArray[np.float64]]: ...
+def null_dots_f64(x: Sequence[NDArray[np.float64]], dirs: Sequence[NDArray[np.float64]], offsets: _I64, n_rows: int,
+                  n_threads: int = 0) -> NDArray[np.float64]: ...
 
 # ---- dispatch and build facts
 def dla_prefer_table(n_unique: int, n_valid_tokens: int, d_model: int) -> bool: ...

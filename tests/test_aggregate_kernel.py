@@ -8,6 +8,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from erasure_fast.scanning.aggregate import SeriesStats
 
@@ -187,13 +189,20 @@ def test_compiled_pair_statistics_check_their_arguments():
     assert not any(h.any() for h in hists)
 
 
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "torch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("with_mlps", [True, False], ids=["mlps", "attn-only"])
-def test_null_dots_are_each_nodes_output_dotted_with_its_null_direction(dtype, with_mlps):
+@pytest.mark.parametrize("T, N, dh, D, L, W", [(37, 5, 7, 11, 2, 3), (203, 4, 9, 33, 3, 19)], ids=["small", "wide"])
+def test_null_dots_are_each_nodes_output_dotted_with_its_null_direction(dtype, with_mlps, compiled, T, N, dh, D, L, W,
+                                                                          monkeypatch):
+    """Against float64 built from every node's d_model output: the compiled pass (partial token tiles,
+    more writers than a vector's columns) and the torch products it replaces where there is no kernel."""
+    from erasure_fast.scanning import pair_stats
     from erasure_fast.scanning.pair_stats import NullReference, null_dots, null_groups
 
+    if not compiled:
+        monkeypatch.setattr(pair_stats, "scan_kernel", lambda name, values: None)
     g = torch.Generator().manual_seed(11)
-    T, N, dh, D, L, W = 37, 5, 7, 11, 2, 3
     z = torch.randn(T, N, dh, generator=g, dtype=dtype)
     W_O = torch.randn(N, dh, D, generator=g, dtype=dtype)
     mlp = torch.randn(T, L, D, generator=g, dtype=dtype) if with_mlps else None
@@ -215,6 +224,88 @@ def test_null_dots_are_each_nodes_output_dotted_with_its_null_direction(dtype, w
         err = ((got.double() - want).abs().max() / want.abs().max()).item()
         assert err <= (1e-5 if dtype == torch.float32 else 1e-12), err
     assert len(null_groups(sorted_pairs, W, N)) < n_nodes  # nodes with the same writers share a product
+
+
+def _null_tasks(T=45, depths=(7, 20, 3), cols=(5, 17, 1), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    wide = torch.randn(T, len(depths), max(depths) + 3, generator=g)
+    xs = [wide[:, k, 1:1 + d].numpy() for k, d in enumerate(depths)]  # rows contiguous, a token stride
+    dirs = [torch.randn(d, c, generator=g).numpy() for d, c in zip(depths, cols)]
+    offsets = np.array([cols[2] + cols[1], 0, cols[1]], np.int64)  # tasks in any order of rows
+    return xs, dirs, offsets, sum(cols)
+
+
+def test_compiled_null_dots_fill_each_tasks_rows_and_do_not_depend_on_the_thread_count():
+    xs, dirs, offsets, n_rows = _null_tasks()
+    outs = [_C.null_dots_f32(xs, dirs, offsets, n_rows, n_threads=n) for n in (1, 2, 3)]
+    for o in outs[1:]:
+        np.testing.assert_array_equal(o, outs[0])  # bit-identical
+    for x, d, at in zip(xs, dirs, offsets):
+        want = x.astype(np.float64) @ d.astype(np.float64)  # [T, n_cols]
+        np.testing.assert_allclose(outs[0][at:at + d.shape[1]].T, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    nan_x = [x.copy() for x in xs]
+    nan_x[0][3, 2] = np.nan
+    out = _C.null_dots_f32(nan_x, dirs, offsets, n_rows)
+    assert np.isnan(out[offsets[0]:offsets[0] + 5, 3]).all() and not np.isnan(np.delete(out, 3, axis=1)).any()
+
+
+def test_compiled_null_dots_check_their_arguments():
+    xs, dirs, offsets, n_rows = _null_tasks()
+    kernel = _C.null_dots_f32
+    with pytest.raises(ValueError, match=r"x\[1\] and dirs\[1\] must have dtype float32, got float64 and float32"):
+        kernel([xs[0], xs[1].astype(np.float64), xs[2]], dirs, offsets, n_rows)
+    with pytest.raises(ValueError, match=r"x\[2\] must have contiguous rows \(any token stride\)"):
+        kernel(xs[:2] + [np.asfortranarray(xs[2])], dirs, offsets, n_rows)
+    with pytest.raises(ValueError, match=r"x\[1\] must have shape \[T, depth\] with T = 45"):
+        kernel([xs[0], xs[1][:44], xs[2]], dirs, offsets, n_rows)
+    with pytest.raises(ValueError, match=r"dirs\[0\] must be C-contiguous with shape \[depth, n_cols\] = \[7, >= 1\], got \[6, 5\]"):
+        kernel(xs, [dirs[0][:6]] + dirs[1:], offsets, n_rows)
+    with pytest.raises(ValueError, match="x, dirs and offsets must hold one entry per task, got 3, 2 and"):
+        kernel(xs, dirs[:2], offsets, n_rows)
+    with pytest.raises(ValueError, match=r"tile \[0, n_rows\) exactly: task 0 starts at row 19, the rows before it end at row 18"):
+        kernel(xs, dirs, offsets + np.array([1, 0, 0]), n_rows)  # a gap
+    with pytest.raises(ValueError, match=r"tile \[0, n_rows\) exactly: task 2 starts at row 17, the rows before it end at row 22"):
+        kernel(xs, dirs, offsets - np.array([1, 0, 0]), n_rows)  # an overlap
+    with pytest.raises(ValueError, match=r"tile \[0, n_rows\) exactly: they end at row 23, n_rows = 24"):
+        kernel(xs, dirs, offsets, n_rows + 1)
+    with pytest.raises(ValueError, match="n_rows must be >= 0"):
+        kernel(xs, dirs, offsets, -1)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cols=st.lists(st.integers(1, 20), min_size=1, max_size=5), T=st.integers(1, 40), data=st.data())
+def test_compiled_null_dots_take_every_exact_tiling_and_refuse_the_rest(cols, T, data):
+    """Tasks of any widths in any order of rows: an exact tiling of [0, n_rows) gives x @ dirs in each
+    task's rows; moving one task's first row, or asking for another n_rows, is refused."""
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**31)))
+    depths = [data.draw(st.integers(1, 40)) for _ in cols]
+    xs = [rng.standard_normal((T, d)).astype(np.float32) for d in depths]
+    dirs = [rng.standard_normal((d, c)).astype(np.float32) for d, c in zip(depths, cols)]
+    order = data.draw(st.permutations(range(len(cols))))
+    offsets = np.zeros(len(cols), np.int64)
+    at = 0
+    for k in order:
+        offsets[k], at = at, at + cols[k]
+    out = _C.null_dots_f32(xs, dirs, offsets, at)
+    for x, d, o in zip(xs, dirs, offsets):
+        want = x.astype(np.float64) @ d.astype(np.float64)
+        np.testing.assert_allclose(out[o:o + d.shape[1]].T, want, rtol=1e-5, atol=1e-5 * max(np.abs(want).max(), 1.0))
+    moved = offsets.copy()
+    moved[data.draw(st.integers(0, len(cols) - 1))] += data.draw(st.integers(-3, 3).filter(bool))
+    assert not _tiles(moved, cols, at)  # one row is now written twice or not at all
+    with pytest.raises(ValueError, match="tile"):
+        _C.null_dots_f32(xs, dirs, moved, at)
+    with pytest.raises(ValueError, match="tile|n_rows must be"):
+        _C.null_dots_f32(xs, dirs, offsets, at + data.draw(st.integers(-3, 3).filter(bool)))
+
+
+def _tiles(offsets, cols, n_rows) -> bool:
+    covered = np.zeros(n_rows + 64, np.int64)
+    for o, c in zip(offsets, cols):
+        if o < 0:
+            return False
+        covered[o:o + c] += 1
+    return bool((covered[:n_rows] == 1).all() and not covered[n_rows:].any())
 
 
 def _running_state(stats: SeriesStats) -> dict:
@@ -374,8 +465,8 @@ def test_a_group_folds_like_its_members_alone(dtype):
         bucket = torch.randint(0, B, (T,), generator=torch.Generator().manual_seed(T))
         values = [_tricky_values(T, S, lo, hi, nb, dtype, seed=T + i) for i, (_, lo, hi, nb) in enumerate(shapes)]
         group.update(values, bucket)
-        for st, v in zip(alone, values):  # the compiled kernel, one statistic at a time
-            st.update(v, bucket if st.B > 1 else torch.zeros_like(bucket))
+        for one, v in zip(alone, values):  # the compiled kernel, one statistic at a time
+            one.update(v, bucket if one.B > 1 else torch.zeros_like(bucket))
     for g, a in zip(grouped, alone):
         got, want = _running_state(g), _running_state(a)
         for k in ("count", "nan", "hist"):

@@ -408,8 +408,8 @@ def test_pair_statistics_in_token_chunks_equal_one_pass(model, stream, tmp_path,
 def test_torch_reference_aggregation_equals_the_compiled_one(model, stream, tmp_path, monkeypatch):
     """The aggregation a scan on a GPU (or without the extension) runs -- the torch references of the
     PR histograms (ratios formed in torch), the ranking statistics (pair_values on pair-major null
-    dots) and every other series -- gives the compiled pass's checkpoint: the same histograms and
-    counts, moments and top examples to rounding."""
+    dots) and every other series -- gives the compiled pass's checkpoint from the same null dots: the
+    same histograms and counts, moments and top examples to rounding."""
     import erasure_fast.scanning.aggregate as aggregate
     import erasure_fast.scanning.pair_stats as pair_stats
 
@@ -417,7 +417,11 @@ def test_torch_reference_aggregation_equals_the_compiled_one(model, stream, tmp_
 
     run(model, stream, tmp_path / "compiled", writers="all", report=False)
     monkeypatch.setattr(aggregate, "scan_kernel", lambda name, values: None)
-    monkeypatch.setattr(pair_stats, "scan_kernel", lambda name, values: None)
+    # the folds in torch; the null dots they fold still compiled (their float32 sums run in another
+    # order than torch's products: test_aggregate_kernel checks both against float64)
+    compiled_kernel = pair_stats.scan_kernel
+    monkeypatch.setattr(pair_stats, "scan_kernel",
+                        lambda name, values: compiled_kernel(name, values) if name == "null_dots" else None)
     monkeypatch.setattr(attribution, "reads_back_freely", lambda device: False)  # as on a GPU
     run(model, stream, tmp_path / "reference", writers="all", report=False)
     a, _ = final_state(tmp_path / "compiled")
@@ -535,6 +539,13 @@ def test_a_scan_batch_on_the_gpu_path_reads_nothing_back(model, stream, tmp_path
     res = run(model, stream, tmp_path / "gpu-path", writers="all", report=False, backend="torch")
     assert len(per_batch) == 6 and per_batch == [{}] * 6, per_batch
     monkeypatch.undo()
+    # the CPU path's folds, from the null dots the GPU path forms (torch's products: the compiled
+    # ones sum in another order, test_aggregate_kernel checks both against float64)
+    import erasure_fast.scanning.pair_stats as pair_stats
+
+    compiled_kernel = pair_stats.scan_kernel
+    monkeypatch.setattr(pair_stats, "scan_kernel",
+                        lambda name, values: None if name == "null_dots" else compiled_kernel(name, values))
     ref = run(model, stream, tmp_path / "cpu-path", writers="all", report=False, backend="torch")
     a, b = final_state(tmp_path / "gpu-path")[0], final_state(tmp_path / "cpu-path")[0]
     for key in a:

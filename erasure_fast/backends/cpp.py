@@ -176,7 +176,7 @@ def kernel_array(t: torch.Tensor, dtype: torch.dtype):
 
 
 def scan_kernel(name: str, values: torch.Tensor):
-    """The compiled scan-aggregation entry ``{name}_f32`` / ``{name}_f64`` (csrc/scan_aggregates.h)
+    """The compiled scan-aggregation entry ``{name}_f32`` / ``{name}_f64`` (csrc/scan_aggregates.h, null_dots.h)
     for float32 / float64 ``values`` on the CPU, with this backend's thread setting; None where the
     extension is not built, the dtype has no entry or the values are on another device (callers then
     use their torch reference, on the values' device)."""

@@ -204,11 +204,16 @@ def null_dots(z: torch.Tensor, mlp_out: Optional[torch.Tensor], null: NullRefere
     """node . r_w of every ranked pair: z [T, N, d_head], mlp_out [T, L, d_model] (None for an
     attention-only model), ``groups`` = `null_groups` of the pairs -> [P, T] (pair-major: one row per
     pair, in the pairs' order), in the activations' accumulation dtype (float64 for float64, else
-    float32), as the attribution's dots are. Heads' dots come from head space (W_O[n] r_w . z_n), one
-    batched product per group written straight into its rows; only the pairs' columns are computed."""
+    float32), as the attribution's dots are. Heads' dots come from head space (W_O[n] r_w . z_n); only
+    the pairs' columns are computed. On the CPU with the extension built, one compiled pass reads every
+    node's activations in place (csrc/null_dots.h); elsewhere one batched product per group is written
+    straight into its rows."""
     dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
     T, N = z.shape[0], z.shape[1]
     P = sum((g.last - g.first) * len(g.cols) for g in groups)
+    kernel = scan_kernel("null_dots", z.new_empty(0, dtype=dtype))
+    if kernel is not None:
+        return _compiled_null_dots(kernel, z, mlp_out, null, groups, dtype, P)
     out = torch.empty(P, T, dtype=dtype, device=z.device)
     for g in groups:
         G, k = g.last - g.first, len(g.cols)
@@ -222,3 +227,29 @@ def null_dots(z: torch.Tensor, mlp_out: Optional[torch.Tensor], null: NullRefere
             for i in range(G):
                 torch.mm(R.T, mlp_out[:, g.first - N + i].to(dtype).T, out=into[i])
     return out
+
+
+def _compiled_null_dots(kernel, z: torch.Tensor, mlp_out: Optional[torch.Tensor], null: NullReference,
+                        groups: Sequence[NullGroup], dtype: torch.dtype, P: int) -> torch.Tensor:
+    """`null_dots` by the compiled kernel: one task per node, its activations [T, depth] a view of z or
+    mlp_out (rows contiguous), its directions [depth, k] (see csrc/null_dots.h)."""
+    def rows(x: torch.Tensor) -> torch.Tensor:  # [T, nodes, depth], each node's rows contiguous
+        x = x.detach().to(dtype)
+        return x if x.stride(-1) == 1 else x.contiguous()
+
+    N = z.shape[1]
+    z = rows(z)
+    mlp_out = None if mlp_out is None else rows(mlp_out)
+    xs, dirs, offsets = [], [], []
+    for g in groups:
+        k = len(g.cols)
+        if g.first < N:
+            U = null.head_directions[g.first:g.last].index_select(2, g.cols).to(dtype)  # [G, dh, k]
+            dirs += [U[i].contiguous().numpy() for i in range(g.last - g.first)]
+            xs += [z[:, n].numpy() for n in range(g.first, g.last)]
+        else:
+            R = null.directions.index_select(1, g.cols).to(dtype).contiguous().numpy()  # [d_model, k]
+            dirs += [R] * (g.last - g.first)
+            xs += [mlp_out[:, n - N].numpy() for n in range(g.first, g.last)]
+        offsets += [g.offset + i * k for i in range(g.last - g.first)]
+    return torch.from_numpy(kernel(xs, dirs, np.array(offsets, np.int64), P))
