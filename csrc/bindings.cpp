@@ -712,8 +712,8 @@ std::unique_ptr<PairStatsCall<T>> pair_stats_params(const py::array& dots, const
     if (pairs.data()[i] < 0 || pairs.data()[i] >= Nn * W)
       fail("pairs must be flat indices node * W + writer in [0, " + std::to_string(Nn * W) + "), got " +
            std::to_string(pairs.data()[i]) + " at position " + std::to_string(i));
-  if (null_dots.ndim() != 2 || null_dots.shape(0) != P || null_dots.shape(1) != T_)
-    fail("null_dots must have shape [P, T]=[" + std::to_string(P) + ", " + std::to_string(T_) + "], got " +
+  if (null_dots.ndim() != 2 || null_dots.shape(0) != T_ || null_dots.shape(1) != P)
+    fail("null_dots must have shape [T, P]=[" + std::to_string(T_) + ", " + std::to_string(P) + "], got " +
          shape_of(null_dots));
   for (const auto* a : {&lo, &inv_width})
     if (a->ndim() != 1 || a->shape(0) != K) fail("lo and inv_width must have shape [" + std::to_string(K) + "]");
@@ -772,16 +772,16 @@ void def_pair_stats(py::module_& m, const char* name) {
         py::arg("n_bins"), py::arg("hists"), py::arg("n_threads") = 0,
         "The scan's per-pair ranking statistics (es, apr, pv, cos, es_null, apr_null, pr_null, pv_null, "
         "cos_null; see erasure_fast/scanning/pair_stats.py) of one batch folded into their histograms: dots "
-        "[T, n_nodes, W] (read in place: [n_nodes, W] rows contiguous, any token stride), null_dots [P, T] "
-        "(pair-major, in the order of pairs), norms [T, n_nodes], resid_norm [T] float64, writers [W] int64 node "
+        "[T, n_nodes, W] (read in place: [n_nodes, W] rows contiguous, any token stride), null_dots [T, P] "
+        "(token-major, in the order of pairs), norms [T, n_nodes], resid_norm [T] float64, writers [W] int64 node "
         "indices, pairs [P] int64 flat node * W + writer, lo / inv_width [9] float64, n_bins [9] int64, "
         "hists: 9 int64 arrays [1, P, n_bins + 2] (added in place). Returns (count, mean, m2) [9, P].");
 }
 
 // The null dots of the ranked pairs (null_dots.h). Task k: activations x[k] [T, depth_k] (read in place:
 // rows contiguous, any token stride), directions dirs[k] [depth_k, n_cols_k] (C-contiguous) and the
-// first output row offsets[k]; the tasks' rows must tile [0, n_rows) exactly (every output row written
-// once). Returns out [n_rows, T].
+// first output column offsets[k]; the tasks' columns must tile [0, n_rows) exactly (every output
+// column written once). Returns out [T, n_rows].
 template <typename T>
 py::array_t<T> run_null_dots(const std::vector<py::array>& x, const std::vector<py::array>& dirs,
                              const IdArr& offsets, int64_t n_rows, int n_threads) {
@@ -820,20 +820,20 @@ py::array_t<T> run_null_dots(const std::vector<py::array>& x, const std::vector<
     cols[k] = d.shape(1);
     order[k] = static_cast<int64_t>(k);
   }
-  // the tasks' rows tile [0, n_rows): sorted by offset, each starts where the one before ends
+  // the tasks' columns tile [0, n_rows): sorted by offset, each starts where the one before ends
   std::stable_sort(order.begin(), order.end(),
                    [&](int64_t a, int64_t b) { return offsets.data()[a] < offsets.data()[b]; });
   int64_t next = 0;
   for (int64_t k : order) {
     if (offsets.data()[k] != next)
-      fail("the tasks' rows must tile [0, n_rows) exactly: task " + std::to_string(k) + " starts at row " +
-           std::to_string(offsets.data()[k]) + ", the rows before it end at row " + std::to_string(next));
+      fail("the tasks' columns must tile [0, n_rows) exactly: task " + std::to_string(k) + " starts at column " +
+           std::to_string(offsets.data()[k]) + ", the columns before it end at " + std::to_string(next));
     next += cols[k];
   }
   if (next != n_rows)
-    fail("the tasks' rows must tile [0, n_rows) exactly: they end at row " + std::to_string(next) + ", n_rows = " +
-         std::to_string(n_rows));
-  py::array_t<T> out({n_rows, T_});
+    fail("the tasks' columns must tile [0, n_rows) exactly: they end at column " + std::to_string(next) +
+         ", n_rows = " + std::to_string(n_rows));
+  py::array_t<T> out({T_, n_rows});
   p.x = xs.data();
   p.x_stride = stride.data();
   p.depth = depth.data();
@@ -857,9 +857,9 @@ void def_null_dots(py::module_& m, const char* name) {
   m.def(name, &run_null_dots<T>, py::arg("x"), py::arg("dirs"), py::arg("offsets"), py::arg("n_rows"),
         py::arg("n_threads") = 0,
         "The null dots of a scan's ranked pairs (see erasure_fast/scanning/pair_stats.py, null_dots): for "
-        "every task k, out[offsets[k] + c, t] = sum_i x[k][t, i] dirs[k][i, c], x[k] [T, depth_k] (read in "
-        "place: rows contiguous, any token stride), dirs[k] [depth_k, n_cols_k] C-contiguous; the tasks' rows "
-        "must tile [0, n_rows) exactly. Returns out [n_rows, T].");
+        "every task k, out[t, offsets[k] + c] = sum_i x[k][t, i] dirs[k][i, c], x[k] [T, depth_k] (read in "
+        "place: rows contiguous, any token stride), dirs[k] [depth_k, n_cols_k] C-contiguous; the tasks' "
+        "columns must tile [0, n_rows) exactly. Returns out [T, n_rows].");
 }
 
 }  // namespace

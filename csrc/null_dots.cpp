@@ -37,11 +37,11 @@ void pack_directions(const T* D, int64_t depth, int64_t n_cols, T* packed) {
 }
 
 // Tokens [t0, t0 + nr) (nr <= kRows) of one task: kRows accumulators of L columns, each token's
-// activation broadcast from its row as it is (no packing), each column block's L results of a token
-// written to the columns' rows of out [., n_tokens].
+// activation broadcast from its row as it is (no packing), each accumulator one token's L columns of
+// out [n_tokens, row_stride] (the last block of columns stored in part).
 template <typename T>
 void tile_products(const T* X, int64_t stride, int64_t depth, const T* packed, int64_t n_cols, T* out,
-                   int64_t n_tokens, int64_t t0, int64_t nr) {
+                   int64_t row_stride, int64_t n_tokens, int64_t t0, int64_t nr) {
   using S = Simd<T>;
   constexpr int L = S::L;
   const T* rows[kRows];
@@ -49,7 +49,6 @@ void tile_products(const T* X, int64_t stride, int64_t depth, const T* packed, i
   // the next tile's rows, fetched while this one computes (each row is read from DRAM once)
   for (int64_t r = 0; r < kRows && t0 + kRows + r < n_tokens; ++r)
     prefetch_span(X + (t0 + kRows + r) * stride, depth * static_cast<int64_t>(sizeof(T)));
-  alignas(64) T part[kRows][L];
   for (int64_t b = 0; b * L < n_cols; ++b) {
     const T* pd = packed + b * depth * L;
     typename S::reg acc[kRows];
@@ -58,11 +57,16 @@ void tile_products(const T* X, int64_t stride, int64_t depth, const T* packed, i
       const typename S::reg d = S::load(pd + i * L);
       for (int64_t r = 0; r < kRows; ++r) acc[r] = S::fma(S::set1(rows[r][i]), d, acc[r]);
     }
-    for (int64_t r = 0; r < kRows; ++r) S::store(part[r], acc[r]);
     const int64_t nc = std::min<int64_t>(L, n_cols - b * L);
-    for (int64_t c = 0; c < nc; ++c) {
-      T* row = out + (b * L + c) * n_tokens + t0;
-      for (int64_t r = 0; r < nr; ++r) row[r] = part[r][c];
+    T* at = out + t0 * row_stride + b * L;
+    for (int64_t r = 0; r < nr; ++r) {
+      if (nc == L) {
+        S::store(at + r * row_stride, acc[r]);
+      } else {
+        alignas(64) T part[L];
+        S::store(part, acc[r]);
+        std::copy(part, part + nc, at + r * row_stride);
+      }
     }
   }
 }
@@ -85,11 +89,14 @@ void null_dots(const NullDotsParams<T>& p) {
   (void)nthr;
 #pragma omp parallel for num_threads(nthr) schedule(dynamic, 1)
   for (int64_t item = 0; item < n_items; ++item) {
-    const int k = static_cast<int>(item / per_task);
-    const int64_t end = std::min(n_tokens, (item % per_task + 1) * kItem);
-    for (int64_t t0 = (item % per_task) * kItem; t0 < end; t0 += kRows)
+    // task-minor: the tasks of one token block run one after another, so the block's rows of z (the
+    // heads of a layer lie side by side in them) are read from DRAM once, in order, and shared in L2/L3
+    const int k = static_cast<int>(item % n_tasks);
+    const int64_t block = item / n_tasks;
+    const int64_t end = std::min(n_tokens, (block + 1) * kItem);
+    for (int64_t t0 = block * kItem; t0 < end; t0 += kRows)
       tile_products(p.x[k], p.x_stride[k], p.depth[k], packed.data() + packed_at[k], p.n_cols[k],
-                    p.out + p.offset[k] * n_tokens, n_tokens, t0, std::min(kRows, end - t0));
+                    p.out + p.offset[k], p.n_rows, n_tokens, t0, std::min(kRows, end - t0));
   }
 }
 

@@ -3,13 +3,14 @@
 //
 // Task k is one node: activations X_k [T, depth_k] (a head's z, or an MLP's output; rows x_stride_k
 // elements apart, contiguous along depth) and directions D_k [depth_k, n_cols_k] (C-contiguous: for a
-// head W_O[n] r_w, for an MLP r_w itself, one column per writer). It fills rows offset_k .. offset_k +
-// n_cols_k of out [n_rows, T] (pair-major: the layout pair_stats_batch reads):
-//   out[offset_k + c, t] = sum_i X_k[t, i] D_k[i, c]   (i in order, in T, one token's sum per thread)
+// head W_O[n] r_w, for an MLP r_w itself, one column per writer). It fills columns offset_k ..
+// offset_k + n_cols_k of out [T, n_rows] (token-major: the layout pair_stats_batch reads):
+//   out[t, offset_k + c] = sum_i X_k[t, i] D_k[i, c]   (i in order, in T, one token's sum per thread)
 // so results do not depend on the thread count. Columns are the vector lanes: each token's activation
-// is broadcast against one vector of columns, 8 tokens at a time (activations read as they lie).
-// Arguments (NullDotsParams, below) are NOT checked here (bindings.cpp does it: the tasks' rows tile
-// [0, n_rows) exactly).
+// is broadcast against one vector of columns, 8 tokens at a time (activations read as they lie), and
+// the vector is one token's columns of out.
+// Arguments (NullDotsParams, below) are NOT checked here (bindings.cpp does it: the tasks' columns
+// tile [0, n_rows) exactly).
 #pragma once
 
 #include <cstdint>
@@ -25,10 +26,10 @@ struct NullDotsParams {
   const int64_t* depth = nullptr;     // [n_tasks]
   const T* const* dirs = nullptr;     // [n_tasks] directions D_k
   const int64_t* n_cols = nullptr;    // [n_tasks]
-  const int64_t* offset = nullptr;    // [n_tasks] first output row
+  const int64_t* offset = nullptr;    // [n_tasks] first output column
   int n_tasks = 0;
   int64_t n_tokens = 0, n_rows = 0;
-  T* out = nullptr;                   // [n_rows, n_tokens]
+  T* out = nullptr;                   // [n_tokens, n_rows]
   int n_threads = 0;
 };
 

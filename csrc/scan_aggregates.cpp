@@ -24,8 +24,6 @@ constexpr int64_t kBlock = 64;
 // a page or more apart (a view of the fused kernel's dots), which the hardware prefetchers do not
 // follow across pages; without it every row is a DRAM miss (half of the ratio statistics' time).
 constexpr int64_t kAhead = 8;
-// Tokens per tile of pair_stats_batch's null dots (one cache line of float32 per pair).
-constexpr int64_t kChunk = 16;
 
 int thread_count(int n_threads) {
 #ifdef _OPENMP
@@ -205,66 +203,58 @@ void pair_stats_batch(const PairStatsParams<T>& p) {
     alignas(64) int64_t row_off[K][kBlock], off[kBlock], inc[kBlock];
     for (int k = 0; k < K; ++k)
       for (int64_t j = 0; j < np; ++j) row_off[k][j] = j * stride_k[k];
-    // The null dots of kChunk tokens, token-major: null_dots is pair-major, and its rows lie a multiple
-    // of 4 KiB apart for many batch sizes, so reading one token's column thrashed one L1 set.
-    alignas(64) T nd_tile[kChunk][kBlock];
-    const T* nd_rows = null_dots + p0 * n_tokens;
     // the block's part of a dots row, prefetched kAhead tokens ahead
     const int64_t first = *std::min_element(pairs + p0, pairs + p0 + np);
     const int64_t span = *std::max_element(pairs + p0, pairs + p0 + np) - first + 1;
-    for (int64_t t0 = 0; t0 < n_tokens; t0 += kChunk) {
-      const int64_t nt = std::min(kChunk, n_tokens - t0);
-      for (int64_t j = 0; j < np; ++j)
-        for (int64_t i = 0; i < nt; ++i) nd_tile[i][j] = nd_rows[j * n_tokens + t0 + i];
-      for (int64_t i = 0; i < nt; ++i) {
-        const int64_t t = t0 + i;
-        if (t + kAhead < n_tokens) prefetch_span(dots + (t + kAhead) * dots_stride + first, span * static_cast<int64_t>(sizeof(T)));
-        const double* nn = node_norm.data() + t * n_nodes;
-        const double x = resid_norm[t];
-        const T* drow = dots + t * dots_stride;
+    for (int64_t t = 0; t < n_tokens; ++t) {
+      if (t + kAhead < n_tokens)
+        prefetch_span(dots + (t + kAhead) * dots_stride + first, span * static_cast<int64_t>(sizeof(T)));
+      const double* nn = node_norm.data() + t * n_nodes;
+      const double x = resid_norm[t];
+      const T* drow = dots + t * dots_stride;
+      const T* nd_row = null_dots + t * n_pairs + p0;
+      for (int64_t j = 0; j < np; ++j) {
+        d[j] = static_cast<double>(drow[pairs[p0 + j]]);
+        nd[j] = static_cast<double>(nd_row[j]);
+        a[j] = nn[node[j]];
+        w[j] = nn[writer[j]];
+      }
+      // Element-wise over the block (vectorised): the statistics of scan_aggregates.h.
+      for (int64_t j = 0; j < np; ++j) {
+        const double pr = nan_div(d[j], w[j] * w[j]), pv = nan_div(d[j], w[j]);
+        const double cos = clamp_unit(nan_div(d[j], a[j] * w[j]));
+        const double pr0 = nan_div(nd[j], w[j]), cos0 = clamp_unit(nan_div(nd[j], a[j]));
+        v[0][j] = nan_div(pv * std::fabs(cos), x);
+        v[1][j] = pr * std::fabs(cos);
+        v[2][j] = pv;
+        v[3][j] = cos;
+        v[4][j] = nan_div(nd[j] * std::fabs(cos0), x);
+        v[5][j] = pr0 * std::fabs(cos0);
+        v[6][j] = pr0;
+        v[7][j] = nd[j];
+        v[8][j] = cos0;
+      }
+      if (t == 0)
+        for (int k = 0; k < K; ++k)
+          for (int64_t j = 0; j < np; ++j) shift[k][j] = std::isfinite(v[k][j]) ? v[k][j] : 0.0;
+      for (int k = 0; k < K; ++k) {
+        // Bins and moments element-wise (vectorised; a not-finite value adds 0 to its row's first
+        // bin, as in series_stats_blocks), then the increments, without a branch.
+        const double inv_ = inv_k[k], top_ = top_k[k];
         for (int64_t j = 0; j < np; ++j) {
-          d[j] = static_cast<double>(drow[pairs[p0 + j]]);
-          nd[j] = static_cast<double>(nd_tile[i][j]);
-          a[j] = nn[node[j]];
-          w[j] = nn[writer[j]];
+          const double vk = v[k][j];
+          const bool finite = std::isfinite(vk);
+          double f = std::floor((vk - lo_k[k]) * inv_);
+          f = f < -1.0 ? -1.0 : (f > top_ ? top_ : f);
+          off[j] = row_off[k][j] + static_cast<int32_t>(finite ? f : -1.0) + 1;  // int32: as AVX2 converts
+          inc[j] = finite ? 1 : 0;
+          const double dv = finite ? vk - shift[k][j] : 0.0;
+          cnt[k][j] += inc[j];
+          s1[k][j] += dv;
+          s2[k][j] += dv * dv;
         }
-        // Element-wise over the block (vectorised): the statistics of scan_aggregates.h.
-        for (int64_t j = 0; j < np; ++j) {
-          const double pr = nan_div(d[j], w[j] * w[j]), pv = nan_div(d[j], w[j]);
-          const double cos = clamp_unit(nan_div(d[j], a[j] * w[j]));
-          const double pr0 = nan_div(nd[j], w[j]), cos0 = clamp_unit(nan_div(nd[j], a[j]));
-          v[0][j] = nan_div(pv * std::fabs(cos), x);
-          v[1][j] = pr * std::fabs(cos);
-          v[2][j] = pv;
-          v[3][j] = cos;
-          v[4][j] = nan_div(nd[j] * std::fabs(cos0), x);
-          v[5][j] = pr0 * std::fabs(cos0);
-          v[6][j] = pr0;
-          v[7][j] = nd[j];
-          v[8][j] = cos0;
-        }
-        if (t == 0)
-          for (int k = 0; k < K; ++k)
-            for (int64_t j = 0; j < np; ++j) shift[k][j] = std::isfinite(v[k][j]) ? v[k][j] : 0.0;
-        for (int k = 0; k < K; ++k) {
-          // Bins and moments element-wise (vectorised; a not-finite value adds 0 to its row's first
-          // bin, as in series_stats_blocks), then the increments, without a branch.
-          const double inv_ = inv_k[k], top_ = top_k[k];
-          for (int64_t j = 0; j < np; ++j) {
-            const double vk = v[k][j];
-            const bool finite = std::isfinite(vk);
-            double f = std::floor((vk - lo_k[k]) * inv_);
-            f = f < -1.0 ? -1.0 : (f > top_ ? top_ : f);
-            off[j] = row_off[k][j] + static_cast<int32_t>(finite ? f : -1.0) + 1;  // int32: as AVX2 converts
-            inc[j] = finite ? 1 : 0;
-            const double dv = finite ? vk - shift[k][j] : 0.0;
-            cnt[k][j] += inc[j];
-            s1[k][j] += dv;
-            s2[k][j] += dv * dv;
-          }
-          int64_t* h = hists[k] + p0 * stride_k[k];
-          for (int64_t j = 0; j < np; ++j) h[off[j]] += inc[j];
-        }
+        int64_t* h = hists[k] + p0 * stride_k[k];
+        for (int64_t j = 0; j < np; ++j) h[off[j]] += inc[j];
       }
     }
     for (int k = 0; k < K; ++k)

@@ -29,7 +29,7 @@ struct PairStatsParams {
   const T* dots = nullptr;              // [T, n_nodes, W], rows dots_stride elements apart
   int64_t dots_stride = 0;
   const T* norms = nullptr;             // [T, n_nodes]
-  const T* null_dots = nullptr;         // [P, T]
+  const T* null_dots = nullptr;         // [T, P]
   const double* resid_norm = nullptr;   // [T]
   const int64_t* writers = nullptr;     // [W] node indices
   const int64_t* pairs = nullptr;       // [P] flat node * W + writer
@@ -83,7 +83,7 @@ void series_stats_batch(const SeriesStatsParams<T>& p);
 // without materialising them. dots [T, n_nodes, W] is read in place: its [n_nodes, W] rows are
 // contiguous, dots_stride elements apart (a view of a larger array). For pair p = node * W + writer
 // (pairs [P]) at token t:
-//   d = dots[t, p], nd = null_dots[j, t] (j = the pair's position in pairs: null_dots is [P, T]),
+//   d = dots[t, p], nd = null_dots[t, j] (j = the pair's position in pairs: null_dots is [T, P]),
 //   a = sqrt(max(norms[t, node], 0)),
 //   w = sqrt(max(norms[t, writers[writer]], 0)), x = resid_norm[t], q(n, m) = m == 0 ? NaN : n / m,
 //   pr = q(d, w w), pv = q(d, w), cos = clamp(q(d, a w), -1, 1), pr0 = q(nd, w), cos0 = clamp(q(nd, a), -1, 1)

@@ -121,7 +121,7 @@ def _pair_inputs(T, n_nodes, W, dtype, seed):
         resid[-1] = 0.0  # a zero stream: NaN erasure scores
     writers = torch.randperm(n_nodes, generator=g)[:W]
     pairs = torch.randperm(n_nodes * W, generator=g)[: n_nodes * W // 2 + 1]
-    null = torch.randn(len(pairs), T, generator=g, dtype=torch.float64).to(dtype)  # [P, T], the pairs' order
+    null = torch.randn(T, len(pairs), generator=g, dtype=torch.float64).to(dtype)  # [T, P], the pairs' order
     wide = torch.randn(T, n_nodes + 3, W, generator=g, dtype=torch.float64).to(dtype)
     wide[:, 1:1 + n_nodes] = dots
     dots = wide[:, 1:1 + n_nodes]  # a view with a token stride, as the attribution's dots are
@@ -176,8 +176,8 @@ def test_compiled_pair_statistics_check_their_arguments():
         kernel(**args(pairs=np.array([0, 8])))
     with pytest.raises(ValueError, match=r"writers must be node indices in \[0, 4\), got -1"):
         kernel(**args(writers=np.array([0, -1])))
-    with pytest.raises(ValueError, match=rf"null_dots must have shape \[P, T\]=\[{len(pairs)}, 6\], got \[6, {len(pairs)}\]"):
-        kernel(**args(null_dots=np.zeros((6, len(pairs)), np.float32)))
+    with pytest.raises(ValueError, match=rf"null_dots must have shape \[T, P\]=\[6, {len(pairs)}\], got \[{len(pairs)}, 6\]"):
+        kernel(**args(null_dots=np.zeros((len(pairs), 6), np.float32)))
     with pytest.raises(ValueError, match=r"dots must have dtype float32, got float64"):
         kernel(**args(dots=dots.double().numpy()))
     with pytest.raises(ValueError, match=r"dots must have contiguous rows over its last two dimensions"):
@@ -219,8 +219,8 @@ def test_null_dots_are_each_nodes_output_dotted_with_its_null_direction(dtype, w
     for pairs in (sorted_pairs, torch.randperm(n_nodes * W, generator=g)[: n_nodes * W // 2]):
         groups = null_groups(pairs, W, N)
         got = null_dots(z, mlp, null, groups)
-        assert got.dtype == dtype and got.shape == (len(pairs), T)
-        want = ref[:, pairs].T
+        assert got.dtype == dtype and got.shape == (T, len(pairs))
+        want = ref[:, pairs]
         err = ((got.double() - want).abs().max() / want.abs().max()).item()
         assert err <= (1e-5 if dtype == torch.float32 else 1e-12), err
     assert len(null_groups(sorted_pairs, W, N)) < n_nodes  # nodes with the same writers share a product
@@ -231,22 +231,22 @@ def _null_tasks(T=45, depths=(7, 20, 3), cols=(5, 17, 1), seed=0):
     wide = torch.randn(T, len(depths), max(depths) + 3, generator=g)
     xs = [wide[:, k, 1:1 + d].numpy() for k, d in enumerate(depths)]  # rows contiguous, a token stride
     dirs = [torch.randn(d, c, generator=g).numpy() for d, c in zip(depths, cols)]
-    offsets = np.array([cols[2] + cols[1], 0, cols[1]], np.int64)  # tasks in any order of rows
+    offsets = np.array([cols[2] + cols[1], 0, cols[1]], np.int64)  # tasks in any order of columns
     return xs, dirs, offsets, sum(cols)
 
 
-def test_compiled_null_dots_fill_each_tasks_rows_and_do_not_depend_on_the_thread_count():
+def test_compiled_null_dots_fill_each_tasks_columns_and_do_not_depend_on_the_thread_count():
     xs, dirs, offsets, n_rows = _null_tasks()
     outs = [_C.null_dots_f32(xs, dirs, offsets, n_rows, n_threads=n) for n in (1, 2, 3)]
     for o in outs[1:]:
         np.testing.assert_array_equal(o, outs[0])  # bit-identical
     for x, d, at in zip(xs, dirs, offsets):
         want = x.astype(np.float64) @ d.astype(np.float64)  # [T, n_cols]
-        np.testing.assert_allclose(outs[0][at:at + d.shape[1]].T, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+        np.testing.assert_allclose(outs[0][:, at:at + d.shape[1]], want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
     nan_x = [x.copy() for x in xs]
     nan_x[0][3, 2] = np.nan
     out = _C.null_dots_f32(nan_x, dirs, offsets, n_rows)
-    assert np.isnan(out[offsets[0]:offsets[0] + 5, 3]).all() and not np.isnan(np.delete(out, 3, axis=1)).any()
+    assert np.isnan(out[3, offsets[0]:offsets[0] + 5]).all() and not np.isnan(np.delete(out, 3, axis=0)).any()
 
 
 def test_compiled_null_dots_check_their_arguments():
@@ -262,11 +262,11 @@ def test_compiled_null_dots_check_their_arguments():
         kernel(xs, [dirs[0][:6]] + dirs[1:], offsets, n_rows)
     with pytest.raises(ValueError, match="x, dirs and offsets must hold one entry per task, got 3, 2 and"):
         kernel(xs, dirs[:2], offsets, n_rows)
-    with pytest.raises(ValueError, match=r"tile \[0, n_rows\) exactly: task 0 starts at row 19, the rows before it end at row 18"):
+    with pytest.raises(ValueError, match=r"tile \[0, n_rows\) exactly: task 0 starts at column 19, the columns before it end at 18"):
         kernel(xs, dirs, offsets + np.array([1, 0, 0]), n_rows)  # a gap
-    with pytest.raises(ValueError, match=r"tile \[0, n_rows\) exactly: task 2 starts at row 17, the rows before it end at row 22"):
+    with pytest.raises(ValueError, match=r"tile \[0, n_rows\) exactly: task 2 starts at column 17, the columns before it end at 22"):
         kernel(xs, dirs, offsets - np.array([1, 0, 0]), n_rows)  # an overlap
-    with pytest.raises(ValueError, match=r"tile \[0, n_rows\) exactly: they end at row 23, n_rows = 24"):
+    with pytest.raises(ValueError, match=r"tile \[0, n_rows\) exactly: they end at column 23, n_rows = 24"):
         kernel(xs, dirs, offsets, n_rows + 1)
     with pytest.raises(ValueError, match="n_rows must be >= 0"):
         kernel(xs, dirs, offsets, -1)
@@ -275,8 +275,8 @@ def test_compiled_null_dots_check_their_arguments():
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(cols=st.lists(st.integers(1, 20), min_size=1, max_size=5), T=st.integers(1, 40), data=st.data())
 def test_compiled_null_dots_take_every_exact_tiling_and_refuse_the_rest(cols, T, data):
-    """Tasks of any widths in any order of rows: an exact tiling of [0, n_rows) gives x @ dirs in each
-    task's rows; moving one task's first row, or asking for another n_rows, is refused."""
+    """Tasks of any widths in any order of columns: an exact tiling of [0, n_rows) gives x @ dirs in each
+    task's columns; moving one task's first column, or asking for another n_rows, is refused."""
     rng = np.random.default_rng(data.draw(st.integers(0, 2**31)))
     depths = [data.draw(st.integers(1, 40)) for _ in cols]
     xs = [rng.standard_normal((T, d)).astype(np.float32) for d in depths]
@@ -289,10 +289,10 @@ def test_compiled_null_dots_take_every_exact_tiling_and_refuse_the_rest(cols, T,
     out = _C.null_dots_f32(xs, dirs, offsets, at)
     for x, d, o in zip(xs, dirs, offsets):
         want = x.astype(np.float64) @ d.astype(np.float64)
-        np.testing.assert_allclose(out[o:o + d.shape[1]].T, want, rtol=1e-5, atol=1e-5 * max(np.abs(want).max(), 1.0))
+        np.testing.assert_allclose(out[:, o:o + d.shape[1]], want, rtol=1e-5, atol=1e-5 * max(np.abs(want).max(), 1.0))
     moved = offsets.copy()
     moved[data.draw(st.integers(0, len(cols) - 1))] += data.draw(st.integers(-3, 3).filter(bool))
-    assert not _tiles(moved, cols, at)  # one row is now written twice or not at all
+    assert not _tiles(moved, cols, at)  # one column is now written twice or not at all
     with pytest.raises(ValueError, match="tile"):
         _C.null_dots_f32(xs, dirs, moved, at)
     with pytest.raises(ValueError, match="tile|n_rows must be"):

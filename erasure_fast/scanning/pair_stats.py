@@ -89,14 +89,14 @@ def pair_values(dots: torch.Tensor, norms: torch.Tensor, writers: torch.Tensor, 
                 resid_norm: torch.Tensor, pairs: torch.Tensor) -> Dict[str, torch.Tensor]:
     """Every statistic (and its null) per token for the selected pairs: dots [T, n_nodes, W] node .
     writer, norms [T, n_nodes] squared node norms, writers [W] node indices of the writers, null_dots
-    [P, T] node . r_w (unit r_w) of each pair (`null_dots`), resid_norm [T] |x| of the final residual
+    [T, P] node . r_w (unit r_w) of each pair (`null_dots`), resid_norm [T] |x| of the final residual
     stream, pairs [P] flat indices node * W + writer. Returns {name: [T, P]} in float64, NaN where a
     norm is 0."""
     T, n_nodes, W = dots.shape
     pairs = pairs.to(dots.device)
     node, writer = pairs // W, pairs % W
     d = dots.reshape(T, -1).index_select(1, pairs).double()
-    nd = null_dots.T.double()
+    nd = null_dots.double()
     node_norm = norms.double().clamp(min=0).sqrt()  # [T, n_nodes]
     a = node_norm.index_select(1, node)
     w = node_norm.index_select(1, writers.to(dots.device)[writer])
@@ -142,7 +142,7 @@ def fold_pair_values(stats: Dict[str, SeriesStats], dots: torch.Tensor, norms: t
         sel = order[start:ends[b]].to(dots.device)
         start = ends[b]
         _fold_bucket(kernel, parts, b, dots.index_select(0, sel), norms.index_select(0, sel),
-                     null_dots.index_select(1, sel), resid_norm.reshape(-1).index_select(0, sel), writers, pairs)
+                     null_dots.index_select(0, sel), resid_norm.reshape(-1).index_select(0, sel), writers, pairs)
 
 
 def pair_group(stats: Dict[str, SeriesStats]) -> SeriesGroup:
@@ -202,37 +202,37 @@ def null_groups(pairs: torch.Tensor, n_writers: int, n_heads: int) -> List[NullG
 def null_dots(z: torch.Tensor, mlp_out: Optional[torch.Tensor], null: NullReference,
               groups: Sequence[NullGroup]) -> torch.Tensor:
     """node . r_w of every ranked pair: z [T, N, d_head], mlp_out [T, L, d_model] (None for an
-    attention-only model), ``groups`` = `null_groups` of the pairs -> [P, T] (pair-major: one row per
-    pair, in the pairs' order), in the activations' accumulation dtype (float64 for float64, else
+    attention-only model), ``groups`` = `null_groups` of the pairs -> [T, P] (token-major: one column
+    per pair, in the pairs' order), in the activations' accumulation dtype (float64 for float64, else
     float32), as the attribution's dots are. Heads' dots come from head space (W_O[n] r_w . z_n); only
     the pairs' columns are computed. On the CPU with the extension built, one compiled pass reads every
-    node's activations in place (csrc/null_dots.h); elsewhere one batched product per group is written
-    straight into its rows."""
+    node's activations in place (csrc/null_dots.h); elsewhere one batched product per group fills its
+    columns."""
     dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
     T, N = z.shape[0], z.shape[1]
     P = sum((g.last - g.first) * len(g.cols) for g in groups)
     kernel = scan_kernel("null_dots", z.new_empty(0, dtype=dtype))
     if kernel is not None:
         return _compiled_null_dots(kernel, z, mlp_out, null, groups, dtype, P)
-    out = torch.empty(P, T, dtype=dtype, device=z.device)
+    out = torch.empty(T, P, dtype=dtype, device=z.device)
     for g in groups:
         G, k = g.last - g.first, len(g.cols)
-        into = out[g.offset:g.offset + G * k].view(G, k, T)  # contiguous: the products' own layout
+        into = out[:, g.offset:g.offset + G * k].view(T, G, k)
         cols = g.cols.to(null.directions.device)
-        if g.first < N:  # [G, k, dh] x [G, dh, T], z read in place
+        if g.first < N:  # [G, T, dh] x [G, dh, k], z read in place
             U = null.head_directions[g.first:g.last].index_select(2, cols).to(z.device, dtype)
-            torch.bmm(U.transpose(1, 2), z[:, g.first:g.last].to(dtype).permute(1, 2, 0), out=into)
-        else:  # [k, d_model] x [d_model, T] per MLP
+            into.copy_(torch.bmm(z[:, g.first:g.last].to(dtype).transpose(0, 1), U).transpose(0, 1))
+        else:  # [T, d_model] x [d_model, k] per MLP
             R = null.directions.index_select(1, cols).to(z.device, dtype)
             for i in range(G):
-                torch.mm(R.T, mlp_out[:, g.first - N + i].to(dtype).T, out=into[i])
+                into[:, i].copy_(mlp_out[:, g.first - N + i].to(dtype) @ R)
     return out
 
 
 def _compiled_null_dots(kernel, z: torch.Tensor, mlp_out: Optional[torch.Tensor], null: NullReference,
                         groups: Sequence[NullGroup], dtype: torch.dtype, P: int) -> torch.Tensor:
     """`null_dots` by the compiled kernel: one task per node, its activations [T, depth] a view of z or
-    mlp_out (rows contiguous), its directions [depth, k] (see csrc/null_dots.h)."""
+    mlp_out (rows contiguous), its directions [depth, k], its first column (see csrc/null_dots.h)."""
     def rows(x: torch.Tensor) -> torch.Tensor:  # [T, nodes, depth], each node's rows contiguous
         x = x.detach().to(dtype)
         return x if x.stride(-1) == 1 else x.contiguous()

@@ -16,7 +16,7 @@ from .pair_stats import (NULL_STATISTICS, STATISTICS, NullGroup, NullReference, 
                          null_groups, pair_group)
 from .plan import CONTEXT, CONTEXT_BEFORE, DLA_BINS, DLA_RANGE, PR_BINS, PR_RANGE, ScanConfig
 
-PAIR_CHUNK_BYTES = 64 << 20  # the per-pair statistics run in token chunks whose null dots ([pairs, chunk]) fit this
+PAIR_CHUNK_BYTES = 64 << 20  # the per-pair statistics run in token chunks whose null dots ([chunk, pairs]) fit this
 
 EMPTY_HASH = "0" * 32
 
