@@ -203,12 +203,14 @@ void pair_stats_batch(const PairStatsParams<T>& p) {
     alignas(64) int64_t row_off[K][kBlock], off[kBlock], inc[kBlock];
     for (int k = 0; k < K; ++k)
       for (int64_t j = 0; j < np; ++j) row_off[k][j] = j * stride_k[k];
-    // the block's part of a dots row, prefetched kAhead tokens ahead
+    // the block's part of a dots row, prefetched kAhead tokens ahead (as its null dots)
     const int64_t first = *std::min_element(pairs + p0, pairs + p0 + np);
     const int64_t span = *std::max_element(pairs + p0, pairs + p0 + np) - first + 1;
     for (int64_t t = 0; t < n_tokens; ++t) {
-      if (t + kAhead < n_tokens)
+      if (t + kAhead < n_tokens) {
         prefetch_span(dots + (t + kAhead) * dots_stride + first, span * static_cast<int64_t>(sizeof(T)));
+        prefetch_span(null_dots + (t + kAhead) * n_pairs + p0, np * static_cast<int64_t>(sizeof(T)));
+      }
       const double* nn = node_norm.data() + t * n_nodes;
       const double x = resid_norm[t];
       const T* drow = dots + t * dots_stride;
