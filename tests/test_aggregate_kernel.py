@@ -224,6 +224,7 @@ def test_null_dots_are_each_nodes_output_dotted_with_its_null_direction(dtype, w
         err = ((got.double() - want).abs().max() / want.abs().max()).item()
         assert err <= (1e-5 if dtype == torch.float32 else 1e-12), err
     assert len(null_groups(sorted_pairs, W, N)) < n_nodes  # nodes with the same writers share a product
+    assert null_dots(z, mlp, null, []).shape == (T, 0)  # no pairs ranked
 
 
 def _null_tasks(T=45, depths=(7, 20, 3), cols=(5, 17, 1), seed=0):

@@ -212,7 +212,7 @@ def null_dots(z: torch.Tensor, mlp_out: Optional[torch.Tensor], null: NullRefere
     T, N = z.shape[0], z.shape[1]
     P = sum((g.last - g.first) * len(g.cols) for g in groups)
     kernel = scan_kernel("null_dots", z.new_empty(0, dtype=dtype))
-    if kernel is not None:
+    if kernel is not None and P > 0:  # (no pairs: no task to say how many tokens)
         return _compiled_null_dots(kernel, z, mlp_out, null, groups, dtype, P)
     out = torch.empty(T, P, dtype=dtype, device=z.device)
     for g in groups:
