@@ -86,12 +86,28 @@ def values_per_batch(name: str, calls: List[Tuple[list, dict]]) -> int:
     return sum(args[0].size for args, _ in calls)
 
 
-def in_layout_of(module, name: str, calls: List[Tuple[list, dict]]) -> List[Tuple[list, dict]]:
-    """``calls`` as ``module`` takes them: builds before the null dots became token-major take them
-    pair-major ([P, T], said by the entry's docstring), so that another build times the same work."""
-    if name != "pair_stats_batch_f32" or "null_dots [P, T]" not in (getattr(module, name).__doc__ or ""):
-        return calls
-    return [([*a[:2], np.ascontiguousarray(a[2].T), *a[3:]], kw) for a, kw in calls]
+def replay(module, name: str, calls: List[Tuple[list, dict]]) -> Callable[[], None]:
+    """The recorded ``calls`` of entry ``name``, run by ``module``. Builds whose ranking statistics
+    take no position buckets (before they did, said by the entry's docstring) get what their scan
+    did: per bucket, the bucket's tokens gathered and one pass over them, with the null dots
+    pair-major ([P, T]) where that entry says so; the gathers are timed with their passes."""
+    entry = getattr(module, name)
+    doc = entry.__doc__ or ""
+    if name != "pair_stats_batch_f32" or "n_buckets" in doc:
+        def as_recorded():
+            for a, kw in calls:
+                entry(*a, **kw)
+        return as_recorded
+    pair_major = "null_dots [P, T]" in doc
+
+    def per_bucket():
+        for (dots, norms, null, resid, writers, pairs, lo, inv, nb, hists, bucket, _n), kw in calls:
+            for b in np.unique(bucket):
+                sel = np.flatnonzero(bucket == b)
+                nd = null[sel]
+                entry(dots[sel], norms[sel], np.ascontiguousarray(nd.T) if pair_major else nd, resid[sel], writers,
+                      pairs, lo, inv, nb, [h[b:b + 1] if h.shape[0] > 1 else h for h in hists], **kw)
+    return per_bucket
 
 
 def torch_null_dots(calls: List[Tuple[list, dict]]) -> Callable[[], object]:
@@ -160,10 +176,9 @@ def main(argv=None) -> str:
                 if chosen not in runs_here(module) or not hasattr(module, name):
                     continue
 
-                def run(module=module, chosen=chosen, entry=name, recorded=in_layout_of(module, name, calls[name])):
+                def run(module=module, chosen=chosen, work=replay(module, name, calls[name])):
                     module.select_cpu_path(chosen)
-                    for a, kw in recorded:
-                        getattr(module, entry)(*a, **kw)
+                    work()
 
                 variants[f"{label}, {chosen}"] = run
         times = interleaved(variants, args.rounds, flush)

@@ -499,6 +499,11 @@ struct BatchMoments {
         mean(std::vector<py::ssize_t>{rows, cols}),
         m2(std::vector<py::ssize_t>{rows, cols}) {}
   py::tuple as_tuple() const { return py::make_tuple(count, mean, m2); }
+  // the same arrays as [blocks, rows / blocks, cols] (rows a multiple of blocks)
+  py::tuple as_tuple(int64_t blocks) const {
+    const auto split = [&](const py::array& a) { return a.attr("reshape")(blocks, a.shape(0) / blocks, a.shape(1)); };
+    return py::make_tuple(split(count), split(mean), split(m2));
+  }
 };
 
 // An array the scan kernels read in place, with the kernel's dtype (never a silent converted copy),
@@ -663,14 +668,18 @@ void def_ratio_stats(py::module_& m, const char* name) {
 }
 
 // The per-pair ranking statistics (scan_aggregates.h, pair_stats_batch): histograms of the
-// kPairStats statistics (SeriesStats with one bucket, hist [1, P, n_bins + 2]) updated in place.
-void check_hist(const py::array& hist, const std::string& name, int64_t n_series, int64_t n_bins) {
+// kPairStats statistics (SeriesStats of n_buckets position buckets, or of one) updated in place.
+// Returns the histogram's bucket count (1 or n_buckets).
+int64_t check_hist(const py::array& hist, const std::string& name, int64_t n_series, int64_t n_bins,
+                   int64_t n_buckets) {
   if (!hist.dtype().equal(py::dtype::of<int64_t>()) || !(hist.flags() & py::array::c_style) ||
       !hist.writeable())
     fail(name + " must be a writeable C-contiguous int64 array");
-  if (hist.ndim() != 3 || hist.shape(0) != 1 || hist.shape(1) != n_series || hist.shape(2) != n_bins + 2)
-    fail(name + " must have shape [1, P, n_bins + 2]=[1, " + std::to_string(n_series) + ", " +
-         std::to_string(n_bins + 2) + "], got " + shape_of(hist));
+  if (hist.ndim() != 3 || (hist.shape(0) != 1 && hist.shape(0) != n_buckets) || hist.shape(1) != n_series ||
+      hist.shape(2) != n_bins + 2)
+    fail(name + " must have shape [1 or n_buckets, P, n_bins + 2]=[1 or " + std::to_string(n_buckets) + ", " +
+         std::to_string(n_series) + ", " + std::to_string(n_bins + 2) + "], got " + shape_of(hist));
+  return hist.shape(0);
 }
 
 // One pair_stats_batch call: its params and what they point into that the caller does not own (the
@@ -679,8 +688,9 @@ template <typename T>
 struct PairStatsCall {
   ef::PairStatsParams<T> p;
   std::vector<int64_t*> hist_ptrs;
-  BatchMoments out;
-  explicit PairStatsCall(int64_t P) : hist_ptrs(ef::kPairStats), out(ef::kPairStats, P) {}
+  std::vector<int64_t> hist_buckets;
+  BatchMoments out;  // [kPairStats * n_buckets, P]
+  PairStatsCall(int64_t B, int64_t P) : hist_ptrs(ef::kPairStats), hist_buckets(ef::kPairStats), out(ef::kPairStats * B, P) {}
 };
 
 // Fills the params of one pair_stats_batch call, checking every argument (the only place they are
@@ -691,7 +701,7 @@ std::unique_ptr<PairStatsCall<T>> pair_stats_params(const py::array& dots, const
                                                     const IdArr& writers, const IdArr& pairs,
                                                     const Arr<double>& lo, const Arr<double>& inv_width,
                                                     const IdArr& n_bins, const std::vector<py::array>& hists,
-                                                    int n_threads) {
+                                                    const IdArr& bucket, int64_t n_buckets, int n_threads) {
   constexpr int K = ef::kPairStats;
   const int64_t dots_stride = rows_in_place<T>(dots, "dots", "[T, n_nodes, W]");
   const int64_t T_ = dots.shape(0), Nn = dots.shape(1), W = dots.shape(2);
@@ -720,12 +730,19 @@ std::unique_ptr<PairStatsCall<T>> pair_stats_params(const py::array& dots, const
   if (n_bins.ndim() != 1 || n_bins.shape(0) != K) fail("n_bins must have shape [" + std::to_string(K) + "]");
   if (static_cast<int64_t>(hists.size()) != K)
     fail("hists must hold " + std::to_string(K) + " arrays, got " + std::to_string(hists.size()));
-  auto c = std::make_unique<PairStatsCall<T>>(P);
+  if (n_buckets < 1) fail("n_buckets must be >= 1, got " + std::to_string(n_buckets));
+  if (bucket.ndim() != 1 || bucket.shape(0) != T_)
+    fail("bucket must have shape [T]=[" + std::to_string(T_) + "], got " + shape_of(bucket));
+  for (int64_t t = 0; t < T_; ++t)
+    if (bucket.data()[t] < 0 || bucket.data()[t] >= n_buckets)
+      fail("bucket must lie in [0, " + std::to_string(n_buckets) + "), got " + std::to_string(bucket.data()[t]) +
+           " at token " + std::to_string(t));
+  auto c = std::make_unique<PairStatsCall<T>>(n_buckets, P);
   for (int k = 0; k < K; ++k) {
     if (n_bins.data()[k] < 1) fail("n_bins must be >= 1");
     if (!std::isfinite(lo.data()[k]) || !std::isfinite(inv_width.data()[k]) || !(inv_width.data()[k] > 0))
       fail("lo must be finite and inv_width finite and > 0");
-    check_hist(hists[k], "hists[" + std::to_string(k) + "]", P, n_bins.data()[k]);
+    c->hist_buckets[k] = check_hist(hists[k], "hists[" + std::to_string(k) + "]", P, n_bins.data()[k], n_buckets);
     c->hist_ptrs[k] = static_cast<int64_t*>(const_cast<py::array&>(hists[k]).mutable_data());
   }
   ef::PairStatsParams<T>& p = c->p;
@@ -740,6 +757,9 @@ std::unique_ptr<PairStatsCall<T>> pair_stats_params(const py::array& dots, const
   p.n_nodes = Nn;
   p.n_writers = W;
   p.n_pairs = P;
+  p.bucket = bucket.data();
+  p.n_buckets = n_buckets;
+  p.hist_buckets = c->hist_buckets.data();
   p.lo = lo.data();
   p.inv_width = inv_width.data();
   p.n_bins = n_bins.data();
@@ -755,27 +775,30 @@ template <typename T>
 py::tuple run_pair_stats(const py::array& dots, const Arr<T>& norms, const Arr<T>& null_dots,
                          const Arr<double>& resid_norm, const IdArr& writers, const IdArr& pairs,
                          const Arr<double>& lo, const Arr<double>& inv_width, const IdArr& n_bins,
-                         const std::vector<py::array>& hists, int n_threads) {
+                         const std::vector<py::array>& hists, const IdArr& bucket, int64_t n_buckets,
+                         int n_threads) {
   const auto c = pair_stats_params<T>(dots, norms, null_dots, resid_norm, writers, pairs, lo, inv_width,
-                                      n_bins, hists, n_threads);
+                                      n_bins, hists, bucket, n_buckets, n_threads);
   {
     py::gil_scoped_release release;
     ef::kernels().scan<T>().pair_stats_batch(c->p);
   }
-  return c->out.as_tuple();
+  return c->out.as_tuple(ef::kPairStats);
 }
 
 template <typename T>
 void def_pair_stats(py::module_& m, const char* name) {
   m.def(name, &run_pair_stats<T>, py::arg("dots"), py::arg("norms"), py::arg("null_dots"),
         py::arg("resid_norm"), py::arg("writers"), py::arg("pairs"), py::arg("lo"), py::arg("inv_width"),
-        py::arg("n_bins"), py::arg("hists"), py::arg("n_threads") = 0,
+        py::arg("n_bins"), py::arg("hists"), py::arg("bucket"), py::arg("n_buckets"), py::arg("n_threads") = 0,
         "The scan's per-pair ranking statistics (es, apr, pv, cos, es_null, apr_null, pr_null, pv_null, "
         "cos_null; see erasure_fast/scanning/pair_stats.py) of one batch folded into their histograms: dots "
         "[T, n_nodes, W] (read in place: [n_nodes, W] rows contiguous, any token stride), null_dots [T, P] "
         "(token-major, in the order of pairs), norms [T, n_nodes], resid_norm [T] float64, writers [W] int64 node "
         "indices, pairs [P] int64 flat node * W + writer, lo / inv_width [9] float64, n_bins [9] int64, "
-        "hists: 9 int64 arrays [1, P, n_bins + 2] (added in place). Returns (count, mean, m2) [9, P].");
+        "hists: 9 int64 arrays [B_k, P, n_bins + 2] (added in place; B_k = n_buckets: each token's row "
+        "bucket[t], B_k = 1: every token's row 0), bucket [T] int64 in [0, n_buckets). Returns (count, mean, m2) "
+        "[9, n_buckets, P] (a statistic of one bucket in its bucket 0).");
 }
 
 // The null dots of the ranked pairs (null_dots.h). Task k: activations x[k] [T, depth_k] (read in place:

@@ -176,6 +176,8 @@ void pair_stats_batch(const PairStatsParams<T>& p) {
   double* mean = p.mean;
   double* m2 = p.m2;
   const int n_threads = p.n_threads;
+  const int64_t* bucket = p.bucket;
+  const int64_t n_buckets = p.n_buckets;
   constexpr int K = kPairStats;
   const int64_t n_blocks = (n_pairs + kBlock - 1) / kBlock;
   const int nthr = thread_count(n_threads);
@@ -187,18 +189,24 @@ void pair_stats_batch(const PairStatsParams<T>& p) {
   // Local copies: the histogram writes (int64) could otherwise alias n_bins and force reloads.
   double lo_k[K], inv_k[K], top_k[K];
   int64_t stride_k[K];
-  for (int k = 0; k < K; ++k)
+  bool bucketed[K];
+  for (int k = 0; k < K; ++k) {
     lo_k[k] = lo[k], inv_k[k] = inv_width[k], top_k[k] = static_cast<double>(n_bins[k]), stride_k[k] = n_bins[k] + 2;
+    bucketed[k] = p.hist_buckets[k] > 1;
+  }
 #pragma omp parallel for num_threads(nthr) schedule(dynamic, 1)
   for (int64_t blk = 0; blk < n_blocks; ++blk) {
     const int64_t p0 = blk * kBlock, np = std::min(n_pairs, p0 + kBlock) - p0;
     int64_t node[kBlock], writer[kBlock];
     for (int64_t j = 0; j < np; ++j) node[j] = pairs[p0 + j] / n_writers, writer[j] = writers[pairs[p0 + j] % n_writers];
-    // One pass: bins, counts and sums of (v - shift) and (v - shift)^2, shift = the pair's value at
-    // the batch's first token (0 if not finite), so the variance does not cancel: its error grows
-    // only with ((mean - shift) / std)^2, and one sample lies within a few std of the mean.
-    alignas(64) int64_t cnt[K][kBlock] = {};
-    alignas(64) double shift[K][kBlock], s1[K][kBlock] = {}, s2[K][kBlock] = {};
+    // One pass: bins, counts and sums of (v - shift) and (v - shift)^2 per bucket, shift = the pair's
+    // value at the bucket's first token of the batch (0 if not finite), so the variance does not
+    // cancel: its error grows only with ((mean - shift) / std)^2, and one sample lies within a few std
+    // of the mean. Accumulators [K][n_buckets][kBlock]; a statistic of one bucket uses bucket 0.
+    const size_t acc = static_cast<size_t>(K * n_buckets * kBlock);
+    Vec<int64_t> cnt(acc, 0);
+    Vec<double> shift(acc, 0.0), s1(acc, 0.0), s2(acc, 0.0);
+    Vec<char> shifted(static_cast<size_t>(K * n_buckets), 0);
     alignas(64) double d[kBlock], nd[kBlock], a[kBlock], w[kBlock], v[K][kBlock];
     alignas(64) int64_t row_off[K][kBlock], off[kBlock], inc[kBlock];
     for (int k = 0; k < K; ++k)
@@ -211,6 +219,7 @@ void pair_stats_batch(const PairStatsParams<T>& p) {
         prefetch_span(dots + (t + kAhead) * dots_stride + first, span * static_cast<int64_t>(sizeof(T)));
         prefetch_span(null_dots + (t + kAhead) * n_pairs + p0, np * static_cast<int64_t>(sizeof(T)));
       }
+      const int64_t b = bucket[t];
       const double* nn = node_norm.data() + t * n_nodes;
       const double x = resid_norm[t];
       const T* drow = dots + t * dots_stride;
@@ -236,10 +245,16 @@ void pair_stats_batch(const PairStatsParams<T>& p) {
         v[7][j] = nd[j];
         v[8][j] = cos0;
       }
-      if (t == 0)
-        for (int k = 0; k < K; ++k)
-          for (int64_t j = 0; j < np; ++j) shift[k][j] = std::isfinite(v[k][j]) ? v[k][j] : 0.0;
       for (int k = 0; k < K; ++k) {
+        const int64_t kb = bucketed[k] ? b : 0, at = (k * n_buckets + kb) * kBlock;
+        double* sh = shift.data() + at;
+        if (!shifted[k * n_buckets + kb]) {
+          for (int64_t j = 0; j < np; ++j) sh[j] = std::isfinite(v[k][j]) ? v[k][j] : 0.0;
+          shifted[k * n_buckets + kb] = 1;
+        }
+        int64_t* c = cnt.data() + at;
+        double* a1 = s1.data() + at;
+        double* a2 = s2.data() + at;
         // Bins and moments element-wise (vectorised; a not-finite value adds 0 to its row's first
         // bin, as in series_stats_blocks), then the increments, without a branch.
         const double inv_ = inv_k[k], top_ = top_k[k];
@@ -250,22 +265,24 @@ void pair_stats_batch(const PairStatsParams<T>& p) {
           f = f < -1.0 ? -1.0 : (f > top_ ? top_ : f);
           off[j] = row_off[k][j] + static_cast<int32_t>(finite ? f : -1.0) + 1;  // int32: as AVX2 converts
           inc[j] = finite ? 1 : 0;
-          const double dv = finite ? vk - shift[k][j] : 0.0;
-          cnt[k][j] += inc[j];
-          s1[k][j] += dv;
-          s2[k][j] += dv * dv;
+          const double dv = finite ? vk - sh[j] : 0.0;
+          c[j] += inc[j];
+          a1[j] += dv;
+          a2[j] += dv * dv;
         }
-        int64_t* h = hists[k] + p0 * stride_k[k];
+        int64_t* h = hists[k] + (kb * n_pairs + p0) * stride_k[k];
         for (int64_t j = 0; j < np; ++j) h[off[j]] += inc[j];
       }
     }
     for (int k = 0; k < K; ++k)
-      for (int64_t j = 0; j < np; ++j) {
-        const int64_t at = k * n_pairs + p0 + j, c = cnt[k][j];
-        count[at] = c;
-        mean[at] = c > 0 ? shift[k][j] + s1[k][j] / static_cast<double>(c) : 0.0;
-        m2[at] = c > 0 ? std::max(s2[k][j] - s1[k][j] * s1[k][j] / static_cast<double>(c), 0.0) : 0.0;
-      }
+      for (int64_t kb = 0; kb < n_buckets; ++kb)
+        for (int64_t j = 0; j < np; ++j) {
+          const int64_t at = (k * n_buckets + kb) * n_pairs + p0 + j, i = (k * n_buckets + kb) * kBlock + j;
+          const int64_t c = cnt[i];
+          count[at] = c;
+          mean[at] = c > 0 ? shift[i] + s1[i] / static_cast<double>(c) : 0.0;
+          m2[at] = c > 0 ? std::max(s2[i] - s1[i] * s1[i] / static_cast<double>(c), 0.0) : 0.0;
+        }
   }
 }
 

@@ -34,13 +34,16 @@ struct PairStatsParams {
   const int64_t* writers = nullptr;     // [W] node indices
   const int64_t* pairs = nullptr;       // [P] flat node * W + writer
   int64_t n_tokens = 0, n_nodes = 0, n_writers = 0, n_pairs = 0;
+  const int64_t* bucket = nullptr;      // [T] in [0, n_buckets)
+  int64_t n_buckets = 1;
+  const int64_t* hist_buckets = nullptr;  // [kPairStats] 1 (every token in one) or n_buckets
   const double* lo = nullptr;           // [kPairStats]
   const double* inv_width = nullptr;    // [kPairStats]
   const int64_t* n_bins = nullptr;      // [kPairStats]
-  int64_t* const* hists = nullptr;      // kPairStats arrays [P, n_bins[k] + 2], added in place
-  int64_t* count = nullptr;             // [kPairStats, P]
-  double* mean = nullptr;               // [kPairStats, P]
-  double* m2 = nullptr;                 // [kPairStats, P]
+  int64_t* const* hists = nullptr;      // kPairStats arrays [hist_buckets[k], P, n_bins[k] + 2], added in place
+  int64_t* count = nullptr;             // [kPairStats, n_buckets, P]
+  double* mean = nullptr;               // [kPairStats, n_buckets, P]
+  double* m2 = nullptr;                 // [kPairStats, n_buckets, P]
   int n_threads = 0;
 };
 
@@ -79,8 +82,8 @@ template <typename T>
 void series_stats_batch(const SeriesStatsParams<T>& p);
 
 // The ranking statistics of (node, writer) pairs (erasure_fast/scanning/pair_stats.py, pair_values)
-// computed per token in double and folded straight into their histograms and moments, one bucket,
-// without materialising them. dots [T, n_nodes, W] is read in place: its [n_nodes, W] rows are
+// computed per token in double and folded straight into their histograms and moments, per position
+// bucket, without materialising them. dots [T, n_nodes, W] is read in place: its [n_nodes, W] rows are
 // contiguous, dots_stride elements apart (a view of a larger array). For pair p = node * W + writer
 // (pairs [P]) at token t:
 //   d = dots[t, p], nd = null_dots[t, j] (j = the pair's position in pairs: null_dots is [T, P]),
@@ -90,8 +93,10 @@ void series_stats_batch(const SeriesStatsParams<T>& p);
 //   stat 0..8 = es q(pv |cos|, x), apr pr |cos|, pv, cos, es_null q(nd |cos0|, x), apr_null pr0 |cos0|,
 //               pr_null pr0, pv_null nd, cos_null cos0   (clamp keeps NaN)
 // and statistic k is binned as series_stats_batch does with (lo[k], inv_width[k], n_bins[k]) into
-// hists[k] [P, n_bins[k] + 2]; count / mean / m2 are [kPairStats, P]. Every pair is reduced over t in
-// token order by one thread. Arguments are NOT checked here (bindings.cpp does it).
+// hists[k] [B_k, P, n_bins[k] + 2], B_k = hist_buckets[k]: row bucket[t] when B_k = n_buckets, row 0
+// when B_k = 1 (every token); count / mean / m2 [kPairStats, n_buckets, P] likewise (a statistic of
+// one bucket fills its bucket 0). Every pair is reduced over t in token order by one thread.
+// Arguments are NOT checked here (bindings.cpp does it).
 template <typename T>
 void pair_stats_batch(const PairStatsParams<T>& p);
 

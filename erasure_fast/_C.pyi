@@ -85,7 +85,7 @@ def ratio_stats_batch_f32(blocks: Sequence[NDArray[np.float32]], divisor: NDArra
                           ) -> Tuple[_I64, NDArray[np.float64], NDArray[np.float64]]: ...
 def pair_stats_batch_f32(dots: NDArray[np.float32], norms: NDArray[np.float32], null_dots: NDArray[np.float32], resid_norm: NDArray[np.float64], writers: _I64,
                          pairs: _I64, lo: NDArray[np.float64], inv_width: NDArray[np.float64], n_bins: _I64,
-                         hists: Sequence[_I64], n_threads: int = 0
+                         hists: Sequence[_I64], bucket: _I64, n_buckets: int, n_threads: int = 0
                          ) -> Tuple[_I64, NDArray[np.float64], NDArray[np.float64]]: ...
 def null_dots_f32(x: Sequence[NDArray[np.float32]], dirs: Sequence[NDArray[np.float32]], offsets: _I64, n_rows: int,
                   n_threads: int = 0) -> NDArray[np.float32]:
@@ -100,7 +100,7 @@ def ratio_stats_batch_f64(blocks: Sequence[NDArray[np.float64]], divisor: NDArra
                           ) -> Tuple[_I64, NDArray[np.float64], NDArray[np.float64]]: ...
 def pair_stats_batch_f64(dots: NDArray[np.float64], norms: NDArray[np.float64], null_dots: NDArray[np.float64], resid_norm: NDArray[np.float64], writers: _I64,
                          pairs: _I64, lo: NDArray[np.float64], inv_width: NDArray[np.float64], n_bins: _I64,
-                         hists: Sequence[_I64], n_threads: int = 0
+                         hists: Sequence[_I64], bucket: _I64, n_buckets: int, n_threads: int = 0
                          ) -> Tuple[_I64, NDArray[np.float64], NDArray[np.float64]]: ...
 def null_dots_f64(x: Sequence[NDArray[np.float64]], dirs: Sequence[NDArray[np.float64]], offsets: _I64, n_rows: int,
                   n_threads: int = 0) -> NDArray[np.float64]: ...

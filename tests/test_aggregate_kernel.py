@@ -165,12 +165,27 @@ def test_compiled_pair_statistics_equal_the_reference(dtype, T, n_nodes, W, buck
         assert (fast["es"].count.sum(axis=1) > 0).all()  # every bucket got its own tokens
 
 
+def test_compiled_pair_statistics_do_not_depend_on_the_thread_count():
+    dots, norms, writers, null, resid, pairs = _pair_inputs(203, 11, 5, torch.float32, seed=2)
+    bucket = torch.bucketize(torch.arange(203) % 16, torch.tensor([1, 5]), right=True).numpy()
+    out = []
+    for threads in (1, 2, 3):
+        hists = [np.zeros((3 if k < 4 else 1, len(pairs), 42), np.int64) for k in range(9)]
+        moments = _C.pair_stats_batch_f32(dots.numpy(), norms.numpy(), null.numpy(), resid.numpy(), writers.numpy(),
+                                          pairs.numpy(), np.full(9, -3.0), np.full(9, 7.0), np.full(9, 40, np.int64),
+                                          hists, bucket, 3, n_threads=threads)
+        out.append(hists + list(moments))
+    for other in out[1:]:
+        for x, y in zip(out[0], other):
+            np.testing.assert_array_equal(x, y)  # bit-identical
+
+
 def test_compiled_pair_statistics_check_their_arguments():
     dots, norms, writers, null, resid, pairs = _pair_inputs(6, 4, 2, torch.float32, seed=0)
     hists = [np.zeros((1, len(pairs), 12), np.int64) for _ in range(9)]
     args = lambda **kw: {**dict(dots=dots.numpy(), norms=norms.numpy(), null_dots=null.numpy(), resid_norm=resid.numpy(),  # noqa: E731
                                 writers=writers.numpy(), pairs=pairs.numpy(), lo=np.full(9, -1.0), inv_width=np.full(9, 5.0),
-                                n_bins=np.full(9, 10, np.int64), hists=hists), **kw}
+                                n_bins=np.full(9, 10, np.int64), hists=hists, bucket=np.zeros(6, np.int64), n_buckets=1), **kw}
     kernel = _C.pair_stats_batch_f32
     with pytest.raises(ValueError, match=r"pairs must be flat indices node \* W \+ writer in \[0, 8\), got 8"):
         kernel(**args(pairs=np.array([0, 8])))
@@ -182,8 +197,16 @@ def test_compiled_pair_statistics_check_their_arguments():
         kernel(**args(dots=dots.double().numpy()))
     with pytest.raises(ValueError, match=r"dots must have contiguous rows over its last two dimensions"):
         kernel(**args(dots=dots.transpose(1, 2).contiguous().transpose(1, 2).numpy()))
-    with pytest.raises(ValueError, match=r"hists\[3\] must have shape \[1, P, n_bins \+ 2\]"):
+    with pytest.raises(ValueError, match=r"hists\[3\] must have shape \[1 or n_buckets, P, n_bins \+ 2\]=\[1 or 1, "):
         kernel(**args(hists=hists[:3] + [np.zeros((1, len(pairs), 11), np.int64)] + hists[4:]))
+    with pytest.raises(ValueError, match=r"hists\[0\] must have shape \[1 or n_buckets, P, n_bins \+ 2\]=\[1 or 3, "):
+        kernel(**args(hists=[np.zeros((2, len(pairs), 12), np.int64)] + hists[1:], n_buckets=3))
+    with pytest.raises(ValueError, match=r"bucket must lie in \[0, 2\), got 2 at token 5"):
+        kernel(**args(bucket=np.array([0, 1, 0, 1, 1, 2]), n_buckets=2))
+    with pytest.raises(ValueError, match=r"bucket must have shape \[T\]=\[6\], got \[5\]"):
+        kernel(**args(bucket=np.zeros(5, np.int64)))
+    with pytest.raises(ValueError, match="n_buckets must be >= 1, got 0"):
+        kernel(**args(n_buckets=0))
     with pytest.raises(ValueError, match="hists must hold 9 arrays, got 8"):
         kernel(**args(hists=hists[:8]))
     assert not any(h.any() for h in hists)

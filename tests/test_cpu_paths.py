@@ -289,10 +289,10 @@ def test_scan_aggregation_identical_across_paths():
         rhist = np.zeros((3, R * W, 52), np.int64)
         ratio = _C.ratio_stats_batch_f32([dots.numpy()], norms[:, :W].contiguous().numpy(), bucket.numpy(), 3,
                                          -2.0, 12.5, 50, rhist)
-        phists = [np.zeros((1, P, 42), np.int64) for _ in range(9)]
+        phists = [np.zeros((3 if k < 4 else 1, P, 42), np.int64) for k in range(9)]  # 4 by position, as a scan's
         pair = _C.pair_stats_batch_f32(dots.numpy(), norms.numpy(), null.numpy(), torch.rand(T, dtype=torch.float64).numpy(),
                                        writers.numpy(), pairs.numpy(), np.full(9, -3.0), np.full(9, 7.0),
-                                       np.full(9, 40, np.int64), phists)
+                                       np.full(9, 40, np.int64), phists, bucket.numpy(), 3)
         return [hist, *series, rhist, *ratio, *phists, *pair]
 
     torch.manual_seed(0)

@@ -116,8 +116,8 @@ def fold_pair_values(stats: Dict[str, SeriesStats], dots: torch.Tensor, norms: t
                      bucket: torch.Tensor, group: Optional[SeriesGroup] = None) -> None:
     """Fold one batch's `pair_values` (arguments as there; bucket [T] each token's position bucket)
     into ``stats`` ({name: SeriesStats over the pairs}: one with several buckets gets each token in
-    its bucket, one with a single bucket every token): in a compiled pass per bucket that never
-    materialises them (csrc/scan_aggregates.h) when the extension is built, else through
+    its bucket, one with a single bucket every token): in one compiled pass that never materialises
+    them (csrc/scan_aggregates.h) when the extension is built, else through
     `pair_values` and one `SeriesGroup` pass (``group``: the group of ``stats`` in `PAIR_STATISTICS`
     order, kept by the caller so that its constants are made once; formed here when not given)."""
     kernel = scan_kernel("pair_stats_batch", dots)
@@ -128,41 +128,26 @@ def fold_pair_values(stats: Dict[str, SeriesStats], dots: torch.Tensor, norms: t
         group.update([values[name] for name in PAIR_STATISTICS], bucket.to(dots.device))
         return
     parts = [stats[name] for name in PAIR_STATISTICS]
-    bucket = bucket.cpu()
-    present = torch.unique(bucket).tolist()
-    if len(present) == 1:  # the tokens lie in one bucket: read in place
-        _fold_bucket(kernel, parts, present[0], dots, norms, null_dots, resid_norm, writers, pairs)
-        return
-    # Each bucket's tokens gathered once, one pass each. (A pass per run of one bucket -- a row's BOS,
-    # its positions 1-15, ... -- needs no copy but took twice as long: many small parallel passes.)
-    order = torch.argsort(bucket, stable=True)
-    ends = torch.bincount(bucket).cumsum(0).tolist()
-    start = 0
-    for b in present:
-        sel = order[start:ends[b]].to(dots.device)
-        start = ends[b]
-        _fold_bucket(kernel, parts, b, dots.index_select(0, sel), norms.index_select(0, sel),
-                     null_dots.index_select(0, sel), resid_norm.reshape(-1).index_select(0, sel), writers, pairs)
+    T = dots.shape[0]
+    bucket = bucket.detach().to("cpu", torch.int64).reshape(T)
+    n_buckets = max(p.B for p in parts)
+    as_np = lambda t, dtype: t.detach().to(dtype).contiguous().numpy()  # noqa: E731
+    # one compiled pass: each token's statistics go to its bucket's rows of the histograms that keep
+    # buckets, to row 0 of the others (dots read in place: [n_nodes, W] rows contiguous)
+    counted, mean_b, m2_b = kernel(
+        scan_rows(dots.detach()).numpy(), as_np(norms, dots.dtype), as_np(null_dots, dots.dtype),
+        as_np(resid_norm.reshape(T), torch.float64), as_np(writers, torch.int64), as_np(pairs, torch.int64),
+        np.array([p.lo for p in parts]), np.array([1.0 / p.bin_width for p in parts]),
+        np.array([p.nb for p in parts], np.int64), [p.hist for p in parts], bucket.numpy(), n_buckets)
+    per_bucket = np.bincount(bucket.numpy(), minlength=n_buckets)
+    for k, part in enumerate(parts):
+        tokens = per_bucket if part.B > 1 else np.array([T])
+        part.fold_batch(tokens, counted[k, :part.B], mean_b[k, :part.B], m2_b[k, :part.B])
 
 
 def pair_group(stats: Dict[str, SeriesStats]) -> SeriesGroup:
     """The ranking statistics ``stats`` ({name: SeriesStats}) as one `SeriesGroup`, in `PAIR_STATISTICS` order."""
     return SeriesGroup([stats[name] for name in PAIR_STATISTICS])
-
-
-def _fold_bucket(kernel, parts: List[SeriesStats], b: int, dots, norms, null_dots, resid_norm, writers, pairs) -> None:
-    """One compiled pass over tokens of bucket ``b`` (`fold_pair_values`)."""
-    T = dots.shape[0]
-    as_np = lambda t, dtype: t.detach().to(dtype).contiguous().numpy()  # noqa: E731
-    dots = scan_rows(dots.detach())  # read in place: [n_nodes, W] rows contiguous, any token stride
-    where = [b if p.B > 1 else 0 for p in parts]
-    counted, mean_b, m2_b = kernel(
-        dots.numpy(), as_np(norms, dots.dtype), as_np(null_dots, dots.dtype),
-        as_np(resid_norm.reshape(T), torch.float64), as_np(writers, torch.int64), as_np(pairs, torch.int64),
-        np.array([p.lo for p in parts]), np.array([1.0 / p.bin_width for p in parts]),
-        np.array([p.nb for p in parts], np.int64), [p.hist[at:at + 1] for p, at in zip(parts, where)])
-    for k, (part, at) in enumerate(zip(parts, where)):
-        part.fold_bucket(at, T, counted[k], mean_b[k], m2_b[k])
 
 
 @dataclass(frozen=True)
