@@ -139,7 +139,7 @@ def main(argv=None) -> str:
 
     import erasure_fast._C as C
     from erasure_fast.bench import machine
-    from erasure_fast.bench.interleave import CONDITIONS, interleaved
+    from erasure_fast.bench.interleave import CONDITIONS, interleaved, save_table
 
     runs_here = lambda module: [n for n, v in module.cpu_paths().items() if v["runs_here"]]  # noqa: E731
     paths = args.paths.split(",")
@@ -191,12 +191,7 @@ def main(argv=None) -> str:
         print(*lines[-len(CONDITIONS) * len(variants):], sep="\n", flush=True)
     for module in builds.values():
         module.select_cpu_path("auto")
-    text = "\n".join(lines) + "\n"
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            f.write(text)
-    return text
+    return save_table(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -14,15 +14,6 @@ using namespace detail;
 constexpr int64_t kRows = 8;
 constexpr int64_t kItem = 64;
 
-int thread_count(int n_threads) {
-#ifdef _OPENMP
-  return n_threads > 0 ? n_threads : omp_get_max_threads();
-#else
-  (void)n_threads;
-  return 1;
-#endif
-}
-
 // D [depth, n_cols] as blocks of one vector's L columns, zero-padded: packed[b][i][c] = D[i, b * L + c].
 template <typename T>
 void pack_directions(const T* D, int64_t depth, int64_t n_cols, T* packed) {
@@ -85,7 +76,7 @@ void null_dots(const NullDotsParams<T>& p) {
   for (int k = 0; k < n_tasks; ++k) pack_directions(p.dirs[k], p.depth[k], p.n_cols[k], packed.data() + packed_at[k]);
   const int64_t per_task = (n_tokens + kItem - 1) / kItem;
   const int64_t n_items = n_tasks * per_task;
-  const int nthr = thread_count(p.n_threads);
+  const int nthr = resolve_threads(p.n_threads, n_items);
   (void)nthr;
 #pragma omp parallel for num_threads(nthr) schedule(dynamic, 1)
   for (int64_t item = 0; item < n_items; ++item) {

@@ -25,15 +25,6 @@ constexpr int64_t kBlock = 64;
 // follow across pages; without it every row is a DRAM miss (half of the ratio statistics' time).
 constexpr int64_t kAhead = 8;
 
-int thread_count(int n_threads) {
-#ifdef _OPENMP
-  return n_threads > 0 ? n_threads : omp_get_max_threads();
-#else
-  (void)n_threads;
-  return 1;
-#endif
-}
-
 // clamp(v, -1, 1) that keeps NaN (as torch.clamp does).
 inline double clamp_unit(double v) { return v < -1.0 ? -1.0 : (v > 1.0 ? 1.0 : v); }
 
@@ -61,7 +52,7 @@ void series_stats_blocks(const Vec<SeriesBlock<T>>& work, int64_t n_series, cons
   const int64_t n_items = static_cast<int64_t>(work.size());
   const T top = static_cast<T>(n_bins);
   const T nan = std::numeric_limits<T>::quiet_NaN();
-  const int nthr = thread_count(n_threads);
+  const int nthr = resolve_threads(n_threads, n_items);
   (void)nthr;
 #pragma omp parallel for num_threads(nthr) schedule(dynamic, 1)
   for (int64_t item = 0; item < n_items; ++item) {
@@ -180,7 +171,7 @@ void pair_stats_batch(const PairStatsParams<T>& p) {
   const int64_t n_buckets = p.n_buckets;
   constexpr int K = kPairStats;
   const int64_t n_blocks = (n_pairs + kBlock - 1) / kBlock;
-  const int nthr = thread_count(n_threads);
+  const int nthr = resolve_threads(n_threads, n_blocks);
   (void)nthr;
   // |node| per token, once (each is read by many pairs).
   Vec<double> node_norm(static_cast<size_t>(n_tokens * n_nodes));

@@ -6,6 +6,7 @@ per-round ratios."""
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Callable, Dict, List, Tuple
 
@@ -65,8 +66,6 @@ def run_ab(args, *, heading: str, what: str, command: str, labels: Tuple[str, st
     the two variants ``calls_for(workload, dtype)`` (keyed by ``labels``: before, after) timed by
     `interleaved`; time = median, ratio = median of the per-round ratios after / before. Printed row
     by row, written to ``args.out`` when given, and returned. ``what`` says what the ratio compares."""
-    import os
-
     import numpy as np
 
     from . import machine
@@ -93,9 +92,14 @@ def run_ab(args, *, heading: str, what: str, command: str, labels: Tuple[str, st
                 lines.append(f"| {w} | {dname} | {cond} | {np.median(o) * 1e3:.2f} | {np.median(n) * 1e3:.2f} |"
                              f" {np.median(n / o):.3f} |")
             print(*lines[-len(CONDITIONS):], sep="\n", flush=True)
+    return save_table(lines, args.out)
+
+
+def save_table(lines, out) -> str:
+    """``lines`` as one text, written to the file ``out`` (its folder made) when given; returned."""
     text = "\n".join(lines) + "\n"
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
+    if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w") as f:
             f.write(text)
     return text
