@@ -34,6 +34,63 @@ inline double nan_div(double num, double den) {
   return den == 0.0 ? std::numeric_limits<double>::quiet_NaN() : q;
 }
 
+// One work item's running statistics of up to kBlock series per slot (a position bucket, or a pair
+// statistic's bucket), in one pass: counts and sums of (v - shift) and (v - shift)^2, shift = the
+// series' value at the slot's first token of the batch (0 if not finite), so the variance does not
+// cancel: its error grows only with ((mean - shift) / std)^2, and one sample lies within a few std
+// of the mean.
+class SlotMoments {
+ public:
+  explicit SlotMoments(int64_t n_slots)
+      : cnt_(static_cast<size_t>(n_slots * kBlock), 0), shift_(cnt_.size(), 0.0), s1_(cnt_.size(), 0.0),
+        s2_(cnt_.size(), 0.0), shifted_(static_cast<size_t>(n_slots), 0) {}
+
+  // One token's values v[0, n) of a slot: binned as scan_aggregates.h says (bin = clamp(floor((v - lo)
+  // * inv_width), -1, top) + 1 in V) into rows h + row_off[j], and folded into the moments. A
+  // not-finite value adds 0 to its row's first bin, so the increments have no branch.
+  template <typename V>
+  void add(int64_t slot, const V* v, int64_t n, V lo, V inv_width, V top, const int64_t* row_off, int64_t* h) {
+    double* sh = shift_.data() + slot * kBlock;
+    if (!shifted_[slot]) {
+      for (int64_t j = 0; j < n; ++j) sh[j] = std::isfinite(v[j]) ? static_cast<double>(v[j]) : 0.0;
+      shifted_[slot] = 1;
+    }
+    int64_t* c = cnt_.data() + slot * kBlock;
+    double* a1 = s1_.data() + slot * kBlock;
+    double* a2 = s2_.data() + slot * kBlock;
+    alignas(64) int64_t off[kBlock], inc[kBlock];
+    for (int64_t j = 0; j < n; ++j) {  // element-wise (vectorised)
+      const V x = v[j];
+      const bool finite = std::isfinite(x);
+      V f = std::floor((x - lo) * inv_width);
+      f = f < V(-1) ? V(-1) : (f > top ? top : f);
+      off[j] = row_off[j] + static_cast<int32_t>(finite ? f : V(-1)) + 1;  // int32 first: as AVX2 converts
+      inc[j] = finite ? 1 : 0;
+      const double dv = finite ? static_cast<double>(x) - sh[j] : 0.0;
+      c[j] += inc[j];
+      a1[j] += dv;
+      a2[j] += dv * dv;
+    }
+    for (int64_t j = 0; j < n; ++j) h[off[j]] += inc[j];
+  }
+
+  // The slot's count, mean and m2 of series j < n, written to count[j], mean[j], m2[j].
+  void write(int64_t slot, int64_t n, int64_t* count, double* mean, double* m2) const {
+    for (int64_t j = 0; j < n; ++j) {
+      const size_t k = static_cast<size_t>(slot * kBlock + j);
+      const int64_t c = cnt_[k];
+      count[j] = c;
+      mean[j] = c > 0 ? shift_[k] + s1_[k] / static_cast<double>(c) : 0.0;
+      m2[j] = c > 0 ? std::max(s2_[k] - s1_[k] * s1_[k] / static_cast<double>(c), 0.0) : 0.0;
+    }
+  }
+
+ private:
+  Vec<int64_t> cnt_;
+  Vec<double> shift_, s1_, s2_;
+  Vec<char> shifted_;
+};
+
 // One work item of the series statistics: ns (<= kBlock) consecutive series, the first of them
 // number s0 of the whole (hist / count / mean / m2 are indexed by it), read at values + t * stride;
 // with a divisor, divided by divisor[t, (s0 + j) % n_div] first.
@@ -58,16 +115,9 @@ void series_stats_blocks(const Vec<SeriesBlock<T>>& work, int64_t n_series, cons
   for (int64_t item = 0; item < n_items; ++item) {
     const SeriesBlock<T> blk = work[static_cast<size_t>(item)];
     const int64_t s0 = blk.s0, ns = blk.ns;
-    // One pass: bins, counts and sums of (v - shift) and (v - shift)^2 per bucket, shift = the
-    // series' value at the bucket's first token of the batch (0 if not finite); see pair_stats_batch.
-    const size_t acc = static_cast<size_t>(n_buckets * kBlock);
-    Vec<int64_t> cnt(acc, 0);
-    Vec<double> shift(acc, 0.0), s1(acc, 0.0), s2(acc, 0.0);
-    Vec<char> shifted(static_cast<size_t>(n_buckets), 0);
+    SlotMoments moments(n_buckets);  // one slot per bucket
     alignas(64) T ratio[kBlock], den_j[kBlock];
-    // Increments as offsets from the block's first row and 0/1 amounts: a not-finite value adds 0 to
-    // its row's first bin, so the increment loop has no branch (one load pair and one add to memory).
-    alignas(64) int64_t row_off[kBlock], off[kBlock], inc[kBlock];
+    alignas(64) int64_t row_off[kBlock];  // each series' histogram row, from the block's first
     for (int64_t j = 0; j < ns; ++j) row_off[j] = j * nb2;
     const int64_t c0 = divisor != nullptr ? s0 % n_div : 0;
     for (int64_t t = 0; t < n_tokens; ++t) {
@@ -90,37 +140,12 @@ void series_stats_blocks(const Vec<SeriesBlock<T>>& work, int64_t n_series, cons
         row = ratio;
       }
       const int64_t b = bucket[t];
-      double* sh = shift.data() + b * kBlock;
-      if (!shifted[b]) {
-        for (int64_t j = 0; j < ns; ++j) sh[j] = std::isfinite(row[j]) ? static_cast<double>(row[j]) : 0.0;
-        shifted[b] = 1;
-      }
-      int64_t* c = cnt.data() + b * kBlock;
-      double* a1 = s1.data() + b * kBlock;
-      double* a2 = s2.data() + b * kBlock;
-      for (int64_t j = 0; j < ns; ++j) {  // element-wise (vectorised)
-        const T v = row[j];
-        const bool finite = std::isfinite(v);
-        T f = std::floor((v - lo) * inv_width);
-        f = f < T(-1) ? T(-1) : (f > top ? top : f);
-        // int32 first: AVX2 converts floating point to int32 only
-        off[j] = row_off[j] + static_cast<int32_t>(finite ? f : T(-1)) + 1;
-        inc[j] = finite ? 1 : 0;
-        const double dv = finite ? static_cast<double>(v) - sh[j] : 0.0;
-        c[j] += inc[j];
-        a1[j] += dv;
-        a2[j] += dv * dv;
-      }
-      int64_t* h = hist + (b * n_series + s0) * nb2;
-      for (int64_t j = 0; j < ns; ++j) h[off[j]] += inc[j];
+      moments.add(b, row, ns, lo, inv_width, top, row_off, hist + (b * n_series + s0) * nb2);
     }
-    for (int64_t b = 0; b < n_buckets; ++b)
-      for (int64_t j = 0; j < ns; ++j) {
-        const int64_t at = b * n_series + s0 + j, k = b * kBlock + j, n = cnt[k];
-        count[at] = n;
-        mean[at] = n > 0 ? shift[k] + s1[k] / static_cast<double>(n) : 0.0;
-        m2[at] = n > 0 ? std::max(s2[k] - s1[k] * s1[k] / static_cast<double>(n), 0.0) : 0.0;
-      }
+    for (int64_t b = 0; b < n_buckets; ++b) {
+      const int64_t at = b * n_series + s0;
+      moments.write(b, ns, count + at, mean + at, m2 + at);
+    }
   }
 }
 
@@ -190,16 +215,10 @@ void pair_stats_batch(const PairStatsParams<T>& p) {
     const int64_t p0 = blk * kBlock, np = std::min(n_pairs, p0 + kBlock) - p0;
     int64_t node[kBlock], writer[kBlock];
     for (int64_t j = 0; j < np; ++j) node[j] = pairs[p0 + j] / n_writers, writer[j] = writers[pairs[p0 + j] % n_writers];
-    // One pass: bins, counts and sums of (v - shift) and (v - shift)^2 per bucket, shift = the pair's
-    // value at the bucket's first token of the batch (0 if not finite), so the variance does not
-    // cancel: its error grows only with ((mean - shift) / std)^2, and one sample lies within a few std
-    // of the mean. Accumulators [K][n_buckets][kBlock]; a statistic of one bucket uses bucket 0.
-    const size_t acc = static_cast<size_t>(K * n_buckets * kBlock);
-    Vec<int64_t> cnt(acc, 0);
-    Vec<double> shift(acc, 0.0), s1(acc, 0.0), s2(acc, 0.0);
-    Vec<char> shifted(static_cast<size_t>(K * n_buckets), 0);
+    // slot k * n_buckets + bucket per statistic (a statistic of one bucket uses its bucket 0)
+    SlotMoments moments(K * n_buckets);
     alignas(64) double d[kBlock], nd[kBlock], a[kBlock], w[kBlock], v[K][kBlock];
-    alignas(64) int64_t row_off[K][kBlock], off[kBlock], inc[kBlock];
+    alignas(64) int64_t row_off[K][kBlock];
     for (int k = 0; k < K; ++k)
       for (int64_t j = 0; j < np; ++j) row_off[k][j] = j * stride_k[k];
     // the block's part of a dots row, prefetched kAhead tokens ahead (as its null dots)
@@ -237,43 +256,16 @@ void pair_stats_batch(const PairStatsParams<T>& p) {
         v[8][j] = cos0;
       }
       for (int k = 0; k < K; ++k) {
-        const int64_t kb = bucketed[k] ? b : 0, at = (k * n_buckets + kb) * kBlock;
-        double* sh = shift.data() + at;
-        if (!shifted[k * n_buckets + kb]) {
-          for (int64_t j = 0; j < np; ++j) sh[j] = std::isfinite(v[k][j]) ? v[k][j] : 0.0;
-          shifted[k * n_buckets + kb] = 1;
-        }
-        int64_t* c = cnt.data() + at;
-        double* a1 = s1.data() + at;
-        double* a2 = s2.data() + at;
-        // Bins and moments element-wise (vectorised; a not-finite value adds 0 to its row's first
-        // bin, as in series_stats_blocks), then the increments, without a branch.
-        const double inv_ = inv_k[k], top_ = top_k[k];
-        for (int64_t j = 0; j < np; ++j) {
-          const double vk = v[k][j];
-          const bool finite = std::isfinite(vk);
-          double f = std::floor((vk - lo_k[k]) * inv_);
-          f = f < -1.0 ? -1.0 : (f > top_ ? top_ : f);
-          off[j] = row_off[k][j] + static_cast<int32_t>(finite ? f : -1.0) + 1;  // int32: as AVX2 converts
-          inc[j] = finite ? 1 : 0;
-          const double dv = finite ? vk - sh[j] : 0.0;
-          c[j] += inc[j];
-          a1[j] += dv;
-          a2[j] += dv * dv;
-        }
-        int64_t* h = hists[k] + (kb * n_pairs + p0) * stride_k[k];
-        for (int64_t j = 0; j < np; ++j) h[off[j]] += inc[j];
+        const int64_t kb = bucketed[k] ? b : 0;
+        moments.add(k * n_buckets + kb, v[k], np, lo_k[k], inv_k[k], top_k[k], row_off[k],
+                    hists[k] + (kb * n_pairs + p0) * stride_k[k]);
       }
     }
     for (int k = 0; k < K; ++k)
-      for (int64_t kb = 0; kb < n_buckets; ++kb)
-        for (int64_t j = 0; j < np; ++j) {
-          const int64_t at = (k * n_buckets + kb) * n_pairs + p0 + j, i = (k * n_buckets + kb) * kBlock + j;
-          const int64_t c = cnt[i];
-          count[at] = c;
-          mean[at] = c > 0 ? shift[i] + s1[i] / static_cast<double>(c) : 0.0;
-          m2[at] = c > 0 ? std::max(s2[i] - s1[i] * s1[i] / static_cast<double>(c), 0.0) : 0.0;
-        }
+      for (int64_t kb = 0; kb < n_buckets; ++kb) {
+        const int64_t at = (k * n_buckets + kb) * n_pairs + p0;
+        moments.write(k * n_buckets + kb, np, count + at, mean + at, m2 + at);
+      }
   }
 }
 
