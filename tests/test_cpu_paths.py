@@ -19,7 +19,7 @@ import torch
 
 from erasure_fast.backends import cpp, torch_ref
 from erasure_fast.backends.dla_table import build_dla_table
-from erasure_fast.contract import validate
+from erasure_fast.contract import fused_attribution, validate
 
 _ok, _why = cpp.available()
 pytestmark = pytest.mark.skipif(not _ok, reason=f"cpp backend unavailable: {_why}")
@@ -224,6 +224,37 @@ def test_dla_only_paths_agree_for_bf16_directions_dominated_by_their_mean(incorr
                 cpp.dla_fixed(z, W_O, directions[:6], scale, center=center))
 
     _agree_with_portable(_on_every_path(run), CROSS[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(301, 5, 13, 37, 60), (257, 6, 16, 48, 9), (64, 3, 24, 40, 200)],
+                         ids=["odd-head", "many-tokens-per-target", "many-targets"])
+def test_gathered_dla_same_bits_with_or_without_norms_and_any_thread_count(dtype, shape):
+    """The gathered DLA on the head-space GEMM's route (8 or more distinct targets), on every path: the
+    same bits with and without norms and for 1 to 3 threads, NaN exactly where a token has no target,
+    and a NaN in z at a token without a target refused by the public call without norms too."""
+    T, N, H, D, K = shape
+    args, kw = make_case(T, N, H, D, 0, 0, K, dtype=dtype, incorrect=dtype == torch.float64, missing=True, seed=11)
+    z, W_O, directions, scale = args[:4]
+    ids, inc = kw["direction_ids"], kw.get("incorrect_ids")
+    no_target = ids < 0 if inc is None else (ids < 0) | (inc < 0)
+    assert bool(no_target.any()) and int(torch.unique(ids[ids >= 0]).numel()) >= 8  # the GEMM builder
+    bad = z.clone()
+    bad[int(no_target.nonzero()[0, 0]), N - 1, H - 1] = float("nan")
+    try:
+        for path in PATHS:
+            cpp.set_cpu_path(path)
+            cpp.set_num_threads(1)
+            want, _ = cpp.dla_gathered(None, z, scale, ids, inc, W_O=W_O, directions=directions, norms=True)
+            assert torch.equal(torch.isnan(want).all(1), no_target) and bool(torch.isfinite(want[~no_target]).all())
+            for n in (1, 2, 3):
+                cpp.set_num_threads(n)
+                got = cpp.dla_gathered(None, z, scale, ids, inc, W_O=W_O, directions=directions)
+                assert _same_bits(got, want), (path, n)
+            with pytest.raises(ValueError, match="z"):
+                fused_attribution(bad, W_O, directions, scale, [], backend="cpp", with_norms=False, **kw)
+    finally:
+        cpp.set_num_threads(None)
 
 
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
