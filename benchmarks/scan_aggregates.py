@@ -164,7 +164,8 @@ def main(argv=None) -> str:
              f"Command: `python benchmarks/scan_aggregates.py --rows {args.rows} --paths {args.paths} --rounds {args.rounds}"
              f"{' --other DIR' if args.other else ''} --flush-mib {args.flush_mib}`", "",
              "M values/s: values binned per second (null dots: multiply-adds).", "",
-             "| kernel | variant | caches | ms per batch | M values/s | ratio |", "|---|---|---|---:|---:|---:|"]
+             "| kernel | variant | caches | ms per batch | M values/s | time / the first variant's (< 1: faster) |",
+             "|---|---|---|---:|---:|---:|"]
     for name in KERNELS:
         n_values = values_per_batch(name, calls[name])
         variants: Dict[str, Callable[[], object]] = {}

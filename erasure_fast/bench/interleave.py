@@ -83,7 +83,8 @@ def run_ab(args, *, heading: str, what: str, command: str, labels: Tuple[str, st
              f" order alternating); time = median; ratio = median of the per-round ratios {what}.", "",
              f"Command: `{command} --tokens {args.tokens} --rounds {args.rounds} --workloads {args.workloads}"
              f" --dtypes {args.dtypes} --flush-mib {args.flush_mib}`", "",
-             f"| workload | dtype | caches | {before} ms | {after} ms | ratio |", "|---|---|---|---:|---:|---:|"]
+             f"| workload | dtype | caches | {before} ms | {after} ms | time {after} / {before} (< 1: faster) |",
+             "|---|---|---|---:|---:|---:|"]
     for w in wanted:
         for dname in dtypes:
             t = interleaved(calls_for(w, AB_DTYPES[dname]), args.rounds, flush)
