@@ -230,15 +230,16 @@ def test_dla_only_paths_agree_for_bf16_directions_dominated_by_their_mean(incorr
 @pytest.mark.parametrize("shape", [(301, 5, 13, 37, 60), (257, 6, 16, 48, 9), (64, 3, 24, 40, 200)],
                          ids=["odd-head", "many-tokens-per-target", "many-targets"])
 def test_gathered_dla_same_bits_with_or_without_norms_and_any_thread_count(dtype, shape):
-    """The gathered DLA on the head-space GEMM's route (8 or more distinct targets), on every path: the
-    same bits with and without norms and for 1 to 3 threads, NaN exactly where a token has no target,
-    and a NaN in z at a token without a target refused by the public call without norms too."""
+    """The gathered DLA with 8 or more distinct targets (head-space directions from the path's builder
+    past the dot path: the GEMM, the VDPBF16PS pairs or the tile unit), on every path: the same bits
+    with and without norms and for 1 to 3 threads, NaN exactly where a token has no target, and a NaN
+    in z at a token without a target refused by the public call without norms too."""
     T, N, H, D, K = shape
     args, kw = make_case(T, N, H, D, 0, 0, K, dtype=dtype, incorrect=dtype == torch.float64, missing=True, seed=11)
     z, W_O, directions, scale = args[:4]
     ids, inc = kw["direction_ids"], kw.get("incorrect_ids")
     no_target = ids < 0 if inc is None else (ids < 0) | (inc < 0)
-    assert bool(no_target.any()) and int(torch.unique(ids[ids >= 0]).numel()) >= 8  # the GEMM builder
+    assert bool(no_target.any()) and int(torch.unique(ids[ids >= 0]).numel()) >= 8  # past the dot path
     bad = z.clone()
     bad[int(no_target.nonzero()[0, 0]), N - 1, H - 1] = float("nan")
     try:
