@@ -7,10 +7,6 @@
 #include <limits>
 #include <vector>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
 namespace ef {
 namespace EF_ISA {
 namespace {
