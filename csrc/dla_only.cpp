@@ -809,6 +809,34 @@ void build_gram_panels(const T* W_O, int64_t N, int64_t H, int64_t D, T* gp, int
 // Per-token stage. Fixed mode (row == nullptr): dla [T, N, K] against the K rows of A.
 // Gathered: dla [T, N] against A[row[t]] (minus A[row2[t]] when row2), NaN where either is < 0.
 // gp: Gram panels (nullptr: no norms). z and scale are converted on load (a tile of z at a time).
+// The checks of tokens [t0, t0 + nt) of a DLA-only tile without norms, its z and its DLA [T, width]
+// in cache: z where the call asked for it (report non-null), the DLA where it asked for that
+// (out_report non-null). A NaN or an infinity anywhere in a token's z makes every one of its DLA
+// values non-finite (each is a sum of products of that z row, and a NaN, an infinity times anything,
+// or the sum of opposite infinities are all non-finite), so a token with a target whose DLA values are
+// finite has a finite z: its z row is read only when one is not, to tell a bad z (kNonfiniteZ) from an
+// overflow (kNonfiniteDla). A token without a target has no DLA: its z row is read.
+template <typename In>
+inline void check_tile_by_dla(unsigned* report, unsigned* out_report, const typename In::storage* z, int64_t NH,
+                              const typename In::acc* dla, int64_t width, int64_t t0, int64_t nt,
+                              const int64_t* ids, const int64_t* inc) {
+  using T = typename In::acc;
+  if (!report) return check_dla_outputs(out_report, dla, width, t0, nt, ids, inc);
+  unsigned found = 0, out_found = 0;
+  for (int64_t t = t0; t < t0 + nt; ++t) {
+    const auto* zt = z + t * NH;
+    if (ids && no_target(ids, inc, t)) {
+      found |= nonfinite_bit<In>(zt, NH, kNonfiniteZ);
+    } else if (nonfinite_bit<Native<T>>(dla + t * width, width, 1u)) {
+      const unsigned bad_z = nonfinite_bit<In>(zt, NH, kNonfiniteZ);
+      found |= bad_z;
+      if (!bad_z && out_report) out_found |= kNonfiniteDla;
+    }
+  }
+  report_nonfinite(report, found);
+  report_nonfinite(out_report, out_found);
+}
+
 template <typename In>
 void dla_tokens(const typename In::storage* z_in, const typename In::acc* A, int64_t K,
                 const int64_t* row, const int64_t* row2, const typename In::acc* gp,
@@ -898,9 +926,13 @@ void dla_tokens(const typename In::storage* z_in, const typename In::acc* A, int
         }
       }
       // after the tile's stages: its z and its outputs are in cache now
-      nonfinite_item<In>(nonfinite, z_in, NH, nullptr, 0, t0, nt);
-      if (norms) check_outputs(out_nonfinite, norms + t0 * N, nt * N, kNonfiniteNorms);
-      check_dla_outputs(out_nonfinite, dla, row ? N : N * K, t0, nt, row, row2);
+      if (gp) {
+        nonfinite_item<In>(nonfinite, z_in, NH, nullptr, 0, t0, nt);
+        if (norms) check_outputs(out_nonfinite, norms + t0 * N, nt * N, kNonfiniteNorms);
+        check_dla_outputs(out_nonfinite, dla, row ? N : N * K, t0, nt, row, row2);
+      } else {
+        check_tile_by_dla<In>(nonfinite, out_nonfinite, z_in, NH, dla, row ? N : N * K, t0, nt, row, row2);
+      }
     }
   }
 }

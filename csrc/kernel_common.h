@@ -436,7 +436,9 @@ Buf<typename In::acc> fixed_directions(const typename In::storage* dirs, int64_t
 }
 
 // `bit` if x[0 .. n) holds a NaN or an infinity (ExponentBits), else 0. Reads the raw bits, so no
-// floating-point mode or conversion changes the answer; the loop vectorises at the path's width.
+// floating-point mode or conversion changes the answer. A value is not finite exactly when its
+// exponent bits are all set, the largest they can be: so the largest of (bits & mask) equals mask
+// exactly when one value is not finite -- an AND and an unsigned max per vector at the path's width.
 // Kernels run it on a work item's activations just after reading them (in cache, not a second
 // pass over memory).
 template <typename In>
@@ -444,13 +446,14 @@ inline unsigned nonfinite_bit(const typename In::storage* __restrict x, int64_t 
   using U = typename ExponentBits<In>::type;
   static_assert(sizeof(U) == sizeof(typename In::storage), "bits of one stored value");
   constexpr U mask = ExponentBits<In>::mask;
-  U found = 0;
+  U top = 0;
   for (int64_t i = 0; i < n; ++i) {
     U b;
     std::memcpy(&b, x + i, sizeof b);
-    found |= static_cast<U>((b & mask) == mask);
+    b &= mask;
+    top = b > top ? b : top;
   }
-  return found ? bit : 0u;
+  return top == mask ? bit : 0u;
 }
 
 // Adds what a thread found to the call's report at once, so that every thread stops early.

@@ -23,9 +23,9 @@ from conftest import bitwise_equal, cpu_paths_here, small_public_case  # noqa: E
 
 PATHS = cpu_paths_here()
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
-# fused K1-like (writers, extra nodes), fused fixed set, DLA-only fixed (with norms: the Gram stage),
-# DLA-only gathered by unique reduction and from a table
-ENTRIES = ["fused gathered", "fused fixed", "dla fixed", "dla gathered", "dla table"]
+# fused K1-like (writers, extra nodes), fused fixed set, DLA-only fixed with norms (the Gram stage) and
+# without (z checked through the DLA it makes), DLA-only gathered by unique reduction and from a table
+ENTRIES = ["fused gathered", "fused fixed", "dla fixed", "dla fixed no norms", "dla gathered", "dla table"]
 BAD_VALUES = [float("nan"), float("inf"), float("-inf")]
 
 
@@ -71,9 +71,9 @@ def test_kernel_finds_any_nonfinite_activation(path, dtype, entry, T, N, H, D, M
         def run(c):
             return getattr(_C, f"fused_attribution_{sfx}")(*arr, cpp.kernel_array(torch.arange(N), torch.int64),
                                                           check_finite=c)
-    elif entry == "dla fixed":
+    elif entry.startswith("dla fixed"):
         def run(c):
-            return getattr(_C, f"dla_fixed_{sfx}")(*arr, norms=True, check_finite=c)[:2]
+            return getattr(_C, f"dla_fixed_{sfx}")(*arr, norms=entry == "dla fixed", check_finite=c)[:2]
     else:
         table = getattr(_C, f"build_dla_table_{sfx}")(arr[1], arr[2]) if entry == "dla table" else None
         def run(c):

@@ -462,6 +462,12 @@ def test_ab_builds_benchmark_runs(tmp_path):
     assert [(r[1].strip(), r[2].strip(), r[3].strip()) for r in rows] == [
         (w, d, c) for w in ("K1", "K2n", "K2f") for d in ("float32", "bfloat16") for c in ("warm", "cold", "trimmed")]
     assert all(float(r[6]) > 0 for r in rows)
+    # --checks: the kernels' own finiteness checks on, as the public call has them
+    module.main(["--other", str(tmp_path / "other"), "--other-label", "copy", "--tokens", "70", "--rounds", "2",
+                 "--flush-mib", "8", "--workloads", "K2f", "--dtypes", "float32", "--checks",
+                 "--out", str(tmp_path / "ab_checks.md")])
+    text = (tmp_path / "ab_checks.md").read_text()
+    assert "--checks" in text and sum(line.startswith("| K2f | float32 |") for line in text.splitlines()) == 3
     with pytest.raises(SystemExit, match="unknown"):
         module.main(["--other", str(tmp_path / "other"), "--workloads", "K3"])
     with pytest.raises(SystemExit, match="expected one"):
