@@ -28,7 +28,7 @@ def public_calls(args: dict, outputs_only: bool = False) -> dict:
     """{variant: f() -> the public call's outputs} for `fused_attribution` keyword arguments ``args``."""
     cpp = backend_instance("cpp")
 
-    def checked_outside():  # fused_attribution as a backend without `checks_activations` / `checks_outputs` runs it
+    def checked_outside():  # fused_attribution as a backend without `checks_inputs` / `checks_outputs` runs it
         inputs = validate(**args, distinct_writers=True, checks_in_run=outputs_only)
         out = run_backend(cpp, dataclasses.replace(inputs, check_outputs=False))
         require_finite_outputs(inputs, out)

@@ -51,8 +51,9 @@ std::string shape_of(const py::array& a) {
 
 [[noreturn]] void fail(const std::string& msg) { throw py::value_error("erasure_fast._C: " + msg); }
 
-// erasure_fast._C.NonFiniteInput (a ValueError): a kernel called with check_finite=True read a NaN or
-// an infinity in z or extra_nodes. Its outputs are dropped.
+// erasure_fast._C.NonFiniteInput (a ValueError): a call with check_finite=True found a NaN or an
+// infinity in W_O or a row of directions it reads (before its kernel ran), or its kernel read one in z
+// or extra_nodes (its outputs are dropped).
 struct NonFiniteInput : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
@@ -68,6 +69,8 @@ struct NonFiniteOutput : std::runtime_error {
 void raise_if_nonfinite(unsigned found, unsigned out_found = 0) {
   if (found & ef::kNonfiniteZ) throw NonFiniteInput("z contains non-finite values");
   if (found & ef::kNonfiniteExtra) throw NonFiniteInput("extra_nodes contains non-finite values");
+  if (found & ef::kNonfiniteW_O) throw NonFiniteInput("W_O contains non-finite values");
+  if (found & ef::kNonfiniteDirections) throw NonFiniteInput("directions contains non-finite values");
   if (out_found & ef::kNonfiniteDla) throw NonFiniteOutput("dla");
   if (out_found & ef::kNonfiniteDots) throw NonFiniteOutput("dots");
   if (out_found & ef::kNonfiniteNorms) throw NonFiniteOutput("norms");
@@ -86,6 +89,29 @@ void check_ids(const char* name, const IdArr& ids, int64_t T, int64_t K) {
 struct Dims {
   int64_t T, N, H, D, K;
 };
+
+// The weights' check of a call made with check_finite, before its kernel runs (weight_checks.h): W_O
+// and the rows of directions it reads (ids null: every row); NonFiniteInput naming the first bad one.
+template <typename In>
+void check_weights(const Arr<typename In::storage>& W_O, const Arr<typename In::storage>& directions,
+                   const int64_t* ids, const int64_t* inc, int64_t n_tokens, int n_threads) {
+  ef::WeightCheckParams<In> w;
+  w.W_O = W_O.data();
+  w.n_wo = static_cast<int64_t>(W_O.size());
+  w.directions = directions.data();
+  w.n_dirs = directions.shape(0);
+  w.d_model = directions.shape(1);
+  w.direction_ids = ids;
+  w.incorrect_ids = inc;
+  w.n_tokens = n_tokens;
+  w.n_threads = n_threads;
+  unsigned found = 0;
+  {
+    py::gil_scoped_release release;
+    found = ef::kernels().typed<In>().nonfinite_weights(w);
+  }
+  raise_if_nonfinite(found);
+}
 
 template <typename In>
 using InArr = Arr<typename In::storage>;
@@ -201,6 +227,8 @@ py::tuple run(const InArr<In>& z, const InArr<In>& W_O, const InArr<In>& directi
               bool center, bool check_finite, bool check_outputs, int n_threads, int tile_tokens, int chunk_cols) {
   FusedCall<In> c = fused_params<In>(z, W_O, directions, scale, writers, extra, direction_ids,
                                      incorrect_ids, center, n_threads, tile_tokens, chunk_cols);
+  if (check_finite)
+    check_weights<In>(W_O, directions, c.p.direction_ids, c.p.incorrect_ids, c.p.n_tokens, n_threads);
   unsigned found = 0, out_found = 0;
   c.p.nonfinite = check_finite ? &found : nullptr;
   c.p.out_nonfinite = check_outputs ? &out_found : nullptr;
@@ -223,8 +251,9 @@ void def_entry(py::module_& m, const char* name, const char* dtype) {
          " C-contiguous numpy arrays (bfloat16 / float16 as their uint16 bits, converted on load; "
          "accumulation and outputs in float64 for float64, else float32).\n\nz [T, N, H], W_O [N, H, D], directions [K, D], scale [T], writers [W] int64, "
          "extra_nodes [T, M, D] or None, direction_ids / incorrect_ids [T] int64 in [-1, K) or None "
-         "(None = fixed-set mode). check_finite: the kernel checks z and extra_nodes as it reads them "
-         "and raises NonFiniteInput (a ValueError) for a NaN or an infinity. check_outputs: the kernel "
+         "(None = fixed-set mode). check_finite: W_O and the rows of directions the call reads (every row, "
+         "or those the ids name) are checked before the kernel runs, z and extra_nodes as the kernel reads "
+         "them; NonFiniteInput (a ValueError) for a NaN or an infinity. check_outputs: the kernel "
          "checks its outputs as it writes them and raises NonFiniteOutput (a ValueError; the message names "
          "the first of dla, dots, norms) where one is a NaN or an infinity, but for the DLA of a token "
          "without a target. n_threads <= 0: OpenMP default; tile_tokens / chunk_cols <= 0: default tile (tokens per work item) / d_model columns "
@@ -334,6 +363,7 @@ py::tuple run_dla_fixed(const InArr<In>& z, const InArr<In>& W_O, const InArr<In
                         const Arr<typename In::acc>& scale, bool center, bool want_norms, bool check_finite,
                         bool check_outputs, int n_threads) {
   DlaCall<In> c = dla_fixed_params<In>(z, W_O, directions, scale, center, want_norms, n_threads);
+  if (check_finite) check_weights<In>(W_O, directions, nullptr, nullptr, c.p.n_tokens, n_threads);
   unsigned found = 0, out_found = 0;
   c.p.nonfinite = check_finite ? &found : nullptr;
   c.p.out_nonfinite = check_outputs ? &out_found : nullptr;
@@ -355,6 +385,8 @@ py::tuple run_dla_gathered(const InArr<In>& z, const InArr<In>& W_O, const InArr
                            int n_threads) {
   DlaCall<In> c = dla_gathered_params<In>(z, W_O, directions, scale, direction_ids, incorrect_ids,
                                           center, table, method, want_norms, n_threads);
+  if (check_finite)
+    check_weights<In>(W_O, directions, c.p.direction_ids, c.p.incorrect_ids, c.p.n_tokens, n_threads);
   unsigned found = 0, out_found = 0;
   c.p.nonfinite = check_finite ? &found : nullptr;
   c.p.out_nonfinite = check_outputs ? &out_found : nullptr;
@@ -454,8 +486,9 @@ void def_dla(py::module_& m, const std::string& sfx, const char* dtype) {
         py::arg("n_threads") = 0,
         ("DLA-only, fixed directions, on " + dt +
          " arrays: dla [T, N, K] = z . (W_O c(d_k)) / s, never forming a head's d_model output.\n"
-         "norms=True also returns |r_n|^2 [T, N] (as z^T W_O W_O^T z). check_finite: the kernel checks "
-         "z as it reads it and raises NonFiniteInput (a ValueError) for a NaN or an infinity. "
+         "norms=True also returns |r_n|^2 [T, N] (as z^T W_O W_O^T z). check_finite: W_O and the rows of "
+         "directions the call reads are checked before the kernel runs, z as the kernel reads it; "
+         "NonFiniteInput (a ValueError) for a NaN or an infinity. "
          "check_outputs: the kernel checks dla and norms as it writes them and raises NonFiniteOutput "
          "(a ValueError naming the first of dla, norms) for a NaN or an infinity. Returns "
          "(dla, norms or None, {'method', 'n_unique'}).")

@@ -14,11 +14,12 @@
 #include "input_formats.h"
 #include "null_dots.h"
 #include "scan_aggregates.h"
+#include "weight_checks.h"
 
 namespace ef {
 
-// One path's entry points for one input format (fused_attribution.h, dla_only.h), each taking its
-// params struct.
+// One path's entry points for one input format (fused_attribution.h, dla_only.h, weight_checks.h),
+// each taking its params struct.
 template <typename In>
 struct TypedKernels {
   decltype(&EF_ISA::fused_attribution<In>) fused_attribution;
@@ -26,6 +27,7 @@ struct TypedKernels {
   decltype(&EF_ISA::dla_gathered<In>) dla_gathered;
   decltype(&EF_ISA::build_dla_table<In>) build_dla_table;
   decltype(&EF_ISA::fill_dla_table_rows<In>) fill_dla_table_rows;
+  decltype(&EF_ISA::nonfinite_weights<In>) nonfinite_weights;
 };
 
 // One path's scan-aggregation entry points (scan_aggregates.h, null_dots.h; params structs) for values of type T.

@@ -79,8 +79,10 @@ struct ExponentBits<F16> {
 
 // What a kernel asked to check its activations reports (FusedParams / DlaParams::nonfinite).
 enum NonfiniteInput : unsigned {
-  kNonfiniteZ = 1u,      // z holds a NaN or an infinity
-  kNonfiniteExtra = 2u,  // extra_nodes does
+  kNonfiniteZ = 1u,           // z holds a NaN or an infinity
+  kNonfiniteExtra = 2u,       // extra_nodes does
+  kNonfiniteW_O = 4u,         // W_O does (weight_checks.h)
+  kNonfiniteDirections = 8u,  // a row of directions the call reads does (weight_checks.h)
 };
 
 // What a kernel asked to check its outputs reports (FusedParams / DlaParams::out_nonfinite): an output

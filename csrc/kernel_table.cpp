@@ -14,7 +14,8 @@ TypedKernels<In> typed() {
 #else
   auto fused = &fused_attribution<In>;
 #endif
-  return {fused, &dla_fixed<In>, &dla_gathered<In>, &build_dla_table<In>, &fill_dla_table_rows<In>};
+  return {fused, &dla_fixed<In>, &dla_gathered<In>, &build_dla_table<In>, &fill_dla_table_rows<In>,
+          &nonfinite_weights<In>};
 }
 
 template <typename T>

@@ -11,7 +11,8 @@ from numpy.typing import NDArray
 _I64 = NDArray[np.int64]
 
 class NonFiniteInput(ValueError):
-    """A kernel called with check_finite=True read a NaN or an infinity in z or extra_nodes."""
+    """A call with check_finite=True found a NaN or an infinity: in W_O or a row of directions it reads
+    (checked before its kernel runs), or in z or extra_nodes (checked by the kernel as it reads them)."""
 
 class NonFiniteOutput(ValueError):
     """A kernel called with check_outputs=True wrote a NaN or an infinity where its finite inputs define

@@ -34,7 +34,8 @@ writer's squared norm is 0, its PR / PV / cosine are NaN in every backend; non-f
 rejected (``check_finite``) rather than propagated silently: z, W_O and extra_nodes entirely,
 directions in the rows the call reads. Every check runs before any work, except that of z and
 extra_nodes on the cpp backend: its kernels check each value as they read it (one read of the
-activations instead of two) and raise the same error, naming the first bad index, before any output
+activations instead of two; W_O and the directions are read before the kernel starts) and raise the
+same error, naming the first bad index, before any output
 is returned (`run_backend`).
 """
 
@@ -49,7 +50,7 @@ from .backends import get_backend
 from .backends.base import FusedInputs, FusedOutputs, accumulation_dtype  # noqa: F401 (the contract's types)
 from .deferred_checks import DeferredChecks
 from .finite import (all_finite, output_overflow, overflow_message, require_finite,  # noqa: F401 (re-exported:
-                     require_finite_activations)  # the contract's checks)
+                     require_finite_inputs)  # the contract's checks)
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
@@ -70,17 +71,6 @@ def _require_float(name: str, t: torch.Tensor) -> None:
         raise TypeError(
             f"{name} must have dtype float32, float64, bfloat16 or float16, got {t.dtype}"
         )
-
-
-def _used_rows(n_rows: int, *ids: Optional[torch.Tensor]) -> torch.Tensor:
-    """The distinct rows >= 0, in increasing order, that gathered ids in [-1, n_rows) read (-1 = no
-    target reads nothing): marks in a table of n_rows flags, a pass over the ids and one over the
-    flags, where sorting the ids (torch.unique) took 0.8 ms for 8,192 of them with cold caches."""
-    mark = torch.zeros(n_rows, dtype=torch.bool, device=ids[0].device)
-    for i in ids:
-        if i is not None:
-            mark[i[i >= 0]] = True
-    return mark.nonzero().reshape(-1)
 
 
 def _as_ids(name: str, value, n_tokens: int, n_rows: int, device: torch.device,
@@ -134,11 +124,13 @@ def validate(
     extra_nodes finite, scale finite and positive, ids in range -- are recorded there instead of read
     (nothing waits for a GPU); W_O and directions, the same in every call of such a caller, are not
     checked here: the caller checks them once (a scan does, before its first batch).
-    With ``checks_in_run`` (and no ``deferred``), the finiteness of z and extra_nodes, and that of the
-    outputs (`require_finite_outputs`), are left to `run_backend`, which has a backend that
-    `checks_activations` / `checks_outputs` do them in its kernels, as they read the activations and
-    write the outputs: no second read of either, and the same errors, raised before any output is
-    returned. Everything else is still checked here, before any work.
+    With ``checks_in_run`` (and no ``deferred``), the finiteness of the inputs (z, W_O, extra_nodes and
+    the rows of directions the call reads) and that of the outputs (`require_finite_outputs`) are left
+    to `run_backend`, which has a backend that `checks_inputs` / `checks_outputs` do them in its own
+    code -- the cpp backend reads the weights before its kernel starts, the activations as the kernel
+    reads them and the outputs as it writes them: no second read of the activations or the outputs,
+    and the same errors, raised before any output is returned -- and checks them itself for any other
+    backend. Everything else is still checked here, before any work.
     """
     z = _require_tensor("z", z)
     W_O = _require_tensor("W_O", W_O)
@@ -232,11 +224,8 @@ def validate(
     if check_finite and deferred is not None:
         for name, t in (("z", z), ("extra_nodes", extra)):
             deferred.add(torch.isfinite(t).all(), f"{name} contains non-finite values")
-    elif check_finite:
-        for name, t in ((("W_O", W_O),) if checks_in_run else (("z", z), ("W_O", W_O), ("extra_nodes", extra))):
-            require_finite(name, t)
-        # gathered mode reads only the rows its ids name: those must be finite (W_U.T has 25M values)
-        require_finite("directions", directions, None if ids is None else _used_rows(K, ids, inc))
+    elif check_finite and not checks_in_run:
+        require_finite_inputs(z, W_O, extra, directions, ids, inc)
 
     return FusedInputs(
         z=z.contiguous(),
@@ -251,20 +240,21 @@ def validate(
         with_norms=bool(with_norms),
         dla_table=dla_table,
         writers_host=w_host,
-        check_activations=check_finite and checks_in_run and deferred is None,
+        check_inputs=check_finite and checks_in_run and deferred is None,
         check_outputs=check_finite and checks_in_run and deferred is None,
     )
 
 
 def run_backend(impl, inputs: FusedInputs) -> FusedOutputs:
     """``impl.run(inputs)`` (``impl`` a `erasure_fast.backends.base.Backend`). Where ``inputs`` still
-    need z and extra_nodes checked for NaN / infinity (`validate`'s ``checks_in_run``), a backend
-    that `checks_activations` checks them as its kernels read them; for any other they are checked
-    here first. Likewise the outputs (`require_finite_outputs`): checked as the kernels write them,
-    or here after the run."""
-    if inputs.check_activations and not impl.checks_activations:
-        require_finite_activations(inputs.z, inputs.extra_nodes)
-        inputs = dataclasses.replace(inputs, check_activations=False)
+    need their NaN / infinity checks (`validate`'s ``checks_in_run``), a backend that `checks_inputs`
+    does them itself (the cpp backend: the weights before its kernel starts, z and extra_nodes as the
+    kernel reads them); for any other they are done here first (`require_finite_inputs`). Likewise the
+    outputs (`require_finite_outputs`): checked as the kernels write them, or here after the run."""
+    if inputs.check_inputs and not impl.checks_inputs:
+        require_finite_inputs(inputs.z, inputs.W_O, inputs.extra_nodes, inputs.directions, inputs.direction_ids,
+                              inputs.incorrect_ids)
+        inputs = dataclasses.replace(inputs, check_inputs=False)
     check_here = inputs.check_outputs and not impl.checks_outputs
     if check_here:
         inputs = dataclasses.replace(inputs, check_outputs=False)

@@ -42,9 +42,10 @@ class FusedInputs:
     with_norms: bool = True  # False: backends may return norms=None
     dla_table: Optional[object] = None  # a matching DlaTable (cpp backend; other backends ignore it)
     writers_host: Optional[torch.Tensor] = None  # writers on the host, where plans read them (no device read-back)
-    # z and extra_nodes not yet checked for NaN / infinity: a backend that `checks_activations` checks
-    # them as its kernels read them (`erasure_fast.contract.run_backend` checks them first for the others)
-    check_activations: bool = False
+    # the inputs (z, W_O, extra_nodes, the rows of directions the call reads) not yet checked for NaN /
+    # infinity: a backend that `checks_inputs` checks them itself (`erasure_fast.contract.run_backend`
+    # checks them first for the others)
+    check_inputs: bool = False
     # the outputs not yet checked for NaN / infinity (`erasure_fast.contract.require_finite_outputs`):
     # a backend that `checks_outputs` checks them as its kernels write them (`run_backend` checks them
     # after the run for the others)
@@ -78,10 +79,11 @@ class Backend(ABC):
     name: str = ""
     #: device types the backend runs on; None = any device
     devices: Optional[Tuple[str, ...]] = None
-    #: whether `run` honours `FusedInputs.check_activations`: its kernels check z and extra_nodes for
-    #: NaN / infinity as they read them, and a bad value raises the contract's ValueError (naming the
-    #: input and the first bad index) instead of returning outputs
-    checks_activations: bool = False
+    #: whether `run` honours `FusedInputs.check_inputs`: it checks the inputs for NaN / infinity itself
+    #: (the weights before any work, the activations at the latest as its kernels read them), and a bad
+    #: value raises the contract's ValueError (naming the input and the first bad index) instead of
+    #: returning outputs
+    checks_inputs: bool = False
     #: whether `run` honours `FusedInputs.check_outputs`: its kernels check the outputs as they write
     #: them, and an overflow raises the contract's ValueError instead of returning outputs
     checks_outputs: bool = False

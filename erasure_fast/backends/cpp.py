@@ -52,7 +52,7 @@ import numpy as np
 import torch
 
 from .base import FusedInputs, FusedOutputs, accumulation_dtype
-from ..finite import output_overflow, require_finite_activations
+from ..finite import output_overflow, require_finite_inputs
 
 NAME = "cpp"
 DEVICES = ("cpu",)
@@ -294,20 +294,21 @@ def dla_fixed(z: torch.Tensor, W_O: torch.Tensor, directions: torch.Tensor, scal
 
 
 def _checked_call(_C, inp: FusedInputs, fn, *args, **kwargs):
-    """``fn(*args, **kwargs)``, a kernel entry of ``_C``; with ``inp.check_activations`` the kernel
-    checks z and extra_nodes as it reads them, and a NaN or an infinity raises the contract's error,
-    which names the input and the first bad index (`require_finite_activations`); with
+    """``fn(*args, **kwargs)``, a kernel entry of ``_C``; with ``inp.check_inputs`` the entry checks W_O
+    and the rows of directions it reads before its kernel runs, the kernel z and extra_nodes as it
+    reads them, and a NaN or an infinity raises the contract's error, which names the first input with
+    a bad value (in the contract's order) and its first bad index (`require_finite_inputs`); with
     ``inp.check_outputs`` it checks its outputs as it writes them, and an overflow raises the
     contract's error for it (`output_overflow`). The outputs are then dropped."""
     try:
-        return fn(*args, check_finite=inp.check_activations, check_outputs=inp.check_outputs, **kwargs)
+        return fn(*args, check_finite=inp.check_inputs, check_outputs=inp.check_outputs, **kwargs)
     except _C.NonFiniteInput:
         pass
     except _C.NonFiniteOutput as e:
         raise output_overflow(str(e), inp.out_dtype, inp.z, inp.W_O, inp.extra_nodes) from None
-    require_finite_activations(inp.z, inp.extra_nodes)
-    raise RuntimeError("the C++ kernel reported a NaN or an infinity in z or extra_nodes that a second "
-                       "read does not find")
+    require_finite_inputs(inp.z, inp.W_O, inp.extra_nodes, inp.directions, inp.direction_ids, inp.incorrect_ids)
+    raise RuntimeError("the C++ kernel reported a NaN or an infinity in its inputs that a second read does "
+                       "not find")
 
 
 def _run_dla_only(_C, inp: FusedInputs, acc: torch.dtype) -> FusedOutputs:

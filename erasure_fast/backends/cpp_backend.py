@@ -16,7 +16,7 @@ class CppBackend(Backend):
 
     name = cpp.NAME
     devices = cpp.DEVICES
-    checks_activations = True
+    checks_inputs = True
     checks_outputs = True
 
     def available(self) -> tuple[bool, str]:
