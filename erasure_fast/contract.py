@@ -35,8 +35,7 @@ rejected (``check_finite``) rather than propagated silently: z, W_O and extra_no
 directions in the rows the call reads. Every check runs before any work, except that of z and
 extra_nodes on the cpp backend: its kernels check each value as they read it (one read of the
 activations instead of two; W_O and the directions are read before the kernel starts) and raise the
-same error, naming the first bad index, before any output
-is returned (`run_backend`).
+same error, naming the first bad index, before any output is returned (`run_backend`).
 """
 
 from __future__ import annotations
