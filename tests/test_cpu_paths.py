@@ -227,13 +227,15 @@ def test_dla_only_paths_agree_for_bf16_directions_dominated_by_their_mean(incorr
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("shape", [(301, 5, 13, 37, 60), (257, 6, 16, 48, 9), (64, 3, 24, 40, 200)],
-                         ids=["odd-head", "many-tokens-per-target", "many-targets"])
+@pytest.mark.parametrize("shape", [(301, 5, 13, 37, 60), (257, 6, 16, 48, 9), (64, 3, 24, 40, 200),
+                                   (700, 3, 16, 40, 5000)],
+                         ids=["odd-head", "many-tokens-per-target", "many-targets", "many-work-items"])
 def test_gathered_dla_same_bits_with_or_without_norms_and_any_thread_count(dtype, shape):
     """The gathered DLA with 8 or more distinct targets (head-space directions from the path's builder
     past the dot path: the GEMM, the VDPBF16PS pairs or the tile unit), on every path: the same bits
-    with and without norms and for 1 to 3 threads, NaN exactly where a token has no target, and a NaN
-    in z at a token without a target refused by the public call without norms too."""
+    with and without norms and for 1 to 3 threads (with ~600 distinct targets, the builders' work
+    items split differently for each), NaN exactly where a token has no target, and a NaN in z at a
+    token without a target refused by the public call without norms too."""
     T, N, H, D, K = shape
     args, kw = make_case(T, N, H, D, 0, 0, K, dtype=dtype, incorrect=dtype == torch.float64, missing=True, seed=11)
     z, W_O, directions, scale = args[:4]
