@@ -832,9 +832,6 @@ void build_gram_panels(const T* W_O, int64_t N, int64_t H, int64_t D, T* gp, int
   }
 }
 
-// Per-token stage. Fixed mode (row == nullptr): dla [T, N, K] against the K rows of A.
-// Gathered: dla [T, N] against A[row[t]] (minus A[row2[t]] when row2), NaN where either is < 0.
-// gp: Gram panels (nullptr: no norms). z and scale are converted on load (a tile of z at a time).
 // The checks of tokens [t0, t0 + nt) of a DLA-only tile without norms, its z and its DLA [T, width]
 // in cache: z where the call asked for it (report non-null), the DLA where it asked for that
 // (out_report non-null). A NaN or an infinity anywhere in a token's z makes every one of its DLA
@@ -863,6 +860,9 @@ inline void check_tile_by_dla(unsigned* report, unsigned* out_report, const type
   report_nonfinite(out_report, out_found);
 }
 
+// Per-token stage. Fixed mode (row == nullptr): dla [T, N, K] against the K rows of A.
+// Gathered: dla [T, N] against A[row[t]] (minus A[row2[t]] when row2), NaN where either is < 0.
+// gp: Gram panels (nullptr: no norms). z and scale are converted on load (a tile of z at a time).
 template <typename In>
 void dla_tokens(const typename In::storage* z_in, const typename In::acc* A, int64_t K,
                 const int64_t* row, const int64_t* row2, const typename In::acc* gp,
