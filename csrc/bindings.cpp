@@ -90,11 +90,14 @@ struct Dims {
   int64_t T, N, H, D, K;
 };
 
+template <typename In>
+using InArr = Arr<typename In::storage>;
+
 // The weights' check of a call made with check_finite, before its kernel runs (weight_checks.h): W_O
 // and the rows of directions it reads (ids null: every row); NonFiniteInput naming the first bad one.
 template <typename In>
-void check_weights(const Arr<typename In::storage>& W_O, const Arr<typename In::storage>& directions,
-                   const int64_t* ids, const int64_t* inc, int64_t n_tokens, int n_threads) {
+void check_weights(const InArr<In>& W_O, const InArr<In>& directions, const int64_t* ids, const int64_t* inc,
+                   int64_t n_tokens, int n_threads) {
   ef::WeightCheckParams<In> w;
   w.W_O = W_O.data();
   w.n_wo = static_cast<int64_t>(W_O.size());
@@ -112,9 +115,6 @@ void check_weights(const Arr<typename In::storage>& W_O, const Arr<typename In::
   }
   raise_if_nonfinite(found);
 }
-
-template <typename In>
-using InArr = Arr<typename In::storage>;
 
 template <typename In>
 Dims check_dla_core(const InArr<In>& z, const InArr<In>& W_O, const InArr<In>& directions,

@@ -36,6 +36,21 @@ def _default_path_after():
     cpp.set_cpu_path(None)
 
 
+def _entry_call(entry: str, dtype, arr: list, writers, ids, inc=None, extra=None, table=None):
+    """run(check_finite) -> the outputs of ``entry``'s `_C` function (one of ENTRIES) on the kernel
+    arrays ``arr`` (z, W_O, directions, scale): the fused kernel with ``writers`` (and ``extra``, the
+    ids in its gathered mode), the DLA-only kernels with the ids, from ``table`` for "dla table"."""
+    _C, sfx = cpp.require_extension(), cpp.dtype_suffix(dtype)
+    if entry.startswith("fused"):
+        gathered = dict(direction_ids=ids, incorrect_ids=inc) if entry == "fused gathered" else {}
+        return lambda c: getattr(_C, f"fused_attribution_{sfx}")(*arr, writers, extra, **gathered, check_finite=c)
+    if entry.startswith("dla fixed"):
+        return lambda c: getattr(_C, f"dla_fixed_{sfx}")(*arr, norms=entry == "dla fixed", check_finite=c)[:2]
+    return lambda c: getattr(_C, f"dla_gathered_{sfx}")(*arr, ids, inc, table=table,
+                                                       method="table" if entry == "dla table" else "unique",
+                                                       norms=False, check_finite=c)[:1]
+
+
 @pytest.mark.parametrize("entry", ENTRIES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("path", PATHS)
@@ -63,23 +78,10 @@ def test_kernel_finds_any_nonfinite_activation(path, dtype, entry, T, N, H, D, M
     arr = [a(z), a(W_O), a(dirs), cpp.kernel_array(scale.to(acc), acc)]
     ids_np = cpp.kernel_array(ids, torch.int64)
     _C, sfx = cpp.require_extension(), cpp.dtype_suffix(dtype)
-    if entry == "fused gathered":
-        writers = cpp.kernel_array(torch.randint(0, N, (min(N, 3),), generator=g), torch.int64)
-        def run(c):
-            return getattr(_C, f"fused_attribution_{sfx}")(
-                *arr, writers, None if extra is None else a(extra), direction_ids=ids_np, check_finite=c)
-    elif entry == "fused fixed":
-        def run(c):
-            return getattr(_C, f"fused_attribution_{sfx}")(*arr, cpp.kernel_array(torch.arange(N), torch.int64),
-                                                          check_finite=c)
-    elif entry.startswith("dla fixed"):
-        def run(c):
-            return getattr(_C, f"dla_fixed_{sfx}")(*arr, norms=entry == "dla fixed", check_finite=c)[:2]
-    else:
-        table = getattr(_C, f"build_dla_table_{sfx}")(arr[1], arr[2]) if entry == "dla table" else None
-        def run(c):
-            return getattr(_C, f"dla_gathered_{sfx}")(*arr, ids_np, table=table, method="table" if entry == "dla table" else "unique",
-                                                     norms=False, check_finite=c)[:1]
+    writers = torch.randint(0, N, (min(N, 3),), generator=g) if entry == "fused gathered" else torch.arange(N)
+    table = getattr(_C, f"build_dla_table_{sfx}")(arr[1], arr[2]) if entry == "dla table" else None
+    run = _entry_call(entry, dtype, arr, cpp.kernel_array(writers, torch.int64), ids_np,
+                      extra=None if extra is None else a(extra), table=table)
 
     unchecked = run(False)  # without the check, a kernel computes whatever it reads
     if bad in BAD_VALUES:
@@ -123,21 +125,10 @@ def test_kernel_finds_any_nonfinite_weight(path, dtype, entry, T, N, H, D, K, ba
     ids_np = cpp.kernel_array(ids, torch.int64)
     inc_np = None if inc is None else cpp.kernel_array(inc, torch.int64)
     _C, sfx = cpp.require_extension(), cpp.dtype_suffix(dtype)
-    if entry.startswith("fused"):
-        writers = cpp.kernel_array(torch.arange(min(N, 3)), torch.int64)
-        gathered_ids = dict(direction_ids=ids_np, incorrect_ids=inc_np) if gathered else {}
-        def run(c):
-            return getattr(_C, f"fused_attribution_{sfx}")(*arr, writers, **gathered_ids, check_finite=c)
-    elif entry.startswith("dla fixed"):
-        def run(c):
-            return getattr(_C, f"dla_fixed_{sfx}")(*arr, norms=entry == "dla fixed", check_finite=c)[:2]
-    else:
-        # a table is built from finite weights (its builder's inputs): the call's own weights are checked
-        table = getattr(_C, f"build_dla_table_{sfx}")(a(rnd(N, H, D)), a(rnd(K, D))) if entry == "dla table" else None
-        def run(c):
-            return getattr(_C, f"dla_gathered_{sfx}")(*arr, ids_np, inc_np, table=table,
-                                                     method="table" if entry == "dla table" else "unique",
-                                                     norms=False, check_finite=c)[:1]
+    # a table is built from finite weights (its builder's inputs): the call's own weights are checked
+    table = getattr(_C, f"build_dla_table_{sfx}")(a(rnd(N, H, D)), a(rnd(K, D))) if entry == "dla table" else None
+    run = _entry_call(entry, dtype, arr, cpp.kernel_array(torch.arange(min(N, 3)), torch.int64), ids_np, inc_np,
+                      table=table)
 
     unchecked = run(False)
     if bad in BAD_VALUES and (not in_dirs or flat // D in read):
