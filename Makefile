@@ -18,7 +18,7 @@ VENV_LINT ?= .venv-lint
 LOCK_DOCS := $(REQ)/docs.lock
 LOCK_LINT := $(REQ)/lint.lock
 
-.PHONY: demo paper test test-tl4 test-tl3 install install-tl3 bench bench-quick clean asan device-wheels lock test-latest chromium docs lint
+.PHONY: demo paper test test-tl4 test-tl3 install install-tl3 bench bench-quick clean asan device-wheels lock test-latest chromium qemu-user test-emulated docs lint
 
 # $(call fresh_venv,DIR,REQUIREMENTS,PIP OPTIONS[,MORE OPTIONS]): a new venv at DIR (an old one is
 # removed, so nothing outside the requirements lingers) with pip itself and then REQUIREMENTS installed
@@ -77,6 +77,9 @@ bench: install
 bench-quick: install
 	$(VENV)/bin/erasure-fast bench --shapes gelu-4l --sizes 8192
 
+# The C++ kernels' own tests (run again by `make asan` and `make test-emulated`).
+CPP_TESTS := test_backend_cpp.py test_aggregate_kernel.py test_cpu_paths.py test_activation_checks.py test_output_checks.py
+
 # pytest runs from tests/ so the installed package (with its compiled extension) is imported.
 # $(call suite,VENV,NAME,TEST FILES,EXTRA ENV): the tests with their reports in build/<NAME>-*.json.
 TESTS_TL3 := test_parity_tl.py test_paper.py test_paper_reference.py test_layouts.py test_engine.py test_engine_families.py test_environment.py
@@ -85,21 +88,40 @@ define suite
 	  EF_ENGINE_REPORT=../build/$(2)-engine.json $(4) ../$(1)/bin/python -m pytest -q -p no:cacheprovider $(3))
 endef
 
-# The report's browser test (tests/test_report_browser.py) drives Debian's chromium, installed here when
-# it is missing (apt-get, as root or through sudo); without it the test fails, saying so. CHROMIUM
-# names another Chromium or Chrome binary.
+# $(call apt_install,COMMAND,PACKAGE,WHY): Debian's PACKAGE when COMMAND is missing (apt-get, as root
+# or through sudo); without it the tests that need it fail, saying so.
+define apt_install
+	@command -v $(1) >/dev/null 2>&1 || { \
+	  echo "installing Debian's $(2) for $(3)"; \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(2); }
+endef
+
+# The report's browser test (tests/test_report_browser.py) drives Debian's chromium. CHROMIUM names
+# another Chromium or Chrome binary.
 CHROMIUM ?= chromium
 chromium:
-	@command -v $(CHROMIUM) >/dev/null 2>&1 || { \
-	  echo "installing Debian's chromium for the report's browser test"; \
-	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
-	  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+	$(call apt_install,$(CHROMIUM),chromium,the report's browser test)
 
-test-tl4: install chromium
+# tests/test_emulated_cpus.py runs the C++ kernels on older x86-64 CPUs (AVX2 only, SSE only) under
+# qemu's user-mode emulator, Debian's qemu-user.
+qemu-user:
+	$(call apt_install,qemu-x86_64,qemu-user,the tests on emulated CPUs)
+
+test-tl4: install chromium qemu-user
 	$(call suite,$(VENV),tl4,.)
 
 test-tl3: install-tl3
 	$(call suite,$(VENV_TL3),tl3,$(TESTS_TL3))
+
+# Every C++ test (but the benchmarks' smoke runs) on each CPU of tests/test_emulated_cpus.py, under
+# qemu (not part of `make test`, which runs a subset there).
+EMULATED_CPUS := Haswell-noTSX Nehalem
+test-emulated: install qemu-user
+	cd tests && for cpu in $(EMULATED_CPUS); do echo "== emulated CPU $$cpu"; \
+	  EF_REQUIRE_CPP=1 qemu-x86_64 -cpu $$cpu ../$(VENV)/bin/python -m pytest -q -p no:cacheprovider \
+	    $(CPP_TESTS) -k "not benchmark_runs" 2>&1 | grep -v "TCG doesn't support"; \
+	  test $${PIPESTATUS[0]} = 0 || exit 1; done
 
 # The documentation site (mkdocs.yml, pages in docs/, the API reference from the docstrings, read
 # statically): every warning is an error (a broken link, a missing page, a docstring that does not parse).
@@ -129,7 +151,7 @@ lock:
 # build/drift/report.md: every version that differs from the lock and every upstream fact the tests
 # found changed (a refusal that can be lifted, ...). Exit status: the suites'.
 NOT_LOCKED := --deselect tests/test_environment.py::test_installed_versions_are_the_lock
-test-latest: chromium
+test-latest: chromium qemu-user
 	mkdir -p build/drift
 	$(call fresh_venv,.venv-latest,$(REQ)/tl4.in,--upgrade)
 	$(call fresh_venv,.venv-latest-tl3,$(REQ)/tl3.in,--upgrade)
@@ -154,8 +176,7 @@ asan: $(VENV)/.deps
 	$(ASAN_VENV)/bin/python -m pip install $(PIP) --no-build-isolation --no-deps --config-settings=build-dir=build/asan-{wheel_tag} --config-settings=cmake.define.EF_SANITIZE=ON .
 	cd tests && LD_PRELOAD="$$($${CXX:-c++} -print-file-name=libasan.so) $$($${CXX:-c++} -print-file-name=libubsan.so)" \
 	  ASAN_OPTIONS=detect_leaks=0:halt_on_error=1:abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
-	  $(abspath $(ASAN_VENV))/bin/python -m pytest -q -p no:cacheprovider test_backend_cpp.py test_aggregate_kernel.py test_cpu_paths.py \
-	  test_activation_checks.py test_output_checks.py
+	  $(abspath $(ASAN_VENV))/bin/python -m pytest -q -p no:cacheprovider $(CPP_TESTS)
 
 clean:
 	rm -rf build dist $(VENV) $(VENV_TL3) $(VENV_DOCS) $(VENV_LINT) .venv-latest .venv-latest-tl3

@@ -407,7 +407,6 @@ void fused_attribution_bf16(const FusedParams<Bf16>& p) {
 const Kernels& kernel_table() {
   static const Kernels k = [] {
     Kernels t = avx512_bf16::kernel_table();
-    t.simd = "avx512 + amx-bf16";
     t.bf16.fused_attribution = &fused_attribution_bf16;
     // the DLA-only kernels compiled for this path: bf16 and fp32 head-space directions on the tile unit
     t.bf16.dla_fixed = &dla_fixed<Bf16>;

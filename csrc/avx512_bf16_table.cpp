@@ -9,7 +9,6 @@ namespace EF_ISA {
 const Kernels& kernel_table() {
   static const Kernels k = [] {
     Kernels t = avx512::kernel_table();
-    t.simd = "avx512 + avx512-bf16";
     t.bf16.fused_attribution = &fused_attribution_lanes<Bf16>;
     t.bf16.dla_fixed = &dla_fixed<Bf16>;
     t.bf16.dla_gathered = &dla_gathered<Bf16>;

@@ -951,12 +951,12 @@ PYBIND11_MODULE(_C, m) {
     py::dict d;
     for (int i = 0; i < ef::kNumPaths; ++i) {
       const auto p = static_cast<ef::CpuPath>(i);
-      const ef::Kernels* k = ef::compiled_table(p);
+      const bool compiled = ef::path_compiled(p);
       py::dict e;
-      e["compiled"] = k != nullptr;
+      e["compiled"] = compiled;
       e["missing"] = ef::missing_features(p);
-      e["runs_here"] = k != nullptr && ef::missing_features(p).empty();
-      e["simd"] = k ? py::object(py::str(k->simd)) : py::object(py::none());
+      e["runs_here"] = compiled && ef::missing_features(p).empty();
+      e["simd"] = compiled ? py::object(py::str(ef::path_simd(p))) : py::object(py::none());
       d[ef::path_name(p)] = e;
     }
     return d;
@@ -994,9 +994,9 @@ PYBIND11_MODULE(_C, m) {
     d["best_cpu_path"] = std::string(ef::path_name(ef::best_path()));
     std::vector<std::string> compiled;
     for (int i = 0; i < ef::kNumPaths; ++i)
-      if (ef::compiled_table(static_cast<ef::CpuPath>(i))) compiled.emplace_back(ef::path_name(static_cast<ef::CpuPath>(i)));
+      if (ef::path_compiled(static_cast<ef::CpuPath>(i))) compiled.emplace_back(ef::path_name(static_cast<ef::CpuPath>(i)));
     d["cpu_paths"] = compiled;
-    d["simd"] = std::string(k.simd);
+    d["simd"] = std::string(ef::path_simd(p));
     d["tile_tokens"] = k.tile_tokens;
     d["chunk_cols"] = k.chunk_cols;
     const size_t mapped = ef::mapped_output_bytes();

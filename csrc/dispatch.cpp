@@ -19,7 +19,7 @@ std::string join(const std::vector<std::string>& v) {
 std::vector<std::string> compiled_names() {
   std::vector<std::string> out;
   for (int i = 0; i < kNumPaths; ++i)
-    if (compiled_table(static_cast<CpuPath>(i))) out.emplace_back(path_name(static_cast<CpuPath>(i)));
+    if (path_compiled(static_cast<CpuPath>(i))) out.emplace_back(path_name(static_cast<CpuPath>(i)));
   return out;
 }
 
@@ -27,14 +27,45 @@ std::vector<std::string> runnable_names() {
   std::vector<std::string> out;
   for (int i = 0; i < kNumPaths; ++i) {
     const CpuPath p = static_cast<CpuPath>(i);
-    if (compiled_table(p) && missing_features(p).empty()) out.emplace_back(path_name(p));
+    if (path_compiled(p) && missing_features(p).empty()) out.emplace_back(path_name(p));
   }
   return out;
 }
 
 }  // namespace
 
-const Kernels* compiled_table(CpuPath p) {
+bool path_compiled(CpuPath p) {
+  switch (p) {
+    case CpuPath::kPortable: return true;
+#if EF_HAVE_AVX2
+    case CpuPath::kAvx2: return true;
+#endif
+#if EF_HAVE_AVX512
+    case CpuPath::kAvx512: return true;
+#endif
+#if EF_HAVE_AVX512_BF16
+    case CpuPath::kAvx512Bf16: return true;
+#endif
+#if EF_HAVE_AMX
+    case CpuPath::kAmx: return true;
+#endif
+    default: return false;
+  }
+}
+
+const char* path_simd(CpuPath p) {
+  switch (p) {
+    case CpuPath::kPortable: return "scalar";
+    case CpuPath::kAvx2: return "avx2+fma (8 x fp32)";
+    case CpuPath::kAvx512: return "avx512 (16 x fp32)";
+    case CpuPath::kAvx512Bf16: return "avx512 + avx512-bf16";
+    case CpuPath::kAmx: return "avx512 + amx-bf16";
+  }
+  return "unknown";
+}
+
+const Kernels* runnable_table(CpuPath p) {
+  if (!path_compiled(p) || !missing_features(p).empty()) return nullptr;
   switch (p) {
     case CpuPath::kPortable: return &portable::kernel_table();
 #if EF_HAVE_AVX2
@@ -56,7 +87,7 @@ const Kernels* compiled_table(CpuPath p) {
 CpuPath best_path() {
   for (int i = kNumPaths - 1; i > 0; --i) {
     const CpuPath p = static_cast<CpuPath>(i);
-    if (compiled_table(p) && missing_features(p).empty()) return p;
+    if (path_compiled(p) && missing_features(p).empty()) return p;
   }
   return CpuPath::kPortable;
 }
@@ -73,7 +104,7 @@ CpuPath select_path(const std::string& name) {
       throw std::invalid_argument("unknown CPU path '" + name + "': choose 'auto' or one of " +
                                   join(compiled_names()));
     p = static_cast<CpuPath>(found);
-    if (!compiled_table(p))
+    if (!path_compiled(p))
       throw std::invalid_argument("CPU path '" + name + "' is not compiled into this build (compiled: " +
                                   join(compiled_names()) + ")");
     const auto missing = missing_features(p);
@@ -94,6 +125,7 @@ CpuPath selected_path() {
   return static_cast<CpuPath>(s);
 }
 
-const Kernels& kernels() { return *compiled_table(selected_path()); }
+// The selected path runs here: select_path() and best_path() take only such paths.
+const Kernels& kernels() { return *runnable_table(selected_path()); }
 
 }  // namespace ef

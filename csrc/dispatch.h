@@ -4,6 +4,11 @@
 // Selection: the fastest compiled path this CPU runs, unless select_path() names another (the
 // Python backend forwards ERASURE_FAST_CPU_PATH / cpp.set_cpu_path there). A path the CPU cannot
 // run, or one not compiled into this build, is refused with the reason.
+//
+// Nothing of a path's translation units runs before its features are confirmed: they are compiled
+// with its instruction set, so even the initialisation of its table may execute its instructions
+// (AVX-512 stores, say) and fault on a CPU without them. Whether a path is compiled in and what its
+// kernels execute are therefore answered here, in baseline code.
 #pragma once
 
 #include <string>
@@ -39,7 +44,6 @@ struct ScanKernels {
 };
 
 struct Kernels {
-  const char* simd;  // what the path's kernels execute, e.g. "avx512 (16 x fp32)"
   int tile_tokens;   // fused_attribution's default tile_tokens / chunk_cols on this path
   int chunk_cols;
   TypedKernels<Native<float>> f32;
@@ -63,15 +67,22 @@ struct Kernels {
   }
 };
 
-// Each compiled path's table (defined by kernel_table.cpp, compiled once per path).
+// Each compiled path's table (defined by kernel_table.cpp, compiled once per path). Call one only
+// through runnable_table(): it runs the path's instructions.
 namespace portable { const Kernels& kernel_table(); }
 namespace avx2 { const Kernels& kernel_table(); }
 namespace avx512 { const Kernels& kernel_table(); }
 namespace avx512_bf16 { const Kernels& kernel_table(); }
 namespace amx { const Kernels& kernel_table(); }
 
-// The table of path p, or nullptr where p is not compiled into this build.
-const Kernels* compiled_table(CpuPath p);
+// Whether path p is compiled into this build.
+bool path_compiled(CpuPath p);
+
+// What path p's kernels execute, e.g. "avx512 (16 x fp32)".
+const char* path_simd(CpuPath p);
+
+// The table of path p, or nullptr where p is not compiled into this build or this CPU cannot run it.
+const Kernels* runnable_table(CpuPath p);
 
 // The fastest compiled path this CPU runs (portable at least).
 CpuPath best_path();

@@ -23,14 +23,6 @@ ScanKernels<T> scan() {
   return {&series_stats_batch<T>, &pair_stats_batch<T>, &null_dots<T>};
 }
 
-#if defined(__AVX512F__)
-constexpr const char* kSimd = "avx512 (16 x fp32)";
-#elif defined(__AVX2__) && defined(__FMA__)
-constexpr const char* kSimd = "avx2+fma (8 x fp32)";
-#else
-constexpr const char* kSimd = "scalar";
-#endif
-
 }  // namespace
 
 const Kernels& kernel_table() {
@@ -39,7 +31,7 @@ const Kernels& kernel_table() {
 #else
   const int tile = default_tile_tokens(), chunk = default_chunk_cols();
 #endif
-  static const Kernels k{kSimd, tile, chunk,
+  static const Kernels k{tile, chunk,
                          typed<Native<float>>(), typed<Native<double>>(), typed<Bf16>(), typed<F16>(),
                          scan<float>(), scan<double>()};
   return k;

@@ -383,7 +383,7 @@ def test_every_function_stays_in_its_path():
     out = subprocess.run(["objdump", "-d", "--no-show-raw-insn", "-C", _C.__file__], capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stderr
-    fn, bad, seen, pairs = None, {}, 0, set()
+    fn, bad, seen, pairs, calls = None, {}, 0, set(), set()
     for line in out.stdout.splitlines():
         m = re.match(r"^[0-9a-f]+ <(.*)>:$", line)
         if m:
@@ -391,12 +391,25 @@ def test_every_function_stays_in_its_path():
             continue
         if fn is not None and "vdpbf16ps" in line:
             pairs.add(fn)
+        call = re.search(r"\s(?:call|jmp)q?\s+[0-9a-f]+ <(.*)>$", line)
+        if fn is not None and call:
+            target = re.sub(r"\+0x[0-9a-f]+$", "", call.group(1))
+            if target != fn:
+                calls.add((fn, target))
         if fn is not None and fn not in bad:
             rule = FORBIDDEN.get(_path_of(fn))
             if rule is not None and rule.search(line):
                 bad[fn] = line.strip()
     assert seen > 100, "no symbol table: the module was stripped"
     assert not bad, "functions with instructions beyond their path:\n" + "\n".join(f"{k}: {v}" for k, v in bad.items())
+    # Code may call into a path above its own only through the gate that first checks the CPU runs it
+    # (csrc/dispatch.cpp): a path's table, even its initialisation, executes the path's instructions.
+    rank = {p: i for i, p in enumerate(ALL)}
+    gate = {"ef::runnable_table(ef::CpuPath)", "ef::kernels()"}
+    upward = sorted({(f, t) for f, t in calls if rank[_path_of(t)] > rank[_path_of(f)] and f not in gate})
+    assert not upward, "calls into a path above the caller's, outside the gate:\n" + "\n".join(map(str, upward))
+    compiled = [p for p, v in cpp.cpu_paths().items() if v["compiled"]]
+    assert {_path_of(t) for f, t in calls if f in gate} >= set(compiled) - {"portable"}, "the gate was not found"
     if cpp.cpu_paths()["avx512_bf16"]["compiled"]:
         # its bf16 kernels multiply pairs: K1's projection and the DLA-only head-space directions
         for kernel in ("ef::avx512_bf16::fused_attribution_lanes<ef::Bf16>",
