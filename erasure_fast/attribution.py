@@ -229,7 +229,7 @@ def attribute(
 
     Args:
         model: TransformerLens 4.x ``TransformerBridge`` or 3.x ``HookedTransformer``, a Hugging Face
-            ``transformers`` causal LM or an nnsight ``LanguageModel`` (both bridged through
+            ``transformers`` causal LM or an nnsight ``LanguageModel`` / ``TransformersModel`` (both bridged through
             TransformerLens 4's adapters; `erasure_fast.models`). Layouts without per-head attention
             outputs are refused with `UnsupportedModelError` before any work.
         tokens: [batch, pos] (or [pos]) integer token ids in [0, d_vocab).

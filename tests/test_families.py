@@ -124,22 +124,23 @@ def test_compatibility_mode_bridge_matches_transformer_lens(arch, folders):
 
 @pytest.mark.parametrize("arch", REGISTRY)
 def test_plain_transformers_and_nnsight_give_the_bridges_numbers(arch, folders):
-    """`attribute(hf_model, tokens)` and `attribute(nnsight.LanguageModel(hf_model), tokens)`: the
-    numbers of the bridge built from the same folder, bit for bit; the model's attention
+    """`attribute(hf_model, tokens)` and `attribute(nnsight.LanguageModel(hf_model), tokens)` (and
+    nnsight's `TransformersModel`): the numbers of the bridge built from the same folder, bit for bit; the model's attention
     implementation is left as it was; a refused family is refused through every interface."""
     import transformers
-    from nnsight import LanguageModel
+    from nnsight import LanguageModel, TransformersModel
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         hf = transformers.AutoModelForCausalLM.from_pretrained(folders[arch]).eval()
         tok = transformers.PreTrainedTokenizerFast.from_pretrained(folders[arch])
         lm = LanguageModel(hf, tokenizer=tok)
+        tm = TransformersModel(hf, tokenizer=tok)
     attn_impl = hf.config._attn_implementation
     tokens = torch.randint(2, VOCAB, (2, 9), generator=torch.Generator().manual_seed(3))
     status = _status(arch)
     if status != "pass":
-        for model in (hf, lm):
+        for model in (hf, lm, tm):
             with pytest.raises(Exception) as refused:
                 ef.attribute(model, tokens, writers=["L0H1"])
             if status == "refused":
@@ -147,7 +148,7 @@ def test_plain_transformers_and_nnsight_give_the_bridges_numbers(arch, folders):
         RESULTS.setdefault(arch, {})["interfaces"] = "refused by all" if status == "refused" else "fail as TransformerLens"
         return
     ref = ef.attribute(boot_bridge(folders[arch]), tokens, writers=["L0H1"])
-    for name, model in (("transformers", hf), ("nnsight", lm)):
+    for name, model in (("transformers", hf), ("nnsight", lm), ("nnsight", tm)):
         got = ef.attribute(model, tokens, writers=["L0H1"])
         for field in ("dla", "pr", "resid_pr", "adjusted_dla"):
             a, b = getattr(got, field), getattr(ref, field)
@@ -155,7 +156,7 @@ def test_plain_transformers_and_nnsight_give_the_bridges_numbers(arch, folders):
         assert ef.models.interface_name(model) == name
     assert hf.config._attn_implementation == attn_impl, "the user's model was left in another attention mode"
     assert all(type(m).__module__.startswith(("transformers", "torch")) for m in hf.modules()), "the model was rewired"
-    assert ef.as_transformer_lens(hf) is ef.as_transformer_lens(lm), "one bridge per model"
+    assert ef.as_transformer_lens(hf) is ef.as_transformer_lens(lm) is ef.as_transformer_lens(tm), "one bridge per model"
     RESULTS.setdefault(arch, {})["interfaces"] = "bridge, transformers, nnsight"
 
 

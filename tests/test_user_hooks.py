@@ -147,15 +147,18 @@ def test_a_hooked_transformers_model_is_refused_naming_the_hook(tmp_path):
     assert ef.attribute(hf, x).capture == "engine"
 
 
-def test_a_hooked_nnsight_model_is_refused_naming_the_hook(tmp_path):
+@pytest.mark.parametrize("cls", ["LanguageModel", "TransformersModel"])
+def test_a_hooked_nnsight_model_is_refused_naming_the_hook(tmp_path, cls):
     nnsight = pytest.importorskip("nnsight")
     from hf_families import word_tokenizer
 
     hf = _gpt2(tmp_path)
-    lm = nnsight.LanguageModel(hf, tokenizer=word_tokenizer())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # nnsight 0.8 deprecates LanguageModel, still in use
+        lm = getattr(nnsight, cls)(hf, tokenizer=word_tokenizer())
     handle = hf.transformer.h[0].attn.register_forward_hook(lambda module, args, out: out)
     try:
-        with pytest.raises(ValueError, match=r"model: this nnsight LanguageModel has hooks attached \(forward hook "
+        with pytest.raises(ValueError, match=rf"model: this nnsight {cls} has hooks attached \(forward hook "
                                              r"<lambda> on transformer.h.0.attn\)"):
             ef.attribute(lm, torch.randint(2, 90, (1, 7)))
     finally:

@@ -5,7 +5,7 @@
   refusals (`UnsupportedModelError`) for what per-head attribution cannot cover;
 - one adapter per interface: `tl` (TransformerLens 4 bridges, 3.x `HookedTransformer`), `hf` (plain
   `transformers` models, bridged through TransformerLens 4's own architecture adapters) and
-  `nnsight_lm` (nnsight `LanguageModel`, the Hugging Face model inside it).
+  `nnsight_lm` (nnsight `LanguageModel` / `TransformersModel`, the Hugging Face model inside it).
 
 `as_transformer_lens` turns any supported model into the TransformerLens model that is run; `model_spec`
 gives its `ModelSpec`.
@@ -32,18 +32,18 @@ __all__ = [
 ]
 
 SUPPORTED = ("TransformerLens 4 TransformerBridge, TransformerLens 3 HookedTransformer, a Hugging Face "
-             "transformers model, or an nnsight LanguageModel")
+             "transformers model, or an nnsight LanguageModel or TransformersModel")
 
 
 def as_transformer_lens(model, tokenizer=None):
     """The TransformerLens model that erasure_fast runs for ``model``: a TransformerLens model itself; for a
-    plain `transformers` model or an nnsight `LanguageModel`, a TransformerLens 4 bridge around the same
+    plain `transformers` model or an nnsight `LanguageModel` / `TransformersModel`, a TransformerLens 4 bridge around the same
     weights (made once per model; ``tokenizer`` overrides the one it would load) -- refused, naming the
     hook, when the model has forward hooks attached, which the bridge would not run (`hooks`)."""
     if tl_kind(model) is not None:
         return model
     if is_nnsight_model(model):
-        refuse_hooks_of_copied_model(getattr(model, "_module", model), "nnsight LanguageModel")
+        refuse_hooks_of_copied_model(getattr(model, "_module", model), f"nnsight {type(model).__name__}")
         return bridge_of_nnsight(model, tokenizer)
     if is_hf_model(model):
         refuse_hooks_of_copied_model(model, "transformers model")

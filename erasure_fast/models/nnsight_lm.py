@@ -1,4 +1,5 @@
-"""nnsight `LanguageModel`s: the Hugging Face model it wraps (``lm._module``), bridged as in `hf`."""
+"""nnsight `TransformersModel`s (`LanguageModel` among them): the Hugging Face model one wraps
+(``lm._module``), bridged as in `hf`."""
 
 from __future__ import annotations
 
@@ -18,5 +19,5 @@ def bridge_of_nnsight(lm, tokenizer=None):
         raise TypeError(f"model: this nnsight {type(lm).__name__} wraps no Hugging Face transformers model")
     if any(p.device.type == "meta" for p in hf_model.parameters()):
         raise ValueError("model: the nnsight model's weights are not loaded yet (meta device); create it with "
-                         "LanguageModel(..., dispatch=True) or pass a loaded transformers model")
+                         f"{type(lm).__name__}(..., dispatch=True) or pass a loaded transformers model")
     return bridge_of_hf(hf_model, tokenizer if tokenizer is not None else getattr(lm, "tokenizer", None))

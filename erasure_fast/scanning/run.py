@@ -19,7 +19,7 @@ def scan(model, corpus, **options) -> Optional[ScanResult]:
 
     Args:
         model: any model `erasure_fast.attribute` takes (TransformerLens bridge or HookedTransformer,
-            a transformers causal LM, an nnsight LanguageModel); its own dtype and device are used.
+            a transformers causal LM, an nnsight LanguageModel or TransformersModel); its own dtype and device are used.
         corpus: a path (.npy, .bin, .txt, .jsonl, a Hugging Face ``save_to_disk`` directory, or
             ``hf:owner/name``), a numpy array of token ids ([n] stream or [rows, R]) or a TokenCorpus.
             How each kind is cut into rows: `erasure_fast.scanning.corpus`.
