@@ -114,13 +114,14 @@ test-tl4: install chromium qemu-user
 test-tl3: install-tl3
 	$(call suite,$(VENV_TL3),tl3,$(TESTS_TL3))
 
-# Every C++ test (but the benchmarks' smoke runs) on each CPU of tests/test_emulated_cpus.py, under
-# qemu (not part of `make test`, which runs a subset there).
+# Every C++ test (but the benchmarks' smoke runs) and the C++ backend's TransformerLens parity tests on
+# each CPU of tests/test_emulated_cpus.py, under qemu (not part of `make test`, which runs a subset there).
 EMULATED_CPUS := Haswell-noTSX Nehalem
 test-emulated: install qemu-user
 	cd tests && for cpu in $(EMULATED_CPUS); do echo "== emulated CPU $$cpu"; \
 	  EF_REQUIRE_CPP=1 qemu-x86_64 -cpu $$cpu ../$(VENV)/bin/python -m pytest -q -p no:cacheprovider \
-	    $(CPP_TESTS) -k "not benchmark_runs" 2>&1 | grep -v "TCG doesn't support"; \
+	    $(CPP_TESTS) test_parity_tl.py -k "not benchmark_runs and (not test_parity_tl or cpp)" 2>&1 \
+	    | grep -v "TCG doesn't support"; \
 	  test $${PIPESTATUS[0]} = 0 || exit 1; done
 
 # The documentation site (mkdocs.yml, pages in docs/, the API reference from the docstrings, read

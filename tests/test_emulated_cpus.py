@@ -9,7 +9,8 @@ CPU model, and an instruction that CPU lacks kills the process with SIGILL.
 On each, the module is loaded, its paths listed and every kernel family called, and a subset of the
 C++ tests runs there: against the float64 oracle, the paths that CPU runs against each other, the
 kernels' finiteness checks and the scan aggregation. `make test-emulated` runs every C++ test under
-both. Speed means nothing under emulation and is not measured here."""
+both, and the C++ backend's TransformerLens parity tests. Speed means nothing under emulation and is
+not measured here."""
 
 from __future__ import annotations
 
