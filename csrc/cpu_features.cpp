@@ -1,6 +1,7 @@
 // cpuid / xgetbv feature detection (see cpu_features.h).
 #include "cpu_features.h"
 
+#include <array>
 #include <cstdint>
 #include <utility>
 
@@ -141,6 +142,15 @@ std::vector<std::string> missing_features(CpuPath p) {
   for (const auto& [name, have] : need)
     if (!have) missing.emplace_back(name);
   return missing;
+}
+
+bool cpu_runs(CpuPath p) {
+  static const std::array<bool, kNumPaths> runs = [] {
+    std::array<bool, kNumPaths> r{};
+    for (int i = 0; i < kNumPaths; ++i) r[i] = missing_features(static_cast<CpuPath>(i)).empty();
+    return r;
+  }();
+  return runs[static_cast<int>(p)];
 }
 
 }  // namespace ef

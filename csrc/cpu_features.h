@@ -26,4 +26,7 @@ const char* path_name(CpuPath p);
 // The features path p needs that this CPU / OS lacks (empty: it runs here). Detected once.
 std::vector<std::string> missing_features(CpuPath p);
 
+// missing_features(p).empty(), answered from a table made on the first call (kernel calls ask).
+bool cpu_runs(CpuPath p);
+
 }  // namespace ef

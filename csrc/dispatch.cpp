@@ -27,7 +27,7 @@ std::vector<std::string> runnable_names() {
   std::vector<std::string> out;
   for (int i = 0; i < kNumPaths; ++i) {
     const CpuPath p = static_cast<CpuPath>(i);
-    if (path_compiled(p) && missing_features(p).empty()) out.emplace_back(path_name(p));
+    if (path_compiled(p) && cpu_runs(p)) out.emplace_back(path_name(p));
   }
   return out;
 }
@@ -65,7 +65,7 @@ const char* path_simd(CpuPath p) {
 }
 
 const Kernels* runnable_table(CpuPath p) {
-  if (!path_compiled(p) || !missing_features(p).empty()) return nullptr;
+  if (!path_compiled(p) || !cpu_runs(p)) return nullptr;
   switch (p) {
     case CpuPath::kPortable: return &portable::kernel_table();
 #if EF_HAVE_AVX2
@@ -87,7 +87,7 @@ const Kernels* runnable_table(CpuPath p) {
 CpuPath best_path() {
   for (int i = kNumPaths - 1; i > 0; --i) {
     const CpuPath p = static_cast<CpuPath>(i);
-    if (path_compiled(p) && missing_features(p).empty()) return p;
+    if (path_compiled(p) && cpu_runs(p)) return p;
   }
   return CpuPath::kPortable;
 }

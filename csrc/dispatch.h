@@ -81,7 +81,8 @@ bool path_compiled(CpuPath p);
 // What path p's kernels execute, e.g. "avx512 (16 x fp32)".
 const char* path_simd(CpuPath p);
 
-// The table of path p, or nullptr where p is not compiled into this build or this CPU cannot run it.
+// The table of path p, or nullptr where p is not compiled into this build or this CPU cannot run it
+// (cpu_runs, cpu_features.h).
 const Kernels* runnable_table(CpuPath p);
 
 // The fastest compiled path this CPU runs (portable at least).
