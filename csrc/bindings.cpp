@@ -955,7 +955,7 @@ PYBIND11_MODULE(_C, m) {
       py::dict e;
       e["compiled"] = compiled;
       e["missing"] = ef::missing_features(p);
-      e["runs_here"] = compiled && ef::missing_features(p).empty();
+      e["runs_here"] = compiled && ef::cpu_runs(p);
       e["simd"] = compiled ? py::object(py::str(ef::path_simd(p))) : py::object(py::none());
       d[ef::path_name(p)] = e;
     }
