@@ -438,14 +438,23 @@ def test_stub_matches_the_module():
         assert params == stub[name], (name, params, stub[name])
 
 
-def test_kernel_paths_benchmark_runs(tmp_path):
-    # benchmarks/kernel_paths.py on a few tokens: a row per path and dtype plus the BLAS-tiles rows
+BENCHMARKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks")
+
+
+def _benchmark(name: str):
+    """The module benchmarks/<name>.py (a script, not part of the package)."""
     import importlib.util
 
-    here = os.path.dirname(os.path.abspath(__file__))
-    spec = importlib.util.spec_from_file_location("kernel_paths", os.path.join(here, "..", "benchmarks", "kernel_paths.py"))
+    spec = importlib.util.spec_from_file_location(name, os.path.join(BENCHMARKS, f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+
+def test_kernel_paths_benchmark_runs(tmp_path):
+    # benchmarks/kernel_paths.py on a few tokens: a row per path and dtype plus the BLAS-tiles rows
+    module = _benchmark("kernel_paths")
     threads = torch.get_num_threads()
     try:
         assert module.main(["--tokens", "64", "--repeats", "1", "--out", str(tmp_path / "t.md")]) == 0
@@ -459,17 +468,12 @@ def test_kernel_paths_benchmark_runs(tmp_path):
 
 def test_ab_builds_benchmark_runs(tmp_path):
     # benchmarks/ab_builds.py against a copy of this very build: a row per workload, dtype and cache state
-    import importlib.util
-
     from erasure_fast import _C
 
     other = tmp_path / "other" / "erasure_fast"
     other.mkdir(parents=True)
     shutil.copy(_C.__file__, other / os.path.basename(_C.__file__))
-    here = os.path.dirname(os.path.abspath(__file__))
-    spec = importlib.util.spec_from_file_location("ab_builds", os.path.join(here, "..", "benchmarks", "ab_builds.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _benchmark("ab_builds")
     module.main(["--other", str(tmp_path / "other"), "--other-label", "copy", "--tokens", "70", "--rounds", "2",
                  "--flush-mib", "8", "--out", str(tmp_path / "ab.md")])
     rows = [line.split("|") for line in (tmp_path / "ab.md").read_text().splitlines()
@@ -487,3 +491,26 @@ def test_ab_builds_benchmark_runs(tmp_path):
         module.main(["--other", str(tmp_path / "other"), "--workloads", "K3"])
     with pytest.raises(SystemExit, match="expected one"):
         module.main(["--other", str(tmp_path)])
+
+
+def test_cpu_check_plans_its_runs_and_summarizes_committed_ones(tmp_path, capsys):
+    # benchmarks/cpu_check.py: the runs it makes on this CPU (a dry run), its refusal of an existing
+    # folder, and its summary of the committed Zen 4 runs against the targets
+    module = _benchmark("cpu_check")
+    runs = lambda paths: [name for name, _, _ in module.runs_to_make(8192, paths)]  # noqa: E731
+    yes, no = {"runs_here": True}, {"runs_here": False}
+    assert runs({"avx2": yes, "avx512": yes}) == ["fp32-auto", "bf16-auto", "fp32-avx2-mkl-avx2"]
+    assert runs({"avx2": yes, "avx512": no}) == runs({"avx2": no, "avx512": no}) == ["fp32-auto", "bf16-auto"]
+    out = tmp_path / "new"
+    assert module.main(["--dry-run", "--out", str(out)]) == 0 and not out.exists()
+    printed = capsys.readouterr().out
+    assert "cli backends" in printed and "kernel_paths.py" in printed
+    assert printed.count(" bench ") == len(runs(cpp.cpu_paths()))
+    with pytest.raises(SystemExit):
+        module.main(["--out", str(tmp_path)])
+    assert "exists" in capsys.readouterr().err
+    text = module.summarize(os.path.join(BENCHMARKS, "results", "cpu-paths-amd-zen4"))
+    assert "| `fp32-auto-0a24a66` | avx512_bf16 | fp32 | 127.5 ms, 88.3 %, 15.5x | 16.9 ms, 70.5x |" in text
+    assert "| `fp32-auto-0a24a66` | fp32 K1 >= 80% of the fp32 matmul (avx512_bf16) | 88.3 % | yes |" in text
+    assert "| `fp32-auto-0a24a66` | fp32 K2n >= 100x TransformerLens | 70.5x | **no** |" in text
+    assert "| `fp32-avx2-mkl-avx2-2ad2fb9` | fp32 K1 >= 90% of the fp32 matmul (avx2) | 79.9 % | **no** |" in text

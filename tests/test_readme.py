@@ -30,6 +30,8 @@ NOT_RUN = {
     "make bench": "the full benchmark (an hour on 2 cores); the harness runs end to end at small sizes in test_bench.py",
     "make bench-quick": "K1/K2 at 8,192 tokens for every provider (minutes); the harness is tested in test_bench.py",
     "EF_DEVICE_OUT=benchmarks/results/gpu bash benchmarks/device_check.sh": "needs the GPU machine",
+    "python benchmarks/cpu_check.py": "about 8 minutes of benchmarks; test_cpu_paths.py checks its plan (a dry run) "
+                                      "and its summary of committed runs",
 }
 PRELUDE = f"""
 import sys
