@@ -26,6 +26,7 @@ import glob
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -166,7 +167,7 @@ def main(argv=None) -> int:
     for name, env, args in runs_to_make(a.tokens, cpp.cpu_paths()):
         steps.append((f"{out}/{name}.log", env, cli + args + ["--out", f"{out}/{name}"]))
     for log, env, cmd in steps:
-        print(" ".join(f"{k}={v}" for k, v in env.items()), " ".join(cmd), ">", log, flush=True)
+        print(" ".join([*(f"{k}={v}" for k, v in env.items()), shlex.join(cmd), ">", shlex.quote(log)]), flush=True)
     if a.dry_run:
         return 0
     os.makedirs(out)
@@ -178,7 +179,7 @@ def main(argv=None) -> int:
         with open(log, "w") as f:
             done = subprocess.run(cmd, cwd=cwd, env={**os.environ, **env}, stdout=f, stderr=subprocess.STDOUT)
         if done.returncode != 0:
-            print(f"failed (exit {done.returncode}): {' '.join(cmd)}; see {log}", file=sys.stderr)
+            print(f"failed (exit {done.returncode}): {shlex.join(cmd)}; see {log}", file=sys.stderr)
             return 1
     text = summarize(out)
     with open(f"{out}/summary.md", "w") as f:
