@@ -992,10 +992,7 @@ PYBIND11_MODULE(_C, m) {
     const ef::Kernels& k = ef::kernels();
     d["cpu_path"] = std::string(ef::path_name(p));
     d["best_cpu_path"] = std::string(ef::path_name(ef::best_path()));
-    std::vector<std::string> compiled;
-    for (int i = 0; i < ef::kNumPaths; ++i)
-      if (ef::path_compiled(static_cast<ef::CpuPath>(i))) compiled.emplace_back(ef::path_name(static_cast<ef::CpuPath>(i)));
-    d["cpu_paths"] = compiled;
+    d["cpu_paths"] = ef::compiled_names();
     d["simd"] = std::string(ef::path_simd(p));
     d["tile_tokens"] = k.tile_tokens;
     d["chunk_cols"] = k.chunk_cols;

@@ -16,13 +16,6 @@ std::string join(const std::vector<std::string>& v) {
   return s;
 }
 
-std::vector<std::string> compiled_names() {
-  std::vector<std::string> out;
-  for (int i = 0; i < kNumPaths; ++i)
-    if (path_compiled(static_cast<CpuPath>(i))) out.emplace_back(path_name(static_cast<CpuPath>(i)));
-  return out;
-}
-
 std::vector<std::string> runnable_names() {
   std::vector<std::string> out;
   for (int i = 0; i < kNumPaths; ++i) {
@@ -51,6 +44,13 @@ bool path_compiled(CpuPath p) {
 #endif
     default: return false;
   }
+}
+
+std::vector<std::string> compiled_names() {
+  std::vector<std::string> out;
+  for (int i = 0; i < kNumPaths; ++i)
+    if (path_compiled(static_cast<CpuPath>(i))) out.emplace_back(path_name(static_cast<CpuPath>(i)));
+  return out;
 }
 
 const char* path_simd(CpuPath p) {

@@ -12,6 +12,7 @@
 #pragma once
 
 #include <string>
+#include <vector>
 
 #include "cpu_features.h"
 #include "dla_only.h"
@@ -77,6 +78,9 @@ namespace amx { const Kernels& kernel_table(); }
 
 // Whether path p is compiled into this build.
 bool path_compiled(CpuPath p);
+
+// The names of the paths compiled into this build, from the most portable.
+std::vector<std::string> compiled_names();
 
 // What path p's kernels execute, e.g. "avx512 (16 x fp32)".
 const char* path_simd(CpuPath p);
