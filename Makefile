@@ -77,7 +77,7 @@ bench: install
 bench-quick: install
 	$(VENV)/bin/erasure-fast bench --shapes gelu-4l --sizes 8192
 
-# The C++ kernels' own tests (run again by `make asan` and `make test-emulated`).
+# The C++ kernels' own tests (run again by `make asan`).
 CPP_TESTS := test_backend_cpp.py test_aggregate_kernel.py test_cpu_paths.py test_activation_checks.py test_output_checks.py
 
 # pytest runs from tests/ so the installed package (with its compiled extension) is imported.
@@ -114,15 +114,11 @@ test-tl4: install chromium qemu-user
 test-tl3: install-tl3
 	$(call suite,$(VENV_TL3),tl3,$(TESTS_TL3))
 
-# Every C++ test (but the benchmarks' smoke runs) and the C++ backend's TransformerLens parity tests on
-# each CPU of tests/test_emulated_cpus.py, under qemu (not part of `make test`, which runs a subset there).
-EMULATED_CPUS := Haswell-noTSX Nehalem
+# tests/test_emulated_cpus.py with every C++ test (but the benchmarks' smoke runs) and the C++ backend's
+# TransformerLens parity tests on each emulated CPU (not part of `make test`, which runs a subset there).
 test-emulated: install qemu-user
-	cd tests && for cpu in $(EMULATED_CPUS); do echo "== emulated CPU $$cpu"; \
-	  EF_REQUIRE_CPP=1 qemu-x86_64 -cpu $$cpu ../$(VENV)/bin/python -m pytest -q -p no:cacheprovider \
-	    $(CPP_TESTS) test_parity_tl.py -k "not benchmark_runs and (not test_parity_tl or cpp)" 2>&1 \
-	    | grep -v "TCG doesn't support"; \
-	  test $${PIPESTATUS[0]} = 0 || exit 1; done
+	cd tests && EF_REQUIRE_CPP=1 EF_EMULATED_TESTS=all ../$(VENV)/bin/python -m pytest -q -p no:cacheprovider \
+	  test_emulated_cpus.py
 
 # The documentation site (mkdocs.yml, pages in docs/, the API reference from the docstrings, read
 # statically): every warning is an error (a broken link, a missing page, a docstring that does not parse).

@@ -8,9 +8,9 @@ CPU model, and an instruction that CPU lacks kills the process with SIGILL.
 
 On each, the module is loaded, its paths listed and every kernel family called, and a subset of the
 C++ tests runs there: against the float64 oracle, the paths that CPU runs against each other, the
-kernels' finiteness checks and the scan aggregation. `make test-emulated` runs every C++ test under
-both, and the C++ backend's TransformerLens parity tests. Speed means nothing under emulation and is
-not measured here."""
+kernels' finiteness checks and the scan aggregation. With EF_EMULATED_TESTS=all (`make test-emulated`)
+every C++ test runs there instead, and the C++ backend's TransformerLens parity tests. Speed means
+nothing under emulation and is not measured here."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ pytestmark = [
 QEMU = os.environ.get("QEMU_X86_64", "qemu-x86_64")
 # qemu's CPU model -> (the path the module must select there, torch's own reading of that CPU)
 CPUS = {"Haswell-noTSX": ("avx2", "AVX2"), "Nehalem": ("portable", "DEFAULT")}
-# The C++ tests run under emulation by `make test` (`make test-emulated`: all of them).
+# The C++ tests run under emulation by `make test`.
 SUBSET = " or ".join([
     "test_paths_listed_in_order_and_fastest_selected", "test_set_cpu_path_selects_it",
     "test_path_this_cpu_cannot_run_is_refused", "test_fused_kernel_agrees_across_paths",
@@ -48,6 +48,10 @@ SUBSET = " or ".join([
 ])
 CPP_TESTS = ["test_backend_cpp.py", "test_aggregate_kernel.py", "test_cpu_paths.py", "test_activation_checks.py",
              "test_output_checks.py"]
+# EF_EMULATED_TESTS=all: every C++ test (but the benchmarks' smoke runs) and the cpp parity tests.
+ALL_TESTS = os.environ.get("EF_EMULATED_TESTS") == "all"
+SELECTION = ([*CPP_TESTS, "test_parity_tl.py", "-k", "not benchmark_runs and (not test_parity_tl or cpp)"]
+             if ALL_TESTS else [*CPP_TESTS, "-k", SUBSET])
 
 _PROBE = """
 import json, torch
@@ -113,8 +117,8 @@ def test_module_selects_the_cpus_fastest_path_and_its_kernels_run(model):
 
 @pytest.mark.parametrize("model", list(CPUS))
 def test_cpp_tests_pass_on_the_emulated_cpu(model):
-    out = _emulated(model, ["-m", "pytest", "-q", "-p", "no:cacheprovider", *CPP_TESTS, "-k", SUBSET],
-                    timeout=900)
+    out = _emulated(model, ["-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", *SELECTION],
+                    timeout=3600 if ALL_TESTS else 900)
     assert out.returncode == 0, _failure(model, out)
     summary = out.stdout.strip().splitlines()[-1]
     assert " passed" in summary and "failed" not in summary and "error" not in summary, summary
